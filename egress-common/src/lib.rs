@@ -1,0 +1,232 @@
+//! Types shared by the eBPF datapath and the userspace controller.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, has explicit padding and a size assertion, so the
+//! kernel and userspace always agree on the layout. Userspace gets `aya::Pod` impls behind the
+//! `user` feature.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Maximum number of port rules one destination prefix can carry, after the rules of all covering
+/// prefixes have been folded in (see `compile` in egress-userspace). The kernel scans at most this
+/// many entries per decision.
+pub const MAX_PORT_RULES: usize = 64;
+
+/// `rule_id` of the policy's default verdict (no service or block matched).
+pub const RULE_DEFAULT: u32 = 0;
+/// `rule_id` of the loopback short-cut (`allow_loopback = true`).
+pub const RULE_LOOPBACK: u32 = u32::MAX;
+
+/// Protocol bits of [`PortRule::proto_mask`].
+pub const PROTO_TCP: u8 = 1 << 0;
+pub const PROTO_UDP: u8 = 1 << 1;
+/// Any other IP protocol (ICMP ping sockets, SCTP, ...). Only blocks can name it, implicitly, by
+/// omitting `protocols`.
+pub const PROTO_OTHER: u8 = 1 << 2;
+
+/// IANA protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The bit of [`PortRule::proto_mask`] that an IP protocol number falls under.
+#[inline(always)]
+pub const fn proto_bit(ipproto: u8) -> u8 {
+    match ipproto {
+        IPPROTO_TCP => PROTO_TCP,
+        IPPROTO_UDP => PROTO_UDP,
+        _ => PROTO_OTHER,
+    }
+}
+
+/// What a matching [`PortRule`] decides.
+pub const ACTION_ALLOW: u8 = 1;
+pub const ACTION_BLOCK: u8 = 2;
+
+/// One port/protocol rule of a [`RuleSet`]. Ports are inclusive and in host byte order. For
+/// protocols without ports (`PROTO_OTHER`) the port is 0, so only a rule with `port_lo == 0`
+/// matches it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// `PROTO_*` bits.
+    pub proto_mask: u8,
+    /// `ACTION_ALLOW` or `ACTION_BLOCK`.
+    pub action: u8,
+    pub _pad: [u8; 2],
+    /// Index of the deciding service/block in the controller's rule table (never `RULE_DEFAULT`).
+    pub rule_id: u32,
+    /// Reserved for scoping a service to executables, users and cgroups: 0 means "anyone". The
+    /// datapath only matches rules whose scope is 0 today.
+    pub scope_id: u32,
+}
+const _: () = assert!(size_of::<PortRule>() == 16);
+
+/// The rules that apply to every destination inside one policy prefix. Block rules come first, so
+/// the first match is the verdict ("explicit blocks win over any approval").
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RuleSet {
+    pub len: u32,
+    pub _pad: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+const _: () = assert!(size_of::<RuleSet>() == 8 + 16 * MAX_PORT_RULES);
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        Self { len: 0, _pad: 0, rules: [PortRule::default(); MAX_PORT_RULES] }
+    }
+}
+
+/// Value of the LPM tries `POLICY_V4` / `POLICY_V6`: which [`RuleSet`] a prefix uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixValue {
+    /// Index into the `RULESETS` array.
+    pub ruleset: u32,
+}
+const _: () = assert!(size_of::<PrefixValue>() == 4);
+
+/// `Config::mode`.
+pub const MODE_ENFORCE: u32 = 0;
+pub const MODE_AUDIT: u32 = 1;
+/// `Config::default_verdict`.
+pub const DEFAULT_DENY: u32 = 0;
+pub const DEFAULT_ALLOW: u32 = 1;
+
+/// The single entry of the `CONFIG` array. An all-zero `Config` (a map never written) is
+/// enforce + default deny + no loopback: the fail-closed state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub mode: u32,
+    pub default_verdict: u32,
+    /// 1: loopback destinations (127.0.0.0/8, ::1, the unspecified address, and their v4-mapped
+    /// forms) are allowed without consulting the policy.
+    pub allow_loopback: u32,
+    /// Generation of the policy in force, copied into every event.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// Hook that produced an event (`Event::hook`).
+pub const HOOK_CONNECT4: u8 = 1;
+pub const HOOK_CONNECT6: u8 = 2;
+pub const HOOK_SENDMSG4: u8 = 3;
+pub const HOOK_SENDMSG6: u8 = 4;
+
+/// `Event::action`.
+pub const EVENT_DENY: u8 = 1;
+pub const EVENT_AUDIT: u8 = 2;
+
+/// Indices of the per-CPU `STATS` counters.
+pub const STAT_ALLOWED: u32 = 0;
+pub const STAT_DENIED: u32 = 1;
+pub const STAT_AUDITED: u32 = 2;
+/// Events that could not be reserved in the ring buffer (it was full). The verdict stood.
+pub const STAT_EVENTS_LOST: u32 = 3;
+pub const STAT_COUNT: u32 = 4;
+
+/// A deny (or, in audit mode, a would-be deny), sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Event {
+    /// `bpf_ktime_get_boot_ns()`: CLOCK_BOOTTIME.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    /// Thread id (the kernel's pid).
+    pub pid: u32,
+    /// Process id (the kernel's tgid).
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rule_id: u32,
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// Address family of the socket: 4 or 6. A v4-mapped destination on an AF_INET6 socket is 6
+    /// with `v4_mapped = 1`.
+    pub family: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// `EVENT_*`.
+    pub action: u8,
+    pub v4_mapped: u8,
+    pub _pad: u8,
+    pub generation: u32,
+    /// Destination address as given by the process: 4 bytes (v4) or 16 bytes (v6).
+    pub addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<Event>() == 80);
+
+impl RuleSet {
+    /// The first rule matching `port`/`ipproto`, exactly as the kernel scans it. Shared by the
+    /// datapath and by `egress explain`, so both decide with the same code.
+    #[inline(always)]
+    pub fn first_match(&self, port: u16, ipproto: u8) -> Option<&PortRule> {
+        let bit = proto_bit(ipproto);
+        let len = self.len as usize;
+        let mut i = 0;
+        while i < MAX_PORT_RULES {
+            if i >= len {
+                break;
+            }
+            let r = &self.rules[i];
+            if r.proto_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
+                return Some(r);
+            }
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Loopback for `allow_loopback`: 127.0.0.0/8, and 0.0.0.0 (connecting to it reaches this host).
+#[inline(always)]
+pub fn is_loopback_v4(a: &[u8; 4]) -> bool {
+    a[0] == 127 || (a[0] | a[1] | a[2] | a[3]) == 0
+}
+
+/// Loopback for `allow_loopback`: ::1 and :: (connecting to it reaches this host). v4-mapped
+/// addresses are judged as IPv4 before this is asked.
+#[inline(always)]
+pub fn is_loopback_v6(a: &[u8; 16]) -> bool {
+    let mut head = 0u8;
+    let mut i = 0;
+    while i < 15 {
+        head |= a[i];
+        i += 1;
+    }
+    head == 0 && (a[15] == 1 || a[15] == 0)
+}
+
+/// The IPv4 address inside a v4-mapped IPv6 address (`::ffff:a.b.c.d`), if it is one.
+#[inline(always)]
+pub fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
+    let mut head = 0u8;
+    let mut i = 0;
+    while i < 10 {
+        head |= a[i];
+        i += 1;
+    }
+    if head == 0 && a[10] == 0xff && a[11] == 0xff {
+        Some([a[12], a[13], a[14], a[15]])
+    } else {
+        None
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted above).
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for RuleSet {}
+    unsafe impl aya::Pod for PrefixValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Event {}
+}

@@ -1,0 +1,45 @@
+//! egress datapath: thin entry points only. The decision lives in `sock_addr.rs` (reading the
+//! hook context, emitting events) and `policy.rs` (map lookups); every map is in `maps.rs`.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod policy;
+mod sock_addr;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+
+/// TCP connect() and connected UDP on AF_INET sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    sock_addr::decide_v4(&ctx, HOOK_CONNECT4)
+}
+
+/// connect() on AF_INET6 sockets, including v4-mapped destinations.
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    sock_addr::decide_v6(&ctx, HOOK_CONNECT6)
+}
+
+/// Unconnected UDP sendto()/sendmsg() on AF_INET sockets.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_addr::decide_v4(&ctx, HOOK_SENDMSG4)
+}
+
+/// Unconnected UDP sendto()/sendmsg() on AF_INET6 sockets.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock_addr::decide_v6(&ctx, HOOK_SENDMSG6)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,37 @@
+//! Every map of the datapath, in one place. Kernel names are capped at 15 characters.
+//!
+//! Sizes given here are placeholders: the controller sets `max_entries` of the policy maps from
+//! the compiled policy at load time (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, PerCpuArray, RingBuf},
+};
+use egress_common::{Config, PrefixValue, RuleSet, STAT_COUNT};
+
+/// IPv4 policy prefixes -> rule set. Written by the controller (compile step), read by the
+/// connect/sendmsg hooks. v4-mapped IPv6 destinations are looked up here too.
+#[map]
+pub static POLICY_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+
+/// IPv6 policy prefixes -> rule set. Written by the controller, read by the v6 hooks.
+#[map]
+pub static POLICY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+
+/// Rule sets (port ranges, protocols, block/allow, deciding rule) referenced by the tries.
+/// Written by the controller, read by the hooks.
+#[map]
+pub static RULESETS: Array<RuleSet> = Array::with_max_entries(1, 0);
+
+/// Mode, default verdict and loopback switch (one entry). Written by the controller.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Per-CPU counters, indexed by `STAT_*`. Written by the hooks, summed by the controller.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Deny and audit events (`egress_common::Event`) to the controller. When it is full the verdict
+/// still stands and `STAT_EVENTS_LOST` is incremented.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);

@@ -1,0 +1,122 @@
+//! The cgroup sock_addr hooks (connect4/6, sendmsg4/6): read the destination from the context,
+//! decide, report denies, and turn the decision into the hook's return value.
+//!
+//! Return values: 1 lets the call proceed, 0 makes it fail with EPERM.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+    },
+    programs::SockAddrContext,
+};
+use egress_common::{
+    Config, EVENT_AUDIT, EVENT_DENY, Event, MODE_AUDIT, STAT_ALLOWED, STAT_AUDITED, STAT_DENIED,
+    STAT_EVENTS_LOST, v4_mapped,
+};
+
+use crate::{
+    maps::{EVENTS, STATS},
+    policy::{self, Decision},
+};
+
+const VERDICT_ALLOW: i32 = 1;
+const VERDICT_DENY: i32 = 0;
+
+#[inline(always)]
+fn port_of(ctx: &SockAddrContext) -> u16 {
+    // user_port holds the port in network byte order in its low 16 bits.
+    let raw = unsafe { (*ctx.sock_addr).user_port };
+    u16::from_be(raw as u16)
+}
+
+#[inline(always)]
+fn protocol_of(ctx: &SockAddrContext) -> u8 {
+    unsafe { (*ctx.sock_addr).protocol as u8 }
+}
+
+pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
+    let addr = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
+    let port = port_of(ctx);
+    let proto = protocol_of(ctx);
+    let cfg = policy::config();
+    let d = policy::decide_v4(&cfg, addr, port, proto);
+    let mut full = [0u8; 16];
+    full[..4].copy_from_slice(&addr);
+    finish(&cfg, d, hook, 4, 0, full, port, proto)
+}
+
+pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
+    let mut addr = [0u8; 16];
+    let ip6 = unsafe { &(*ctx.sock_addr).user_ip6 };
+    addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+    let port = port_of(ctx);
+    let proto = protocol_of(ctx);
+    let cfg = policy::config();
+    // ::ffff:a.b.c.d reaches the IPv4 address a.b.c.d: judge it exactly as IPv4.
+    let (d, mapped) = match v4_mapped(&addr) {
+        Some(v4) => (policy::decide_v4(&cfg, v4, port, proto), 1),
+        None => (policy::decide_v6(&cfg, addr, port, proto), 0),
+    };
+    finish(&cfg, d, hook, 6, mapped, addr, port, proto)
+}
+
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat hot-path helper, inlined")]
+fn finish(
+    cfg: &Config,
+    d: Decision,
+    hook: u8,
+    family: u8,
+    v4_mapped: u8,
+    addr: [u8; 16],
+    port: u16,
+    proto: u8,
+) -> i32 {
+    if d.allow {
+        count(STAT_ALLOWED);
+        return VERDICT_ALLOW;
+    }
+    let audit = cfg.mode == MODE_AUDIT;
+    count(if audit { STAT_AUDITED } else { STAT_DENIED });
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut slot) => {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            let uid_gid = bpf_get_current_uid_gid();
+            let ev = Event {
+                ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                pid: pid_tgid as u32,
+                tgid: (pid_tgid >> 32) as u32,
+                uid: uid_gid as u32,
+                gid: (uid_gid >> 32) as u32,
+                rule_id: d.rule_id,
+                port,
+                hook,
+                family,
+                protocol: proto,
+                action: if audit { EVENT_AUDIT } else { EVENT_DENY },
+                v4_mapped,
+                _pad: 0,
+                generation: cfg.generation,
+                addr,
+                comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+            };
+            slot.write(ev);
+            slot.submit(0);
+        }
+        None => count(STAT_EVENTS_LOST),
+    }
+    // The verdict never depends on whether the event could be sent.
+    if audit { VERDICT_ALLOW } else { VERDICT_DENY }
+}
+
+#[inline(always)]
+fn count(idx: u32) {
+    if let Some(c) = STATS.get_ptr_mut(idx) {
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,370 @@
+//! The pure compile step: a validated [`Policy`] to the exact entries written into the kernel
+//! maps, and [`CompiledPolicy::evaluate`], which decides from those entries with the datapath's
+//! own algorithm (`egress explain` uses it; a kernel test checks that both agree).
+//!
+//! An LPM trie returns only the longest matching prefix, but a destination is subject to every
+//! rule whose network contains it. Those networks are nested, so they are exactly the rules of
+//! the longest matching policy prefix and of every policy prefix containing it. Compilation
+//! therefore folds each prefix's ancestors' rules into the prefix's own rule set. Within a set,
+//! block rules come first: the first matching rule decides, so a block wins over any service
+//! whatever the prefix lengths.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use egress_common::{
+    ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, MAX_PORT_RULES, MODE_AUDIT,
+    MODE_ENFORCE, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRule, RULE_DEFAULT, RULE_LOOPBACK,
+    RuleSet, is_loopback_v4, is_loopback_v6, v4_mapped,
+};
+use ipnetwork::IpNetwork;
+
+use crate::policy::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind};
+
+/// A policy that cannot be represented in the kernel maps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: destination {prefix}: {message}")]
+pub struct CompileError {
+    pub file: String,
+    pub prefix: String,
+    pub message: String,
+}
+
+/// Everything the kernel maps hold for one policy.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub source: String,
+    pub config: Config,
+    /// `(network, prefix length) -> rule set index`, for `POLICY_V4`.
+    pub v4: BTreeMap<(u32, u8), u32>,
+    /// `(network, prefix length) -> rule set index`, for `POLICY_V6`.
+    pub v6: BTreeMap<(u128, u8), u32>,
+    /// `RULESETS`, indexed by rule set index.
+    pub rulesets: Vec<RuleSet>,
+    /// Rule names by `rule_id`; index 0 is `"default"`.
+    pub rule_names: Vec<String>,
+    /// Kind of each rule by `rule_id` (index 0 unused).
+    pub rule_kinds: Vec<Option<RuleKind>>,
+    pub services: usize,
+    pub blocks: usize,
+}
+
+/// What decided a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// `allow_loopback` short-cut.
+    Loopback,
+    /// The policy prefix that matched, and the rule of its set that matched.
+    Rule { prefix: IpNetwork, rule_id: u32 },
+    /// A policy prefix matched but none of its rules fits the port/protocol.
+    DefaultInPrefix { prefix: IpNetwork },
+    /// No policy prefix contains the destination.
+    Default,
+}
+
+/// A verdict, as the kernel would give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    /// The policy's decision (before audit mode turns a deny into an allowed call).
+    pub allow: bool,
+    /// `rule_id` as events report it.
+    pub rule_id: u32,
+    pub reason: Reason,
+    /// The address actually judged (the IPv4 address of a v4-mapped destination).
+    pub judged: IpAddr,
+}
+
+/// Protocol bits a rule covers.
+fn proto_mask(kind: RuleKind, protocols: &[Protocol]) -> u8 {
+    if protocols.is_empty() {
+        return match kind {
+            RuleKind::Service => PROTO_TCP | PROTO_UDP,
+            RuleKind::Block => PROTO_TCP | PROTO_UDP | PROTO_OTHER,
+        };
+    }
+    protocols.iter().fold(0, |m, p| {
+        m | match p {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    })
+}
+
+/// Sorted, merged port ranges; `(0, 65535)` when a rule names no ports, so that port-less
+/// protocols (reported as port 0) are covered too.
+fn merged_ranges(ports: &[PortRange]) -> Vec<(u16, u16)> {
+    if ports.is_empty() {
+        return vec![(0, u16::MAX)];
+    }
+    let mut r: Vec<(u16, u16)> = ports.iter().map(|p| (p.lo(), p.hi())).collect();
+    r.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(r.len());
+    for (lo, hi) in r {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// A prefix of one address family, as a left-aligned integer.
+trait Family: Copy + Ord + std::hash::Hash + fmt::Debug {
+    const BITS: u8;
+    fn contains(net: Self, len: u8, other: Self) -> bool;
+    fn network(net: IpNetwork) -> Option<Self>;
+    fn to_ipnet(net: Self, len: u8) -> IpNetwork;
+}
+
+impl Family for u32 {
+    const BITS: u8 = 32;
+    fn contains(net: u32, len: u8, other: u32) -> bool {
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        other & mask == net
+    }
+    fn network(net: IpNetwork) -> Option<u32> {
+        match net {
+            IpNetwork::V4(n) => Some(u32::from(n.network())),
+            IpNetwork::V6(_) => None,
+        }
+    }
+    fn to_ipnet(net: u32, len: u8) -> IpNetwork {
+        IpNetwork::new(IpAddr::V4(Ipv4Addr::from(net)), len).expect("valid prefix")
+    }
+}
+
+impl Family for u128 {
+    const BITS: u8 = 128;
+    fn contains(net: u128, len: u8, other: u128) -> bool {
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        other & mask == net
+    }
+    fn network(net: IpNetwork) -> Option<u128> {
+        match net {
+            IpNetwork::V6(n) => Some(u128::from(n.network())),
+            IpNetwork::V4(_) => None,
+        }
+    }
+    fn to_ipnet(net: u128, len: u8) -> IpNetwork {
+        IpNetwork::new(IpAddr::V6(Ipv6Addr::from(net)), len).expect("valid prefix")
+    }
+}
+
+/// Rule sets, shared between prefixes with the same applicable rules.
+struct SetBuilder<'p> {
+    policy: &'p Policy,
+    by_rules: HashMap<Vec<u32>, u32>,
+    sets: Vec<RuleSet>,
+}
+
+impl SetBuilder<'_> {
+    /// The rule set index for a list of applicable rule ids (sorted, deduplicated).
+    fn intern(&mut self, rules: Vec<u32>, prefix: IpNetwork) -> Result<u32, CompileError> {
+        if let Some(&idx) = self.by_rules.get(&rules) {
+            return Ok(idx);
+        }
+        let mut entries: Vec<PortRule> = Vec::new();
+        // Blocks first: the first match decides, so a block beats every service.
+        for want in [RuleKind::Block, RuleKind::Service] {
+            for &id in &rules {
+                let rule = &self.policy.rules[(id - 1) as usize];
+                if rule.kind != want {
+                    continue;
+                }
+                let mask = proto_mask(rule.kind, &rule.protocols);
+                for (lo, hi) in merged_ranges(&rule.ports) {
+                    entries.push(PortRule {
+                        port_lo: lo,
+                        port_hi: hi,
+                        proto_mask: mask,
+                        action: if rule.kind == RuleKind::Block { ACTION_BLOCK } else { ACTION_ALLOW },
+                        _pad: [0; 2],
+                        rule_id: id,
+                        scope_id: 0,
+                    });
+                }
+            }
+        }
+        if entries.len() > MAX_PORT_RULES {
+            let names: Vec<&str> =
+                rules.iter().map(|&id| self.policy.rules[(id - 1) as usize].name.as_str()).collect();
+            return Err(CompileError {
+                file: self.policy.source.clone(),
+                prefix: format!("{}/{}", prefix.ip(), prefix.prefix()),
+                message: format!(
+                    "the rules covering it ({}) need {} port ranges; at most {MAX_PORT_RULES} fit one destination. Merge port lists into ranges or split overlapping rules",
+                    names.join(", "),
+                    entries.len()
+                ),
+            });
+        }
+        let mut set = RuleSet { len: entries.len() as u32, ..RuleSet::default() };
+        set.rules[..entries.len()].copy_from_slice(&entries);
+        let idx = self.sets.len() as u32;
+        self.sets.push(set);
+        self.by_rules.insert(rules, idx);
+        Ok(idx)
+    }
+}
+
+/// Folds ancestors' rules into every prefix of one family. Returns `(net, len) -> set index`.
+fn compile_family<F: Family>(
+    policy: &Policy,
+    builder: &mut SetBuilder<'_>,
+) -> Result<BTreeMap<(F, u8), u32>, CompileError> {
+    // (net, len) -> rule ids naming exactly this prefix. BTreeMap order (net, then len) puts
+    // every prefix after all prefixes that contain it.
+    let mut own: BTreeMap<(F, u8), Vec<u32>> = BTreeMap::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        for d in &rule.destinations {
+            let net = d.network();
+            if let Some(n) = F::network(net) {
+                own.entry((n, net.prefix())).or_default().push(i as u32 + 1);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    // Stack of open ancestors: (net, len, index into `own` order) with their rule lists.
+    let mut stack: Vec<(F, u8, Vec<u32>)> = Vec::new();
+    for ((net, len), ids) in own {
+        while let Some((anet, alen, _)) = stack.last() {
+            if F::contains(*anet, *alen, net) && *alen <= len {
+                break;
+            }
+            stack.pop();
+        }
+        let mut applicable: Vec<u32> = stack.last().map(|(_, _, r)| r.clone()).unwrap_or_default();
+        applicable.extend(ids);
+        applicable.sort_unstable();
+        applicable.dedup();
+        let set = builder.intern(applicable.clone(), F::to_ipnet(net, len))?;
+        out.insert((net, len), set);
+        debug_assert!(len <= F::BITS);
+        stack.push((net, len, applicable));
+    }
+    Ok(out)
+}
+
+impl CompiledPolicy {
+    pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
+        let mut builder = SetBuilder { policy, by_rules: HashMap::new(), sets: Vec::new() };
+        let v4 = compile_family::<u32>(policy, &mut builder)?;
+        let v6 = compile_family::<u128>(policy, &mut builder)?;
+        let mut rule_names = vec!["default".to_string()];
+        let mut rule_kinds = vec![None];
+        for r in &policy.rules {
+            rule_names.push(r.name.clone());
+            rule_kinds.push(Some(r.kind));
+        }
+        Ok(CompiledPolicy {
+            source: policy.source.clone(),
+            config: Config {
+                mode: match policy.mode {
+                    Mode::Enforce => MODE_ENFORCE,
+                    Mode::Audit => MODE_AUDIT,
+                },
+                default_verdict: match policy.default {
+                    DefaultVerdict::Deny => DEFAULT_DENY,
+                    DefaultVerdict::Allow => DEFAULT_ALLOW,
+                },
+                allow_loopback: policy.allow_loopback as u32,
+                generation: 1,
+            },
+            v4,
+            v6,
+            rulesets: builder.sets,
+            rule_names,
+            rule_kinds,
+            services: policy.services().count(),
+            blocks: policy.blocks().count(),
+        })
+    }
+
+    /// Name of a rule id as events report it.
+    pub fn rule_name(&self, rule_id: u32) -> &str {
+        if rule_id == RULE_LOOPBACK {
+            return "loopback";
+        }
+        self.rule_names.get(rule_id as usize).map_or("unknown", String::as_str)
+    }
+
+    pub fn prefix_count(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// Decides like the datapath: loopback short-cut, v4-mapped to IPv4, longest-prefix match,
+    /// then the first matching rule of that prefix's set (`RuleSet::first_match`), else the
+    /// default. `ipproto` is the IP protocol number (6 TCP, 17 UDP).
+    pub fn evaluate(&self, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation {
+        let judged = match dst {
+            IpAddr::V6(v6) => match v4_mapped(&v6.octets()) {
+                Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+                None => dst,
+            },
+            IpAddr::V4(_) => dst,
+        };
+        let loopback = match judged {
+            IpAddr::V4(a) => is_loopback_v4(&a.octets()),
+            IpAddr::V6(a) => is_loopback_v6(&a.octets()),
+        };
+        if self.config.allow_loopback != 0 && loopback {
+            return Evaluation { allow: true, rule_id: RULE_LOOPBACK, reason: Reason::Loopback, judged };
+        }
+        let hit = match judged {
+            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => lpm(&self.v6, u128::from(a)),
+        };
+        let default_allow = self.config.default_verdict == DEFAULT_ALLOW;
+        let Some((prefix, set)) = hit else {
+            return Evaluation { allow: default_allow, rule_id: RULE_DEFAULT, reason: Reason::Default, judged };
+        };
+        match self.rulesets[set as usize].first_match(port, ipproto) {
+            Some(r) => Evaluation {
+                allow: r.action != ACTION_BLOCK,
+                rule_id: r.rule_id,
+                reason: Reason::Rule { prefix, rule_id: r.rule_id },
+                judged,
+            },
+            None => Evaluation {
+                allow: default_allow,
+                rule_id: RULE_DEFAULT,
+                reason: Reason::DefaultInPrefix { prefix },
+                judged,
+            },
+        }
+    }
+
+    /// The rule set of the longest policy prefix containing `dst` (v4-mapped judged as IPv4).
+    pub fn matching_set(&self, dst: IpAddr) -> Option<(IpNetwork, &RuleSet)> {
+        let hit = match dst {
+            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => lpm(&self.v4, u32::from(v4)),
+                None => lpm(&self.v6, u128::from(a)),
+            },
+        };
+        hit.map(|(p, s)| (p, &self.rulesets[s as usize]))
+    }
+}
+
+/// Longest-prefix match over compiled entries.
+fn lpm<F: Family>(entries: &BTreeMap<(F, u8), u32>, addr: F) -> Option<(IpNetwork, u32)>
+where
+    F: std::ops::Shl<u8, Output = F> + std::ops::BitAnd<Output = F> + std::ops::Not<Output = F> + From<u8>,
+{
+    let zero = F::from(0u8);
+    let ones = !zero;
+    for len in (0..=F::BITS).rev() {
+        let mask = if len == 0 { zero } else { ones << (F::BITS - len) };
+        if let Some(&set) = entries.get(&(addr & mask, len)) {
+            return Some((F::to_ipnet(addr & mask, len), set));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

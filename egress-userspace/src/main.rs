@@ -1,0 +1,217 @@
+//! `egress`: the command line of the egress firewall.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use egress::{
+    control::{self, ExecOptions, RunOptions},
+    explain, load_policy,
+    policy::Protocol,
+};
+use tracing_subscriber::EnvFilter;
+
+/// Kernel-enforced egress firewall: approved-services policy on the cgroup connect/sendmsg hooks.
+#[derive(Parser, Debug)]
+#[command(name = "egress", version, about)]
+struct Cli {
+    /// Log format on stderr. The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Enforce a policy on a cgroup (default: the whole host) until SIGINT/SIGTERM, writing deny
+    /// and audit events as JSON lines.
+    Run {
+        /// Policy file. Default: the embedded policies/default.toml (audit mode).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// cgroup2 directory to attach to. Default: the cgroup2 root found in /proc/mounts.
+        #[arg(long, value_name = "DIR")]
+        cgroup: Option<PathBuf>,
+        /// Append JSON-lines events to FILE instead of stdout ("-" for stdout).
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+    },
+    /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
+    /// to stderr unless --events is given.
+    Exec {
+        /// Policy file. Default: the embedded policies/default.toml (audit mode).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Append JSON-lines events to FILE instead of stderr ("-" for stderr).
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Validate policy files and print a summary of each. Exits 1 if any is invalid.
+    Check {
+        /// Policy files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print the verdict for a destination and the rule that decides it, from the same compiled
+    /// entries the kernel gets.
+    Explain {
+        /// Policy file.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Destination address (IPv4 or IPv6, v4-mapped included).
+        dest: IpAddr,
+        /// Destination port. Omitted: the verdict for every port, or the port table when it varies.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+        protocol: ProtocolArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Protocol {
+        match p {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("egress: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<u8> {
+    match cmd {
+        Command::Run { policy, cgroup, events } => {
+            runtime()?.block_on(control::run(RunOptions { policy, cgroup, events }))?;
+            Ok(0)
+        }
+        Command::Exec { policy, events, command } => {
+            let code = runtime()?.block_on(control::exec(ExecOptions { policy, events, command }))?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Check { files } => Ok(check(&files)),
+        Command::Explain { policy, dest, port, protocol, json } => {
+            explain_cmd(policy, dest, port, protocol.into(), json)?;
+            Ok(0)
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> u8 {
+    let mut failed = 0;
+    for f in files {
+        match load_policy(Some(f)) {
+            Ok((p, c)) => println!(
+                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} prefixes ({} IPv4, {} IPv6), {} rule sets",
+                f.display(),
+                p.mode,
+                p.default,
+                if p.allow_loopback { "allowed" } else { "judged" },
+                c.services,
+                c.blocks,
+                c.prefix_count(),
+                c.v4.len(),
+                c.v6.len(),
+                c.rulesets.len()
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{e:#}");
+            }
+        }
+    }
+    u8::from(failed > 0)
+}
+
+fn explain_cmd(path: PathBuf, dest: IpAddr, port: Option<u16>, protocol: Protocol, json: bool) -> anyhow::Result<()> {
+    let (policy, compiled) = load_policy(Some(&path))?;
+    let port_given = port.is_some();
+    // Without --port: the verdict holds for every port when every port boundary of the matching
+    // rule set gives the same answer.
+    let ports: Vec<u16> = match port {
+        Some(p) => vec![p],
+        None => {
+            let mut ps = vec![1u16];
+            if let Some((_, set)) = compiled.matching_set(dest) {
+                for r in &set.rules[..set.len as usize] {
+                    ps.extend([r.port_lo.max(1), r.port_hi, r.port_hi.saturating_add(1)]);
+                    ps.push(r.port_lo.saturating_sub(1).max(1));
+                }
+            }
+            ps.sort_unstable();
+            ps.dedup();
+            ps
+        }
+    };
+    let all: Vec<_> = ports.iter().map(|&p| explain::explain(&policy, &compiled, dest, p, protocol)).collect();
+    let uniform = all.iter().all(|e| e.verdict == all[0].verdict && e.rule == all[0].rule);
+    if json {
+        if uniform {
+            let mut v = serde_json::to_value(&all[0])?;
+            if !port_given {
+                v["port"] = serde_json::Value::String("any".into());
+            }
+            println!("{v}");
+        } else {
+            println!("{}", serde_json::json!({ "dst": dest.to_string(), "protocol": protocol.to_string(), "port": "varies", "by_port": all }));
+        }
+        return Ok(());
+    }
+    if uniform {
+        let e = &all[0];
+        let port_text = if port_given { e.port.to_string() } else { "any".to_string() };
+        println!("{} {}/{} port {}: {} by {} `{}`", e.verdict, e.dst, e.protocol, port_text, e.effect, e.rule_kind, e.rule);
+        if e.judged_as != e.dst {
+            println!("  judged as {} (v4-mapped)", e.judged_as);
+        }
+        println!("  {}", e.reason);
+    } else {
+        println!("{dest}/{protocol}: the verdict depends on the port (give --port N)");
+        for line in explain::rule_table(&compiled, dest) {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
