@@ -202,8 +202,18 @@ impl FromStr for Destination {
 
 impl<'de> Deserialize<'de> for Destination {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(de::Error::custom)
+        // Fail inside the visitor, so that the error carries the span of this very element.
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Destination;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address or CIDR string such as \"10.0.0.0/8\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Destination, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 

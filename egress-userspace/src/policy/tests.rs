@@ -1,1 +1,226 @@
+use super::*;
 
+fn err(text: &str) -> PolicyError {
+    Policy::parse("t.toml", text).expect_err("policy should be rejected")
+}
+
+fn ok(text: &str) -> Policy {
+    Policy::parse("t.toml", text).unwrap_or_else(|e| panic!("policy should parse: {e}"))
+}
+
+#[test]
+fn minimal_schema_parses_with_defaults() {
+    let p = ok("");
+    assert_eq!(p.mode, Mode::Enforce);
+    assert_eq!(p.default, DefaultVerdict::Deny);
+    assert!(p.allow_loopback);
+    assert!(p.rules.is_empty());
+}
+
+#[test]
+fn full_schema_parses() {
+    let p = ok(r#"
+mode = "audit"
+default = "allow"
+allow_loopback = false
+
+[[service]]
+name = "corp-proxy"
+destinations = ["10.20.0.0/16", "2001:db8::/32", "192.0.2.7"]
+ports = [3128, "8000-8080"]
+protocols = ["tcp"]
+
+[[block]]
+name = "known-bad"
+destinations = ["203.0.113.0/24"]
+ports = [25]
+"#);
+    assert_eq!(p.mode, Mode::Audit);
+    assert_eq!(p.default, DefaultVerdict::Allow);
+    assert!(!p.allow_loopback);
+    assert_eq!(p.rules.len(), 2);
+    let s = &p.rules[0];
+    assert_eq!(s.kind, RuleKind::Service);
+    assert_eq!(s.line, 6);
+    assert_eq!(s.destinations.iter().map(|d| d.to_string()).collect::<Vec<_>>(), ["10.20.0.0/16", "2001:db8::/32", "192.0.2.7/32"]);
+    assert_eq!(s.ports, vec![PortRange::new(3128, 3128).unwrap(), PortRange::new(8000, 8080).unwrap()]);
+    assert_eq!(s.protocols, vec![Protocol::Tcp]);
+    assert_eq!(p.rules[1].kind, RuleKind::Block);
+    assert_eq!(p.rules[1].line, 12);
+}
+
+#[test]
+fn shipped_policies_are_valid() {
+    let d = Policy::embedded_default();
+    assert_eq!(d.mode, Mode::Audit, "the default policy must be safe on a workstation");
+    assert!(d.allow_loopback);
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/example.toml");
+    Policy::load(Path::new(root)).expect("example policy parses");
+}
+
+#[test]
+fn unknown_top_level_key_names_line_and_key() {
+    let e = err("mode = \"enforce\"\nallow_lopback = true\n");
+    assert_eq!((e.file.as_str(), e.line, e.column), ("t.toml", 2, 1));
+    assert_eq!(e.field, "allow_lopback");
+    assert!(e.message.contains("unknown field `allow_lopback`"), "{e}");
+    assert!(e.message.contains("expected one of"), "{e}");
+}
+
+#[test]
+fn unknown_key_in_service_names_the_table() {
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n\n[[service]]\nname = \"b\"\ndestination = [\"10.0.0.0/8\"]\n");
+    assert_eq!(e.line, 7);
+    assert_eq!(e.field, "service[2].destination");
+    assert!(e.message.contains("unknown field `destination`"), "{e}");
+}
+
+#[test]
+fn bad_cidr_points_at_the_value() {
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n");
+    assert_eq!(e.line, 3);
+    assert_eq!(e.column, 31);
+    assert_eq!(e.field, "service[1].destinations");
+    assert!(e.message.contains("`10.0.0.0/33` is not a valid destination"), "{e}");
+    assert!(e.message.contains("expected an IPv4/IPv6 address or CIDR"), "{e}");
+    let e = err("[[block]]\nname = \"a\"\ndestinations = [\"not-an-ip\"]\n");
+    assert_eq!(e.field, "block[1].destinations");
+    let e = err("[[block]]\nname = \"a\"\ndestinations = [\"2001:db8::/129\"]\n");
+    assert!(e.message.contains("2001:db8::/129"), "{e}");
+}
+
+#[test]
+fn host_bits_are_rejected_with_the_network_suggested() {
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.1/8\"]\n");
+    assert!(e.message.contains("host bits set") && e.message.contains("`10.0.0.0/8`"), "{e}");
+}
+
+#[test]
+fn netmask_notation_is_rejected() {
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/255.0.0.0\"]\n");
+    assert!(e.message.contains("prefix length"), "{e}");
+}
+
+#[test]
+fn port_zero_is_rejected() {
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [0]\n");
+    assert_eq!((e.line, e.field.as_str()), (4, "service[1].ports"));
+    assert!(e.message.contains("port 0"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [\"0-10\"]\n");
+    assert!(e.message.contains("port 0"), "{e}");
+}
+
+#[test]
+fn reversed_and_out_of_range_ports_are_rejected() {
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [80, \"9000-8000\"]\n");
+    assert_eq!(e.field, "service[1].ports");
+    assert_eq!(e.column, 14);
+    assert!(e.message.contains("9000-8000 is reversed"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [65536]\n");
+    assert!(e.message.contains("65536 is out of range"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [-1]\n");
+    assert!(e.message.contains("out of range"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [\"http\"]\n");
+    assert!(e.message.contains("`http` is not a port number"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [1.5]\n");
+    assert!(e.message.contains("expected a port"), "{e}");
+}
+
+#[test]
+fn duplicate_names_across_services_and_blocks() {
+    let e = err("[[service]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\n");
+    assert_eq!((e.line, e.field.as_str()), (5, "block[1].name"));
+    assert!(e.message.contains("duplicate name `x` (first used on line 2)"), "{e}");
+}
+
+#[test]
+fn reserved_and_empty_names_are_rejected() {
+    let e = err("[[service]]\nname = \"default\"\ndestinations = [\"10.0.0.0/8\"]\n");
+    assert!(e.message.contains("reserved"), "{e}");
+    let e = err("[[service]]\nname = \" \"\ndestinations = [\"10.0.0.0/8\"]\n");
+    assert!(e.message.contains("non-empty name"), "{e}");
+}
+
+#[test]
+fn missing_and_empty_fields() {
+    let e = err("[[service]]\nname = \"a\"\n");
+    assert_eq!(e.line, 1);
+    assert!(e.message.contains("missing field `destinations`"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = []\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "service[1].destinations"));
+    assert!(e.message.contains("at least one"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = []\n");
+    assert!(e.message.contains("at least one port"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = []\n");
+    assert!(e.message.contains("tcp"), "{e}");
+}
+
+#[test]
+fn bad_enums_say_what_is_expected() {
+    let e = err("mode = \"block\"\n");
+    assert_eq!((e.line, e.field.as_str()), (1, "mode"));
+    assert!(e.message.contains("enforce") && e.message.contains("audit"), "{e}");
+    let e = err("default = \"maybe\"\n");
+    assert!(e.message.contains("deny") && e.message.contains("allow"), "{e}");
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"icmp\"]\n");
+    assert_eq!(e.field, "service[1].protocols");
+    assert!(e.message.contains("tcp") && e.message.contains("udp"), "{e}");
+    let e = err("allow_loopback = \"yes\"\n");
+    assert_eq!(e.field, "allow_loopback");
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let e = err("mode = \"enforce\"\n[[service]\nname = 1\n");
+    assert_eq!(e.line, 2);
+    assert!(!e.message.is_empty());
+}
+
+#[test]
+fn error_display_is_file_line_column_field_message() {
+    let e = err("\nmode = 3\n");
+    let s = e.to_string();
+    assert!(s.starts_with("t.toml:2:8: mode: "), "{s}");
+}
+
+#[test]
+fn v4_mapped_destinations_become_ipv4() {
+    let p = ok("[[service]]\nname = \"a\"\ndestinations = [\"::ffff:10.1.0.0/112\", \"::ffff:192.0.2.7\"]\n");
+    let d: Vec<String> = p.rules[0].destinations.iter().map(|d| d.to_string()).collect();
+    assert_eq!(d, ["10.1.0.0/16", "192.0.2.7/32"]);
+}
+
+#[test]
+fn extreme_prefixes_parse() {
+    let p = ok("[[service]]\nname = \"a\"\ndestinations = [\"0.0.0.0/0\", \"::/0\", \"1.2.3.4/32\", \"2001:db8::1/128\"]\n");
+    let d: Vec<String> = p.rules[0].destinations.iter().map(|d| d.to_string()).collect();
+    assert_eq!(d, ["0.0.0.0/0", "::/0", "1.2.3.4/32", "2001:db8::1/128"]);
+}
+
+#[test]
+fn no_input_panics() {
+    // A deterministic scramble of a valid policy: every truncation, and byte substitutions.
+    let base = "mode = \"enforce\"\ndefault = \"deny\"\n[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\", \"::1\"]\nports = [80, \"1-2\"]\nprotocols = [\"tcp\"]\n[[block]]\nname = \"b\"\ndestinations = [\"10.1.0.0/16\"]\n";
+    for i in 0..=base.len() {
+        if base.is_char_boundary(i) {
+            let _ = Policy::parse("t.toml", &base[..i]);
+        }
+    }
+    let subs = [b'"', b'[', b']', b'=', b'\n', b'/', b'-', b'0', b'9', b'x', b' ', b','];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..5000 {
+        let mut bytes = base.as_bytes().to_vec();
+        for _ in 0..3 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let pos = (seed as usize) % bytes.len();
+            bytes[pos] = subs[(seed >> 32) as usize % subs.len()];
+        }
+        if let Ok(text) = String::from_utf8(bytes) {
+            if let Err(e) = Policy::parse("t.toml", &text) {
+                assert!(e.line >= 1, "error without a line: {e}");
+            }
+        }
+    }
+}
