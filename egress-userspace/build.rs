@@ -19,7 +19,11 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("egress-ebpf manifest has no parent"))?;
     println!("cargo:rerun-if-changed=../egress-common/src");
     aya_build::build_ebpf(
-        [Package { name: "egress-ebpf", root_dir: root_dir.as_str(), ..Default::default() }],
+        [Package {
+            name: "egress-ebpf",
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         Toolchain::default(),
     )
 }

@@ -76,7 +76,11 @@ const _: () = assert!(size_of::<RuleSet>() == 8 + 16 * MAX_PORT_RULES);
 
 impl Default for RuleSet {
     fn default() -> Self {
-        Self { len: 0, _pad: 0, rules: [PortRule::default(); MAX_PORT_RULES] }
+        Self {
+            len: 0,
+            _pad: 0,
+            rules: [PortRule::default(); MAX_PORT_RULES],
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! egress datapath: thin entry points only. The decision lives in `sock_addr.rs` (reading the
 //! hook context, emitting events) and `policy.rs` (map lookups); every map is in `maps.rs`.
-#![no_std]
-#![no_main]
+// Host builds (`cargo clippy --workspace`, `cargo test --workspace`) compile this crate as an
+// empty program; only the bpfel build carries the hooks' sections into the object.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod maps;
 mod policy;
@@ -34,11 +36,14 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr::decide_v6(&ctx, HOOK_SENDMSG6)
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -3,8 +3,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
-    ACTION_BLOCK, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, is_loopback_v4,
-    is_loopback_v6,
+    ACTION_BLOCK, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{CONFIG, POLICY_V4, POLICY_V6, RULESETS};
@@ -28,18 +27,28 @@ pub fn config() -> Config {
 #[inline(always)]
 pub fn decide_v4(cfg: &Config, addr: [u8; 4], port: u16, ipproto: u8) -> Decision {
     if cfg.allow_loopback != 0 && is_loopback_v4(&addr) {
-        return Decision { allow: true, rule_id: RULE_LOOPBACK };
+        return Decision {
+            allow: true,
+            rule_id: RULE_LOOPBACK,
+        };
     }
-    let set = POLICY_V4.get(Key::new(32, addr)).map(|v: &PrefixValue| v.ruleset);
+    let set = POLICY_V4
+        .get(Key::new(32, addr))
+        .map(|v: &PrefixValue| v.ruleset);
     decide_set(cfg, set, port, ipproto)
 }
 
 #[inline(always)]
 pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decision {
     if cfg.allow_loopback != 0 && is_loopback_v6(&addr) {
-        return Decision { allow: true, rule_id: RULE_LOOPBACK };
+        return Decision {
+            allow: true,
+            rule_id: RULE_LOOPBACK,
+        };
     }
-    let set = POLICY_V6.get(Key::new(128, addr)).map(|v: &PrefixValue| v.ruleset);
+    let set = POLICY_V6
+        .get(Key::new(128, addr))
+        .map(|v: &PrefixValue| v.ruleset);
     decide_set(cfg, set, port, ipproto)
 }
 
@@ -47,10 +56,18 @@ pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decisi
 /// no matching rule: the default verdict.
 #[inline(always)]
 fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decision {
-    let default = Decision { allow: cfg.default_verdict != 0, rule_id: RULE_DEFAULT };
-    let Some(set) = set.and_then(|idx| RULESETS.get(idx)) else { return default };
+    let default = Decision {
+        allow: cfg.default_verdict != 0,
+        rule_id: RULE_DEFAULT,
+    };
+    let Some(set) = set.and_then(|idx| RULESETS.get(idx)) else {
+        return default;
+    };
     match set.first_match(port, ipproto) {
-        Some(r) => Decision { allow: r.action != ACTION_BLOCK, rule_id: r.rule_id },
+        Some(r) => Decision {
+            allow: r.action != ACTION_BLOCK,
+            rule_id: r.rule_id,
+        },
         None => default,
     }
 }

@@ -34,7 +34,10 @@ fn unescape_mount(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -65,7 +68,10 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
         )
     };
     if rc != 0 {
-        bail!("no cgroup2 hierarchy is mounted and mounting one at {OWN_MOUNT} failed: {}", io::Error::last_os_error());
+        bail!(
+            "no cgroup2 hierarchy is mounted and mounting one at {OWN_MOUNT} failed: {}",
+            io::Error::last_os_error()
+        );
     }
     Ok(PathBuf::from(OWN_MOUNT))
 }
@@ -81,7 +87,11 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl ChildCgroup {
     /// Creates `<parent>/<prefix>-<pid>-<seq>`.
     pub fn create(parent: &Path, prefix: &str) -> anyhow::Result<ChildCgroup> {
-        let name = format!("{prefix}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         let path = parent.join(name);
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(ChildCgroup { path })
@@ -149,7 +159,11 @@ impl Drop for ChildCgroup {
 pub fn join_in_child(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: write(2) of a static buffer to a valid fd.
     let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-    if n == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -159,9 +173,15 @@ mod tests {
     #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
         let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(cgroup2_mounts(hybrid), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
+        assert_eq!(
+            cgroup2_mounts(hybrid),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
         let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
-        assert_eq!(cgroup2_mounts(unified), vec![PathBuf::from("/sys/fs/cgroup")]);
+        assert_eq!(
+            cgroup2_mounts(unified),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
         assert!(cgroup2_mounts("proc /proc proc rw 0 0\n").is_empty());
     }
 

@@ -114,16 +114,23 @@ fn merged_ranges(ports: &[PortRange]) -> Vec<(u16, u16)> {
 /// A prefix of one address family, as a left-aligned integer.
 trait Family: Copy + Ord + std::hash::Hash + fmt::Debug {
     const BITS: u8;
-    fn contains(net: Self, len: u8, other: Self) -> bool;
+    /// The network of `addr` at prefix length `len`.
+    fn masked(addr: Self, len: u8) -> Self;
+    fn contains(net: Self, len: u8, other: Self) -> bool {
+        Self::masked(other, len) == net
+    }
     fn network(net: IpNetwork) -> Option<Self>;
     fn to_ipnet(net: Self, len: u8) -> IpNetwork;
 }
 
 impl Family for u32 {
     const BITS: u8 = 32;
-    fn contains(net: u32, len: u8, other: u32) -> bool {
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-        other & mask == net
+    fn masked(addr: u32, len: u8) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            addr & (u32::MAX << (32 - len))
+        }
     }
     fn network(net: IpNetwork) -> Option<u32> {
         match net {
@@ -138,9 +145,12 @@ impl Family for u32 {
 
 impl Family for u128 {
     const BITS: u8 = 128;
-    fn contains(net: u128, len: u8, other: u128) -> bool {
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-        other & mask == net
+    fn masked(addr: u128, len: u8) -> u128 {
+        if len == 0 {
+            0
+        } else {
+            addr & (u128::MAX << (128 - len))
+        }
     }
     fn network(net: IpNetwork) -> Option<u128> {
         match net {
@@ -180,7 +190,11 @@ impl SetBuilder<'_> {
                         port_lo: lo,
                         port_hi: hi,
                         proto_mask: mask,
-                        action: if rule.kind == RuleKind::Block { ACTION_BLOCK } else { ACTION_ALLOW },
+                        action: if rule.kind == RuleKind::Block {
+                            ACTION_BLOCK
+                        } else {
+                            ACTION_ALLOW
+                        },
                         _pad: [0; 2],
                         rule_id: id,
                         scope_id: 0,
@@ -189,8 +203,10 @@ impl SetBuilder<'_> {
             }
         }
         if entries.len() > MAX_PORT_RULES {
-            let names: Vec<&str> =
-                rules.iter().map(|&id| self.policy.rules[(id - 1) as usize].name.as_str()).collect();
+            let names: Vec<&str> = rules
+                .iter()
+                .map(|&id| self.policy.rules[(id - 1) as usize].name.as_str())
+                .collect();
             return Err(CompileError {
                 file: self.policy.source.clone(),
                 prefix: format!("{}/{}", prefix.ip(), prefix.prefix()),
@@ -201,7 +217,10 @@ impl SetBuilder<'_> {
                 ),
             });
         }
-        let mut set = RuleSet { len: entries.len() as u32, ..RuleSet::default() };
+        let mut set = RuleSet {
+            len: entries.len() as u32,
+            ..RuleSet::default()
+        };
         set.rules[..entries.len()].copy_from_slice(&entries);
         let idx = self.sets.len() as u32;
         self.sets.push(set);
@@ -250,7 +269,11 @@ fn compile_family<F: Family>(
 
 impl CompiledPolicy {
     pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
-        let mut builder = SetBuilder { policy, by_rules: HashMap::new(), sets: Vec::new() };
+        let mut builder = SetBuilder {
+            policy,
+            by_rules: HashMap::new(),
+            sets: Vec::new(),
+        };
         let v4 = compile_family::<u32>(policy, &mut builder)?;
         let v6 = compile_family::<u128>(policy, &mut builder)?;
         let mut rule_names = vec!["default".to_string()];
@@ -288,7 +311,9 @@ impl CompiledPolicy {
         if rule_id == RULE_LOOPBACK {
             return "loopback";
         }
-        self.rule_names.get(rule_id as usize).map_or("unknown", String::as_str)
+        self.rule_names
+            .get(rule_id as usize)
+            .map_or("unknown", String::as_str)
     }
 
     pub fn prefix_count(&self) -> usize {
@@ -311,7 +336,12 @@ impl CompiledPolicy {
             IpAddr::V6(a) => is_loopback_v6(&a.octets()),
         };
         if self.config.allow_loopback != 0 && loopback {
-            return Evaluation { allow: true, rule_id: RULE_LOOPBACK, reason: Reason::Loopback, judged };
+            return Evaluation {
+                allow: true,
+                rule_id: RULE_LOOPBACK,
+                reason: Reason::Loopback,
+                judged,
+            };
         }
         let hit = match judged {
             IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
@@ -319,13 +349,21 @@ impl CompiledPolicy {
         };
         let default_allow = self.config.default_verdict == DEFAULT_ALLOW;
         let Some((prefix, set)) = hit else {
-            return Evaluation { allow: default_allow, rule_id: RULE_DEFAULT, reason: Reason::Default, judged };
+            return Evaluation {
+                allow: default_allow,
+                rule_id: RULE_DEFAULT,
+                reason: Reason::Default,
+                judged,
+            };
         };
         match self.rulesets[set as usize].first_match(port, ipproto) {
             Some(r) => Evaluation {
                 allow: r.action != ACTION_BLOCK,
                 rule_id: r.rule_id,
-                reason: Reason::Rule { prefix, rule_id: r.rule_id },
+                reason: Reason::Rule {
+                    prefix,
+                    rule_id: r.rule_id,
+                },
                 judged,
             },
             None => Evaluation {
@@ -351,19 +389,13 @@ impl CompiledPolicy {
 }
 
 /// Longest-prefix match over compiled entries.
-fn lpm<F: Family>(entries: &BTreeMap<(F, u8), u32>, addr: F) -> Option<(IpNetwork, u32)>
-where
-    F: std::ops::Shl<u8, Output = F> + std::ops::BitAnd<Output = F> + std::ops::Not<Output = F> + From<u8>,
-{
-    let zero = F::from(0u8);
-    let ones = !zero;
-    for len in (0..=F::BITS).rev() {
-        let mask = if len == 0 { zero } else { ones << (F::BITS - len) };
-        if let Some(&set) = entries.get(&(addr & mask, len)) {
-            return Some((F::to_ipnet(addr & mask, len), set));
-        }
-    }
-    None
+fn lpm<F: Family>(entries: &BTreeMap<(F, u8), u32>, addr: F) -> Option<(IpNetwork, u32)> {
+    (0..=F::BITS).rev().find_map(|len| {
+        let net = F::masked(addr, len);
+        entries
+            .get(&(net, len))
+            .map(|&set| (F::to_ipnet(net, len), set))
+    })
 }
 
 #[cfg(test)]

@@ -59,7 +59,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut stream = EventStream::new(ring, compiled.clone(), sink)?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    dp.attach(&cgroup).with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+    dp.attach(&cgroup)
+        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
     info!(
         policy = %policy.source,
         cgroup = %cgroup.display(),
@@ -100,7 +101,10 @@ pub struct ExecOptions {
 /// `egress exec`: runs the command in a fresh child cgroup with the policy attached, and returns
 /// the exit code to exit with (the command's, or 128 + the signal that killed it).
 pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
-    let (program, args) = opts.command.split_first().context("no command given after `--`")?;
+    let (program, args) = opts
+        .command
+        .split_first()
+        .context("no command given after `--`")?;
     let (_policy, compiled) = load_policy(opts.policy.as_deref())?;
     let root = cgroup::cgroup2_root()?;
     let mut dp = Datapath::load(&compiled).context("loading the datapath")?;
@@ -108,7 +112,8 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let sink = event_sink(opts.events.as_deref(), Box::new(tokio::io::stderr())).await?;
     let mut stream = EventStream::new(ring, compiled, sink)?;
     let cg = ChildCgroup::create(&root, "egress-exec")?;
-    dp.attach(cg.path()).with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
+    dp.attach(cg.path())
+        .with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
 
     let procs = cg.procs_fd()?;
     let mut cmd = tokio::process::Command::new(program);
@@ -120,7 +125,11 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
             tracing::error!(command = %program, error = %e, "cannot run the command");
             return Ok(code);
         }

@@ -5,7 +5,10 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, RingBuf, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
 use egress_common::{
@@ -26,13 +29,22 @@ pub enum DatapathError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program `{name}`: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("eBPF map `{name}`: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("opening cgroup {path}: {source}")]
-    Cgroup { path: String, source: std::io::Error },
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -75,7 +87,8 @@ impl Datapath {
                 .ok_or(DatapathError::Missing(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.load().map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
         }
         Ok(Datapath { ebpf })
     }
@@ -84,8 +97,10 @@ impl Datapath {
     /// always coexists with other programs there and in ancestor cgroups (every attached program
     /// must allow a call), and the kernel rejects attach flags on links, hence `Single` (flags 0).
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        let dir = File::open(cgroup)
-            .map_err(|source| DatapathError::Cgroup { path: cgroup.display().to_string(), source })?;
+        let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
         for name in HOOKS {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
@@ -101,17 +116,28 @@ impl Datapath {
 
     /// Takes the event ring buffer (once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, DatapathError> {
-        let map = self.ebpf.take_map("EVENTS").ok_or(DatapathError::Missing("EVENTS map"))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(DatapathError::Missing("EVENTS map"))?;
         RingBuf::try_from(map).map_err(map_err("EVENTS"))
     }
 
     /// The datapath's counters.
     pub fn stats(&self) -> Result<Stats, DatapathError> {
-        let map = self.ebpf.map("STATS").ok_or(DatapathError::Missing("STATS map"))?;
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err("STATS"))?;
+        let map = self
+            .ebpf
+            .map("STATS")
+            .ok_or(DatapathError::Missing("STATS map"))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(map_err("STATS"))?;
         let mut sums = [0u64; STAT_COUNT as usize];
         for (i, sum) in sums.iter_mut().enumerate() {
-            *sum = arr.get(&(i as u32), 0).map_err(map_err("STATS"))?.iter().sum();
+            *sum = arr
+                .get(&(i as u32), 0)
+                .map_err(map_err("STATS"))?
+                .iter()
+                .sum();
         }
         Ok(Stats {
             allowed: sums[STAT_ALLOWED as usize],
@@ -126,32 +152,50 @@ impl Datapath {
 /// mode and default verdict that interpret it are set.
 fn write_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), DatapathError> {
     {
-        let map = ebpf.map_mut("RULESETS").ok_or(DatapathError::Missing("RULESETS map"))?;
-        let mut sets: Array<&mut MapData, RuleSet> = Array::try_from(map).map_err(map_err("RULESETS"))?;
+        let map = ebpf
+            .map_mut("RULESETS")
+            .ok_or(DatapathError::Missing("RULESETS map"))?;
+        let mut sets: Array<&mut MapData, RuleSet> =
+            Array::try_from(map).map_err(map_err("RULESETS"))?;
         for (i, set) in policy.rulesets.iter().enumerate() {
             sets.set(i as u32, set, 0).map_err(map_err("RULESETS"))?;
         }
     }
     {
-        let map = ebpf.map_mut("POLICY_V4").ok_or(DatapathError::Missing("POLICY_V4 map"))?;
+        let map = ebpf
+            .map_mut("POLICY_V4")
+            .ok_or(DatapathError::Missing("POLICY_V4 map"))?;
         let mut trie: LpmTrie<&mut MapData, [u8; 4], PrefixValue> =
             LpmTrie::try_from(map).map_err(map_err("POLICY_V4"))?;
         for (&(net, len), &set) in &policy.v4 {
-            trie.insert(&Key::new(u32::from(len), net.to_be_bytes()), PrefixValue { ruleset: set }, 0)
-                .map_err(map_err("POLICY_V4"))?;
+            trie.insert(
+                &Key::new(u32::from(len), net.to_be_bytes()),
+                PrefixValue { ruleset: set },
+                0,
+            )
+            .map_err(map_err("POLICY_V4"))?;
         }
     }
     {
-        let map = ebpf.map_mut("POLICY_V6").ok_or(DatapathError::Missing("POLICY_V6 map"))?;
+        let map = ebpf
+            .map_mut("POLICY_V6")
+            .ok_or(DatapathError::Missing("POLICY_V6 map"))?;
         let mut trie: LpmTrie<&mut MapData, [u8; 16], PrefixValue> =
             LpmTrie::try_from(map).map_err(map_err("POLICY_V6"))?;
         for (&(net, len), &set) in &policy.v6 {
-            trie.insert(&Key::new(u32::from(len), net.to_be_bytes()), PrefixValue { ruleset: set }, 0)
-                .map_err(map_err("POLICY_V6"))?;
+            trie.insert(
+                &Key::new(u32::from(len), net.to_be_bytes()),
+                PrefixValue { ruleset: set },
+                0,
+            )
+            .map_err(map_err("POLICY_V6"))?;
         }
     }
-    let map = ebpf.map_mut("CONFIG").ok_or(DatapathError::Missing("CONFIG map"))?;
-    let mut config: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+    let map = ebpf
+        .map_mut("CONFIG")
+        .ok_or(DatapathError::Missing("CONFIG map"))?;
+    let mut config: Array<&mut MapData, Config> =
+        Array::try_from(map).map_err(map_err("CONFIG"))?;
     config.set(0, policy.config, 0).map_err(map_err("CONFIG"))?;
     Ok(())
 }

@@ -57,12 +57,19 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid pointer to a timespec.
         unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
         let boot = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
-        let wall = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        Clock { offset: wall.saturating_sub(boot) }
+        let wall = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Clock {
+            offset: wall.saturating_sub(boot),
+        }
     }
 
     pub fn wall(&self, boot_ns: u64) -> SystemTime {
@@ -108,7 +115,12 @@ impl JsonEvent {
         };
         JsonEvent {
             ts: humantime::format_rfc3339_nanos(clock.wall(ev.ts_ns)).to_string(),
-            event: if ev.action == EVENT_AUDIT { "audit" } else { "deny" }.into(),
+            event: if ev.action == EVENT_AUDIT {
+                "audit"
+            } else {
+                "deny"
+            }
+            .into(),
             pid: ev.tgid,
             tid: ev.pid,
             comm: cstr(&ev.comm),
@@ -149,7 +161,13 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     pub fn new(ring: RingBuf<MapData>, policy: CompiledPolicy, out: W) -> std::io::Result<Self> {
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
         let fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
-        Ok(EventStream { fd, policy, clock: Clock::new(), out, written: 0 })
+        Ok(EventStream {
+            fd,
+            policy,
+            clock: Clock::new(),
+            out,
+            written: 0,
+        })
     }
 
     /// Waits until the ring buffer has records (cancel-safe: it consumes nothing).
@@ -165,7 +183,10 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         let ring = self.fd.get_mut();
         while let Some(item) = ring.next() {
             if let Some(ev) = decode(&item) {
-                serde_json::to_writer(&mut buf, &JsonEvent::from_raw(&ev, &self.policy, &self.clock))?;
+                serde_json::to_writer(
+                    &mut buf,
+                    &JsonEvent::from_raw(&ev, &self.policy, &self.clock),
+                )?;
                 buf.push(b'\n');
                 self.written += 1;
             }

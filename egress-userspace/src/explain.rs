@@ -30,7 +30,13 @@ pub struct Explanation {
     pub reason: String,
 }
 
-pub fn explain(policy: &Policy, compiled: &CompiledPolicy, dst: IpAddr, port: u16, protocol: Protocol) -> Explanation {
+pub fn explain(
+    policy: &Policy,
+    compiled: &CompiledPolicy,
+    dst: IpAddr,
+    port: u16,
+    protocol: Protocol,
+) -> Explanation {
     let ipproto = match protocol {
         Protocol::Tcp => IPPROTO_TCP,
         Protocol::Udp => IPPROTO_UDP,
@@ -38,9 +44,15 @@ pub fn explain(policy: &Policy, compiled: &CompiledPolicy, dst: IpAddr, port: u1
     let ev = compiled.evaluate(dst, port, ipproto);
     let rule = compiled.rule_name(ev.rule_id).to_string();
     let (rule_kind, prefix, reason) = match &ev.reason {
-        Reason::Loopback => ("loopback".to_string(), None, "loopback destination and allow_loopback = true".to_string()),
+        Reason::Loopback => (
+            "loopback".to_string(),
+            None,
+            "loopback destination and allow_loopback = true".to_string(),
+        ),
         Reason::Rule { prefix, rule_id } => {
-            let kind = compiled.rule_kinds[*rule_id as usize].map_or("rule", |k| k.as_str()).to_string();
+            let kind = compiled.rule_kinds[*rule_id as usize]
+                .map_or("rule", |k| k.as_str())
+                .to_string();
             let r = &policy.rules[(*rule_id - 1) as usize];
             let why = format!(
                 "{} `{}` (line {}) covers {}/{} on {} {}",
@@ -49,10 +61,33 @@ pub fn explain(policy: &Policy, compiled: &CompiledPolicy, dst: IpAddr, port: u1
                 r.line,
                 prefix.ip(),
                 prefix.prefix(),
-                if r.protocols.is_empty() { "tcp/udp".to_string() } else { r.protocols.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("/") },
-                if r.ports.is_empty() { "all ports".to_string() } else { format!("ports {}", r.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")) },
+                if r.protocols.is_empty() {
+                    "tcp/udp".to_string()
+                } else {
+                    r.protocols
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("/")
+                },
+                if r.ports.is_empty() {
+                    "all ports".to_string()
+                } else {
+                    format!(
+                        "ports {}",
+                        r.ports
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    )
+                },
             );
-            (kind, Some(format!("{}/{}", prefix.ip(), prefix.prefix())), why)
+            (
+                kind,
+                Some(format!("{}/{}", prefix.ip(), prefix.prefix())),
+                why,
+            )
         }
         Reason::DefaultInPrefix { prefix } => (
             "default".to_string(),
@@ -69,7 +104,10 @@ pub fn explain(policy: &Policy, compiled: &CompiledPolicy, dst: IpAddr, port: u1
         Reason::Default => (
             "default".to_string(),
             None,
-            format!("no policy prefix contains the destination; default = {}", policy.default),
+            format!(
+                "no policy prefix contains the destination; default = {}",
+                policy.default
+            ),
         ),
     };
     let effect = match (ev.allow, policy.mode) {
@@ -96,27 +134,47 @@ pub fn rule_table(compiled: &CompiledPolicy, dst: IpAddr) -> Vec<String> {
     let Some((prefix, set)) = compiled.matching_set(dst) else {
         return vec![format!("no policy prefix contains {dst}")];
     };
-    let mut out = vec![format!("policy prefix {}/{} applies these rules, first match wins:", prefix.ip(), prefix.prefix())];
+    let mut out = vec![format!(
+        "policy prefix {}/{} applies these rules, first match wins:",
+        prefix.ip(),
+        prefix.prefix()
+    )];
     for r in &set.rules[..set.len as usize] {
         let mut protos = Vec::new();
-        for (bit, name) in [(PROTO_TCP, "tcp"), (PROTO_UDP, "udp"), (PROTO_OTHER, "other")] {
+        for (bit, name) in [
+            (PROTO_TCP, "tcp"),
+            (PROTO_UDP, "udp"),
+            (PROTO_OTHER, "other"),
+        ] {
             if r.proto_mask & bit != 0 {
                 protos.push(name);
             }
         }
         out.push(format!(
             "  {} {} ports {}-{} -> {} `{}`",
-            if r.action == ACTION_BLOCK { "deny " } else { "allow" },
+            if r.action == ACTION_BLOCK {
+                "deny "
+            } else {
+                "allow"
+            },
             protos.join("/"),
             r.port_lo,
             r.port_hi,
-            if r.action == ACTION_BLOCK { "block" } else { "service" },
+            if r.action == ACTION_BLOCK {
+                "block"
+            } else {
+                "service"
+            },
             compiled.rule_name(r.rule_id)
         ));
     }
     out.push(format!(
         "  otherwise -> default ({})",
-        if compiled.config.default_verdict != 0 { "allow" } else { "deny" }
+        if compiled.config.default_verdict != 0 {
+            "allow"
+        } else {
+            "deny"
+        }
     ));
     out
 }

@@ -98,7 +98,11 @@ impl From<ProtocolArg> for Protocol {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -118,21 +122,46 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn dispatch(cmd: Command) -> anyhow::Result<u8> {
     match cmd {
-        Command::Run { policy, cgroup, events } => {
-            runtime()?.block_on(control::run(RunOptions { policy, cgroup, events }))?;
+        Command::Run {
+            policy,
+            cgroup,
+            events,
+        } => {
+            runtime()?.block_on(control::run(RunOptions {
+                policy,
+                cgroup,
+                events,
+            }))?;
             Ok(0)
         }
-        Command::Exec { policy, events, command } => {
-            let code = runtime()?.block_on(control::exec(ExecOptions { policy, events, command }))?;
+        Command::Exec {
+            policy,
+            events,
+            command,
+        } => {
+            let code = runtime()?.block_on(control::exec(ExecOptions {
+                policy,
+                events,
+                command,
+            }))?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
         Command::Check { files } => Ok(check(&files)),
-        Command::Explain { policy, dest, port, protocol, json } => {
+        Command::Explain {
+            policy,
+            dest,
+            port,
+            protocol,
+            json,
+        } => {
             explain_cmd(policy, dest, port, protocol.into(), json)?;
             Ok(0)
         }
@@ -148,7 +177,11 @@ fn check(files: &[PathBuf]) -> u8 {
                 f.display(),
                 p.mode,
                 p.default,
-                if p.allow_loopback { "allowed" } else { "judged" },
+                if p.allow_loopback {
+                    "allowed"
+                } else {
+                    "judged"
+                },
                 c.services,
                 c.blocks,
                 c.prefix_count(),
@@ -165,7 +198,13 @@ fn check(files: &[PathBuf]) -> u8 {
     u8::from(failed > 0)
 }
 
-fn explain_cmd(path: PathBuf, dest: IpAddr, port: Option<u16>, protocol: Protocol, json: bool) -> anyhow::Result<()> {
+fn explain_cmd(
+    path: PathBuf,
+    dest: IpAddr,
+    port: Option<u16>,
+    protocol: Protocol,
+    json: bool,
+) -> anyhow::Result<()> {
     let (policy, compiled) = load_policy(Some(&path))?;
     let port_given = port.is_some();
     // Without --port: the verdict holds for every port when every port boundary of the matching
@@ -185,8 +224,13 @@ fn explain_cmd(path: PathBuf, dest: IpAddr, port: Option<u16>, protocol: Protoco
             ps
         }
     };
-    let all: Vec<_> = ports.iter().map(|&p| explain::explain(&policy, &compiled, dest, p, protocol)).collect();
-    let uniform = all.iter().all(|e| e.verdict == all[0].verdict && e.rule == all[0].rule);
+    let all: Vec<_> = ports
+        .iter()
+        .map(|&p| explain::explain(&policy, &compiled, dest, p, protocol))
+        .collect();
+    let uniform = all
+        .iter()
+        .all(|e| e.verdict == all[0].verdict && e.rule == all[0].rule);
     if json {
         if uniform {
             let mut v = serde_json::to_value(&all[0])?;
@@ -195,14 +239,24 @@ fn explain_cmd(path: PathBuf, dest: IpAddr, port: Option<u16>, protocol: Protoco
             }
             println!("{v}");
         } else {
-            println!("{}", serde_json::json!({ "dst": dest.to_string(), "protocol": protocol.to_string(), "port": "varies", "by_port": all }));
+            println!(
+                "{}",
+                serde_json::json!({ "dst": dest.to_string(), "protocol": protocol.to_string(), "port": "varies", "by_port": all })
+            );
         }
         return Ok(());
     }
     if uniform {
         let e = &all[0];
-        let port_text = if port_given { e.port.to_string() } else { "any".to_string() };
-        println!("{} {}/{} port {}: {} by {} `{}`", e.verdict, e.dst, e.protocol, port_text, e.effect, e.rule_kind, e.rule);
+        let port_text = if port_given {
+            e.port.to_string()
+        } else {
+            "any".to_string()
+        };
+        println!(
+            "{} {}/{} port {}: {} by {} `{}`",
+            e.verdict, e.dst, e.protocol, port_text, e.effect, e.rule_kind, e.rule
+        );
         if e.judged_as != e.dst {
             println!("  judged as {} (v4-mapped)", e.judged_as);
         }

@@ -78,14 +78,19 @@ pub struct PortRange {
 }
 
 impl PortRange {
-    pub const ALL: PortRange = PortRange { lo: 1, hi: u16::MAX };
+    pub const ALL: PortRange = PortRange {
+        lo: 1,
+        hi: u16::MAX,
+    };
 
     pub fn new(lo: u16, hi: u16) -> Result<Self, String> {
         if lo == 0 || hi == 0 {
             return Err("port 0 is not a destination port: expected 1-65535".into());
         }
         if lo > hi {
-            return Err(format!("range {lo}-{hi} is reversed: expected LOW-HIGH with LOW <= HIGH"));
+            return Err(format!(
+                "range {lo}-{hi} is reversed: expected LOW-HIGH with LOW <= HIGH"
+            ));
         }
         Ok(Self { lo, hi })
     }
@@ -99,7 +104,11 @@ impl PortRange {
 
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.lo == self.hi { write!(f, "{}", self.lo) } else { write!(f, "{}-{}", self.lo, self.hi) }
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
     }
 }
 
@@ -133,13 +142,15 @@ impl<'de> Deserialize<'de> for PortRange {
                 f.write_str("a port (1-65535) or a range string such as \"8000-8080\"")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
-                let p = u16::try_from(v)
-                    .map_err(|_| E::custom(format!("port {v} is out of range: expected 1-65535")))?;
+                let p = u16::try_from(v).map_err(|_| {
+                    E::custom(format!("port {v} is out of range: expected 1-65535"))
+                })?;
                 PortRange::new(p, p).map_err(E::custom)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
-                let p = u16::try_from(v)
-                    .map_err(|_| E::custom(format!("port {v} is out of range: expected 1-65535")))?;
+                let p = u16::try_from(v).map_err(|_| {
+                    E::custom(format!("port {v} is out of range: expected 1-65535"))
+                })?;
                 PortRange::new(p, p).map_err(E::custom)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
@@ -173,13 +184,16 @@ impl FromStr for Destination {
         const EXPECTED: &str =
             "expected an IPv4/IPv6 address or CIDR, such as 192.0.2.7, 10.0.0.0/8 or 2001:db8::/32";
         let t = s.trim();
-        let net = IpNetwork::from_str(t).map_err(|e| format!("`{s}` is not a valid destination ({e}): {EXPECTED}"))?;
+        let net = IpNetwork::from_str(t)
+            .map_err(|e| format!("`{s}` is not a valid destination ({e}): {EXPECTED}"))?;
         // ipnetwork accepts an IPv4 netmask after the slash ("10.0.0.0/255.0.0.0"); we keep to
         // prefix lengths so that a policy reads one way.
         if let Some((_, len)) = t.split_once('/')
             && len.parse::<u8>().is_err()
         {
-            return Err(format!("`{s}` has a prefix length that is not a number: {EXPECTED}"));
+            return Err(format!(
+                "`{s}` has a prefix length that is not a number: {EXPECTED}"
+            ));
         }
         let canonical = IpNetwork::new(net.network(), net.prefix()).map_err(|e| e.to_string())?;
         if canonical.ip() != net.ip() {
@@ -191,7 +205,9 @@ impl FromStr for Destination {
         }
         let canonical = match canonical {
             IpNetwork::V6(v6) if v6.prefix() >= 96 => match v6.ip().to_ipv4_mapped() {
-                Some(v4) => IpNetwork::new(IpAddr::V4(v4), v6.prefix() - 96).map_err(|e| e.to_string())?,
+                Some(v4) => {
+                    IpNetwork::new(IpAddr::V4(v4), v6.prefix() - 96).map_err(|e| e.to_string())?
+                }
                 None => canonical,
             },
             _ => canonical,
@@ -317,14 +333,21 @@ impl Policy {
 
     /// The embedded default policy.
     pub fn embedded_default() -> Policy {
-        Policy::parse(DEFAULT_POLICY_NAME, DEFAULT_POLICY).expect("the embedded default policy is valid (unit-tested)")
+        Policy::parse(DEFAULT_POLICY_NAME, DEFAULT_POLICY)
+            .expect("the embedded default policy is valid (unit-tested)")
     }
 
     /// Parses and validates policy text. `file` is used in error messages only.
     pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
         let err_at = |offset: usize, message: String| {
             let (line, column) = line_col(text, offset);
-            PolicyError { file: file.to_string(), line, column, field: field_at(text, offset), message }
+            PolicyError {
+                file: file.to_string(),
+                line,
+                column,
+                field: field_at(text, offset),
+                message,
+            }
         };
         let raw: RawPolicy = toml::from_str(text).map_err(|e| {
             let offset = e.span().map(|s| s.start).unwrap_or(0);
@@ -333,7 +356,10 @@ impl Policy {
 
         let mut rules = Vec::with_capacity(raw.service.len() + raw.block.len());
         let mut seen: HashMap<String, usize> = HashMap::new();
-        for (kind, list) in [(RuleKind::Service, raw.service), (RuleKind::Block, raw.block)] {
+        for (kind, list) in [
+            (RuleKind::Service, raw.service),
+            (RuleKind::Block, raw.block),
+        ] {
             for spanned in list {
                 let table_start = spanned.span().start;
                 let r = spanned.into_inner();
@@ -345,7 +371,9 @@ impl Policy {
                 if RESERVED_NAMES.contains(&name.as_str()) {
                     return Err(err_at(
                         name_span.start,
-                        format!("`{name}` is reserved for verdicts no rule makes: expected another name"),
+                        format!(
+                            "`{name}` is reserved for verdicts no rule makes: expected another name"
+                        ),
                     ));
                 }
                 if let Some(first_line) = seen.get(&name) {
@@ -360,7 +388,10 @@ impl Policy {
                 let dest_span = r.destinations.span();
                 let destinations = r.destinations.into_inner();
                 if destinations.is_empty() {
-                    return Err(err_at(dest_span.start, "expected at least one address or CIDR".into()));
+                    return Err(err_at(
+                        dest_span.start,
+                        "expected at least one address or CIDR".into(),
+                    ));
                 }
                 let ports = match r.ports {
                     Some(p) => {
@@ -369,7 +400,8 @@ impl Policy {
                         if p.is_empty() {
                             return Err(err_at(
                                 span.start,
-                                "expected at least one port or range (omit `ports` for all ports)".into(),
+                                "expected at least one port or range (omit `ports` for all ports)"
+                                    .into(),
                             ));
                         }
                         p
@@ -383,7 +415,8 @@ impl Policy {
                         if p.is_empty() {
                             return Err(err_at(
                                 span.start,
-                                "expected \"tcp\" and/or \"udp\" (omit `protocols` for both)".into(),
+                                "expected \"tcp\" and/or \"udp\" (omit `protocols` for both)"
+                                    .into(),
                             ));
                         }
                         p.sort();
@@ -425,8 +458,14 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
     (line, column)
 }
 
@@ -451,7 +490,10 @@ fn field_at(text: &str, offset: usize) -> String {
             key = None;
         } else if let Some((k, _)) = t.split_once('=') {
             let k = k.trim();
-            if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '"') {
+            if !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '"')
+            {
                 key = Some(k.trim_matches('"').to_string());
             }
         }

@@ -21,7 +21,8 @@ use egress_common::{IPPROTO_TCP, IPPROTO_UDP};
 fn load(text: &str) -> (Datapath, CompiledPolicy) {
     let p = Policy::parse("test.toml", text).unwrap_or_else(|e| panic!("{e}"));
     let c = CompiledPolicy::compile(&p).unwrap_or_else(|e| panic!("{e}"));
-    let dp = Datapath::load(&c).unwrap_or_else(|e| panic!("loading the datapath must work as root: {e}"));
+    let dp = Datapath::load(&c)
+        .unwrap_or_else(|e| panic!("loading the datapath must work as root: {e}"));
     (dp, c)
 }
 
@@ -71,7 +72,10 @@ fn tcp_v4_and_v6_allow_and_deny() {
             ("tcp", "[::1]:9101"),
         ],
     );
-    assert_eq!(r, ["ECONNREFUSED", "EPERM", "EPERM", "ECONNREFUSED", "EPERM"]);
+    assert_eq!(
+        r,
+        ["ECONNREFUSED", "EPERM", "EPERM", "ECONNREFUSED", "EPERM"]
+    );
 }
 
 #[test]
@@ -84,7 +88,13 @@ fn tcp_to_a_real_listener_connects() {
     );
     let (mut dp, _) = load(&policy);
     dp.attach(cg.path()).unwrap();
-    let r = probe(cg.path(), &[("tcp", &format!("127.0.0.2:{port}")), ("tcp", &format!("127.0.0.1:{port}"))]);
+    let r = probe(
+        cg.path(),
+        &[
+            ("tcp", &format!("127.0.0.2:{port}")),
+            ("tcp", &format!("127.0.0.1:{port}")),
+        ],
+    );
     assert_eq!(r, ["ok", "EPERM"]);
 }
 
@@ -106,7 +116,10 @@ fn connected_and_unconnected_udp_v4_and_v6() {
             ("udp-sendto", "[::1]:53"),
         ],
     );
-    assert_eq!(r, ["ok", "ok", "EPERM", "EPERM", "ok", "ok", "EPERM", "EPERM"]);
+    assert_eq!(
+        r,
+        ["ok", "ok", "EPERM", "EPERM", "ok", "ok", "EPERM", "EPERM"]
+    );
 }
 
 #[test]
@@ -151,7 +164,14 @@ fn block_wins_over_service() {
     dp.attach(cg.path()).unwrap();
     // net-127 approves 127.0.0.0/8 port 7000; the /32 block on 127.0.0.5 still wins, and a
     // broader block wins over a narrower service too (below).
-    let r = probe(cg.path(), &[("tcp", "127.0.0.4:7000"), ("tcp", "127.0.0.5:7000"), ("udp-sendto", "127.0.0.5:7000")]);
+    let r = probe(
+        cg.path(),
+        &[
+            ("tcp", "127.0.0.4:7000"),
+            ("tcp", "127.0.0.5:7000"),
+            ("udp-sendto", "127.0.0.5:7000"),
+        ],
+    );
     assert_eq!(r, ["ECONNREFUSED", "EPERM", "EPERM"]);
 
     let cg2 = test_cgroup();
@@ -191,13 +211,21 @@ fn deny_events_carry_the_full_context() {
     dp.attach(cg.path()).unwrap();
     let (r, pid) = probe_with_pid(
         cg.path(),
-        &[("tcp", "127.0.0.5:7000"), ("udp-sendto", "[::1]:53"), ("tcp", "[::ffff:127.0.0.4]:81")],
+        &[
+            ("tcp", "127.0.0.5:7000"),
+            ("udp-sendto", "[::1]:53"),
+            ("tcp", "[::ffff:127.0.0.4]:81"),
+        ],
     );
     assert_eq!(r, ["EPERM", "EPERM", "EPERM"]);
     let clock = Clock::new();
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
-        events.push(JsonEvent::from_raw(&decode(&item).unwrap(), &compiled, &clock));
+        events.push(JsonEvent::from_raw(
+            &decode(&item).unwrap(),
+            &compiled,
+            &clock,
+        ));
     }
     assert_eq!(events.len(), 3, "{events:#?}");
     let cgroup_id = {
@@ -209,15 +237,45 @@ fn deny_events_carry_the_full_context() {
         assert_eq!(e.pid, pid);
         assert_eq!(e.comm, "egress-probe");
         assert_eq!(e.uid, 0);
-        assert_eq!(e.cgroup_id, cgroup_id, "cgroup id is the test cgroup's inode");
+        assert_eq!(
+            e.cgroup_id, cgroup_id,
+            "cgroup id is the test cgroup's inode"
+        );
         assert!(e.ts.ends_with('Z'));
         assert_eq!(e.generation, 1);
     }
-    assert_eq!((events[0].hook.as_str(), events[0].protocol.as_str()), ("connect4", "tcp"));
-    assert_eq!((events[0].dst.as_str(), events[0].port, events[0].rule.as_str()), ("127.0.0.5", 7000, "no-127-5"));
-    assert_eq!((events[1].hook.as_str(), events[1].family.as_str(), events[1].protocol.as_str()), ("sendmsg6", "ipv6", "udp"));
-    assert_eq!((events[1].dst.as_str(), events[1].rule.as_str()), ("::1", "default"));
-    assert_eq!((events[2].hook.as_str(), events[2].dst.as_str(), events[2].v4_mapped), ("connect6", "::ffff:127.0.0.4", true));
+    assert_eq!(
+        (events[0].hook.as_str(), events[0].protocol.as_str()),
+        ("connect4", "tcp")
+    );
+    assert_eq!(
+        (
+            events[0].dst.as_str(),
+            events[0].port,
+            events[0].rule.as_str()
+        ),
+        ("127.0.0.5", 7000, "no-127-5")
+    );
+    assert_eq!(
+        (
+            events[1].hook.as_str(),
+            events[1].family.as_str(),
+            events[1].protocol.as_str()
+        ),
+        ("sendmsg6", "ipv6", "udp")
+    );
+    assert_eq!(
+        (events[1].dst.as_str(), events[1].rule.as_str()),
+        ("::1", "default")
+    );
+    assert_eq!(
+        (
+            events[2].hook.as_str(),
+            events[2].dst.as_str(),
+            events[2].v4_mapped
+        ),
+        ("connect6", "::ffff:127.0.0.4", true)
+    );
     assert_eq!(dp.stats().unwrap().denied, 3);
 }
 
@@ -238,15 +296,27 @@ fn full_ring_buffer_keeps_the_verdict_and_counts_the_loss() {
     assert_eq!(line["results"]["EPERM"], 20000, "every call denied: {line}");
     let stats = dp.stats().unwrap();
     assert_eq!(stats.denied, 20000);
-    assert!(stats.events_lost > 0 && stats.events_lost < 20000, "{stats:?}");
+    assert!(
+        stats.events_lost > 0 && stats.events_lost < 20000,
+        "{stats:?}"
+    );
 }
 
 #[test]
 fn loopback_shortcut_in_the_kernel() {
     let cg = test_cgroup();
-    let (mut dp, _) = load("allow_loopback = true\n[[block]]\nname = \"b\"\ndestinations = [\"127.0.0.0/8\", \"::1\"]\n");
+    let (mut dp, _) = load(
+        "allow_loopback = true\n[[block]]\nname = \"b\"\ndestinations = [\"127.0.0.0/8\", \"::1\"]\n",
+    );
     dp.attach(cg.path()).unwrap();
-    let r = probe(cg.path(), &[("tcp", "127.0.0.7:1"), ("tcp", "[::1]:1"), ("tcp", "[::ffff:127.0.0.7]:1")]);
+    let r = probe(
+        cg.path(),
+        &[
+            ("tcp", "127.0.0.7:1"),
+            ("tcp", "[::1]:1"),
+            ("tcp", "[::ffff:127.0.0.7]:1"),
+        ],
+    );
     assert!(r.iter().all(|x| passed(x)), "{r:?}");
 }
 
@@ -281,7 +351,16 @@ ports = ["8001-9000"]
     let cg = test_cgroup();
     let (mut dp, compiled) = load(policy);
     dp.attach(cg.path()).unwrap();
-    let hosts = ["127.0.0.1", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.9", "::1", "::ffff:127.0.0.4", "::ffff:127.0.0.6"];
+    let hosts = [
+        "127.0.0.1",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+        "127.0.0.9",
+        "::1",
+        "::ffff:127.0.0.4",
+        "::ffff:127.0.0.6",
+    ];
     let ports = [22u16, 443, 5000, 5005, 5011, 8000, 8001];
     let mut calls: Vec<(String, String, IpAddr, u16, u8)> = Vec::new();
     for h in hosts {
@@ -292,15 +371,26 @@ ports = ["8001-9000"]
             calls.push(("udp-sendto".into(), sa, ip, p, IPPROTO_UDP));
         }
     }
-    let args: Vec<(&str, &str)> = calls.iter().map(|(o, a, ..)| (o.as_str(), a.as_str())).collect();
+    let args: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|(o, a, ..)| (o.as_str(), a.as_str()))
+        .collect();
     let results = probe(cg.path(), &args);
     let mut allowed = 0;
     for ((op, addr, ip, port, proto), got) in calls.iter().zip(&results) {
         let want = compiled.evaluate(*ip, *port, *proto);
-        assert_eq!(passed(got), want.allow, "{op} {addr}: kernel said {got}, explain said {want:?}");
+        assert_eq!(
+            passed(got),
+            want.allow,
+            "{op} {addr}: kernel said {got}, explain said {want:?}"
+        );
         allowed += usize::from(want.allow);
     }
-    assert!(allowed > 5 && allowed < calls.len() - 5, "the grid exercises both verdicts ({allowed}/{})", calls.len());
+    assert!(
+        allowed > 5 && allowed < calls.len() - 5,
+        "the grid exercises both verdicts ({allowed}/{})",
+        calls.len()
+    );
 }
 
 #[test]
@@ -324,5 +414,8 @@ fn hundred_thousand_prefixes_load_and_enforce() {
     let (mut dp, compiled) = load(&policy);
     assert_eq!(compiled.v4.len(), 100_001);
     dp.attach(cg.path()).unwrap();
-    assert_eq!(probe(cg.path(), &[("tcp", "127.0.0.2:1"), ("tcp", "127.0.0.3:1")]), ["ECONNREFUSED", "EPERM"]);
+    assert_eq!(
+        probe(cg.path(), &[("tcp", "127.0.0.2:1"), ("tcp", "127.0.0.3:1")]),
+        ["ECONNREFUSED", "EPERM"]
+    );
 }

@@ -72,7 +72,10 @@ fn real_main() -> anyhow::Result<()> {
         Task::Run { release, args } => {
             bootstrap()?;
             cargo_build(release)?;
-            let bin = root.join("target").join(if release { "release" } else { "debug" }).join("egress");
+            let bin = root
+                .join("target")
+                .join(if release { "release" } else { "debug" })
+                .join("egress");
             let mut cmd = if is_root() {
                 Command::new(&bin)
             } else {
@@ -81,7 +84,9 @@ fn real_main() -> anyhow::Result<()> {
                 c
             };
             cmd.args(&args);
-            let status = cmd.status().with_context(|| format!("running {}", bin.display()))?;
+            let status = cmd
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
             if !status.success() {
                 bail!("egress exited with {status}");
             }
@@ -104,7 +109,14 @@ fn real_main() -> anyhow::Result<()> {
         Task::Lint => {
             bootstrap()?;
             run(Command::new(cargo()).args(["fmt", "--all", "--check"]))?;
-            run(Command::new(cargo()).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+            run(Command::new(cargo()).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             run(Command::new("rustup").args([
                 "run",
                 "nightly",
@@ -125,7 +137,10 @@ fn real_main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 fn cargo() -> OsString {
@@ -133,7 +148,11 @@ fn cargo() -> OsString {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false)
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -147,7 +166,11 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -166,16 +189,36 @@ fn bootstrap() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("xtask: installing the nightly toolchain");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     // bpf-linker links the nightly's own libLLVM (through an rpath into a folder that lasts).
-    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
     let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let major = version
         .lines()
@@ -187,18 +230,26 @@ fn bootstrap() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}/lib", sysroot.display()))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so") && n.contains("-rust-")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so") && n.contains("-rust-"))
+        })
         .context("the nightly ships no libLLVM shared library")?;
     let cargo_home = env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
     let prefix = cargo_home.join("egress-llvm");
     let lib = prefix.join("lib");
     // bpf-linker's build links `$LLVM_PREFIX/lib/libLLVM.so`; at run time its rpath must also find
     // the library under its soname. Both names point at the nightly's libLLVM.
     let soname = libllvm.file_name().context("libLLVM has a file name")?;
     let links = [lib.join("libLLVM.so"), lib.join(soname)];
-    let links_ok = links.iter().all(|l| std::fs::read_link(l).is_ok_and(|t| t == libllvm));
+    let links_ok = links
+        .iter()
+        .all(|l| std::fs::read_link(l).is_ok_and(|t| t == libllvm));
     if !links_ok {
         std::fs::create_dir_all(&lib)?;
         for l in &links {
@@ -207,12 +258,23 @@ fn bootstrap() -> anyhow::Result<()> {
                 .with_context(|| format!("linking {} -> {}", l.display(), libllvm.display()))?;
         }
     }
-    let linker_ok = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !links_ok || !linker_ok {
         eprintln!("xtask: installing bpf-linker against {}", libllvm.display());
         run(Command::new(cargo())
             .env("LLVM_PREFIX", &prefix)
-            .args(["install", "bpf-linker", "--version", "^0.13", "--force", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "^0.13",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}")))?;
     }
     Ok(())

@@ -34,7 +34,11 @@ fn errno_name(e: &io::Error) -> String {
 }
 
 fn unspecified_for(addr: &SocketAddr) -> SocketAddr {
-    if addr.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() }
+    if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    }
 }
 
 fn attempt(op: &str, addr: SocketAddr) -> Result<(), io::Error> {
@@ -49,7 +53,10 @@ fn attempt(op: &str, addr: SocketAddr) -> Result<(), io::Error> {
             let s = UdpSocket::bind(unspecified_for(&addr))?;
             s.send_to(b"egress-probe", addr).map(drop)
         }
-        _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown op {op}"))),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("unknown op {op}"),
+        )),
     }
 }
 
@@ -67,7 +74,9 @@ fn main() -> ExitCode {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => {
-                let Some(dir) = args.next() else { return usage() };
+                let Some(dir) = args.next() else {
+                    return usage();
+                };
                 let path = std::path::Path::new(&dir).join("cgroup.procs");
                 if let Err(e) = std::fs::write(&path, std::process::id().to_string()) {
                     eprintln!("egress-probe: joining {}: {e}", path.display());
@@ -75,13 +84,17 @@ fn main() -> ExitCode {
                 }
             }
             "--count" => {
-                let Some(n) = args.next().and_then(|n| n.parse().ok()) else { return usage() };
+                let Some(n) = args.next().and_then(|n| n.parse().ok()) else {
+                    return usage();
+                };
                 count = n;
                 summary = true;
             }
             "-h" | "--help" => return usage(),
             op => {
-                let Some(addr) = args.next().and_then(|a| a.parse::<SocketAddr>().ok()) else { return usage() };
+                let Some(addr) = args.next().and_then(|a| a.parse::<SocketAddr>().ok()) else {
+                    return usage();
+                };
                 if !matches!(op, "tcp" | "udp-connect" | "udp-sendto") {
                     return usage();
                 }
@@ -99,7 +112,10 @@ fn main() -> ExitCode {
                 Ok(()) => "ok".to_string(),
                 Err(e) => errno_name(&e),
             };
-            let _ = writeln!(out, "{{\"op\":\"{op}\",\"dst\":\"{addr}\",\"result\":\"{result}\"}}");
+            let _ = writeln!(
+                out,
+                "{{\"op\":\"{op}\",\"dst\":\"{addr}\",\"result\":\"{result}\"}}"
+            );
             continue;
         }
         let mut results: std::collections::BTreeMap<String, u64> = Default::default();
@@ -110,8 +126,15 @@ fn main() -> ExitCode {
             };
             *results.entry(r).or_default() += 1;
         }
-        let parts: Vec<String> = results.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-        let _ = writeln!(out, "{{\"op\":\"{op}\",\"dst\":\"{addr}\",\"count\":{count},\"results\":{{{}}}}}", parts.join(","));
+        let parts: Vec<String> = results
+            .iter()
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{{\"op\":\"{op}\",\"dst\":\"{addr}\",\"count\":{count},\"results\":{{{}}}}}",
+            parts.join(",")
+        );
     }
     ExitCode::SUCCESS
 }

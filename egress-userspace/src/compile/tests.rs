@@ -28,15 +28,29 @@ fn v(allow: bool, rule: &str) -> (bool, String) {
 fn empty_policy_is_the_default_verdict() {
     let c = compile("allow_loopback = false\n");
     assert!(c.v4.is_empty() && c.v6.is_empty() && c.rulesets.is_empty());
-    assert_eq!(verdict(&c, "192.0.2.1", 80, IPPROTO_TCP), v(false, "default"));
+    assert_eq!(
+        verdict(&c, "192.0.2.1", 80, IPPROTO_TCP),
+        v(false, "default")
+    );
     let c = compile("default = \"allow\"\n");
-    assert_eq!(verdict(&c, "2001:db8::1", 80, IPPROTO_UDP), v(true, "default"));
+    assert_eq!(
+        verdict(&c, "2001:db8::1", 80, IPPROTO_UDP),
+        v(true, "default")
+    );
 }
 
 #[test]
 fn config_reflects_policy() {
     let c = compile("mode = \"audit\"\ndefault = \"allow\"\nallow_loopback = false\n");
-    assert_eq!(c.config, Config { mode: MODE_AUDIT, default_verdict: DEFAULT_ALLOW, allow_loopback: 0, generation: 1 });
+    assert_eq!(
+        c.config,
+        Config {
+            mode: MODE_AUDIT,
+            default_verdict: DEFAULT_ALLOW,
+            allow_loopback: 0,
+            generation: 1
+        }
+    );
 }
 
 #[test]
@@ -60,19 +74,46 @@ destinations = ["2001:db8::7/128"]
 protocols = ["udp"]
 "#,
     );
-    assert_eq!(c.v4.keys().copied().collect::<Vec<_>>(), vec![(0, 0), (0xc000_0207, 32)]);
+    assert_eq!(
+        c.v4.keys().copied().collect::<Vec<_>>(),
+        vec![(0, 0), (0xc000_0207, 32)]
+    );
     assert_eq!(c.v6.len(), 2);
-    assert_eq!(verdict(&c, "8.8.8.8", 443, IPPROTO_TCP), v(true, "all-v4-web"));
+    assert_eq!(
+        verdict(&c, "8.8.8.8", 443, IPPROTO_TCP),
+        v(true, "all-v4-web")
+    );
     assert_eq!(verdict(&c, "8.8.8.8", 80, IPPROTO_TCP), v(false, "default"));
-    assert_eq!(verdict(&c, "192.0.2.7", 22, IPPROTO_TCP), v(true, "one-host"));
+    assert_eq!(
+        verdict(&c, "192.0.2.7", 22, IPPROTO_TCP),
+        v(true, "one-host")
+    );
     // The /32 inherits the /0's rules. When several services approve, the first in file order
     // is the one reported.
-    assert_eq!(verdict(&c, "192.0.2.7", 443, IPPROTO_UDP), v(true, "all-v4-web"));
-    assert_eq!(verdict(&c, "192.0.2.8", 22, IPPROTO_TCP), v(false, "default"));
-    assert_eq!(verdict(&c, "2001:db8::7", 9999, IPPROTO_UDP), v(true, "one-v6"));
-    assert_eq!(verdict(&c, "2001:db8::7", 9999, IPPROTO_TCP), v(false, "default"));
-    assert_eq!(verdict(&c, "2001:db8::7", 53, IPPROTO_TCP), v(true, "all-v6-dns"));
-    assert_eq!(verdict(&c, "2001:db8::8", 53, IPPROTO_UDP), v(true, "all-v6-dns"));
+    assert_eq!(
+        verdict(&c, "192.0.2.7", 443, IPPROTO_UDP),
+        v(true, "all-v4-web")
+    );
+    assert_eq!(
+        verdict(&c, "192.0.2.8", 22, IPPROTO_TCP),
+        v(false, "default")
+    );
+    assert_eq!(
+        verdict(&c, "2001:db8::7", 9999, IPPROTO_UDP),
+        v(true, "one-v6")
+    );
+    assert_eq!(
+        verdict(&c, "2001:db8::7", 9999, IPPROTO_TCP),
+        v(false, "default")
+    );
+    assert_eq!(
+        verdict(&c, "2001:db8::7", 53, IPPROTO_TCP),
+        v(true, "all-v6-dns")
+    );
+    assert_eq!(
+        verdict(&c, "2001:db8::8", 53, IPPROTO_UDP),
+        v(true, "all-v6-dns")
+    );
 }
 
 #[test]
@@ -87,9 +128,18 @@ name = "broad-block"
 destinations = ["203.0.113.0/24", "2001:db8::/32"]
 "#,
     );
-    assert_eq!(verdict(&c, "203.0.113.5", 443, IPPROTO_TCP), v(false, "broad-block"));
-    assert_eq!(verdict(&c, "2001:db8:1::5", 443, IPPROTO_TCP), v(false, "broad-block"));
-    assert_eq!(verdict(&c, "203.0.113.6", 443, IPPROTO_TCP), v(false, "broad-block"));
+    assert_eq!(
+        verdict(&c, "203.0.113.5", 443, IPPROTO_TCP),
+        v(false, "broad-block")
+    );
+    assert_eq!(
+        verdict(&c, "2001:db8:1::5", 443, IPPROTO_TCP),
+        v(false, "broad-block")
+    );
+    assert_eq!(
+        verdict(&c, "203.0.113.6", 443, IPPROTO_TCP),
+        v(false, "broad-block")
+    );
 }
 
 #[test]
@@ -125,9 +175,18 @@ destinations = ["10.1.0.0/16"]
 ports = [80]
 "#,
     );
-    assert_eq!(verdict(&c, "10.1.2.3", 443, IPPROTO_TCP), v(true, "wide-https"));
-    assert_eq!(verdict(&c, "10.1.2.3", 80, IPPROTO_TCP), v(true, "narrow-http"));
-    assert_eq!(verdict(&c, "10.2.2.3", 80, IPPROTO_TCP), v(false, "default"));
+    assert_eq!(
+        verdict(&c, "10.1.2.3", 443, IPPROTO_TCP),
+        v(true, "wide-https")
+    );
+    assert_eq!(
+        verdict(&c, "10.1.2.3", 80, IPPROTO_TCP),
+        v(true, "narrow-http")
+    );
+    assert_eq!(
+        verdict(&c, "10.2.2.3", 80, IPPROTO_TCP),
+        v(false, "default")
+    );
 }
 
 #[test]
@@ -169,10 +228,24 @@ ports = [8000, "8001-8080", "8070-8090", 9000]
 "#,
     );
     let (_, set) = c.matching_set(ip("10.0.0.1")).unwrap();
-    let ranges: Vec<(u16, u16)> = set.rules[..set.len as usize].iter().map(|r| (r.port_lo, r.port_hi)).collect();
+    let ranges: Vec<(u16, u16)> = set.rules[..set.len as usize]
+        .iter()
+        .map(|r| (r.port_lo, r.port_hi))
+        .collect();
     assert_eq!(ranges, vec![(8000, 8090), (9000, 9000)]);
-    for (port, allow) in [(7999, false), (8000, true), (8090, true), (8091, false), (9000, true), (9001, false)] {
-        assert_eq!(c.evaluate(ip("10.0.0.1"), port, IPPROTO_TCP).allow, allow, "port {port}");
+    for (port, allow) in [
+        (7999, false),
+        (8000, true),
+        (8090, true),
+        (8091, false),
+        (9000, true),
+        (9001, false),
+    ] {
+        assert_eq!(
+            c.evaluate(ip("10.0.0.1"), port, IPPROTO_TCP).allow,
+            allow,
+            "port {port}"
+        );
     }
 }
 
@@ -188,8 +261,14 @@ name = "all-protos"
 destinations = ["10.9.0.0/16"]
 "#,
     );
-    assert_eq!(verdict(&c, "10.0.0.1", 53, IPPROTO_UDP), v(true, "udp-only"));
-    assert_eq!(verdict(&c, "10.0.0.1", 53, IPPROTO_TCP), v(false, "default"));
+    assert_eq!(
+        verdict(&c, "10.0.0.1", 53, IPPROTO_UDP),
+        v(true, "udp-only")
+    );
+    assert_eq!(
+        verdict(&c, "10.0.0.1", 53, IPPROTO_TCP),
+        v(false, "default")
+    );
     // ICMP (ping sockets report port 0) is covered by a block without protocols.
     assert_eq!(verdict(&c, "10.9.0.1", 0, 1), v(false, "all-protos"));
     assert_eq!(verdict(&c, "10.0.0.1", 0, 1), v(false, "default"));
@@ -208,20 +287,45 @@ destinations = ["::/0"]
 "#,
     );
     // The v6 block does not apply to ::ffff:192.0.2.1: it is the IPv4 address 192.0.2.1.
-    assert_eq!(verdict(&c, "::ffff:192.0.2.1", 443, IPPROTO_TCP), v(true, "v4net"));
+    assert_eq!(
+        verdict(&c, "::ffff:192.0.2.1", 443, IPPROTO_TCP),
+        v(true, "v4net")
+    );
     assert_eq!(verdict(&c, "192.0.2.1", 443, IPPROTO_TCP), v(true, "v4net"));
-    assert_eq!(verdict(&c, "::ffff:198.51.100.1", 443, IPPROTO_TCP), v(false, "default"));
-    assert_eq!(verdict(&c, "2001:db8::1", 443, IPPROTO_TCP), v(false, "v6-everything"));
-    assert_eq!(c.evaluate(ip("::ffff:192.0.2.1"), 1, IPPROTO_TCP).judged, ip("192.0.2.1"));
+    assert_eq!(
+        verdict(&c, "::ffff:198.51.100.1", 443, IPPROTO_TCP),
+        v(false, "default")
+    );
+    assert_eq!(
+        verdict(&c, "2001:db8::1", 443, IPPROTO_TCP),
+        v(false, "v6-everything")
+    );
+    assert_eq!(
+        c.evaluate(ip("::ffff:192.0.2.1"), 1, IPPROTO_TCP).judged,
+        ip("192.0.2.1")
+    );
 }
 
 #[test]
 fn loopback_shortcut_and_its_absence() {
     let on = compile("[[block]]\nname = \"b\"\ndestinations = [\"127.0.0.0/8\", \"::1\"]\n");
-    for dst in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::"] {
-        assert_eq!(verdict(&on, dst, 80, IPPROTO_TCP), v(true, "loopback"), "{dst}");
+    for dst in [
+        "127.0.0.1",
+        "127.9.9.9",
+        "::1",
+        "::ffff:127.0.0.1",
+        "0.0.0.0",
+        "::",
+    ] {
+        assert_eq!(
+            verdict(&on, dst, 80, IPPROTO_TCP),
+            v(true, "loopback"),
+            "{dst}"
+        );
     }
-    let off = compile("allow_loopback = false\n[[block]]\nname = \"b\"\ndestinations = [\"127.0.0.0/8\", \"::1\"]\n");
+    let off = compile(
+        "allow_loopback = false\n[[block]]\nname = \"b\"\ndestinations = [\"127.0.0.0/8\", \"::1\"]\n",
+    );
     for dst in ["127.0.0.1", "::1", "::ffff:127.0.0.1"] {
         assert_eq!(verdict(&off, dst, 80, IPPROTO_TCP), v(false, "b"), "{dst}");
     }
@@ -261,12 +365,20 @@ ports = [22]
 
 #[test]
 fn too_many_port_rules_is_a_clear_error() {
-    let ports: Vec<String> = (0..(MAX_PORT_RULES as u16 + 1)).map(|i| (1000 + i * 2).to_string()).collect();
-    let text = format!("[[service]]\nname = \"wide\"\ndestinations = [\"10.0.0.0/8\"]\nports = [{}]\n", ports.join(","));
+    let ports: Vec<String> = (0..(MAX_PORT_RULES as u16 + 1))
+        .map(|i| (1000 + i * 2).to_string())
+        .collect();
+    let text = format!(
+        "[[service]]\nname = \"wide\"\ndestinations = [\"10.0.0.0/8\"]\nports = [{}]\n",
+        ports.join(",")
+    );
     let p = Policy::parse("t.toml", &text).unwrap();
     let e = CompiledPolicy::compile(&p).unwrap_err();
     assert_eq!(e.prefix, "10.0.0.0/8");
-    assert!(e.to_string().contains("wide") && e.to_string().contains("at most 64"), "{e}");
+    assert!(
+        e.to_string().contains("wide") && e.to_string().contains("at most 64"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -282,7 +394,10 @@ fn hundred_thousand_prefixes_compile() {
     }
     dests.sort();
     dests.dedup();
-    let text = format!("[[service]]\nname = \"big\"\ndestinations = [{}]\nports = [443]\n", dests.join(","));
+    let text = format!(
+        "[[service]]\nname = \"big\"\ndestinations = [{}]\nports = [443]\n",
+        dests.join(",")
+    );
     let c = compile(&text);
     assert!(c.v4.len() > 99_000, "{}", c.v4.len());
     assert!(c.rulesets.len() <= 2);

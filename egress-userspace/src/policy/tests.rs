@@ -42,8 +42,20 @@ ports = [25]
     let s = &p.rules[0];
     assert_eq!(s.kind, RuleKind::Service);
     assert_eq!(s.line, 6);
-    assert_eq!(s.destinations.iter().map(|d| d.to_string()).collect::<Vec<_>>(), ["10.20.0.0/16", "2001:db8::/32", "192.0.2.7/32"]);
-    assert_eq!(s.ports, vec![PortRange::new(3128, 3128).unwrap(), PortRange::new(8000, 8080).unwrap()]);
+    assert_eq!(
+        s.destinations
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>(),
+        ["10.20.0.0/16", "2001:db8::/32", "192.0.2.7/32"]
+    );
+    assert_eq!(
+        s.ports,
+        vec![
+            PortRange::new(3128, 3128).unwrap(),
+            PortRange::new(8000, 8080).unwrap()
+        ]
+    );
     assert_eq!(s.protocols, vec![Protocol::Tcp]);
     assert_eq!(p.rules[1].kind, RuleKind::Block);
     assert_eq!(p.rules[1].line, 12);
@@ -52,7 +64,11 @@ ports = [25]
 #[test]
 fn shipped_policies_are_valid() {
     let d = Policy::embedded_default();
-    assert_eq!(d.mode, Mode::Audit, "the default policy must be safe on a workstation");
+    assert_eq!(
+        d.mode,
+        Mode::Audit,
+        "the default policy must be safe on a workstation"
+    );
     assert!(d.allow_loopback);
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/example.toml");
     Policy::load(Path::new(root)).expect("example policy parses");
@@ -69,7 +85,9 @@ fn unknown_top_level_key_names_line_and_key() {
 
 #[test]
 fn unknown_key_in_service_names_the_table() {
-    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n\n[[service]]\nname = \"b\"\ndestination = [\"10.0.0.0/8\"]\n");
+    let e = err(
+        "[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n\n[[service]]\nname = \"b\"\ndestination = [\"10.0.0.0/8\"]\n",
+    );
     assert_eq!(e.line, 7);
     assert_eq!(e.field, "service[2].destination");
     assert!(e.message.contains("unknown field `destination`"), "{e}");
@@ -81,8 +99,15 @@ fn bad_cidr_points_at_the_value() {
     assert_eq!(e.line, 3);
     assert_eq!(e.column, 31);
     assert_eq!(e.field, "service[1].destinations");
-    assert!(e.message.contains("`10.0.0.0/33` is not a valid destination"), "{e}");
-    assert!(e.message.contains("expected an IPv4/IPv6 address or CIDR"), "{e}");
+    assert!(
+        e.message
+            .contains("`10.0.0.0/33` is not a valid destination"),
+        "{e}"
+    );
+    assert!(
+        e.message.contains("expected an IPv4/IPv6 address or CIDR"),
+        "{e}"
+    );
     let e = err("[[block]]\nname = \"a\"\ndestinations = [\"not-an-ip\"]\n");
     assert_eq!(e.field, "block[1].destinations");
     let e = err("[[block]]\nname = \"a\"\ndestinations = [\"2001:db8::/129\"]\n");
@@ -92,7 +117,10 @@ fn bad_cidr_points_at_the_value() {
 #[test]
 fn host_bits_are_rejected_with_the_network_suggested() {
     let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.1/8\"]\n");
-    assert!(e.message.contains("host bits set") && e.message.contains("`10.0.0.0/8`"), "{e}");
+    assert!(
+        e.message.contains("host bits set") && e.message.contains("`10.0.0.0/8`"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -112,7 +140,9 @@ fn port_zero_is_rejected() {
 
 #[test]
 fn reversed_and_out_of_range_ports_are_rejected() {
-    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [80, \"9000-8000\"]\n");
+    let e = err(
+        "[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [80, \"9000-8000\"]\n",
+    );
     assert_eq!(e.field, "service[1].ports");
     assert_eq!(e.column, 14);
     assert!(e.message.contains("9000-8000 is reversed"), "{e}");
@@ -128,9 +158,15 @@ fn reversed_and_out_of_range_ports_are_rejected() {
 
 #[test]
 fn duplicate_names_across_services_and_blocks() {
-    let e = err("[[service]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\n");
+    let e = err(
+        "[[service]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\n",
+    );
     assert_eq!((e.line, e.field.as_str()), (5, "block[1].name"));
-    assert!(e.message.contains("duplicate name `x` (first used on line 2)"), "{e}");
+    assert!(
+        e.message
+            .contains("duplicate name `x` (first used on line 2)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -159,12 +195,22 @@ fn missing_and_empty_fields() {
 fn bad_enums_say_what_is_expected() {
     let e = err("mode = \"block\"\n");
     assert_eq!((e.line, e.field.as_str()), (1, "mode"));
-    assert!(e.message.contains("enforce") && e.message.contains("audit"), "{e}");
+    assert!(
+        e.message.contains("enforce") && e.message.contains("audit"),
+        "{e}"
+    );
     let e = err("default = \"maybe\"\n");
-    assert!(e.message.contains("deny") && e.message.contains("allow"), "{e}");
-    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"icmp\"]\n");
+    assert!(
+        e.message.contains("deny") && e.message.contains("allow"),
+        "{e}"
+    );
+    let e =
+        err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"icmp\"]\n");
     assert_eq!(e.field, "service[1].protocols");
-    assert!(e.message.contains("tcp") && e.message.contains("udp"), "{e}");
+    assert!(
+        e.message.contains("tcp") && e.message.contains("udp"),
+        "{e}"
+    );
     let e = err("allow_loopback = \"yes\"\n");
     assert_eq!(e.field, "allow_loopback");
 }
@@ -185,15 +231,27 @@ fn error_display_is_file_line_column_field_message() {
 
 #[test]
 fn v4_mapped_destinations_become_ipv4() {
-    let p = ok("[[service]]\nname = \"a\"\ndestinations = [\"::ffff:10.1.0.0/112\", \"::ffff:192.0.2.7\"]\n");
-    let d: Vec<String> = p.rules[0].destinations.iter().map(|d| d.to_string()).collect();
+    let p = ok(
+        "[[service]]\nname = \"a\"\ndestinations = [\"::ffff:10.1.0.0/112\", \"::ffff:192.0.2.7\"]\n",
+    );
+    let d: Vec<String> = p.rules[0]
+        .destinations
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
     assert_eq!(d, ["10.1.0.0/16", "192.0.2.7/32"]);
 }
 
 #[test]
 fn extreme_prefixes_parse() {
-    let p = ok("[[service]]\nname = \"a\"\ndestinations = [\"0.0.0.0/0\", \"::/0\", \"1.2.3.4/32\", \"2001:db8::1/128\"]\n");
-    let d: Vec<String> = p.rules[0].destinations.iter().map(|d| d.to_string()).collect();
+    let p = ok(
+        "[[service]]\nname = \"a\"\ndestinations = [\"0.0.0.0/0\", \"::/0\", \"1.2.3.4/32\", \"2001:db8::1/128\"]\n",
+    );
+    let d: Vec<String> = p.rules[0]
+        .destinations
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
     assert_eq!(d, ["0.0.0.0/0", "::/0", "1.2.3.4/32", "2001:db8::1/128"]);
 }
 
@@ -206,7 +264,9 @@ fn no_input_panics() {
             let _ = Policy::parse("t.toml", &base[..i]);
         }
     }
-    let subs = [b'"', b'[', b']', b'=', b'\n', b'/', b'-', b'0', b'9', b'x', b' ', b','];
+    let subs = [
+        b'"', b'[', b']', b'=', b'\n', b'/', b'-', b'0', b'9', b'x', b' ', b',',
+    ];
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..5000 {
         let mut bytes = base.as_bytes().to_vec();
@@ -217,10 +277,10 @@ fn no_input_panics() {
             let pos = (seed as usize) % bytes.len();
             bytes[pos] = subs[(seed >> 32) as usize % subs.len()];
         }
-        if let Ok(text) = String::from_utf8(bytes) {
-            if let Err(e) = Policy::parse("t.toml", &text) {
-                assert!(e.line >= 1, "error without a line: {e}");
-            }
+        if let Ok(text) = String::from_utf8(bytes)
+            && let Err(e) = Policy::parse("t.toml", &text)
+        {
+            assert!(e.line >= 1, "error without a line: {e}");
         }
     }
 }

@@ -32,7 +32,10 @@ pub fn probe_with_pid(cgroup: &Path, calls: &[(&str, &str)]) -> (Vec<String>, u3
     for (op, dst) in calls {
         cmd.arg(op).arg(dst);
     }
-    let child = cmd.stdout(std::process::Stdio::piped()).spawn().expect("spawning egress-probe");
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning egress-probe");
     let pid = child.id();
     let out = child.wait_with_output().expect("egress-probe output");
     assert!(out.status.success(), "egress-probe failed: {:?}", out);
@@ -44,7 +47,8 @@ pub fn parse_probe(stdout: &[u8], n: usize) -> Vec<String> {
     let results: Vec<String> = text
         .lines()
         .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("bad probe line {l:?}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad probe line {l:?}: {e}"));
             v["result"].as_str().expect("result").to_string()
         })
         .collect();
