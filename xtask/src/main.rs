@@ -6,7 +6,7 @@ use std::{
     env,
     ffi::OsString,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, bail};
@@ -104,7 +104,7 @@ fn real_main() -> anyhow::Result<()> {
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
-            run(&mut cmd)
+            run_tests(&mut cmd)
         }
         Task::Lint => {
             bootstrap()?;
@@ -159,6 +159,51 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one line totalling every test binary
+/// ("tests: N passed, N failed"), since cargo's own last line is that of the last binary only.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        writeln!(out, "{line}")?;
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part
+                    .split_whitespace()
+                    .skip_while(|w| *w == "ok." || *w == "FAILED.");
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    writeln!(
+        out,
+        "\ntests: {passed} passed, {failed} failed, {ignored} skipped"
+    )?;
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
     }
     Ok(())
 }
