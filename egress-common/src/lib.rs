@@ -112,14 +112,22 @@ pub struct Config {
     pub allow_loopback: u32,
     /// Generation of the policy in force, copied into every event.
     pub generation: u32,
+    /// TC scope: when non-zero, the TC program only touches packets whose socket belongs to this
+    /// cgroup (or a descendant); 0 means every packet (a controller attached to the root).
+    pub tc_cgroup_id: u64,
+    /// Level of `tc_cgroup_id` in the hierarchy (the root is 0).
+    pub tc_cgroup_level: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 32);
 
 /// Hook that produced an event (`Event::hook`).
 pub const HOOK_CONNECT4: u8 = 1;
 pub const HOOK_CONNECT6: u8 = 2;
 pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
+/// The TC egress program (second line of enforcement).
+pub const HOOK_TC: u8 = 5;
 
 /// `Event::action`.
 pub const EVENT_DENY: u8 = 1;
@@ -131,7 +139,64 @@ pub const STAT_DENIED: u32 = 1;
 pub const STAT_AUDITED: u32 = 2;
 /// Events that could not be reserved in the ring buffer (it was full). The verdict stood.
 pub const STAT_EVENTS_LOST: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// Packets the TC program dropped (unattributed traffic to an explicitly blocked destination).
+pub const STAT_TC_DROPPED: u32 = 4;
+/// Packets the TC program would have dropped in audit mode.
+pub const STAT_TC_AUDITED: u32 = 5;
+/// Packets and bytes that could not be counted under their own flow because `FLOWS` was full.
+pub const STAT_FLOWS_FULL_PACKETS: u32 = 6;
+pub const STAT_FLOWS_FULL_BYTES: u32 = 7;
+pub const STAT_COUNT: u32 = 8;
+
+/// Who owns a socket, recorded by the cgroup hooks (where the current task is the owner) and
+/// looked up by socket cookie in TC (where it usually is not).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<Owner>() == 40);
+
+/// `FlowKey::tgid` of packets whose socket has no recorded owner (raw sockets, sockets older
+/// than the controller, accepted server sockets, forwarded traffic).
+pub const TGID_UNATTRIBUTED: u32 = 0;
+
+/// Key of the per-CPU `FLOWS` counters: one owner process and one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// cgroup of the socket (0 when the packet has none).
+    pub cgroup_id: u64,
+    /// Owner process, or `TGID_UNATTRIBUTED`.
+    pub tgid: u32,
+    /// Destination port (host order); 0 for protocols without ports.
+    pub port: u16,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Destination address: 4 bytes (v4) or 16 bytes (v6).
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<FlowKey>() == 32);
+
+/// Per-CPU counters of one flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub packets: u64,
+    /// Bytes on the wire: the frame length of every segment (`__sk_buff.wire_len`: link-layer,
+    /// IP and transport headers of each GSO/TSO segment, and payload; no FCS or preamble).
+    pub bytes: u64,
+    /// Transport payload bytes (what the application wrote, retransmissions included).
+    pub payload: u64,
+}
+const _: () = assert!(size_of::<FlowValue>() == 24);
 
 /// A deny (or, in audit mode, a would-be deny), sent through the `EVENTS` ring buffer.
 #[repr(C)]
@@ -233,4 +298,7 @@ mod user {
     unsafe impl aya::Pod for PrefixValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for Owner {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
 }

@@ -8,8 +8,12 @@
 mod maps;
 mod policy;
 mod sock_addr;
+mod tc_egress;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
 /// TCP connect() and connected UDP on AF_INET sockets.
@@ -34,6 +38,13 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr::decide_v6(&ctx, HOOK_SENDMSG6)
+}
+
+/// TC egress: byte accounting per owner and destination; drops unattributed traffic to blocked
+/// destinations.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    tc_egress::classify(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

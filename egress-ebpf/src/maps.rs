@@ -5,9 +5,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_common::{Config, PrefixValue, RuleSet, STAT_COUNT};
+use egress_common::{Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_COUNT};
 
 /// IPv4 policy prefixes -> rule set. Written by the controller (compile step), read by the
 /// connect/sendmsg hooks. v4-mapped IPv6 destinations are looked up here too.
@@ -35,3 +35,20 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 /// still stands and `STAT_EVENTS_LOST` is incremented.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Socket cookie -> owner (process, user, cgroup, comm). Written by the connect/sendmsg hooks for
+/// every allowed call, read by TC to attribute packets sent in softirq context. LRU: closed
+/// sockets age out on their own.
+#[map]
+pub static SOCK_OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131_072, 0);
+
+/// Per-CPU packet and byte counters per (owner, destination). Written by TC, read (and pruned of
+/// exited owners) by the controller. Not LRU: when it is full, new flows are counted in
+/// `STAT_FLOWS_FULL_*` instead of evicting someone else's counts.
+#[map]
+pub static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65_536, 0);
+
+/// ifindex -> link-layer header length, for interfaces without an Ethernet header (tun,
+/// wireguard: 0). Written by the controller at attach time; missing means Ethernet (14).
+#[map]
+pub static IFACE_L2: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);

@@ -6,17 +6,18 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
     },
     programs::SockAddrContext,
+    EbpfContext as _,
 };
 use egress_common::{
-    Config, EVENT_AUDIT, EVENT_DENY, Event, MODE_AUDIT, STAT_ALLOWED, STAT_AUDITED, STAT_DENIED,
+    Config, EVENT_AUDIT, EVENT_DENY, Event, MODE_AUDIT, Owner, STAT_ALLOWED, STAT_AUDITED, STAT_DENIED,
     STAT_EVENTS_LOST, v4_mapped,
 };
 
 use crate::{
-    maps::{EVENTS, STATS},
+    maps::{EVENTS, SOCK_OWNERS, STATS},
     policy::{self, Decision},
 };
 
@@ -43,7 +44,7 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let d = policy::decide_v4(&cfg, addr, port, proto);
     let mut full = [0u8; 16];
     full[..4].copy_from_slice(&addr);
-    finish(&cfg, d, hook, 4, 0, full, port, proto)
+    finish(ctx, &cfg, d, hook, 4, 0, full, port, proto)
 }
 
 pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
@@ -61,12 +62,13 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         Some(v4) => (policy::decide_v4(&cfg, v4, port, proto), 1),
         None => (policy::decide_v6(&cfg, addr, port, proto), 0),
     };
-    finish(&cfg, d, hook, 6, mapped, addr, port, proto)
+    finish(ctx, &cfg, d, hook, 6, mapped, addr, port, proto)
 }
 
 #[inline(always)]
 #[expect(clippy::too_many_arguments, reason = "flat hot-path helper, inlined")]
 fn finish(
+    ctx: &SockAddrContext,
     cfg: &Config,
     d: Decision,
     hook: u8,
@@ -78,6 +80,7 @@ fn finish(
 ) -> i32 {
     if d.allow {
         count(STAT_ALLOWED);
+        record_owner(ctx);
         return VERDICT_ALLOW;
     }
     let audit = cfg.mode == MODE_AUDIT;
@@ -111,11 +114,40 @@ fn finish(
         None => count(STAT_EVENTS_LOST),
     }
     // The verdict never depends on whether the event could be sent.
-    if audit { VERDICT_ALLOW } else { VERDICT_DENY }
+    if audit {
+        record_owner(ctx);
+        VERDICT_ALLOW
+    } else {
+        VERDICT_DENY
+    }
+}
+
+/// Remembers who owns this socket, so that TC can attribute its packets. The current task is
+/// the caller of connect()/sendmsg() here, unlike in TC.
+#[inline(always)]
+fn record_owner(ctx: &SockAddrContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    // One hash lookup on the hot path; the update only when the owner is new or changed.
+    if let Some(o) = unsafe { SOCK_OWNERS.get(cookie) }
+        && o.tgid == tgid
+    {
+        return;
+    }
+    let owner = Owner {
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid,
+        pid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+    };
+    let _ = SOCK_OWNERS.insert(cookie, owner, 0);
 }
 
 #[inline(always)]
-fn count(idx: u32) {
+pub fn count(idx: u32) {
     if let Some(c) = STATS.get_ptr_mut(idx) {
         unsafe { *c += 1 };
     }

@@ -295,6 +295,7 @@ impl CompiledPolicy {
                 },
                 allow_loopback: policy.allow_loopback as u32,
                 generation: 1,
+                ..Config::default()
             },
             v4,
             v6,

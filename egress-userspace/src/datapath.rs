@@ -6,14 +6,16 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, MapData, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
+    util::KernelVersion,
 };
 use egress_common::{
-    Config, PrefixValue, RuleSet, STAT_ALLOWED, STAT_AUDITED, STAT_COUNT, STAT_DENIED,
-    STAT_EVENTS_LOST,
+    Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_ALLOWED, STAT_AUDITED,
+    STAT_COUNT, STAT_DENIED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS,
+    STAT_TC_AUDITED, STAT_TC_DROPPED,
 };
 
 use crate::compile::CompiledPolicy;
@@ -23,6 +25,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The cgroup hooks, by program name in the object.
 pub const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The TC egress classifier.
+pub const TC_PROGRAM: &str = "tc_egress";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -45,6 +49,8 @@ pub enum DatapathError {
         path: String,
         source: std::io::Error,
     },
+    #[error("interface {iface}: {message}")]
+    Iface { iface: String, message: String },
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -58,12 +64,20 @@ pub struct Stats {
     pub denied: u64,
     pub audited: u64,
     pub events_lost: u64,
+    /// Packets TC dropped (unattributed traffic to blocked destinations).
+    pub tc_dropped: u64,
+    /// Packets TC would have dropped, in audit mode.
+    pub tc_audited: u64,
+    /// Packets/bytes not counted under their own flow because the flow map was full.
+    pub flows_full_packets: u64,
+    pub flows_full_bytes: u64,
 }
 
 /// A loaded (and, after [`Datapath::attach`], attached) datapath. Dropping it detaches every
 /// hook and frees the maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    config: Config,
 }
 
 /// Map capacity for `n` compiled entries: never 0 (the kernel refuses empty maps).
@@ -90,7 +104,95 @@ impl Datapath {
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        Ok(Datapath { ebpf })
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(DatapathError::Missing(TC_PROGRAM))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        tc.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        Ok(Datapath { ebpf, config: policy.config })
+    }
+
+    /// Restricts the TC program to packets of sockets in `cgroup` (and below). Call before
+    /// [`Datapath::attach_tc`]. Not calling it means every packet on the interfaces.
+    pub fn set_tc_scope(&mut self, cgroup_id: u64, level: u32) -> Result<(), DatapathError> {
+        self.config.tc_cgroup_id = cgroup_id;
+        self.config.tc_cgroup_level = level;
+        let map = self.ebpf.map_mut("CONFIG").ok_or(DatapathError::Missing("CONFIG map"))?;
+        let mut config: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+        config.set(0, self.config, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Attaches the TC egress program to each interface: TCX on kernels with it (6.6+), else a
+    /// clsact qdisc filter. Other programs on the interface keep running.
+    pub fn attach_tc(&mut self, ifaces: &[String]) -> Result<(), DatapathError> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        for iface in ifaces {
+            let ifindex = crate::iface::index(iface)
+                .map_err(|e| DatapathError::Iface { iface: iface.clone(), message: e.to_string() })?;
+            let l2 = crate::iface::l2_header_len(iface);
+            {
+                let map = self.ebpf.map_mut("IFACE_L2").ok_or(DatapathError::Missing("IFACE_L2 map"))?;
+                let mut m: HashMap<&mut MapData, u32, u32> = HashMap::try_from(map).map_err(map_err("IFACE_L2"))?;
+                m.insert(ifindex, l2, 0).map_err(map_err("IFACE_L2"))?;
+            }
+            if !tcx {
+                // EEXIST: a clsact qdisc is already there, which is what we need.
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface)
+                    && !e.to_string().contains("exists")
+                {
+                    return Err(DatapathError::Iface { iface: iface.clone(), message: format!("adding clsact qdisc: {e}") });
+                }
+            }
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(TC_PROGRAM)
+                .ok_or(DatapathError::Missing(TC_PROGRAM))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+            prog.attach(iface, TcAttachType::Egress)
+                .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+        }
+        Ok(())
+    }
+
+    /// Every flow counter, summed over CPUs.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
+        let map = self.ebpf.map("FLOWS").ok_or(DatapathError::Missing("FLOWS map"))?;
+        let flows: PerCpuHashMap<&MapData, FlowKey, FlowValue> =
+            PerCpuHashMap::try_from(map).map_err(map_err("FLOWS"))?;
+        let mut out = Vec::new();
+        for item in flows.iter() {
+            // A key deleted between the key walk and its lookup is simply gone.
+            let Ok((key, per_cpu)) = item else { continue };
+            let mut total = FlowValue::default();
+            for v in per_cpu.iter() {
+                total.packets += v.packets;
+                total.bytes += v.bytes;
+                total.payload += v.payload;
+            }
+            out.push((key, total));
+        }
+        Ok(out)
+    }
+
+    /// Deletes flow counters (of owners that have exited, once their totals are read).
+    pub fn remove_flows(&mut self, keys: &[FlowKey]) -> Result<(), DatapathError> {
+        let map = self.ebpf.map_mut("FLOWS").ok_or(DatapathError::Missing("FLOWS map"))?;
+        let mut flows: PerCpuHashMap<&mut MapData, FlowKey, FlowValue> =
+            PerCpuHashMap::try_from(map).map_err(map_err("FLOWS"))?;
+        for k in keys {
+            let _ = flows.remove(k);
+        }
+        Ok(())
+    }
+
+    /// The recorded owner of some socket of process `tgid`, for processes that exited before
+    /// /proc could be read.
+    pub fn owner_of(&self, tgid: u32) -> Option<Owner> {
+        let map = self.ebpf.map("SOCK_OWNERS")?;
+        let owners: HashMap<&MapData, u64, Owner> = HashMap::try_from(map).ok()?;
+        owners.iter().filter_map(Result::ok).map(|(_, o)| o).find(|o| o.tgid == tgid)
     }
 
     /// Attaches every hook to the cgroup2 directory `cgroup` through BPF links. A cgroup link
@@ -144,6 +246,10 @@ impl Datapath {
             denied: sums[STAT_DENIED as usize],
             audited: sums[STAT_AUDITED as usize],
             events_lost: sums[STAT_EVENTS_LOST as usize],
+            tc_dropped: sums[STAT_TC_DROPPED as usize],
+            tc_audited: sums[STAT_TC_AUDITED as usize],
+            flows_full_packets: sums[STAT_FLOWS_FULL_PACKETS as usize],
+            flows_full_bytes: sums[STAT_FLOWS_FULL_BYTES as usize],
         })
     }
 }

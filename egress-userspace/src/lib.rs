@@ -12,6 +12,7 @@ pub mod control;
 pub mod datapath;
 pub mod events;
 pub mod explain;
+pub mod iface;
 pub mod policy;
 
 use std::path::Path;

@@ -2,8 +2,11 @@
 //! A diagnostic for users ("is this destination allowed from here?") and the client that the
 //! kernel and end-to-end tests drive.
 //!
-//! Usage: egress-probe [--cgroup DIR] [--count N] OP ADDR:PORT [OP ADDR:PORT ...]
-//!   OP: tcp (connect), udp-connect (connected UDP, then send), udp-sendto (unconnected UDP)
+//! Usage: egress-probe [--cgroup DIR] [--count N] OP ADDR:PORT [ARGS] [OP ADDR:PORT [ARGS] ...]
+//!   OP: tcp (connect), udp-connect (connected UDP, then send), udp-sendto (unconnected UDP),
+//!       tcp-send ADDR:PORT BYTES (connect, write BYTES, shut down, wait for the peer to close),
+//!       udp-send ADDR:PORT COUNT SIZE (COUNT unconnected datagrams of SIZE payload bytes),
+//!       raw-udp ADDR:PORT (one IPv4 UDP datagram through a raw socket, which no cgroup hook sees)
 //!   --cgroup DIR  join this cgroup2 directory first (sockets belong to the cgroup they are made in)
 //!   --count N     repeat each call N times and print a summary line per call instead
 //!
@@ -41,8 +44,87 @@ fn unspecified_for(addr: &SocketAddr) -> SocketAddr {
     }
 }
 
-fn attempt(op: &str, addr: SocketAddr) -> Result<(), io::Error> {
+/// Calls with their extra arguments.
+#[derive(Clone)]
+struct Call {
+    op: String,
+    addr: SocketAddr,
+    args: Vec<u64>,
+}
+
+fn tcp_send(addr: SocketAddr, total: u64) -> io::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let chunk = vec![0x5au8; 64 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        s.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    // The peer closes once it has read everything: then every byte has left this host.
+    let mut sink = [0u8; 256];
+    while s.read(&mut sink)? > 0 {}
+    Ok(())
+}
+
+fn udp_send(addr: SocketAddr, count: u64, size: u64) -> io::Result<()> {
+    let s = UdpSocket::bind(unspecified_for(&addr))?;
+    let payload = vec![0xa5u8; size as usize];
+    for _ in 0..count {
+        s.send_to(&payload, addr)?;
+    }
+    Ok(())
+}
+
+/// One UDP datagram through `socket(AF_INET, SOCK_RAW, IPPROTO_UDP)`: the kernel adds the IP
+/// header, we write the UDP header (checksum 0: none, valid for IPv4).
+fn raw_udp(addr: SocketAddr) -> io::Result<()> {
+    let SocketAddr::V4(v4) = addr else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "raw-udp is IPv4 only"));
+    };
+    // SAFETY: plain syscalls on a socket we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let payload = b"egress-probe raw";
+        let mut pkt = Vec::with_capacity(8 + payload.len());
+        pkt.extend_from_slice(&40000u16.to_be_bytes());
+        pkt.extend_from_slice(&v4.port().to_be_bytes());
+        pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        pkt.extend_from_slice(&0u16.to_be_bytes());
+        pkt.extend_from_slice(payload);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let n = libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+fn attempt(call: &Call) -> Result<(), io::Error> {
+    let (op, addr) = (call.op.as_str(), call.addr);
     match op {
+        "tcp-send" => tcp_send(addr, call.args[0]),
+        "udp-send" => udp_send(addr, call.args[0], call.args[1]),
+        "raw-udp" => raw_udp(addr),
         "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop),
         "udp-connect" => {
             let s = UdpSocket::bind(unspecified_for(&addr))?;
@@ -61,8 +143,8 @@ fn attempt(op: &str, addr: SocketAddr) -> Result<(), io::Error> {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: egress-probe [--cgroup DIR] [--count N] OP ADDR:PORT [OP ADDR:PORT ...]");
-    eprintln!("  OP: tcp | udp-connect | udp-sendto");
+    eprintln!("usage: egress-probe [--cgroup DIR] [--count N] OP ADDR:PORT [ARGS] ...");
+    eprintln!("  OP: tcp | udp-connect | udp-sendto | tcp-send ADDR:PORT BYTES | udp-send ADDR:PORT COUNT SIZE | raw-udp ADDR:PORT");
     ExitCode::from(2)
 }
 
@@ -70,7 +152,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     let mut count: u64 = 1;
     let mut summary = false;
-    let mut calls: Vec<(String, SocketAddr)> = Vec::new();
+    let mut calls: Vec<Call> = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => {
@@ -95,10 +177,20 @@ fn main() -> ExitCode {
                 let Some(addr) = args.next().and_then(|a| a.parse::<SocketAddr>().ok()) else {
                     return usage();
                 };
-                if !matches!(op, "tcp" | "udp-connect" | "udp-sendto") {
-                    return usage();
+                let nargs = match op {
+                    "tcp" | "udp-connect" | "udp-sendto" | "raw-udp" => 0,
+                    "tcp-send" => 1,
+                    "udp-send" => 2,
+                    _ => return usage(),
+                };
+                let mut extra = Vec::new();
+                for _ in 0..nargs {
+                    let Some(n) = args.next().and_then(|a| a.parse::<u64>().ok()) else {
+                        return usage();
+                    };
+                    extra.push(n);
                 }
-                calls.push((op.to_string(), addr));
+                calls.push(Call { op: op.to_string(), addr, args: extra });
             }
         }
     }
@@ -106,21 +198,23 @@ fn main() -> ExitCode {
         return usage();
     }
     let mut out = io::stdout().lock();
-    for (op, addr) in &calls {
+    let pid = std::process::id();
+    for call in &calls {
+        let (op, addr) = (&call.op, call.addr);
         if !summary {
-            let result = match attempt(op, *addr) {
+            let result = match attempt(call) {
                 Ok(()) => "ok".to_string(),
                 Err(e) => errno_name(&e),
             };
             let _ = writeln!(
                 out,
-                "{{\"op\":\"{op}\",\"dst\":\"{addr}\",\"result\":\"{result}\"}}"
+                "{{\"op\":\"{op}\",\"dst\":\"{addr}\",\"result\":\"{result}\",\"pid\":{pid}}}"
             );
             continue;
         }
         let mut results: std::collections::BTreeMap<String, u64> = Default::default();
         for _ in 0..count {
-            let r = match attempt(op, *addr) {
+            let r = match attempt(call) {
                 Ok(()) => "ok".to_string(),
                 Err(e) => errno_name(&e),
             };

@@ -48,7 +48,8 @@ fn config_reflects_policy() {
             mode: MODE_AUDIT,
             default_verdict: DEFAULT_ALLOW,
             allow_loopback: 0,
-            generation: 1
+            generation: 1,
+            ..Config::default()
         }
     );
 }

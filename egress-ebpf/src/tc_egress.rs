@@ -1,0 +1,200 @@
+//! TC egress: per-owner byte accounting, and the second line of enforcement for traffic that
+//! never passed the connect/sendmsg hooks (raw sockets, sockets older than the controller).
+//!
+//! The owner of a packet is looked up by socket cookie in `SOCK_OWNERS` (recorded by the cgroup
+//! hooks): packets often leave in softirq context, where the current task is someone else.
+//! Packets without a recorded owner are counted under `TGID_UNATTRIBUTED`; they are dropped only
+//! when an explicit `[[block]]` covers their destination (never for the default verdict, which
+//! would cut replies of accepted connections).
+//!
+//! Return values: `TC_ACT_UNSPEC` (-1, "next": lets other TCX programs and filters run) to pass,
+//! `TC_ACT_SHOT` to drop.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    programs::TcContext,
+};
+use egress_common::{
+    EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP,
+    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, STAT_FLOWS_FULL_BYTES,
+    STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED, STAT_EVENTS_LOST, TGID_UNATTRIBUTED,
+};
+
+use crate::{
+    maps::{EVENTS, FLOWS, IFACE_L2, SOCK_OWNERS, STATS},
+    policy,
+    sock_addr::count,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_HLEN: u32 = 14;
+const BPF_NOEXIST: u64 = 1;
+
+/// What the parser found in a packet.
+struct Parsed {
+    family: u8,
+    protocol: u8,
+    port: u16,
+    addr: [u8; 16],
+    /// Transport payload length.
+    payload: u32,
+}
+
+pub fn classify(ctx: &TcContext) -> i32 {
+    let cfg = policy::config();
+    let skb = ctx.skb.skb;
+    if cfg.tc_cgroup_id != 0 {
+        let anc = unsafe { bpf_skb_ancestor_cgroup_id(skb, cfg.tc_cgroup_level as i32) };
+        if anc != cfg.tc_cgroup_id {
+            return TC_ACT_UNSPEC;
+        }
+    }
+    let Some(p) = parse(ctx) else { return TC_ACT_UNSPEC };
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let owner: Option<Owner> = if cookie != 0 { unsafe { SOCK_OWNERS.get(cookie) }.copied() } else { None };
+
+    if owner.is_none() {
+        let d = if p.family == 4 {
+            policy::decide_v4(&cfg, [p.addr[0], p.addr[1], p.addr[2], p.addr[3]], p.port, p.protocol)
+        } else {
+            policy::decide_v6(&cfg, p.addr, p.port, p.protocol)
+        };
+        // Only an explicit block: the default verdict also covers replies of accepted
+        // connections and forwarded traffic, which the connect hooks never judged.
+        if !d.allow && d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK {
+            let audit = cfg.mode == MODE_AUDIT;
+            count(if audit { STAT_TC_AUDITED } else { STAT_TC_DROPPED });
+            report(&p, d.rule_id, audit, cfg.generation, unsafe { bpf_skb_cgroup_id(skb) });
+            if !audit {
+                return TC_ACT_SHOT as i32;
+            }
+        }
+    }
+
+    let wire = unsafe { (*skb).wire_len };
+    let bytes = if wire != 0 { wire } else { ctx.len() } as u64;
+    let key = FlowKey {
+        cgroup_id: match owner {
+            Some(o) => o.cgroup_id,
+            None => unsafe { bpf_skb_cgroup_id(skb) },
+        },
+        tgid: owner.map_or(TGID_UNATTRIBUTED, |o| o.tgid),
+        port: p.port,
+        protocol: p.protocol,
+        family: p.family,
+        addr: p.addr,
+    };
+    account(&key, bytes, p.payload as u64);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn account(key: &FlowKey, bytes: u64, payload: u64) {
+    if let Some(v) = FLOWS.get_ptr_mut(key) {
+        add(v, bytes, payload);
+        return;
+    }
+    let init = FlowValue { packets: 1, bytes, payload };
+    if FLOWS.insert(key, &init, BPF_NOEXIST).is_ok() {
+        return;
+    }
+    // Another CPU created it meanwhile, or the map is full.
+    match FLOWS.get_ptr_mut(key) {
+        Some(v) => add(v, bytes, payload),
+        None => {
+            count(STAT_FLOWS_FULL_PACKETS);
+            if let Some(c) = STATS.get_ptr_mut(STAT_FLOWS_FULL_BYTES) {
+                unsafe { *c += bytes };
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn add(v: *mut FlowValue, bytes: u64, payload: u64) {
+    // Per-CPU value: no other CPU writes this copy.
+    unsafe {
+        (*v).packets += 1;
+        (*v).bytes += bytes;
+        (*v).payload += payload;
+    }
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Parsed> {
+    let skb = ctx.skb.skb;
+    let ifindex = unsafe { (*skb).ifindex };
+    let l2 = match unsafe { IFACE_L2.get(ifindex) } {
+        Some(l) => *l,
+        None => ETH_HLEN,
+    } as usize;
+    let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
+    let len = ctx.len();
+    let mut addr = [0u8; 16];
+    // `l3_end`: first byte after the IP header. `has_l4`: false for a non-first IPv4 fragment,
+    // which carries no transport header (all of it is payload, port unknown: 0).
+    let (family, protocol, l3_end, has_l4) = match proto {
+        ETH_P_IP => {
+            let ver_ihl: u8 = ctx.load(l2).ok()?;
+            let frag: u16 = u16::from_be(ctx.load(l2 + 6).ok()?);
+            let protocol: u8 = ctx.load(l2 + 9).ok()?;
+            let dst: [u8; 4] = ctx.load(l2 + 16).ok()?;
+            addr[..4].copy_from_slice(&dst);
+            (4u8, protocol, l2 + ((ver_ihl & 0x0f) as usize) * 4, frag & 0x1fff == 0)
+        }
+        ETH_P_IPV6 => {
+            let next: u8 = ctx.load(l2 + 6).ok()?;
+            addr = ctx.load(l2 + 24).ok()?;
+            (6u8, next, l2 + 40, true)
+        }
+        _ => return None,
+    };
+    let (port, l4_hdr) = if !has_l4 {
+        (0u16, 0usize)
+    } else if protocol == IPPROTO_TCP {
+        let port = u16::from_be(ctx.load(l3_end + 2).ok()?);
+        let doff: u8 = ctx.load(l3_end + 12).ok()?;
+        (port, ((doff >> 4) as usize) * 4)
+    } else if protocol == IPPROTO_UDP {
+        (u16::from_be(ctx.load(l3_end + 2).ok()?), 8)
+    } else {
+        (0, 0)
+    };
+    let payload = (len as usize).saturating_sub(l3_end + l4_hdr) as u32;
+    Some(Parsed { family, protocol, port, addr, payload })
+}
+
+#[inline(always)]
+fn report(p: &Parsed, rule_id: u32, audit: bool, generation: u32, cgroup_id: u64) {
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut slot) => {
+            slot.write(Event {
+                ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+                cgroup_id,
+                pid: 0,
+                tgid: TGID_UNATTRIBUTED,
+                uid: 0,
+                gid: 0,
+                rule_id,
+                port: p.port,
+                hook: HOOK_TC,
+                family: p.family,
+                protocol: p.protocol,
+                action: if audit { EVENT_AUDIT } else { EVENT_DENY },
+                v4_mapped: 0,
+                _pad: 0,
+                generation,
+                addr: p.addr,
+                comm: [0u8; 16],
+            });
+            slot.submit(0);
+        }
+        None => count(STAT_EVENTS_LOST),
+    }
+}
