@@ -4,16 +4,16 @@
 //! Return values: 1 lets the call proceed, 0 makes it fail with EPERM.
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
     },
     programs::SockAddrContext,
-    EbpfContext as _,
 };
 use egress_common::{
-    Config, EVENT_AUDIT, EVENT_DENY, Event, MODE_AUDIT, Owner, STAT_ALLOWED, STAT_AUDITED, STAT_DENIED,
-    STAT_EVENTS_LOST, v4_mapped,
+    Config, EVENT_AUDIT, EVENT_DENY, Event, MODE_AUDIT, Owner, STAT_ALLOWED, STAT_AUDITED,
+    STAT_DENIED, STAT_EVENTS_LOST, v4_mapped,
 };
 
 use crate::{

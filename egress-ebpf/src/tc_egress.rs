@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP,
-    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, STAT_FLOWS_FULL_BYTES,
-    STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED, STAT_EVENTS_LOST, TGID_UNATTRIBUTED,
+    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES,
+    STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED, TGID_UNATTRIBUTED,
 };
 
 use crate::{
@@ -54,14 +54,25 @@ pub fn classify(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     }
-    let Some(p) = parse(ctx) else { return TC_ACT_UNSPEC };
+    let Some(p) = parse(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let owner: Option<Owner> = if cookie != 0 { unsafe { SOCK_OWNERS.get(cookie) }.copied() } else { None };
+    let owner: Option<Owner> = if cookie != 0 {
+        unsafe { SOCK_OWNERS.get(cookie) }.copied()
+    } else {
+        None
+    };
 
     if owner.is_none() {
         let d = if p.family == 4 {
-            policy::decide_v4(&cfg, [p.addr[0], p.addr[1], p.addr[2], p.addr[3]], p.port, p.protocol)
+            policy::decide_v4(
+                &cfg,
+                [p.addr[0], p.addr[1], p.addr[2], p.addr[3]],
+                p.port,
+                p.protocol,
+            )
         } else {
             policy::decide_v6(&cfg, p.addr, p.port, p.protocol)
         };
@@ -69,10 +80,16 @@ pub fn classify(ctx: &TcContext) -> i32 {
         // connections and forwarded traffic, which the connect hooks never judged.
         if !d.allow && d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK {
             let audit = cfg.mode == MODE_AUDIT;
-            count(if audit { STAT_TC_AUDITED } else { STAT_TC_DROPPED });
-            report(&p, d.rule_id, audit, cfg.generation, unsafe { bpf_skb_cgroup_id(skb) });
+            count(if audit {
+                STAT_TC_AUDITED
+            } else {
+                STAT_TC_DROPPED
+            });
+            report(&p, d.rule_id, audit, cfg.generation, unsafe {
+                bpf_skb_cgroup_id(skb)
+            });
             if !audit {
-                return TC_ACT_SHOT as i32;
+                return TC_ACT_SHOT;
             }
         }
     }
@@ -100,8 +117,12 @@ fn account(key: &FlowKey, bytes: u64, payload: u64) {
         add(v, bytes, payload);
         return;
     }
-    let init = FlowValue { packets: 1, bytes, payload };
-    if FLOWS.insert(key, &init, BPF_NOEXIST).is_ok() {
+    let init = FlowValue {
+        packets: 1,
+        bytes,
+        payload,
+    };
+    if FLOWS.insert(key, init, BPF_NOEXIST).is_ok() {
         return;
     }
     // Another CPU created it meanwhile, or the map is full.
@@ -146,7 +167,12 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
             let protocol: u8 = ctx.load(l2 + 9).ok()?;
             let dst: [u8; 4] = ctx.load(l2 + 16).ok()?;
             addr[..4].copy_from_slice(&dst);
-            (4u8, protocol, l2 + ((ver_ihl & 0x0f) as usize) * 4, frag & 0x1fff == 0)
+            (
+                4u8,
+                protocol,
+                l2 + ((ver_ihl & 0x0f) as usize) * 4,
+                frag & 0x1fff == 0,
+            )
         }
         ETH_P_IPV6 => {
             let next: u8 = ctx.load(l2 + 6).ok()?;
@@ -167,7 +193,13 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         (0, 0)
     };
     let payload = (len as usize).saturating_sub(l3_end + l4_hdr) as u32;
-    Some(Parsed { family, protocol, port, addr, payload })
+    Some(Parsed {
+        family,
+        protocol,
+        port,
+        addr,
+        payload,
+    })
 }
 
 #[inline(always)]

@@ -76,6 +76,23 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(OWN_MOUNT))
 }
 
+/// The cgroup id (the directory's inode, as `bpf_get_current_cgroup_id` reports it) and level
+/// (depth below the cgroup2 root, which is level 0) of `path`.
+pub fn id_and_level(root: &Path, path: &Path) -> anyhow::Result<(u64, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = fs::metadata(path)
+        .with_context(|| format!("reading cgroup {}", path.display()))?
+        .ino();
+    let rel = path.strip_prefix(root).with_context(|| {
+        format!(
+            "{} is not below the cgroup2 root {}",
+            path.display(),
+            root.display()
+        )
+    })?;
+    Ok((id, rel.components().count() as u32))
+}
+
 /// A child cgroup that we created, removed (after killing anything left in it) on drop.
 #[derive(Debug)]
 pub struct ChildCgroup {
@@ -183,6 +200,14 @@ mod tests {
             vec![PathBuf::from("/sys/fs/cgroup")]
         );
         assert!(cgroup2_mounts("proc /proc proc rw 0 0\n").is_empty());
+    }
+
+    #[test]
+    fn levels_count_components_below_the_root() {
+        let root = Path::new("/");
+        assert_eq!(id_and_level(root, Path::new("/")).unwrap().1, 0);
+        assert_eq!(id_and_level(root, Path::new("/tmp")).unwrap().1, 1);
+        assert!(id_and_level(Path::new("/proc"), Path::new("/tmp")).is_err());
     }
 
     #[test]

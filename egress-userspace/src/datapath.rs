@@ -58,7 +58,7 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 }
 
 /// Counters summed over all CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub allowed: u64,
     pub denied: u64,
@@ -108,9 +108,18 @@ impl Datapath {
             .program_mut(TC_PROGRAM)
             .ok_or(DatapathError::Missing(TC_PROGRAM))?
             .try_into()
-            .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-        tc.load().map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
-        Ok(Datapath { ebpf, config: policy.config })
+            .map_err(|source| DatapathError::Program {
+                name: TC_PROGRAM,
+                source,
+            })?;
+        tc.load().map_err(|source| DatapathError::Program {
+            name: TC_PROGRAM,
+            source,
+        })?;
+        Ok(Datapath {
+            ebpf,
+            config: policy.config,
+        })
     }
 
     /// Restricts the TC program to packets of sockets in `cgroup` (and below). Call before
@@ -118,8 +127,12 @@ impl Datapath {
     pub fn set_tc_scope(&mut self, cgroup_id: u64, level: u32) -> Result<(), DatapathError> {
         self.config.tc_cgroup_id = cgroup_id;
         self.config.tc_cgroup_level = level;
-        let map = self.ebpf.map_mut("CONFIG").ok_or(DatapathError::Missing("CONFIG map"))?;
-        let mut config: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+        let map = self
+            .ebpf
+            .map_mut("CONFIG")
+            .ok_or(DatapathError::Missing("CONFIG map"))?;
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(map_err("CONFIG"))?;
         config.set(0, self.config, 0).map_err(map_err("CONFIG"))
     }
 
@@ -128,12 +141,18 @@ impl Datapath {
     pub fn attach_tc(&mut self, ifaces: &[String]) -> Result<(), DatapathError> {
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         for iface in ifaces {
-            let ifindex = crate::iface::index(iface)
-                .map_err(|e| DatapathError::Iface { iface: iface.clone(), message: e.to_string() })?;
+            let ifindex = crate::iface::index(iface).map_err(|e| DatapathError::Iface {
+                iface: iface.clone(),
+                message: e.to_string(),
+            })?;
             let l2 = crate::iface::l2_header_len(iface);
             {
-                let map = self.ebpf.map_mut("IFACE_L2").ok_or(DatapathError::Missing("IFACE_L2 map"))?;
-                let mut m: HashMap<&mut MapData, u32, u32> = HashMap::try_from(map).map_err(map_err("IFACE_L2"))?;
+                let map = self
+                    .ebpf
+                    .map_mut("IFACE_L2")
+                    .ok_or(DatapathError::Missing("IFACE_L2 map"))?;
+                let mut m: HashMap<&mut MapData, u32, u32> =
+                    HashMap::try_from(map).map_err(map_err("IFACE_L2"))?;
                 m.insert(ifindex, l2, 0).map_err(map_err("IFACE_L2"))?;
             }
             if !tcx {
@@ -141,7 +160,10 @@ impl Datapath {
                 if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface)
                     && !e.to_string().contains("exists")
                 {
-                    return Err(DatapathError::Iface { iface: iface.clone(), message: format!("adding clsact qdisc: {e}") });
+                    return Err(DatapathError::Iface {
+                        iface: iface.clone(),
+                        message: format!("adding clsact qdisc: {e}"),
+                    });
                 }
             }
             let prog: &mut SchedClassifier = self
@@ -149,16 +171,25 @@ impl Datapath {
                 .program_mut(TC_PROGRAM)
                 .ok_or(DatapathError::Missing(TC_PROGRAM))?
                 .try_into()
-                .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+                .map_err(|source| DatapathError::Program {
+                    name: TC_PROGRAM,
+                    source,
+                })?;
             prog.attach(iface, TcAttachType::Egress)
-                .map_err(|source| DatapathError::Program { name: TC_PROGRAM, source })?;
+                .map_err(|source| DatapathError::Program {
+                    name: TC_PROGRAM,
+                    source,
+                })?;
         }
         Ok(())
     }
 
     /// Every flow counter, summed over CPUs.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
-        let map = self.ebpf.map("FLOWS").ok_or(DatapathError::Missing("FLOWS map"))?;
+        let map = self
+            .ebpf
+            .map("FLOWS")
+            .ok_or(DatapathError::Missing("FLOWS map"))?;
         let flows: PerCpuHashMap<&MapData, FlowKey, FlowValue> =
             PerCpuHashMap::try_from(map).map_err(map_err("FLOWS"))?;
         let mut out = Vec::new();
@@ -178,7 +209,10 @@ impl Datapath {
 
     /// Deletes flow counters (of owners that have exited, once their totals are read).
     pub fn remove_flows(&mut self, keys: &[FlowKey]) -> Result<(), DatapathError> {
-        let map = self.ebpf.map_mut("FLOWS").ok_or(DatapathError::Missing("FLOWS map"))?;
+        let map = self
+            .ebpf
+            .map_mut("FLOWS")
+            .ok_or(DatapathError::Missing("FLOWS map"))?;
         let mut flows: PerCpuHashMap<&mut MapData, FlowKey, FlowValue> =
             PerCpuHashMap::try_from(map).map_err(map_err("FLOWS"))?;
         for k in keys {
@@ -192,7 +226,11 @@ impl Datapath {
     pub fn owner_of(&self, tgid: u32) -> Option<Owner> {
         let map = self.ebpf.map("SOCK_OWNERS")?;
         let owners: HashMap<&MapData, u64, Owner> = HashMap::try_from(map).ok()?;
-        owners.iter().filter_map(Result::ok).map(|(_, o)| o).find(|o| o.tgid == tgid)
+        owners
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, o)| o)
+            .find(|o| o.tgid == tgid)
     }
 
     /// Attaches every hook to the cgroup2 directory `cgroup` through BPF links. A cgroup link

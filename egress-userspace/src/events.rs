@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use egress_common::{
-    EVENT_AUDIT, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, IPPROTO_TCP,
-    IPPROTO_UDP,
+    EVENT_AUDIT, Event, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, HOOK_TC,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt, unix::AsyncFd};
@@ -89,6 +89,7 @@ fn hook_name(hook: u8) -> &'static str {
         HOOK_CONNECT6 => "connect6",
         HOOK_SENDMSG4 => "sendmsg4",
         HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_TC => "tc",
         _ => "unknown",
     }
 }
@@ -101,7 +102,7 @@ pub fn protocol_name(p: u8) -> String {
     }
 }
 
-fn cstr(bytes: &[u8]) -> String {
+pub fn cstr(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
@@ -155,6 +156,7 @@ pub struct EventStream<W> {
     clock: Clock,
     out: W,
     written: u64,
+    by_rule: std::collections::BTreeMap<String, u64>,
 }
 
 impl<W: AsyncWrite + Unpin> EventStream<W> {
@@ -167,6 +169,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             clock: Clock::new(),
             out,
             written: 0,
+            by_rule: Default::default(),
         })
     }
 
@@ -183,10 +186,9 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         let ring = self.fd.get_mut();
         while let Some(item) = ring.next() {
             if let Some(ev) = decode(&item) {
-                serde_json::to_writer(
-                    &mut buf,
-                    &JsonEvent::from_raw(&ev, &self.policy, &self.clock),
-                )?;
+                let json = JsonEvent::from_raw(&ev, &self.policy, &self.clock);
+                *self.by_rule.entry(json.rule.clone()).or_default() += 1;
+                serde_json::to_writer(&mut buf, &json)?;
                 buf.push(b'\n');
                 self.written += 1;
             }
@@ -196,6 +198,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             self.out.flush().await?;
         }
         Ok(())
+    }
+
+    /// Events received so far, by deciding rule.
+    pub fn by_rule(&self) -> &std::collections::BTreeMap<String, u64> {
+        &self.by_rule
     }
 
     /// Events written so far.

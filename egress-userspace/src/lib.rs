@@ -6,13 +6,17 @@
 //! `cgroup` finds the cgroup2 hierarchy and manages child cgroups; `control` runs the `run` and
 //! `exec` commands on top of all of it.
 
+pub mod accounting;
 pub mod cgroup;
 pub mod compile;
 pub mod control;
+pub mod ctlsock;
 pub mod datapath;
+pub mod display;
 pub mod events;
 pub mod explain;
 pub mod iface;
+pub mod metrics;
 pub mod policy;
 
 use std::path::Path;

@@ -1,11 +1,16 @@
 //! `egress`: the command line of the egress firewall.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use egress::{
     control::{self, ExecOptions, RunOptions},
-    explain, load_policy,
+    ctlsock, display, explain, load_policy,
     policy::Protocol,
 };
 use tracing_subscriber::EnvFilter;
@@ -41,6 +46,16 @@ enum Command {
         /// Append JSON-lines events to FILE instead of stdout ("-" for stdout).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        /// Interface for the TC accounting program (repeatable). Default: every interface that
+        /// is up, except loopback.
+        #[arg(long = "iface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// Control socket for `egress stats` and `egress top` (root only, mode 0600).
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -51,9 +66,38 @@ enum Command {
         /// Append JSON-lines events to FILE instead of stderr ("-" for stderr).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        /// Interface for the TC accounting program (repeatable). Default: every interface that
+        /// is up, except loopback. TC only touches the command's own traffic.
+        #[arg(long = "iface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// When the command exits, write its egress summary (per process and destination) as
+        /// JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Per-process egress totals (bytes, packets, rate, destinations) from the running controller.
+    Stats {
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Live view of the processes sending the most, refreshed in place (q or Ctrl-C quits).
+    Top {
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one frame and exit (for scripts and non-terminals).
+        #[arg(long)]
+        once: bool,
     },
     /// Validate policy files and print a summary of each. Exits 1 if any is invalid.
     Check {
@@ -134,11 +178,17 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             policy,
             cgroup,
             events,
+            ifaces,
+            socket,
+            metrics,
         } => {
             runtime()?.block_on(control::run(RunOptions {
                 policy,
                 cgroup,
                 events,
+                ifaces,
+                socket,
+                metrics,
             }))?;
             Ok(0)
         }
@@ -146,13 +196,34 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             policy,
             events,
             command,
+            ifaces,
+            report,
         } => {
             let code = runtime()?.block_on(control::exec(ExecOptions {
                 policy,
                 events,
                 command,
+                ifaces,
+                report,
             }))?;
             Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Stats { json, socket } => {
+            let report = ctlsock::fetch_stats(&socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", display::stats_table(&report));
+            }
+            Ok(0)
+        }
+        Command::Top {
+            socket,
+            interval,
+            once,
+        } => {
+            top(&socket, interval, once)?;
+            Ok(0)
         }
         Command::Check { files } => Ok(check(&files)),
         Command::Explain {
@@ -268,4 +339,55 @@ fn explain_cmd(
         }
     }
     Ok(())
+}
+
+/// `egress top`: redraws in place on the alternate screen until q, Esc or Ctrl-C.
+fn top(socket: &Path, interval: f64, once: bool) -> anyhow::Result<()> {
+    use std::io::Write as _;
+
+    use crossterm::{
+        cursor, event, execute, queue,
+        terminal::{self, ClearType},
+    };
+    let interval = Duration::from_secs_f64(interval.max(0.1));
+    if once || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        let report = ctlsock::fetch_stats(socket)?;
+        let (cols, rows) = terminal::size().unwrap_or((160, 50));
+        for line in display::top_frame(&report, rows as usize, cols as usize) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    // Fail before touching the terminal if the controller is not there.
+    ctlsock::fetch_stats(socket)?;
+    let mut out = std::io::stdout();
+    terminal::enable_raw_mode()?;
+    execute!(out, terminal::EnterAlternateScreen, cursor::Hide)?;
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            let report = ctlsock::fetch_stats(socket)?;
+            let (cols, rows) = terminal::size().unwrap_or((80, 24));
+            queue!(out, cursor::MoveTo(0, 0), terminal::Clear(ClearType::All))?;
+            for (i, line) in display::top_frame(&report, rows as usize, cols as usize)
+                .iter()
+                .enumerate()
+            {
+                queue!(out, cursor::MoveTo(0, i as u16))?;
+                write!(out, "{line}")?;
+            }
+            out.flush()?;
+            if event::poll(interval)?
+                && let event::Event::Key(k) = event::read()?
+            {
+                let ctrl_c = k.code == event::KeyCode::Char('c')
+                    && k.modifiers.contains(event::KeyModifiers::CONTROL);
+                if ctrl_c || matches!(k.code, event::KeyCode::Char('q') | event::KeyCode::Esc) {
+                    return Ok(());
+                }
+            }
+        }
+    })();
+    execute!(out, cursor::Show, terminal::LeaveAlternateScreen)?;
+    terminal::disable_raw_mode()?;
+    result
 }

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{EGRESS, PROBE, TempDir, parse_probe, probe, test_cgroup};
+use common::{EGRESS, LoopNs, PROBE, TempDir, in_netns, parse_probe, probe, test_cgroup};
 use egress::events::JsonEvent;
 
 fn read_events(path: &Path) -> Vec<JsonEvent> {
@@ -73,10 +73,13 @@ destinations = ["127.0.0.66"]
 
 #[test]
 fn exec_enforces_reports_and_cleans_up() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
     let dir = TempDir::new("e2e-exec");
     let policy = dir.file("p.toml", POLICY);
     let events = dir.0.join("events.jsonl");
-    let child = Command::new(EGRESS)
+    let child = ns
+        .cmd(EGRESS)
         .args(["exec", "--policy"])
         .arg(&policy)
         .arg("--events")
@@ -145,17 +148,22 @@ fn exec_enforces_reports_and_cleans_up() {
 
 #[test]
 fn exec_exits_with_the_commands_status() {
-    let status = Command::new(EGRESS)
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let status = ns
+        .cmd(EGRESS)
         .args(["exec", "--", "sh", "-c", "exit 7"])
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(7));
-    let status = Command::new(EGRESS)
+    let status = ns
+        .cmd(EGRESS)
         .args(["exec", "--", "sh", "-c", "kill -TERM $$"])
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(128 + 15));
-    let out = Command::new(EGRESS)
+    let out = ns
+        .cmd(EGRESS)
         .args(["exec", "--", "/nonexistent/egress-test-binary"])
         .output()
         .unwrap();
@@ -164,8 +172,11 @@ fn exec_exits_with_the_commands_status() {
 
 #[test]
 fn exec_removes_the_cgroup_even_with_leftover_processes() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
     // The command backgrounds a sleeper and exits; exec must kill it and remove the cgroup.
-    let child = Command::new(EGRESS)
+    let child = ns
+        .cmd(EGRESS)
         .args(["exec", "--", "sh", "-c", "sleep 30 & exit 0"])
         .stdout(Stdio::null())
         .spawn()
@@ -179,8 +190,8 @@ fn exec_removes_the_cgroup_even_with_leftover_processes() {
 }
 
 /// A one-shot HTTP server on 127.0.0.2; returns its port.
-fn http_server() -> (u16, thread::JoinHandle<bool>) {
-    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+fn http_server(ns: &LoopNs) -> (u16, thread::JoinHandle<bool>) {
+    let listener = in_netns(&ns.name, || TcpListener::bind("127.0.0.2:0").unwrap());
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
     let h = thread::spawn(move || {
@@ -205,14 +216,17 @@ fn http_server() -> (u16, thread::JoinHandle<bool>) {
 
 #[test]
 fn curl_through_exec_allowed_and_denied() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
     let dir = TempDir::new("e2e-curl");
-    let (port, server) = http_server();
+    let (port, server) = http_server(&ns);
     let allow = dir.file(
         "allow.toml",
         &format!("allow_loopback = false\n[[service]]\nname = \"local-http\"\ndestinations = [\"127.0.0.2\"]\nports = [{port}]\nprotocols = [\"tcp\"]\n"),
     );
     let url = format!("http://127.0.0.2:{port}/");
-    let out = Command::new(EGRESS)
+    let out = ns
+        .cmd(EGRESS)
         .args(["exec", "--policy"])
         .arg(&allow)
         .args(["--", "curl", "-sS", "--max-time", "5", &url])
@@ -228,7 +242,8 @@ fn curl_through_exec_allowed_and_denied() {
 
     let deny = dir.file("deny.toml", "allow_loopback = false\n[[block]]\nname = \"no-local-http\"\ndestinations = [\"127.0.0.2\"]\n");
     let events = dir.0.join("events.jsonl");
-    let out = Command::new(EGRESS)
+    let out = ns
+        .cmd(EGRESS)
         .args(["exec", "--policy"])
         .arg(&deny)
         .arg("--events")
@@ -262,13 +277,16 @@ struct Running {
 
 /// Starts `egress run` on a test cgroup and waits (bounded) for its "enforcing" log line, which
 /// it prints once every hook is attached.
-fn start_run(cg: &Path, policy: Option<&Path>, events: &Path) -> Running {
-    let mut cmd = Command::new(EGRESS);
+fn start_run(ns: &LoopNs, cg: &Path, policy: Option<&Path>, events: &Path) -> Running {
+    let mut cmd = ns.cmd(EGRESS);
+    let socket = events.with_extension("sock");
     cmd.arg("run")
         .arg("--cgroup")
         .arg(cg)
         .arg("--events")
-        .arg(events);
+        .arg(events)
+        .arg("--socket")
+        .arg(&socket);
     if let Some(p) = policy {
         cmd.arg("--policy").arg(p);
     }
@@ -343,11 +361,13 @@ impl Drop for Running {
 
 #[test]
 fn run_enforces_on_a_cgroup_and_detaches_on_sigint() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
     let dir = TempDir::new("e2e-run");
     let policy = dir.file("p.toml", POLICY);
     let events = dir.0.join("events.jsonl");
     let cg = test_cgroup();
-    let run = start_run(cg.path(), Some(&policy), &events);
+    let run = start_run(&ns, cg.path(), Some(&policy), &events);
     assert_eq!(
         probe(
             cg.path(),
@@ -389,10 +409,12 @@ fn run_enforces_on_a_cgroup_and_detaches_on_sigint() {
 
 #[test]
 fn run_with_the_embedded_default_policy_audits_and_blocks_nothing() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
     let dir = TempDir::new("e2e-default");
     let events = dir.0.join("events.jsonl");
     let cg = test_cgroup();
-    let run = start_run(cg.path(), None, &events);
+    let run = start_run(&ns, cg.path(), None, &events);
     assert_eq!(
         probe(
             cg.path(),

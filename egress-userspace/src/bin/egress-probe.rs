@@ -84,7 +84,10 @@ fn udp_send(addr: SocketAddr, count: u64, size: u64) -> io::Result<()> {
 /// header, we write the UDP header (checksum 0: none, valid for IPv4).
 fn raw_udp(addr: SocketAddr) -> io::Result<()> {
     let SocketAddr::V4(v4) = addr else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "raw-udp is IPv4 only"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "raw-udp is IPv4 only",
+        ));
     };
     // SAFETY: plain syscalls on a socket we own.
     unsafe {
@@ -102,7 +105,9 @@ fn raw_udp(addr: SocketAddr) -> io::Result<()> {
         let sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
             sin_zero: [0; 8],
         };
         let n = libc::sendto(
@@ -144,7 +149,9 @@ fn attempt(call: &Call) -> Result<(), io::Error> {
 
 fn usage() -> ExitCode {
     eprintln!("usage: egress-probe [--cgroup DIR] [--count N] OP ADDR:PORT [ARGS] ...");
-    eprintln!("  OP: tcp | udp-connect | udp-sendto | tcp-send ADDR:PORT BYTES | udp-send ADDR:PORT COUNT SIZE | raw-udp ADDR:PORT");
+    eprintln!(
+        "  OP: tcp | udp-connect | udp-sendto | tcp-send ADDR:PORT BYTES | udp-send ADDR:PORT COUNT SIZE | raw-udp ADDR:PORT"
+    );
     ExitCode::from(2)
 }
 
@@ -190,7 +197,11 @@ fn main() -> ExitCode {
                     };
                     extra.push(n);
                 }
-                calls.push(Call { op: op.to_string(), addr, args: extra });
+                calls.push(Call {
+                    op: op.to_string(),
+                    addr,
+                    args: extra,
+                });
             }
         }
     }

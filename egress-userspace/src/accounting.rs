@@ -1,0 +1,351 @@
+//! Per-process egress totals, built from the kernel's cumulative per-flow counters.
+//!
+//! Every tick the controller reads `FLOWS` and hands the counters to [`Accounting::tick`], which
+//! turns them into deltas, adds them to per-process and per-destination totals, computes rates,
+//! and notices processes that have exited. Their flow keys are returned so that the controller
+//! deletes them from the kernel map (keeping it bounded); their totals stay in the table for
+//! [`Accounting::retention`], so a short-lived upload still shows.
+//! Process details (exe, cmdline, uid) come from /proc while the process lives, through the
+//! [`ProcSource`] trait so that this module is unit-tested without a kernel.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use egress_common::{FlowKey, FlowValue, TGID_UNATTRIBUTED};
+use serde::{Deserialize, Serialize};
+
+use crate::events::protocol_name;
+
+/// What /proc tells about a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub comm: String,
+    pub exe: String,
+    pub cmdline: String,
+    pub uid: Option<u32>,
+    pub ppid: Option<u32>,
+}
+
+/// Where process details come from (/proc in production).
+pub trait ProcSource {
+    fn info(&self, tgid: u32) -> Option<ProcInfo>;
+    fn alive(&self, tgid: u32) -> bool;
+}
+
+/// The real /proc.
+pub struct Procfs;
+
+impl ProcSource for Procfs {
+    fn info(&self, tgid: u32) -> Option<ProcInfo> {
+        let dir = format!("/proc/{tgid}");
+        let comm = std::fs::read_to_string(format!("{dir}/comm"))
+            .ok()?
+            .trim_end()
+            .to_string();
+        let exe = std::fs::read_link(format!("{dir}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let cmdline = std::fs::read(format!("{dir}/cmdline"))
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("{dir}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        };
+        Some(ProcInfo {
+            comm,
+            exe,
+            cmdline,
+            uid: field("Uid:"),
+            ppid: field("PPid:"),
+        })
+    }
+
+    fn alive(&self, tgid: u32) -> bool {
+        // A zombie has no exe and sends nothing more; /proc/<pid>/stat state Z counts as exited.
+        match std::fs::read_to_string(format!("/proc/{tgid}/stat")) {
+            Ok(stat) => !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Totals towards one destination.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DestTotals {
+    pub dst: String,
+    pub port: u16,
+    pub protocol: String,
+    pub bytes: u64,
+    pub packets: u64,
+    pub payload_bytes: u64,
+    /// Bytes per second, smoothed over about two seconds.
+    pub rate_bps: f64,
+}
+
+/// Totals of one process (or of the unattributed owner).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcTotals {
+    /// 0 for the unattributed owner.
+    pub pid: u32,
+    pub comm: String,
+    pub exe: String,
+    pub cmdline: String,
+    pub uid: Option<u32>,
+    pub ppid: Option<u32>,
+    pub cgroup_id: u64,
+    /// Traffic whose socket had no recorded owner.
+    pub unattributed: bool,
+    pub alive: bool,
+    pub bytes: u64,
+    pub packets: u64,
+    pub payload_bytes: u64,
+    pub rate_bps: f64,
+    /// Sorted by bytes, largest first.
+    pub destinations: Vec<DestTotals>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct DestKey {
+    addr: IpAddr,
+    port: u16,
+    protocol: u8,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counter {
+    total: FlowValue,
+    rate: f64,
+    /// Bytes added during the current tick.
+    tick_bytes: u64,
+}
+
+impl Counter {
+    fn add(&mut self, d: &FlowValue) {
+        self.total.packets += d.packets;
+        self.total.bytes += d.bytes;
+        self.total.payload += d.payload;
+        self.tick_bytes += d.bytes;
+    }
+
+    /// Exponentially weighted rate with a time constant of `TAU`.
+    fn close_tick(&mut self, dt: f64) {
+        if dt > 0.0 {
+            let inst = self.tick_bytes as f64 / dt;
+            let alpha = 1.0 - (-dt / TAU).exp();
+            self.rate += alpha * (inst - self.rate);
+        }
+        self.tick_bytes = 0;
+    }
+}
+
+const TAU: f64 = 2.0;
+
+#[derive(Debug)]
+struct ProcState {
+    info: ProcInfo,
+    cgroup_id: u64,
+    alive: bool,
+    exited_at: Option<Instant>,
+    counter: Counter,
+    dests: HashMap<DestKey, Counter>,
+}
+
+/// Per-process totals.
+#[derive(Debug)]
+pub struct Accounting {
+    procs: BTreeMap<u32, ProcState>,
+    /// Last cumulative value seen per kernel flow key.
+    last: HashMap<FlowKey, FlowValue>,
+    last_tick: Option<Instant>,
+    /// How long an exited process stays in the table.
+    pub retention: Duration,
+}
+
+impl Default for Accounting {
+    fn default() -> Self {
+        Accounting {
+            procs: BTreeMap::new(),
+            last: HashMap::new(),
+            last_tick: None,
+            retention: Duration::from_secs(300),
+        }
+    }
+}
+
+fn flow_addr(k: &FlowKey) -> IpAddr {
+    if k.family == 4 {
+        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(k.addr))
+    }
+}
+
+impl Accounting {
+    pub fn new() -> Accounting {
+        Accounting::default()
+    }
+
+    /// Folds one reading of the kernel counters in. `owner_comm` names processes that exited
+    /// before /proc could be read (from the kernel's socket-owner records). Returns the flow keys
+    /// to delete from the kernel map: those of processes that have exited, now fully counted.
+    pub fn tick(
+        &mut self,
+        flows: &[(FlowKey, FlowValue)],
+        now: Instant,
+        procs: &dyn ProcSource,
+        owner_comm: &dyn Fn(u32) -> Option<String>,
+    ) -> Vec<FlowKey> {
+        for (key, value) in flows {
+            let prev = self.last.insert(*key, *value).unwrap_or_default();
+            // A counter below its last value was deleted and recreated: all of it is new.
+            let delta = if value.packets < prev.packets {
+                *value
+            } else {
+                FlowValue {
+                    packets: value.packets - prev.packets,
+                    bytes: value.bytes.saturating_sub(prev.bytes),
+                    payload: value.payload.saturating_sub(prev.payload),
+                }
+            };
+            if delta.packets == 0 && delta.bytes == 0 {
+                continue;
+            }
+            let state = self.procs.entry(key.tgid).or_insert_with(|| {
+                let (info, alive) = if key.tgid == TGID_UNATTRIBUTED {
+                    (
+                        ProcInfo {
+                            comm: "[unattributed]".into(),
+                            ..ProcInfo::default()
+                        },
+                        true,
+                    )
+                } else {
+                    match procs.info(key.tgid) {
+                        Some(i) => (i, procs.alive(key.tgid)),
+                        None => (
+                            ProcInfo {
+                                comm: owner_comm(key.tgid).unwrap_or_default(),
+                                ..ProcInfo::default()
+                            },
+                            false,
+                        ),
+                    }
+                };
+                ProcState {
+                    info,
+                    cgroup_id: key.cgroup_id,
+                    alive,
+                    exited_at: if alive { None } else { Some(now) },
+                    counter: Counter::default(),
+                    dests: HashMap::new(),
+                }
+            });
+            state.counter.add(&delta);
+            state
+                .dests
+                .entry(DestKey {
+                    addr: flow_addr(key),
+                    port: key.port,
+                    protocol: key.protocol,
+                })
+                .or_default()
+                .add(&delta);
+        }
+
+        let dt = self
+            .last_tick
+            .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+        self.last_tick = Some(now);
+        for (&tgid, st) in self.procs.iter_mut() {
+            st.counter.close_tick(dt);
+            st.dests.values_mut().for_each(|c| c.close_tick(dt));
+            if st.alive && tgid != TGID_UNATTRIBUTED && !procs.alive(tgid) {
+                st.alive = false;
+                st.exited_at = Some(now);
+            }
+        }
+
+        // Flows of exited processes are fully counted: delete them from the kernel. A late packet
+        // (data still in a dead process's socket buffer) recreates its key and is counted anew.
+        let exited: Vec<FlowKey> = self
+            .last
+            .keys()
+            .filter(|k| self.procs.get(&k.tgid).is_some_and(|p| !p.alive))
+            .copied()
+            .collect();
+        for k in &exited {
+            self.last.remove(k);
+        }
+        let retention = self.retention;
+        self.procs.retain(|_, p| {
+            p.exited_at
+                .is_none_or(|t| now.duration_since(t) < retention)
+        });
+        exited
+    }
+
+    /// Every process, highest rate first (then most bytes).
+    pub fn snapshot(&self) -> Vec<ProcTotals> {
+        let mut out: Vec<ProcTotals> = self
+            .procs
+            .iter()
+            .map(|(&tgid, st)| {
+                let mut destinations: Vec<DestTotals> = st
+                    .dests
+                    .iter()
+                    .map(|(k, c)| DestTotals {
+                        dst: k.addr.to_string(),
+                        port: k.port,
+                        protocol: protocol_name(k.protocol),
+                        bytes: c.total.bytes,
+                        packets: c.total.packets,
+                        payload_bytes: c.total.payload,
+                        rate_bps: c.rate,
+                    })
+                    .collect();
+                destinations.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.dst.cmp(&b.dst)));
+                ProcTotals {
+                    pid: tgid,
+                    comm: st.info.comm.clone(),
+                    exe: st.info.exe.clone(),
+                    cmdline: st.info.cmdline.clone(),
+                    uid: st.info.uid,
+                    ppid: st.info.ppid,
+                    cgroup_id: st.cgroup_id,
+                    unattributed: tgid == TGID_UNATTRIBUTED,
+                    alive: st.alive,
+                    bytes: st.counter.total.bytes,
+                    packets: st.counter.total.packets,
+                    payload_bytes: st.counter.total.payload,
+                    rate_bps: st.counter.rate,
+                    destinations,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.rate_bps
+                .total_cmp(&a.rate_bps)
+                .then_with(|| b.bytes.cmp(&a.bytes))
+        });
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+use std::{cell::RefCell, collections::HashSet};
+
+use super::*;
+
+#[derive(Default)]
+struct FakeProcs {
+    alive: RefCell<HashSet<u32>>,
+}
+
+impl FakeProcs {
+    fn with(pids: &[u32]) -> FakeProcs {
+        FakeProcs {
+            alive: RefCell::new(pids.iter().copied().collect()),
+        }
+    }
+}
+
+impl ProcSource for FakeProcs {
+    fn info(&self, tgid: u32) -> Option<ProcInfo> {
+        self.alive.borrow().contains(&tgid).then(|| ProcInfo {
+            comm: format!("proc{tgid}"),
+            exe: format!("/usr/bin/proc{tgid}"),
+            cmdline: format!("proc{tgid} --upload"),
+            uid: Some(1000),
+            ppid: Some(1),
+        })
+    }
+    fn alive(&self, tgid: u32) -> bool {
+        self.alive.borrow().contains(&tgid)
+    }
+}
+
+fn key(tgid: u32, last_octet: u8, port: u16) -> FlowKey {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[198, 18, 0, last_octet]);
+    FlowKey {
+        cgroup_id: 7,
+        tgid,
+        port,
+        protocol: 6,
+        family: 4,
+        addr,
+    }
+}
+
+fn val(packets: u64, bytes: u64) -> FlowValue {
+    FlowValue {
+        packets,
+        bytes,
+        payload: bytes.saturating_sub(packets * 66),
+    }
+}
+
+fn no_owner(_: u32) -> Option<String> {
+    None
+}
+
+#[test]
+fn cumulative_counters_become_totals_per_process_and_destination() {
+    let procs = FakeProcs::with(&[10, 20]);
+    let mut acct = Accounting::new();
+    let t0 = Instant::now();
+    acct.tick(
+        &[
+            (key(10, 2, 443), val(10, 10_000)),
+            (key(20, 3, 80), val(1, 100)),
+        ],
+        t0,
+        &procs,
+        &no_owner,
+    );
+    acct.tick(
+        &[
+            (key(10, 2, 443), val(30, 50_000)),
+            (key(10, 4, 443), val(5, 5_000)),
+            (key(20, 3, 80), val(1, 100)),
+        ],
+        t0 + Duration::from_secs(1),
+        &procs,
+        &no_owner,
+    );
+    let snap = acct.snapshot();
+    let p10 = snap.iter().find(|p| p.pid == 10).unwrap();
+    assert_eq!((p10.bytes, p10.packets), (55_000, 35));
+    assert_eq!(p10.comm, "proc10");
+    assert_eq!(p10.exe, "/usr/bin/proc10");
+    assert_eq!(p10.cmdline, "proc10 --upload");
+    assert_eq!(p10.destinations.len(), 2);
+    assert_eq!(
+        (p10.destinations[0].dst.as_str(), p10.destinations[0].bytes),
+        ("198.18.0.2", 50_000)
+    );
+    assert_eq!(p10.destinations[0].protocol, "tcp");
+    let p20 = snap.iter().find(|p| p.pid == 20).unwrap();
+    assert_eq!(p20.bytes, 100);
+    assert_eq!(snap[0].pid, 10, "sorted by rate");
+    assert!(p10.rate_bps > 0.0 && p20.rate_bps == 0.0);
+}
+
+#[test]
+fn rate_follows_the_traffic() {
+    let procs = FakeProcs::with(&[1]);
+    let mut acct = Accounting::new();
+    let t0 = Instant::now();
+    let mut total = 0;
+    for i in 0..20u64 {
+        total += 1_000_000;
+        acct.tick(
+            &[(key(1, 2, 443), val(i + 1, total))],
+            t0 + Duration::from_secs(i),
+            &procs,
+            &no_owner,
+        );
+    }
+    let rate = acct.snapshot()[0].rate_bps;
+    assert!(
+        (rate - 1_000_000.0).abs() < 20_000.0,
+        "steady 1 MB/s, got {rate}"
+    );
+    // Traffic stops: the rate decays.
+    for i in 20..30u64 {
+        acct.tick(
+            &[(key(1, 2, 443), val(20, total))],
+            t0 + Duration::from_secs(i),
+            &procs,
+            &no_owner,
+        );
+    }
+    assert!(acct.snapshot()[0].rate_bps < 10_000.0);
+}
+
+#[test]
+fn exited_processes_are_kept_then_aged_out_and_their_keys_deleted() {
+    let procs = FakeProcs::with(&[5]);
+    let mut acct = Accounting::new();
+    acct.retention = Duration::from_secs(60);
+    let t0 = Instant::now();
+    let del = acct.tick(&[(key(5, 2, 443), val(3, 3_000))], t0, &procs, &no_owner);
+    assert!(del.is_empty());
+    procs.alive.borrow_mut().remove(&5);
+    let del = acct.tick(
+        &[(key(5, 2, 443), val(4, 4_000))],
+        t0 + Duration::from_secs(1),
+        &procs,
+        &no_owner,
+    );
+    assert_eq!(
+        del,
+        vec![key(5, 2, 443)],
+        "counted to the end, then deleted from the kernel"
+    );
+    let snap = acct.snapshot();
+    assert_eq!((snap[0].bytes, snap[0].alive), (4_000, false));
+    // A late packet recreates the key from zero: it still adds up.
+    acct.tick(
+        &[(key(5, 2, 443), val(1, 500))],
+        t0 + Duration::from_secs(2),
+        &procs,
+        &no_owner,
+    );
+    assert_eq!(acct.snapshot()[0].bytes, 4_500);
+    acct.tick(&[], t0 + Duration::from_secs(120), &procs, &no_owner);
+    assert!(acct.snapshot().is_empty(), "aged out after the retention");
+}
+
+#[test]
+fn short_lived_process_named_from_the_kernel_record() {
+    let procs = FakeProcs::with(&[]);
+    let mut acct = Accounting::new();
+    let owner = |tgid: u32| (tgid == 99).then(|| "curl".to_string());
+    let del = acct.tick(
+        &[(key(99, 2, 443), val(2, 2_000))],
+        Instant::now(),
+        &procs,
+        &owner,
+    );
+    let snap = acct.snapshot();
+    assert_eq!(
+        (snap[0].comm.as_str(), snap[0].alive, snap[0].bytes),
+        ("curl", false, 2_000)
+    );
+    assert_eq!(del.len(), 1);
+}
+
+#[test]
+fn unattributed_traffic_has_its_own_owner() {
+    let procs = FakeProcs::with(&[]);
+    let mut acct = Accounting::new();
+    acct.tick(
+        &[(key(TGID_UNATTRIBUTED, 2, 5008), val(1, 60))],
+        Instant::now(),
+        &procs,
+        &no_owner,
+    );
+    let snap = acct.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert!(snap[0].unattributed && snap[0].alive);
+    assert_eq!((snap[0].pid, snap[0].comm.as_str()), (0, "[unattributed]"));
+}
