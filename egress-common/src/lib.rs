@@ -43,8 +43,8 @@ pub const ACTION_ALLOW: u8 = 1;
 pub const ACTION_BLOCK: u8 = 2;
 
 /// One port/protocol rule of a [`RuleSet`]. Ports are inclusive and in host byte order. For
-/// protocols without ports (`PROTO_OTHER`) the port is 0, so only a rule with `port_lo == 0`
-/// matches it.
+/// protocols without ports (`PROTO_OTHER`) the port is whatever the kernel reports (the sockaddr's
+/// port for an ICMP connect, 0 at TC), so only rules spanning 0-65535 carry `PROTO_OTHER`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRule {

@@ -21,6 +21,7 @@ use crate::{
     policy::{self, Decision},
 };
 
+const AF_INET6: u32 = 10;
 const VERDICT_ALLOW: i32 = 1;
 const VERDICT_DENY: i32 = 0;
 
@@ -42,6 +43,15 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let proto = protocol_of(ctx);
     let cfg = policy::config();
     let d = policy::decide_v4(&cfg, addr, port, proto);
+    // An AF_INET6 socket sending to ::ffff:a.b.c.d reaches sendmsg4 with the IPv4 address: report
+    // it as the process gave it.
+    if unsafe { (*ctx.sock_addr).family } == AF_INET6 {
+        let mut mapped = [0u8; 16];
+        mapped[10] = 0xff;
+        mapped[11] = 0xff;
+        mapped[12..].copy_from_slice(&addr);
+        return finish(ctx, &cfg, d, hook, 6, 1, mapped, port, proto);
+    }
     let mut full = [0u8; 16];
     full[..4].copy_from_slice(&addr);
     finish(ctx, &cfg, d, hook, 4, 0, full, port, proto)

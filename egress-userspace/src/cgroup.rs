@@ -128,6 +128,21 @@ impl ChildCgroup {
         Ok(f.into())
     }
 
+    /// Kills every process in the cgroup and waits (up to 5 s) until it is empty.
+    pub fn kill_all_and_wait(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let populated = fs::read_to_string(self.path.join("cgroup.events"))
+                .map(|e| e.lines().any(|l| l.trim() == "populated 1"))
+                .unwrap_or(false);
+            if !populated || Instant::now() >= deadline {
+                return;
+            }
+            kill_all(&self.path);
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Kills every process left in the cgroup and removes it.
     pub fn remove(&self) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);

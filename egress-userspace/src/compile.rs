@@ -26,9 +26,11 @@ use crate::policy::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind}
 
 /// A policy that cannot be represented in the kernel maps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: destination {prefix}: {message}")]
+#[error("{file}:{line}: destination {prefix}: {message}")]
 pub struct CompileError {
     pub file: String,
+    /// Line of the most specific rule involved.
+    pub line: usize,
     pub prefix: String,
     pub message: String,
 }
@@ -77,12 +79,14 @@ pub struct Evaluation {
     pub judged: IpAddr,
 }
 
-/// Protocol bits a rule covers.
-fn proto_mask(kind: RuleKind, protocols: &[Protocol]) -> u8 {
+/// Protocol bits a rule covers. A block that names neither protocols nor ports covers every
+/// protocol (ICMP ping sockets, SCTP, raw packets at TC); with ports it is about TCP and UDP, since
+/// other protocols have no ports (the kernel reports whatever port the sockaddr carried).
+fn proto_mask(kind: RuleKind, protocols: &[Protocol], ports: &[PortRange]) -> u8 {
     if protocols.is_empty() {
         return match kind {
-            RuleKind::Service => PROTO_TCP | PROTO_UDP,
-            RuleKind::Block => PROTO_TCP | PROTO_UDP | PROTO_OTHER,
+            RuleKind::Block if ports.is_empty() => PROTO_TCP | PROTO_UDP | PROTO_OTHER,
+            _ => PROTO_TCP | PROTO_UDP,
         };
     }
     protocols.iter().fold(0, |m, p| {
@@ -184,7 +188,7 @@ impl SetBuilder<'_> {
                 if rule.kind != want {
                     continue;
                 }
-                let mask = proto_mask(rule.kind, &rule.protocols);
+                let mask = proto_mask(rule.kind, &rule.protocols, &rule.ports);
                 for (lo, hi) in merged_ranges(&rule.ports) {
                     entries.push(PortRule {
                         port_lo: lo,
@@ -207,8 +211,12 @@ impl SetBuilder<'_> {
                 .iter()
                 .map(|&id| self.policy.rules[(id - 1) as usize].name.as_str())
                 .collect();
+            let line = rules
+                .last()
+                .map_or(0, |&id| self.policy.rules[(id - 1) as usize].line);
             return Err(CompileError {
                 file: self.policy.source.clone(),
+                line,
                 prefix: format!("{}/{}", prefix.ip(), prefix.prefix()),
                 message: format!(
                     "the rules covering it ({}) need {} port ranges; at most {MAX_PORT_RULES} fit one destination. Merge port lists into ranges or split overlapping rules",

@@ -174,7 +174,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
-    ctl.stream.drain().await?;
+    ctl.stream.drain_all().await?;
     let stats = ctl.dp.stats()?;
     server.abort();
     if let Some(m) = metrics {
@@ -225,12 +225,32 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         .with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
     ctl.attach_tc(&opts.ifaces)?;
 
+    // Handlers first: a signal arriving between spawn and here would otherwise kill egress and
+    // leave the command running unprotected.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigquit = signal(SignalKind::quit())?;
+
     let procs = cg.procs_fd()?;
+    let parent = std::process::id() as libc::pid_t;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: the closure only calls write(2) on an fd opened before fork.
+    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, write) on an fd opened
+    // before fork.
     unsafe {
-        cmd.pre_exec(move || cgroup::join_in_child(&procs));
+        cmd.pre_exec(move || {
+            // Fail closed: if egress dies (even by SIGKILL), the command dies with it rather than
+            // running on without its policy.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // egress died before the prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            cgroup::join_in_child(&procs)
+        });
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -245,20 +265,20 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         }
     };
     let pid = child.id();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(TICK);
     let status = loop {
         tokio::select! {
             st = child.wait() => break st.context("waiting for the command")?,
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
             _ = ticker.tick() => ctl.tick()?,
-            _ = sigint.recv() => forward(pid, libc::SIGINT),
+            _ = sigint.recv() => forward_from_terminal(pid, libc::SIGINT),
+            _ = sigquit.recv() => forward_from_terminal(pid, libc::SIGQUIT),
             _ = sigterm.recv() => forward(pid, libc::SIGTERM),
+            _ = sighup.recv() => forward(pid, libc::SIGHUP),
         }
     };
     // The command's last events and counters may still be in the kernel.
-    ctl.stream.drain().await?;
+    ctl.stream.drain_all().await?;
     ctl.tick()?;
     if let Some(path) = &opts.report {
         let report = ctl.report.lock().expect("report lock").clone();
@@ -266,6 +286,9 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         std::fs::write(path, text + "\n")
             .with_context(|| format!("writing report {}", path.display()))?;
     }
+    // Anything the command left behind is killed while the policy is still attached; only then
+    // is the datapath detached and the cgroup removed.
+    cg.kill_all_and_wait();
     drop(ctl);
     if let Err(e) = cg.remove() {
         warn!(cgroup = %cg.path().display(), error = %e, "could not remove the exec cgroup");
@@ -275,6 +298,20 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         (None, Some(s)) => 128 + s,
         (None, None) => 1,
     })
+}
+
+/// SIGINT and SIGQUIT typed at a terminal already reach the whole foreground process group, the
+/// command included: forward them only when egress is not in the terminal's foreground group
+/// (someone sent them to egress alone), so a Ctrl-C is never delivered twice.
+fn forward_from_terminal(pid: Option<u32>, sig: i32) {
+    // SAFETY: plain syscalls.
+    let foreground = unsafe {
+        let fg = libc::tcgetpgrp(libc::STDIN_FILENO);
+        fg > 0 && fg == libc::getpgrp()
+    };
+    if !foreground {
+        forward(pid, sig);
+    }
 }
 
 fn forward(pid: Option<u32>, sig: i32) {

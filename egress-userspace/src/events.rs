@@ -157,7 +157,12 @@ pub struct EventStream<W> {
     out: W,
     written: u64,
     by_rule: std::collections::BTreeMap<String, u64>,
+    /// The last drain stopped at a full batch: records are waiting.
+    pending: bool,
 }
+
+/// Records written per [`EventStream::drain`] call.
+pub const DRAIN_BATCH: usize = 4096;
 
 impl<W: AsyncWrite + Unpin> EventStream<W> {
     pub fn new(ring: RingBuf<MapData>, policy: CompiledPolicy, out: W) -> std::io::Result<Self> {
@@ -170,20 +175,29 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             out,
             written: 0,
             by_rule: Default::default(),
+            pending: false,
         })
     }
 
-    /// Waits until the ring buffer has records (cancel-safe: it consumes nothing).
+    /// Waits until there is something to drain (cancel-safe: it consumes nothing). Returns at
+    /// once while an earlier [`EventStream::drain`] left records behind.
     pub async fn readable(&mut self) -> std::io::Result<()> {
+        if self.pending {
+            return Ok(());
+        }
         let mut guard = self.fd.readable_mut().await?;
         guard.clear_ready();
         Ok(())
     }
 
-    /// Writes every record the ring buffer holds now as a JSON line, and flushes.
+    /// Writes up to [`DRAIN_BATCH`] records as JSON lines and flushes. A deny flood must not
+    /// starve the controller's other work or grow an unbounded buffer, so a full batch returns and
+    /// leaves the rest for the next call (see [`EventStream::readable`]).
     pub async fn drain(&mut self) -> anyhow::Result<()> {
         let mut buf = Vec::new();
         let ring = self.fd.get_mut();
+        let mut n = 0;
+        self.pending = false;
         while let Some(item) = ring.next() {
             if let Some(ev) = decode(&item) {
                 let json = JsonEvent::from_raw(&ev, &self.policy, &self.clock);
@@ -192,12 +206,27 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
                 buf.push(b'\n');
                 self.written += 1;
             }
+            n += 1;
+            if n == DRAIN_BATCH {
+                self.pending = true;
+                break;
+            }
         }
         if !buf.is_empty() {
             self.out.write_all(&buf).await?;
             self.out.flush().await?;
         }
         Ok(())
+    }
+
+    /// Drains until the ring buffer is empty (at exit).
+    pub async fn drain_all(&mut self) -> anyhow::Result<()> {
+        loop {
+            self.drain().await?;
+            if !self.pending {
+                return Ok(());
+            }
+        }
     }
 
     /// Events received so far, by deciding rule.

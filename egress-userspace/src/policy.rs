@@ -356,11 +356,17 @@ impl Policy {
 
         let mut rules = Vec::with_capacity(raw.service.len() + raw.block.len());
         let mut seen: HashMap<String, usize> = HashMap::new();
-        for (kind, list) in [
-            (RuleKind::Service, raw.service),
-            (RuleKind::Block, raw.block),
-        ] {
-            for spanned in list {
+        // Validate in file order, so that a duplicate is reported where it is, not where the name
+        // was first used; services are then put first, blocks second.
+        let mut all: Vec<(RuleKind, Spanned<RawRule>)> = raw
+            .service
+            .into_iter()
+            .map(|r| (RuleKind::Service, r))
+            .chain(raw.block.into_iter().map(|r| (RuleKind::Block, r)))
+            .collect();
+        all.sort_by_key(|(_, r)| r.span().start);
+        for (kind, spanned) in all {
+            {
                 let table_start = spanned.span().start;
                 let r = spanned.into_inner();
                 let name_span = r.name.span();
@@ -435,6 +441,7 @@ impl Policy {
                 });
             }
         }
+        rules.sort_by_key(|r| r.kind == RuleKind::Block);
         Ok(Policy {
             source: file.to_string(),
             mode: raw.mode,

@@ -505,3 +505,119 @@ fn explain_prints_verdict_and_rule() {
         "{text}"
     );
 }
+
+#[test]
+fn exec_in_audit_mode_writes_audit_events_and_blocks_nothing() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-audit");
+    let policy = dir.file("p.toml", "mode = \"audit\"\nallow_loopback = false\n[[block]]\nname = \"lab\"\ndestinations = [\"127.0.0.66\"]\n");
+    let events = dir.0.join("events.jsonl");
+    let out = ns
+        .cmd(EGRESS)
+        .args(["exec", "--policy"])
+        .arg(&policy)
+        .arg("--events")
+        .arg(&events)
+        .args([
+            "--",
+            PROBE,
+            "tcp",
+            "127.0.0.66:80",
+            "udp-sendto",
+            "127.0.0.9:53",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(parse_probe(&out.stdout, 2), ["ECONNREFUSED", "ok"]);
+    let ev = read_events(&events);
+    assert_eq!(ev.len(), 2, "{ev:#?}");
+    assert!(ev.iter().all(|e| e.event == "audit"));
+    assert_eq!(
+        (ev[0].rule.as_str(), ev[1].rule.as_str()),
+        ("lab", "default")
+    );
+}
+
+#[test]
+fn a_deny_flood_neither_hangs_nor_loses_the_controller() {
+    // 100,000 denied sends overflow the ring buffer many times; the controller must keep up in
+    // bounded batches, exit with the command, and account for every event (written or lost).
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-flood");
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let events = dir.0.join("events.jsonl");
+    let start = Instant::now();
+    let out = ns
+        .cmd(EGRESS)
+        .args(["exec", "--policy"])
+        .arg(&policy)
+        .arg("--events")
+        .arg(&events)
+        .args([
+            "--",
+            PROBE,
+            "--count",
+            "100000",
+            "udp-sendto",
+            "127.0.0.9:9",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["results"]["EPERM"], 100_000);
+    let written = std::fs::read_to_string(&events).unwrap().lines().count();
+    assert!(written > 10_000, "only {written} events written");
+}
+
+#[test]
+fn exec_forwards_sighup_and_cleans_up() {
+    let ns = LoopNs::new();
+    let mut child = ns
+        .cmd(EGRESS)
+        .args(["exec", "--", "sleep", "30"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let egress_pid = child.id();
+    // nsenter execs egress in place, so the pid is egress's. Wait until its cgroup exists.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exec_cgroups_of(egress_pid).is_empty() {
+        assert!(Instant::now() < deadline, "exec cgroup never appeared");
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(egress_pid as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "egress exec did not end after SIGHUP"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGHUP),
+        "the command died of the forwarded SIGHUP"
+    );
+    assert!(exec_cgroups_of(egress_pid).is_empty());
+}

@@ -270,9 +270,26 @@ destinations = ["10.9.0.0/16"]
         verdict(&c, "10.0.0.1", 53, IPPROTO_TCP),
         v(false, "default")
     );
-    // ICMP (ping sockets report port 0) is covered by a block without protocols.
+    // ICMP is covered by a block without protocols and ports, whatever port the sockaddr had.
     assert_eq!(verdict(&c, "10.9.0.1", 0, 1), v(false, "all-protos"));
+    assert_eq!(verdict(&c, "10.9.0.1", 7, 1), v(false, "all-protos"));
     assert_eq!(verdict(&c, "10.0.0.1", 0, 1), v(false, "default"));
+}
+
+#[test]
+fn a_block_with_ports_is_about_tcp_and_udp_only() {
+    let c = compile(
+        r#"default = "allow"
+[[block]]
+name = "smtp"
+destinations = ["10.0.0.0/8"]
+ports = [25]
+"#,
+    );
+    assert_eq!(verdict(&c, "10.0.0.1", 25, IPPROTO_TCP), v(false, "smtp"));
+    assert_eq!(verdict(&c, "10.0.0.1", 25, IPPROTO_UDP), v(false, "smtp"));
+    // An ICMP connect() whose sockaddr happens to carry port 25 is not "port 25".
+    assert_eq!(verdict(&c, "10.0.0.1", 25, 1), v(true, "default"));
 }
 
 #[test]
@@ -376,6 +393,12 @@ fn too_many_port_rules_is_a_clear_error() {
     let p = Policy::parse("t.toml", &text).unwrap();
     let e = CompiledPolicy::compile(&p).unwrap_err();
     assert_eq!(e.prefix, "10.0.0.0/8");
+    assert_eq!(e.line, 1);
+    assert!(
+        e.to_string()
+            .starts_with("t.toml:1: destination 10.0.0.0/8: "),
+        "{e}"
+    );
     assert!(
         e.to_string().contains("wide") && e.to_string().contains("at most 64"),
         "{e}"

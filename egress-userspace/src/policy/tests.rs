@@ -170,6 +170,15 @@ fn duplicate_names_across_services_and_blocks() {
 }
 
 #[test]
+fn duplicate_is_reported_where_it_is_in_file_order() {
+    let e = err(
+        "[[block]]\nname = \"dup\"\ndestinations = [\"10.0.0.0/8\"]\n[[service]]\nname = \"dup\"\ndestinations = [\"10.0.0.0/8\"]\n",
+    );
+    assert_eq!((e.line, e.field.as_str()), (5, "service[1].name"));
+    assert!(e.message.contains("first used on line 2"), "{e}");
+}
+
+#[test]
 fn reserved_and_empty_names_are_rejected() {
     let e = err("[[service]]\nname = \"default\"\ndestinations = [\"10.0.0.0/8\"]\n");
     assert!(e.message.contains("reserved"), "{e}");
