@@ -7,6 +7,7 @@
 //! `exec` commands on top of all of it.
 
 pub mod accounting;
+pub mod alerts;
 pub mod cgroup;
 pub mod compile;
 pub mod control;

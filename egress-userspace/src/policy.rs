@@ -246,6 +246,8 @@ struct RawPolicy {
     service: Vec<Spanned<RawRule>>,
     #[serde(default)]
     block: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    alert: Vec<Spanned<alert::RawAlert>>,
 }
 
 fn yes() -> bool {
@@ -303,6 +305,8 @@ pub struct Policy {
     pub allow_loopback: bool,
     /// Services first, then blocks, each in file order.
     pub rules: Vec<Rule>,
+    /// `[[alert]]` tables, in file order.
+    pub alerts: Vec<alert::Alert>,
 }
 
 /// A policy error, pointing at the offending place.
@@ -442,12 +446,71 @@ impl Policy {
             }
         }
         rules.sort_by_key(|r| r.kind == RuleKind::Block);
+
+        let mut alerts = Vec::with_capacity(raw.alert.len());
+        for spanned in raw.alert {
+            let table_start = spanned.span().start;
+            let a = spanned.into_inner();
+            let name_span = a.name.span();
+            let name = a.name.into_inner();
+            if name.trim().is_empty() {
+                return Err(err_at(name_span.start, "expected a non-empty name".into()));
+            }
+            if RESERVED_NAMES.contains(&name.as_str()) {
+                return Err(err_at(name_span.start, format!("`{name}` is reserved: expected another name")));
+            }
+            if let Some(first_line) = seen.get(&name) {
+                return Err(err_at(
+                    name_span.start,
+                    format!("duplicate name `{name}` (first used on line {first_line}): expected names unique across services, blocks and alerts"),
+                ));
+            }
+            seen.insert(name.clone(), line_col(text, name_span.start).0);
+            let mut services = Vec::with_capacity(a.services.len());
+            for svc in a.services {
+                let span = svc.span();
+                let svc = svc.into_inner();
+                if !rules.iter().any(|r| r.name == svc) {
+                    return Err(err_at(span.start, format!("no service or block is named `{svc}`: expected one of the names above")));
+                }
+                services.push(svc);
+            }
+            let (action, action_at) = match a.action {
+                Some(s) => (*s.get_ref(), s.span().start),
+                None => (alert::AlertAction::Alert, table_start),
+            };
+            if action == alert::AlertAction::Block
+                && !matches!(a.per, alert::AlertPer::Process | alert::AlertPer::ProcessDestination)
+            {
+                return Err(err_at(
+                    action_at,
+                    format!(
+                        "action = \"block\" cannot apply per = \"{}\": expected per = \"process\" or \"process_destination\"",
+                        a.per.as_str()
+                    ),
+                ));
+            }
+            alerts.push(alert::Alert {
+                name,
+                bytes: a.bytes.0,
+                window: a.window.0,
+                per: a.per,
+                action,
+                cooldown: a.cooldown.map_or(a.window.0, |c| c.0),
+                services,
+                destinations: a.destinations,
+                exclude_destinations: a.exclude_destinations,
+                unapproved_only: a.unapproved_only,
+                line: line_col(text, table_start).0,
+            });
+        }
         Ok(Policy {
             source: file.to_string(),
             mode: raw.mode,
             default: raw.default,
             allow_loopback: raw.allow_loopback,
             rules,
+            alerts,
         })
     }
 
@@ -518,6 +581,8 @@ fn field_at(text: &str, offset: usize) -> String {
 fn clean_toml_message(m: &str) -> String {
     m.trim().replace('\n', "; ")
 }
+
+pub mod alert;
 
 #[cfg(test)]
 mod tests;

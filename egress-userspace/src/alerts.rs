@@ -1,0 +1,376 @@
+//! High-volume transfer detection: sliding-window byte counts per alert key, de-duplicated
+//! firings with the evidence a responder needs. Pure: fed with per-tick flow deltas, it knows
+//! nothing of the kernel (the controller applies `block` actions and delivers the events).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant, SystemTime},
+};
+
+use egress_common::{FlowKey, FlowValue, TGID_UNATTRIBUTED};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    accounting::ProcInfo,
+    events::protocol_name,
+    policy::alert::{Alert, AlertAction, AlertPer},
+};
+
+/// Byte counts over a sliding window, kept in buckets of `window / 240` (at least 1 s): the sum
+/// covers exactly the last `window` to within one bucket, unlike fixed windows that reset and
+/// miss a transfer split across two of them.
+#[derive(Debug, Clone)]
+pub struct SlidingWindow {
+    bucket: Duration,
+    buckets: usize,
+    /// (bucket index, bytes), oldest first.
+    data: VecDeque<(u64, u64)>,
+    sum: u64,
+}
+
+impl SlidingWindow {
+    pub fn new(window: Duration) -> SlidingWindow {
+        let bucket = (window / 240).max(Duration::from_secs(1)).min(window);
+        let buckets = (window.as_nanos() / bucket.as_nanos()).max(1) as usize;
+        SlidingWindow { bucket, buckets, data: VecDeque::new(), sum: 0 }
+    }
+
+    fn index(&self, since_epoch: Duration) -> u64 {
+        (since_epoch.as_nanos() / self.bucket.as_nanos()) as u64
+    }
+
+    fn expire(&mut self, now_idx: u64) {
+        while let Some(&(idx, bytes)) = self.data.front() {
+            if idx + (self.buckets as u64) <= now_idx {
+                self.data.pop_front();
+                self.sum -= bytes;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Adds bytes seen at `since_epoch` (monotonic, non-decreasing across calls).
+    pub fn add(&mut self, since_epoch: Duration, bytes: u64) {
+        let idx = self.index(since_epoch);
+        self.expire(idx);
+        match self.data.back_mut() {
+            Some((last, b)) if *last == idx => *b += bytes,
+            _ => self.data.push_back((idx, bytes)),
+        }
+        self.sum += bytes;
+    }
+
+    /// Bytes within the window ending at `since_epoch`.
+    pub fn sum(&mut self, since_epoch: Duration) -> u64 {
+        let idx = self.index(since_epoch);
+        self.expire(idx);
+        self.sum
+    }
+}
+
+/// What an alert counts traffic by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlertKey {
+    Process(u32),
+    Destination(IpAddr),
+    ProcessDestination(u32, IpAddr),
+    Cgroup(u64),
+}
+
+impl AlertKey {
+    /// The text form used in events and by `egress unblock`.
+    pub fn text(&self) -> String {
+        match self {
+            AlertKey::Process(p) => format!("process:{p}"),
+            AlertKey::Destination(d) => format!("destination:{d}"),
+            AlertKey::ProcessDestination(p, d) => format!("process_destination:{p}->{d}"),
+            AlertKey::Cgroup(c) => format!("cgroup:{c}"),
+        }
+    }
+
+    /// Parses the text form; a bare number is a process.
+    pub fn parse(s: &str) -> Result<AlertKey, String> {
+        let expected = "expected process:PID, process_destination:PID->ADDR, destination:ADDR or cgroup:ID";
+        let bad = || format!("`{s}` is not an alert key: {expected}");
+        if let Ok(pid) = s.parse::<u32>() {
+            return Ok(AlertKey::Process(pid));
+        }
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "process" => rest.parse().map(AlertKey::Process).map_err(|_| bad()),
+            "destination" => rest.parse().map(AlertKey::Destination).map_err(|_| bad()),
+            "cgroup" => rest.parse().map(AlertKey::Cgroup).map_err(|_| bad()),
+            "process_destination" => {
+                let (p, d) = rest.split_once("->").ok_or_else(bad)?;
+                Ok(AlertKey::ProcessDestination(p.parse().map_err(|_| bad())?, d.parse().map_err(|_| bad())?))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The process a key is about, if it is about one.
+    pub fn tgid(&self) -> Option<u32> {
+        match self {
+            AlertKey::Process(p) | AlertKey::ProcessDestination(p, _) => Some(*p),
+            _ => None,
+        }
+    }
+}
+
+/// One destination in an alert's evidence.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TopDestination {
+    pub dst: String,
+    pub port: u16,
+    pub protocol: String,
+    pub bytes: u64,
+}
+
+/// An alert, as written to the event stream and POSTed to the webhook.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AlertEvent {
+    pub ts: String,
+    /// Always `"alert"`.
+    pub event: String,
+    pub rule: String,
+    pub key: String,
+    pub per: String,
+    /// Payload bytes within the window when the alert fired.
+    pub bytes_in_window: u64,
+    pub threshold: u64,
+    /// The window as written in the policy ("5m").
+    pub window: String,
+    pub window_secs: f64,
+    /// Bytes per second over the key's activity within the window.
+    pub rate: f64,
+    /// The process (for per = destination/cgroup: the one that sent most under the key).
+    pub pid: Option<u32>,
+    pub ppid: Option<u32>,
+    pub comm: String,
+    pub exe: String,
+    pub cmdline: String,
+    pub uid: Option<u32>,
+    pub cgroup_id: u64,
+    pub cgroup_path: String,
+    pub top_destinations: Vec<TopDestination>,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// `"alert"`, or `"block"` when the key was blocked in the kernel.
+    pub action: String,
+    /// End of the block (`action = "block"`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub blocked_until: Option<String>,
+}
+
+/// A flow's policy verdict, as the alert filters need it.
+pub struct FlowVerdict {
+    /// Name of the deciding service or block, `default` or `loopback`.
+    pub rule: String,
+    /// A service approved it.
+    pub approved_by_service: bool,
+}
+
+#[derive(Debug)]
+struct KeyState {
+    window: SlidingWindow,
+    dests: HashMap<(IpAddr, u16, u8), SlidingWindow>,
+    /// Bytes per process under the key (for keys not about one process).
+    by_tgid: HashMap<u32, u64>,
+    cgroup_id: u64,
+    first_seen: SystemTime,
+    first_seen_mono: Instant,
+    last_seen: SystemTime,
+    last_seen_mono: Instant,
+}
+
+/// An alert to deliver, and for `block`, the key to block until when.
+#[derive(Debug, Clone)]
+pub struct Firing {
+    pub alert_index: usize,
+    pub key: AlertKey,
+    pub event: AlertEvent,
+    pub block_for: Option<Duration>,
+}
+
+pub struct AlertEngine {
+    alerts: Vec<Alert>,
+    epoch: Instant,
+    states: HashMap<(usize, AlertKey), KeyState>,
+    last_fired: HashMap<(usize, AlertKey), Instant>,
+}
+
+fn flow_addr(k: &FlowKey) -> IpAddr {
+    if k.family == 4 {
+        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(k.addr))
+    }
+}
+
+fn contains(nets: &[crate::policy::Destination], ip: IpAddr) -> bool {
+    nets.iter().any(|d| match (d.network(), ip) {
+        (IpNetwork::V4(n), IpAddr::V4(a)) => n.contains(a),
+        (IpNetwork::V6(n), IpAddr::V6(a)) => n.contains(a),
+        _ => false,
+    })
+}
+
+impl AlertEngine {
+    pub fn new(alerts: Vec<Alert>, epoch: Instant) -> AlertEngine {
+        AlertEngine { alerts, epoch, states: HashMap::new(), last_fired: HashMap::new() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.alerts.is_empty()
+    }
+
+    fn counts(alert: &Alert, key: &FlowKey, dst: IpAddr, verdict: &dyn Fn(&FlowKey) -> FlowVerdict) -> bool {
+        if !alert.destinations.is_empty() && !contains(&alert.destinations, dst) {
+            return false;
+        }
+        if contains(&alert.exclude_destinations, dst) {
+            return false;
+        }
+        if !alert.services.is_empty() || alert.unapproved_only {
+            let v = verdict(key);
+            if !alert.services.is_empty() && !alert.services.contains(&v.rule) {
+                return false;
+            }
+            if alert.unapproved_only && v.approved_by_service {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Folds one tick of flow deltas in and returns the alerts that fire now. `wall` is the wall
+    /// clock at `now`; `info` describes a process; `cgroup_path` names a cgroup id.
+    pub fn observe(
+        &mut self,
+        deltas: &[(FlowKey, FlowValue)],
+        now: Instant,
+        wall: SystemTime,
+        verdict: &dyn Fn(&FlowKey) -> FlowVerdict,
+        info: &dyn Fn(u32) -> ProcInfo,
+        cgroup_path: &dyn Fn(u64) -> String,
+    ) -> Vec<Firing> {
+        let t = now.saturating_duration_since(self.epoch);
+        let mut touched: Vec<(usize, AlertKey)> = Vec::new();
+        for (key, delta) in deltas {
+            if delta.payload == 0 {
+                continue;
+            }
+            let dst = flow_addr(key);
+            for (i, alert) in self.alerts.iter().enumerate() {
+                if !Self::counts(alert, key, dst, verdict) {
+                    continue;
+                }
+                let akey = match alert.per {
+                    AlertPer::Process if key.tgid != TGID_UNATTRIBUTED => AlertKey::Process(key.tgid),
+                    AlertPer::ProcessDestination if key.tgid != TGID_UNATTRIBUTED => {
+                        AlertKey::ProcessDestination(key.tgid, dst)
+                    }
+                    AlertPer::Destination => AlertKey::Destination(dst),
+                    AlertPer::Cgroup => AlertKey::Cgroup(key.cgroup_id),
+                    // Unattributed traffic has no process to alert on or block.
+                    _ => continue,
+                };
+                let st = self.states.entry((i, akey)).or_insert_with(|| KeyState {
+                    window: SlidingWindow::new(alert.window),
+                    dests: HashMap::new(),
+                    by_tgid: HashMap::new(),
+                    cgroup_id: key.cgroup_id,
+                    first_seen: wall,
+                    first_seen_mono: now,
+                    last_seen: wall,
+                    last_seen_mono: now,
+                });
+                if st.window.sum(t) == 0 {
+                    // The window had emptied: a new episode starts.
+                    st.first_seen = wall;
+                    st.first_seen_mono = now;
+                    st.by_tgid.clear();
+                }
+                st.window.add(t, delta.payload);
+                st.dests
+                    .entry((dst, key.port, key.protocol))
+                    .or_insert_with(|| SlidingWindow::new(alert.window))
+                    .add(t, delta.payload);
+                *st.by_tgid.entry(key.tgid).or_default() += delta.payload;
+                st.last_seen = wall;
+                st.last_seen_mono = now;
+                touched.push((i, akey));
+            }
+        }
+        touched.sort_by_key(|(i, k)| (*i, k.text()));
+        touched.dedup();
+
+        let mut out = Vec::new();
+        for (i, akey) in touched {
+            let alert = &self.alerts[i];
+            let Some(st) = self.states.get_mut(&(i, akey)) else { continue };
+            let in_window = st.window.sum(t);
+            if in_window < alert.bytes {
+                continue;
+            }
+            if self.last_fired.get(&(i, akey)).is_some_and(|&last| now.duration_since(last) < alert.cooldown) {
+                continue;
+            }
+            self.last_fired.insert((i, akey), now);
+            let pid = akey.tgid().or_else(|| st.by_tgid.iter().max_by_key(|(_, b)| **b).map(|(p, _)| *p));
+            let pinfo = pid.map(info).unwrap_or_default();
+            let mut top: Vec<TopDestination> = st
+                .dests
+                .iter_mut()
+                .map(|((d, port, proto), w)| TopDestination {
+                    dst: d.to_string(),
+                    port: *port,
+                    protocol: protocol_name(*proto),
+                    bytes: w.sum(t),
+                })
+                .filter(|d| d.bytes > 0)
+                .collect();
+            top.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.dst.cmp(&b.dst)));
+            top.truncate(5);
+            let active = st.last_seen_mono.duration_since(st.first_seen_mono).as_secs_f64().max(1.0);
+            let block_for = (alert.action == AlertAction::Block).then_some(alert.cooldown);
+            let event = AlertEvent {
+                ts: humantime::format_rfc3339_nanos(wall).to_string(),
+                event: "alert".into(),
+                rule: alert.name.clone(),
+                key: akey.text(),
+                per: alert.per.as_str().into(),
+                bytes_in_window: in_window,
+                threshold: alert.bytes,
+                window: alert.window_text(),
+                window_secs: alert.window.as_secs_f64(),
+                rate: in_window as f64 / active.min(alert.window.as_secs_f64()),
+                pid,
+                ppid: pinfo.ppid,
+                comm: pinfo.comm,
+                exe: pinfo.exe,
+                cmdline: pinfo.cmdline,
+                uid: pinfo.uid,
+                cgroup_id: st.cgroup_id,
+                cgroup_path: cgroup_path(st.cgroup_id),
+                top_destinations: top,
+                first_seen: humantime::format_rfc3339_nanos(st.first_seen).to_string(),
+                last_seen: humantime::format_rfc3339_nanos(st.last_seen).to_string(),
+                action: alert.action.as_str().into(),
+                blocked_until: block_for.map(|d| humantime::format_rfc3339_nanos(wall + d).to_string()),
+            };
+            out.push(Firing { alert_index: i, key: akey, event, block_for });
+        }
+        // Keys idle for a whole window carry nothing; forget them (their cooldown stays).
+        self.states.retain(|_, st| st.window.sum(t) > 0);
+        let max_cooldown = self.alerts.iter().map(|a| a.cooldown).max().unwrap_or_default();
+        self.last_fired.retain(|_, at| now.duration_since(*at) < max_cooldown);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

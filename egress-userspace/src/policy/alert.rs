@@ -1,0 +1,255 @@
+//! `[[alert]]` tables: high-volume transfer alerts and byte budgets.
+//!
+//! ```toml
+//! [[alert]]
+//! name = "bulk-upload"
+//! bytes = "100MiB"          # KB, KiB, MB, MiB, GB, GiB (and B, TB, TiB); a bare integer is bytes
+//! window = "5m"             # sliding window: s, m, h
+//! per = "process"           # "process" | "destination" | "process_destination" | "cgroup"
+//! action = "alert"          # "alert" | "block"
+//! cooldown = "10m"          # no repeat alert per key within it; for "block", how long it lasts
+//! services = ["corp-proxy"] # only count traffic that these services or blocks decide
+//! destinations = ["10.0.0.0/8"]          # only count traffic to these networks
+//! exclude_destinations = ["10.9.0.0/16"] # never count traffic to these
+//! unapproved_only = true    # only count traffic no service approved (e.g. under default = "allow")
+//! ```
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Deserializer, de};
+use toml::Spanned;
+
+use super::Destination;
+
+/// A byte count with human units. Decimal (KB = 1000) and binary (KiB = 1024) units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let expected = "expected a size such as \"100MiB\", \"1.5GB\" or \"500KB\" (units B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)";
+        let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size: {expected}"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            "TB" => 1_000_000_000_000,
+            "TiB" => 1 << 40,
+            other => return Err(format!("unknown unit `{other}` in `{s}`: {expected}")),
+        };
+        let bytes = n * mult as f64;
+        if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+            return Err(format!("`{s}` is out of range: expected at least 1 byte"));
+        }
+        Ok(ByteSize(bytes.round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"100MiB\" or a number of bytes")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                if v < 1 {
+                    return Err(E::custom(format!("{v} is out of range: expected at least 1 byte")));
+                }
+                Ok(ByteSize(v as u64))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A duration written as a number and one unit: "30s", "5m", "1h" (also "1.5h").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<HumanDuration, String> {
+        let t = s.trim();
+        let expected = "expected a duration such as \"30s\", \"5m\" or \"1h\"";
+        let (num, mult) = if let Some(n) = t.strip_suffix('s') {
+            (n, 1.0)
+        } else if let Some(n) = t.strip_suffix('m') {
+            (n, 60.0)
+        } else if let Some(n) = t.strip_suffix('h') {
+            (n, 3600.0)
+        } else {
+            return Err(format!("`{s}` has no unit: {expected}"));
+        };
+        let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a duration: {expected}"))?;
+        let secs = n * mult;
+        if !(secs >= 1.0 && secs <= 7.0 * 86_400.0) {
+            return Err(format!("`{s}` is out of range: expected 1s to 168h"));
+        }
+        Ok(HumanDuration(Duration::from_secs_f64(secs)))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs_f64();
+        if s >= 3600.0 && s % 3600.0 == 0.0 {
+            write!(f, "{}h", s / 3600.0)
+        } else if s >= 60.0 && s % 60.0 == 0.0 {
+            write!(f, "{}m", s / 60.0)
+        } else {
+            write!(f, "{s}s")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = HumanDuration;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration string such as \"5m\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// What an alert's traffic is grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertPer {
+    #[default]
+    Process,
+    Destination,
+    ProcessDestination,
+    Cgroup,
+}
+
+impl AlertPer {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AlertPer::Process => "process",
+            AlertPer::Destination => "destination",
+            AlertPer::ProcessDestination => "process_destination",
+            AlertPer::Cgroup => "cgroup",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertAction {
+    #[default]
+    Alert,
+    Block,
+}
+
+impl AlertAction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AlertAction::Alert => "alert",
+            AlertAction::Block => "block",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlert {
+    pub name: Spanned<String>,
+    pub bytes: ByteSize,
+    pub window: HumanDuration,
+    #[serde(default)]
+    pub per: AlertPer,
+    #[serde(default)]
+    pub action: Option<Spanned<AlertAction>>,
+    #[serde(default)]
+    pub cooldown: Option<HumanDuration>,
+    #[serde(default)]
+    pub services: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    #[serde(default)]
+    pub exclude_destinations: Vec<Destination>,
+    #[serde(default)]
+    pub unapproved_only: bool,
+}
+
+/// A validated `[[alert]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub name: String,
+    pub bytes: u64,
+    pub window: Duration,
+    pub per: AlertPer,
+    pub action: AlertAction,
+    /// Default: the window.
+    pub cooldown: Duration,
+    /// Names of services/blocks whose traffic counts (empty: all).
+    pub services: Vec<String>,
+    pub destinations: Vec<Destination>,
+    pub exclude_destinations: Vec<Destination>,
+    pub unapproved_only: bool,
+    pub line: usize,
+}
+
+impl Alert {
+    pub fn window_text(&self) -> String {
+        HumanDuration(self.window).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_with_units() {
+        let b = |s: &str| s.parse::<ByteSize>().map(|b| b.0);
+        assert_eq!(b("100MiB"), Ok(100 << 20));
+        assert_eq!(b("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(b("500KB"), Ok(500_000));
+        assert_eq!(b("2KiB"), Ok(2048));
+        assert_eq!(b("7"), Ok(7));
+        assert_eq!(b("1 GiB"), Ok(1 << 30));
+        assert!(b("10XB").unwrap_err().contains("unknown unit `XB`"));
+        assert!(b("MiB").unwrap_err().contains("not a size"));
+        assert!(b("0MB").unwrap_err().contains("out of range"));
+    }
+
+    #[test]
+    fn durations_with_units() {
+        let d = |s: &str| s.parse::<HumanDuration>().map(|d| d.0);
+        assert_eq!(d("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(d("5").unwrap_err().contains("no unit"));
+        assert!(d("0s").unwrap_err().contains("out of range"));
+        assert!(d("xm").unwrap_err().contains("not a duration"));
+        assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
+        assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "90s");
+    }
+}
