@@ -117,7 +117,8 @@ pub struct Config {
     pub tc_cgroup_id: u64,
     /// Level of `tc_cgroup_id` in the hierarchy (the root is 0).
     pub tc_cgroup_level: u32,
-    pub _pad: u32,
+    /// Number of entries in `BLOCKED` (byte-budget blocks); 0 skips the lookups.
+    pub budget_blocks: u32,
 }
 const _: () = assert!(size_of::<Config>() == 32);
 
@@ -146,7 +147,35 @@ pub const STAT_TC_AUDITED: u32 = 5;
 /// Packets and bytes that could not be counted under their own flow because `FLOWS` was full.
 pub const STAT_FLOWS_FULL_PACKETS: u32 = 6;
 pub const STAT_FLOWS_FULL_BYTES: u32 = 7;
-pub const STAT_COUNT: u32 = 8;
+/// Packets TC dropped because their owner is over a byte budget (`action = "block"`).
+pub const STAT_BUDGET_DROPPED: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
+
+/// Key of `BLOCKED`: a process over its byte budget, everywhere (`addr` all zero, `family` 0)
+/// or towards one destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BlockKey {
+    pub tgid: u32,
+    /// 0 (any destination), 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<BlockKey>() == 24);
+
+/// Value of `BLOCKED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockValue {
+    /// CLOCK_BOOTTIME nanoseconds when the block ends (the datapath ignores expired entries even
+    /// if the controller is gone).
+    pub until_ns: u64,
+    /// `rule_id` of the alert that set it, reported in deny events.
+    pub rule_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<BlockValue>() == 16);
 
 /// Who owns a socket, recorded by the cgroup hooks (where the current task is the owner) and
 /// looked up by socket cookie in TC (where it usually is not).
@@ -301,4 +330,6 @@ mod user {
     unsafe impl aya::Pod for Owner {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for BlockKey {}
+    unsafe impl aya::Pod for BlockValue {}
 }

@@ -7,7 +7,9 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use egress_common::{Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_COUNT};
+use egress_common::{
+    BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_COUNT,
+};
 
 /// IPv4 policy prefixes -> rule set. Written by the controller (compile step), read by the
 /// connect/sendmsg hooks. v4-mapped IPv6 destinations are looked up here too.
@@ -52,3 +54,9 @@ pub static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_en
 /// wireguard: 0). Written by the controller at attach time; missing means Ethernet (14).
 #[map]
 pub static IFACE_L2: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
+
+/// Byte-budget blocks (`[[alert]] action = "block"`): a process, everywhere or towards one
+/// destination, gets EPERM on connect/sendmsg and its packets are dropped at TC until `until_ns`.
+/// Written by the controller, read by every hook.
+#[map]
+pub static BLOCKED: HashMap<BlockKey, BlockValue> = HashMap::with_max_entries(4096, 0);

@@ -1,12 +1,13 @@
 //! Policy lookups shared by every hook: loopback short-cut, LPM trie, then the first matching
 //! port rule (`RuleSet::first_match`, the same code `egress explain` runs).
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
+    BlockKey,
     ACTION_BLOCK, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, is_loopback_v4, is_loopback_v6,
 };
 
-use crate::maps::{CONFIG, POLICY_V4, POLICY_V6, RULESETS};
+use crate::maps::{BLOCKED, CONFIG, POLICY_V4, POLICY_V6, RULESETS};
 
 /// The outcome of a policy lookup.
 pub struct Decision {
@@ -69,5 +70,26 @@ fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decisio
             rule_id: r.rule_id,
         },
         None => default,
+    }
+}
+
+/// The alert rule blocking process `tgid` (everywhere, or towards `addr`), if a byte-budget block
+/// is in force. `family` is 4 (address in the first 4 bytes) or 6.
+#[inline(always)]
+pub fn budget_block(cfg: &Config, tgid: u32, family: u8, addr: &[u8; 16]) -> Option<u32> {
+    if cfg.budget_blocks == 0 {
+        return None;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let any = BlockKey { tgid, family: 0, _pad: [0; 3], addr: [0; 16] };
+    if let Some(b) = unsafe { BLOCKED.get(any) }
+        && b.until_ns > now
+    {
+        return Some(b.rule_id);
+    }
+    let one = BlockKey { tgid, family, _pad: [0; 3], addr: *addr };
+    match unsafe { BLOCKED.get(one) } {
+        Some(b) if b.until_ns > now => Some(b.rule_id),
+        _ => None,
     }
 }

@@ -88,6 +88,17 @@ fn finish(
     port: u16,
     proto: u8,
 ) -> i32 {
+    // A process over its byte budget is refused whatever the policy says.
+    let d = if d.allow {
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let (jfamily, jaddr) = judged(family, v4_mapped, &addr);
+        match policy::budget_block(cfg, tgid, jfamily, &jaddr) {
+            Some(rule_id) => Decision { allow: false, rule_id },
+            None => d,
+        }
+    } else {
+        d
+    };
     if d.allow {
         count(STAT_ALLOWED);
         record_owner(ctx);
@@ -129,6 +140,18 @@ fn finish(
         VERDICT_ALLOW
     } else {
         VERDICT_DENY
+    }
+}
+
+/// The family and address a destination is judged as: a v4-mapped address as its IPv4 address.
+#[inline(always)]
+fn judged(family: u8, v4_mapped: u8, addr: &[u8; 16]) -> (u8, [u8; 16]) {
+    if v4_mapped != 0 {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&addr[12..16]);
+        (4, v4)
+    } else {
+        (family, *addr)
     }
 }
 

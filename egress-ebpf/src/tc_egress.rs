@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP,
-    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES,
+    MODE_AUDIT, Owner, RULE_DEFAULT, STAT_BUDGET_DROPPED, RULE_LOOPBACK, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES,
     STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED, TGID_UNATTRIBUTED,
 };
 
@@ -65,6 +65,14 @@ pub fn classify(ctx: &TcContext) -> i32 {
         None
     };
 
+    // A process over its byte budget: its packets stop here, established connections included.
+    if let Some(o) = owner
+        && policy::budget_block(&cfg, o.tgid, p.family, &p.addr).is_some()
+        && cfg.mode != MODE_AUDIT
+    {
+        count(STAT_BUDGET_DROPPED);
+        return TC_ACT_SHOT;
+    }
     if owner.is_none() {
         let d = if p.family == 4 {
             policy::decide_v4(

@@ -166,6 +166,15 @@ struct ProcState {
     dests: HashMap<DestKey, Counter>,
 }
 
+/// The result of one [`Accounting::tick`].
+#[derive(Debug, Default)]
+pub struct TickOutcome {
+    /// Flow keys of exited processes, to delete from the kernel map.
+    pub exited: Vec<FlowKey>,
+    /// Counter increases since the previous reading.
+    pub deltas: Vec<(FlowKey, FlowValue)>,
+}
+
 /// Per-process totals.
 #[derive(Debug)]
 pub struct Accounting {
@@ -201,16 +210,18 @@ impl Accounting {
         Accounting::default()
     }
 
-    /// Folds one reading of the kernel counters in. `owner_comm` names processes that exited
-    /// before /proc could be read (from the kernel's socket-owner records). Returns the flow keys
-    /// to delete from the kernel map: those of processes that have exited, now fully counted.
+        /// Folds one reading of the kernel counters in. `owner_comm` names processes that exited
+    /// before /proc could be read (from the kernel's socket-owner records). Returns what changed
+    /// since the last reading, and the flow keys to delete from the kernel map: those of processes
+    /// that have exited, now fully counted.
     pub fn tick(
         &mut self,
         flows: &[(FlowKey, FlowValue)],
         now: Instant,
         procs: &dyn ProcSource,
-        owner_comm: &dyn Fn(u32) -> Option<String>,
-    ) -> Vec<FlowKey> {
+                owner_comm: &dyn Fn(u32) -> Option<String>,
+    ) -> TickOutcome {
+        let mut deltas = Vec::new();
         for (key, value) in flows {
             let prev = self.last.insert(*key, *value).unwrap_or_default();
             // A counter below its last value was deleted and recreated: all of it is new.
@@ -223,9 +234,10 @@ impl Accounting {
                     payload: value.payload.saturating_sub(prev.payload),
                 }
             };
-            if delta.packets == 0 && delta.bytes == 0 {
+                        if delta.packets == 0 && delta.bytes == 0 {
                 continue;
             }
+            deltas.push((*key, delta));
             let state = self.procs.entry(key.tgid).or_insert_with(|| {
                 let (info, alive) = if key.tgid == TGID_UNATTRIBUTED {
                     (
@@ -293,11 +305,13 @@ impl Accounting {
             self.last.remove(k);
         }
         let retention = self.retention;
-        self.procs.retain(|_, p| {
-            p.exited_at
-                .is_none_or(|t| now.duration_since(t) < retention)
-        });
-        exited
+                self.procs.retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < retention));
+        TickOutcome { exited, deltas }
+    }
+
+    /// What /proc said about a process (empty when unknown).
+    pub fn info(&self, tgid: u32) -> ProcInfo {
+        self.procs.get(&tgid).map(|p| p.info.clone()).unwrap_or_default()
     }
 
     /// Every process, highest rate first (then most bytes).

@@ -52,6 +52,7 @@ pub struct CompiledPolicy {
     pub rule_kinds: Vec<Option<RuleKind>>,
     pub services: usize,
     pub blocks: usize,
+    pub alerts: usize,
 }
 
 /// What decided a verdict.
@@ -290,6 +291,11 @@ impl CompiledPolicy {
             rule_names.push(r.name.clone());
             rule_kinds.push(Some(r.kind));
         }
+        // Alerts follow the rules: a byte-budget block reports its alert as the deciding rule.
+        for a in &policy.alerts {
+            rule_names.push(a.name.clone());
+            rule_kinds.push(None);
+        }
         Ok(CompiledPolicy {
             source: policy.source.clone(),
             config: Config {
@@ -312,7 +318,13 @@ impl CompiledPolicy {
             rule_kinds,
             services: policy.services().count(),
             blocks: policy.blocks().count(),
+            alerts: policy.alerts.len(),
         })
+    }
+
+    /// The `rule_id` of alert number `i` (in policy order).
+    pub fn alert_rule_id(&self, i: usize) -> u32 {
+        (self.rule_names.len() - self.alerts + i) as u32
     }
 
     /// Name of a rule id as events report it.

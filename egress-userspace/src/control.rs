@@ -4,7 +4,8 @@
 //! into per-process totals once a second.
 
 use std::{
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -12,6 +13,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use egress_common::{BlockKey, FlowKey};
 use tokio::{
     io::AsyncWrite,
     signal::unix::{SignalKind, signal},
@@ -19,19 +21,22 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    accounting::{Accounting, Procfs},
+    accounting::{Accounting, ProcSource as _, Procfs},
+    alerts::{AlertEngine, AlertKey, FlowVerdict},
     cgroup::{self, ChildCgroup},
-    ctlsock::{self, SharedReport, StatsReport},
+    compile::CompiledPolicy,
+    ctlsock::{self, BlockInfo, Response, SharedReport, StatsReport},
     datapath::Datapath,
     events::{EventStream, cstr},
     iface, load_policy,
-    policy::Policy,
+    policy::{Policy, RuleKind},
+    webhook::Webhook,
 };
 
 type Sink = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// How often the flow counters are read.
-const TICK: Duration = Duration::from_secs(1);
+/// How often the flow counters are read: alerts fire within this of a threshold being crossed.
+const TICK: Duration = Duration::from_millis(250);
 
 /// Where events go: `--events FILE` (appended), else the given default stream.
 async fn event_sink(path: Option<&Path>, default: Sink) -> anyhow::Result<Sink> {
@@ -50,80 +55,273 @@ async fn event_sink(path: Option<&Path>, default: Sink) -> anyhow::Result<Sink> 
     }
 }
 
-/// The datapath, its event stream and the per-process totals of one controller.
+/// A byte-budget block in force.
+struct ActiveBlock {
+    key: BlockKey,
+    rule: String,
+    until: Instant,
+    until_wall: SystemTime,
+}
+
+/// The datapath, its event stream, the per-process totals and the alert engine of one
+/// controller.
 struct Controller {
     dp: Datapath,
     stream: EventStream<Sink>,
     acct: Accounting,
+    alerts: AlertEngine,
+    webhook: Option<Webhook>,
+    blocks: HashMap<AlertKey, ActiveBlock>,
+    alerts_by_rule: BTreeMap<String, u64>,
     report: SharedReport,
     policy: Policy,
+    compiled: CompiledPolicy,
+}
+
+/// CLOCK_BOOTTIME now, in nanoseconds (the datapath's clock for block expiry).
+fn boot_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The kernel's key for blocking an alert key (only process keys can be blocked).
+fn block_key(key: &AlertKey) -> Option<BlockKey> {
+    let (tgid, dst) = match key {
+        AlertKey::Process(p) => (*p, None),
+        AlertKey::ProcessDestination(p, d) => (*p, Some(*d)),
+        _ => return None,
+    };
+    let mut bk = BlockKey { tgid, ..BlockKey::default() };
+    match dst {
+        Some(IpAddr::V4(v4)) => {
+            bk.family = 4;
+            bk.addr[..4].copy_from_slice(&v4.octets());
+        }
+        Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => {
+                bk.family = 4;
+                bk.addr[..4].copy_from_slice(&v4.octets());
+            }
+            None => {
+                bk.family = 6;
+                bk.addr = v6.octets();
+            }
+        },
+        None => {}
+    }
+    Some(bk)
+}
+
+/// The cgroup2 path of a process, from /proc (for alert evidence).
+fn cgroup_path_of(pid: Option<u32>) -> String {
+    let Some(pid) = pid else { return String::new() };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return String::new() };
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else { return String::new() };
+    match cgroup::cgroup2_root() {
+        Ok(root) => format!("{}{}", root.display(), rel),
+        Err(_) => rel.to_string(),
+    }
 }
 
 impl Controller {
-    async fn new(
-        policy_path: Option<&Path>,
-        events: Option<&Path>,
-        default_sink: Sink,
-    ) -> anyhow::Result<Controller> {
-        let (policy, compiled) = load_policy(policy_path)?;
+    async fn new(opts: &CommonOptions, default_sink: Sink) -> anyhow::Result<Controller> {
+        let (policy, compiled) = load_policy(opts.policy.as_deref())?;
         let mut dp = Datapath::load(&compiled).context("loading the datapath")?;
         let ring = dp.take_events()?;
-        let sink = event_sink(events, default_sink).await?;
-        let stream = EventStream::new(ring, compiled, sink)?;
+        let sink = event_sink(opts.events.as_deref(), default_sink).await?;
+        let stream = EventStream::new(ring, compiled.clone(), sink)?;
+        let webhook = match &opts.webhook {
+            Some(url) => Some(Webhook::start(url.clone(), opts.spool.clone())?),
+            None => None,
+        };
         Ok(Controller {
             dp,
             stream,
             acct: Accounting::new(),
+            alerts: AlertEngine::new(policy.alerts.clone(), Instant::now()),
+            webhook,
+            blocks: HashMap::new(),
+            alerts_by_rule: BTreeMap::new(),
             report: Arc::new(Mutex::new(StatsReport::default())),
             policy,
+            compiled,
         })
     }
 
     /// Attaches TC to `ifaces`, or to every interface that is up but loopback when none is given.
     fn attach_tc(&mut self, ifaces: &[String]) -> anyhow::Result<()> {
-        let ifaces = if ifaces.is_empty() {
-            iface::default_ifaces().context("listing interfaces")?
-        } else {
-            ifaces.to_vec()
-        };
+        let ifaces = if ifaces.is_empty() { iface::default_ifaces().context("listing interfaces")? } else { ifaces.to_vec() };
         if ifaces.is_empty() {
             warn!("no interface is up besides loopback: TC accounting is not attached");
             return Ok(());
         }
-        self.dp
-            .attach_tc(&ifaces)
-            .context("attaching the TC egress program")?;
+        self.dp.attach_tc(&ifaces).context("attaching the TC egress program")?;
         info!(ifaces = ?ifaces, "TC egress accounting attached");
         Ok(())
     }
 
-    /// Reads the flow counters into the totals and publishes a fresh report.
-    fn tick(&mut self) -> anyhow::Result<()> {
+    /// Writes one JSON object to the event stream.
+    async fn emit<T: serde::Serialize>(&mut self, value: &T) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(value)?;
+        line.push(b'\n');
+        self.stream.write_line(&line).await
+    }
+
+    /// Reads the flow counters into the totals, runs the alert rules, applies and expires
+    /// byte-budget blocks, and publishes a fresh report.
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
         let flows = self.dp.flows()?;
-        let dp = &self.dp;
-        let owner_comm = |tgid: u32| dp.owner_of(tgid).map(|o| cstr(&o.comm));
-        let exited = self.acct.tick(&flows, Instant::now(), &Procfs, &owner_comm);
-        if !exited.is_empty() {
-            self.dp.remove_flows(&exited)?;
+        let outcome = {
+            let dp = &self.dp;
+            let owner_comm = |tgid: u32| dp.owner_of(tgid).map(|o| cstr(&o.comm));
+            self.acct.tick(&flows, now, &Procfs, &owner_comm)
+        };
+        if !outcome.exited.is_empty() {
+            self.dp.remove_flows(&outcome.exited)?;
+        }
+        if !self.alerts.is_empty() && !outcome.deltas.is_empty() {
+            let firings = {
+                let compiled = &self.compiled;
+                let acct = &self.acct;
+                let verdict = |k: &FlowKey| {
+                    let dst: IpAddr = if k.family == 4 {
+                        Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]).into()
+                    } else {
+                        Ipv6Addr::from(k.addr).into()
+                    };
+                    let e = compiled.evaluate(dst, k.port, k.protocol);
+                    let kind = compiled.rule_kinds.get(e.rule_id as usize).copied().flatten();
+                    FlowVerdict {
+                        rule: compiled.rule_name(e.rule_id).to_string(),
+                        approved_by_service: e.allow && kind == Some(RuleKind::Service),
+                    }
+                };
+                let info = |tgid: u32| {
+                    let i = acct.info(tgid);
+                    if i.comm.is_empty() { Procfs.info(tgid).unwrap_or_default() } else { i }
+                };
+                self.alerts.observe(&outcome.deltas, now, wall, &verdict, &info, &|_| String::new())
+            };
+            for mut f in firings {
+                f.event.cgroup_path = cgroup_path_of(f.event.pid);
+                *self.alerts_by_rule.entry(f.event.rule.clone()).or_default() += 1;
+                if let Some(dur) = f.block_for
+                    && let Some(bk) = block_key(&f.key)
+                {
+                    let rule_id = self.compiled.alert_rule_id(f.alert_index);
+                    self.dp.block(bk, boot_ns() + dur.as_nanos() as u64, rule_id)?;
+                    self.blocks.insert(
+                        f.key,
+                        ActiveBlock { key: bk, rule: f.event.rule.clone(), until: now + dur, until_wall: wall + dur },
+                    );
+                }
+                warn!(rule = %f.event.rule, key = %f.event.key, bytes = f.event.bytes_in_window, action = %f.event.action, "high-volume transfer alert");
+                self.emit(&f.event).await?;
+                if let Some(w) = &self.webhook {
+                    w.send(serde_json::to_vec(&f.event)?);
+                }
+                if f.event.action == "block" {
+                    let ev = BlockEvent::new("block", &f.event.key, &f.event.rule, "over budget", f.event.blocked_until.clone());
+                    self.emit(&ev).await?;
+                }
+            }
+        }
+        let expired: Vec<AlertKey> = self.blocks.iter().filter(|(_, b)| b.until <= now).map(|(k, _)| *k).collect();
+        for k in expired {
+            self.lift(&k, "cooldown ended").await?;
         }
         let report = StatsReport {
-            generated_at: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            generated_at: humantime::format_rfc3339_nanos(wall).to_string(),
             policy: self.policy.source.clone(),
             mode: self.policy.mode.to_string(),
             processes: self.acct.snapshot(),
             counters: self.dp.stats()?,
             denies_by_rule: self.stream.by_rule().clone(),
+            alerts_by_rule: self.alerts_by_rule.clone(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|(k, b)| BlockInfo {
+                    key: k.text(),
+                    rule: b.rule.clone(),
+                    until: humantime::format_rfc3339_seconds(b.until_wall).to_string(),
+                })
+                .collect(),
         };
         *self.report.lock().expect("report lock") = report;
         Ok(())
     }
+
+    /// Lifts a byte-budget block and reports it.
+    async fn lift(&mut self, key: &AlertKey, reason: &str) -> anyhow::Result<bool> {
+        let Some(b) = self.blocks.remove(key) else { return Ok(false) };
+        self.dp.unblock(&b.key)?;
+        info!(key = %key.text(), rule = %b.rule, reason, "byte-budget block lifted");
+        self.emit(&BlockEvent::new("unblock", &key.text(), &b.rule, reason, None)).await?;
+        Ok(true)
+    }
+
+    /// Acts on a control-socket request that needs the datapath.
+    async fn command(&mut self, cmd: ctlsock::Command) -> anyhow::Result<()> {
+        let resp = match &cmd.request {
+            ctlsock::Request::Unblock { key } => match AlertKey::parse(key) {
+                Err(e) => Response::err(e),
+                Ok(k) => {
+                    if self.lift(&k, "egress unblock").await? {
+                        Response::ok(format!("unblocked {}", k.text()))
+                    } else {
+                        Response::err(format!("no byte-budget block on {}", k.text()))
+                    }
+                }
+            },
+            ctlsock::Request::Stats => Response::err("stats is answered by the socket server"),
+        };
+        let _ = cmd.reply.send(resp);
+        Ok(())
+    }
+}
+
+/// A block being set or lifted, in the event stream.
+#[derive(Debug, serde::Serialize)]
+struct BlockEvent {
+    ts: String,
+    event: String,
+    key: String,
+    rule: String,
+    reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    until: Option<String>,
+}
+
+impl BlockEvent {
+    fn new(event: &str, key: &str, rule: &str, reason: &str, until: Option<String>) -> BlockEvent {
+        BlockEvent {
+            ts: humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            event: event.into(),
+            key: key.into(),
+            rule: rule.into(),
+            reason: reason.into(),
+            until,
+        }
+    }
+}
+
+/// Options `run` and `exec` share.
+pub struct CommonOptions {
+    pub policy: Option<PathBuf>,
+    pub events: Option<PathBuf>,
+    pub ifaces: Vec<String>,
+    pub webhook: Option<String>,
+    pub spool: PathBuf,
 }
 
 pub struct RunOptions {
-    pub policy: Option<PathBuf>,
+    pub common: CommonOptions,
     pub cgroup: Option<PathBuf>,
-    pub events: Option<PathBuf>,
-    pub ifaces: Vec<String>,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
 }
@@ -131,12 +329,7 @@ pub struct RunOptions {
 /// `egress run`: enforce the policy on a cgroup (default: the whole cgroup2 hierarchy) until
 /// SIGINT or SIGTERM, then detach.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let mut ctl = Controller::new(
-        opts.policy.as_deref(),
-        opts.events.as_deref(),
-        Box::new(tokio::io::stdout()),
-    )
-    .await?;
+    let mut ctl = Controller::new(&opts.common, Box::new(tokio::io::stdout())).await?;
     let root = cgroup::cgroup2_root()?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     // Below the root, TC only touches the sockets of that cgroup's processes.
@@ -147,14 +340,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = ctlsock::bind(&opts.socket)?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    ctl.dp
-        .attach(&cgroup)
-        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
-    ctl.attach_tc(&opts.ifaces)?;
-    let server = tokio::spawn(ctlsock::serve(listener, ctl.report.clone()));
-    let metrics = opts
-        .metrics
-        .map(|addr| tokio::spawn(crate::metrics::serve(addr, ctl.report.clone())));
+    ctl.dp.attach(&cgroup).with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+    ctl.attach_tc(&opts.common.ifaces)?;
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel(16);
+    let server = tokio::spawn(ctlsock::serve(listener, ctl.report.clone(), cmd_tx));
+    let metrics = opts.metrics.map(|addr| tokio::spawn(crate::metrics::serve(addr, ctl.report.clone())));
     info!(
         policy = %ctl.policy.source,
         cgroup = %cgroup.display(),
@@ -162,6 +352,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         default = %ctl.policy.default,
         services = ctl.policy.services().count(),
         blocks = ctl.policy.blocks().count(),
+        alerts = ctl.policy.alerts.len(),
         socket = %opts.socket.display(),
         "enforcing; SIGINT or SIGTERM detaches"
     );
@@ -169,7 +360,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
-            _ = ticker.tick() => ctl.tick()?,
+            _ = ticker.tick() => ctl.tick().await?,
+            Some(cmd) = cmd_rx.recv() => ctl.command(cmd).await?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }
@@ -196,34 +388,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 }
 
 pub struct ExecOptions {
-    pub policy: Option<PathBuf>,
-    pub events: Option<PathBuf>,
+    pub common: CommonOptions,
     pub command: Vec<String>,
-    pub ifaces: Vec<String>,
     pub report: Option<PathBuf>,
 }
 
 /// `egress exec`: runs the command in a fresh child cgroup with the policy attached, and returns
 /// the exit code to exit with (the command's, or 128 + the signal that killed it).
 pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
-    let (program, args) = opts
-        .command
-        .split_first()
-        .context("no command given after `--`")?;
-    let mut ctl = Controller::new(
-        opts.policy.as_deref(),
-        opts.events.as_deref(),
-        Box::new(tokio::io::stderr()),
-    )
-    .await?;
+    let (program, args) = opts.command.split_first().context("no command given after `--`")?;
+    let mut ctl = Controller::new(&opts.common, Box::new(tokio::io::stderr())).await?;
     let root = cgroup::cgroup2_root()?;
     let cg = ChildCgroup::create(&root, "egress-exec")?;
     let (id, level) = cgroup::id_and_level(&root, cg.path())?;
     ctl.dp.set_tc_scope(id, level)?;
-    ctl.dp
-        .attach(cg.path())
-        .with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
-    ctl.attach_tc(&opts.ifaces)?;
+    ctl.dp.attach(cg.path()).with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
+    ctl.attach_tc(&opts.common.ifaces)?;
 
     // Handlers first: a signal arriving between spawn and here would otherwise kill egress and
     // leave the command running unprotected.
@@ -236,8 +416,8 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let parent = std::process::id() as libc::pid_t;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, write) on an fd opened
-    // before fork.
+    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getppid, write, _exit)
+    // on an fd opened before fork.
     unsafe {
         cmd.pre_exec(move || {
             // Fail closed: if egress dies (even by SIGKILL), the command dies with it rather than
@@ -255,11 +435,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
+            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
             tracing::error!(command = %program, error = %e, "cannot run the command");
             return Ok(code);
         }
@@ -270,7 +446,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         tokio::select! {
             st = child.wait() => break st.context("waiting for the command")?,
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
-            _ = ticker.tick() => ctl.tick()?,
+            _ = ticker.tick() => ctl.tick().await?,
             _ = sigint.recv() => forward_from_terminal(pid, libc::SIGINT),
             _ = sigquit.recv() => forward_from_terminal(pid, libc::SIGQUIT),
             _ = sigterm.recv() => forward(pid, libc::SIGTERM),
@@ -279,12 +455,11 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     };
     // The command's last events and counters may still be in the kernel.
     ctl.stream.drain_all().await?;
-    ctl.tick()?;
+    ctl.tick().await?;
     if let Some(path) = &opts.report {
         let report = ctl.report.lock().expect("report lock").clone();
         let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("writing report {}", path.display()))?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing report {}", path.display()))?;
     }
     // Anything the command left behind is killed while the policy is still attached; only then
     // is the datapath detached and the cgroup removed.

@@ -34,8 +34,22 @@ pub struct StatsReport {
     pub processes: Vec<ProcTotals>,
     /// Datapath counters.
     pub counters: Stats,
-    /// Deny (and audit) events by deciding rule, as received by this controller.
+        /// Deny (and audit) events by deciding rule, as received by this controller.
     pub denies_by_rule: BTreeMap<String, u64>,
+    /// Alerts raised, by alert rule.
+    #[serde(default)]
+    pub alerts_by_rule: BTreeMap<String, u64>,
+    /// Byte-budget blocks in force.
+    #[serde(default)]
+    pub blocks: Vec<BlockInfo>,
+}
+
+/// A byte-budget block in force.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BlockInfo {
+    pub key: String,
+    pub rule: String,
+    pub until: String,
 }
 
 pub type SharedReport = Arc<Mutex<StatsReport>>;
@@ -44,6 +58,14 @@ pub type SharedReport = Arc<Mutex<StatsReport>>;
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Stats,
+    /// Lift a byte-budget block (`egress unblock KEY`).
+    Unblock { key: String },
+}
+
+/// A request the controller's main loop must act on, with where to send the answer.
+pub struct Command {
+    pub request: Request,
+    pub reply: tokio::sync::oneshot::Sender<Response>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,8 +73,19 @@ pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<StatsReport>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response { ok: true, error: None, stats: None, message: Some(message.into()) }
+    }
+    pub fn err(error: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(error.into()), stats: None, message: None }
+    }
 }
 
 /// Binds the socket: creates its directory (0700), refuses to steal the socket of a live
@@ -81,12 +114,13 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves requests until the task is dropped.
-pub async fn serve(listener: UnixListener, report: SharedReport) {
+pub async fn serve(listener: UnixListener, report: SharedReport, commands: tokio::sync::mpsc::Sender<Command>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let report = report.clone();
+                let report = report.clone();
+        let commands = commands.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut lines = tokio::io::BufReader::new(read.take(64 * 1024)).lines();
@@ -96,12 +130,17 @@ pub async fn serve(listener: UnixListener, report: SharedReport) {
                         ok: true,
                         error: None,
                         stats: Some(report.lock().expect("report lock").clone()),
+                        message: None,
                     },
-                    Err(e) => Response {
-                        ok: false,
-                        error: Some(format!("bad request: {e}")),
-                        stats: None,
-                    },
+                    Ok(request) => {
+                        let (reply, answer) = tokio::sync::oneshot::channel();
+                        if commands.send(Command { request, reply }).await.is_err() {
+                            Response::err("the controller is shutting down")
+                        } else {
+                            answer.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
+                        }
+                    }
+                    Err(e) => Response::err(format!("bad request: {e}")),
                 };
                 let Ok(mut text) = serde_json::to_vec(&resp) else {
                     break;

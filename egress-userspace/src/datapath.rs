@@ -15,7 +15,7 @@ use aya::{
 use egress_common::{
     Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_ALLOWED, STAT_AUDITED,
     STAT_COUNT, STAT_DENIED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS,
-    STAT_TC_AUDITED, STAT_TC_DROPPED,
+    STAT_TC_AUDITED, STAT_TC_DROPPED, BlockKey, BlockValue, STAT_BUDGET_DROPPED,
 };
 
 use crate::compile::CompiledPolicy;
@@ -71,6 +71,8 @@ pub struct Stats {
     /// Packets/bytes not counted under their own flow because the flow map was full.
     pub flows_full_packets: u64,
     pub flows_full_bytes: u64,
+    /// Packets TC dropped because their owner is over a byte budget.
+    pub budget_dropped: u64,
 }
 
 /// A loaded (and, after [`Datapath::attach`], attached) datapath. Dropping it detaches every
@@ -184,6 +186,40 @@ impl Datapath {
         Ok(())
     }
 
+    /// Blocks `key` in the kernel until `until_ns` (CLOCK_BOOTTIME), reporting `rule_id`.
+    pub fn block(&mut self, key: BlockKey, until_ns: u64, rule_id: u32) -> Result<(), DatapathError> {
+        {
+            let map = self.ebpf.map_mut("BLOCKED").ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let mut m: HashMap<&mut MapData, BlockKey, BlockValue> = HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            m.insert(key, BlockValue { until_ns, rule_id, _pad: 0 }, 0).map_err(map_err("BLOCKED"))?;
+        }
+        self.sync_block_count()
+    }
+
+    /// Lifts a block; true if there was one.
+    pub fn unblock(&mut self, key: &BlockKey) -> Result<bool, DatapathError> {
+        let removed = {
+            let map = self.ebpf.map_mut("BLOCKED").ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let mut m: HashMap<&mut MapData, BlockKey, BlockValue> = HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            m.remove(key).is_ok()
+        };
+        self.sync_block_count()?;
+        Ok(removed)
+    }
+
+    /// Tells the hooks how many blocks exist (0 lets them skip the lookups).
+    fn sync_block_count(&mut self) -> Result<(), DatapathError> {
+        let n = {
+            let map = self.ebpf.map("BLOCKED").ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let m: HashMap<&MapData, BlockKey, BlockValue> = HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            m.keys().count() as u32
+        };
+        self.config.budget_blocks = n;
+        let map = self.ebpf.map_mut("CONFIG").ok_or(DatapathError::Missing("CONFIG map"))?;
+        let mut config: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+        config.set(0, self.config, 0).map_err(map_err("CONFIG"))
+    }
+
     /// Every flow counter, summed over CPUs.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
         let map = self
@@ -288,6 +324,7 @@ impl Datapath {
             tc_audited: sums[STAT_TC_AUDITED as usize],
             flows_full_packets: sums[STAT_FLOWS_FULL_PACKETS as usize],
             flows_full_bytes: sums[STAT_FLOWS_FULL_BYTES as usize],
+            budget_dropped: sums[STAT_BUDGET_DROPPED as usize],
         })
     }
 }

@@ -219,6 +219,13 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         Ok(())
     }
 
+    /// Writes other JSON lines (alerts, blocks) to the same stream.
+    pub async fn write_line(&mut self, line: &[u8]) -> anyhow::Result<()> {
+        self.out.write_all(line).await?;
+        self.out.flush().await?;
+        Ok(())
+    }
+
     /// Drains until the ring buffer is empty (at exit).
     pub async fn drain_all(&mut self) -> anyhow::Result<()> {
         loop {

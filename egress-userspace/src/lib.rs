@@ -18,6 +18,7 @@ pub mod events;
 pub mod explain;
 pub mod iface;
 pub mod metrics;
+pub mod webhook;
 pub mod policy;
 
 use std::path::Path;

@@ -9,8 +9,8 @@ use std::{
 
 use clap::{Parser, Subcommand, ValueEnum};
 use egress::{
-    control::{self, ExecOptions, RunOptions},
-    ctlsock, display, explain, load_policy,
+    control::{self, CommonOptions, ExecOptions, RunOptions},
+    ctlsock, display, webhook, explain, load_policy,
     policy::Protocol,
 };
 use tracing_subscriber::EnvFilter;
@@ -34,8 +34,8 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Enforce a policy on a cgroup (default: the whole host) until SIGINT/SIGTERM, writing deny
-    /// and audit events as JSON lines.
+    /// Enforce a policy on a cgroup (default: the whole host) until SIGINT/SIGTERM, writing deny,
+    /// audit and alert events as JSON lines, and accounting egress bytes per process.
     Run {
         /// Policy file. Default: the embedded policies/default.toml (audit mode).
         #[arg(long, value_name = "FILE")]
@@ -50,7 +50,10 @@ enum Command {
         /// is up, except loopback.
         #[arg(long = "iface", value_name = "IFACE")]
         ifaces: Vec<String>,
-        /// Control socket for `egress stats` and `egress top` (root only, mode 0600).
+        #[command(flatten)]
+        alerting: AlertArgs,
+        /// Control socket for `egress stats`, `egress top` and `egress unblock` (root only, mode
+        /// 0600).
         #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464.
@@ -70,6 +73,8 @@ enum Command {
         /// is up, except loopback. TC only touches the command's own traffic.
         #[arg(long = "iface", value_name = "IFACE")]
         ifaces: Vec<String>,
+        #[command(flatten)]
+        alerting: AlertArgs,
         /// When the command exits, write its egress summary (per process and destination) as
         /// JSON to FILE.
         #[arg(long, value_name = "FILE")]
@@ -77,6 +82,15 @@ enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Lift a byte-budget block (`[[alert]] action = "block"`) before its cooldown ends.
+    Unblock {
+        /// The alert key, as events print it: process:PID, process_destination:PID->ADDR (a bare
+        /// PID means process:PID).
+        key: String,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Per-process egress totals (bytes, packets, rate, destinations) from the running controller.
     Stats {
@@ -123,6 +137,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where alerts go besides the event stream.
+#[derive(clap::Args, Debug)]
+struct AlertArgs {
+    /// POST every alert as JSON to URL (retries with backoff; undelivered alerts are spooled
+    /// and sent when it is back).
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
+    /// Directory for alerts the webhook could not take yet.
+    #[arg(long, value_name = "DIR", default_value = webhook::DEFAULT_SPOOL)]
+    spool: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -174,39 +200,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(cmd: Command) -> anyhow::Result<u8> {
     match cmd {
-        Command::Run {
-            policy,
-            cgroup,
-            events,
-            ifaces,
-            socket,
-            metrics,
-        } => {
-            runtime()?.block_on(control::run(RunOptions {
-                policy,
-                cgroup,
-                events,
-                ifaces,
-                socket,
-                metrics,
-            }))?;
+        Command::Run { policy, cgroup, events, ifaces, alerting, socket, metrics } => {
+            let common = CommonOptions { policy, events, ifaces, webhook: alerting.webhook, spool: alerting.spool };
+            runtime()?.block_on(control::run(RunOptions { common, cgroup, socket, metrics }))?;
             Ok(0)
         }
-        Command::Exec {
-            policy,
-            events,
-            command,
-            ifaces,
-            report,
-        } => {
-            let code = runtime()?.block_on(control::exec(ExecOptions {
-                policy,
-                events,
-                command,
-                ifaces,
-                report,
-            }))?;
+        Command::Exec { policy, events, ifaces, alerting, report, command } => {
+            let common = CommonOptions { policy, events, ifaces, webhook: alerting.webhook, spool: alerting.spool };
+            let code = runtime()?.block_on(control::exec(ExecOptions { common, command, report }))?;
             Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Unblock { key, socket } => {
+            let resp = ctlsock::request(&socket, &ctlsock::Request::Unblock { key })?;
+            println!("{}", resp.message.unwrap_or_default());
+            Ok(0)
         }
         Command::Stats { json, socket } => {
             let report = ctlsock::fetch_stats(&socket)?;

@@ -136,7 +136,7 @@ fn exited_processes_are_kept_then_aged_out_and_their_keys_deleted() {
     acct.retention = Duration::from_secs(60);
     let t0 = Instant::now();
     let del = acct.tick(&[(key(5, 2, 443), val(3, 3_000))], t0, &procs, &no_owner);
-    assert!(del.is_empty());
+    assert!(del.exited.is_empty());
     procs.alive.borrow_mut().remove(&5);
     let del = acct.tick(
         &[(key(5, 2, 443), val(4, 4_000))],
@@ -145,7 +145,7 @@ fn exited_processes_are_kept_then_aged_out_and_their_keys_deleted() {
         &no_owner,
     );
     assert_eq!(
-        del,
+        del.exited,
         vec![key(5, 2, 443)],
         "counted to the end, then deleted from the kernel"
     );
@@ -179,7 +179,7 @@ fn short_lived_process_named_from_the_kernel_record() {
         (snap[0].comm.as_str(), snap[0].alive, snap[0].bytes),
         ("curl", false, 2_000)
     );
-    assert_eq!(del.len(), 1);
+    assert_eq!(del.exited.len(), 1);
 }
 
 #[test]

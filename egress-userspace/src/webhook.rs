@@ -1,0 +1,180 @@
+//! Alert delivery to a webhook (`--webhook URL`): HTTP POST of the alert's JSON, with a timeout,
+//! retries with exponential backoff, and a disk spool so that nothing is lost while the receiver
+//! is down. Delivery runs in its own task: a slow or dead webhook never blocks enforcement or the
+//! event loop.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// Default spool directory.
+pub const DEFAULT_SPOOL: &str = "/var/lib/egress/spool";
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+const ATTEMPTS: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How often the spool is retried while it holds undelivered alerts (doubling up to this).
+const MAX_SPOOL_BACKOFF: Duration = Duration::from_secs(30);
+const QUEUE: usize = 1024;
+
+/// The sending side, held by the controller.
+#[derive(Clone)]
+pub struct Webhook {
+    tx: mpsc::Sender<Vec<u8>>,
+    spool: PathBuf,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Writes one alert to the spool directory (name sorts by time, then sequence).
+fn spool_write(dir: &Path, body: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let name = format!("{ts:024}-{:08}-{}.json", SEQ.fetch_add(1, Ordering::Relaxed), std::process::id());
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, body)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+fn spooled(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result<()> {
+    let resp = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .context("sending")?;
+    if !resp.status().is_success() {
+        anyhow::bail!("webhook answered {}", resp.status());
+    }
+    Ok(())
+}
+
+/// POSTs with retries and exponential backoff.
+async fn deliver(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result<()> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut last = None;
+    for attempt in 1..=ATTEMPTS {
+        match post(client, url, body).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                debug!(attempt, error = %e, "webhook delivery failed");
+                last = Some(e);
+                if attempt < ATTEMPTS {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+impl Webhook {
+    /// Starts the delivery task. Alerts already in `spool` (from an earlier run) are sent first.
+    pub fn start(url: String, spool: PathBuf) -> anyhow::Result<Webhook> {
+        let client = reqwest::Client::builder().timeout(TIMEOUT).build().context("building the HTTP client")?;
+        std::fs::create_dir_all(&spool).with_context(|| format!("creating spool {}", spool.display()))?;
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let dir = spool.clone();
+        tokio::spawn(async move {
+            let mut spool_backoff = Duration::from_secs(1);
+            let mut next_spool_try = tokio::time::Instant::now();
+            loop {
+                // Flush the spool first, oldest first, stopping at the first failure.
+                if tokio::time::Instant::now() >= next_spool_try {
+                    let mut failed = false;
+                    for f in spooled(&dir) {
+                        let Ok(body) = std::fs::read(&f) else { continue };
+                        match deliver(&client, &url, &body).await {
+                            Ok(()) => {
+                                let _ = std::fs::remove_file(&f);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "webhook still unreachable; alerts stay spooled");
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    if failed {
+                        spool_backoff = (spool_backoff * 2).min(MAX_SPOOL_BACKOFF);
+                    } else {
+                        spool_backoff = Duration::from_secs(1);
+                    }
+                    next_spool_try = tokio::time::Instant::now() + spool_backoff;
+                }
+                let wait = tokio::time::sleep_until(next_spool_try);
+                tokio::select! {
+                    msg = rx.recv() => {
+                        let Some(body) = msg else { return };
+                        // Keep the order: while older alerts wait in the spool, queue behind them.
+                        if !spooled(&dir).is_empty() {
+                            if let Err(e) = spool_write(&dir, &body) {
+                                warn!(error = %e, "could not spool an alert");
+                            }
+                            continue;
+                        }
+                        if let Err(e) = deliver(&client, &url, &body).await {
+                            warn!(error = %e, "webhook unreachable; alert spooled");
+                            if let Err(e) = spool_write(&dir, &body) {
+                                warn!(error = %e, "could not spool an alert");
+                            }
+                            next_spool_try = tokio::time::Instant::now() + spool_backoff;
+                        }
+                    }
+                    _ = wait => {}
+                }
+            }
+        });
+        Ok(Webhook { tx, spool })
+    }
+
+    /// Queues an alert; never waits. If the queue is full the alert goes straight to the spool.
+    pub fn send(&self, body: Vec<u8>) {
+        if let Err(mpsc::error::TrySendError::Full(body) | mpsc::error::TrySendError::Closed(body)) = self.tx.try_send(body)
+            && let Err(e) = spool_write(&self.spool, &body)
+        {
+            warn!(error = %e, "could not spool an alert");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spool_keeps_order_and_only_finished_files() {
+        let dir = std::env::temp_dir().join(format!("egress-spool-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for i in 0..5 {
+            spool_write(&dir, format!("{{\"n\":{i}}}").as_bytes()).unwrap();
+        }
+        std::fs::write(dir.join(".partial.json.tmp"), b"x").unwrap();
+        let files = spooled(&dir);
+        assert_eq!(files.len(), 5);
+        let bodies: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+        assert_eq!(bodies, (0..5).map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
