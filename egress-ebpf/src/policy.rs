@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    BlockKey,
-    ACTION_BLOCK, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, is_loopback_v4, is_loopback_v6,
+    ACTION_BLOCK, BlockKey, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, is_loopback_v4,
+    is_loopback_v6,
 };
 
 use crate::maps::{BLOCKED, CONFIG, POLICY_V4, POLICY_V6, RULESETS};
@@ -81,13 +81,23 @@ pub fn budget_block(cfg: &Config, tgid: u32, family: u8, addr: &[u8; 16]) -> Opt
         return None;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let any = BlockKey { tgid, family: 0, _pad: [0; 3], addr: [0; 16] };
+    let any = BlockKey {
+        tgid,
+        family: 0,
+        _pad: [0; 3],
+        addr: [0; 16],
+    };
     if let Some(b) = unsafe { BLOCKED.get(any) }
         && b.until_ns > now
     {
         return Some(b.rule_id);
     }
-    let one = BlockKey { tgid, family, _pad: [0; 3], addr: *addr };
+    let one = BlockKey {
+        tgid,
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
     match unsafe { BLOCKED.get(one) } {
         Some(b) if b.until_ns > now => Some(b.rule_id),
         _ => None,

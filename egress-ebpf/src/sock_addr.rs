@@ -93,7 +93,10 @@ fn finish(
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let (jfamily, jaddr) = judged(family, v4_mapped, &addr);
         match policy::budget_block(cfg, tgid, jfamily, &jaddr) {
-            Some(rule_id) => Decision { allow: false, rule_id },
+            Some(rule_id) => Decision {
+                allow: false,
+                rule_id,
+            },
             None => d,
         }
     } else {

@@ -210,7 +210,7 @@ impl Accounting {
         Accounting::default()
     }
 
-        /// Folds one reading of the kernel counters in. `owner_comm` names processes that exited
+    /// Folds one reading of the kernel counters in. `owner_comm` names processes that exited
     /// before /proc could be read (from the kernel's socket-owner records). Returns what changed
     /// since the last reading, and the flow keys to delete from the kernel map: those of processes
     /// that have exited, now fully counted.
@@ -219,7 +219,7 @@ impl Accounting {
         flows: &[(FlowKey, FlowValue)],
         now: Instant,
         procs: &dyn ProcSource,
-                owner_comm: &dyn Fn(u32) -> Option<String>,
+        owner_comm: &dyn Fn(u32) -> Option<String>,
     ) -> TickOutcome {
         let mut deltas = Vec::new();
         for (key, value) in flows {
@@ -234,7 +234,7 @@ impl Accounting {
                     payload: value.payload.saturating_sub(prev.payload),
                 }
             };
-                        if delta.packets == 0 && delta.bytes == 0 {
+            if delta.packets == 0 && delta.bytes == 0 {
                 continue;
             }
             deltas.push((*key, delta));
@@ -305,13 +305,19 @@ impl Accounting {
             self.last.remove(k);
         }
         let retention = self.retention;
-                self.procs.retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < retention));
+        self.procs.retain(|_, p| {
+            p.exited_at
+                .is_none_or(|t| now.duration_since(t) < retention)
+        });
         TickOutcome { exited, deltas }
     }
 
     /// What /proc said about a process (empty when unknown).
     pub fn info(&self, tgid: u32) -> ProcInfo {
-        self.procs.get(&tgid).map(|p| p.info.clone()).unwrap_or_default()
+        self.procs
+            .get(&tgid)
+            .map(|p| p.info.clone())
+            .unwrap_or_default()
     }
 
     /// Every process, highest rate first (then most bytes).

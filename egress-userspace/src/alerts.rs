@@ -34,7 +34,12 @@ impl SlidingWindow {
     pub fn new(window: Duration) -> SlidingWindow {
         let bucket = (window / 240).max(Duration::from_secs(1)).min(window);
         let buckets = (window.as_nanos() / bucket.as_nanos()).max(1) as usize;
-        SlidingWindow { bucket, buckets, data: VecDeque::new(), sum: 0 }
+        SlidingWindow {
+            bucket,
+            buckets,
+            data: VecDeque::new(),
+            sum: 0,
+        }
     }
 
     fn index(&self, since_epoch: Duration) -> u64 {
@@ -93,7 +98,8 @@ impl AlertKey {
 
     /// Parses the text form; a bare number is a process.
     pub fn parse(s: &str) -> Result<AlertKey, String> {
-        let expected = "expected process:PID, process_destination:PID->ADDR, destination:ADDR or cgroup:ID";
+        let expected =
+            "expected process:PID, process_destination:PID->ADDR, destination:ADDR or cgroup:ID";
         let bad = || format!("`{s}` is not an alert key: {expected}");
         if let Ok(pid) = s.parse::<u32>() {
             return Ok(AlertKey::Process(pid));
@@ -105,7 +111,10 @@ impl AlertKey {
             "cgroup" => rest.parse().map(AlertKey::Cgroup).map_err(|_| bad()),
             "process_destination" => {
                 let (p, d) = rest.split_once("->").ok_or_else(bad)?;
-                Ok(AlertKey::ProcessDestination(p.parse().map_err(|_| bad())?, d.parse().map_err(|_| bad())?))
+                Ok(AlertKey::ProcessDestination(
+                    p.parse().map_err(|_| bad())?,
+                    d.parse().map_err(|_| bad())?,
+                ))
             }
             _ => Err(bad()),
         }
@@ -220,14 +229,24 @@ fn contains(nets: &[crate::policy::Destination], ip: IpAddr) -> bool {
 
 impl AlertEngine {
     pub fn new(alerts: Vec<Alert>, epoch: Instant) -> AlertEngine {
-        AlertEngine { alerts, epoch, states: HashMap::new(), last_fired: HashMap::new() }
+        AlertEngine {
+            alerts,
+            epoch,
+            states: HashMap::new(),
+            last_fired: HashMap::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.alerts.is_empty()
     }
 
-    fn counts(alert: &Alert, key: &FlowKey, dst: IpAddr, verdict: &dyn Fn(&FlowKey) -> FlowVerdict) -> bool {
+    fn counts(
+        alert: &Alert,
+        key: &FlowKey,
+        dst: IpAddr,
+        verdict: &dyn Fn(&FlowKey) -> FlowVerdict,
+    ) -> bool {
         if !alert.destinations.is_empty() && !contains(&alert.destinations, dst) {
             return false;
         }
@@ -269,7 +288,9 @@ impl AlertEngine {
                     continue;
                 }
                 let akey = match alert.per {
-                    AlertPer::Process if key.tgid != TGID_UNATTRIBUTED => AlertKey::Process(key.tgid),
+                    AlertPer::Process if key.tgid != TGID_UNATTRIBUTED => {
+                        AlertKey::Process(key.tgid)
+                    }
                     AlertPer::ProcessDestination if key.tgid != TGID_UNATTRIBUTED => {
                         AlertKey::ProcessDestination(key.tgid, dst)
                     }
@@ -311,16 +332,24 @@ impl AlertEngine {
         let mut out = Vec::new();
         for (i, akey) in touched {
             let alert = &self.alerts[i];
-            let Some(st) = self.states.get_mut(&(i, akey)) else { continue };
+            let Some(st) = self.states.get_mut(&(i, akey)) else {
+                continue;
+            };
             let in_window = st.window.sum(t);
             if in_window < alert.bytes {
                 continue;
             }
-            if self.last_fired.get(&(i, akey)).is_some_and(|&last| now.duration_since(last) < alert.cooldown) {
+            if self
+                .last_fired
+                .get(&(i, akey))
+                .is_some_and(|&last| now.duration_since(last) < alert.cooldown)
+            {
                 continue;
             }
             self.last_fired.insert((i, akey), now);
-            let pid = akey.tgid().or_else(|| st.by_tgid.iter().max_by_key(|(_, b)| **b).map(|(p, _)| *p));
+            let pid = akey
+                .tgid()
+                .or_else(|| st.by_tgid.iter().max_by_key(|(_, b)| **b).map(|(p, _)| *p));
             let pinfo = pid.map(info).unwrap_or_default();
             let mut top: Vec<TopDestination> = st
                 .dests
@@ -335,7 +364,11 @@ impl AlertEngine {
                 .collect();
             top.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.dst.cmp(&b.dst)));
             top.truncate(5);
-            let active = st.last_seen_mono.duration_since(st.first_seen_mono).as_secs_f64().max(1.0);
+            let active = st
+                .last_seen_mono
+                .duration_since(st.first_seen_mono)
+                .as_secs_f64()
+                .max(1.0);
             let block_for = (alert.action == AlertAction::Block).then_some(alert.cooldown);
             let event = AlertEvent {
                 ts: humantime::format_rfc3339_nanos(wall).to_string(),
@@ -360,14 +393,26 @@ impl AlertEngine {
                 first_seen: humantime::format_rfc3339_nanos(st.first_seen).to_string(),
                 last_seen: humantime::format_rfc3339_nanos(st.last_seen).to_string(),
                 action: alert.action.as_str().into(),
-                blocked_until: block_for.map(|d| humantime::format_rfc3339_nanos(wall + d).to_string()),
+                blocked_until: block_for
+                    .map(|d| humantime::format_rfc3339_nanos(wall + d).to_string()),
             };
-            out.push(Firing { alert_index: i, key: akey, event, block_for });
+            out.push(Firing {
+                alert_index: i,
+                key: akey,
+                event,
+                block_for,
+            });
         }
         // Keys idle for a whole window carry nothing; forget them (their cooldown stays).
         self.states.retain(|_, st| st.window.sum(t) > 0);
-        let max_cooldown = self.alerts.iter().map(|a| a.cooldown).max().unwrap_or_default();
-        self.last_fired.retain(|_, at| now.duration_since(*at) < max_cooldown);
+        let max_cooldown = self
+            .alerts
+            .iter()
+            .map(|a| a.cooldown)
+            .max()
+            .unwrap_or_default();
+        self.last_fired
+            .retain(|_, at| now.duration_since(*at) < max_cooldown);
         out
     }
 }

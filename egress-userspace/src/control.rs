@@ -80,7 +80,10 @@ struct Controller {
 
 /// CLOCK_BOOTTIME now, in nanoseconds (the datapath's clock for block expiry).
 fn boot_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -93,7 +96,10 @@ fn block_key(key: &AlertKey) -> Option<BlockKey> {
         AlertKey::ProcessDestination(p, d) => (*p, Some(*d)),
         _ => return None,
     };
-    let mut bk = BlockKey { tgid, ..BlockKey::default() };
+    let mut bk = BlockKey {
+        tgid,
+        ..BlockKey::default()
+    };
     match dst {
         Some(IpAddr::V4(v4)) => {
             bk.family = 4;
@@ -117,8 +123,12 @@ fn block_key(key: &AlertKey) -> Option<BlockKey> {
 /// The cgroup2 path of a process, from /proc (for alert evidence).
 fn cgroup_path_of(pid: Option<u32>) -> String {
     let Some(pid) = pid else { return String::new() };
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else { return String::new() };
-    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else { return String::new() };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return String::new();
+    };
+    let Some(rel) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return String::new();
+    };
     match cgroup::cgroup2_root() {
         Ok(root) => format!("{}{}", root.display(), rel),
         Err(_) => rel.to_string(),
@@ -152,12 +162,18 @@ impl Controller {
 
     /// Attaches TC to `ifaces`, or to every interface that is up but loopback when none is given.
     fn attach_tc(&mut self, ifaces: &[String]) -> anyhow::Result<()> {
-        let ifaces = if ifaces.is_empty() { iface::default_ifaces().context("listing interfaces")? } else { ifaces.to_vec() };
+        let ifaces = if ifaces.is_empty() {
+            iface::default_ifaces().context("listing interfaces")?
+        } else {
+            ifaces.to_vec()
+        };
         if ifaces.is_empty() {
             warn!("no interface is up besides loopback: TC accounting is not attached");
             return Ok(());
         }
-        self.dp.attach_tc(&ifaces).context("attaching the TC egress program")?;
+        self.dp
+            .attach_tc(&ifaces)
+            .context("attaching the TC egress program")?;
         info!(ifaces = ?ifaces, "TC egress accounting attached");
         Ok(())
     }
@@ -194,7 +210,11 @@ impl Controller {
                         Ipv6Addr::from(k.addr).into()
                     };
                     let e = compiled.evaluate(dst, k.port, k.protocol);
-                    let kind = compiled.rule_kinds.get(e.rule_id as usize).copied().flatten();
+                    let kind = compiled
+                        .rule_kinds
+                        .get(e.rule_id as usize)
+                        .copied()
+                        .flatten();
                     FlowVerdict {
                         rule: compiled.rule_name(e.rule_id).to_string(),
                         approved_by_service: e.allow && kind == Some(RuleKind::Service),
@@ -202,9 +222,16 @@ impl Controller {
                 };
                 let info = |tgid: u32| {
                     let i = acct.info(tgid);
-                    if i.comm.is_empty() { Procfs.info(tgid).unwrap_or_default() } else { i }
+                    if i.comm.is_empty() {
+                        Procfs.info(tgid).unwrap_or_default()
+                    } else {
+                        i
+                    }
                 };
-                self.alerts.observe(&outcome.deltas, now, wall, &verdict, &info, &|_| String::new())
+                self.alerts
+                    .observe(&outcome.deltas, now, wall, &verdict, &info, &|_| {
+                        String::new()
+                    })
             };
             for mut f in firings {
                 f.event.cgroup_path = cgroup_path_of(f.event.pid);
@@ -213,10 +240,16 @@ impl Controller {
                     && let Some(bk) = block_key(&f.key)
                 {
                     let rule_id = self.compiled.alert_rule_id(f.alert_index);
-                    self.dp.block(bk, boot_ns() + dur.as_nanos() as u64, rule_id)?;
+                    self.dp
+                        .block(bk, boot_ns() + dur.as_nanos() as u64, rule_id)?;
                     self.blocks.insert(
                         f.key,
-                        ActiveBlock { key: bk, rule: f.event.rule.clone(), until: now + dur, until_wall: wall + dur },
+                        ActiveBlock {
+                            key: bk,
+                            rule: f.event.rule.clone(),
+                            until: now + dur,
+                            until_wall: wall + dur,
+                        },
                     );
                 }
                 warn!(rule = %f.event.rule, key = %f.event.key, bytes = f.event.bytes_in_window, action = %f.event.action, "high-volume transfer alert");
@@ -225,12 +258,23 @@ impl Controller {
                     w.send(serde_json::to_vec(&f.event)?);
                 }
                 if f.event.action == "block" {
-                    let ev = BlockEvent::new("block", &f.event.key, &f.event.rule, "over budget", f.event.blocked_until.clone());
+                    let ev = BlockEvent::new(
+                        "block",
+                        &f.event.key,
+                        &f.event.rule,
+                        "over budget",
+                        f.event.blocked_until.clone(),
+                    );
                     self.emit(&ev).await?;
                 }
             }
         }
-        let expired: Vec<AlertKey> = self.blocks.iter().filter(|(_, b)| b.until <= now).map(|(k, _)| *k).collect();
+        let expired: Vec<AlertKey> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.until <= now)
+            .map(|(k, _)| *k)
+            .collect();
         for k in expired {
             self.lift(&k, "cooldown ended").await?;
         }
@@ -258,10 +302,19 @@ impl Controller {
 
     /// Lifts a byte-budget block and reports it.
     async fn lift(&mut self, key: &AlertKey, reason: &str) -> anyhow::Result<bool> {
-        let Some(b) = self.blocks.remove(key) else { return Ok(false) };
+        let Some(b) = self.blocks.remove(key) else {
+            return Ok(false);
+        };
         self.dp.unblock(&b.key)?;
         info!(key = %key.text(), rule = %b.rule, reason, "byte-budget block lifted");
-        self.emit(&BlockEvent::new("unblock", &key.text(), &b.rule, reason, None)).await?;
+        self.emit(&BlockEvent::new(
+            "unblock",
+            &key.text(),
+            &b.rule,
+            reason,
+            None,
+        ))
+        .await?;
         Ok(true)
     }
 
@@ -340,11 +393,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let listener = ctlsock::bind(&opts.socket)?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    ctl.dp.attach(&cgroup).with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+    ctl.dp
+        .attach(&cgroup)
+        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
     ctl.attach_tc(&opts.common.ifaces)?;
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel(16);
     let server = tokio::spawn(ctlsock::serve(listener, ctl.report.clone(), cmd_tx));
-    let metrics = opts.metrics.map(|addr| tokio::spawn(crate::metrics::serve(addr, ctl.report.clone())));
+    let metrics = opts
+        .metrics
+        .map(|addr| tokio::spawn(crate::metrics::serve(addr, ctl.report.clone())));
     info!(
         policy = %ctl.policy.source,
         cgroup = %cgroup.display(),
@@ -367,6 +424,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     ctl.stream.drain_all().await?;
+    if let Some(w) = &ctl.webhook {
+        w.flush(Duration::from_secs(5)).await;
+    }
     let stats = ctl.dp.stats()?;
     server.abort();
     if let Some(m) = metrics {
@@ -396,13 +456,18 @@ pub struct ExecOptions {
 /// `egress exec`: runs the command in a fresh child cgroup with the policy attached, and returns
 /// the exit code to exit with (the command's, or 128 + the signal that killed it).
 pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
-    let (program, args) = opts.command.split_first().context("no command given after `--`")?;
+    let (program, args) = opts
+        .command
+        .split_first()
+        .context("no command given after `--`")?;
     let mut ctl = Controller::new(&opts.common, Box::new(tokio::io::stderr())).await?;
     let root = cgroup::cgroup2_root()?;
     let cg = ChildCgroup::create(&root, "egress-exec")?;
     let (id, level) = cgroup::id_and_level(&root, cg.path())?;
     ctl.dp.set_tc_scope(id, level)?;
-    ctl.dp.attach(cg.path()).with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
+    ctl.dp
+        .attach(cg.path())
+        .with_context(|| format!("attaching to cgroup {}", cg.path().display()))?;
     ctl.attach_tc(&opts.common.ifaces)?;
 
     // Handlers first: a signal arriving between spawn and here would otherwise kill egress and
@@ -435,7 +500,11 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
             tracing::error!(command = %program, error = %e, "cannot run the command");
             return Ok(code);
         }
@@ -459,7 +528,11 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     if let Some(path) = &opts.report {
         let report = ctl.report.lock().expect("report lock").clone();
         let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing report {}", path.display()))?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing report {}", path.display()))?;
+    }
+    if let Some(w) = &ctl.webhook {
+        w.flush(Duration::from_secs(5)).await;
     }
     // Anything the command left behind is killed while the policy is still attached; only then
     // is the datapath detached and the cgroup removed.

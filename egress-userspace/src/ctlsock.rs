@@ -34,7 +34,7 @@ pub struct StatsReport {
     pub processes: Vec<ProcTotals>,
     /// Datapath counters.
     pub counters: Stats,
-        /// Deny (and audit) events by deciding rule, as received by this controller.
+    /// Deny (and audit) events by deciding rule, as received by this controller.
     pub denies_by_rule: BTreeMap<String, u64>,
     /// Alerts raised, by alert rule.
     #[serde(default)]
@@ -59,7 +59,9 @@ pub type SharedReport = Arc<Mutex<StatsReport>>;
 pub enum Request {
     Stats,
     /// Lift a byte-budget block (`egress unblock KEY`).
-    Unblock { key: String },
+    Unblock {
+        key: String,
+    },
 }
 
 /// A request the controller's main loop must act on, with where to send the answer.
@@ -73,7 +75,7 @@ pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<StatsReport>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
@@ -81,10 +83,20 @@ pub struct Response {
 
 impl Response {
     pub fn ok(message: impl Into<String>) -> Response {
-        Response { ok: true, error: None, stats: None, message: Some(message.into()) }
+        Response {
+            ok: true,
+            error: None,
+            stats: None,
+            message: Some(message.into()),
+        }
     }
     pub fn err(error: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(error.into()), stats: None, message: None }
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            stats: None,
+            message: None,
+        }
     }
 }
 
@@ -114,12 +126,16 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves requests until the task is dropped.
-pub async fn serve(listener: UnixListener, report: SharedReport, commands: tokio::sync::mpsc::Sender<Command>) {
+pub async fn serve(
+    listener: UnixListener,
+    report: SharedReport,
+    commands: tokio::sync::mpsc::Sender<Command>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-                let report = report.clone();
+        let report = report.clone();
         let commands = commands.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
@@ -137,7 +153,9 @@ pub async fn serve(listener: UnixListener, report: SharedReport, commands: tokio
                         if commands.send(Command { request, reply }).await.is_err() {
                             Response::err("the controller is shutting down")
                         } else {
-                            answer.await.unwrap_or_else(|_| Response::err("the controller dropped the request"))
+                            answer.await.unwrap_or_else(|_| {
+                                Response::err("the controller dropped the request")
+                            })
                         }
                     }
                     Err(e) => Response::err(format!("bad request: {e}")),

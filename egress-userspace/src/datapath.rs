@@ -13,9 +13,9 @@ use aya::{
     util::KernelVersion,
 };
 use egress_common::{
-    Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_ALLOWED, STAT_AUDITED,
-    STAT_COUNT, STAT_DENIED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS,
-    STAT_TC_AUDITED, STAT_TC_DROPPED, BlockKey, BlockValue, STAT_BUDGET_DROPPED,
+    BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_ALLOWED,
+    STAT_AUDITED, STAT_BUDGET_DROPPED, STAT_COUNT, STAT_DENIED, STAT_EVENTS_LOST,
+    STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED,
 };
 
 use crate::compile::CompiledPolicy;
@@ -187,11 +187,29 @@ impl Datapath {
     }
 
     /// Blocks `key` in the kernel until `until_ns` (CLOCK_BOOTTIME), reporting `rule_id`.
-    pub fn block(&mut self, key: BlockKey, until_ns: u64, rule_id: u32) -> Result<(), DatapathError> {
+    pub fn block(
+        &mut self,
+        key: BlockKey,
+        until_ns: u64,
+        rule_id: u32,
+    ) -> Result<(), DatapathError> {
         {
-            let map = self.ebpf.map_mut("BLOCKED").ok_or(DatapathError::Missing("BLOCKED map"))?;
-            let mut m: HashMap<&mut MapData, BlockKey, BlockValue> = HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
-            m.insert(key, BlockValue { until_ns, rule_id, _pad: 0 }, 0).map_err(map_err("BLOCKED"))?;
+            let map = self
+                .ebpf
+                .map_mut("BLOCKED")
+                .ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let mut m: HashMap<&mut MapData, BlockKey, BlockValue> =
+                HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            m.insert(
+                key,
+                BlockValue {
+                    until_ns,
+                    rule_id,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_err("BLOCKED"))?;
         }
         self.sync_block_count()
     }
@@ -199,8 +217,12 @@ impl Datapath {
     /// Lifts a block; true if there was one.
     pub fn unblock(&mut self, key: &BlockKey) -> Result<bool, DatapathError> {
         let removed = {
-            let map = self.ebpf.map_mut("BLOCKED").ok_or(DatapathError::Missing("BLOCKED map"))?;
-            let mut m: HashMap<&mut MapData, BlockKey, BlockValue> = HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            let map = self
+                .ebpf
+                .map_mut("BLOCKED")
+                .ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let mut m: HashMap<&mut MapData, BlockKey, BlockValue> =
+                HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
             m.remove(key).is_ok()
         };
         self.sync_block_count()?;
@@ -210,13 +232,21 @@ impl Datapath {
     /// Tells the hooks how many blocks exist (0 lets them skip the lookups).
     fn sync_block_count(&mut self) -> Result<(), DatapathError> {
         let n = {
-            let map = self.ebpf.map("BLOCKED").ok_or(DatapathError::Missing("BLOCKED map"))?;
-            let m: HashMap<&MapData, BlockKey, BlockValue> = HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            let map = self
+                .ebpf
+                .map("BLOCKED")
+                .ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let m: HashMap<&MapData, BlockKey, BlockValue> =
+                HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
             m.keys().count() as u32
         };
         self.config.budget_blocks = n;
-        let map = self.ebpf.map_mut("CONFIG").ok_or(DatapathError::Missing("CONFIG map"))?;
-        let mut config: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+        let map = self
+            .ebpf
+            .map_mut("CONFIG")
+            .ok_or(DatapathError::Missing("CONFIG map"))?;
+        let mut config: Array<&mut MapData, Config> =
+            Array::try_from(map).map_err(map_err("CONFIG"))?;
         config.set(0, self.config, 0).map_err(map_err("CONFIG"))
     }
 

@@ -18,8 +18,8 @@ pub mod events;
 pub mod explain;
 pub mod iface;
 pub mod metrics;
-pub mod webhook;
 pub mod policy;
+pub mod webhook;
 
 use std::path::Path;
 

@@ -10,8 +10,9 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use egress::{
     control::{self, CommonOptions, ExecOptions, RunOptions},
-    ctlsock, display, webhook, explain, load_policy,
+    ctlsock, display, explain, load_policy,
     policy::Protocol,
+    webhook,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -200,14 +201,50 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(cmd: Command) -> anyhow::Result<u8> {
     match cmd {
-        Command::Run { policy, cgroup, events, ifaces, alerting, socket, metrics } => {
-            let common = CommonOptions { policy, events, ifaces, webhook: alerting.webhook, spool: alerting.spool };
-            runtime()?.block_on(control::run(RunOptions { common, cgroup, socket, metrics }))?;
+        Command::Run {
+            policy,
+            cgroup,
+            events,
+            ifaces,
+            alerting,
+            socket,
+            metrics,
+        } => {
+            let common = CommonOptions {
+                policy,
+                events,
+                ifaces,
+                webhook: alerting.webhook,
+                spool: alerting.spool,
+            };
+            runtime()?.block_on(control::run(RunOptions {
+                common,
+                cgroup,
+                socket,
+                metrics,
+            }))?;
             Ok(0)
         }
-        Command::Exec { policy, events, ifaces, alerting, report, command } => {
-            let common = CommonOptions { policy, events, ifaces, webhook: alerting.webhook, spool: alerting.spool };
-            let code = runtime()?.block_on(control::exec(ExecOptions { common, command, report }))?;
+        Command::Exec {
+            policy,
+            events,
+            ifaces,
+            alerting,
+            report,
+            command,
+        } => {
+            let common = CommonOptions {
+                policy,
+                events,
+                ifaces,
+                webhook: alerting.webhook,
+                spool: alerting.spool,
+            };
+            let code = runtime()?.block_on(control::exec(ExecOptions {
+                common,
+                command,
+                report,
+            }))?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
         Command::Unblock { key, socket } => {

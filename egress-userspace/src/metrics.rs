@@ -55,7 +55,7 @@ pub fn render(report: &StatsReport) -> String {
     let proc_rate = Family::<ProcLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let dest_bytes = Family::<DestLabels, Counter>::default();
     let denies = Family::<RuleLabels, Counter>::default();
-        let decisions = Family::<VerdictLabels, Counter>::default();
+    let decisions = Family::<VerdictLabels, Counter>::default();
     let alerts = Family::<RuleLabels, Counter>::default();
     let budget_dropped = Counter::<u64>::default();
     let events_lost = Counter::<u64>::default();
@@ -124,8 +124,10 @@ pub fn render(report: &StatsReport) -> String {
             })
             .inc_by(n);
     }
-        for (rule, n) in &report.alerts_by_rule {
-        alerts.get_or_create(&RuleLabels { rule: rule.clone() }).inc_by(*n);
+    for (rule, n) in &report.alerts_by_rule {
+        alerts
+            .get_or_create(&RuleLabels { rule: rule.clone() })
+            .inc_by(*n);
     }
     budget_dropped.inc_by(c.budget_dropped);
     events_lost.inc_by(c.events_lost);
@@ -154,8 +156,16 @@ pub fn render(report: &StatsReport) -> String {
         "connect/sendmsg decisions by verdict",
         decisions,
     );
-        reg.register("alerts", "High-volume transfer alerts raised, by alert rule", alerts);
-    reg.register("budget_dropped", "Packets dropped because their process is over a byte budget", budget_dropped);
+    reg.register(
+        "alerts",
+        "High-volume transfer alerts raised, by alert rule",
+        alerts,
+    );
+    reg.register(
+        "budget_dropped",
+        "Packets dropped because their process is over a byte budget",
+        budget_dropped,
+    );
     reg.register(
         "events_lost",
         "Events dropped because the ring buffer was full",

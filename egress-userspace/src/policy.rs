@@ -457,12 +457,17 @@ impl Policy {
                 return Err(err_at(name_span.start, "expected a non-empty name".into()));
             }
             if RESERVED_NAMES.contains(&name.as_str()) {
-                return Err(err_at(name_span.start, format!("`{name}` is reserved: expected another name")));
+                return Err(err_at(
+                    name_span.start,
+                    format!("`{name}` is reserved: expected another name"),
+                ));
             }
             if let Some(first_line) = seen.get(&name) {
                 return Err(err_at(
                     name_span.start,
-                    format!("duplicate name `{name}` (first used on line {first_line}): expected names unique across services, blocks and alerts"),
+                    format!(
+                        "duplicate name `{name}` (first used on line {first_line}): expected names unique across services, blocks and alerts"
+                    ),
                 ));
             }
             seen.insert(name.clone(), line_col(text, name_span.start).0);
@@ -471,7 +476,12 @@ impl Policy {
                 let span = svc.span();
                 let svc = svc.into_inner();
                 if !rules.iter().any(|r| r.name == svc) {
-                    return Err(err_at(span.start, format!("no service or block is named `{svc}`: expected one of the names above")));
+                    return Err(err_at(
+                        span.start,
+                        format!(
+                            "no service or block is named `{svc}`: expected one of the names above"
+                        ),
+                    ));
                 }
                 services.push(svc);
             }
@@ -480,7 +490,10 @@ impl Policy {
                 None => (alert::AlertAction::Alert, table_start),
             };
             if action == alert::AlertAction::Block
-                && !matches!(a.per, alert::AlertPer::Process | alert::AlertPer::ProcessDestination)
+                && !matches!(
+                    a.per,
+                    alert::AlertPer::Process | alert::AlertPer::ProcessDestination
+                )
             {
                 return Err(err_at(
                     action_at,

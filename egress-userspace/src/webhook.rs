@@ -1,16 +1,20 @@
 //! Alert delivery to a webhook (`--webhook URL`): HTTP POST of the alert's JSON, with a timeout,
 //! retries with exponential backoff, and a disk spool so that nothing is lost while the receiver
-//! is down. Delivery runs in its own task: a slow or dead webhook never blocks enforcement or the
-//! event loop.
+//! is down: every alert is written to the spool first and removed once the webhook took it.
+//! Delivery runs in its own task: a slow or dead webhook never blocks enforcement or the event
+//! loop.
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 /// Default spool directory.
@@ -21,13 +25,13 @@ const ATTEMPTS: u32 = 3;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// How often the spool is retried while it holds undelivered alerts (doubling up to this).
 const MAX_SPOOL_BACKOFF: Duration = Duration::from_secs(30);
-const QUEUE: usize = 1024;
 
 /// The sending side, held by the controller.
 #[derive(Clone)]
 pub struct Webhook {
-    tx: mpsc::Sender<Vec<u8>>,
     spool: PathBuf,
+    wake: Arc<Notify>,
+    task: Arc<tokio::task::JoinHandle<()>>,
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -35,8 +39,15 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 /// Writes one alert to the spool directory (name sorts by time, then sequence).
 fn spool_write(dir: &Path, body: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    let name = format!("{ts:024}-{:08}-{}.json", SEQ.fetch_add(1, Ordering::Relaxed), std::process::id());
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let name = format!(
+        "{ts:024}-{:08}-{}.json",
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        std::process::id()
+    );
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, body)?;
     std::fs::rename(&tmp, dir.join(name))
@@ -92,70 +103,71 @@ async fn deliver(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Re
 impl Webhook {
     /// Starts the delivery task. Alerts already in `spool` (from an earlier run) are sent first.
     pub fn start(url: String, spool: PathBuf) -> anyhow::Result<Webhook> {
-        let client = reqwest::Client::builder().timeout(TIMEOUT).build().context("building the HTTP client")?;
-        std::fs::create_dir_all(&spool).with_context(|| format!("creating spool {}", spool.display()))?;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
+        std::fs::create_dir_all(&spool)
+            .with_context(|| format!("creating spool {}", spool.display()))?;
+        let wake = Arc::new(Notify::new());
         let dir = spool.clone();
-        tokio::spawn(async move {
-            let mut spool_backoff = Duration::from_secs(1);
-            let mut next_spool_try = tokio::time::Instant::now();
+        let notify = wake.clone();
+        let task = tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
             loop {
-                // Flush the spool first, oldest first, stopping at the first failure.
-                if tokio::time::Instant::now() >= next_spool_try {
-                    let mut failed = false;
-                    for f in spooled(&dir) {
-                        let Ok(body) = std::fs::read(&f) else { continue };
-                        match deliver(&client, &url, &body).await {
-                            Ok(()) => {
-                                let _ = std::fs::remove_file(&f);
-                            }
-                            Err(e) => {
-                                warn!(error = %e, "webhook still unreachable; alerts stay spooled");
-                                failed = true;
-                                break;
-                            }
+                // Every alert is in the spool before anything is sent: oldest first, stop at the
+                // first failure and retry later with a growing backoff.
+                let mut failed = false;
+                for f in spooled(&dir) {
+                    let Ok(body) = std::fs::read(&f) else {
+                        continue;
+                    };
+                    match deliver(&client, &url, &body).await {
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&f);
+                        }
+                        Err(e) => {
+                            warn!(error = %e, spooled = %dir.display(), "webhook unreachable; alerts stay spooled");
+                            failed = true;
+                            break;
                         }
                     }
-                    if failed {
-                        spool_backoff = (spool_backoff * 2).min(MAX_SPOOL_BACKOFF);
-                    } else {
-                        spool_backoff = Duration::from_secs(1);
-                    }
-                    next_spool_try = tokio::time::Instant::now() + spool_backoff;
                 }
-                let wait = tokio::time::sleep_until(next_spool_try);
-                tokio::select! {
-                    msg = rx.recv() => {
-                        let Some(body) = msg else { return };
-                        // Keep the order: while older alerts wait in the spool, queue behind them.
-                        if !spooled(&dir).is_empty() {
-                            if let Err(e) = spool_write(&dir, &body) {
-                                warn!(error = %e, "could not spool an alert");
-                            }
-                            continue;
-                        }
-                        if let Err(e) = deliver(&client, &url, &body).await {
-                            warn!(error = %e, "webhook unreachable; alert spooled");
-                            if let Err(e) = spool_write(&dir, &body) {
-                                warn!(error = %e, "could not spool an alert");
-                            }
-                            next_spool_try = tokio::time::Instant::now() + spool_backoff;
-                        }
-                    }
-                    _ = wait => {}
-                }
+                let wait = if failed {
+                    backoff = (backoff * 2).min(MAX_SPOOL_BACKOFF);
+                    backoff
+                } else {
+                    backoff = Duration::from_secs(1);
+                    MAX_SPOOL_BACKOFF
+                };
+                let _ = tokio::time::timeout(wait, notify.notified()).await;
             }
         });
-        Ok(Webhook { tx, spool })
+        Ok(Webhook {
+            spool,
+            wake,
+            task: Arc::new(task),
+        })
     }
 
-    /// Queues an alert; never waits. If the queue is full the alert goes straight to the spool.
+    /// Records an alert for delivery; never waits on the network. The alert is on disk before
+    /// this returns, so neither a dead webhook nor a crash loses it.
     pub fn send(&self, body: Vec<u8>) {
-        if let Err(mpsc::error::TrySendError::Full(body) | mpsc::error::TrySendError::Closed(body)) = self.tx.try_send(body)
-            && let Err(e) = spool_write(&self.spool, &body)
-        {
-            warn!(error = %e, "could not spool an alert");
+        if let Err(e) = spool_write(&self.spool, &body) {
+            warn!(error = %e, spool = %self.spool.display(), "could not spool an alert");
         }
+        self.wake.notify_one();
+    }
+
+    /// Gives the delivery task up to `timeout` to empty the spool (at exit). What it could not
+    /// send stays spooled for the next run.
+    pub async fn flush(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !spooled(&self.spool).is_empty() && tokio::time::Instant::now() < deadline {
+            self.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.task.abort();
     }
 }
 
@@ -173,8 +185,14 @@ mod tests {
         std::fs::write(dir.join(".partial.json.tmp"), b"x").unwrap();
         let files = spooled(&dir);
         assert_eq!(files.len(), 5);
-        let bodies: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
-        assert_eq!(bodies, (0..5).map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>());
+        let bodies: Vec<String> = files
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        assert_eq!(
+            bodies,
+            (0..5).map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,25 +2,47 @@ use super::*;
 use crate::policy::Policy;
 
 fn alerts(text: &str) -> Vec<Alert> {
-    Policy::parse("t.toml", text).unwrap_or_else(|e| panic!("{e}")).alerts
+    Policy::parse("t.toml", text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .alerts
 }
 
 fn flow(tgid: u32, last: u8, port: u16) -> FlowKey {
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&[198, 18, 0, last]);
-    FlowKey { cgroup_id: 9, tgid, port, protocol: 6, family: 4, addr }
+    FlowKey {
+        cgroup_id: 9,
+        tgid,
+        port,
+        protocol: 6,
+        family: 4,
+        addr,
+    }
 }
 
 fn bytes(n: u64) -> FlowValue {
-    FlowValue { packets: 1, bytes: n + 66, payload: n }
+    FlowValue {
+        packets: 1,
+        bytes: n + 66,
+        payload: n,
+    }
 }
 
 fn any_verdict(_: &FlowKey) -> FlowVerdict {
-    FlowVerdict { rule: "default".into(), approved_by_service: false }
+    FlowVerdict {
+        rule: "default".into(),
+        approved_by_service: false,
+    }
 }
 
 fn info(pid: u32) -> ProcInfo {
-    ProcInfo { comm: format!("p{pid}"), exe: format!("/bin/p{pid}"), cmdline: format!("p{pid} -x"), uid: Some(0), ppid: Some(1) }
+    ProcInfo {
+        comm: format!("p{pid}"),
+        exe: format!("/bin/p{pid}"),
+        cmdline: format!("p{pid} -x"),
+        uid: Some(0),
+        ppid: Some(1),
+    }
 }
 
 struct Clock {
@@ -35,12 +57,20 @@ impl Clock {
     }
 }
 
-fn run(engine: &mut AlertEngine, clock: &Clock, secs: f64, deltas: &[(FlowKey, FlowValue)]) -> Vec<Firing> {
+fn run(
+    engine: &mut AlertEngine,
+    clock: &Clock,
+    secs: f64,
+    deltas: &[(FlowKey, FlowValue)],
+) -> Vec<Firing> {
     let (now, wall) = clock.at(secs);
-    engine.observe(deltas, now, wall, &any_verdict, &info, &|id| format!("/cg/{id}"))
+    engine.observe(deltas, now, wall, &any_verdict, &info, &|id| {
+        format!("/cg/{id}")
+    })
 }
 
-const ONE_MB_10S: &str = "[[alert]]\nname = \"bulk\"\nbytes = \"1MB\"\nwindow = \"10s\"\ncooldown = \"60s\"\n";
+const ONE_MB_10S: &str =
+    "[[alert]]\nname = \"bulk\"\nbytes = \"1MB\"\nwindow = \"10s\"\ncooldown = \"60s\"\n";
 
 #[test]
 fn sliding_window_sums_exactly_the_last_window() {
@@ -61,16 +91,34 @@ fn sliding_window_sums_exactly_the_last_window() {
 
 #[test]
 fn twice_the_threshold_fires_exactly_once() {
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let mut e = AlertEngine::new(alerts(ONE_MB_10S), clock.start);
     let mut fired = Vec::new();
     for i in 0..20 {
-        fired.extend(run(&mut e, &clock, i as f64 * 0.25, &[(flow(42, 2, 443), bytes(100_000))]));
+        fired.extend(run(
+            &mut e,
+            &clock,
+            i as f64 * 0.25,
+            &[(flow(42, 2, 443), bytes(100_000))],
+        ));
     }
-    assert_eq!(fired.len(), 1, "2 MB in 5 s over a 1 MB threshold: one alert");
+    assert_eq!(
+        fired.len(),
+        1,
+        "2 MB in 5 s over a 1 MB threshold: one alert"
+    );
     let ev = &fired[0].event;
-    assert_eq!((ev.rule.as_str(), ev.key.as_str(), ev.pid), ("bulk", "process:42", Some(42)));
-    assert_eq!((ev.exe.as_str(), ev.cmdline.as_str(), ev.ppid), ("/bin/p42", "p42 -x", Some(1)));
+    assert_eq!(
+        (ev.rule.as_str(), ev.key.as_str(), ev.pid),
+        ("bulk", "process:42", Some(42))
+    );
+    assert_eq!(
+        (ev.exe.as_str(), ev.cmdline.as_str(), ev.ppid),
+        ("/bin/p42", "p42 -x", Some(1))
+    );
     assert_eq!(ev.bytes_in_window, 1_000_000);
     assert_eq!(ev.top_destinations[0].dst, "198.18.0.2");
     assert_eq!(ev.cgroup_path, "/cg/9");
@@ -80,11 +128,22 @@ fn twice_the_threshold_fires_exactly_once() {
 
 #[test]
 fn under_the_threshold_never_fires() {
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let mut e = AlertEngine::new(alerts(ONE_MB_10S), clock.start);
     // 100 kB/s for a minute: 1 MB is never inside one 10 s window.
     for i in 0..60 {
-        assert!(run(&mut e, &clock, i as f64, &[(flow(1, 2, 443), bytes(95_000))]).is_empty());
+        assert!(
+            run(
+                &mut e,
+                &clock,
+                i as f64,
+                &[(flow(1, 2, 443), bytes(95_000))]
+            )
+            .is_empty()
+        );
     }
 }
 
@@ -92,7 +151,10 @@ fn under_the_threshold_never_fires() {
 fn a_transfer_split_across_a_boundary_is_caught() {
     // 600 kB at t=8 s and 600 kB at t=12 s: fixed 10 s buckets ([0,10) and [10,20)) would each
     // see 600 kB and miss it; the sliding window sees 1.2 MB.
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let mut e = AlertEngine::new(alerts(ONE_MB_10S), clock.start);
     assert!(run(&mut e, &clock, 8.0, &[(flow(7, 2, 443), bytes(600_000))]).is_empty());
     let f = run(&mut e, &clock, 12.0, &[(flow(7, 2, 443), bytes(600_000))]);
@@ -102,40 +164,95 @@ fn a_transfer_split_across_a_boundary_is_caught() {
 
 #[test]
 fn cooldown_deduplicates_per_key_and_keys_are_independent() {
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let mut e = AlertEngine::new(alerts(ONE_MB_10S), clock.start);
-    assert_eq!(run(&mut e, &clock, 0.0, &[(flow(1, 2, 443), bytes(2_000_000)), (flow(2, 2, 443), bytes(2_000_000))]).len(), 2);
+    assert_eq!(
+        run(
+            &mut e,
+            &clock,
+            0.0,
+            &[
+                (flow(1, 2, 443), bytes(2_000_000)),
+                (flow(2, 2, 443), bytes(2_000_000))
+            ]
+        )
+        .len(),
+        2
+    );
     // Still over budget within the cooldown: silent.
     assert!(run(&mut e, &clock, 30.0, &[(flow(1, 2, 443), bytes(2_000_000))]).is_empty());
     // After the cooldown: again.
-    assert_eq!(run(&mut e, &clock, 61.0, &[(flow(1, 2, 443), bytes(2_000_000))]).len(), 1);
+    assert_eq!(
+        run(&mut e, &clock, 61.0, &[(flow(1, 2, 443), bytes(2_000_000))]).len(),
+        1
+    );
 }
 
 #[test]
 fn per_destination_and_cgroup_keys_name_the_top_process() {
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let text = "[[alert]]\nname = \"to-dst\"\nbytes = \"1MB\"\nwindow = \"10s\"\nper = \"destination\"\n[[alert]]\nname = \"cg\"\nbytes = \"1MB\"\nwindow = \"10s\"\nper = \"cgroup\"\n";
     let mut e = AlertEngine::new(alerts(text), clock.start);
-    let f = run(&mut e, &clock, 0.0, &[(flow(1, 2, 443), bytes(300_000)), (flow(2, 2, 443), bytes(800_000))]);
+    let f = run(
+        &mut e,
+        &clock,
+        0.0,
+        &[
+            (flow(1, 2, 443), bytes(300_000)),
+            (flow(2, 2, 443), bytes(800_000)),
+        ],
+    );
     assert_eq!(f.len(), 2);
     let dst = f.iter().find(|f| f.event.rule == "to-dst").unwrap();
-    assert_eq!((dst.event.key.as_str(), dst.event.pid), ("destination:198.18.0.2", Some(2)));
+    assert_eq!(
+        (dst.event.key.as_str(), dst.event.pid),
+        ("destination:198.18.0.2", Some(2))
+    );
     let cg = f.iter().find(|f| f.event.rule == "cg").unwrap();
     assert_eq!(cg.event.key, "cgroup:9");
 }
 
 #[test]
 fn filters_select_the_counted_traffic() {
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let text = "[[service]]\nname = \"proxy\"\ndestinations = [\"198.18.0.2\"]\n[[alert]]\nname = \"not-proxy\"\nbytes = \"1MB\"\nwindow = \"10s\"\nunapproved_only = true\n[[alert]]\nname = \"lab-only\"\nbytes = \"1MB\"\nwindow = \"10s\"\ndestinations = [\"198.18.0.0/24\"]\nexclude_destinations = [\"198.18.0.3\"]\n";
     let mut e = AlertEngine::new(alerts(text), clock.start);
     let verdict = |k: &FlowKey| {
         let proxy = k.addr[3] == 2;
-        FlowVerdict { rule: if proxy { "proxy".into() } else { "default".into() }, approved_by_service: proxy }
+        FlowVerdict {
+            rule: if proxy {
+                "proxy".into()
+            } else {
+                "default".into()
+            },
+            approved_by_service: proxy,
+        }
     };
     let (now, wall) = clock.at(0.0);
-    let f = e.observe(&[(flow(1, 2, 443), bytes(2_000_000)), (flow(2, 3, 443), bytes(2_000_000))], now, wall, &verdict, &info, &|_| String::new());
-    let names: Vec<(&str, &str)> = f.iter().map(|f| (f.event.rule.as_str(), f.event.key.as_str())).collect();
+    let f = e.observe(
+        &[
+            (flow(1, 2, 443), bytes(2_000_000)),
+            (flow(2, 3, 443), bytes(2_000_000)),
+        ],
+        now,
+        wall,
+        &verdict,
+        &info,
+        &|_| String::new(),
+    );
+    let names: Vec<(&str, &str)> = f
+        .iter()
+        .map(|f| (f.event.rule.as_str(), f.event.key.as_str()))
+        .collect();
     assert!(names.contains(&("not-proxy", "process:2")), "{names:?}");
     assert!(names.contains(&("lab-only", "process:1")), "{names:?}");
     assert_eq!(names.len(), 2, "{names:?}");
@@ -143,10 +260,21 @@ fn filters_select_the_counted_traffic() {
 
 #[test]
 fn block_action_carries_its_duration_and_unattributed_traffic_is_not_keyed_by_process() {
-    let clock = Clock { start: Instant::now(), wall: SystemTime::now() };
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
     let text = "[[alert]]\nname = \"budget\"\nbytes = \"1MB\"\nwindow = \"10s\"\naction = \"block\"\ncooldown = \"2m\"\n";
     let mut e = AlertEngine::new(alerts(text), clock.start);
-    let f = run(&mut e, &clock, 0.0, &[(flow(5, 2, 443), bytes(2_000_000)), (flow(TGID_UNATTRIBUTED, 2, 443), bytes(2_000_000))]);
+    let f = run(
+        &mut e,
+        &clock,
+        0.0,
+        &[
+            (flow(5, 2, 443), bytes(2_000_000)),
+            (flow(TGID_UNATTRIBUTED, 2, 443), bytes(2_000_000)),
+        ],
+    );
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].block_for, Some(Duration::from_secs(120)));
     assert_eq!(f[0].event.action, "block");
@@ -164,5 +292,9 @@ fn keys_round_trip_through_text() {
         assert_eq!(AlertKey::parse(&k.text()), Ok(k));
     }
     assert_eq!(AlertKey::parse("1234"), Ok(AlertKey::Process(1234)));
-    assert!(AlertKey::parse("pid=3").unwrap_err().contains("expected process:PID"));
+    assert!(
+        AlertKey::parse("pid=3")
+            .unwrap_err()
+            .contains("expected process:PID")
+    );
 }

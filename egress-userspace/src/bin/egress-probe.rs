@@ -6,7 +6,10 @@
 //!   OP: tcp (connect), udp-connect (connected UDP, then send), udp-sendto (unconnected UDP),
 //!       tcp-send ADDR:PORT BYTES (connect, write BYTES, shut down, wait for the peer to close),
 //!       udp-send ADDR:PORT COUNT SIZE (COUNT unconnected datagrams of SIZE payload bytes),
-//!       raw-udp ADDR:PORT (one IPv4 UDP datagram through a raw socket, which no cgroup hook sees)
+//!       raw-udp ADDR:PORT (one IPv4 UDP datagram through a raw socket, which no cgroup hook sees),
+//!       sleep MS, wait-file PATH (pause; for tests that act between two calls)
+//!   --timeout S   I/O timeout of tcp-send, in seconds (default 30)
+//!   --rate BPS    pace tcp-send at about BPS bytes per second (default: as fast as possible)
 //!   --cgroup DIR  join this cgroup2 directory first (sockets belong to the cgroup they are made in)
 //!   --count N     repeat each call N times and print a summary line per call instead
 //!
@@ -50,19 +53,49 @@ struct Call {
     op: String,
     addr: SocketAddr,
     args: Vec<u64>,
+    path: String,
+}
+
+static TIMEOUT_SECS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30);
+static RATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn io_timeout() -> Duration {
+    Duration::from_secs(TIMEOUT_SECS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+fn wait_file(path: &str) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::path::Path::new(path).exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "file never appeared",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn tcp_send(addr: SocketAddr, total: u64) -> io::Result<()> {
     use std::io::{Read as _, Write as _};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(io_timeout()))?;
+    s.set_read_timeout(Some(io_timeout()))?;
     let chunk = vec![0x5au8; 64 * 1024];
+    let rate = RATE.load(std::sync::atomic::Ordering::Relaxed);
+    let start = std::time::Instant::now();
     let mut left = total;
     while left > 0 {
         let n = left.min(chunk.len() as u64) as usize;
         s.write_all(&chunk[..n])?;
         left -= n as u64;
+        if rate > 0 {
+            let due = Duration::from_secs_f64((total - left) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
     s.shutdown(std::net::Shutdown::Write)?;
     // The peer closes once it has read everything: then every byte has left this host.
@@ -130,6 +163,11 @@ fn attempt(call: &Call) -> Result<(), io::Error> {
         "tcp-send" => tcp_send(addr, call.args[0]),
         "udp-send" => udp_send(addr, call.args[0], call.args[1]),
         "raw-udp" => raw_udp(addr),
+        "sleep" => {
+            std::thread::sleep(Duration::from_millis(call.args[0]));
+            Ok(())
+        }
+        "wait-file" => wait_file(&call.path),
         "tcp" => TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop),
         "udp-connect" => {
             let s = UdpSocket::bind(unspecified_for(&addr))?;
@@ -179,6 +217,38 @@ fn main() -> ExitCode {
                 count = n;
                 summary = true;
             }
+            "--rate" => {
+                let Some(n) = args.next().and_then(|n| n.parse::<u64>().ok()) else {
+                    return usage();
+                };
+                RATE.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            "--timeout" => {
+                let Some(n) = args.next().and_then(|n| n.parse::<u64>().ok()) else {
+                    return usage();
+                };
+                TIMEOUT_SECS.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            "sleep" | "wait-file" => {
+                let Some(arg) = args.next() else {
+                    return usage();
+                };
+                let (ms, path) = if a == "sleep" {
+                    let Ok(ms) = arg.parse::<u64>() else {
+                        return usage();
+                    };
+                    (vec![ms], String::new())
+                } else {
+                    (vec![], arg)
+                };
+                let addr = "0.0.0.0:0".parse().expect("valid");
+                calls.push(Call {
+                    op: a.clone(),
+                    addr,
+                    args: ms,
+                    path,
+                });
+            }
             "-h" | "--help" => return usage(),
             op => {
                 let Some(addr) = args.next().and_then(|a| a.parse::<SocketAddr>().ok()) else {
@@ -201,6 +271,7 @@ fn main() -> ExitCode {
                     op: op.to_string(),
                     addr,
                     args: extra,
+                    path: String::new(),
                 });
             }
         }

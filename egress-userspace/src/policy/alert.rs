@@ -29,10 +29,14 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<ByteSize, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let expected = "expected a size such as \"100MiB\", \"1.5GB\" or \"500KB\" (units B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)";
-        let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a size: {expected}"))?;
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size: {expected}"))?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" | "kB" => 1_000,
@@ -69,7 +73,9 @@ impl<'de> Deserialize<'de> for ByteSize {
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
                 if v < 1 {
-                    return Err(E::custom(format!("{v} is out of range: expected at least 1 byte")));
+                    return Err(E::custom(format!(
+                        "{v} is out of range: expected at least 1 byte"
+                    )));
                 }
                 Ok(ByteSize(v as u64))
             }
@@ -99,9 +105,12 @@ impl FromStr for HumanDuration {
         } else {
             return Err(format!("`{s}` has no unit: {expected}"));
         };
-        let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a duration: {expected}"))?;
+        let n: f64 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration: {expected}"))?;
         let secs = n * mult;
-        if !(secs >= 1.0 && secs <= 7.0 * 86_400.0) {
+        if !(1.0..=7.0 * 86_400.0).contains(&secs) {
             return Err(format!("`{s}` is out of range: expected 1s to 168h"));
         }
         Ok(HumanDuration(Duration::from_secs_f64(secs)))

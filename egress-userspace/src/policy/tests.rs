@@ -303,33 +303,64 @@ fn alerts_parse_with_defaults_and_units() {
     ));
     assert_eq!(p.alerts.len(), 2);
     let a = &p.alerts[0];
-    assert_eq!((a.bytes, a.window.as_secs(), a.cooldown.as_secs()), (100 << 20, 300, 600));
-    assert_eq!((a.per, a.action), (alert::AlertPer::ProcessDestination, alert::AlertAction::Block));
+    assert_eq!(
+        (a.bytes, a.window.as_secs(), a.cooldown.as_secs()),
+        (100 << 20, 300, 600)
+    );
+    assert_eq!(
+        (a.per, a.action),
+        (
+            alert::AlertPer::ProcessDestination,
+            alert::AlertAction::Block
+        )
+    );
     assert_eq!(a.services, ["corp-proxy"]);
     assert_eq!(a.line, 4);
     let b = &p.alerts[1];
-    assert_eq!((b.per, b.action, b.cooldown.as_secs()), (alert::AlertPer::Process, alert::AlertAction::Alert, 30));
+    assert_eq!(
+        (b.per, b.action, b.cooldown.as_secs()),
+        (alert::AlertPer::Process, alert::AlertAction::Alert, 30)
+    );
 }
 
 #[test]
 fn alert_errors_name_line_field_and_expectation() {
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"10XB\"\nwindow = \"5m\"\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"10XB\"\nwindow = \"5m\"\n"
+    ));
     assert_eq!((e.line, e.field.as_str()), (6, "alert[1].bytes"));
     assert!(e.message.contains("unknown unit `XB`"), "{e}");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5 minutes\"\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5 minutes\"\n"
+    ));
     assert_eq!(e.field, "alert[1].window");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nper = \"user\"\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nper = \"user\"\n"
+    ));
     assert!(e.message.contains("process_destination"), "{e}");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nservices = [\"nope\"]\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nservices = [\"nope\"]\n"
+    ));
     assert_eq!((e.line, e.field.as_str()), (8, "alert[1].services"));
-    assert!(e.message.contains("no service or block is named `nope`"), "{e}");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nper = \"cgroup\"\naction = \"block\"\n"));
+    assert!(
+        e.message.contains("no service or block is named `nope`"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nper = \"cgroup\"\naction = \"block\"\n"
+    ));
     assert_eq!((e.line, e.field.as_str()), (9, "alert[1].action"));
     assert!(e.message.contains("cannot apply per = \"cgroup\""), "{e}");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"corp-proxy\"\nbytes = \"1MB\"\nwindow = \"5m\"\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"corp-proxy\"\nbytes = \"1MB\"\nwindow = \"5m\"\n"
+    ));
     assert!(e.message.contains("duplicate name"), "{e}");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nwindow = \"5m\"\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nwindow = \"5m\"\n"
+    ));
     assert!(e.message.contains("missing field `bytes`"), "{e}");
-    let e = err(&format!("{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nthreshold = 3\n"));
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nthreshold = 3\n"
+    ));
     assert!(e.message.contains("unknown field `threshold`"), "{e}");
 }
