@@ -288,7 +288,7 @@ fn check(files: &[PathBuf]) -> u8 {
     for f in files {
         match load_policy(Some(f)) {
             Ok((p, c)) => println!(
-                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} prefixes ({} IPv4, {} IPv6), {} rule sets",
+                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets",
                 f.display(),
                 p.mode,
                 p.default,
@@ -297,8 +297,7 @@ fn check(files: &[PathBuf]) -> u8 {
                 } else {
                     "judged"
                 },
-                c.services,
-                c.blocks,
+                c.services, c.blocks, c.alerts,
                 c.prefix_count(),
                 c.v4.len(),
                 c.v6.len(),
