@@ -297,7 +297,9 @@ fn check(files: &[PathBuf]) -> u8 {
                 } else {
                     "judged"
                 },
-                c.services, c.blocks, c.alerts,
+                c.services,
+                c.blocks,
+                c.alerts,
                 c.prefix_count(),
                 c.v4.len(),
                 c.v6.len(),

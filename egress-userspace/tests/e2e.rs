@@ -443,7 +443,10 @@ fn check_summarises_good_policies_and_pinpoints_bad_ones() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("3 services, 3 blocks, 2 alerts, 10 prefixes"), "{text}");
+    assert!(
+        text.contains("3 services, 3 blocks, 2 alerts, 10 prefixes"),
+        "{text}"
+    );
 
     let bad = dir.file(
         "bad.toml",
