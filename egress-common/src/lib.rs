@@ -119,8 +119,12 @@ pub struct Config {
     pub tc_cgroup_level: u32,
     /// Number of entries in `BLOCKED` (byte-budget blocks); 0 skips the lookups.
     pub budget_blocks: u32,
+    /// Which policy buffer (0 or 1: `POLICY_V4_0`/`_1`, ...) this config describes. The hooks
+    /// read `ACTIVE`, then `CONFIG[ACTIVE]`, then only that buffer's maps.
+    pub buffer: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 40);
 
 /// Hook that produced an event (`Event::hook`).
 pub const HOOK_CONNECT4: u8 = 1;

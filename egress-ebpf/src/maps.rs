@@ -4,6 +4,7 @@
 //! the compiled policy at load time (`EbpfLoader::set_max_entries`).
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
@@ -11,23 +12,40 @@ use egress_common::{
     BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_COUNT,
 };
 
-/// IPv4 policy prefixes -> rule set. Written by the controller (compile step), read by the
-/// connect/sendmsg hooks. v4-mapped IPv6 destinations are looked up here too.
-#[map]
-pub static POLICY_V4: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+// The policy is double-buffered so that a reload is atomic: the controller fills the inactive
+// buffer (tries, rule sets, config) completely, then flips `ACTIVE` with one 4-byte write. A hook
+// reads `ACTIVE` once and then only that buffer, so no decision ever mixes two policies.
 
-/// IPv6 policy prefixes -> rule set. Written by the controller, read by the v6 hooks.
+/// IPv4 policy prefixes -> rule set, buffer 0 and 1. Written by the controller (compile step),
+/// read by every hook. v4-mapped IPv6 destinations are looked up here too. No preallocation:
+/// `max_entries` is a ceiling that costs nothing until used.
 #[map]
-pub static POLICY_V6: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+pub static POLICY_V4_0: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+#[map]
+pub static POLICY_V4_1: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(1, 0);
 
-/// Rule sets (port ranges, protocols, block/allow, deciding rule) referenced by the tries.
-/// Written by the controller, read by the hooks.
+/// IPv6 policy prefixes -> rule set, buffer 0 and 1. Written by the controller, read by the
+/// hooks.
 #[map]
-pub static RULESETS: Array<RuleSet> = Array::with_max_entries(1, 0);
+pub static POLICY_V6_0: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+#[map]
+pub static POLICY_V6_1: LpmTrie<[u8; 16], PrefixValue> = LpmTrie::with_max_entries(1, 0);
 
-/// Mode, default verdict and loopback switch (one entry). Written by the controller.
+/// Rule sets (port ranges, protocols, block/allow, deciding rule) referenced by the tries, buffer
+/// 0 and 1. Written by the controller, read by the hooks.
 #[map]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static RULESETS_0: HashMap<u32, RuleSet> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+#[map]
+pub static RULESETS_1: HashMap<u32, RuleSet> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Mode, default verdict, loopback switch and generation of each buffer (entries 0 and 1).
+/// Written by the controller, read by every hook.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(2, 0);
+
+/// The buffer in force (0 or 1). Written by the controller last, read first by every hook.
+#[map]
+pub static ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Per-CPU counters, indexed by `STAT_*`. Written by the hooks, summed by the controller.
 #[map]

@@ -7,7 +7,10 @@ use egress_common::{
     is_loopback_v6,
 };
 
-use crate::maps::{BLOCKED, CONFIG, POLICY_V4, POLICY_V6, RULESETS};
+use crate::maps::{
+    ACTIVE, BLOCKED, CONFIG, POLICY_V4_0, POLICY_V4_1, POLICY_V6_0, POLICY_V6_1, RULESETS_0,
+    RULESETS_1,
+};
 
 /// The outcome of a policy lookup.
 pub struct Decision {
@@ -15,12 +18,21 @@ pub struct Decision {
     pub rule_id: u32,
 }
 
-/// The config in force. An array entry always exists; should the lookup ever fail we use the
-/// all-zero config: enforce, default deny, no loopback. Fail-closed is the named choice.
+/// The config of the buffer in force. `ACTIVE` is read once; everything after uses that buffer.
+/// Should a lookup ever fail we use the all-zero config: enforce, default deny, no loopback,
+/// buffer 0. Fail-closed is the named choice.
 #[inline(always)]
 pub fn config() -> Config {
-    match CONFIG.get(0) {
-        Some(c) => *c,
+    let active = match ACTIVE.get(0) {
+        Some(a) => *a & 1,
+        None => 0,
+    };
+    match CONFIG.get(active) {
+        Some(c) => {
+            let mut c = *c;
+            c.buffer = active;
+            c
+        }
         None => Config::default(),
     }
 }
@@ -33,10 +45,13 @@ pub fn decide_v4(cfg: &Config, addr: [u8; 4], port: u16, ipproto: u8) -> Decisio
             rule_id: RULE_LOOPBACK,
         };
     }
-    let set = POLICY_V4
-        .get(Key::new(32, addr))
-        .map(|v: &PrefixValue| v.ruleset);
-    decide_set(cfg, set, port, ipproto)
+    let key = Key::new(32, addr);
+    let hit = if cfg.buffer == 0 {
+        POLICY_V4_0.get(&key)
+    } else {
+        POLICY_V4_1.get(&key)
+    };
+    decide_set(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto)
 }
 
 #[inline(always)]
@@ -47,10 +62,13 @@ pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decisi
             rule_id: RULE_LOOPBACK,
         };
     }
-    let set = POLICY_V6
-        .get(Key::new(128, addr))
-        .map(|v: &PrefixValue| v.ruleset);
-    decide_set(cfg, set, port, ipproto)
+    let key = Key::new(128, addr);
+    let hit = if cfg.buffer == 0 {
+        POLICY_V6_0.get(&key)
+    } else {
+        POLICY_V6_1.get(&key)
+    };
+    decide_set(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto)
 }
 
 /// First matching rule of the prefix's rule set decides (blocks are stored first). No prefix, or
@@ -61,9 +79,13 @@ fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decisio
         allow: cfg.default_verdict != 0,
         rule_id: RULE_DEFAULT,
     };
-    let Some(set) = set.and_then(|idx| RULESETS.get(idx)) else {
-        return default;
+    let Some(idx) = set else { return default };
+    let found = if cfg.buffer == 0 {
+        unsafe { RULESETS_0.get(idx) }
+    } else {
+        unsafe { RULESETS_1.get(idx) }
     };
+    let Some(set) = found else { return default };
     match set.first_match(port, ipproto) {
         Some(r) => Decision {
             allow: r.action != ACTION_BLOCK,

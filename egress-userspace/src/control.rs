@@ -74,8 +74,16 @@ struct Controller {
     blocks: HashMap<AlertKey, ActiveBlock>,
     alerts_by_rule: BTreeMap<String, u64>,
     report: SharedReport,
+    /// The policy file (None: the embedded default).
+    policy_path: Option<PathBuf>,
     policy: Policy,
     compiled: CompiledPolicy,
+    applied_at: SystemTime,
+    started: Instant,
+    /// Where the programs are attached, for `egress status`.
+    attached: serde_json::Value,
+    /// Hash of a watched policy file that failed to load (reported once, not every poll).
+    bad_watch_hash: Option<String>,
 }
 
 /// CLOCK_BOOTTIME now, in nanoseconds (the datapath's clock for block expiry).
@@ -141,7 +149,7 @@ impl Controller {
         let mut dp = Datapath::load(&compiled).context("loading the datapath")?;
         let ring = dp.take_events()?;
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;
-        let stream = EventStream::new(ring, compiled.clone(), sink)?;
+        let stream = EventStream::new(ring, compiled.clone(), policy.hash.clone(), sink)?;
         let webhook = match &opts.webhook {
             Some(url) => Some(Webhook::start(url.clone(), opts.spool.clone())?),
             None => None,
@@ -155,13 +163,21 @@ impl Controller {
             blocks: HashMap::new(),
             alerts_by_rule: BTreeMap::new(),
             report: Arc::new(Mutex::new(StatsReport::default())),
+            policy_path: opts
+                .policy
+                .as_ref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
             policy,
             compiled,
+            applied_at: SystemTime::now(),
+            started: Instant::now(),
+            attached: serde_json::Value::Null,
+            bad_watch_hash: None,
         })
     }
 
     /// Attaches TC to `ifaces`, or to every interface that is up but loopback when none is given.
-    fn attach_tc(&mut self, ifaces: &[String]) -> anyhow::Result<()> {
+    fn attach_tc(&mut self, ifaces: &[String]) -> anyhow::Result<Vec<String>> {
         let ifaces = if ifaces.is_empty() {
             iface::default_ifaces().context("listing interfaces")?
         } else {
@@ -169,13 +185,13 @@ impl Controller {
         };
         if ifaces.is_empty() {
             warn!("no interface is up besides loopback: TC accounting is not attached");
-            return Ok(());
+            return Ok(ifaces);
         }
         self.dp
             .attach_tc(&ifaces)
             .context("attaching the TC egress program")?;
         info!(ifaces = ?ifaces, "TC egress accounting attached");
-        Ok(())
+        Ok(ifaces)
     }
 
     /// Writes one JSON object to the event stream.
@@ -300,6 +316,107 @@ impl Controller {
         Ok(())
     }
 
+    /// Re-reads the policy (or switches to `path`) and applies it atomically, or with `dry_run`
+    /// only describes the change. A policy that does not load is refused with its error and the
+    /// policy in force stays untouched.
+    async fn reload(&mut self, path: Option<PathBuf>, dry_run: bool) -> anyhow::Result<Response> {
+        let path = path.or_else(|| self.policy_path.clone());
+        let (policy, compiled) = match load_policy(path.as_deref()) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reload refused; the policy in force is unchanged");
+                return Ok(Response::err(format!("{e:#}")));
+            }
+        };
+        let change = crate::diff::describe(&self.policy, &self.compiled, &policy, &compiled);
+        if dry_run {
+            return Ok(Response::ok(change));
+        }
+        let applied = match self.dp.reload(&compiled) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "reload failed before the switch; the policy in force is unchanged");
+                return Ok(Response::err(format!("applying {}: {e}", policy.source)));
+            }
+        };
+        self.stream
+            .set_policy(applied.generation, compiled.clone(), policy.hash.clone());
+        if self.policy.alerts != policy.alerts {
+            self.alerts = AlertEngine::new(policy.alerts.clone(), Instant::now());
+        }
+        info!(
+            policy = %policy.source,
+            generation = applied.generation,
+            hash = %policy.hash,
+            elapsed_ms = applied.elapsed.as_secs_f64() * 1000.0,
+            "policy applied"
+        );
+        let msg = format!(
+            "applied generation {} (hash {}) from {} in {:.1} ms\n{}",
+            applied.generation,
+            policy.hash,
+            policy.source,
+            applied.elapsed.as_secs_f64() * 1000.0,
+            change
+        );
+        self.emit(&serde_json::json!({
+            "ts": humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
+            "event": "reload",
+            "generation": applied.generation,
+            "policy_hash": policy.hash,
+            "policy": policy.source,
+            "elapsed_ms": applied.elapsed.as_secs_f64() * 1000.0,
+        }))
+        .await?;
+        self.policy_path = path;
+        self.policy = policy;
+        self.compiled = compiled;
+        self.applied_at = SystemTime::now();
+        self.bad_watch_hash = None;
+        Ok(Response::ok(msg))
+    }
+
+    /// `--watch`: reloads when the policy file's content changes (edits, renames, and the
+    /// atomic symlink swap Kubernetes does for ConfigMaps all change what the path reads).
+    async fn watch_tick(&mut self) -> anyhow::Result<()> {
+        let Some(path) = self.policy_path.clone() else {
+            return Ok(());
+        };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let hash = crate::policy::content_hash(&text);
+        if hash == self.policy.hash || self.bad_watch_hash.as_ref() == Some(&hash) {
+            return Ok(());
+        }
+        let resp = self.reload(Some(path), false).await?;
+        if !resp.ok {
+            self.bad_watch_hash = Some(hash);
+        }
+        Ok(())
+    }
+
+    /// Controller and enforcement state.
+    fn status(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "controller": {
+                "running": true,
+                "pid": std::process::id(),
+                "uptime_secs": self.started.elapsed().as_secs(),
+            },
+            "policy": {
+                "source": self.policy.source,
+                "generation": self.dp.generation(),
+                "hash": self.policy.hash,
+                "applied_at": humantime::format_rfc3339_seconds(self.applied_at).to_string(),
+                "mode": self.policy.mode.to_string(),
+                "default": self.policy.default.to_string(),
+            },
+            "attached": self.attached,
+            "counters": self.dp.stats()?,
+        }))
+    }
+
     /// Lifts a byte-budget block and reports it.
     async fn lift(&mut self, key: &AlertKey, reason: &str) -> anyhow::Result<bool> {
         let Some(b) = self.blocks.remove(key) else {
@@ -330,6 +447,14 @@ impl Controller {
                         Response::err(format!("no byte-budget block on {}", k.text()))
                     }
                 }
+            },
+            ctlsock::Request::Reload { policy, dry_run } => {
+                let path = policy.as_ref().map(PathBuf::from);
+                self.reload(path, *dry_run).await?
+            }
+            ctlsock::Request::Status => Response {
+                status: Some(self.status()?),
+                ..Response::ok("status")
             },
             ctlsock::Request::Stats => Response::err("stats is answered by the socket server"),
         };
@@ -374,6 +499,8 @@ pub struct CommonOptions {
 
 pub struct RunOptions {
     pub common: CommonOptions,
+    /// Reload when the policy file changes.
+    pub watch: bool,
     pub cgroup: Option<PathBuf>,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
@@ -396,7 +523,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ctl.dp
         .attach(&cgroup)
         .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
-    ctl.attach_tc(&opts.common.ifaces)?;
+    let ifaces = ctl.attach_tc(&opts.common.ifaces)?;
+    ctl.attached = serde_json::json!({
+        "cgroup": cgroup.display().to_string(),
+        "hooks": crate::datapath::HOOKS,
+        "tc": { "program": crate::datapath::TC_PROGRAM, "ifaces": ifaces },
+    });
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel(16);
     let server = tokio::spawn(ctlsock::serve(listener, ctl.report.clone(), cmd_tx));
     let metrics = opts
@@ -418,7 +552,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
             _ = ticker.tick() => ctl.tick().await?,
-            Some(cmd) = cmd_rx.recv() => ctl.command(cmd).await?,
+                        Some(cmd) = cmd_rx.recv() => ctl.command(cmd).await?,
+            _ = sighup.recv() => {
+                let resp = ctl.reload(None, false).await?;
+                info!(ok = resp.ok, "SIGHUP reload: {}", resp.message.or(resp.error).unwrap_or_default().lines().next().unwrap_or(""));
+            }
+            _ = watch.tick(), if opts.watch => ctl.watch_tick().await?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

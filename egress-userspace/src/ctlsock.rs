@@ -62,6 +62,15 @@ pub enum Request {
     Unblock {
         key: String,
     },
+    /// Re-read the policy, or switch to `policy`, and apply it atomically (`egress reload`).
+    Reload {
+        #[serde(default)]
+        policy: Option<String>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// Controller and enforcement state (`egress status`).
+    Status,
 }
 
 /// A request the controller's main loop must act on, with where to send the answer.
@@ -79,6 +88,8 @@ pub struct Response {
     pub stats: Option<StatsReport>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub status: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -88,6 +99,7 @@ impl Response {
             error: None,
             stats: None,
             message: Some(message.into()),
+            status: None,
         }
     }
     pub fn err(error: impl Into<String>) -> Response {
@@ -96,6 +108,7 @@ impl Response {
             error: Some(error.into()),
             stats: None,
             message: None,
+            status: None,
         }
     }
 }
@@ -147,6 +160,7 @@ pub async fn serve(
                         error: None,
                         stats: Some(report.lock().expect("report lock").clone()),
                         message: None,
+                        status: None,
                     },
                     Ok(request) => {
                         let (reply, answer) = tokio::sync::oneshot::channel();

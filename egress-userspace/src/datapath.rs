@@ -51,6 +51,14 @@ pub enum DatapathError {
     },
     #[error("interface {iface}: {message}")]
     Iface { iface: String, message: String },
+    #[error(
+        "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
+    )]
+    TooLarge {
+        v4: usize,
+        v6: usize,
+        rulesets: usize,
+    },
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -79,24 +87,56 @@ pub struct Stats {
 /// hook and frees the maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The config in force (that of buffer `active`).
     config: Config,
+    /// The policy buffer in force.
+    active: u32,
 }
 
-/// Map capacity for `n` compiled entries: never 0 (the kernel refuses empty maps).
-fn capacity(n: usize) -> u32 {
-    u32::try_from(n.max(1)).unwrap_or(u32::MAX)
+/// What a reload did.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    pub generation: u32,
+    pub buffer: u32,
+    pub elapsed: std::time::Duration,
+}
+
+/// Prefixes one policy buffer can hold, per address family. The tries allocate per entry, so the
+/// ceiling costs nothing until used.
+pub const POLICY_CAPACITY: u32 = 1 << 22;
+/// Distinct rule sets one policy buffer can hold.
+pub const RULESET_CAPACITY: u32 = 1 << 16;
+
+fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
+    let fits = policy.v4.len() <= POLICY_CAPACITY as usize
+        && policy.v6.len() <= POLICY_CAPACITY as usize
+        && policy.rulesets.len() <= RULESET_CAPACITY as usize;
+    if fits {
+        Ok(())
+    } else {
+        Err(DatapathError::TooLarge {
+            v4: policy.v4.len(),
+            v6: policy.v6.len(),
+            rulesets: policy.rulesets.len(),
+        })
+    }
 }
 
 impl Datapath {
     /// Loads the programs and writes `policy` into the maps. Nothing is attached yet, so a failure
     /// here changes nothing in the kernel's enforcement.
     pub fn load(policy: &CompiledPolicy) -> Result<Datapath, DatapathError> {
+        check_capacity(policy)?;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("POLICY_V4", capacity(policy.v4.len()))
-            .map_max_entries("POLICY_V6", capacity(policy.v6.len()))
-            .map_max_entries("RULESETS", capacity(policy.rulesets.len()))
+            .map_max_entries("POLICY_V4_0", POLICY_CAPACITY)
+            .map_max_entries("POLICY_V4_1", POLICY_CAPACITY)
+            .map_max_entries("POLICY_V6_0", POLICY_CAPACITY)
+            .map_max_entries("POLICY_V6_1", POLICY_CAPACITY)
+            .map_max_entries("RULESETS_0", RULESET_CAPACITY)
+            .map_max_entries("RULESETS_1", RULESET_CAPACITY)
             .load(EBPF_OBJECT)?;
-        write_policy(&mut ebpf, policy)?;
+        write_buffer(&mut ebpf, 0, policy, policy.config)?;
+        set_active(&mut ebpf, 0)?;
         for name in HOOKS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -121,7 +161,64 @@ impl Datapath {
         Ok(Datapath {
             ebpf,
             config: policy.config,
+            active: 0,
         })
+    }
+
+    /// Applies a new policy atomically: the inactive buffer is filled completely, then `ACTIVE`
+    /// flips to it. Until the flip every decision uses the old policy, after it the new one; a
+    /// failure before the flip leaves the old policy in force, untouched.
+    pub fn reload(&mut self, policy: &CompiledPolicy) -> Result<Applied, DatapathError> {
+        let start = std::time::Instant::now();
+        check_capacity(policy)?;
+        let next = 1 - self.active;
+        let config = Config {
+            generation: self.config.generation + 1,
+            tc_cgroup_id: self.config.tc_cgroup_id,
+            tc_cgroup_level: self.config.tc_cgroup_level,
+            budget_blocks: self.config.budget_blocks,
+            ..policy.config
+        };
+        write_buffer(&mut self.ebpf, next, policy, config)?;
+        set_active(&mut self.ebpf, next)?;
+        self.active = next;
+        self.config = Config {
+            buffer: next,
+            ..config
+        };
+        Ok(Applied {
+            generation: config.generation,
+            buffer: next,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// The generation of the policy in force.
+    pub fn generation(&self) -> u32 {
+        self.config.generation
+    }
+
+    /// Writes the controller-owned config fields (TC scope, block count) into both buffers.
+    fn write_configs(&mut self) -> Result<(), DatapathError> {
+        let other = 1 - self.active;
+        let inactive = {
+            let map = self
+                .ebpf
+                .map("CONFIG")
+                .ok_or(DatapathError::Missing("CONFIG map"))?;
+            let configs: Array<&MapData, Config> =
+                Array::try_from(map).map_err(map_err("CONFIG"))?;
+            configs.get(&other, 0).map_err(map_err("CONFIG"))?
+        };
+        let shared = |c: Config| Config {
+            tc_cgroup_id: self.config.tc_cgroup_id,
+            tc_cgroup_level: self.config.tc_cgroup_level,
+            budget_blocks: self.config.budget_blocks,
+            ..c
+        };
+        let (active_cfg, inactive_cfg) = (shared(self.config), shared(inactive));
+        set_config(&mut self.ebpf, other, inactive_cfg)?;
+        set_config(&mut self.ebpf, self.active, active_cfg)
     }
 
     /// Restricts the TC program to packets of sockets in `cgroup` (and below). Call before
@@ -129,13 +226,7 @@ impl Datapath {
     pub fn set_tc_scope(&mut self, cgroup_id: u64, level: u32) -> Result<(), DatapathError> {
         self.config.tc_cgroup_id = cgroup_id;
         self.config.tc_cgroup_level = level;
-        let map = self
-            .ebpf
-            .map_mut("CONFIG")
-            .ok_or(DatapathError::Missing("CONFIG map"))?;
-        let mut config: Array<&mut MapData, Config> =
-            Array::try_from(map).map_err(map_err("CONFIG"))?;
-        config.set(0, self.config, 0).map_err(map_err("CONFIG"))
+        self.write_configs()
     }
 
     /// Attaches the TC egress program to each interface: TCX on kernels with it (6.6+), else a
@@ -241,13 +332,7 @@ impl Datapath {
             m.keys().count() as u32
         };
         self.config.budget_blocks = n;
-        let map = self
-            .ebpf
-            .map_mut("CONFIG")
-            .ok_or(DatapathError::Missing("CONFIG map"))?;
-        let mut config: Array<&mut MapData, Config> =
-            Array::try_from(map).map_err(map_err("CONFIG"))?;
-        config.set(0, self.config, 0).map_err(map_err("CONFIG"))
+        self.write_configs()
     }
 
     /// Every flow counter, summed over CPUs.
@@ -359,54 +444,112 @@ impl Datapath {
     }
 }
 
-/// Writes every compiled entry. The config goes last: the maps hold the full policy before the
-/// mode and default verdict that interpret it are set.
-fn write_policy(ebpf: &mut Ebpf, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+/// Fills policy buffer `buf` (0 or 1) with `policy`: clears what the buffer held, writes the
+/// rule sets, then the tries, then the buffer's config. The hooks never read this buffer until
+/// `ACTIVE` points at it.
+fn write_buffer(
+    ebpf: &mut Ebpf,
+    buf: u32,
+    policy: &CompiledPolicy,
+    config: Config,
+) -> Result<(), DatapathError> {
+    let (v4_name, v6_name, sets_name): (&'static str, &'static str, &'static str) = if buf == 0 {
+        ("POLICY_V4_0", "POLICY_V6_0", "RULESETS_0")
+    } else {
+        ("POLICY_V4_1", "POLICY_V6_1", "RULESETS_1")
+    };
     {
         let map = ebpf
-            .map_mut("RULESETS")
-            .ok_or(DatapathError::Missing("RULESETS map"))?;
-        let mut sets: Array<&mut MapData, RuleSet> =
-            Array::try_from(map).map_err(map_err("RULESETS"))?;
-        for (i, set) in policy.rulesets.iter().enumerate() {
-            sets.set(i as u32, set, 0).map_err(map_err("RULESETS"))?;
+            .map_mut(v4_name)
+            .ok_or(DatapathError::Missing("POLICY_V4 map"))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], PrefixValue> =
+            LpmTrie::try_from(map).map_err(map_err(v4_name))?;
+        let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
+        for k in &old {
+            let _ = trie.remove(k);
         }
     }
     {
         let map = ebpf
-            .map_mut("POLICY_V4")
+            .map_mut(v6_name)
+            .ok_or(DatapathError::Missing("POLICY_V6 map"))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], PrefixValue> =
+            LpmTrie::try_from(map).map_err(map_err(v6_name))?;
+        let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
+        for k in &old {
+            let _ = trie.remove(k);
+        }
+    }
+    {
+        let map = ebpf
+            .map_mut(sets_name)
+            .ok_or(DatapathError::Missing("RULESETS map"))?;
+        let mut sets: HashMap<&mut MapData, u32, RuleSet> =
+            HashMap::try_from(map).map_err(map_err(sets_name))?;
+        let old: Vec<u32> = sets.keys().filter_map(Result::ok).collect();
+        for k in &old {
+            let _ = sets.remove(k);
+        }
+        for (i, set) in policy.rulesets.iter().enumerate() {
+            sets.insert(i as u32, set, 0).map_err(map_err(sets_name))?;
+        }
+    }
+    {
+        let map = ebpf
+            .map_mut(v4_name)
             .ok_or(DatapathError::Missing("POLICY_V4 map"))?;
         let mut trie: LpmTrie<&mut MapData, [u8; 4], PrefixValue> =
-            LpmTrie::try_from(map).map_err(map_err("POLICY_V4"))?;
+            LpmTrie::try_from(map).map_err(map_err(v4_name))?;
         for (&(net, len), &set) in &policy.v4 {
             trie.insert(
                 &Key::new(u32::from(len), net.to_be_bytes()),
                 PrefixValue { ruleset: set },
                 0,
             )
-            .map_err(map_err("POLICY_V4"))?;
+            .map_err(map_err(v4_name))?;
         }
     }
     {
         let map = ebpf
-            .map_mut("POLICY_V6")
+            .map_mut(v6_name)
             .ok_or(DatapathError::Missing("POLICY_V6 map"))?;
         let mut trie: LpmTrie<&mut MapData, [u8; 16], PrefixValue> =
-            LpmTrie::try_from(map).map_err(map_err("POLICY_V6"))?;
+            LpmTrie::try_from(map).map_err(map_err(v6_name))?;
         for (&(net, len), &set) in &policy.v6 {
             trie.insert(
                 &Key::new(u32::from(len), net.to_be_bytes()),
                 PrefixValue { ruleset: set },
                 0,
             )
-            .map_err(map_err("POLICY_V6"))?;
+            .map_err(map_err(v6_name))?;
         }
     }
+    set_config(ebpf, buf, config)
+}
+
+fn set_config(ebpf: &mut Ebpf, buf: u32, config: Config) -> Result<(), DatapathError> {
     let map = ebpf
         .map_mut("CONFIG")
         .ok_or(DatapathError::Missing("CONFIG map"))?;
-    let mut config: Array<&mut MapData, Config> =
+    let mut configs: Array<&mut MapData, Config> =
         Array::try_from(map).map_err(map_err("CONFIG"))?;
-    config.set(0, policy.config, 0).map_err(map_err("CONFIG"))?;
-    Ok(())
+    configs
+        .set(
+            buf,
+            Config {
+                buffer: buf,
+                ..config
+            },
+            0,
+        )
+        .map_err(map_err("CONFIG"))
+}
+
+/// Points the hooks at buffer `buf`: one 4-byte array write, atomic for every reader.
+fn set_active(ebpf: &mut Ebpf, buf: u32) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut("ACTIVE")
+        .ok_or(DatapathError::Missing("ACTIVE map"))?;
+    let mut active: Array<&mut MapData, u32> = Array::try_from(map).map_err(map_err("ACTIVE"))?;
+    active.set(0, buf, 0).map_err(map_err("ACTIVE"))
 }

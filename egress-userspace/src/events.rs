@@ -46,6 +46,9 @@ pub struct JsonEvent {
     pub rule: String,
     /// Policy generation in force.
     pub generation: u32,
+    /// Content hash of that policy (see `egress status`).
+    #[serde(default)]
+    pub policy_hash: String,
 }
 
 /// Converts CLOCK_BOOTTIME nanoseconds (as `bpf_ktime_get_boot_ns` reports) to wall time.
@@ -135,6 +138,7 @@ impl JsonEvent {
             port: ev.port,
             v4_mapped: ev.v4_mapped != 0,
             rule: policy.rule_name(ev.rule_id).to_string(),
+            policy_hash: String::new(),
             generation: ev.generation,
         }
     }
@@ -152,7 +156,9 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
 /// The event stream: the ring buffer, and where its JSON lines go.
 pub struct EventStream<W> {
     fd: AsyncFd<RingBuf<MapData>>,
-    policy: CompiledPolicy,
+    /// The policies of recent generations, to name the rules of events still in flight from
+    /// before a reload.
+    policies: std::collections::BTreeMap<u32, (std::sync::Arc<CompiledPolicy>, String)>,
     clock: Clock,
     out: W,
     written: u64,
@@ -165,12 +171,19 @@ pub struct EventStream<W> {
 pub const DRAIN_BATCH: usize = 4096;
 
 impl<W: AsyncWrite + Unpin> EventStream<W> {
-    pub fn new(ring: RingBuf<MapData>, policy: CompiledPolicy, out: W) -> std::io::Result<Self> {
+    pub fn new(
+        ring: RingBuf<MapData>,
+        policy: CompiledPolicy,
+        hash: String,
+        out: W,
+    ) -> std::io::Result<Self> {
         // SAFETY: the RingBuf owns its map fd and keeps it open for as long as the AsyncFd lives.
         let fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
         Ok(EventStream {
             fd,
-            policy,
+            policies: [(1, (std::sync::Arc::new(policy), hash))]
+                .into_iter()
+                .collect(),
             clock: Clock::new(),
             out,
             written: 0,
@@ -200,7 +213,13 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         self.pending = false;
         while let Some(item) = ring.next() {
             if let Some(ev) = decode(&item) {
-                let json = JsonEvent::from_raw(&ev, &self.policy, &self.clock);
+                let (policy, hash) = self
+                    .policies
+                    .get(&ev.generation)
+                    .or_else(|| self.policies.values().next_back())
+                    .expect("at least one policy");
+                let mut json = JsonEvent::from_raw(&ev, policy, &self.clock);
+                json.policy_hash.clone_from(hash);
                 *self.by_rule.entry(json.rule.clone()).or_default() += 1;
                 serde_json::to_writer(&mut buf, &json)?;
                 buf.push(b'\n');
@@ -217,6 +236,15 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             self.out.flush().await?;
         }
         Ok(())
+    }
+
+    /// Names the rules of events of a new policy generation (after a reload).
+    pub fn set_policy(&mut self, generation: u32, policy: CompiledPolicy, hash: String) {
+        self.policies
+            .insert(generation, (std::sync::Arc::new(policy), hash));
+        while self.policies.len() > 4 {
+            self.policies.pop_first();
+        }
     }
 
     /// Writes other JSON lines (alerts, blocks) to the same stream.

@@ -13,6 +13,7 @@ pub mod compile;
 pub mod control;
 pub mod ctlsock;
 pub mod datapath;
+pub mod diff;
 pub mod display;
 pub mod events;
 pub mod explain;

@@ -60,6 +60,10 @@ enum Command {
         /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+        /// Reload when the policy file changes (edits, renames, and the symlink swap Kubernetes
+        /// does for ConfigMaps). SIGHUP and `egress reload` reload too.
+        #[arg(long)]
+        watch: bool,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -83,6 +87,29 @@ enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
+    },
+    /// Re-read the policy of the running controller (or switch it to FILE) and apply it
+    /// atomically. A policy with errors is refused with file:line:field, and the one in force
+    /// stays.
+    Reload {
+        /// Switch to this policy file.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Print what would change (rules and prefixes added and removed) without applying it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Enforcement health, policy generation and hash, mode, counters, controller uptime.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Lift a byte-budget block (`[[alert]] action = "block"`) before its cooldown ends.
     Unblock {
@@ -209,6 +236,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             alerting,
             socket,
             metrics,
+            watch,
         } => {
             let common = CommonOptions {
                 policy,
@@ -219,6 +247,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             };
             runtime()?.block_on(control::run(RunOptions {
                 common,
+                watch,
                 cgroup,
                 socket,
                 metrics,
@@ -246,6 +275,27 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 report,
             }))?;
             Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Reload {
+            policy,
+            dry_run,
+            socket,
+        } => {
+            // The controller may run elsewhere in the filesystem: send an absolute path.
+            let policy = policy.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+            let resp = ctlsock::request(&socket, &ctlsock::Request::Reload { policy, dry_run })?;
+            print!("{}", resp.message.unwrap_or_default());
+            Ok(0)
+        }
+        Command::Status { json, socket } => {
+            let resp = ctlsock::request(&socket, &ctlsock::Request::Status)?;
+            let status = resp.status.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", display::status_text(&status));
+            }
+            Ok(0)
         }
         Command::Unblock { key, socket } => {
             let resp = ctlsock::request(&socket, &ctlsock::Request::Unblock { key })?;

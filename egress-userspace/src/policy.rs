@@ -307,6 +307,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// `[[alert]]` tables, in file order.
     pub alerts: Vec<alert::Alert>,
+    /// SHA-256 of the policy text (hex, first 16 digits): identifies what is applied.
+    pub hash: String,
 }
 
 /// A policy error, pointing at the offending place.
@@ -524,7 +526,19 @@ impl Policy {
             allow_loopback: raw.allow_loopback,
             rules,
             alerts,
+            hash: content_hash(text),
         })
+    }
+
+    /// Whether two alerts with the same name differ (their line does not count).
+    pub fn alert_differs(a: &alert::Alert, b: &alert::Alert) -> bool {
+        alert::Alert {
+            line: 0,
+            ..a.clone()
+        } != alert::Alert {
+            line: 0,
+            ..b.clone()
+        }
     }
 
     pub fn services(&self) -> impl Iterator<Item = &Rule> {
@@ -534,6 +548,13 @@ impl Policy {
     pub fn blocks(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter().filter(|r| r.kind == RuleKind::Block)
     }
+}
+
+/// SHA-256 of the policy text, hex, first 16 digits.
+pub fn content_hash(text: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 /// 1-based line and column of a byte offset.

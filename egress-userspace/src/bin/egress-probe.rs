@@ -7,7 +7,9 @@
 //!       tcp-send ADDR:PORT BYTES (connect, write BYTES, shut down, wait for the peer to close),
 //!       udp-send ADDR:PORT COUNT SIZE (COUNT unconnected datagrams of SIZE payload bytes),
 //!       raw-udp ADDR:PORT (one IPv4 UDP datagram through a raw socket, which no cgroup hook sees),
-//!       sleep MS, wait-file PATH (pause; for tests that act between two calls)
+//!       sleep MS, wait-file PATH (pause; for tests that act between two calls),
+//!       storm ALLOWED DENIED MS (for MS milliseconds, alternate UDP connects to an address that
+//!       must pass and one that must be denied; print the counts and the wrong verdicts)
 //!   --timeout S   I/O timeout of tcp-send, in seconds (default 30)
 //!   --rate BPS    pace tcp-send at about BPS bytes per second (default: as fast as possible)
 //!   --cgroup DIR  join this cgroup2 directory first (sockets belong to the cgroup they are made in)
@@ -185,6 +187,40 @@ fn attempt(call: &Call) -> Result<(), io::Error> {
     }
 }
 
+/// One UDP connect on a fresh socket: true if the firewall let it through.
+fn udp_connect_passes(addr: SocketAddr) -> bool {
+    let Ok(s) = UdpSocket::bind(unspecified_for(&addr)) else {
+        return false;
+    };
+    s.connect(addr).is_ok()
+}
+
+fn storm(allowed: SocketAddr, denied: SocketAddr, ms: u64) -> String {
+    let end = std::time::Instant::now() + Duration::from_millis(ms);
+    let start = std::time::Instant::now();
+    let (mut allowed_ok, mut allowed_denied, mut denied_ok, mut denied_denied) =
+        (0u64, 0u64, 0u64, 0u64);
+    while std::time::Instant::now() < end {
+        if udp_connect_passes(allowed) {
+            allowed_ok += 1
+        } else {
+            allowed_denied += 1
+        }
+        if udp_connect_passes(denied) {
+            denied_ok += 1
+        } else {
+            denied_denied += 1
+        }
+    }
+    let attempts = allowed_ok + allowed_denied + denied_ok + denied_denied;
+    let per_sec = attempts as f64 / start.elapsed().as_secs_f64();
+    format!(
+        "{{\"op\":\"storm\",\"attempts\":{attempts},\"per_sec\":{per_sec:.0},\"wrong\":{},\"allowed_ok\":{allowed_ok},\"allowed_denied\":{allowed_denied},\"denied_ok\":{denied_ok},\"denied_denied\":{denied_denied},\"pid\":{}}}",
+        allowed_denied + denied_ok,
+        std::process::id()
+    )
+}
+
 fn usage() -> ExitCode {
     eprintln!("usage: egress-probe [--cgroup DIR] [--count N] OP ADDR:PORT [ARGS] ...");
     eprintln!(
@@ -198,6 +234,7 @@ fn main() -> ExitCode {
     let mut count: u64 = 1;
     let mut summary = false;
     let mut calls: Vec<Call> = Vec::new();
+    let mut stormed = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--cgroup" => {
@@ -228,6 +265,18 @@ fn main() -> ExitCode {
                     return usage();
                 };
                 TIMEOUT_SECS.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            "storm" => {
+                let (Some(a), Some(d), Some(ms)) = (
+                    args.next().and_then(|a| a.parse::<SocketAddr>().ok()),
+                    args.next().and_then(|a| a.parse::<SocketAddr>().ok()),
+                    args.next().and_then(|a| a.parse::<u64>().ok()),
+                ) else {
+                    return usage();
+                };
+                println!("{}", storm(a, d, ms));
+                stormed = true;
+                continue;
             }
             "sleep" | "wait-file" => {
                 let Some(arg) = args.next() else {
@@ -277,7 +326,7 @@ fn main() -> ExitCode {
         }
     }
     if calls.is_empty() {
-        return usage();
+        return if stormed { ExitCode::SUCCESS } else { usage() };
     }
     let mut out = io::stdout().lock();
     let pid = std::process::id();

@@ -1,0 +1,139 @@
+//! What a reload would change: rules (services, blocks, alerts) added, removed and changed by
+//! name, and prefixes added and removed in the compiled tries. `egress reload --dry-run` prints
+//! it; a real reload logs its summary.
+
+use std::{collections::BTreeSet, fmt::Write as _};
+
+use crate::{
+    compile::CompiledPolicy,
+    policy::{Policy, Rule},
+};
+
+/// How much of each list is printed before "… and N more".
+const SHOWN: usize = 20;
+
+fn same_rule(a: &Rule, b: &Rule) -> bool {
+    a.kind == b.kind
+        && a.destinations == b.destinations
+        && a.ports == b.ports
+        && a.protocols == b.protocols
+}
+
+fn prefixes(c: &CompiledPolicy) -> BTreeSet<String> {
+    let v4 =
+        c.v4.keys()
+            .map(|&(n, l)| format!("{}/{l}", std::net::Ipv4Addr::from(n)));
+    let v6 =
+        c.v6.keys()
+            .map(|&(n, l)| format!("{}/{l}", std::net::Ipv6Addr::from(n)));
+    v4.chain(v6).collect()
+}
+
+fn list(out: &mut String, title: &str, items: &[String]) {
+    if items.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "{title} ({}):", items.len());
+    for i in items.iter().take(SHOWN) {
+        let _ = writeln!(out, "  {i}");
+    }
+    if items.len() > SHOWN {
+        let _ = writeln!(out, "  … and {} more", items.len() - SHOWN);
+    }
+}
+
+/// A readable account of the change from `old` to `new`; "no change" when there is none.
+pub fn describe(
+    old: &Policy,
+    old_c: &CompiledPolicy,
+    new: &Policy,
+    new_c: &CompiledPolicy,
+) -> String {
+    let mut out = String::new();
+    for (what, a, b) in [
+        ("mode", old.mode.to_string(), new.mode.to_string()),
+        ("default", old.default.to_string(), new.default.to_string()),
+        (
+            "allow_loopback",
+            old.allow_loopback.to_string(),
+            new.allow_loopback.to_string(),
+        ),
+    ] {
+        if a != b {
+            let _ = writeln!(out, "{what}: {a} -> {b}");
+        }
+    }
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    for r in &new.rules {
+        match old.rules.iter().find(|o| o.name == r.name) {
+            None => added.push(format!("{} {}", r.kind.as_str(), r.name)),
+            Some(o) if !same_rule(o, r) => changed.push(format!("{} {}", r.kind.as_str(), r.name)),
+            Some(_) => {}
+        }
+    }
+    for o in &old.rules {
+        if !new.rules.iter().any(|r| r.name == o.name) {
+            removed.push(format!("{} {}", o.kind.as_str(), o.name));
+        }
+    }
+    for a in &new.alerts {
+        match old.alerts.iter().find(|o| o.name == a.name) {
+            None => added.push(format!("alert {}", a.name)),
+            Some(o) if Policy::alert_differs(o, a) => changed.push(format!("alert {}", a.name)),
+            Some(_) => {}
+        }
+    }
+    for o in &old.alerts {
+        if !new.alerts.iter().any(|a| a.name == o.name) {
+            removed.push(format!("alert {}", o.name));
+        }
+    }
+    list(&mut out, "added", &added);
+    list(&mut out, "removed", &removed);
+    list(&mut out, "changed", &changed);
+    let (before, after) = (prefixes(old_c), prefixes(new_c));
+    let plus: Vec<String> = after.difference(&before).cloned().collect();
+    let minus: Vec<String> = before.difference(&after).cloned().collect();
+    list(&mut out, "prefixes added", &plus);
+    list(&mut out, "prefixes removed", &minus);
+    if out.is_empty() {
+        out.push_str("no change\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both(text: &str) -> (Policy, CompiledPolicy) {
+        let p = Policy::parse("t.toml", text).unwrap();
+        let c = CompiledPolicy::compile(&p).unwrap();
+        (p, c)
+    }
+
+    #[test]
+    fn describes_rule_and_prefix_changes() {
+        let (a, ac) = both(
+            "[[service]]\nname = \"web\"\ndestinations = [\"10.0.0.0/8\"]\nports = [443]\n[[block]]\nname = \"bad\"\ndestinations = [\"192.0.2.0/24\"]\n",
+        );
+        let (b, bc) = both(
+            "mode = \"audit\"\n[[service]]\nname = \"web\"\ndestinations = [\"10.0.0.0/8\", \"2001:db8::/32\"]\nports = [443]\n[[service]]\nname = \"dns\"\ndestinations = [\"10.0.0.53\"]\n",
+        );
+        let d = describe(&a, &ac, &b, &bc);
+        assert!(d.contains("mode: enforce -> audit"), "{d}");
+        assert!(d.contains("added (1):\n  service dns"), "{d}");
+        assert!(d.contains("removed (1):\n  block bad"), "{d}");
+        assert!(d.contains("changed (1):\n  service web"), "{d}");
+        assert!(
+            d.contains("prefixes added (2):")
+                && d.contains("2001:db8::/32")
+                && d.contains("10.0.0.53/32"),
+            "{d}"
+        );
+        assert!(d.contains("prefixes removed (1):\n  192.0.2.0/24"), "{d}");
+        assert_eq!(describe(&a, &ac, &a, &ac), "no change\n");
+    }
+}
