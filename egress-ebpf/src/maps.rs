@@ -77,4 +77,5 @@ pub static IFACE_L2: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
 /// destination, gets EPERM on connect/sendmsg and its packets are dropped at TC until `until_ns`.
 /// Written by the controller, read by every hook.
 #[map]
-pub static BLOCKED: HashMap<BlockKey, BlockValue> = HashMap::with_max_entries(4096, 0);
+pub static BLOCKED: HashMap<BlockKey, BlockValue> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);

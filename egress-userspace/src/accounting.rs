@@ -156,6 +156,9 @@ impl Counter {
 
 const TAU: f64 = 2.0;
 
+/// Readings without change after which a flow's kernel counter is deleted.
+pub const IDLE_TICKS: u32 = 40;
+
 #[derive(Debug)]
 struct ProcState {
     info: ProcInfo,
@@ -169,8 +172,10 @@ struct ProcState {
 /// The result of one [`Accounting::tick`].
 #[derive(Debug, Default)]
 pub struct TickOutcome {
-    /// Flow keys of exited processes, to delete from the kernel map.
-    pub exited: Vec<FlowKey>,
+    /// Flow keys to delete from the kernel map: those of exited processes, and flows idle for
+    /// [`IDLE_TICKS`] readings. Both are fully counted; a later packet recreates its key and is
+    /// counted from zero.
+    pub prune: Vec<FlowKey>,
     /// Counter increases since the previous reading.
     pub deltas: Vec<(FlowKey, FlowValue)>,
 }
@@ -180,7 +185,7 @@ pub struct TickOutcome {
 pub struct Accounting {
     procs: BTreeMap<u32, ProcState>,
     /// Last cumulative value seen per kernel flow key.
-    last: HashMap<FlowKey, FlowValue>,
+    last: HashMap<FlowKey, (FlowValue, u32)>,
     last_tick: Option<Instant>,
     /// How long an exited process stays in the table.
     pub retention: Duration,
@@ -223,7 +228,7 @@ impl Accounting {
     ) -> TickOutcome {
         let mut deltas = Vec::new();
         for (key, value) in flows {
-            let prev = self.last.insert(*key, *value).unwrap_or_default();
+            let (prev, idle) = self.last.get(key).copied().unwrap_or_default();
             // A counter below its last value was deleted and recreated: all of it is new.
             let delta = if value.packets < prev.packets {
                 *value
@@ -235,9 +240,18 @@ impl Accounting {
                 }
             };
             if delta.packets == 0 && delta.bytes == 0 {
+                self.last.insert(*key, (*value, idle + 1));
                 continue;
             }
+            self.last.insert(*key, (*value, 0));
             deltas.push((*key, delta));
+            // A pid seen again after its process exited belongs to a new process now.
+            if key.tgid != TGID_UNATTRIBUTED
+                && self.procs.get(&key.tgid).is_some_and(|p| !p.alive)
+                && procs.alive(key.tgid)
+            {
+                self.procs.remove(&key.tgid);
+            }
             let state = self.procs.entry(key.tgid).or_insert_with(|| {
                 let (info, alive) = if key.tgid == TGID_UNATTRIBUTED {
                     (
@@ -295,13 +309,17 @@ impl Accounting {
 
         // Flows of exited processes are fully counted: delete them from the kernel. A late packet
         // (data still in a dead process's socket buffer) recreates its key and is counted anew.
-        let exited: Vec<FlowKey> = self
+        // Keep the kernel map bounded: delete what is fully counted and will not move again
+        // (exited owners), or has not moved for a while (idle flows, unattributed ones included).
+        let prune: Vec<FlowKey> = self
             .last
-            .keys()
-            .filter(|k| self.procs.get(&k.tgid).is_some_and(|p| !p.alive))
-            .copied()
+            .iter()
+            .filter(|(k, (_, idle))| {
+                *idle >= IDLE_TICKS || self.procs.get(&k.tgid).is_some_and(|p| !p.alive)
+            })
+            .map(|(k, _)| *k)
             .collect();
-        for k in &exited {
+        for k in &prune {
             self.last.remove(k);
         }
         let retention = self.retention;
@@ -309,7 +327,7 @@ impl Accounting {
             p.exited_at
                 .is_none_or(|t| now.duration_since(t) < retention)
         });
-        TickOutcome { exited, deltas }
+        TickOutcome { prune, deltas }
     }
 
     /// What /proc said about a process (empty when unknown).

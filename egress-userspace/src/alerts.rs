@@ -18,7 +18,8 @@ use crate::{
     policy::alert::{Alert, AlertAction, AlertPer},
 };
 
-/// Byte counts over a sliding window, kept in buckets of `window / 240` (at least 1 s): the sum
+/// Byte counts over a sliding window, kept in buckets of `window / 240` (at least 100 ms, at
+/// most `window / 10`): the sum
 /// covers exactly the last `window` to within one bucket, unlike fixed windows that reset and
 /// miss a transfer split across two of them.
 #[derive(Debug, Clone)]
@@ -32,7 +33,10 @@ pub struct SlidingWindow {
 
 impl SlidingWindow {
     pub fn new(window: Duration) -> SlidingWindow {
-        let bucket = (window / 240).max(Duration::from_secs(1)).min(window);
+        // At least 10 buckets per window, so short windows slide too.
+        let bucket = (window / 240)
+            .max(Duration::from_millis(100))
+            .min(window / 10);
         let buckets = (window.as_nanos() / bucket.as_nanos()).max(1) as usize;
         SlidingWindow {
             bucket,

@@ -18,7 +18,7 @@ use tokio::{
     io::AsyncWrite,
     signal::unix::{SignalKind, signal},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     accounting::{Accounting, ProcSource as _, Procfs},
@@ -27,7 +27,7 @@ use crate::{
     compile::CompiledPolicy,
     ctlsock::{self, BlockInfo, Response, SharedReport, StatsReport},
     datapath::Datapath,
-    events::{EventStream, cstr},
+    events::EventStream,
     iface, load_policy,
     policy::{Policy, RuleKind},
     webhook::Webhook,
@@ -194,6 +194,13 @@ impl Controller {
         Ok(ifaces)
     }
 
+    /// Writes one JSON object to the event stream; a failing sink is logged, never fatal.
+    async fn emit_logged<T: serde::Serialize>(&mut self, value: &T) {
+        if let Err(e) = self.emit(value).await {
+            error!(error = %format!("{e:#}"), "could not write an event");
+        }
+    }
+
     /// Writes one JSON object to the event stream.
     async fn emit<T: serde::Serialize>(&mut self, value: &T) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(value)?;
@@ -209,11 +216,14 @@ impl Controller {
         let flows = self.dp.flows()?;
         let outcome = {
             let dp = &self.dp;
-            let owner_comm = |tgid: u32| dp.owner_of(tgid).map(|o| cstr(&o.comm));
+            // One walk of the socket-owner map per tick at most, and only when needed.
+            let owners: std::cell::OnceCell<HashMap<u32, String>> = std::cell::OnceCell::new();
+            let owner_comm =
+                |tgid: u32| owners.get_or_init(|| dp.owner_comms()).get(&tgid).cloned();
             self.acct.tick(&flows, now, &Procfs, &owner_comm)
         };
-        if !outcome.exited.is_empty() {
-            self.dp.remove_flows(&outcome.exited)?;
+        if !outcome.prune.is_empty() {
+            self.dp.remove_flows(&outcome.prune)?;
         }
         if !self.alerts.is_empty() && !outcome.deltas.is_empty() {
             let firings = {
@@ -256,20 +266,32 @@ impl Controller {
                     && let Some(bk) = block_key(&f.key)
                 {
                     let rule_id = self.compiled.alert_rule_id(f.alert_index);
-                    self.dp
-                        .block(bk, boot_ns() + dur.as_nanos() as u64, rule_id)?;
-                    self.blocks.insert(
-                        f.key,
-                        ActiveBlock {
-                            key: bk,
-                            rule: f.event.rule.clone(),
-                            until: now + dur,
-                            until_wall: wall + dur,
-                        },
-                    );
+                    match self
+                        .dp
+                        .block(bk, boot_ns() + dur.as_nanos() as u64, rule_id)
+                    {
+                        Ok(()) => {
+                            self.blocks.insert(
+                                f.key,
+                                ActiveBlock {
+                                    key: bk,
+                                    rule: f.event.rule.clone(),
+                                    until: now + dur,
+                                    until_wall: wall + dur,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            // The alert still goes out, saying what happened; enforcement of
+                            // everything else goes on.
+                            error!(key = %f.event.key, error = %e, "could not block: alerting only");
+                            f.event.action = "alert".into();
+                            f.event.blocked_until = None;
+                        }
+                    }
                 }
                 warn!(rule = %f.event.rule, key = %f.event.key, bytes = f.event.bytes_in_window, action = %f.event.action, "high-volume transfer alert");
-                self.emit(&f.event).await?;
+                self.emit_logged(&f.event).await;
                 if let Some(w) = &self.webhook {
                     w.send(serde_json::to_vec(&f.event)?);
                 }
@@ -281,9 +303,19 @@ impl Controller {
                         "over budget",
                         f.event.blocked_until.clone(),
                     );
-                    self.emit(&ev).await?;
+                    self.emit_logged(&ev).await;
                 }
             }
+        }
+        // A block belongs to a process: when it exits, its pid must not pass the block on.
+        let gone: Vec<AlertKey> = self
+            .blocks
+            .keys()
+            .filter(|k| k.tgid().is_some_and(|t| !Procfs.alive(t)))
+            .copied()
+            .collect();
+        for k in gone {
+            self.lift(&k, "process exited").await?;
         }
         let expired: Vec<AlertKey> = self
             .blocks
@@ -417,6 +449,13 @@ impl Controller {
         }))
     }
 
+    /// A tick whose failure is logged: accounting and alerting must never take enforcement down.
+    async fn tick_logged(&mut self) {
+        if let Err(e) = self.tick().await {
+            error!(error = %format!("{e:#}"), "accounting tick failed");
+        }
+    }
+
     /// Lifts a byte-budget block and reports it.
     async fn lift(&mut self, key: &AlertKey, reason: &str) -> anyhow::Result<bool> {
         let Some(b) = self.blocks.remove(key) else {
@@ -424,14 +463,14 @@ impl Controller {
         };
         self.dp.unblock(&b.key)?;
         info!(key = %key.text(), rule = %b.rule, reason, "byte-budget block lifted");
-        self.emit(&BlockEvent::new(
+        self.emit_logged(&BlockEvent::new(
             "unblock",
             &key.text(),
             &b.rule,
             reason,
             None,
         ))
-        .await?;
+        .await;
         Ok(true)
     }
 
@@ -551,8 +590,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
-            _ = ticker.tick() => ctl.tick().await?,
-                        Some(cmd) = cmd_rx.recv() => ctl.command(cmd).await?,
+                        _ = ticker.tick() => ctl.tick_logged().await,
+            Some(cmd) = cmd_rx.recv() => ctl.command(cmd).await?,
             _ = sighup.recv() => {
                 let resp = ctl.reload(None, false).await?;
                 info!(ok = resp.ok, "SIGHUP reload: {}", resp.message.or(resp.error).unwrap_or_default().lines().next().unwrap_or(""));
@@ -654,7 +693,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         tokio::select! {
             st = child.wait() => break st.context("waiting for the command")?,
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
-            _ = ticker.tick() => ctl.tick().await?,
+                        _ = ticker.tick() => ctl.tick_logged().await,
             _ = sigint.recv() => forward_from_terminal(pid, libc::SIGINT),
             _ = sigquit.recv() => forward_from_terminal(pid, libc::SIGQUIT),
             _ = sigterm.recv() => forward(pid, libc::SIGTERM),
@@ -663,7 +702,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     };
     // The command's last events and counters may still be in the kernel.
     ctl.stream.drain_all().await?;
-    ctl.tick().await?;
+    ctl.tick_logged().await;
     if let Some(path) = &opts.report {
         let report = ctl.report.lock().expect("report lock").clone();
         let text = serde_json::to_string_pretty(&report)?;

@@ -91,6 +91,8 @@ pub struct Datapath {
     config: Config,
     /// The policy buffer in force.
     active: u32,
+    /// Keys this controller has in `BLOCKED` (their count tells the hooks whether to look).
+    blocked: std::collections::HashSet<BlockKey>,
 }
 
 /// What a reload did.
@@ -162,6 +164,7 @@ impl Datapath {
             ebpf,
             config: policy.config,
             active: 0,
+            blocked: Default::default(),
         })
     }
 
@@ -302,6 +305,7 @@ impl Datapath {
             )
             .map_err(map_err("BLOCKED"))?;
         }
+        self.blocked.insert(key);
         self.sync_block_count()
     }
 
@@ -316,21 +320,17 @@ impl Datapath {
                 HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
             m.remove(key).is_ok()
         };
+        self.blocked.remove(key);
         self.sync_block_count()?;
         Ok(removed)
     }
 
     /// Tells the hooks how many blocks exist (0 lets them skip the lookups).
     fn sync_block_count(&mut self) -> Result<(), DatapathError> {
-        let n = {
-            let map = self
-                .ebpf
-                .map("BLOCKED")
-                .ok_or(DatapathError::Missing("BLOCKED map"))?;
-            let m: HashMap<&MapData, BlockKey, BlockValue> =
-                HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
-            m.keys().count() as u32
-        };
+        let n = self.blocked.len() as u32;
+        if n == self.config.budget_blocks {
+            return Ok(());
+        }
         self.config.budget_blocks = n;
         self.write_configs()
     }
@@ -372,16 +372,20 @@ impl Datapath {
         Ok(())
     }
 
-    /// The recorded owner of some socket of process `tgid`, for processes that exited before
-    /// /proc could be read.
-    pub fn owner_of(&self, tgid: u32) -> Option<Owner> {
-        let map = self.ebpf.map("SOCK_OWNERS")?;
-        let owners: HashMap<&MapData, u64, Owner> = HashMap::try_from(map).ok()?;
+    /// The comm of every process with a recorded socket owner, for processes that exited before
+    /// /proc could be read. One walk of the map.
+    pub fn owner_comms(&self) -> std::collections::HashMap<u32, String> {
+        let Some(map) = self.ebpf.map("SOCK_OWNERS") else {
+            return Default::default();
+        };
+        let Ok(owners) = HashMap::<&MapData, u64, Owner>::try_from(map) else {
+            return Default::default();
+        };
         owners
             .iter()
             .filter_map(Result::ok)
-            .map(|(_, o)| o)
-            .find(|o| o.tgid == tgid)
+            .map(|(_, o)| (o.tgid, crate::events::cstr(&o.comm)))
+            .collect()
     }
 
     /// Attaches every hook to the cgroup2 directory `cgroup` through BPF links. A cgroup link

@@ -8,6 +8,7 @@
 
 pub mod accounting;
 pub mod alerts;
+pub mod bpfsys;
 pub mod cgroup;
 pub mod compile;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod events;
 pub mod explain;
 pub mod iface;
 pub mod metrics;
+pub mod pins;
 pub mod policy;
 pub mod webhook;
 

@@ -38,7 +38,8 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Writes one alert to the spool directory (name sorts by time, then sequence).
 fn spool_write(dir: &Path, body: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    create_private_dir(dir)?;
     let ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -49,8 +50,22 @@ fn spool_write(dir: &Path, body: &[u8]) -> std::io::Result<()> {
         std::process::id()
     );
     let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, body)?;
+    // Alerts carry command lines, which can hold secrets: owner-only.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(body)?;
+    f.sync_all()?;
     std::fs::rename(&tmp, dir.join(name))
+}
+
+/// The spool directory, owner-only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 fn spooled(dir: &Path) -> Vec<PathBuf> {
@@ -66,27 +81,53 @@ fn spooled(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result<()> {
+/// Why a delivery failed: worth retrying, or never going to be accepted.
+#[derive(Debug)]
+enum Failure {
+    Retry(anyhow::Error),
+    /// The webhook answered 4xx (other than 408/429): this alert will never be accepted.
+    Rejected(reqwest::StatusCode),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Retry(e) => write!(f, "{e:#}"),
+            Failure::Rejected(s) => write!(f, "rejected with {s}"),
+        }
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &[u8]) -> Result<(), Failure> {
     let resp = client
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_vec())
         .send()
         .await
-        .context("sending")?;
-    if !resp.status().is_success() {
-        anyhow::bail!("webhook answered {}", resp.status());
+        .map_err(|e| Failure::Retry(anyhow::Error::new(e).context("sending")))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
     }
-    Ok(())
+    let transient = [
+        reqwest::StatusCode::REQUEST_TIMEOUT,
+        reqwest::StatusCode::TOO_MANY_REQUESTS,
+    ];
+    if status.is_client_error() && !transient.contains(&status) {
+        return Err(Failure::Rejected(status));
+    }
+    Err(Failure::Retry(anyhow::anyhow!("webhook answered {status}")))
 }
 
 /// POSTs with retries and exponential backoff.
-async fn deliver(client: &reqwest::Client, url: &str, body: &[u8]) -> anyhow::Result<()> {
+async fn deliver(client: &reqwest::Client, url: &str, body: &[u8]) -> Result<(), Failure> {
     let mut backoff = FIRST_BACKOFF;
     let mut last = None;
     for attempt in 1..=ATTEMPTS {
         match post(client, url, body).await {
             Ok(()) => return Ok(()),
+            Err(e @ Failure::Rejected(_)) => return Err(e),
             Err(e) => {
                 debug!(attempt, error = %e, "webhook delivery failed");
                 last = Some(e);
@@ -107,7 +148,7 @@ impl Webhook {
             .timeout(TIMEOUT)
             .build()
             .context("building the HTTP client")?;
-        std::fs::create_dir_all(&spool)
+        create_private_dir(&spool)
             .with_context(|| format!("creating spool {}", spool.display()))?;
         let wake = Arc::new(Notify::new());
         let dir = spool.clone();
@@ -125,6 +166,14 @@ impl Webhook {
                     match deliver(&client, &url, &body).await {
                         Ok(()) => {
                             let _ = std::fs::remove_file(&f);
+                        }
+                        Err(Failure::Rejected(status)) => {
+                            // Kept for inspection, out of the way of the alerts after it.
+                            let dead = dir.join("rejected");
+                            let _ = create_private_dir(&dead);
+                            let _ =
+                                std::fs::rename(&f, dead.join(f.file_name().unwrap_or_default()));
+                            warn!(%status, file = %f.display(), "webhook rejected an alert; moved to rejected/");
                         }
                         Err(e) => {
                             warn!(error = %e, spooled = %dir.display(), "webhook unreachable; alerts stay spooled");

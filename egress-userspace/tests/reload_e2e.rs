@@ -91,10 +91,12 @@ fn reload_storm_has_zero_wrong_verdicts() {
     let prober = Command::new(PROBE)
         .arg("--cgroup")
         .arg(cg.path())
-        .args(["storm", "127.0.0.2:8000", "127.0.0.3:8000", "6000"])
+        .args(["storm", "127.0.0.2:8000", "127.0.0.3:8000", "60000"])
+        .env("EGRESS_PROBE_STOP", dir.0.join("stop"))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let storm_start = Instant::now();
     thread::sleep(Duration::from_millis(200));
     for i in 0..50 {
         let p = if i % 2 == 0 { &b } else { &a };
@@ -105,6 +107,12 @@ fn reload_storm_has_zero_wrong_verdicts() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The prober ran through every reload; stop it now.
+    std::fs::write(dir.0.join("stop"), b"").unwrap();
+    assert!(
+        storm_start.elapsed() < Duration::from_secs(55),
+        "all reloads happened while the prober ran"
+    );
     assert_eq!(run.generation(), 51);
     let out = prober.wait_with_output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

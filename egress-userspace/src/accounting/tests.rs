@@ -136,7 +136,7 @@ fn exited_processes_are_kept_then_aged_out_and_their_keys_deleted() {
     acct.retention = Duration::from_secs(60);
     let t0 = Instant::now();
     let del = acct.tick(&[(key(5, 2, 443), val(3, 3_000))], t0, &procs, &no_owner);
-    assert!(del.exited.is_empty());
+    assert!(del.prune.is_empty());
     procs.alive.borrow_mut().remove(&5);
     let del = acct.tick(
         &[(key(5, 2, 443), val(4, 4_000))],
@@ -145,7 +145,7 @@ fn exited_processes_are_kept_then_aged_out_and_their_keys_deleted() {
         &no_owner,
     );
     assert_eq!(
-        del.exited,
+        del.prune,
         vec![key(5, 2, 443)],
         "counted to the end, then deleted from the kernel"
     );
@@ -179,7 +179,7 @@ fn short_lived_process_named_from_the_kernel_record() {
         (snap[0].comm.as_str(), snap[0].alive, snap[0].bytes),
         ("curl", false, 2_000)
     );
-    assert_eq!(del.exited.len(), 1);
+    assert_eq!(del.prune.len(), 1);
 }
 
 #[test]
@@ -196,4 +196,60 @@ fn unattributed_traffic_has_its_own_owner() {
     assert_eq!(snap.len(), 1);
     assert!(snap[0].unattributed && snap[0].alive);
     assert_eq!((snap[0].pid, snap[0].comm.as_str()), (0, "[unattributed]"));
+}
+
+#[test]
+fn idle_flows_are_pruned_and_resume_from_zero() {
+    let procs = FakeProcs::with(&[3]);
+    let mut acct = Accounting::new();
+    let t0 = Instant::now();
+    let k = key(3, 2, 443);
+    acct.tick(&[(k, val(1, 1_000))], t0, &procs, &no_owner);
+    let mut pruned = Vec::new();
+    for i in 1..=IDLE_TICKS {
+        pruned = acct
+            .tick(
+                &[(k, val(1, 1_000))],
+                t0 + Duration::from_millis(250 * i as u64),
+                &procs,
+                &no_owner,
+            )
+            .prune;
+    }
+    assert_eq!(
+        pruned,
+        vec![k],
+        "idle for {IDLE_TICKS} readings: deleted from the kernel"
+    );
+    // The kernel recreates the key on the next packet: counted from zero, nothing lost.
+    acct.tick(
+        &[(k, val(1, 700))],
+        t0 + Duration::from_secs(20),
+        &procs,
+        &no_owner,
+    );
+    assert_eq!(acct.snapshot()[0].bytes, 1_700);
+}
+
+#[test]
+fn a_reused_pid_is_a_new_process() {
+    let procs = FakeProcs::with(&[8]);
+    let mut acct = Accounting::new();
+    let t0 = Instant::now();
+    acct.tick(&[(key(8, 2, 443), val(1, 1_000))], t0, &procs, &no_owner);
+    procs.alive.borrow_mut().remove(&8);
+    acct.tick(&[], t0 + Duration::from_secs(1), &procs, &no_owner);
+    assert!(!acct.snapshot()[0].alive);
+    // The pid comes back: another process.
+    procs.alive.borrow_mut().insert(8);
+    acct.tick(
+        &[(key(8, 3, 80), val(1, 50))],
+        t0 + Duration::from_secs(2),
+        &procs,
+        &no_owner,
+    );
+    let snap = acct.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert!(snap[0].alive);
+    assert_eq!(snap[0].bytes, 50, "the new process starts from zero");
 }

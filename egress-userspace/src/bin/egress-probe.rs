@@ -200,7 +200,14 @@ fn storm(allowed: SocketAddr, denied: SocketAddr, ms: u64) -> String {
     let start = std::time::Instant::now();
     let (mut allowed_ok, mut allowed_denied, mut denied_ok, mut denied_denied) =
         (0u64, 0u64, 0u64, 0u64);
+    // EGRESS_PROBE_STOP=FILE ends the storm early once FILE exists (checked every 1,000 rounds).
+    let stop = std::env::var_os("EGRESS_PROBE_STOP").map(std::path::PathBuf::from);
+    let mut rounds = 0u64;
     while std::time::Instant::now() < end {
+        rounds += 1;
+        if rounds % 1000 == 0 && stop.as_ref().is_some_and(|p| p.exists()) {
+            break;
+        }
         if udp_connect_passes(allowed) {
             allowed_ok += 1
         } else {
