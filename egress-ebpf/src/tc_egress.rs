@@ -184,9 +184,9 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
             )
         }
         ETH_P_IPV6 => {
-            let next: u8 = ctx.load(l2 + 6).ok()?;
             addr = ctx.load(l2 + 24).ok()?;
-            (6u8, next, l2 + 40, true)
+            let (next, end, first) = skip_ipv6_extensions(ctx, ctx.load(l2 + 6).ok()?, l2 + 40)?;
+            (6u8, next, end, first)
         }
         _ => return None,
     };
@@ -209,6 +209,52 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         addr,
         payload,
     })
+}
+
+/// IPv6 extension headers a packet may carry before its transport header.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers walked at most (bounded for the verifier); more is treated as no L4.
+const MAX_IPV6_EXT: usize = 6;
+
+/// Walks IPv6 extension headers from `off`: returns the transport protocol, where its header
+/// starts, and whether it is there at all (a non-first fragment carries none).
+#[inline(always)]
+fn skip_ipv6_extensions(
+    ctx: &TcContext,
+    mut next: u8,
+    mut off: usize,
+) -> Option<(u8, usize, bool)> {
+    let mut i = 0;
+    while i < MAX_IPV6_EXT {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 1) * 8;
+            }
+            IPV6_AH => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let hdr: [u8; 4] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += 8;
+                let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
+                if frag_off != 0 {
+                    return Some((next, off, false));
+                }
+            }
+            _ => return Some((next, off, true)),
+        }
+        i += 1;
+    }
+    Some((next, off, false))
 }
 
 #[inline(always)]

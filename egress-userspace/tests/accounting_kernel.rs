@@ -239,3 +239,52 @@ fn raw_socket_packets_are_unattributed_and_blocked_ones_dropped() {
         (5009, IPPROTO_UDP, &[198, 18, 0, 2][..])
     );
 }
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_transport_header() {
+    // 3000-byte UDP datagrams over a 1500-byte MTU leave as IPv6 fragments: a fragment header
+    // precedes UDP in the first, and the rest carry no UDP header at all.
+    let pair = NetPair::new();
+    let cg = test_cgroup();
+    let mut dp = load();
+    dp.attach(cg.path()).unwrap();
+    let name = pair.a.clone();
+    let dp = in_netns(&name, move || {
+        let mut dp = dp;
+        dp.attach_tc(&[VETH_A.to_string()]).unwrap();
+        dp
+    });
+    // A TCP connect first resolves the neighbour, so no datagram waits in (or falls out of) the
+    // neighbour queue.
+    let (r, pid) = probe_in_a(
+        &pair,
+        cg.path(),
+        &[
+            "tcp",
+            "[fd00:e9e5::2]:5006",
+            "udp-send",
+            "[fd00:e9e5::2]:5005",
+            "4",
+            "3000",
+        ],
+    );
+    assert_eq!(r, ["ECONNREFUSED", "ok"]);
+    thread::sleep(Duration::from_millis(300));
+    let flows = dp.flows().unwrap();
+    assert!(
+        flows.iter().all(|(k, _)| k.protocol != 44),
+        "no flow is counted as protocol 44 (fragment header)"
+    );
+    let udp: u64 = flows
+        .iter()
+        .filter(|(k, _)| k.tgid == pid && k.protocol == IPPROTO_UDP && k.family == 6)
+        .map(|(_, v)| v.payload)
+        .sum();
+    assert_eq!(
+        udp,
+        4 * 3000,
+        "all fragments counted as the process's UDP payload"
+    );
+    let first = flows_of(&dp, pid, 5005, IPPROTO_UDP);
+    assert_eq!(first.packets, 4, "each first fragment carries the UDP port");
+}
