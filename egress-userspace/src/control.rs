@@ -73,6 +73,8 @@ struct Controller {
     webhook: Option<Webhook>,
     blocks: HashMap<AlertKey, ActiveBlock>,
     alerts_by_rule: BTreeMap<String, u64>,
+    /// Stable Prometheus label assignment.
+    folder: crate::metrics::Folder,
     report: SharedReport,
     /// The policy file (None: the embedded default).
     policy_path: Option<PathBuf>,
@@ -162,6 +164,7 @@ impl Controller {
             webhook,
             blocks: HashMap::new(),
             alerts_by_rule: BTreeMap::new(),
+            folder: crate::metrics::Folder::default(),
             report: Arc::new(Mutex::new(StatsReport::default())),
             policy_path: opts
                 .policy
@@ -327,6 +330,7 @@ impl Controller {
             self.lift(&k, "cooldown ended").await?;
         }
         let report = StatsReport {
+            series: crate::metrics::MetricSeries::default(),
             generated_at: humantime::format_rfc3339_nanos(wall).to_string(),
             policy: self.policy.source.clone(),
             mode: self.policy.mode.to_string(),
@@ -344,6 +348,8 @@ impl Controller {
                 })
                 .collect(),
         };
+        let mut report = report;
+        report.series = self.folder.fold(&report.processes);
         *self.report.lock().expect("report lock") = report;
         Ok(())
     }

@@ -42,6 +42,9 @@ pub struct StatsReport {
     /// Byte-budget blocks in force.
     #[serde(default)]
     pub blocks: Vec<BlockInfo>,
+    /// The Prometheus series of this reading (label assignment kept stable by the controller).
+    #[serde(skip)]
+    pub series: crate::metrics::MetricSeries,
 }
 
 /// A byte-budget block in force.

@@ -103,11 +103,49 @@ pub fn names() -> io::Result<Vec<String>> {
     }
 }
 
-/// Every interface that is up, except loopback: the default for `--iface`.
+/// The sysfs directory of `name`, when /sys shows this network namespace (under
+/// `nsenter --net` it shows another one: then the ifindex does not match and we know nothing).
+fn sysfs_dir(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from(format!("/sys/class/net/{name}"));
+    let idx: u32 = std::fs::read_to_string(dir.join("ifindex"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (index(name).ok()? == idx).then_some(dir)
+}
+
+/// A device whose packets also leave through another device we attach to, so that counting it
+/// too would count them twice: a bridge port or bond slave (it has a master, which we count),
+/// or a VLAN/macvlan-like upper device (it has lower devices it is not the master of).
+fn is_stacked(name: &str) -> bool {
+    let Some(dir) = sysfs_dir(name) else {
+        return false;
+    };
+    if dir.join("master").exists() {
+        return true;
+    }
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return false;
+    };
+    entries.filter_map(Result::ok).any(|e| {
+        let n = e.file_name().to_string_lossy().into_owned();
+        n.strip_prefix("lower_").is_some_and(|lower| {
+            let master = std::fs::read_link(format!("/sys/class/net/{lower}/master")).ok();
+            master
+                .and_then(|m| m.file_name().map(|f| f.to_string_lossy().into_owned()))
+                .as_deref()
+                != Some(name)
+        })
+    })
+}
+
+/// Every interface that is up, except loopback and stacked devices (see [`is_stacked`]): the
+/// default for `--iface`. Each packet leaving the host is then counted once.
 pub fn default_ifaces() -> io::Result<Vec<String>> {
     let mut out: Vec<String> = names()?
         .into_iter()
-        .filter(|n| is_up(n) && link_type(n) != Some(ARPHRD_LOOPBACK))
+        .filter(|n| is_up(n) && link_type(n) != Some(ARPHRD_LOOPBACK) && !is_stacked(n))
         .collect();
     out.sort();
     Ok(out)

@@ -62,50 +62,24 @@ pub fn render(report: &StatsReport) -> String {
     let tc_dropped = Counter::<u64>::default();
     let flows_full = Counter::<u64>::default();
 
-    let mut by_bytes: Vec<_> = report.processes.iter().collect();
-    by_bytes.sort_by_key(|p| std::cmp::Reverse(p.bytes));
-    for (i, p) in by_bytes.iter().enumerate() {
-        let labels = if i < TOP_PROCESSES {
-            ProcLabels {
-                pid: p.pid.to_string(),
-                comm: p.comm.clone(),
-            }
-        } else {
-            ProcLabels {
-                pid: "other".into(),
-                comm: "other".into(),
-            }
+    for (pid, comm, bytes, packets, rate) in &report.series.procs {
+        let labels = ProcLabels {
+            pid: pid.clone(),
+            comm: comm.clone(),
         };
-        proc_bytes.get_or_create(&labels).inc_by(p.bytes);
-        proc_packets.get_or_create(&labels).inc_by(p.packets);
-        let g = proc_rate.get_or_create(&labels);
-        g.set(g.get() + p.rate_bps);
+        proc_bytes.get_or_create(&labels).inc_by(*bytes);
+        proc_packets.get_or_create(&labels).inc_by(*packets);
+        proc_rate.get_or_create(&labels).set(*rate);
     }
-    let mut dests: Vec<_> = report
-        .processes
-        .iter()
-        .flat_map(|p| p.destinations.iter().map(move |d| (p, d)))
-        .collect();
-    dests.sort_by_key(|(_, d)| std::cmp::Reverse(d.bytes));
-    for (i, (p, d)) in dests.iter().enumerate() {
-        let labels = if i < TOP_DESTINATIONS {
-            DestLabels {
-                pid: p.pid.to_string(),
-                comm: p.comm.clone(),
-                dst: d.dst.clone(),
-                port: d.port.to_string(),
-                protocol: d.protocol.clone(),
-            }
-        } else {
-            DestLabels {
-                pid: "other".into(),
-                comm: "other".into(),
-                dst: "other".into(),
-                port: "other".into(),
-                protocol: "other".into(),
-            }
+    for ((pid, comm, dst, port, protocol), bytes) in &report.series.dests {
+        let labels = DestLabels {
+            pid: pid.clone(),
+            comm: comm.clone(),
+            dst: dst.clone(),
+            port: port.clone(),
+            protocol: protocol.clone(),
         };
-        dest_bytes.get_or_create(&labels).inc_by(d.bytes);
+        dest_bytes.get_or_create(&labels).inc_by(*bytes);
     }
     for (rule, n) in &report.denies_by_rule {
         denies
@@ -229,5 +203,221 @@ pub async fn serve(addr: SocketAddr, report: SharedReport) -> anyhow::Result<()>
             };
             let _ = s.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+/// Label values of one process series: pid, comm, bytes, packets, rate.
+pub type ProcSeries = (String, String, u64, u64, f64);
+/// Label values of one destination series: (pid, comm, dst, port, protocol), bytes.
+pub type DestSeries = ((String, String, String, String, String), u64);
+
+/// The folded series of one reading.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricSeries {
+    pub procs: Vec<ProcSeries>,
+    pub dests: Vec<DestSeries>,
+}
+
+type DestId = (u32, String, u16, String);
+
+/// Decides, once and for good, which processes and destinations get a series of their own, and
+/// keeps "other" monotonic: it accumulates what left the table.
+#[derive(Debug, Default)]
+pub struct Folder {
+    own: std::collections::HashSet<u32>,
+    folded: std::collections::HashSet<u32>,
+    last: std::collections::HashMap<u32, (u64, u64)>,
+    retired: (u64, u64),
+    own_dest: std::collections::HashSet<DestId>,
+    folded_dest: std::collections::HashSet<DestId>,
+    last_dest: std::collections::HashMap<DestId, u64>,
+    retired_dest: u64,
+}
+
+impl Folder {
+    pub fn fold(&mut self, processes: &[crate::accounting::ProcTotals]) -> MetricSeries {
+        let mut out = MetricSeries::default();
+        // "other" = everything that left the table + the processes folded there for good.
+        let (mut folded_bytes, mut folded_packets, mut other_rate) = (0u64, 0u64, 0.0);
+        let mut seen = std::collections::HashSet::new();
+        for p in processes {
+            seen.insert(p.pid);
+            // Totals below the last reading: the pid belongs to a new process. What the old one
+            // sent is retired into "other", and the new one is folded there for good.
+            if let Some(&(b, k)) = self.last.get(&p.pid)
+                && p.bytes < b
+            {
+                self.retired.0 += b;
+                self.retired.1 += k;
+                self.own.remove(&p.pid);
+                self.folded.insert(p.pid);
+            }
+            self.last.insert(p.pid, (p.bytes, p.packets));
+            if !self.own.contains(&p.pid) && !self.folded.contains(&p.pid) {
+                if self.own.len() < TOP_PROCESSES {
+                    self.own.insert(p.pid);
+                } else {
+                    self.folded.insert(p.pid);
+                }
+            }
+            if self.own.contains(&p.pid) {
+                out.procs.push((
+                    p.pid.to_string(),
+                    p.comm.clone(),
+                    p.bytes,
+                    p.packets,
+                    p.rate_bps,
+                ));
+            } else {
+                folded_bytes += p.bytes;
+                folded_packets += p.packets;
+                other_rate += p.rate_bps;
+            }
+        }
+        // Processes gone from the table: their last totals stay counted under "other".
+        let gone: Vec<u32> = self
+            .last
+            .keys()
+            .filter(|p| !seen.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            let (b, k) = self.last.remove(&pid).unwrap_or_default();
+            // Its own series, if it had one, ends; its bytes continue under "other".
+            self.retired.0 += b;
+            self.retired.1 += k;
+            self.own.remove(&pid);
+            self.folded.remove(&pid);
+        }
+        out.procs.push((
+            "other".into(),
+            "other".into(),
+            self.retired.0 + folded_bytes,
+            self.retired.1 + folded_packets,
+            other_rate,
+        ));
+
+        let mut folded_dest = 0u64;
+        let mut seen_dest = std::collections::HashSet::new();
+        for p in processes {
+            for d in &p.destinations {
+                let id: DestId = (p.pid, d.dst.clone(), d.port, d.protocol.clone());
+                seen_dest.insert(id.clone());
+                if let Some(&b) = self.last_dest.get(&id)
+                    && d.bytes < b
+                {
+                    self.retired_dest += b;
+                    self.own_dest.remove(&id);
+                    self.folded_dest.insert(id.clone());
+                }
+                self.last_dest.insert(id.clone(), d.bytes);
+                if !self.own_dest.contains(&id) && !self.folded_dest.contains(&id) {
+                    if self.own_dest.len() < TOP_DESTINATIONS {
+                        self.own_dest.insert(id.clone());
+                    } else {
+                        self.folded_dest.insert(id.clone());
+                    }
+                }
+                if self.own_dest.contains(&id) {
+                    out.dests.push((
+                        (
+                            p.pid.to_string(),
+                            p.comm.clone(),
+                            d.dst.clone(),
+                            d.port.to_string(),
+                            d.protocol.clone(),
+                        ),
+                        d.bytes,
+                    ));
+                } else {
+                    folded_dest += d.bytes;
+                }
+            }
+        }
+        let gone: Vec<DestId> = self
+            .last_dest
+            .keys()
+            .filter(|k| !seen_dest.contains(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            let b = self.last_dest.remove(&id).unwrap_or_default();
+            self.retired_dest += b;
+            self.own_dest.remove(&id);
+            self.folded_dest.remove(&id);
+        }
+        let other = || "other".to_string();
+        out.dests.push((
+            (other(), other(), other(), other(), other()),
+            self.retired_dest + folded_dest,
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accounting::{DestTotals, ProcTotals};
+
+    fn proc(pid: u32, bytes: u64) -> ProcTotals {
+        ProcTotals {
+            pid,
+            comm: format!("p{pid}"),
+            exe: String::new(),
+            cmdline: String::new(),
+            uid: None,
+            ppid: None,
+            cgroup_id: 0,
+            unattributed: pid == 0,
+            alive: true,
+            bytes,
+            packets: bytes / 100,
+            payload_bytes: bytes,
+            rate_bps: 0.0,
+            destinations: vec![DestTotals {
+                dst: "198.18.0.2".into(),
+                port: 443,
+                protocol: "tcp".into(),
+                bytes,
+                packets: bytes / 100,
+                payload_bytes: bytes,
+                rate_bps: 0.0,
+            }],
+        }
+    }
+
+    fn other(s: &MetricSeries) -> u64 {
+        s.procs.iter().find(|p| p.0 == "other").unwrap().2
+    }
+
+    #[test]
+    fn counters_only_go_up_as_processes_come_and_go() {
+        let mut f = Folder::default();
+        let mut table: Vec<ProcTotals> = (1..=TOP_PROCESSES as u32 + 5)
+            .map(|p| proc(p, 1000))
+            .collect();
+        let s1 = f.fold(&table);
+        assert_eq!(s1.procs.len(), TOP_PROCESSES + 1);
+        assert_eq!(other(&s1), 5 * 1000);
+        // A process with its own series leaves; a big newcomer arrives: it does not take the
+        // freed slot's history, and "other" never goes down.
+        table.remove(0);
+        table.push(proc(999, 50_000));
+        let s2 = f.fold(&table);
+        assert!(other(&s2) >= other(&s1));
+        let mut prev = other(&s2);
+        for round in 0..5 {
+            for p in &mut table {
+                p.bytes += 10 * round;
+            }
+            let s = f.fold(&table);
+            assert!(other(&s) >= prev);
+            prev = other(&s);
+        }
+        // Everything leaves: all of it ends up in "other".
+        let s = f.fold(&[]);
+        assert!(other(&s) >= prev);
+        assert_eq!(s.procs.len(), 1);
     }
 }

@@ -261,3 +261,81 @@ fn stats_top_and_metrics_from_a_running_controller() {
     assert!(metrics.contains("egress_events_lost_total 0"), "{metrics}");
     drop(run);
 }
+
+#[test]
+fn default_interfaces_count_bridged_traffic_once() {
+    // veth-a enslaved to a bridge br0 in namespace a: both are up, and a packet leaves through
+    // both. The default interface choice must count it once.
+    let pair = NetPair::new();
+    let dir = TempDir::new("acct-bridge");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &pair.a])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["addr", "flush", "dev", VETH_A]);
+    run(&["link", "add", "br0", "type", "bridge"]);
+    run(&["link", "set", VETH_A, "master", "br0"]);
+    run(&["addr", "add", "198.18.0.1/24", "dev", "br0"]);
+    run(&["link", "set", "br0", "up"]);
+    let policy = dir.file("p.toml", POLICY);
+    let report = dir.0.join("report.json");
+    let sink = thread::spawn({
+        let l = in_netns(&pair.b, || TcpListener::bind(("198.18.0.2", 5070)).unwrap());
+        move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = vec![0u8; 65536];
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+            }
+        }
+    });
+    const BYTES: u64 = 4 * 1024 * 1024;
+    // `ip netns exec` gives egress a /sys of namespace a, where it can see the bridge; cgroup2
+    // is not mounted there, so egress mounts its own view of it.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &pair.a, EGRESS, "exec", "--policy"])
+        .arg(&policy)
+        .arg("--report")
+        .arg(&report)
+        .args([
+            "--",
+            PROBE,
+            "tcp-send",
+            "198.18.0.2:5070",
+            &BYTES.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sink.join().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("\"br0\"") && !log.contains("veth-a"),
+        "TC on the bridge only: {log}"
+    );
+    let r: StatsReport = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let p = r
+        .processes
+        .iter()
+        .find(|p| p.comm == "egress-probe")
+        .expect("the probe is reported");
+    assert!(
+        p.payload_bytes.abs_diff(BYTES) * 100 <= BYTES,
+        "counted once: {} for {BYTES}",
+        p.payload_bytes
+    );
+}

@@ -205,7 +205,7 @@ fn storm(allowed: SocketAddr, denied: SocketAddr, ms: u64) -> String {
     let mut rounds = 0u64;
     while std::time::Instant::now() < end {
         rounds += 1;
-        if rounds % 1000 == 0 && stop.as_ref().is_some_and(|p| p.exists()) {
+        if rounds.is_multiple_of(1000) && stop.as_ref().is_some_and(|p| p.exists()) {
             break;
         }
         if udp_connect_passes(allowed) {
