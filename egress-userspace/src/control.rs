@@ -29,6 +29,7 @@ use crate::{
     datapath::Datapath,
     events::EventStream,
     iface, load_policy,
+    pins::{Pins, State},
     policy::{Policy, RuleKind},
     webhook::Webhook,
 };
@@ -86,6 +87,13 @@ struct Controller {
     attached: serde_json::Value,
     /// Hash of a watched policy file that failed to load (reported once, not every poll).
     bad_watch_hash: Option<String>,
+    /// Where the state outlives this process (None: `exec`, `run --ephemeral`).
+    pins: Option<Pins>,
+    cgroup: String,
+    socket: String,
+    ifaces: Vec<String>,
+    /// `egress stop` asked the controller to exit.
+    stop_requested: bool,
 }
 
 /// CLOCK_BOOTTIME now, in nanoseconds (the datapath's clock for block expiry).
@@ -146,17 +154,30 @@ fn cgroup_path_of(pid: Option<u32>) -> String {
 }
 
 impl Controller {
-    async fn new(opts: &CommonOptions, default_sink: Sink) -> anyhow::Result<Controller> {
+    /// Loads the policy and the datapath. With `pins`, maps (and later links) are pinned there,
+    /// and a previous controller's pinned state is adopted as it is (returned `true`).
+    async fn new(
+        opts: &CommonOptions,
+        default_sink: Sink,
+        pins: Option<&Pins>,
+    ) -> anyhow::Result<(Controller, bool)> {
         let (policy, compiled) = load_policy(opts.policy.as_deref())?;
-        let mut dp = Datapath::load(&compiled).context("loading the datapath")?;
+        let (mut dp, adopted) = match pins {
+            Some(p) => Datapath::load_pinned(&compiled, p).context("loading the datapath")?,
+            None => (
+                Datapath::load(&compiled).context("loading the datapath")?,
+                false,
+            ),
+        };
         let ring = dp.take_events()?;
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;
-        let stream = EventStream::new(ring, compiled.clone(), policy.hash.clone(), sink)?;
+        let mut stream = EventStream::new(ring, compiled.clone(), policy.hash.clone(), sink)?;
+        stream.set_policy(dp.generation(), compiled.clone(), policy.hash.clone());
         let webhook = match &opts.webhook {
             Some(url) => Some(Webhook::start(url.clone(), opts.spool.clone())?),
             None => None,
         };
-        Ok(Controller {
+        let ctl = Controller {
             dp,
             stream,
             acct: Accounting::new(),
@@ -176,7 +197,13 @@ impl Controller {
             started: Instant::now(),
             attached: serde_json::Value::Null,
             bad_watch_hash: None,
-        })
+            pins: pins.cloned(),
+            cgroup: String::new(),
+            socket: String::new(),
+            ifaces: Vec::new(),
+            stop_requested: false,
+        };
+        Ok((ctl, adopted))
     }
 
     /// Attaches TC to `ifaces`, or to every interface that is up but loopback when none is given.
@@ -411,6 +438,7 @@ impl Controller {
         self.compiled = compiled;
         self.applied_at = SystemTime::now();
         self.bad_watch_hash = None;
+        self.write_state();
         Ok(Response::ok(msg))
     }
 
@@ -434,6 +462,27 @@ impl Controller {
         Ok(())
     }
 
+    /// Records what is applied beside the pins (for restarts and `egress status`).
+    fn write_state(&self) {
+        let Some(p) = &self.pins else { return };
+        let state = State {
+            pin_dir: p.dir.display().to_string(),
+            cgroup: self.cgroup.clone(),
+            ifaces: self.ifaces.clone(),
+            policy: self.policy.source.clone(),
+            policy_hash: self.policy.hash.clone(),
+            generation: self.dp.generation(),
+            applied_at: humantime::format_rfc3339_seconds(self.applied_at).to_string(),
+            mode: self.policy.mode.to_string(),
+            default: self.policy.default.to_string(),
+            controller_pid: std::process::id(),
+            socket: self.socket.clone(),
+        };
+        if let Err(e) = p.write_state(&state) {
+            warn!(error = %format!("{e:#}"), "could not write the state file");
+        }
+    }
+
     /// Controller and enforcement state.
     fn status(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::json!({
@@ -451,6 +500,7 @@ impl Controller {
                 "default": self.policy.default.to_string(),
             },
             "attached": self.attached,
+            "links": self.pins.as_ref().map(crate::pins::link_report),
             "counters": self.dp.stats()?,
         }))
     }
@@ -496,6 +546,10 @@ impl Controller {
             ctlsock::Request::Reload { policy, dry_run } => {
                 let path = policy.as_ref().map(PathBuf::from);
                 self.reload(path, *dry_run).await?
+            }
+            ctlsock::Request::Stop => {
+                self.stop_requested = true;
+                Response::ok("controller exiting")
             }
             ctlsock::Request::Status => Response {
                 status: Some(self.status()?),
@@ -549,14 +603,38 @@ pub struct RunOptions {
     pub cgroup: Option<PathBuf>,
     pub socket: PathBuf,
     pub metrics: Option<SocketAddr>,
+    /// Where programs, links and maps are pinned.
+    pub pin_dir: PathBuf,
+    /// Pin nothing and detach on exit.
+    pub ephemeral: bool,
 }
 
-/// `egress run`: enforce the policy on a cgroup (default: the whole cgroup2 hierarchy) until
-/// SIGINT or SIGTERM, then detach.
+/// `egress run`: enforce the policy on a cgroup (default: the whole cgroup2 hierarchy). The
+/// programs, links and maps are pinned, so enforcement goes on when the controller exits or
+/// dies, and a restarted controller adopts them with no gap; `egress stop` turns it off. With
+/// `--ephemeral` nothing is pinned and SIGINT/SIGTERM detach.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let mut ctl = Controller::new(&opts.common, Box::new(tokio::io::stdout())).await?;
+    let pins = (!opts.ephemeral).then(|| Pins::new(&opts.pin_dir));
     let root = cgroup::cgroup2_root()?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
+    if let Some(state) = pins
+        .as_ref()
+        .filter(|p| p.adoptable())
+        .and_then(|p| p.read_state())
+        && Path::new(&state.cgroup) != cgroup
+    {
+        anyhow::bail!(
+            "the enforcement pinned under {} is attached to cgroup {}, not {}: `egress stop --pin-dir {}` first, or use another --pin-dir",
+            opts.pin_dir.display(),
+            state.cgroup,
+            cgroup.display(),
+            opts.pin_dir.display()
+        );
+    }
+    let (mut ctl, adopted) =
+        Controller::new(&opts.common, Box::new(tokio::io::stdout()), pins.as_ref()).await?;
+    ctl.cgroup = cgroup.display().to_string();
+    ctl.socket = opts.socket.display().to_string();
     // Below the root, TC only touches the sockets of that cgroup's processes.
     if cgroup != root {
         let (id, level) = cgroup::id_and_level(&root, &cgroup)?;
@@ -573,7 +651,27 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         "cgroup": cgroup.display().to_string(),
         "hooks": crate::datapath::HOOKS,
         "tc": { "program": crate::datapath::TC_PROGRAM, "ifaces": ifaces },
+        "pinned": pins.as_ref().map(|p| p.dir.display().to_string()),
     });
+    ctl.ifaces = ifaces;
+    if adopted {
+        let pinned_hash = pins
+            .as_ref()
+            .and_then(|p| p.read_state())
+            .map(|s| s.policy_hash);
+        info!(generation = ctl.dp.generation(), pinned = %opts.pin_dir.display(), "adopted the pinned enforcement without detaching");
+        if pinned_hash.as_deref() != Some(ctl.policy.hash.as_str()) {
+            // The policy in force is not this one: switch atomically, as a reload does.
+            let resp = ctl.reload(None, false).await?;
+            if !resp.ok {
+                anyhow::bail!(
+                    "applying the policy over the adopted state: {}",
+                    resp.error.unwrap_or_default()
+                );
+            }
+        }
+    }
+    ctl.write_state();
     let mut sighup = signal(SignalKind::hangup())?;
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel(16);
@@ -590,14 +688,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         blocks = ctl.policy.blocks().count(),
         alerts = ctl.policy.alerts.len(),
         socket = %opts.socket.display(),
-        "enforcing; SIGINT or SIGTERM detaches"
+        "{}",
+        match &pins {
+            Some(p) => format!("enforcing; pinned under {}: the controller may exit or die, enforcement stays until `egress stop`", p.dir.display()),
+            None => "enforcing (ephemeral); SIGINT or SIGTERM detaches".to_string(),
+        }
     );
     let mut ticker = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             r = ctl.stream.readable() => { r?; ctl.stream.drain().await?; }
                         _ = ticker.tick() => ctl.tick_logged().await,
-            Some(cmd) = cmd_rx.recv() => ctl.command(cmd).await?,
+            Some(cmd) = cmd_rx.recv() => {
+                ctl.command(cmd).await?;
+                if ctl.stop_requested {
+                    break;
+                }
+            }
             _ = sighup.recv() => {
                 let resp = ctl.reload(None, false).await?;
                 info!(ok = resp.ok, "SIGHUP reload: {}", resp.message.or(resp.error).unwrap_or_default().lines().next().unwrap_or(""));
@@ -618,7 +725,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&opts.socket);
     let written = ctl.stream.written();
+    let stopped = ctl.stop_requested;
     drop(ctl);
+    if let Some(p) = &pins
+        && !stopped
+    {
+        info!(pinned = %p.dir.display(), "controller exiting; kernel enforcement stays active; `egress stop` turns it off");
+    }
     info!(
         allowed = stats.allowed,
         denied = stats.denied,
@@ -626,7 +739,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         events_lost = stats.events_lost,
         tc_dropped = stats.tc_dropped,
         events_written = written,
-        "detached"
+        "{}",
+        if pins.is_some() {
+            "controller stopped"
+        } else {
+            "detached"
+        }
     );
     Ok(())
 }
@@ -644,7 +762,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         .command
         .split_first()
         .context("no command given after `--`")?;
-    let mut ctl = Controller::new(&opts.common, Box::new(tokio::io::stderr())).await?;
+    let (mut ctl, _) = Controller::new(&opts.common, Box::new(tokio::io::stderr()), None).await?;
     let root = cgroup::cgroup2_root()?;
     let cg = ChildCgroup::create(&root, "egress-exec")?;
     let (id, level) = cgroup::id_and_level(&root, cg.path())?;

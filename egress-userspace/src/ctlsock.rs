@@ -74,6 +74,8 @@ pub enum Request {
     },
     /// Controller and enforcement state (`egress status`).
     Status,
+    /// Exit the controller (`egress stop`, after it removed the pins).
+    Stop,
 }
 
 /// A request the controller's main loop must act on, with where to send the answer.

@@ -9,7 +9,7 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
     util::KernelVersion,
 };
 use egress_common::{
@@ -18,7 +18,7 @@ use egress_common::{
     STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED,
 };
 
-use crate::compile::CompiledPolicy;
+use crate::{bpfsys, compile::CompiledPolicy, pins::Pins};
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
@@ -51,6 +51,8 @@ pub enum DatapathError {
     },
     #[error("interface {iface}: {message}")]
     Iface { iface: String, message: String },
+    #[error("pinning: {0}")]
+    Pin(String),
     #[error(
         "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
     )]
@@ -93,7 +95,27 @@ pub struct Datapath {
     active: u32,
     /// Keys this controller has in `BLOCKED` (their count tells the hooks whether to look).
     blocked: std::collections::HashSet<BlockKey>,
+    /// Where maps and links are pinned (None: nothing outlives this process).
+    pins: Option<Pins>,
 }
+
+/// Every map of the object, as pinned under `maps/`.
+pub const MAP_NAMES: [&str; 14] = [
+    "POLICY_V4_0",
+    "POLICY_V4_1",
+    "POLICY_V6_0",
+    "POLICY_V6_1",
+    "RULESETS_0",
+    "RULESETS_1",
+    "CONFIG",
+    "ACTIVE",
+    "STATS",
+    "EVENTS",
+    "SOCK_OWNERS",
+    "FLOWS",
+    "IFACE_L2",
+    "BLOCKED",
+];
 
 /// What a reload did.
 #[derive(Debug, Clone, Copy)]
@@ -126,19 +148,74 @@ fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
 
 impl Datapath {
     /// Loads the programs and writes `policy` into the maps. Nothing is attached yet, so a failure
-    /// here changes nothing in the kernel's enforcement.
+    /// here changes nothing in the kernel's enforcement. Nothing is pinned: dropping the
+    /// datapath detaches everything (`egress exec`, `egress run --ephemeral`, tests).
     pub fn load(policy: &CompiledPolicy) -> Result<Datapath, DatapathError> {
+        Self::load_with(policy, None).map(|(dp, _)| dp)
+    }
+
+    /// As [`Datapath::load`], with every map pinned under `pins` (reusing the pinned maps, and
+    /// so the policy in force and every counter, when a previous controller left its programs
+    /// attached there). Returns whether that state was adopted; then nothing is written to the
+    /// policy maps: the caller reloads atomically if its policy differs.
+    pub fn load_pinned(
+        policy: &CompiledPolicy,
+        pins: &Pins,
+    ) -> Result<(Datapath, bool), DatapathError> {
+        Self::load_with(policy, Some(pins))
+    }
+
+    fn load_with(
+        policy: &CompiledPolicy,
+        pins: Option<&Pins>,
+    ) -> Result<(Datapath, bool), DatapathError> {
         check_capacity(policy)?;
-        let mut ebpf = EbpfLoader::new()
+        let mut adopt = false;
+        let pin_paths: Vec<(&'static str, std::path::PathBuf)> = match pins {
+            Some(p) => {
+                p.ensure()
+                    .map_err(|e| DatapathError::Pin(format!("{e:#}")))?;
+                adopt = p.adoptable();
+                if !adopt {
+                    // Maps without links are leftovers: start from fresh ones.
+                    for name in MAP_NAMES {
+                        let _ = std::fs::remove_file(p.map(name));
+                    }
+                }
+                MAP_NAMES.iter().map(|n| (*n, p.map(n))).collect()
+            }
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries("POLICY_V4_0", POLICY_CAPACITY)
             .map_max_entries("POLICY_V4_1", POLICY_CAPACITY)
             .map_max_entries("POLICY_V6_0", POLICY_CAPACITY)
             .map_max_entries("POLICY_V6_1", POLICY_CAPACITY)
             .map_max_entries("RULESETS_0", RULESET_CAPACITY)
-            .map_max_entries("RULESETS_1", RULESET_CAPACITY)
-            .load(EBPF_OBJECT)?;
-        write_buffer(&mut ebpf, 0, policy, policy.config)?;
-        set_active(&mut ebpf, 0)?;
+            .map_max_entries("RULESETS_1", RULESET_CAPACITY);
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let (active, config) = if adopt {
+            let active = {
+                let map = ebpf
+                    .map("ACTIVE")
+                    .ok_or(DatapathError::Missing("ACTIVE map"))?;
+                let a: Array<&MapData, u32> = Array::try_from(map).map_err(map_err("ACTIVE"))?;
+                a.get(&0, 0).map_err(map_err("ACTIVE"))? & 1
+            };
+            let map = ebpf
+                .map("CONFIG")
+                .ok_or(DatapathError::Missing("CONFIG map"))?;
+            let c: Array<&MapData, Config> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+            (active, c.get(&active, 0).map_err(map_err("CONFIG"))?)
+        } else {
+            write_buffer(&mut ebpf, 0, policy, policy.config)?;
+            set_active(&mut ebpf, 0)?;
+            (0, policy.config)
+        };
         for name in HOOKS {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -160,12 +237,14 @@ impl Datapath {
             name: TC_PROGRAM,
             source,
         })?;
-        Ok(Datapath {
+        let dp = Datapath {
             ebpf,
-            config: policy.config,
-            active: 0,
+            config,
+            active,
             blocked: Default::default(),
-        })
+            pins: pins.cloned(),
+        };
+        Ok((dp, adopt))
     }
 
     /// Applies a new policy atomically: the inactive buffer is filled completely, then `ACTIVE`
@@ -271,11 +350,44 @@ impl Datapath {
                     name: TC_PROGRAM,
                     source,
                 })?;
-            prog.attach(iface, TcAttachType::Egress)
-                .map_err(|source| DatapathError::Program {
-                    name: TC_PROGRAM,
-                    source,
-                })?;
+            let pinned = self.pins.as_ref().map(|p| p.link(&format!("tc-{iface}")));
+            match pinned {
+                Some(path) if path.exists() => replace_program(
+                    &path,
+                    prog.fd().map_err(|source| DatapathError::Program {
+                        name: TC_PROGRAM,
+                        source,
+                    })?,
+                )?,
+                _ => {
+                    let id = prog.attach(iface, TcAttachType::Egress).map_err(|source| {
+                        DatapathError::Program {
+                            name: TC_PROGRAM,
+                            source,
+                        }
+                    })?;
+                    if let Some(path) = pinned {
+                        let link = prog
+                            .take_link(id)
+                            .map_err(|source| DatapathError::Program {
+                                name: TC_PROGRAM,
+                                source,
+                            })?;
+                        match FdLink::try_from(link) {
+                            Ok(fd) => {
+                                fd.pin(&path).map_err(|e| {
+                                    DatapathError::Pin(format!("{}: {e}", path.display()))
+                                })?;
+                            }
+                            // A netlink (pre-TCX) filter cannot be pinned: it lives as long as
+                            // this process. Enforcement at the cgroup hooks is pinned regardless.
+                            Err(e) => {
+                                tracing::warn!(iface = %iface, error = %e, "TC attachment cannot be pinned on this kernel")
+                            }
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -403,8 +515,30 @@ impl Datapath {
                 .ok_or(DatapathError::Missing(name))?
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.attach(&dir, CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let pinned = self.pins.as_ref().map(|p| p.link(name));
+            match pinned {
+                // A previous controller's link: swap its program for ours in one step.
+                Some(path) if path.exists() => replace_program(
+                    &path,
+                    prog.fd()
+                        .map_err(|source| DatapathError::Program { name, source })?,
+                )?,
+                _ => {
+                    let id = prog
+                        .attach(&dir, CgroupAttachMode::Single)
+                        .map_err(|source| DatapathError::Program { name, source })?;
+                    if let Some(path) = pinned {
+                        let link = prog
+                            .take_link(id)
+                            .map_err(|source| DatapathError::Program { name, source })?;
+                        let fd: FdLink = link
+                            .try_into()
+                            .map_err(|e| DatapathError::Pin(format!("{name}: {e}")))?;
+                        fd.pin(&path)
+                            .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -446,6 +580,16 @@ impl Datapath {
             budget_dropped: sums[STAT_BUDGET_DROPPED as usize],
         })
     }
+}
+
+/// Replaces the program of the link pinned at `path` (BPF_LINK_UPDATE): the hook never runs
+/// without a program, and the old one is released.
+fn replace_program(path: &Path, prog: &aya::programs::ProgramFd) -> Result<(), DatapathError> {
+    use std::os::fd::AsFd as _;
+    let link = bpfsys::obj_get(path)
+        .map_err(|e| DatapathError::Pin(format!("opening {}: {e}", path.display())))?;
+    bpfsys::link_update(link.as_fd(), prog.as_fd())
+        .map_err(|e| DatapathError::Pin(format!("updating {}: {e}", path.display())))
 }
 
 /// Fills policy buffer `buf` (0 or 1) with `policy`: clears what the buffer held, writes the

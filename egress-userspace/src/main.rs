@@ -10,7 +10,7 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use egress::{
     control::{self, CommonOptions, ExecOptions, RunOptions},
-    ctlsock, display, explain, load_policy,
+    ctlsock, display, explain, load_policy, pins,
     policy::Protocol,
     webhook,
 };
@@ -64,6 +64,13 @@ enum Command {
         /// does for ConfigMaps). SIGHUP and `egress reload` reload too.
         #[arg(long)]
         watch: bool,
+        /// bpffs directory where programs' links and maps are pinned, so that enforcement
+        /// outlives the controller (bpffs is mounted at /sys/fs/bpf if absent).
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Pin nothing: SIGINT/SIGTERM (or a crash) detaches everything.
+        #[arg(long)]
+        ephemeral: bool,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -102,12 +109,26 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Enforcement health, policy generation and hash, mode, counters, controller uptime.
+    /// Enforcement health, policy generation and hash, mode, counters, controller uptime. Works
+    /// without a controller: it then reads the pins.
     Status {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Pin directory to read when no controller answers.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
         /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Turn egress off: detach every pinned program and remove every pin. The one way to stop
+    /// enforcement; a controller still running is told to exit.
+    Stop {
+        /// Pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Control socket of the running controller, if any.
         #[arg(long, value_name = "PATH", default_value = ctlsock::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -237,6 +258,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             socket,
             metrics,
             watch,
+            pin_dir,
+            ephemeral,
         } => {
             let common = CommonOptions {
                 policy,
@@ -251,6 +274,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 cgroup,
                 socket,
                 metrics,
+                pin_dir,
+                ephemeral,
             }))?;
             Ok(0)
         }
@@ -287,13 +312,41 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             print!("{}", resp.message.unwrap_or_default());
             Ok(0)
         }
-        Command::Status { json, socket } => {
-            let resp = ctlsock::request(&socket, &ctlsock::Request::Status)?;
-            let status = resp.status.unwrap_or_default();
+        Command::Status {
+            json,
+            socket,
+            pin_dir,
+        } => {
+            let status = match ctlsock::request(&socket, &ctlsock::Request::Status) {
+                Ok(resp) => resp.status.unwrap_or_default(),
+                Err(_) => pins::status_from_pins(&pins::Pins::new(pin_dir))?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", display::status_text(&status));
+            }
+            Ok(0)
+        }
+        Command::Stop { pin_dir, socket } => {
+            let p = pins::Pins::new(&pin_dir);
+            let removed = p.remove_all()?;
+            let told = ctlsock::request(&socket, &ctlsock::Request::Stop).is_ok();
+            let tail = if told {
+                "; the controller was told to exit"
+            } else {
+                ""
+            };
+            if removed.links.is_empty() && removed.maps == 0 {
+                println!("nothing was pinned under {}{tail}", pin_dir.display());
+            } else {
+                println!(
+                    "egress stopped: detached {} links ({}), removed {} map pins under {}{tail}. Enforcement is OFF.",
+                    removed.links.len(),
+                    removed.links.join(", "),
+                    removed.maps,
+                    pin_dir.display()
+                );
             }
             Ok(0)
         }

@@ -169,3 +169,75 @@ impl Pins {
         Ok(removed)
     }
 }
+
+/// Every pinned link with the id of the program it runs (0: detached).
+pub fn link_report(pins: &Pins) -> serde_json::Value {
+    let links: Vec<serde_json::Value> = pins
+        .links()
+        .into_iter()
+        .map(|(name, path)| {
+            let prog_id = bpfsys::obj_get(&path)
+                .and_then(bpfsys::link_prog_id)
+                .unwrap_or(0);
+            serde_json::json!({ "name": name, "prog_id": prog_id, "attached": prog_id != 0 })
+        })
+        .collect();
+    serde_json::Value::Array(links)
+}
+
+/// `egress status` without a controller: what the pins and the state file say.
+pub fn status_from_pins(pins: &Pins) -> anyhow::Result<serde_json::Value> {
+    use aya::maps::{Array, Map, MapData, PerCpuArray};
+    if !pins.adoptable() {
+        bail!(
+            "no controller is running and nothing is pinned under {}: egress is not enforcing",
+            pins.dir.display()
+        );
+    }
+    let state = pins.read_state().unwrap_or_default();
+    let open = |name: &str| {
+        MapData::from_pin(pins.map(name)).with_context(|| format!("opening pinned map {name}"))
+    };
+    let active = {
+        let m = Map::Array(open("ACTIVE")?);
+        let a: Array<_, u32> = Array::try_from(m)?;
+        a.get(&0, 0)? & 1
+    };
+    let config = {
+        let m = Map::Array(open("CONFIG")?);
+        let a: Array<_, egress_common::Config> = Array::try_from(m)?;
+        a.get(&active, 0)?
+    };
+    let stats = {
+        let m = Map::PerCpuArray(open("STATS")?);
+        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+        let sum = |i: u32| a.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        serde_json::json!({
+            "allowed": sum(egress_common::STAT_ALLOWED),
+            "denied": sum(egress_common::STAT_DENIED),
+            "audited": sum(egress_common::STAT_AUDITED),
+            "events_lost": sum(egress_common::STAT_EVENTS_LOST),
+            "tc_dropped": sum(egress_common::STAT_TC_DROPPED),
+            "budget_dropped": sum(egress_common::STAT_BUDGET_DROPPED),
+        })
+    };
+    Ok(serde_json::json!({
+        "controller": { "running": false, "last_pid": state.controller_pid },
+        "policy": {
+            "source": state.policy,
+            "generation": config.generation,
+            "hash": state.policy_hash,
+            "applied_at": state.applied_at,
+            "mode": if config.mode == egress_common::MODE_AUDIT { "audit" } else { "enforce" },
+            "default": if config.default_verdict == egress_common::DEFAULT_ALLOW { "allow" } else { "deny" },
+        },
+        "attached": {
+            "cgroup": state.cgroup,
+            "hooks": crate::datapath::HOOKS,
+            "tc": { "program": crate::datapath::TC_PROGRAM, "ifaces": state.ifaces },
+            "pinned": pins.dir.display().to_string(),
+        },
+        "links": link_report(pins),
+        "counters": stats,
+    }))
+}

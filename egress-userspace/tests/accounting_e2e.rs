@@ -139,7 +139,7 @@ fn stats_top_and_metrics_from_a_running_controller() {
     let metrics_port = 19464u16 + (std::process::id() % 500) as u16;
     let run = Run(pair
         .cmd_in_a(EGRESS)
-        .args(["run", "--iface", VETH_A, "--policy"])
+        .args(["run", "--ephemeral", "--iface", VETH_A, "--policy"])
         .arg(&policy)
         .arg("--cgroup")
         .arg(cg.path())

@@ -225,7 +225,7 @@ fn block_stops_an_upload_in_flight_spares_others_and_unblock_restores() {
     let events = dir.0.join("events.jsonl");
     let mut run = pair
         .cmd_in_a(EGRESS)
-        .args(["run", "--iface", VETH_A, "--policy"])
+        .args(["run", "--ephemeral", "--iface", VETH_A, "--policy"])
         .arg(&policy)
         .arg("--cgroup")
         .arg(cg.path())

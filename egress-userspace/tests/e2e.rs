@@ -280,7 +280,7 @@ struct Running {
 fn start_run(ns: &LoopNs, cg: &Path, policy: Option<&Path>, events: &Path) -> Running {
     let mut cmd = ns.cmd(EGRESS);
     let socket = events.with_extension("sock");
-    cmd.arg("run")
+    cmd.args(["run", "--ephemeral"])
         .arg("--cgroup")
         .arg(cg)
         .arg("--events")

@@ -28,7 +28,7 @@ impl Run {
         let socket = dir.0.join("control.sock");
         let child = ns
             .cmd(EGRESS)
-            .arg("run")
+            .args(["run", "--ephemeral"])
             .arg("--policy")
             .arg(policy)
             .arg("--cgroup")
