@@ -38,6 +38,10 @@ fn pin_dir() -> PathBuf {
     ))
 }
 
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is returned; its caller kills or stops it and waits"
+)]
 fn start(ns: &LoopNs, cg: &Path, policy: &Path, pins: &Path, socket: &Path) -> Child {
     let mut child = ns
         .cmd(EGRESS)
