@@ -447,6 +447,32 @@ impl Datapath {
         self.write_configs()
     }
 
+    /// Kernel memory charged to a map (`memlock` in its fdinfo), and the name of the policy trie
+    /// in force for `family` (4 or 6).
+    pub fn map_memlock(&self, name: &str) -> Option<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let map = self.ebpf.map(name)?;
+        let data: &MapData = match map {
+            aya::maps::Map::LpmTrie(d) | aya::maps::Map::HashMap(d) | aya::maps::Map::Array(d) => d,
+            _ => return None,
+        };
+        let fd = data.fd().as_fd().as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// The name of the policy trie in force for `family` (4 or 6).
+    pub fn active_trie(&self, family: u8) -> &'static str {
+        match (family, self.active) {
+            (4, 0) => "POLICY_V4_0",
+            (4, _) => "POLICY_V4_1",
+            (_, 0) => "POLICY_V6_0",
+            _ => "POLICY_V6_1",
+        }
+    }
+
     /// Every flow counter, summed over CPUs.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
         let map = self

@@ -47,6 +47,14 @@ enum Task {
     },
     /// fmt --check and clippy -D warnings on the host crates and the eBPF crate.
     Lint,
+    /// Benchmarks against a no-firewall baseline, iptables and nftables, in namespaces and
+    /// cgroups of their own (root; needs iproute2, iptables, nftables, iperf3). Prints a table and
+    /// writes target/bench/results.json and results.md.
+    Bench {
+        /// A smoke run of about a minute: fewer sizes, runs and iterations.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +113,26 @@ fn real_main() -> anyhow::Result<()> {
                 cmd.arg("--").args(&args);
             }
             run_tests(&mut cmd)
+        }
+        Task::Bench { quick } => {
+            bootstrap()?;
+            if !is_root() {
+                bail!("the benchmarks load eBPF programs and create namespaces: run as root");
+            }
+            run(Command::new(cargo()).args([
+                "build",
+                "--release",
+                "-p",
+                "egress-userspace",
+                "--bin",
+                "egress-bench",
+            ]))?;
+            let mut cmd = Command::new(root.join("target/release/egress-bench"));
+            cmd.arg("--out").arg(root.join("target/bench"));
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Task::Lint => {
             bootstrap()?;

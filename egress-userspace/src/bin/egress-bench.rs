@@ -1,0 +1,821 @@
+//! egress-bench: the benchmark harness behind `cargo xtask bench` (run as root).
+//!
+//! Everything runs in network namespaces and child cgroups this program creates and removes;
+//! iptables and nftables rules only ever go into its own namespace. Figures are measured in the
+//! same run against a baseline and reported as medians with their spread:
+//! 1. connect()/sendto() decision cost vs policy size: no firewall, egress, iptables (one OUTPUT
+//!    rule per prefix), nftables (an interval set);
+//! 2. TC accounting cost: iperf3 TCP throughput and small-packet UDP rate over a veth pair;
+//! 3. policy apply time and kernel memory per rule;
+//! 4. the event path: denied connects per second with an event each, and events lost.
+//!
+//! `egress-bench client ...` and `egress-bench run-in ...` are its own helpers: a timing client
+//! and a launcher that enter a namespace and a cgroup before doing anything.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write as _,
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use egress::{cgroup::ChildCgroup, compile::CompiledPolicy, datapath::Datapath, policy::Policy};
+use serde::Serialize;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by the parent and its child processes.
+
+fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let f =
+        fs::File::open(format!("/run/netns/{name}")).with_context(|| format!("netns {name}"))?;
+    // SAFETY: setns on a valid namespace fd; affects this (single-threaded so far) process.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn join_cgroup(dir: &str) -> anyhow::Result<()> {
+    if !dir.is_empty() {
+        fs::write(
+            Path::new(dir).join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining {dir}"))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct Latency {
+    p50_ns: f64,
+    p99_ns: f64,
+    mean_ns: f64,
+}
+
+fn percentiles(mut v: Vec<u64>) -> Latency {
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize] as f64;
+    Latency {
+        p50_ns: at(0.5),
+        p99_ns: at(0.99),
+        mean_ns: v.iter().sum::<u64>() as f64 / v.len() as f64,
+    }
+}
+
+/// `egress-bench client NETNS CGROUP MODE ADDR ITERS`: times each call, prints a Latency as JSON.
+fn client(args: &[String]) -> anyhow::Result<()> {
+    let [netns, cgroup, mode, addr, iters] = args else {
+        bail!("client NETNS CGROUP MODE ADDR ITERS")
+    };
+    enter_netns(netns)?;
+    join_cgroup(cgroup)?;
+    let addr: SocketAddr = addr.parse()?;
+    let iters: usize = iters.parse()?;
+    let mut samples = Vec::with_capacity(iters);
+    match mode.as_str() {
+        "udp-connect" => {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            for _ in 0..iters / 10 {
+                s.connect(addr)?;
+            }
+            for _ in 0..iters {
+                let t = Instant::now();
+                s.connect(addr)?;
+                samples.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        "udp-sendto" => {
+            let sink = UdpSocket::bind(addr)?;
+            sink.set_nonblocking(true)?;
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let mut buf = [0u8; 64];
+            for i in 0..iters + iters / 10 {
+                let t = Instant::now();
+                s.send_to(b"egress-bench", addr)?;
+                if i >= iters / 10 {
+                    samples.push(t.elapsed().as_nanos() as u64);
+                }
+                while sink.recv(&mut buf).is_ok() {}
+            }
+        }
+        "tcp-connect" => {
+            let l = TcpListener::bind(addr)?;
+            let acceptor = std::thread::spawn(move || {
+                for c in l.incoming().take(iters + iters / 10) {
+                    drop(c);
+                }
+            });
+            for i in 0..iters + iters / 10 {
+                let t = Instant::now();
+                let c = TcpStream::connect(addr)?;
+                if i >= iters / 10 {
+                    samples.push(t.elapsed().as_nanos() as u64);
+                }
+                drop(c);
+            }
+            let _ = acceptor.join();
+        }
+        "deny-flood" => {
+            // Connect to a denied address for ITERS milliseconds; print the rate.
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let end = Instant::now() + Duration::from_millis(iters as u64);
+            let mut n = 0u64;
+            let start = Instant::now();
+            while Instant::now() < end {
+                for _ in 0..100 {
+                    let _ = s.connect(addr);
+                }
+                n += 100;
+            }
+            println!(
+                "{}",
+                serde_json::json!({ "calls": n, "per_sec": n as f64 / start.elapsed().as_secs_f64() })
+            );
+            return Ok(());
+        }
+        m => bail!("unknown mode {m}"),
+    }
+    println!("{}", serde_json::to_string(&percentiles(samples))?);
+    Ok(())
+}
+
+/// `egress-bench run-in NETNS CGROUP -- CMD...`: enters the namespace and cgroup, then execs.
+fn run_in(args: &[String]) -> anyhow::Result<()> {
+    let [netns, cgroup, sep, cmd @ ..] = args else {
+        bail!("run-in NETNS CGROUP -- CMD...")
+    };
+    if sep != "--" || cmd.is_empty() {
+        bail!("run-in NETNS CGROUP -- CMD...");
+    }
+    enter_netns(netns)?;
+    join_cgroup(cgroup)?;
+    use std::os::unix::process::CommandExt as _;
+    Err(Command::new(&cmd[0]).args(&cmd[1..]).exec().into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parent: namespaces, policies, measurements.
+
+fn sh(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> anyhow::Result<Netns> {
+        let name = format!("egb-{tag}-{}", std::process::id());
+        sh(Command::new("ip").args(["netns", "add", &name]))?;
+        sh(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
+        Ok(Netns(name))
+    }
+    fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        sh(Command::new("ip").args(["-n", &self.0]).args(args))
+    }
+    fn exec(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, prog]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn me() -> PathBuf {
+    std::env::current_exe().expect("own path")
+}
+
+fn time_client(
+    ns: &Netns,
+    cgroup: &str,
+    mode: &str,
+    addr: &str,
+    iters: usize,
+) -> anyhow::Result<Latency> {
+    let out =
+        sh(Command::new(me()).args(["client", &ns.0, cgroup, mode, addr, &iters.to_string()]))?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    Ok(Latency {
+        p50_ns: v["p50_ns"].as_f64().unwrap_or(0.0),
+        p99_ns: v["p99_ns"].as_f64().unwrap_or(0.0),
+        mean_ns: v["mean_ns"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// Deterministic, non-contiguous prefixes of mixed lengths (/16 to /32) outside 127/8.
+fn prefixes(n: usize) -> Vec<(u32, u8)> {
+    let mut out = Vec::with_capacity(n);
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = [16u8, 20, 22, 24, 24, 24, 28, 32][(x >> 60) as usize % 8];
+        let mut addr = (x as u32) & (u32::MAX << (32 - len));
+        if addr >> 24 == 127 || addr >> 24 == 0 {
+            addr ^= 0x4000_0000;
+        }
+        if seen.insert((addr, len)) {
+            out.push((addr, len));
+        }
+    }
+    out
+}
+
+fn cidr((a, l): (u32, u8)) -> String {
+    format!("{}/{l}", std::net::Ipv4Addr::from(a))
+}
+
+fn egress_policy(prefixes: &[(u32, u8)], default_allow: bool) -> anyhow::Result<CompiledPolicy> {
+    let mut text = format!(
+        "allow_loopback = false\ndefault = \"{}\"\n",
+        if default_allow { "allow" } else { "deny" }
+    );
+    text.push_str(
+        "[[service]]\nname = \"bench-target\"\ndestinations = [\"127.0.0.2\", \"198.18.0.0/24\"]\n",
+    );
+    if !prefixes.is_empty() {
+        text.push_str("[[block]]\nname = \"bench-blocked\"\ndestinations = [");
+        for (i, p) in prefixes.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push('"');
+            text.push_str(&cidr(*p));
+            text.push('"');
+        }
+        text.push_str("]\n");
+    }
+    let policy = Policy::parse("bench.toml", &text)?;
+    Ok(CompiledPolicy::compile(&policy)?)
+}
+
+#[derive(Debug, Serialize, Default, Clone)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    runs: usize,
+}
+
+fn stat(mut v: Vec<f64>) -> Stat {
+    v.sort_by(f64::total_cmp);
+    Stat {
+        median: v[v.len() / 2],
+        min: v[0],
+        max: v[v.len() - 1],
+        runs: v.len(),
+    }
+}
+
+#[derive(Debug, Serialize, Default)]
+struct DecisionRow {
+    prefixes: usize,
+    firewall: String,
+    call: String,
+    p50_ns: Stat,
+    p99_ns: Stat,
+    /// p50 minus the baseline's p50 of the same call, in the same run.
+    overhead_p50_ns: f64,
+}
+
+struct Settings {
+    quick: bool,
+    reps: usize,
+    iters: usize,
+    sizes: Vec<usize>,
+}
+
+fn measure_calls(
+    ns: &Netns,
+    cgroup: &str,
+    s: &Settings,
+) -> anyhow::Result<Vec<(String, Stat, Stat)>> {
+    let mut out = Vec::new();
+    for (call, addr, iters) in [
+        ("udp connect()", "127.0.0.2:9", s.iters),
+        ("udp sendto()", "127.0.0.2:9", s.iters),
+        ("tcp connect()", "127.0.0.2:8080", s.iters / 10),
+    ] {
+        let mode = match call {
+            "udp connect()" => "udp-connect",
+            "udp sendto()" => "udp-sendto",
+            _ => "tcp-connect",
+        };
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        for _ in 0..s.reps {
+            let l = time_client(ns, cgroup, mode, addr, iters)?;
+            p50.push(l.p50_ns);
+            p99.push(l.p99_ns);
+        }
+        out.push((call.to_string(), stat(p50), stat(p99)));
+    }
+    Ok(out)
+}
+
+fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> {
+    let ns = Netns::new("dec")?;
+    let mut rows = Vec::new();
+    let mut baseline: BTreeMap<String, f64> = BTreeMap::new();
+    for (call, p50, p99) in measure_calls(&ns, "", s)? {
+        baseline.insert(call.clone(), p50.median);
+        rows.push(DecisionRow {
+            prefixes: 0,
+            firewall: "none (baseline)".into(),
+            call,
+            p50_ns: p50,
+            p99_ns: p99,
+            overhead_p50_ns: 0.0,
+        });
+    }
+    for &n in &s.sizes {
+        let pfx = prefixes(n);
+        eprintln!("bench: decision cost with {n} prefixes");
+        // egress: the policy blocks every prefix and approves the target, so each call walks the
+        // trie and a rule set.
+        {
+            let cg = ChildCgroup::create(root, "egress-bench")?;
+            let compiled = egress_policy(&pfx, false)?;
+            let mut dp = Datapath::load(&compiled)?;
+            dp.attach(cg.path())?;
+            let cgs = cg.path().display().to_string();
+            for (call, p50, p99) in measure_calls(&ns, &cgs, s)? {
+                let over = p50.median - baseline[&call];
+                rows.push(DecisionRow {
+                    prefixes: n,
+                    firewall: "egress".into(),
+                    call,
+                    p50_ns: p50,
+                    p99_ns: p99,
+                    overhead_p50_ns: over,
+                });
+            }
+            drop(dp);
+        }
+        // iptables: one DROP rule per prefix in OUTPUT (linear), only up to 10k.
+        if n <= 10_000 {
+            let mut rules = String::from(
+                "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n",
+            );
+            for p in &pfx {
+                rules.push_str(&format!("-A OUTPUT -d {} -j DROP\n", cidr(*p)));
+            }
+            rules.push_str("COMMIT\n");
+            let mut child = ns.exec("iptables-restore").stdin(Stdio::piped()).spawn()?;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(rules.as_bytes())?;
+            if !child.wait()?.success() {
+                bail!("iptables-restore failed");
+            }
+            for (call, p50, p99) in measure_calls(&ns, "", s)? {
+                let over = p50.median - baseline[&call];
+                rows.push(DecisionRow {
+                    prefixes: n,
+                    firewall: "iptables (linear OUTPUT)".into(),
+                    call,
+                    p50_ns: p50,
+                    p99_ns: p99,
+                    overhead_p50_ns: over,
+                });
+            }
+            sh(ns.exec("iptables").args(["-F", "OUTPUT"]))?;
+        }
+        // nftables: an interval set looked up per packet.
+        {
+            let mut conf = String::from(
+                "table inet egressbench {\n set blocked { type ipv4_addr; flags interval; auto-merge; ",
+            );
+            if !pfx.is_empty() {
+                conf.push_str("elements = { ");
+                for (i, p) in pfx.iter().enumerate() {
+                    if i > 0 {
+                        conf.push_str(", ");
+                    }
+                    conf.push_str(&cidr(*p));
+                }
+                conf.push_str(" }");
+            }
+            conf.push_str(" }\n chain out { type filter hook output priority 0; ip daddr @blocked drop; }\n}\n");
+            let file =
+                std::env::temp_dir().join(format!("egress-bench-{}.nft", std::process::id()));
+            fs::write(&file, conf)?;
+            let loaded = sh(ns.exec("nft").arg("-f").arg(&file));
+            let _ = fs::remove_file(&file);
+            loaded?;
+            for (call, p50, p99) in measure_calls(&ns, "", s)? {
+                let over = p50.median - baseline[&call];
+                rows.push(DecisionRow {
+                    prefixes: n,
+                    firewall: "nftables (interval set)".into(),
+                    call,
+                    p50_ns: p50,
+                    p99_ns: p99,
+                    overhead_p50_ns: over,
+                });
+            }
+            sh(ns
+                .exec("nft")
+                .args(["delete", "table", "inet", "egressbench"]))?;
+        }
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize, Default)]
+struct TcRow {
+    test: String,
+    without_tc: Stat,
+    with_tc: Stat,
+    /// with / without.
+    ratio: f64,
+}
+
+fn iperf(client_ns: &Netns, cgroup: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = Command::new(me());
+    cmd.args([
+        "run-in",
+        &client_ns.0,
+        cgroup,
+        "--",
+        "iperf3",
+        "-J",
+        "-c",
+        "198.18.0.2",
+    ])
+    .args(args);
+    let out = sh(&mut cmd)?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn tc_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<TcRow>> {
+    let a = Netns::new("tca")?;
+    let b = Netns::new("tcb")?;
+    sh(Command::new("ip").args([
+        "link", "add", "veth-a", "netns", &a.0, "type", "veth", "peer", "name", "veth-b", "netns",
+        &b.0,
+    ]))?;
+    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "veth-a"])?;
+    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-b"])?;
+    a.ip(&["link", "set", "veth-a", "up"])?;
+    b.ip(&["link", "set", "veth-b", "up"])?;
+    let mut server = b
+        .exec("iperf3")
+        .args(["-s", "-B", "198.18.0.2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = if s.quick { "2" } else { "5" };
+    let run = |cg: &str| -> anyhow::Result<(f64, f64)> {
+        let tcp = iperf(&a, cg, &["-t", secs])?;
+        let bps = tcp["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let udp = iperf(&a, cg, &["-u", "-l", "64", "-b", "0", "-t", secs])?;
+        let pkts = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0);
+        let dur = udp["end"]["sum"]["seconds"].as_f64().unwrap_or(1.0);
+        Ok((bps, pkts / dur))
+    };
+    let (mut tcp0, mut udp0, mut tcp1, mut udp1) = (vec![], vec![], vec![], vec![]);
+    let cg = ChildCgroup::create(root, "egress-bench")?;
+    let cgs = cg.path().display().to_string();
+    for _ in 0..s.reps {
+        let (t, u) = run(&cgs)?;
+        tcp0.push(t);
+        udp0.push(u);
+    }
+    let compiled = egress_policy(&[], true)?;
+    let mut dp = Datapath::load(&compiled)?;
+    dp.attach(cg.path())?;
+    let ns_name = a.0.clone();
+    let dp = std::thread::spawn(move || -> anyhow::Result<Datapath> {
+        enter_netns(&ns_name)?;
+        dp.attach_tc(&["veth-a".to_string()])?;
+        Ok(dp)
+    })
+    .join()
+    .expect("attach thread")?;
+    for _ in 0..s.reps {
+        let (t, u) = run(&cgs)?;
+        tcp1.push(t);
+        udp1.push(u);
+    }
+    let counted = dp.flows()?.iter().map(|(_, v)| v.packets).sum::<u64>();
+    eprintln!("bench: TC counted {counted} packets");
+    let _ = dp.stats();
+    drop(dp);
+    let _ = server.kill();
+    let _ = server.wait();
+    let row = |test: &str, w0: Vec<f64>, w1: Vec<f64>| {
+        let (a, b) = (stat(w0), stat(w1));
+        TcRow {
+            test: test.into(),
+            ratio: b.median / a.median,
+            without_tc: a,
+            with_tc: b,
+        }
+    };
+    Ok(vec![
+        row("iperf3 TCP bulk (bits/s)", tcp0, tcp1),
+        row("iperf3 UDP 64-byte (packets/s)", udp0, udp1),
+    ])
+}
+
+#[derive(Debug, Serialize, Default)]
+struct ApplyRow {
+    prefixes: usize,
+    apply_ms: Stat,
+    kernel_bytes: u64,
+    bytes_per_rule: f64,
+}
+
+fn apply_cost(s: &Settings) -> anyhow::Result<Vec<ApplyRow>> {
+    let sizes: Vec<usize> = if s.quick {
+        vec![10_000, 100_000]
+    } else {
+        vec![10_000, 100_000, 1_000_000]
+    };
+    let mut rows = Vec::new();
+    for n in sizes {
+        eprintln!("bench: apply {n} prefixes");
+        let big = egress_policy(&prefixes(n), false)?;
+        let small = egress_policy(&[], false)?;
+        let mut dp = Datapath::load(&small)?;
+        let mut times = Vec::new();
+        let mut mem = 0;
+        for _ in 0..s.reps {
+            // Apply the big policy, then the small one (so the next apply starts from a clean
+            // buffer as a fresh reload would).
+            let applied = dp.reload(&big)?;
+            times.push(applied.elapsed.as_secs_f64() * 1000.0);
+            mem = dp.map_memlock(dp.active_trie(4)).unwrap_or(0);
+            dp.reload(&small)?;
+        }
+        rows.push(ApplyRow {
+            prefixes: n,
+            apply_ms: stat(times),
+            kernel_bytes: mem,
+            bytes_per_rule: mem as f64 / big.v4.len() as f64,
+        });
+    }
+    Ok(rows)
+}
+
+#[derive(Debug, Serialize, Default)]
+struct EventRow {
+    denies_per_sec: Stat,
+    events_received: u64,
+    events_lost: u64,
+}
+
+fn event_path(s: &Settings, root: &Path) -> anyhow::Result<EventRow> {
+    let ns = Netns::new("ev")?;
+    let cg = ChildCgroup::create(root, "egress-bench")?;
+    let compiled = egress_policy(&[], false)?;
+    let mut dp = Datapath::load(&compiled)?;
+    let mut ring = dp.take_events()?;
+    dp.attach(cg.path())?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let drainer = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            while ring.next().is_some() {
+                n += 1;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        while ring.next().is_some() {
+            n += 1;
+        }
+        n
+    });
+    let mut rates = Vec::new();
+    let ms = if s.quick { "1000" } else { "3000" };
+    for _ in 0..s.reps {
+        let out = sh(Command::new(me()).args([
+            "client",
+            &ns.0,
+            &cg.path().display().to_string(),
+            "deny-flood",
+            "198.51.100.1:9",
+            ms,
+        ]))?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        rates.push(v["per_sec"].as_f64().unwrap_or(0.0));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let received = drainer.join().expect("drainer");
+    let lost = dp.stats()?.events_lost;
+    Ok(EventRow {
+        denies_per_sec: stat(rates),
+        events_received: received,
+        events_lost: lost,
+    })
+}
+
+#[derive(Debug, Serialize)]
+struct Results {
+    when: String,
+    kernel: String,
+    cpu: String,
+    cores: usize,
+    quick: bool,
+    command: String,
+    decision: Vec<DecisionRow>,
+    tc: Vec<TcRow>,
+    apply: Vec<ApplyRow>,
+    events: EventRow,
+}
+
+fn machine() -> (String, String, usize) {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    (kernel, cpu, cores)
+}
+
+fn ns(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1} µs", v / 1000.0)
+    } else {
+        format!("{v:.0} ns")
+    }
+}
+
+fn markdown(r: &Results) -> String {
+    let mut m = String::new();
+    m.push_str(&format!(
+        "Run {} on Linux {}, {} ({} cores){}. Medians of {} runs, [min–max] in brackets.\n\n",
+        r.when,
+        r.kernel,
+        r.cpu,
+        r.cores,
+        if r.quick { ", quick mode" } else { "" },
+        r.decision.first().map_or(0, |d| d.p50_ns.runs)
+    ));
+    m.push_str("### 1. Decision cost per call\n\n| prefixes | firewall | call | p50 | p99 | p50 overhead vs none |\n|---:|---|---|---:|---:|---:|\n");
+    for d in &r.decision {
+        m.push_str(&format!(
+            "| {} | {} | {} | {} [{}–{}] | {} | {} |\n",
+            d.prefixes,
+            d.firewall,
+            d.call,
+            ns(d.p50_ns.median),
+            ns(d.p50_ns.min),
+            ns(d.p50_ns.max),
+            ns(d.p99_ns.median),
+            if d.firewall.starts_with("none") {
+                "–".to_string()
+            } else {
+                ns(d.overhead_p50_ns)
+            }
+        ));
+    }
+    m.push_str("\n### 2. TC accounting cost (veth between two namespaces)\n\n| test | without TC | with TC | ratio |\n|---|---:|---:|---:|\n");
+    for t in &r.tc {
+        m.push_str(&format!(
+            "| {} | {:.3e} [{:.3e}–{:.3e}] | {:.3e} [{:.3e}–{:.3e}] | {:.3} |\n",
+            t.test,
+            t.without_tc.median,
+            t.without_tc.min,
+            t.without_tc.max,
+            t.with_tc.median,
+            t.with_tc.min,
+            t.with_tc.max,
+            t.ratio
+        ));
+    }
+    m.push_str("\n### 3. Policy apply time and kernel memory (IPv4 trie)\n\n| prefixes | apply (reload) | kernel memory | per rule |\n|---:|---:|---:|---:|\n");
+    for a in &r.apply {
+        m.push_str(&format!(
+            "| {} | {:.1} ms [{:.1}–{:.1}] | {:.1} MiB | {:.0} B |\n",
+            a.prefixes,
+            a.apply_ms.median,
+            a.apply_ms.min,
+            a.apply_ms.max,
+            a.kernel_bytes as f64 / (1 << 20) as f64,
+            a.bytes_per_rule
+        ));
+    }
+    let e = &r.events;
+    m.push_str(&format!(
+        "\n### 4. Event path\n\nDenied connects with an event each: {:.0}/s [{:.0}–{:.0}]; events received {}, lost (ring buffer full, counted by the datapath) {}.\n",
+        e.denies_per_sec.median, e.denies_per_sec.min, e.denies_per_sec.max, e.events_received, e.events_lost
+    ));
+    m
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let out_dir = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench"));
+    for tool in ["ip", "iptables-restore", "nft", "iperf3"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            bail!("`{tool}` is missing (Debian packages: iproute2 iptables nftables iperf3)");
+        }
+    }
+    let s = if quick {
+        Settings {
+            quick,
+            reps: 3,
+            iters: 20_000,
+            sizes: vec![1_000, 10_000],
+        }
+    } else {
+        Settings {
+            quick,
+            reps: 5,
+            iters: 100_000,
+            sizes: vec![1_000, 10_000, 100_000, 1_000_000],
+        }
+    };
+    let root = egress::cgroup::cgroup2_root()?;
+    let (kernel, cpu, cores) = machine();
+    let decision = decision_cost(&s, &root)?;
+    eprintln!("bench: TC accounting");
+    let tc = tc_cost(&s, &root)?;
+    let apply = apply_cost(&s)?;
+    eprintln!("bench: event path");
+    let events = event_path(&s, &root)?;
+    let results = Results {
+        when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        kernel,
+        cpu,
+        cores,
+        quick,
+        command: format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
+        decision,
+        tc,
+        apply,
+        events,
+    };
+    fs::create_dir_all(&out_dir)?;
+    fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let md = markdown(&results);
+    fs::write(out_dir.join("results.md"), &md)?;
+    println!("{md}");
+    println!(
+        "(written to {}/results.json and results.md)",
+        out_dir.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("client") => client(&args[1..]),
+        Some("run-in") => run_in(&args[1..]),
+        _ => bench(&args),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("egress-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
