@@ -202,7 +202,8 @@ impl Default for Accounting {
     }
 }
 
-fn flow_addr(k: &FlowKey) -> IpAddr {
+/// The destination address of a flow key.
+pub fn flow_addr(k: &FlowKey) -> IpAddr {
     if k.family == 4 {
         IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
     } else {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -13,7 +13,7 @@ use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    accounting::ProcInfo,
+    accounting::{ProcInfo, flow_addr},
     events::protocol_name,
     policy::alert::{Alert, AlertAction, AlertPer},
 };
@@ -213,14 +213,6 @@ pub struct AlertEngine {
     epoch: Instant,
     states: HashMap<(usize, AlertKey), KeyState>,
     last_fired: HashMap<(usize, AlertKey), Instant>,
-}
-
-fn flow_addr(k: &FlowKey) -> IpAddr {
-    if k.family == 4 {
-        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(k.addr))
-    }
 }
 
 fn contains(nets: &[crate::policy::Destination], ip: IpAddr) -> bool {

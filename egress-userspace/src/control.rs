@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -260,11 +260,7 @@ impl Controller {
                 let compiled = &self.compiled;
                 let acct = &self.acct;
                 let verdict = |k: &FlowKey| {
-                    let dst: IpAddr = if k.family == 4 {
-                        Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]).into()
-                    } else {
-                        Ipv6Addr::from(k.addr).into()
-                    };
+                    let dst = crate::accounting::flow_addr(k);
                     let e = compiled.evaluate(dst, k.port, k.protocol);
                     let kind = compiled
                         .rule_kinds

@@ -632,28 +632,17 @@ fn write_buffer(
     } else {
         ("POLICY_V4_1", "POLICY_V6_1", "RULESETS_1")
     };
-    {
-        let map = ebpf
-            .map_mut(v4_name)
-            .ok_or(DatapathError::Missing("POLICY_V4 map"))?;
-        let mut trie: LpmTrie<&mut MapData, [u8; 4], PrefixValue> =
-            LpmTrie::try_from(map).map_err(map_err(v4_name))?;
-        let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
-        for k in &old {
-            let _ = trie.remove(k);
-        }
-    }
-    {
-        let map = ebpf
-            .map_mut(v6_name)
-            .ok_or(DatapathError::Missing("POLICY_V6 map"))?;
-        let mut trie: LpmTrie<&mut MapData, [u8; 16], PrefixValue> =
-            LpmTrie::try_from(map).map_err(map_err(v6_name))?;
-        let old: Vec<_> = trie.keys().filter_map(Result::ok).collect();
-        for k in &old {
-            let _ = trie.remove(k);
-        }
-    }
+    let v4 = policy
+        .v4
+        .iter()
+        .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
+    let v6 = policy
+        .v6
+        .iter()
+        .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
+    // Rule sets before the tries that reference them; both cleared of the older policy first.
+    fill_trie::<[u8; 4]>(ebpf, v4_name, std::iter::empty())?;
+    fill_trie::<[u8; 16]>(ebpf, v6_name, std::iter::empty())?;
     {
         let map = ebpf
             .map_mut(sets_name)
@@ -668,37 +657,31 @@ fn write_buffer(
             sets.insert(i as u32, set, 0).map_err(map_err(sets_name))?;
         }
     }
-    {
-        let map = ebpf
-            .map_mut(v4_name)
-            .ok_or(DatapathError::Missing("POLICY_V4 map"))?;
-        let mut trie: LpmTrie<&mut MapData, [u8; 4], PrefixValue> =
-            LpmTrie::try_from(map).map_err(map_err(v4_name))?;
-        for (&(net, len), &set) in &policy.v4 {
-            trie.insert(
-                &Key::new(u32::from(len), net.to_be_bytes()),
-                PrefixValue { ruleset: set },
-                0,
-            )
-            .map_err(map_err(v4_name))?;
-        }
-    }
-    {
-        let map = ebpf
-            .map_mut(v6_name)
-            .ok_or(DatapathError::Missing("POLICY_V6 map"))?;
-        let mut trie: LpmTrie<&mut MapData, [u8; 16], PrefixValue> =
-            LpmTrie::try_from(map).map_err(map_err(v6_name))?;
-        for (&(net, len), &set) in &policy.v6 {
-            trie.insert(
-                &Key::new(u32::from(len), net.to_be_bytes()),
-                PrefixValue { ruleset: set },
-                0,
-            )
-            .map_err(map_err(v6_name))?;
-        }
-    }
+    fill_trie(ebpf, v4_name, v4)?;
+    fill_trie(ebpf, v6_name, v6)?;
     set_config(ebpf, buf, config)
+}
+
+/// Empties the policy trie `name`, then inserts `entries`.
+fn fill_trie<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: impl Iterator<Item = (Key<K>, u32)>,
+) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DatapathError::Missing("policy trie"))?;
+    let mut trie: LpmTrie<&mut MapData, K, PrefixValue> =
+        LpmTrie::try_from(map).map_err(map_err(name))?;
+    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for k in &old {
+        let _ = trie.remove(k);
+    }
+    for (key, set) in entries {
+        trie.insert(&key, PrefixValue { ruleset: set }, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn set_config(ebpf: &mut Ebpf, buf: u32, config: Config) -> Result<(), DatapathError> {
