@@ -331,6 +331,14 @@ impl Accounting {
         TickOutcome { prune, deltas }
     }
 
+    /// Takes `flows` as the starting point without counting them: after adopting a previous
+    /// controller's pinned counters, their history is not new traffic (nor a reason to alert).
+    pub fn prime(&mut self, flows: &[(FlowKey, FlowValue)]) {
+        for (k, v) in flows {
+            self.last.insert(*k, (*v, 0));
+        }
+    }
+
     /// What /proc said about a process (empty when unknown).
     pub fn info(&self, tgid: u32) -> ProcInfo {
         self.procs

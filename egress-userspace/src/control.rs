@@ -420,21 +420,21 @@ impl Controller {
             applied.elapsed.as_secs_f64() * 1000.0,
             change
         );
-        self.emit(&serde_json::json!({
+        let event = serde_json::json!({
             "ts": humantime::format_rfc3339_nanos(SystemTime::now()).to_string(),
             "event": "reload",
             "generation": applied.generation,
             "policy_hash": policy.hash,
             "policy": policy.source,
             "elapsed_ms": applied.elapsed.as_secs_f64() * 1000.0,
-        }))
-        .await?;
+        });
         self.policy_path = path;
         self.policy = policy;
         self.compiled = compiled;
         self.applied_at = SystemTime::now();
         self.bad_watch_hash = None;
         self.write_state();
+        self.emit_logged(&event).await;
         Ok(Response::ok(msg))
     }
 
@@ -610,7 +610,13 @@ pub struct RunOptions {
 /// dies, and a restarted controller adopts them with no gap; `egress stop` turns it off. With
 /// `--ephemeral` nothing is pinned and SIGINT/SIGTERM detach.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Signal handlers before anything else: a SIGHUP (a `systemctl reload` right after start)
+    // or SIGTERM must never kill a controller that is half set up.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let pins = (!opts.ephemeral).then(|| Pins::new(&opts.pin_dir));
+    let _lock = pins.as_ref().map(Pins::lock).transpose()?;
     let root = cgroup::cgroup2_root()?;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     if let Some(state) = pins
@@ -637,8 +643,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ctl.dp.set_tc_scope(id, level)?;
     }
     let listener = ctlsock::bind(&opts.socket)?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     ctl.dp
         .attach(&cgroup)
         .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
@@ -651,6 +655,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     });
     ctl.ifaces = ifaces;
     if adopted {
+        // The pinned counters' history is not new traffic.
+        let flows = ctl.dp.flows()?;
+        ctl.acct.prime(&flows);
         let pinned_hash = pins
             .as_ref()
             .and_then(|p| p.read_state())
@@ -668,7 +675,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     ctl.write_state();
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel(16);
     let server = tokio::spawn(ctlsock::serve(listener, ctl.report.clone(), cmd_tx));

@@ -175,7 +175,8 @@ impl Datapath {
             Some(p) => {
                 p.ensure()
                     .map_err(|e| DatapathError::Pin(format!("{e:#}")))?;
-                adopt = p.adoptable();
+                // Adopt only a complete state: links to follow and every map they use.
+                adopt = p.adoptable() && MAP_NAMES.iter().all(|n| p.map(n).exists());
                 if !adopt {
                     // Maps without links are leftovers: start from fresh ones.
                     for name in MAP_NAMES {
@@ -237,11 +238,22 @@ impl Datapath {
             name: TC_PROGRAM,
             source,
         })?;
+        // Blocks set by an earlier controller keep counting towards `budget_blocks`.
+        let blocked = if adopt {
+            let map = ebpf
+                .map("BLOCKED")
+                .ok_or(DatapathError::Missing("BLOCKED map"))?;
+            let m: HashMap<&MapData, BlockKey, BlockValue> =
+                HashMap::try_from(map).map_err(map_err("BLOCKED"))?;
+            m.keys().filter_map(Result::ok).collect()
+        } else {
+            Default::default()
+        };
         let dp = Datapath {
             ebpf,
             config,
             active,
-            blocked: Default::default(),
+            blocked,
             pins: pins.cloned(),
         };
         Ok((dp, adopt))
@@ -253,6 +265,13 @@ impl Datapath {
     pub fn reload(&mut self, policy: &CompiledPolicy) -> Result<Applied, DatapathError> {
         let start = std::time::Instant::now();
         check_capacity(policy)?;
+        // The map, not our memory, says which buffer is live.
+        if let Some(map) = self.ebpf.map("ACTIVE")
+            && let Ok(a) = Array::<&MapData, u32>::try_from(map)
+            && let Ok(live) = a.get(&0, 0)
+        {
+            self.active = live & 1;
+        }
         let next = 1 - self.active;
         let config = Config {
             generation: self.config.generation + 1,
@@ -350,42 +369,40 @@ impl Datapath {
                     name: TC_PROGRAM,
                     source,
                 })?;
-            let pinned = self.pins.as_ref().map(|p| p.link(&format!("tc-{iface}")));
-            match pinned {
-                Some(path) if path.exists() => replace_program(
-                    &path,
-                    prog.fd().map_err(|source| DatapathError::Program {
+            // Only TCX links can be pinned. A netlink (pre-6.6) filter stays owned by this process
+            // and is removed when it exits; enforcement at the cgroup hooks is pinned regardless.
+            let pinned = self
+                .pins
+                .as_ref()
+                .filter(|_| tcx)
+                .map(|p| p.link(&format!("tc-{iface}")));
+            let fd = prog.fd().map_err(|source| DatapathError::Program {
+                name: TC_PROGRAM,
+                source,
+            })?;
+            let replaced = match &pinned {
+                Some(path) if path.exists() => replace_program(path, fd)?,
+                _ => false,
+            };
+            if !replaced {
+                let id = prog.attach(iface, TcAttachType::Egress).map_err(|source| {
+                    DatapathError::Program {
                         name: TC_PROGRAM,
                         source,
-                    })?,
-                )?,
-                _ => {
-                    let id = prog.attach(iface, TcAttachType::Egress).map_err(|source| {
-                        DatapathError::Program {
+                    }
+                })?;
+                if let Some(path) = pinned {
+                    let link = prog
+                        .take_link(id)
+                        .map_err(|source| DatapathError::Program {
                             name: TC_PROGRAM,
                             source,
-                        }
-                    })?;
-                    if let Some(path) = pinned {
-                        let link = prog
-                            .take_link(id)
-                            .map_err(|source| DatapathError::Program {
-                                name: TC_PROGRAM,
-                                source,
-                            })?;
-                        match FdLink::try_from(link) {
-                            Ok(fd) => {
-                                fd.pin(&path).map_err(|e| {
-                                    DatapathError::Pin(format!("{}: {e}", path.display()))
-                                })?;
-                            }
-                            // A netlink (pre-TCX) filter cannot be pinned: it lives as long as
-                            // this process. Enforcement at the cgroup hooks is pinned regardless.
-                            Err(e) => {
-                                tracing::warn!(iface = %iface, error = %e, "TC attachment cannot be pinned on this kernel")
-                            }
-                        }
-                    }
+                        })?;
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e| DatapathError::Pin(format!("tc-{iface}: {e}")))?;
+                    fd.pin(&path)
+                        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
                 }
             }
         }
@@ -542,27 +559,27 @@ impl Datapath {
                 .try_into()
                 .map_err(|source| DatapathError::Program { name, source })?;
             let pinned = self.pins.as_ref().map(|p| p.link(name));
-            match pinned {
-                // A previous controller's link: swap its program for ours in one step.
-                Some(path) if path.exists() => replace_program(
-                    &path,
-                    prog.fd()
-                        .map_err(|source| DatapathError::Program { name, source })?,
-                )?,
-                _ => {
-                    let id = prog
-                        .attach(&dir, CgroupAttachMode::Single)
+            let fd = prog
+                .fd()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            // A previous controller's link: swap its program for ours in one step.
+            let replaced = match &pinned {
+                Some(path) if path.exists() => replace_program(path, fd)?,
+                _ => false,
+            };
+            if !replaced {
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                if let Some(path) = pinned {
+                    let link = prog
+                        .take_link(id)
                         .map_err(|source| DatapathError::Program { name, source })?;
-                    if let Some(path) = pinned {
-                        let link = prog
-                            .take_link(id)
-                            .map_err(|source| DatapathError::Program { name, source })?;
-                        let fd: FdLink = link
-                            .try_into()
-                            .map_err(|e| DatapathError::Pin(format!("{name}: {e}")))?;
-                        fd.pin(&path)
-                            .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
-                    }
+                    let fd: FdLink = link
+                        .try_into()
+                        .map_err(|e| DatapathError::Pin(format!("{name}: {e}")))?;
+                    fd.pin(&path)
+                        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
                 }
             }
         }
@@ -610,12 +627,24 @@ impl Datapath {
 
 /// Replaces the program of the link pinned at `path` (BPF_LINK_UPDATE): the hook never runs
 /// without a program, and the old one is released.
-fn replace_program(path: &Path, prog: &aya::programs::ProgramFd) -> Result<(), DatapathError> {
+fn replace_program(path: &Path, prog: &aya::programs::ProgramFd) -> Result<bool, DatapathError> {
     use std::os::fd::AsFd as _;
     let link = bpfsys::obj_get(path)
         .map_err(|e| DatapathError::Pin(format!("opening {}: {e}", path.display())))?;
-    bpfsys::link_update(link.as_fd(), prog.as_fd())
-        .map_err(|e| DatapathError::Pin(format!("updating {}: {e}", path.display())))
+    match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
+        Ok(()) => Ok(true),
+        // The link's target went away (interface or cgroup deleted and recreated): it is
+        // detached for good. Drop its pin; the caller attaches afresh.
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+            tracing::warn!(link = %path.display(), "pinned link was detached by the kernel; attaching afresh");
+            let _ = std::fs::remove_file(path);
+            Ok(false)
+        }
+        Err(e) => Err(DatapathError::Pin(format!(
+            "updating {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 /// Fills policy buffer `buf` (0 or 1) with `policy`: clears what the buffer held, writes the

@@ -2,7 +2,10 @@
 //! name, and prefixes added and removed in the compiled tries. `egress reload --dry-run` prints
 //! it; a real reload logs its summary.
 
-use std::{collections::BTreeSet, fmt::Write as _};
+use std::{
+    collections::{BTreeSet, HashMap},
+    fmt::Write as _,
+};
 
 use crate::{
     compile::CompiledPolicy,
@@ -66,15 +69,18 @@ pub fn describe(
     let mut added = Vec::new();
     let mut removed = Vec::new();
     let mut changed = Vec::new();
+    // By name, through maps: a policy of 100k separate rules diffs in linear time.
+    let old_rules: HashMap<&str, &Rule> = old.rules.iter().map(|r| (r.name.as_str(), r)).collect();
+    let new_rules: HashMap<&str, &Rule> = new.rules.iter().map(|r| (r.name.as_str(), r)).collect();
     for r in &new.rules {
-        match old.rules.iter().find(|o| o.name == r.name) {
+        match old_rules.get(r.name.as_str()) {
             None => added.push(format!("{} {}", r.kind.as_str(), r.name)),
             Some(o) if !same_rule(o, r) => changed.push(format!("{} {}", r.kind.as_str(), r.name)),
             Some(_) => {}
         }
     }
     for o in &old.rules {
-        if !new.rules.iter().any(|r| r.name == o.name) {
+        if !new_rules.contains_key(o.name.as_str()) {
             removed.push(format!("{} {}", o.kind.as_str(), o.name));
         }
     }

@@ -128,6 +128,31 @@ impl Pins {
         PathBuf::from("/run/egress").join(format!("{tag}.state.json"))
     }
 
+    /// Takes the controller lock of this pin directory for as long as the returned file lives:
+    /// two controllers must never drive the same pinned maps.
+    pub fn lock(&self) -> anyhow::Result<fs::File> {
+        use std::os::fd::AsRawFd as _;
+        let path = self.state_path().with_extension("lock");
+        if let Some(d) = path.parent() {
+            fs::create_dir_all(d)?;
+        }
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: flock on a valid fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "another egress controller is running on {} (lock {})",
+                self.dir.display(),
+                path.display()
+            );
+        }
+        Ok(f)
+    }
+
     pub fn write_state(&self, state: &State) -> anyhow::Result<()> {
         let path = self.state_path();
         if let Some(d) = path.parent() {

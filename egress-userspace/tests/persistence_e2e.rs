@@ -153,6 +153,25 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
     // A restart with a changed policy adopts the pins, swaps in its programs and applies the
     // policy atomically, while the prober keeps going.
     let second = start(&ns, cg.path(), &b, &pins, &socket);
+    // Two controllers never drive the same pins.
+    let third = ns
+        .cmd(EGRESS)
+        .arg("run")
+        .arg("--policy")
+        .arg(&b)
+        .arg("--cgroup")
+        .arg(cg.path())
+        .arg("--pin-dir")
+        .arg(&pins)
+        .arg("--socket")
+        .arg(dir.0.join("other.sock"))
+        .output()
+        .unwrap();
+    assert!(!third.status.success());
+    assert!(
+        String::from_utf8_lossy(&third.stderr).contains("another egress controller is running"),
+        "{third:?}"
+    );
     let after = status(&socket, &pins).unwrap();
     assert_eq!(
         after["policy"]["generation"], 2,

@@ -253,3 +253,23 @@ fn a_reused_pid_is_a_new_process() {
     assert!(snap[0].alive);
     assert_eq!(snap[0].bytes, 50, "the new process starts from zero");
 }
+
+#[test]
+fn primed_history_is_not_new_traffic() {
+    // After adopting pinned counters, their history must not count as one tick's traffic.
+    let procs = FakeProcs::with(&[4]);
+    let mut acct = Accounting::new();
+    let t0 = Instant::now();
+    acct.prime(&[(key(4, 2, 443), val(1000, 900_000_000))]);
+    let out = acct.tick(
+        &[(key(4, 2, 443), val(1001, 900_001_000))],
+        t0,
+        &procs,
+        &no_owner,
+    );
+    assert_eq!(out.deltas.len(), 1);
+    assert_eq!(
+        out.deltas[0].1.bytes, 1_000,
+        "only what came after the adoption"
+    );
+}

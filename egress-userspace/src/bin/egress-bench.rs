@@ -170,6 +170,16 @@ fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A child process killed (and reaped) on drop, also when a later step fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A network namespace, removed on drop.
 struct Netns(String);
 
@@ -331,22 +341,28 @@ fn measure_calls(
 
 fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> {
     let ns = Netns::new("dec")?;
+    // Every client runs in an empty child cgroup of the root: the baseline and the netfilter
+    // runs see no cgroup program at all (the bench's own cgroup may carry systemd's), egress only
+    // its own.
+    let plain = ChildCgroup::create(root, "egress-bench")?;
+    let plain_path = plain.path().display().to_string();
     let mut rows = Vec::new();
     let mut baseline: BTreeMap<String, f64> = BTreeMap::new();
-    for (call, p50, p99) in measure_calls(&ns, "", s)? {
-        baseline.insert(call.clone(), p50.median);
-        rows.push(DecisionRow {
-            prefixes: 0,
-            firewall: "none (baseline)".into(),
-            call,
-            p50_ns: p50,
-            p99_ns: p99,
-            overhead_p50_ns: 0.0,
-        });
-    }
     for &n in &s.sizes {
         let pfx = prefixes(n);
         eprintln!("bench: decision cost with {n} prefixes");
+        // The baseline again, right before each size, so that drift does not pass for cost.
+        for (call, p50, p99) in measure_calls(&ns, &plain_path, s)? {
+            baseline.insert(call.clone(), p50.median);
+            rows.push(DecisionRow {
+                prefixes: n,
+                firewall: "none (baseline)".into(),
+                call,
+                p50_ns: p50,
+                p99_ns: p99,
+                overhead_p50_ns: 0.0,
+            });
+        }
         // egress: the policy blocks every prefix and approves the target, so each call walks the
         // trie and a rule set.
         {
@@ -386,7 +402,7 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
             if !child.wait()?.success() {
                 bail!("iptables-restore failed");
             }
-            for (call, p50, p99) in measure_calls(&ns, "", s)? {
+            for (call, p50, p99) in measure_calls(&ns, &plain_path, s)? {
                 let over = p50.median - baseline[&call];
                 rows.push(DecisionRow {
                     prefixes: n,
@@ -421,7 +437,7 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
             let loaded = sh(ns.exec("nft").arg("-f").arg(&file));
             let _ = fs::remove_file(&file);
             loaded?;
-            for (call, p50, p99) in measure_calls(&ns, "", s)? {
+            for (call, p50, p99) in measure_calls(&ns, &plain_path, s)? {
                 let over = p50.median - baseline[&call];
                 rows.push(DecisionRow {
                     prefixes: n,
@@ -477,12 +493,13 @@ fn tc_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<TcRow>> {
     b.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-b"])?;
     a.ip(&["link", "set", "veth-a", "up"])?;
     b.ip(&["link", "set", "veth-b", "up"])?;
-    let mut server = b
-        .exec("iperf3")
-        .args(["-s", "-B", "198.18.0.2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let _server = KillOnDrop(
+        b.exec("iperf3")
+            .args(["-s", "-B", "198.18.0.2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let secs = if s.quick { "2" } else { "5" };
     let run = |cg: &str| -> anyhow::Result<(f64, f64)> {
@@ -498,14 +515,15 @@ fn tc_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<TcRow>> {
     let (mut tcp0, mut udp0, mut tcp1, mut udp1) = (vec![], vec![], vec![], vec![]);
     let cg = ChildCgroup::create(root, "egress-bench")?;
     let cgs = cg.path().display().to_string();
+    // The cgroup hooks are attached in both runs: the difference is the TC program alone.
+    let compiled = egress_policy(&[], true)?;
+    let mut dp = Datapath::load(&compiled)?;
+    dp.attach(cg.path())?;
     for _ in 0..s.reps {
         let (t, u) = run(&cgs)?;
         tcp0.push(t);
         udp0.push(u);
     }
-    let compiled = egress_policy(&[], true)?;
-    let mut dp = Datapath::load(&compiled)?;
-    dp.attach(cg.path())?;
     let ns_name = a.0.clone();
     let dp = std::thread::spawn(move || -> anyhow::Result<Datapath> {
         enter_netns(&ns_name)?;
@@ -523,8 +541,7 @@ fn tc_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<TcRow>> {
     eprintln!("bench: TC counted {counted} packets");
     let _ = dp.stats();
     drop(dp);
-    let _ = server.kill();
-    let _ = server.wait();
+
     let row = |test: &str, w0: Vec<f64>, w1: Vec<f64>| {
         let (a, b) = (stat(w0), stat(w1));
         TcRow {
