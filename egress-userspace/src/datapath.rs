@@ -398,11 +398,7 @@ impl Datapath {
                             name: TC_PROGRAM,
                             source,
                         })?;
-                    let fd: FdLink = link
-                        .try_into()
-                        .map_err(|e| DatapathError::Pin(format!("tc-{iface}: {e}")))?;
-                    fd.pin(&path)
-                        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
+                    pin_link(link, &path)?;
                 }
             }
         }
@@ -575,11 +571,7 @@ impl Datapath {
                     let link = prog
                         .take_link(id)
                         .map_err(|source| DatapathError::Program { name, source })?;
-                    let fd: FdLink = link
-                        .try_into()
-                        .map_err(|e| DatapathError::Pin(format!("{name}: {e}")))?;
-                    fd.pin(&path)
-                        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
+                    pin_link(link, &path)?;
                 }
             }
         }
@@ -623,6 +615,18 @@ impl Datapath {
             budget_dropped: sums[STAT_BUDGET_DROPPED as usize],
         })
     }
+}
+
+/// Pins an attachment's link at `path`, so that it outlives this process.
+fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let fd = FdLink::try_from(link)
+        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))?;
+    fd.pin(path)
+        .map(drop)
+        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))
 }
 
 /// Replaces the program of the link pinned at `path` (BPF_LINK_UPDATE): the hook never runs
