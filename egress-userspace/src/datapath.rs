@@ -63,6 +63,17 @@ pub enum DatapathError {
     },
 }
 
+/// A program of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
@@ -218,22 +229,11 @@ impl Datapath {
             (0, policy.config)
         };
         for name in HOOKS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(DatapathError::Missing(TC_PROGRAM))?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                name: TC_PROGRAM,
-                source,
-            })?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load().map_err(|source| DatapathError::Program {
             name: TC_PROGRAM,
             source,
@@ -360,15 +360,7 @@ impl Datapath {
                     });
                 }
             }
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(TC_PROGRAM)
-                .ok_or(DatapathError::Missing(TC_PROGRAM))?
-                .try_into()
-                .map_err(|source| DatapathError::Program {
-                    name: TC_PROGRAM,
-                    source,
-                })?;
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
             // Only TCX links can be pinned. A netlink (pre-6.6) filter stays owned by this process
             // and is removed when it exits; enforcement at the cgroup hooks is pinned regardless.
             let pinned = self
@@ -548,12 +540,7 @@ impl Datapath {
             source,
         })?;
         for name in HOOKS {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { name, source })?;
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let pinned = self.pins.as_ref().map(|p| p.link(name));
             let fd = prog
                 .fd()

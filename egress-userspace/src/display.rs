@@ -21,6 +21,15 @@ pub fn human_bytes(n: f64) -> String {
     }
 }
 
+/// The PID column: "-" for the unattributed owner.
+fn pid_text(p: &crate::accounting::ProcTotals) -> String {
+    if p.unattributed {
+        "-".to_string()
+    } else {
+        p.pid.to_string()
+    }
+}
+
 fn trunc(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
@@ -52,11 +61,7 @@ pub fn stats_table(r: &StatsReport) -> String {
         let _ = writeln!(
             out,
             "{:>8} {:<16} {:>12} {:>12} {:>10}  {}{}",
-            if p.unattributed {
-                "-".to_string()
-            } else {
-                p.pid.to_string()
-            },
+            pid_text(p),
             trunc(&p.comm, 16),
             format!("{}/s", human_bytes(p.rate_bps)),
             human_bytes(p.bytes as f64),
@@ -185,11 +190,7 @@ pub fn top_frame(r: &StatsReport, rows: usize, cols: usize) -> Vec<String> {
             .collect();
         lines.push(format!(
             "{:>8} {:<16} {:>12} {:>12}  {}",
-            if p.unattributed {
-                "-".to_string()
-            } else {
-                p.pid.to_string()
-            },
+            pid_text(p),
             trunc(&p.comm, 16),
             format!("{}/s", human_bytes(p.rate_bps)),
             human_bytes(p.bytes as f64),

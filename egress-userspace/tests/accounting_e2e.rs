@@ -117,15 +117,7 @@ struct Run(std::process::Child);
 
 impl Drop for Run {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.0.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.0.kill();
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        common::terminate(&mut self.0);
     }
 }
 

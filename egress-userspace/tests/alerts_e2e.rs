@@ -384,15 +384,7 @@ fn scopeguard(c: &mut std::process::Child) -> RunGuard<'_> {
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.0.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.0.kill();
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        common::terminate(self.0);
     }
 }
 

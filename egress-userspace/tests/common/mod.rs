@@ -208,3 +208,16 @@ impl Drop for LoopNs {
             .status();
     }
 }
+
+/// Stops a controller the test started: SIGTERM, then SIGKILL if it has not exited within 10 s.
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
