@@ -24,12 +24,12 @@ use crate::{
     accounting::{Accounting, ProcSource as _, Procfs},
     alerts::{AlertEngine, AlertKey, FlowVerdict},
     cgroup::{self, ChildCgroup},
-    compile::CompiledPolicy,
     ctlsock::{self, BlockInfo, Response, SharedReport, StatsReport},
     datapath::Datapath,
     events::EventStream,
-    iface, load_policy,
+    iface,
     pins::{Pins, State},
+    policy::compile::CompiledPolicy,
     policy::{Policy, RuleKind},
     webhook::Webhook,
 };
@@ -161,7 +161,7 @@ impl Controller {
         default_sink: Sink,
         pins: Option<&Pins>,
     ) -> anyhow::Result<(Controller, bool)> {
-        let (policy, compiled) = load_policy(opts.policy.as_deref())?;
+        let (policy, compiled) = crate::policy::load(opts.policy.as_deref())?;
         let (mut dp, adopted) = match pins {
             Some(p) => Datapath::load_pinned(&compiled, p).context("loading the datapath")?,
             None => (
@@ -382,14 +382,15 @@ impl Controller {
     /// policy in force stays untouched.
     async fn reload(&mut self, path: Option<PathBuf>, dry_run: bool) -> anyhow::Result<Response> {
         let path = path.or_else(|| self.policy_path.clone());
-        let (policy, compiled) = match load_policy(path.as_deref()) {
+        let (policy, compiled) = match crate::policy::load(path.as_deref()) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "reload refused; the policy in force is unchanged");
                 return Ok(Response::err(format!("{e:#}")));
             }
         };
-        let change = crate::diff::describe(&self.policy, &self.compiled, &policy, &compiled);
+        let change =
+            crate::policy::diff::describe(&self.policy, &self.compiled, &policy, &compiled);
         if dry_run {
             return Ok(Response::ok(change));
         }

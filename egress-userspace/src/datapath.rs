@@ -18,7 +18,7 @@ use egress_common::{
     STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED,
 };
 
-use crate::{bpfsys, compile::CompiledPolicy, pins::Pins};
+use crate::{bpfsys, pins::Pins, policy::compile::CompiledPolicy};
 
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));

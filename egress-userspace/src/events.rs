@@ -14,7 +14,7 @@ use egress_common::{
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt, unix::AsyncFd};
 
-use crate::compile::CompiledPolicy;
+use crate::policy::compile::CompiledPolicy;
 
 /// One event as written to the JSON stream.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]

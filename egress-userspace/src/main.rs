@@ -10,8 +10,8 @@ use std::{
 use clap::{Parser, Subcommand, ValueEnum};
 use egress::{
     control::{self, CommonOptions, ExecOptions, RunOptions},
-    ctlsock, display, explain, load_policy, pins,
-    policy::Protocol,
+    ctlsock, display, pins,
+    policy::{self, Protocol, explain},
     webhook,
 };
 use tracing_subscriber::EnvFilter;
@@ -389,7 +389,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
 fn check(files: &[PathBuf]) -> u8 {
     let mut failed = 0;
     for f in files {
-        match load_policy(Some(f)) {
+        match policy::load(Some(f)) {
             Ok((p, c)) => println!(
                 "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets",
                 f.display(),
@@ -424,7 +424,7 @@ fn explain_cmd(
     protocol: Protocol,
     json: bool,
 ) -> anyhow::Result<()> {
-    let (policy, compiled) = load_policy(Some(&path))?;
+    let (policy, compiled) = policy::load(Some(&path))?;
     let port_given = port.is_some();
     // Without --port: the verdict holds for every port when every port boundary of the matching
     // rule set gives the same answer.

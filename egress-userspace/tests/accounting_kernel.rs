@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{ADDR_B, NetPair, VETH_A, in_netns, test_cgroup};
-use egress::{compile::CompiledPolicy, datapath::Datapath, events::decode, policy::Policy};
+use egress::{datapath::Datapath, events::decode, policy::Policy, policy::compile::CompiledPolicy};
 use egress_common::{FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP, TGID_UNATTRIBUTED};
 
 const POLICY: &str = r#"

@@ -11,10 +11,10 @@ use std::{
 
 use common::{passed, probe, probe_with_pid, test_cgroup};
 use egress::{
-    compile::CompiledPolicy,
     datapath::Datapath,
     events::{Clock, JsonEvent, decode},
     policy::Policy,
+    policy::compile::CompiledPolicy,
 };
 use egress_common::{IPPROTO_TCP, IPPROTO_UDP};
 

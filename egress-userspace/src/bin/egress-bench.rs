@@ -24,7 +24,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use egress::{cgroup::ChildCgroup, compile::CompiledPolicy, datapath::Datapath, policy::Policy};
+use egress::{
+    cgroup::ChildCgroup, datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy,
+};
 use serde::Serialize;
 
 // ---------------------------------------------------------------------------------------------

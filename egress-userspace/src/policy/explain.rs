@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use egress_common::{ACTION_BLOCK, IPPROTO_TCP, IPPROTO_UDP, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
 use serde::Serialize;
 
-use crate::{
+use super::{
+    Mode, Policy, Protocol,
     compile::{CompiledPolicy, Reason},
-    policy::{Mode, Policy, Protocol},
 };
 
 #[derive(Debug, Serialize)]

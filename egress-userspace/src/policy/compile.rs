@@ -22,7 +22,7 @@ use egress_common::{
 };
 use ipnetwork::IpNetwork;
 
-use crate::policy::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind};
+use super::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind};
 
 /// A policy that cannot be represented in the kernel maps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, de};
 use toml::Spanned;
 
 /// The policy embedded in the binary, used when `--policy` is not given.
-pub const DEFAULT_POLICY: &str = include_str!("../../policies/default.toml");
+pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.toml");
 /// The name under which the embedded default policy is reported.
 pub const DEFAULT_POLICY_NAME: &str = "<embedded policies/default.toml>";
 
@@ -617,6 +617,22 @@ fn clean_toml_message(m: &str) -> String {
 }
 
 pub mod alert;
+pub mod compile;
+pub mod diff;
+pub mod explain;
+
+/// Reads, validates and compiles a policy file, or the embedded default when `path` is `None`.
+/// Errors carry the file:line:column: field: message text.
+pub fn load(path: Option<&Path>) -> anyhow::Result<(Policy, compile::CompiledPolicy)> {
+    use anyhow::Context as _;
+    let policy = match path {
+        Some(p) => Policy::load(p)?,
+        None => Policy::embedded_default(),
+    };
+    let compiled = compile::CompiledPolicy::compile(&policy)
+        .with_context(|| format!("compiling policy {}", policy.source))?;
+    Ok((policy, compiled))
+}
 
 #[cfg(test)]
 mod tests;

@@ -7,10 +7,7 @@ use std::{
     fmt::Write as _,
 };
 
-use crate::{
-    compile::CompiledPolicy,
-    policy::{Policy, Rule},
-};
+use super::{Policy, Rule, compile::CompiledPolicy};
 
 /// How much of each list is printed before "… and N more".
 const SHOWN: usize = 20;
