@@ -57,9 +57,9 @@ pub struct PortRule {
     pub _pad: [u8; 2],
     /// Index of the deciding service/block in the controller's rule table (never `RULE_DEFAULT`).
     pub rule_id: u32,
-    /// Reserved for scoping a service to executables, users and cgroups: 0 means "anyone". The
-    /// datapath only matches rules whose scope is 0 today.
-    pub scope_id: u32,
+    /// Reserved, always 0: keeps the layout (and room for a later field) without a rule ever
+    /// being matched on it. `first_match` does not read it.
+    pub _reserved: u32,
 }
 const _: () = assert!(size_of::<PortRule>() == 16);
 
@@ -322,18 +322,7 @@ pub fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
     }
 }
 
+pub mod map_names;
+
 #[cfg(feature = "user")]
-mod user {
-    use super::*;
-    // SAFETY: all of these are repr(C), Copy, and have no implicit padding (asserted above).
-    unsafe impl aya::Pod for PortRule {}
-    unsafe impl aya::Pod for RuleSet {}
-    unsafe impl aya::Pod for PrefixValue {}
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for Event {}
-    unsafe impl aya::Pod for Owner {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowValue {}
-    unsafe impl aya::Pod for BlockKey {}
-    unsafe impl aya::Pod for BlockValue {}
-}
+pub mod user;

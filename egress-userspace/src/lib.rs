@@ -1,22 +1,22 @@
 //! egress: the userspace controller of a kernel-enforced egress firewall.
 //!
-//! Data flows one way:
-//! `policy` (TOML -> validated [`policy::Policy`]) -> `compile` (pure: map entries) ->
-//! `datapath` (aya: maps, programs, cgroup attach) -> `events` (ring buffer -> JSON lines).
-//! `cgroup` finds the cgroup2 hierarchy and manages child cgroups; `control` runs the `run` and
-//! `exec` commands on top of all of it.
+//! Data flows one way, and the modules follow it:
+//! `policy` (TOML -> validated `Policy` -> pure `compile` to map entries; `diff`, `explain`) ->
+//! `datapath` (the only aya user: maps, programs, cgroup and TC attachments, pins, the event
+//! ring) -> `events` (JSON lines) / `accounting` (per-process totals) / `alerts` (sliding
+//! windows, byte budgets) -> `report` (typed stats and status) -> `cli`, `metrics`, `api` (the
+//! control socket), `webhook`. The `controller` runs `run` and `exec` on top of all of it;
+//! `sys` is the host (cgroup2, interfaces, /proc, the boot clock).
 
 pub mod accounting;
 pub mod alerts;
-pub mod bpfsys;
-pub mod cgroup;
-pub mod control;
-pub mod ctlsock;
+pub mod api;
+pub mod cli;
+pub mod controller;
 pub mod datapath;
-pub mod display;
 pub mod events;
-pub mod iface;
 pub mod metrics;
-pub mod pins;
 pub mod policy;
+pub mod report;
+pub mod sys;
 pub mod webhook;

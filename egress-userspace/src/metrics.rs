@@ -1,5 +1,6 @@
 //! Prometheus metrics on `--metrics ADDR` (`GET /metrics`, text format), built with
-//! prometheus-client from the controller's latest [`StatsReport`]. Label cardinality is bounded:
+//! prometheus-client from the controller's latest [`StatsReport`]: the controller hands each
+//! report to an [`Exporter`], which folds it into stable series and renders the text served. Label cardinality is bounded:
 //! the top processes and destinations by bytes get their own series, the rest is summed under
 //! `pid="other"`.
 
@@ -16,7 +17,9 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::ctlsock::{SharedReport, StatsReport};
+use tokio::sync::watch;
+
+use crate::report::StatsReport;
 
 /// Series per metric before the rest is folded into "other".
 pub const TOP_PROCESSES: usize = 20;
@@ -47,8 +50,8 @@ struct VerdictLabels {
     verdict: String,
 }
 
-/// The metrics text for one report.
-pub fn render(report: &StatsReport) -> String {
+/// The metrics text for one report and its folded series.
+pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     let mut reg = Registry::with_prefix("egress");
     let proc_bytes = Family::<ProcLabels, Counter>::default();
     let proc_packets = Family::<ProcLabels, Counter>::default();
@@ -62,7 +65,7 @@ pub fn render(report: &StatsReport) -> String {
     let tc_dropped = Counter::<u64>::default();
     let flows_full = Counter::<u64>::default();
 
-    for (pid, comm, bytes, packets, rate) in &report.series.procs {
+    for (pid, comm, bytes, packets, rate) in &series.procs {
         let labels = ProcLabels {
             pid: pid.clone(),
             comm: comm.clone(),
@@ -71,7 +74,7 @@ pub fn render(report: &StatsReport) -> String {
         proc_packets.get_or_create(&labels).inc_by(*packets);
         proc_rate.get_or_create(&labels).set(*rate);
     }
-    for ((pid, comm, dst, port, protocol), bytes) in &report.series.dests {
+    for ((pid, comm, dst, port, protocol), bytes) in &series.dests {
         let labels = DestLabels {
             pid: pid.clone(),
             comm: comm.clone(),
@@ -161,7 +164,7 @@ pub fn render(report: &StatsReport) -> String {
 }
 
 /// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, report: SharedReport) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, text: watch::Receiver<String>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding metrics on {addr}"))?;
@@ -170,7 +173,7 @@ pub async fn serve(addr: SocketAddr, report: SharedReport) -> anyhow::Result<()>
         let Ok((mut s, _)) = listener.accept().await else {
             continue;
         };
-        let report = report.clone();
+        let text = text.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
@@ -192,7 +195,7 @@ pub async fn serve(addr: SocketAddr, report: SharedReport) -> anyhow::Result<()>
             }
             let req = String::from_utf8_lossy(&buf[..n]);
             let resp = if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
-                let body = render(&report.lock().expect("report lock"));
+                let body = text.borrow().clone();
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
@@ -203,6 +206,28 @@ pub async fn serve(addr: SocketAddr, report: SharedReport) -> anyhow::Result<()>
             };
             let _ = s.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+/// Folds each report into stable series and publishes the rendered text for [`serve`].
+pub struct Exporter {
+    folder: Folder,
+    text: watch::Sender<String>,
+}
+
+impl Exporter {
+    pub fn new() -> (Exporter, watch::Receiver<String>) {
+        let (text, rx) = watch::channel(String::new());
+        let exporter = Exporter {
+            folder: Folder::default(),
+            text,
+        };
+        (exporter, rx)
+    }
+
+    pub fn publish(&mut self, report: &StatsReport) {
+        let series = self.folder.fold(&report.processes);
+        self.text.send_replace(render(report, &series));
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{EGRESS, NetPair, PROBE, TempDir, VETH_A, in_netns, test_cgroup};
-use egress::ctlsock::StatsReport;
+use egress::report::StatsReport;
 
 const POLICY: &str = r#"
 allow_loopback = true

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{ADDR_B, NetPair, VETH_A, in_netns, test_cgroup};
-use egress::{datapath::Datapath, events::decode, policy::Policy, policy::compile::CompiledPolicy};
+use egress::{datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy};
 use egress_common::{FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP, TGID_UNATTRIBUTED};
 
 const POLICY: &str = r#"
@@ -223,8 +223,7 @@ fn raw_socket_packets_are_unattributed_and_blocked_ones_dropped() {
     );
     assert_eq!(dp.stats().unwrap().tc_dropped, 1);
     let mut tc_events = Vec::new();
-    while let Some(item) = ring.next() {
-        let ev = decode(&item).unwrap();
+    while let Some(ev) = ring.next() {
         if ev.hook == HOOK_TC {
             tc_events.push(ev);
         }

@@ -131,7 +131,7 @@ fn twice_the_threshold_raises_exactly_one_alert_within_a_second() {
     assert!(a.bytes_in_window >= 2 << 20);
     assert_eq!(a.top_destinations[0].dst, "198.18.0.2");
     assert!(a.cgroup_path.contains("egress-exec-"), "{a:?}");
-    assert_eq!(a.action, "alert");
+    assert_eq!(a.action, egress::policy::alert::AlertAction::Alert);
     // Within 1 s of crossing: the crossing came ~0.26 s after the first byte was seen.
     let alert_ts = humantime::parse_rfc3339(&a.ts).unwrap();
     let last_seen = humantime::parse_rfc3339(&a.last_seen).unwrap();

@@ -50,7 +50,7 @@ fn assert_contract_fields(path: &Path) {
 }
 
 fn exec_cgroups_of(pid: u32) -> Vec<String> {
-    let root = egress::cgroup::cgroup2_root().unwrap();
+    let root = egress::sys::cgroup::cgroup2_root().unwrap();
     std::fs::read_dir(root)
         .unwrap()
         .filter_map(Result::ok)

@@ -64,9 +64,7 @@ fn run(
     deltas: &[(FlowKey, FlowValue)],
 ) -> Vec<Firing> {
     let (now, wall) = clock.at(secs);
-    engine.observe(deltas, now, wall, &any_verdict, &info, &|id| {
-        format!("/cg/{id}")
-    })
+    engine.observe(deltas, now, wall, &any_verdict, &info)
 }
 
 const ONE_MB_10S: &str =
@@ -121,8 +119,8 @@ fn twice_the_threshold_fires_exactly_once() {
     );
     assert_eq!(ev.bytes_in_window, 1_000_000);
     assert_eq!(ev.top_destinations[0].dst, "198.18.0.2");
-    assert_eq!(ev.cgroup_path, "/cg/9");
-    assert_eq!(ev.action, "alert");
+    assert_eq!(ev.cgroup_id, 9);
+    assert_eq!(ev.action, AlertAction::Alert);
     assert!(fired[0].block_for.is_none());
 }
 
@@ -247,7 +245,6 @@ fn filters_select_the_counted_traffic() {
         wall,
         &verdict,
         &info,
-        &|_| String::new(),
     );
     let names: Vec<(&str, &str)> = f
         .iter()
@@ -277,7 +274,7 @@ fn block_action_carries_its_duration_and_unattributed_traffic_is_not_keyed_by_pr
     );
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].block_for, Some(Duration::from_secs(120)));
-    assert_eq!(f[0].event.action, "block");
+    assert_eq!(f[0].event.action, AlertAction::Block);
     assert!(f[0].event.blocked_until.is_some());
 }
 

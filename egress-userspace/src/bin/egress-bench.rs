@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use egress::{
-    cgroup::ChildCgroup, datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy,
+    datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy, sys::cgroup::ChildCgroup,
 };
 use serde::Serialize;
 
@@ -586,7 +586,7 @@ fn apply_cost(s: &Settings) -> anyhow::Result<Vec<ApplyRow>> {
             // buffer as a fresh reload would).
             let applied = dp.reload(&big)?;
             times.push(applied.elapsed.as_secs_f64() * 1000.0);
-            mem = dp.map_memlock(dp.active_trie(4)).unwrap_or(0);
+            mem = dp.policy_memlock(4).unwrap_or(0);
             dp.reload(&small)?;
         }
         rows.push(ApplyRow {
@@ -788,7 +788,7 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             sizes: vec![1_000, 10_000, 100_000, 1_000_000],
         }
     };
-    let root = egress::cgroup::cgroup2_root()?;
+    let root = egress::sys::cgroup::cgroup2_root()?;
     let (kernel, cpu, cores) = machine();
     let decision = decision_cost(&s, &root)?;
     eprintln!("bench: TC accounting");

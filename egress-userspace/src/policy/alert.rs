@@ -168,7 +168,7 @@ impl AlertPer {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertAction {
     #[default]
@@ -261,4 +261,19 @@ mod tests {
         assert_eq!(HumanDuration(Duration::from_secs(300)).to_string(), "5m");
         assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "90s");
     }
+}
+
+/// Whether two lists of alerts differ in what they do (where they sit in the file does not
+/// count).
+pub fn alerts_differ(old: &[Alert], new: &[Alert]) -> bool {
+    old.len() != new.len()
+        || old.iter().zip(new).any(|(a, b)| {
+            Alert {
+                line: 0,
+                ..a.clone()
+            } != Alert {
+                line: 0,
+                ..b.clone()
+            }
+        })
 }

@@ -202,7 +202,7 @@ impl SetBuilder<'_> {
                         },
                         _pad: [0; 2],
                         rule_id: id,
-                        scope_id: 0,
+                        _reserved: 0,
                     });
                 }
             }

@@ -8,7 +8,7 @@ use std::{
     process::Command,
 };
 
-use egress::cgroup::{ChildCgroup, cgroup2_root};
+use egress::sys::cgroup::{ChildCgroup, cgroup2_root};
 
 pub const PROBE: &str = env!("CARGO_BIN_EXE_egress-probe");
 pub const EGRESS: &str = env!("CARGO_BIN_EXE_egress");

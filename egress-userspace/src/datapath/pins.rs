@@ -10,9 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use egress_common::{Config, map_names};
 use serde::{Deserialize, Serialize};
 
-use crate::bpfsys;
+use super::{Counters, bpfsys, maps};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -67,22 +68,15 @@ impl Pins {
                 bail!("{} is not on a bpffs mount", self.dir.display());
             }
             fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
-            // SAFETY: valid NUL-terminated strings.
-            let rc = unsafe {
-                libc::mount(
-                    c"bpf".as_ptr(),
-                    c"/sys/fs/bpf".as_ptr(),
-                    c"bpf".as_ptr(),
-                    0,
-                    c"mode=0700".as_ptr().cast(),
-                )
-            };
-            if rc != 0 {
-                bail!(
-                    "mounting bpffs at {BPFFS}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
+            rustix::mount::mount(
+                "bpf",
+                BPFFS,
+                "bpf",
+                rustix::mount::MountFlags::empty(),
+                c"mode=0700",
+            )
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("mounting bpffs at {BPFFS}"))?;
         }
         for sub in ["maps", "links"] {
             let d = self.dir.join(sub);
@@ -131,7 +125,6 @@ impl Pins {
     /// Takes the controller lock of this pin directory for as long as the returned file lives:
     /// two controllers must never drive the same pinned maps.
     pub fn lock(&self) -> anyhow::Result<fs::File> {
-        use std::os::fd::AsRawFd as _;
         let path = self.state_path().with_extension("lock");
         if let Some(d) = path.parent() {
             fs::create_dir_all(d)?;
@@ -142,8 +135,7 @@ impl Pins {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             bail!(
                 "another egress controller is running on {} (lock {})",
                 self.dir.display(),
@@ -165,6 +157,59 @@ impl Pins {
 
     pub fn read_state(&self) -> Option<State> {
         serde_json::from_slice(&fs::read(self.state_path()).ok()?).ok()
+    }
+
+    /// Removes the map pins (leftovers without links: the next load starts from fresh maps).
+    pub fn remove_maps(&self) {
+        for name in map_names::ALL {
+            let _ = fs::remove_file(self.map(name));
+        }
+    }
+
+    /// Every pinned link with the id of the program it runs (0: detached).
+    pub fn link_statuses(&self) -> Vec<LinkStatus> {
+        self.links()
+            .into_iter()
+            .map(|(name, path)| {
+                let prog_id = aya::programs::links::PinnedLink::from_pin(&path)
+                    .ok()
+                    .and_then(|l| aya::programs::links::FdLink::from(l).info().ok())
+                    .map_or(0, |i| i.program_id());
+                LinkStatus {
+                    name,
+                    prog_id,
+                    attached: prog_id != 0,
+                }
+            })
+            .collect()
+    }
+
+    /// What the pins say without a controller: the config in force, the counters, the links
+    /// and the state file.
+    pub fn status(&self) -> anyhow::Result<PinnedStatus> {
+        use aya::maps::{Array, Map, PerCpuArray};
+        if !self.adoptable() {
+            bail!(
+                "no controller is running and nothing is pinned under {}: egress is not enforcing",
+                self.dir.display()
+            );
+        }
+        let active: Array<_, u32> =
+            maps::open_pinned(&self.map(map_names::ACTIVE), map_names::ACTIVE, Map::Array)?;
+        let configs: Array<_, Config> =
+            maps::open_pinned(&self.map(map_names::CONFIG), map_names::CONFIG, Map::Array)?;
+        let stats: PerCpuArray<_, u64> = maps::open_pinned(
+            &self.map(map_names::STATS),
+            map_names::STATS,
+            Map::PerCpuArray,
+        )?;
+        let buffer = active.get(&0, 0)? & 1;
+        Ok(PinnedStatus {
+            state: self.read_state().unwrap_or_default(),
+            config: configs.get(&buffer, 0)?,
+            counters: maps::sum_stats(&stats)?,
+            links: self.link_statuses(),
+        })
     }
 
     /// Detaches every pinned link and removes every pin and the state file: enforcement stops.
@@ -195,74 +240,21 @@ impl Pins {
     }
 }
 
-/// Every pinned link with the id of the program it runs (0: detached).
-pub fn link_report(pins: &Pins) -> serde_json::Value {
-    let links: Vec<serde_json::Value> = pins
-        .links()
-        .into_iter()
-        .map(|(name, path)| {
-            let prog_id = bpfsys::obj_get(&path)
-                .and_then(bpfsys::link_prog_id)
-                .unwrap_or(0);
-            serde_json::json!({ "name": name, "prog_id": prog_id, "attached": prog_id != 0 })
-        })
-        .collect();
-    serde_json::Value::Array(links)
+/// A pinned link and the program it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub name: String,
+    /// 0 once the link is detached.
+    pub prog_id: u32,
+    pub attached: bool,
 }
 
-/// `egress status` without a controller: what the pins and the state file say.
-pub fn status_from_pins(pins: &Pins) -> anyhow::Result<serde_json::Value> {
-    use aya::maps::{Array, Map, MapData, PerCpuArray};
-    if !pins.adoptable() {
-        bail!(
-            "no controller is running and nothing is pinned under {}: egress is not enforcing",
-            pins.dir.display()
-        );
-    }
-    let state = pins.read_state().unwrap_or_default();
-    let open = |name: &str| {
-        MapData::from_pin(pins.map(name)).with_context(|| format!("opening pinned map {name}"))
-    };
-    let active = {
-        let m = Map::Array(open("ACTIVE")?);
-        let a: Array<_, u32> = Array::try_from(m)?;
-        a.get(&0, 0)? & 1
-    };
-    let config = {
-        let m = Map::Array(open("CONFIG")?);
-        let a: Array<_, egress_common::Config> = Array::try_from(m)?;
-        a.get(&active, 0)?
-    };
-    let stats = {
-        let m = Map::PerCpuArray(open("STATS")?);
-        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
-        let sum = |i: u32| a.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-        serde_json::json!({
-            "allowed": sum(egress_common::STAT_ALLOWED),
-            "denied": sum(egress_common::STAT_DENIED),
-            "audited": sum(egress_common::STAT_AUDITED),
-            "events_lost": sum(egress_common::STAT_EVENTS_LOST),
-            "tc_dropped": sum(egress_common::STAT_TC_DROPPED),
-            "budget_dropped": sum(egress_common::STAT_BUDGET_DROPPED),
-        })
-    };
-    Ok(serde_json::json!({
-        "controller": { "running": false, "last_pid": state.controller_pid },
-        "policy": {
-            "source": state.policy,
-            "generation": config.generation,
-            "hash": state.policy_hash,
-            "applied_at": state.applied_at,
-            "mode": if config.mode == egress_common::MODE_AUDIT { "audit" } else { "enforce" },
-            "default": if config.default_verdict == egress_common::DEFAULT_ALLOW { "allow" } else { "deny" },
-        },
-        "attached": {
-            "cgroup": state.cgroup,
-            "hooks": crate::datapath::HOOKS,
-            "tc": { "program": crate::datapath::TC_PROGRAM, "ifaces": state.ifaces },
-            "pinned": pins.dir.display().to_string(),
-        },
-        "links": link_report(pins),
-        "counters": stats,
-    }))
+/// What [`Pins::status`] reads.
+#[derive(Debug, Clone)]
+pub struct PinnedStatus {
+    pub state: State,
+    /// The config of the buffer in force.
+    pub config: Config,
+    pub counters: Counters,
+    pub links: Vec<LinkStatus>,
 }

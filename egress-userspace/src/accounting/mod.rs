@@ -10,80 +10,16 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use egress_common::{FlowKey, FlowValue, TGID_UNATTRIBUTED};
 use serde::{Deserialize, Serialize};
 
-use crate::events::protocol_name;
+use egress_common::user::protocol_name;
 
-/// What /proc tells about a process.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProcInfo {
-    pub comm: String,
-    pub exe: String,
-    pub cmdline: String,
-    pub uid: Option<u32>,
-    pub ppid: Option<u32>,
-}
-
-/// Where process details come from (/proc in production).
-pub trait ProcSource {
-    fn info(&self, tgid: u32) -> Option<ProcInfo>;
-    fn alive(&self, tgid: u32) -> bool;
-}
-
-/// The real /proc.
-pub struct Procfs;
-
-impl ProcSource for Procfs {
-    fn info(&self, tgid: u32) -> Option<ProcInfo> {
-        let dir = format!("/proc/{tgid}");
-        let comm = std::fs::read_to_string(format!("{dir}/comm"))
-            .ok()?
-            .trim_end()
-            .to_string();
-        let exe = std::fs::read_link(format!("{dir}/exe"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        let cmdline = std::fs::read(format!("{dir}/cmdline"))
-            .map(|b| {
-                b.split(|&c| c == 0)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default();
-        let status = std::fs::read_to_string(format!("{dir}/status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        };
-        Some(ProcInfo {
-            comm,
-            exe,
-            cmdline,
-            uid: field("Uid:"),
-            ppid: field("PPid:"),
-        })
-    }
-
-    fn alive(&self, tgid: u32) -> bool {
-        // A zombie has no exe and sends nothing more; /proc/<pid>/stat state Z counts as exited.
-        match std::fs::read_to_string(format!("/proc/{tgid}/stat")) {
-            Ok(stat) => !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-            Err(_) => false,
-        }
-    }
-}
+use crate::sys::proc::{ProcInfo, ProcSource};
 
 /// Totals towards one destination.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -202,15 +138,6 @@ impl Default for Accounting {
     }
 }
 
-/// The destination address of a flow key.
-pub fn flow_addr(k: &FlowKey) -> IpAddr {
-    if k.family == 4 {
-        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(k.addr))
-    }
-}
-
 impl Accounting {
     pub fn new() -> Accounting {
         Accounting::default()
@@ -287,7 +214,7 @@ impl Accounting {
             state
                 .dests
                 .entry(DestKey {
-                    addr: flow_addr(key),
+                    addr: key.dst(),
                     port: key.port,
                     protocol: key.protocol,
                 })

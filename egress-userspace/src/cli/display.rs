@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::ctlsock::StatsReport;
+use crate::report::{StatsReport, StatusReport};
 
 /// "1.5 MB", "12 B": decimal units, as iftop and most dashboards show rates.
 pub fn human_bytes(n: f64) -> String {
@@ -94,64 +94,47 @@ fn dest(dst: &str, port: u16, proto: &str) -> String {
 }
 
 /// The `egress status` text.
-pub fn status_text(s: &serde_json::Value) -> String {
+pub fn status_text(s: &StatusReport) -> String {
     let mut out = String::new();
-    let c = &s["controller"];
-    if c["running"].as_bool() == Some(true) {
+    let c = &s.controller;
+    if c.running {
         let _ = writeln!(
             out,
             "controller: running (pid {}, up {} s)",
-            c["pid"], c["uptime_secs"]
+            c.pid.unwrap_or_default(),
+            c.uptime_secs.unwrap_or_default()
         );
     } else {
         let _ = writeln!(out, "controller: not running, kernel enforcement active");
     }
-    let p = &s["policy"];
+    let p = &s.policy;
     let _ = writeln!(
         out,
         "policy: {} generation {} hash {} applied {} (mode {}, default {})",
-        p["source"].as_str().unwrap_or("?"),
-        p["generation"],
-        p["hash"].as_str().unwrap_or("?"),
-        p["applied_at"].as_str().unwrap_or("?"),
-        p["mode"].as_str().unwrap_or("?"),
-        p["default"].as_str().unwrap_or("?")
+        p.source, p.generation, p.hash, p.applied_at, p.mode, p.default
     );
-    let a = &s["attached"];
-    let hooks: Vec<&str> = a["hooks"]
-        .as_array()
-        .map(|h| h.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
+    let a = &s.attached;
     let _ = writeln!(
         out,
         "attached: {} on cgroup {}",
-        hooks.join(", "),
-        a["cgroup"].as_str().unwrap_or("?")
+        a.hooks.join(", "),
+        a.cgroup
     );
-    let ifaces: Vec<&str> = a["tc"]["ifaces"]
-        .as_array()
-        .map(|h| h.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
     let _ = writeln!(
         out,
         "tc: {} on {}",
-        a["tc"]["program"].as_str().unwrap_or("tc_egress"),
-        if ifaces.is_empty() {
+        a.tc.program,
+        if a.tc.ifaces.is_empty() {
             "no interface".to_string()
         } else {
-            ifaces.join(", ")
+            a.tc.ifaces.join(", ")
         }
     );
-    let k = &s["counters"];
+    let k = &s.counters;
     let _ = writeln!(
         out,
         "counters: {} allowed, {} denied, {} audited, {} tc dropped, {} budget dropped, {} events lost",
-        k["allowed"],
-        k["denied"],
-        k["audited"],
-        k["tc_dropped"],
-        k["budget_dropped"],
-        k["events_lost"]
+        k.allowed, k.denied, k.audited, k.tc_dropped, k.budget_dropped, k.events_lost
     );
     out
 }

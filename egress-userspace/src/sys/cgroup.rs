@@ -4,14 +4,18 @@
 use std::{
     fs,
     io::{self, Write as _},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
+use rustix::{
+    mount::MountFlags,
+    process::{Pid, Signal, kill_process},
+};
 
 /// Where we mount cgroup2 ourselves when the host has it nowhere (as Cilium does).
 const OWN_MOUNT: &str = "/run/egress/cgroup2";
@@ -48,31 +52,26 @@ fn unescape_mount(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The root of the cgroup2 hierarchy, from /proc/mounts. When none is mounted (a container
-/// without it, a mount namespace that hides it), mounts cgroup2 at `/run/egress/cgroup2`.
+/// The first cgroup2 mount point listed in /proc/mounts, if any. No side effects: safe on any
+/// path (alerts, status).
+pub fn find_cgroup2_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    cgroup2_mounts(&mounts).into_iter().next()
+}
+
+/// The root of the cgroup2 hierarchy. When none is mounted (a container without it, a mount
+/// namespace that hides it), mounts cgroup2 at `/run/egress/cgroup2` (as Cilium does): called
+/// once when a controller starts.
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if let Some(p) = cgroup2_mounts(&mounts).into_iter().next() {
+    if let Some(p) = find_cgroup2_root() {
         return Ok(p);
     }
     fs::create_dir_all(OWN_MOUNT).with_context(|| format!("creating {OWN_MOUNT}"))?;
-    let target = std::ffi::CString::new(OWN_MOUNT).expect("no NUL");
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            c"cgroup2".as_ptr(),
-            target.as_ptr(),
-            c"cgroup2".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "no cgroup2 hierarchy is mounted and mounting one at {OWN_MOUNT} failed: {}",
-            io::Error::last_os_error()
-        );
-    }
+    rustix::mount::mount("cgroup2", OWN_MOUNT, "cgroup2", MountFlags::empty(), None)
+        .map_err(io::Error::from)
+        .with_context(|| {
+            format!("no cgroup2 hierarchy is mounted and mounting one at {OWN_MOUNT} failed")
+        })?;
     Ok(PathBuf::from(OWN_MOUNT))
 }
 
@@ -150,7 +149,10 @@ impl ChildCgroup {
             match fs::remove_dir(&self.path) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                        && Instant::now() < deadline =>
+                {
                     kill_all(&self.path);
                     thread::sleep(Duration::from_millis(20));
                 }
@@ -171,9 +173,11 @@ fn kill_all(path: &Path) {
         return;
     }
     if let Ok(procs) = fs::read_to_string(path.join("cgroup.procs")) {
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        for pid in procs
+            .lines()
+            .filter_map(|l| Pid::from_raw(l.trim().parse().ok()?))
+        {
+            let _ = kill_process(pid, Signal::KILL);
         }
     }
 }
@@ -189,12 +193,9 @@ impl Drop for ChildCgroup {
 /// Joins the cgroup whose `cgroup.procs` is open as `fd`. Only async-signal-safe calls: usable
 /// between fork and exec.
 pub fn join_in_child(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: write(2) of a static buffer to a valid fd.
-    let n = unsafe { libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) };
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    match rustix::io::write(fd, b"0")? {
+        1 => Ok(()),
+        _ => Err(io::Error::from(io::ErrorKind::WriteZero)),
     }
 }
 

@@ -12,10 +12,11 @@ use egress_common::{FlowKey, FlowValue, TGID_UNATTRIBUTED};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use egress_common::user::protocol_name;
+
 use crate::{
-    accounting::{ProcInfo, flow_addr},
-    events::protocol_name,
     policy::alert::{Alert, AlertAction, AlertPer},
+    sys::proc::ProcInfo,
 };
 
 /// Byte counts over a sliding window, kept in buckets of `window / 240` (at least 100 ms, at
@@ -172,7 +173,7 @@ pub struct AlertEvent {
     pub first_seen: String,
     pub last_seen: String,
     /// `"alert"`, or `"block"` when the key was blocked in the kernel.
-    pub action: String,
+    pub action: AlertAction,
     /// End of the block (`action = "block"`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub blocked_until: Option<String>,
@@ -262,7 +263,8 @@ impl AlertEngine {
     }
 
     /// Folds one tick of flow deltas in and returns the alerts that fire now. `wall` is the wall
-    /// clock at `now`; `info` describes a process; `cgroup_path` names a cgroup id.
+    /// clock at `now`; `info` describes a process. `cgroup_path` is left for the caller to fill
+    /// (it reads /proc).
     pub fn observe(
         &mut self,
         deltas: &[(FlowKey, FlowValue)],
@@ -270,7 +272,6 @@ impl AlertEngine {
         wall: SystemTime,
         verdict: &dyn Fn(&FlowKey) -> FlowVerdict,
         info: &dyn Fn(u32) -> ProcInfo,
-        cgroup_path: &dyn Fn(u64) -> String,
     ) -> Vec<Firing> {
         let t = now.saturating_duration_since(self.epoch);
         let mut touched: Vec<(usize, AlertKey)> = Vec::new();
@@ -278,7 +279,7 @@ impl AlertEngine {
             if delta.payload == 0 {
                 continue;
             }
-            let dst = flow_addr(key);
+            let dst = key.dst();
             for (i, alert) in self.alerts.iter().enumerate() {
                 if !Self::counts(alert, key, dst, verdict) {
                     continue;
@@ -384,11 +385,11 @@ impl AlertEngine {
                 cmdline: pinfo.cmdline,
                 uid: pinfo.uid,
                 cgroup_id: st.cgroup_id,
-                cgroup_path: cgroup_path(st.cgroup_id),
+                cgroup_path: String::new(),
                 top_destinations: top,
                 first_seen: humantime::format_rfc3339_nanos(st.first_seen).to_string(),
                 last_seen: humantime::format_rfc3339_nanos(st.last_seen).to_string(),
-                action: alert.action.as_str().into(),
+                action: alert.action,
                 blocked_until: block_for
                     .map(|d| humantime::format_rfc3339_nanos(wall + d).to_string()),
             };

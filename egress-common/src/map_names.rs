@@ -1,0 +1,39 @@
+//! The kernel names of the datapath's maps, for userspace to find them by and to pin them under.
+//!
+//! The eBPF crate's `#[map]` statics carry these names (the macro only takes a literal, so they
+//! are written there again); a unit test of egress-userspace checks that the embedded object has
+//! exactly the maps listed in [`ALL`], so the two cannot drift apart. Kernel names are capped at
+//! 15 characters.
+
+/// IPv4 policy tries of buffer 0 and 1.
+pub const POLICY_V4: [&str; 2] = ["POLICY_V4_0", "POLICY_V4_1"];
+/// IPv6 policy tries of buffer 0 and 1.
+pub const POLICY_V6: [&str; 2] = ["POLICY_V6_0", "POLICY_V6_1"];
+/// Rule sets of buffer 0 and 1.
+pub const RULESETS: [&str; 2] = ["RULESETS_0", "RULESETS_1"];
+pub const CONFIG: &str = "CONFIG";
+pub const ACTIVE: &str = "ACTIVE";
+pub const STATS: &str = "STATS";
+pub const EVENTS: &str = "EVENTS";
+pub const SOCK_OWNERS: &str = "SOCK_OWNERS";
+pub const FLOWS: &str = "FLOWS";
+pub const IFACE_L2: &str = "IFACE_L2";
+pub const BLOCKED: &str = "BLOCKED";
+
+/// Every map of the object.
+pub const ALL: [&str; 14] = [
+    POLICY_V4[0],
+    POLICY_V4[1],
+    POLICY_V6[0],
+    POLICY_V6[1],
+    RULESETS[0],
+    RULESETS[1],
+    CONFIG,
+    ACTIVE,
+    STATS,
+    EVENTS,
+    SOCK_OWNERS,
+    FLOWS,
+    IFACE_L2,
+    BLOCKED,
+];

@@ -1,0 +1,65 @@
+//! The CLI's side of the control socket.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::{PROTOCOL_VERSION, Request, RequestEnvelope, Response, ResponseEnvelope};
+use crate::report::{StatsReport, StatusReport};
+
+/// Sends one request to a running controller. A refusal is an error carrying its reason.
+pub fn request(path: &Path, request: Request) -> anyhow::Result<Response> {
+    let stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to the controller at {} (is `egress run` running? are you root?)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut text = serde_json::to_vec(&RequestEnvelope {
+        version: PROTOCOL_VERSION,
+        request,
+    })?;
+    text.push(b'\n');
+    (&stream).write_all(&text)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let envelope: ResponseEnvelope =
+        serde_json::from_str(&line).with_context(|| format!("bad response: {line}"))?;
+    if envelope.version != PROTOCOL_VERSION {
+        bail!(
+            "the controller speaks protocol version {}, this egress speaks {PROTOCOL_VERSION}: use the egress binary of the running controller",
+            envelope.version
+        );
+    }
+    match envelope.response {
+        Response::Refused(why) => bail!("controller refused: {why}"),
+        r => Ok(r),
+    }
+}
+
+/// What the controller did, for a request answered with [`Response::Done`].
+pub fn done(path: &Path, req: Request) -> anyhow::Result<String> {
+    match request(path, req)? {
+        Response::Done(message) => Ok(message),
+        other => bail!("unexpected response: {other:?}"),
+    }
+}
+
+pub fn stats(path: &Path) -> anyhow::Result<StatsReport> {
+    match request(path, Request::Stats)? {
+        Response::Stats(s) => Ok(*s),
+        other => bail!("unexpected response to stats: {other:?}"),
+    }
+}
+
+pub fn status(path: &Path) -> anyhow::Result<StatusReport> {
+    match request(path, Request::Status)? {
+        Response::Status(s) => Ok(*s),
+        other => bail!("unexpected response to status: {other:?}"),
+    }
+}

@@ -1,0 +1,400 @@
+//! The `egress` command line: clap definitions and dispatch (`mod.rs`), the policy commands
+//! `check` and `explain` (`policy_cmds.rs`), the `top` screen (`top.rs`) and every human-readable
+//! view of a report (`display.rs`). `--json` prints the typed reports as they are.
+
+mod display;
+mod policy_cmds;
+mod top;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    api::{self, Request, client},
+    controller::{self, ExecOptions, Options, RunOptions},
+    datapath::pins::{self, Pins},
+    policy::Protocol,
+    report::StatusReport,
+    webhook,
+};
+
+/// Kernel-enforced egress firewall: approved-services policy on the cgroup connect/sendmsg hooks.
+#[derive(Parser, Debug)]
+#[command(name = "egress", version, about)]
+struct Cli {
+    /// Log format on stderr. The level comes from RUST_LOG (default: info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Enforce a policy on a cgroup (default: the whole host) until SIGINT/SIGTERM, writing deny,
+    /// audit and alert events as JSON lines, and accounting egress bytes per process.
+    Run {
+        /// Policy file. Default: the embedded policies/default.toml (audit mode).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// cgroup2 directory to attach to. Default: the cgroup2 root found in /proc/mounts.
+        #[arg(long, value_name = "DIR")]
+        cgroup: Option<PathBuf>,
+        /// Append JSON-lines events to FILE instead of stdout ("-" for stdout).
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+        /// Interface for the TC accounting program (repeatable). Default: every interface that
+        /// is up, except loopback.
+        #[arg(long = "iface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        #[command(flatten)]
+        alerting: AlertArgs,
+        /// Control socket for `egress stats`, `egress top` and `egress unblock` (root only, mode
+        /// 0600).
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// Reload when the policy file changes (edits, renames, and the symlink swap Kubernetes
+        /// does for ConfigMaps). SIGHUP and `egress reload` reload too.
+        #[arg(long)]
+        watch: bool,
+        /// bpffs directory where programs' links and maps are pinned, so that enforcement
+        /// outlives the controller (bpffs is mounted at /sys/fs/bpf if absent).
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Pin nothing: SIGINT/SIGTERM (or a crash) detaches everything.
+        #[arg(long)]
+        ephemeral: bool,
+    },
+    /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
+    /// to stderr unless --events is given.
+    Exec {
+        /// Policy file. Default: the embedded policies/default.toml (audit mode).
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Append JSON-lines events to FILE instead of stderr ("-" for stderr).
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+        /// Interface for the TC accounting program (repeatable). Default: every interface that
+        /// is up, except loopback. TC only touches the command's own traffic.
+        #[arg(long = "iface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        #[command(flatten)]
+        alerting: AlertArgs,
+        /// When the command exits, write its egress summary (per process and destination) as
+        /// JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Re-read the policy of the running controller (or switch it to FILE) and apply it
+    /// atomically. A policy with errors is refused with file:line:field, and the one in force
+    /// stays.
+    Reload {
+        /// Switch to this policy file.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Print what would change (rules and prefixes added and removed) without applying it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Enforcement health, policy generation and hash, mode, counters, controller uptime. Works
+    /// without a controller: it then reads the pins.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Pin directory to read when no controller answers.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Turn egress off: detach every pinned program and remove every pin. The one way to stop
+    /// enforcement; a controller still running is told to exit.
+    Stop {
+        /// Pin directory.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Control socket of the running controller, if any.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Lift a byte-budget block (`[[alert]] action = "block"`) before its cooldown ends.
+    Unblock {
+        /// The alert key, as events print it: process:PID, process_destination:PID->ADDR (a bare
+        /// PID means process:PID).
+        key: String,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Per-process egress totals (bytes, packets, rate, destinations) from the running controller.
+    Stats {
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Live view of the processes sending the most, refreshed in place (q or Ctrl-C quits).
+    Top {
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one frame and exit (for scripts and non-terminals).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate policy files and print a summary of each. Exits 1 if any is invalid.
+    Check {
+        /// Policy files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print the verdict for a destination and the rule that decides it, from the same compiled
+    /// entries the kernel gets.
+    Explain {
+        /// Policy file.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// Destination address (IPv4 or IPv6, v4-mapped included).
+        dest: IpAddr,
+        /// Destination port. Omitted: the verdict for every port, or the port table when it varies.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Protocol.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+        protocol: ProtocolArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where alerts go besides the event stream.
+#[derive(clap::Args, Debug)]
+struct AlertArgs {
+    /// POST every alert as JSON to URL (retries with backoff; undelivered alerts are spooled
+    /// and sent when it is back).
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
+    /// Directory for alerts the webhook could not take yet.
+    #[arg(long, value_name = "DIR", default_value = webhook::DEFAULT_SPOOL)]
+    spool: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Protocol {
+        match p {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The `egress` binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("egress: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<u8> {
+    match cmd {
+        Command::Run {
+            policy,
+            cgroup,
+            events,
+            ifaces,
+            alerting,
+            socket,
+            metrics,
+            watch,
+            pin_dir,
+            ephemeral,
+        } => {
+            let common = Options {
+                policy,
+                events,
+                ifaces,
+                webhook: alerting.webhook,
+                spool: alerting.spool,
+                metrics,
+            };
+            runtime()?.block_on(controller::run(RunOptions {
+                common,
+                watch,
+                cgroup,
+                socket,
+                pin_dir,
+                ephemeral,
+            }))?;
+            Ok(0)
+        }
+        Command::Exec {
+            policy,
+            events,
+            ifaces,
+            alerting,
+            report,
+            command,
+        } => {
+            let common = Options {
+                policy,
+                events,
+                ifaces,
+                webhook: alerting.webhook,
+                spool: alerting.spool,
+                metrics: None,
+            };
+            let code = runtime()?.block_on(controller::exec(ExecOptions {
+                common,
+                command,
+                report,
+            }))?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Reload {
+            policy,
+            dry_run,
+            socket,
+        } => {
+            // The controller may run elsewhere in the filesystem: send an absolute path.
+            let policy = policy.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+            print!(
+                "{}",
+                client::done(&socket, Request::Reload { policy, dry_run })?
+            );
+            Ok(0)
+        }
+        Command::Status {
+            json,
+            socket,
+            pin_dir,
+        } => {
+            let status = match client::status(&socket) {
+                Ok(s) => s,
+                Err(_) => StatusReport::from_pins(
+                    Pins::new(&pin_dir).status()?,
+                    pin_dir.display().to_string(),
+                ),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", display::status_text(&status));
+            }
+            Ok(0)
+        }
+        Command::Stop { pin_dir, socket } => {
+            let removed = Pins::new(&pin_dir).remove_all()?;
+            let told = client::request(&socket, Request::Stop).is_ok();
+            let tail = if told {
+                "; the controller was told to exit"
+            } else {
+                ""
+            };
+            if removed.links.is_empty() && removed.maps == 0 {
+                println!("nothing was pinned under {}{tail}", pin_dir.display());
+            } else {
+                println!(
+                    "egress stopped: detached {} links ({}), removed {} map pins under {}{tail}. Enforcement is OFF.",
+                    removed.links.len(),
+                    removed.links.join(", "),
+                    removed.maps,
+                    pin_dir.display()
+                );
+            }
+            Ok(0)
+        }
+        Command::Unblock { key, socket } => {
+            println!("{}", client::done(&socket, Request::Unblock { key })?);
+            Ok(0)
+        }
+        Command::Stats { json, socket } => {
+            let report = client::stats(&socket)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", display::stats_table(&report));
+            }
+            Ok(0)
+        }
+        Command::Top {
+            socket,
+            interval,
+            once,
+        } => {
+            top::top(&socket, interval, once)?;
+            Ok(0)
+        }
+        Command::Check { files } => Ok(policy_cmds::check(&files)),
+        Command::Explain {
+            policy,
+            dest,
+            port,
+            protocol,
+            json,
+        } => {
+            policy_cmds::explain(policy, dest, port, protocol.into(), json)?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `egress check` and `egress explain`: the policy, read and judged without the kernel.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use crate::policy::{self, Protocol, explain as why};
+
+/// Validates every file and prints a summary of each; 1 if any is invalid.
+pub fn check(files: &[PathBuf]) -> u8 {
+    let mut failed = 0;
+    for f in files {
+        match policy::load(Some(f)) {
+            Ok((p, c)) => println!(
+                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets",
+                f.display(),
+                p.mode,
+                p.default,
+                if p.allow_loopback {
+                    "allowed"
+                } else {
+                    "judged"
+                },
+                c.services,
+                c.blocks,
+                c.alerts,
+                c.prefix_count(),
+                c.v4.len(),
+                c.v6.len(),
+                c.rulesets.len()
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{e:#}");
+            }
+        }
+    }
+    u8::from(failed > 0)
+}
+
+pub fn explain(
+    path: PathBuf,
+    dest: IpAddr,
+    port: Option<u16>,
+    protocol: Protocol,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (policy, compiled) = policy::load(Some(&path))?;
+    let port_given = port.is_some();
+    // Without --port: the verdict holds for every port when every port boundary of the matching
+    // rule set gives the same answer.
+    let ports: Vec<u16> = match port {
+        Some(p) => vec![p],
+        None => {
+            let mut ps = vec![1u16];
+            if let Some((_, set)) = compiled.matching_set(dest) {
+                for r in &set.rules[..set.len as usize] {
+                    ps.extend([r.port_lo.max(1), r.port_hi, r.port_hi.saturating_add(1)]);
+                    ps.push(r.port_lo.saturating_sub(1).max(1));
+                }
+            }
+            ps.sort_unstable();
+            ps.dedup();
+            ps
+        }
+    };
+    let all: Vec<_> = ports
+        .iter()
+        .map(|&p| why::explain(&policy, &compiled, dest, p, protocol))
+        .collect();
+    let uniform = all
+        .iter()
+        .all(|e| e.verdict == all[0].verdict && e.rule == all[0].rule);
+    if json {
+        if uniform {
+            let mut v = serde_json::to_value(&all[0])?;
+            if !port_given {
+                v["port"] = serde_json::Value::String("any".into());
+            }
+            println!("{v}");
+        } else {
+            println!(
+                "{}",
+                serde_json::json!({ "dst": dest.to_string(), "protocol": protocol.to_string(), "port": "varies", "by_port": all })
+            );
+        }
+        return Ok(());
+    }
+    if uniform {
+        let e = &all[0];
+        let port_text = if port_given {
+            e.port.to_string()
+        } else {
+            "any".to_string()
+        };
+        println!(
+            "{} {}/{} port {}: {} by {} `{}`",
+            e.verdict, e.dst, e.protocol, port_text, e.effect, e.rule_kind, e.rule
+        );
+        if e.judged_as != e.dst {
+            println!("  judged as {} (v4-mapped)", e.judged_as);
+        }
+        println!("  {}", e.reason);
+    } else {
+        println!("{dest}/{protocol}: the verdict depends on the port (give --port N)");
+        for line in why::rule_table(&compiled, dest) {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The controller behind `egress run` and `egress exec`: one [`Controller`] per enforcement,
+//! built in one step from a [`Target`] (where it enforces) and [`Options`] (what, and where
+//! reports go). Each concern has its file:
+//! - `tick.rs`: every 250 ms, the kernel's flow counters become per-process totals, alerts and
+//!   the published reports;
+//! - `blocks.rs`: byte-budget blocks set, expired and lifted in the kernel;
+//! - `reload.rs`: atomic policy reloads (`egress reload`, SIGHUP, `--watch`) and the state kept
+//!   beside the pins;
+//! - `run.rs` and `exec.rs`: the two commands' event loops; `signals.rs`: forwarding signals to
+//!   `exec`'s command.
+//!
+//! The control *socket* (`crate::api`) only carries requests to the controller's loop.
+
+mod blocks;
+mod exec;
+mod reload;
+mod run;
+mod signals;
+mod tick;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{io::AsyncWrite, sync::watch};
+use tracing::{error, info, warn};
+
+use self::{blocks::Blocks, reload::PolicyInForce};
+pub use self::{
+    exec::{ExecOptions, exec},
+    run::{RunOptions, run},
+};
+use crate::{
+    accounting::Accounting,
+    alerts::AlertEngine,
+    api::{Request, Response},
+    datapath::{Datapath, pins::Pins},
+    events::EventStream,
+    metrics,
+    report::{Attachment, ControllerInfo, PolicyInfo, StatsReport, StatusReport},
+    sys::{cgroup, iface},
+    webhook::Webhook,
+};
+
+/// Where events go.
+type Sink = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// How often the flow counters are read: alerts fire within this of a threshold being crossed.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Options `run` and `exec` share: what to enforce, and where events and alerts go.
+pub struct Options {
+    /// Policy file (None: the embedded default).
+    pub policy: Option<PathBuf>,
+    /// Append events here instead of the command's default stream (`-`: the default).
+    pub events: Option<PathBuf>,
+    /// Interfaces for TC (empty: every interface that is up but loopback and stacked devices).
+    pub ifaces: Vec<String>,
+    pub webhook: Option<String>,
+    pub spool: PathBuf,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// Where a controller enforces.
+pub struct Target {
+    /// The cgroup2 root of this host.
+    pub root: PathBuf,
+    /// The cgroup the hooks attach to (the root: the whole host).
+    pub cgroup: PathBuf,
+    /// Where maps and links outlive the controller (None: `exec`, `run --ephemeral`).
+    pub pins: Option<Pins>,
+    /// The control socket, when the controller serves one (recorded for `egress status`).
+    pub socket: Option<PathBuf>,
+}
+
+/// One enforcement: the datapath, its event stream, the per-process totals, alerts and blocks,
+/// and the policy in force.
+pub struct Controller {
+    dp: Datapath,
+    events: EventStream<Sink>,
+    acct: Accounting,
+    alerts: AlertEngine,
+    alerts_by_rule: BTreeMap<String, u64>,
+    webhook: Option<Webhook>,
+    blocks: Blocks,
+    policy: PolicyInForce,
+    target: Target,
+    /// The interfaces TC is attached to.
+    ifaces: Vec<String>,
+    /// The latest stats report, for the control socket and `exec --report`.
+    stats: watch::Sender<Arc<StatsReport>>,
+    metrics: Option<metrics::Exporter>,
+    started: Instant,
+    /// Whether this controller adopted a previous one's pinned enforcement.
+    adopted: bool,
+    /// `egress stop` asked the controller to exit.
+    stop_requested: bool,
+}
+
+impl Controller {
+    /// Loads the policy and the datapath (adopting pinned state when `target.pins` holds some),
+    /// attaches the hooks to the target cgroup and TC to the interfaces, and starts the webhook
+    /// and the metrics exporter. On return the controller enforces; nothing was attached if it
+    /// fails.
+    pub async fn start(
+        opts: &Options,
+        target: Target,
+        default_sink: Sink,
+    ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
+        let (policy, compiled) = crate::policy::load(opts.policy.as_deref())?;
+        let (mut dp, adopted) = match &target.pins {
+            Some(p) => Datapath::load_pinned(&compiled, p).context("loading the datapath")?,
+            None => (
+                Datapath::load(&compiled).context("loading the datapath")?,
+                false,
+            ),
+        };
+        let compiled = Arc::new(compiled);
+        let ring = dp.take_events()?.watch()?;
+        let sink = event_sink(opts.events.as_deref(), default_sink).await?;
+        let events = EventStream::new(
+            ring,
+            dp.generation(),
+            compiled.clone(),
+            policy.hash.clone(),
+            sink,
+        );
+        // Below the root, TC only touches the sockets of that cgroup's processes.
+        if target.cgroup != target.root {
+            let (id, level) = cgroup::id_and_level(&target.root, &target.cgroup)?;
+            dp.set_tc_scope(id, level)?;
+        }
+        dp.attach(&target.cgroup)
+            .with_context(|| format!("attaching to cgroup {}", target.cgroup.display()))?;
+        let ifaces = attach_tc(&mut dp, &opts.ifaces)?;
+        let webhook = match &opts.webhook {
+            Some(url) => Some(Webhook::start(url.clone(), opts.spool.clone())?),
+            None => None,
+        };
+        let (metrics, metrics_text) = match opts.metrics {
+            Some(_) => {
+                let (exporter, text) = metrics::Exporter::new();
+                (Some(exporter), Some(text))
+            }
+            None => (None, None),
+        };
+        let mut acct = Accounting::new();
+        if adopted {
+            // The pinned counters' history is not new traffic (nor a reason to alert).
+            acct.prime(&dp.flows()?);
+        }
+        let ctl = Controller {
+            alerts: AlertEngine::new(policy.alerts.clone(), Instant::now()),
+            policy: PolicyInForce::new(opts.policy.as_deref(), policy, compiled),
+            dp,
+            events,
+            acct,
+            alerts_by_rule: BTreeMap::new(),
+            webhook,
+            blocks: Blocks::default(),
+            target,
+            ifaces,
+            stats: watch::Sender::new(Arc::new(StatsReport::default())),
+            metrics,
+            started: Instant::now(),
+            adopted,
+            stop_requested: false,
+        };
+        Ok((ctl, metrics_text))
+    }
+
+    /// Writes one of the controller's events; a failing sink is logged, never fatal.
+    async fn emit<T: serde::Serialize>(&mut self, event: &T) {
+        if let Err(e) = self.events.emit(event).await {
+            error!(error = %format!("{e:#}"), "could not write an event");
+        }
+    }
+
+    /// Controller and enforcement state, for `egress status`.
+    fn status(&self) -> anyhow::Result<StatusReport> {
+        let p = &self.policy.policy;
+        Ok(StatusReport {
+            controller: ControllerInfo {
+                running: true,
+                pid: Some(std::process::id()),
+                uptime_secs: Some(self.started.elapsed().as_secs()),
+                last_pid: None,
+            },
+            policy: PolicyInfo {
+                source: p.source.clone(),
+                generation: self.dp.generation(),
+                hash: p.hash.clone(),
+                applied_at: humantime::format_rfc3339_seconds(self.policy.applied_at).to_string(),
+                mode: p.mode.to_string(),
+                default: p.default.to_string(),
+            },
+            attached: self.attachment(),
+            links: self.target.pins.as_ref().map(Pins::link_statuses),
+            counters: self.dp.stats()?,
+        })
+    }
+
+    fn attachment(&self) -> Attachment {
+        Attachment::new(
+            self.target.cgroup.display().to_string(),
+            self.ifaces.clone(),
+            self.target
+                .pins
+                .as_ref()
+                .map(|p| p.dir.display().to_string()),
+        )
+    }
+
+    /// Acts on a control-socket request.
+    async fn command(&mut self, request: Request) -> Response {
+        match request {
+            Request::Unblock { key } => self.unblock_request(&key).await,
+            Request::Reload { policy, dry_run } => {
+                self.reload(policy.map(PathBuf::from), dry_run).await
+            }
+            Request::Stop => {
+                self.stop_requested = true;
+                Response::Done("controller exiting".into())
+            }
+            Request::Status => match self.status() {
+                Ok(s) => Response::Status(Box::new(s)),
+                Err(e) => Response::Refused(format!("reading the datapath: {e:#}")),
+            },
+            // Answered by the socket server from the published report.
+            Request::Stats => Response::Stats(Box::new(StatsReport::clone(&self.stats.borrow()))),
+        }
+    }
+
+    /// Flushes what is in flight at exit: the last events and alerts.
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        self.events.drain_all().await?;
+        if let Some(w) = &self.webhook {
+            w.flush(Duration::from_secs(5)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Where events go: `--events FILE` (appended), else the given default stream.
+async fn event_sink(path: Option<&Path>, default: Sink) -> anyhow::Result<Sink> {
+    match path {
+        None => Ok(default),
+        Some(p) if p == Path::new("-") => Ok(default),
+        Some(p) => {
+            let f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .await
+                .with_context(|| format!("opening events file {}", p.display()))?;
+            Ok(Box::new(f))
+        }
+    }
+}
+
+/// Attaches TC to `ifaces`, or to the default interfaces when none is given; returns where.
+fn attach_tc(dp: &mut Datapath, ifaces: &[String]) -> anyhow::Result<Vec<String>> {
+    let ifaces = if ifaces.is_empty() {
+        iface::default_ifaces().context("listing interfaces")?
+    } else {
+        ifaces.to_vec()
+    };
+    if ifaces.is_empty() {
+        warn!("no interface is up besides loopback: TC accounting is not attached");
+        return Ok(ifaces);
+    }
+    dp.attach_tc(&ifaces)
+        .context("attaching the TC egress program")?;
+    info!(ifaces = ?ifaces, "TC egress accounting attached");
+    Ok(ifaces)
+}

@@ -1,0 +1,158 @@
+//! `egress run`: enforce the policy on a cgroup (default: the whole cgroup2 hierarchy). The
+//! programs, links and maps are pinned, so enforcement goes on when the controller exits or
+//! dies, and a restarted controller adopts them with no gap; `egress stop` turns it off. With
+//! `--ephemeral` nothing is pinned and SIGINT/SIGTERM detach.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use super::{Controller, Options, TICK, Target};
+use crate::{
+    api::{
+        Response,
+        server::{self, Command},
+    },
+    datapath::pins::Pins,
+    sys::cgroup,
+};
+
+pub struct RunOptions {
+    pub common: Options,
+    /// Reload when the policy file changes.
+    pub watch: bool,
+    /// The cgroup to enforce on (None: the cgroup2 root).
+    pub cgroup: Option<PathBuf>,
+    pub socket: PathBuf,
+    /// Where programs, links and maps are pinned.
+    pub pin_dir: PathBuf,
+    /// Pin nothing and detach on exit.
+    pub ephemeral: bool,
+}
+
+/// Refuses to adopt enforcement pinned for another cgroup.
+fn check_pinned_cgroup(pins: &Pins, cgroup: &Path) -> anyhow::Result<()> {
+    if let Some(state) = pins.adoptable().then(|| pins.read_state()).flatten()
+        && Path::new(&state.cgroup) != cgroup
+    {
+        anyhow::bail!(
+            "the enforcement pinned under {dir} is attached to cgroup {}, not {}: `egress stop --pin-dir {dir}` first, or use another --pin-dir",
+            state.cgroup,
+            cgroup.display(),
+            dir = pins.dir.display(),
+        );
+    }
+    Ok(())
+}
+
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Signal handlers before anything else: a SIGHUP (a `systemctl reload` right after start)
+    // or SIGTERM must never kill a controller that is half set up.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let pins = (!opts.ephemeral).then(|| Pins::new(&opts.pin_dir));
+    let _lock = pins.as_ref().map(Pins::lock).transpose()?;
+    let root = cgroup::cgroup2_root()?;
+    let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
+    if let Some(p) = &pins {
+        check_pinned_cgroup(p, &cgroup)?;
+    }
+    // Bound before anything is attached: a second controller on this socket fails here.
+    let listener = server::bind(&opts.socket)?;
+    let target = Target {
+        root,
+        cgroup,
+        pins,
+        socket: Some(opts.socket.clone()),
+    };
+    let (mut ctl, metrics_text) =
+        Controller::start(&opts.common, target, Box::new(tokio::io::stdout())).await?;
+    if ctl.adopted {
+        info!(generation = ctl.dp.generation(), pinned = %opts.pin_dir.display(), "adopted the pinned enforcement without detaching");
+        ctl.apply_over_adopted().await?;
+    }
+    ctl.write_state();
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(16);
+    let server = tokio::spawn(server::serve(listener, ctl.stats.subscribe(), cmd_tx));
+    let metrics = match (opts.common.metrics, metrics_text) {
+        (Some(addr), Some(text)) => Some(tokio::spawn(crate::metrics::serve(addr, text))),
+        _ => None,
+    };
+    let p = &ctl.policy.policy;
+    info!(
+        policy = %p.source,
+        cgroup = %ctl.target.cgroup.display(),
+        mode = %p.mode,
+        default = %p.default,
+        services = p.services().count(),
+        blocks = p.blocks().count(),
+        alerts = p.alerts.len(),
+        socket = %opts.socket.display(),
+        "{}",
+        match &ctl.target.pins {
+            Some(p) => format!("enforcing; pinned under {}: the controller may exit or die, enforcement stays until `egress stop`", p.dir.display()),
+            None => "enforcing (ephemeral); SIGINT or SIGTERM detaches".to_string(),
+        }
+    );
+    let mut ticker = tokio::time::interval(TICK);
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
+            _ = ticker.tick() => ctl.tick().await,
+            Some(cmd) = cmd_rx.recv() => {
+                let response = ctl.command(cmd.request).await;
+                let _ = cmd.reply.send(response);
+                if ctl.stop_requested {
+                    break;
+                }
+            }
+            _ = sighup.recv() => {
+                let text = match ctl.reload(None, false).await {
+                    Response::Done(m) | Response::Refused(m) => m,
+                    other => format!("{other:?}"),
+                };
+                info!("SIGHUP reload: {}", text.lines().next().unwrap_or(""));
+            }
+            _ = watch.tick(), if opts.watch => ctl.watch_tick().await,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    ctl.finish().await?;
+    let stats = ctl.dp.stats()?;
+    server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    let written = ctl.events.written();
+    let stopped = ctl.stop_requested;
+    let pinned = ctl.target.pins.as_ref().map(|p| p.dir.clone());
+    drop(ctl);
+    if let Some(dir) = &pinned
+        && !stopped
+    {
+        info!(pinned = %dir.display(), "controller exiting; kernel enforcement stays active; `egress stop` turns it off");
+    }
+    info!(
+        allowed = stats.allowed,
+        denied = stats.denied,
+        audited = stats.audited,
+        events_lost = stats.events_lost,
+        tc_dropped = stats.tc_dropped,
+        events_written = written,
+        "{}",
+        if pinned.is_some() {
+            "controller stopped"
+        } else {
+            "detached"
+        }
+    );
+    Ok(())
+}

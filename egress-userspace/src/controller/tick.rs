@@ -1,0 +1,149 @@
+//! One tick (every 250 ms): the kernel's flow counters become per-process totals, the alert
+//! rules see the new bytes (firing alerts and setting blocks), blocks expire, and a fresh report
+//! is published for the control socket and the metrics.
+
+use std::{
+    cell::OnceCell,
+    collections::HashMap,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use egress_common::{FlowKey, FlowValue};
+use tracing::{error, warn};
+
+use super::Controller;
+use crate::{
+    alerts::{Firing, FlowVerdict},
+    events::timestamp,
+    policy::{RuleKind, alert::AlertAction},
+    report::StatsReport,
+    sys::proc::{self, ProcSource as _, Procfs},
+};
+
+impl Controller {
+    /// A tick whose failure is logged: accounting and alerting must never take enforcement down.
+    pub(super) async fn tick(&mut self) {
+        if let Err(e) = self.try_tick().await {
+            error!(error = %format!("{e:#}"), "accounting tick failed");
+        }
+    }
+
+    async fn try_tick(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let deltas = self.account(now)?;
+        if !deltas.is_empty() {
+            for firing in self.observe(&deltas, now, wall) {
+                self.fire(firing).await?;
+            }
+        }
+        self.expire_blocks(now).await?;
+        self.publish(wall)
+    }
+
+    /// Folds the flow counters into the per-process totals, deletes the counters that are fully
+    /// counted, and returns what changed since the last tick.
+    fn account(&mut self, now: Instant) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
+        let flows = self.dp.flows()?;
+        let dp = &self.dp;
+        // One walk of the socket-owner map per tick at most, and only when needed.
+        let owners: OnceCell<HashMap<u32, String>> = OnceCell::new();
+        let owner_comm = |tgid: u32| owners.get_or_init(|| dp.owner_comms()).get(&tgid).cloned();
+        let outcome = self.acct.tick(&flows, now, &Procfs, &owner_comm);
+        self.dp.remove_flows(&outcome.prune);
+        Ok(outcome.deltas)
+    }
+
+    /// Runs the alert rules over new bytes.
+    fn observe(
+        &mut self,
+        deltas: &[(FlowKey, FlowValue)],
+        now: Instant,
+        wall: SystemTime,
+    ) -> Vec<Firing> {
+        if self.alerts.is_empty() {
+            return Vec::new();
+        }
+        let compiled = &self.policy.compiled;
+        let acct = &self.acct;
+        let verdict = |k: &FlowKey| {
+            let e = compiled.evaluate(k.dst(), k.port, k.protocol);
+            let kind = compiled
+                .rule_kinds
+                .get(e.rule_id as usize)
+                .copied()
+                .flatten();
+            FlowVerdict {
+                rule: compiled.rule_name(e.rule_id).to_string(),
+                approved_by_service: e.allow && kind == Some(RuleKind::Service),
+            }
+        };
+        let info = |tgid: u32| {
+            let i = acct.info(tgid);
+            if i.comm.is_empty() {
+                Procfs.info(tgid).unwrap_or_default()
+            } else {
+                i
+            }
+        };
+        self.alerts.observe(deltas, now, wall, &verdict, &info)
+    }
+
+    /// Delivers one alert: sets its block (if it has one), writes the event, sends the webhook.
+    async fn fire(&mut self, mut f: Firing) -> anyhow::Result<()> {
+        f.event.cgroup_path = self.cgroup_path_of(f.event.pid);
+        *self.alerts_by_rule.entry(f.event.rule.clone()).or_default() += 1;
+        if let Some(dur) = f.block_for {
+            let blocked = self
+                .set_block(f.key, &f.event.rule, f.alert_index, dur)
+                .unwrap_or_else(|e| {
+                    error!(key = %f.event.key, error = %format!("{e:#}"), "could not block");
+                    false
+                });
+            if !blocked {
+                // The alert still goes out, saying what happened; enforcement of everything
+                // else goes on.
+                warn!(key = %f.event.key, "byte budget exceeded but not blocked: alerting only");
+                f.event.action = AlertAction::Alert;
+                f.event.blocked_until = None;
+            }
+        }
+        warn!(rule = %f.event.rule, key = %f.event.key, bytes = f.event.bytes_in_window, action = ?f.event.action, "high-volume transfer alert");
+        self.emit(&f.event).await;
+        if let Some(w) = &self.webhook {
+            w.send(serde_json::to_vec(&f.event)?);
+        }
+        if f.event.action == AlertAction::Block {
+            self.report_block(&f.event.key, &f.event.rule, f.event.blocked_until.clone())
+                .await;
+        }
+        Ok(())
+    }
+
+    /// The cgroup2 path of a process (alert evidence), under the root found at start.
+    fn cgroup_path_of(&self, pid: Option<u32>) -> String {
+        pid.and_then(proc::cgroup_of)
+            .map(|rel| format!("{}{rel}", self.target.root.display()))
+            .unwrap_or_default()
+    }
+
+    /// Publishes a fresh report to the control socket and the metrics.
+    fn publish(&mut self, wall: SystemTime) -> anyhow::Result<()> {
+        let report = StatsReport {
+            generated_at: timestamp(wall),
+            policy: self.policy.policy.source.clone(),
+            mode: self.policy.policy.mode.to_string(),
+            processes: self.acct.snapshot(),
+            counters: self.dp.stats()?,
+            denies_by_rule: self.events.by_rule().clone(),
+            alerts_by_rule: self.alerts_by_rule.clone(),
+            blocks: self.blocks.report(),
+        };
+        if let Some(m) = &mut self.metrics {
+            m.publish(&report);
+        }
+        self.stats.send_replace(Arc::new(report));
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! Typed handles on every map of the object, taken once right after load. The kernel names come
+//! from `egress_common::map_names` (the eBPF crate's `maps.rs` documents each map: who writes
+//! it, who reads it); nothing else in the controller looks a map up by name.
+
+use aya::{
+    Ebpf,
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use egress_common::{
+    BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, map_names,
+};
+
+use super::{Counters, DatapathError};
+use crate::policy::compile::CompiledPolicy;
+
+/// One of the two policy buffers: the tries and the rule sets they point into.
+pub(super) struct PolicyBuffer {
+    v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
+    v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
+    rulesets: HashMap<MapData, u32, RuleSet>,
+}
+
+/// Every map of the datapath.
+pub(super) struct Maps {
+    /// Policy buffers 0 and 1 (`POLICY_V4_n`, `POLICY_V6_n`, `RULESETS_n`).
+    pub buffers: [PolicyBuffer; 2],
+    /// `CONFIG[n]` describes buffer n.
+    pub config: Array<MapData, Config>,
+    /// The buffer in force.
+    pub active: Array<MapData, u32>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
+    pub owners: HashMap<MapData, u64, Owner>,
+    pub iface_l2: HashMap<MapData, u32, u32>,
+    pub blocked: HashMap<MapData, BlockKey, BlockValue>,
+    /// Taken by [`super::Datapath::take_events`].
+    pub events: Option<RingBuf<MapData>>,
+}
+
+fn err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// Takes map `name` out of the object as its typed handle.
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    T::try_from(map).map_err(err(name))
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps, DatapathError> {
+        let mut buffer = |n: usize| -> Result<PolicyBuffer, DatapathError> {
+            Ok(PolicyBuffer {
+                v4: take(ebpf, map_names::POLICY_V4[n])?,
+                v6: take(ebpf, map_names::POLICY_V6[n])?,
+                rulesets: take(ebpf, map_names::RULESETS[n])?,
+            })
+        };
+        let buffers = [buffer(0)?, buffer(1)?];
+        Ok(Maps {
+            buffers,
+            config: take(ebpf, map_names::CONFIG)?,
+            active: take(ebpf, map_names::ACTIVE)?,
+            stats: take(ebpf, map_names::STATS)?,
+            flows: take(ebpf, map_names::FLOWS)?,
+            owners: take(ebpf, map_names::SOCK_OWNERS)?,
+            iface_l2: take(ebpf, map_names::IFACE_L2)?,
+            blocked: take(ebpf, map_names::BLOCKED)?,
+            events: Some(take(ebpf, map_names::EVENTS)?),
+        })
+    }
+
+    /// The buffer `ACTIVE` points the hooks at: the map, not our memory, says which is live.
+    pub fn active(&self) -> Result<u32, DatapathError> {
+        Ok(self.active.get(&0, 0).map_err(err(map_names::ACTIVE))? & 1)
+    }
+
+    /// Points the hooks at buffer `buf`: one 4-byte array write, atomic for every reader.
+    pub fn set_active(&mut self, buf: u32) -> Result<(), DatapathError> {
+        self.active.set(0, buf, 0).map_err(err(map_names::ACTIVE))
+    }
+
+    pub fn config(&self, buf: u32) -> Result<Config, DatapathError> {
+        self.config.get(&buf, 0).map_err(err(map_names::CONFIG))
+    }
+
+    pub fn set_config(&mut self, buf: u32, config: Config) -> Result<(), DatapathError> {
+        let config = Config {
+            buffer: buf,
+            ..config
+        };
+        self.config
+            .set(buf, config, 0)
+            .map_err(err(map_names::CONFIG))
+    }
+
+    /// Fills policy buffer `buf` with `policy`: clears what it held, writes the rule sets, then
+    /// the tries, then the buffer's config. The hooks never read this buffer until `ACTIVE`
+    /// points at it.
+    pub fn write_buffer(
+        &mut self,
+        buf: u32,
+        policy: &CompiledPolicy,
+        config: Config,
+    ) -> Result<(), DatapathError> {
+        let b = &mut self.buffers[buf as usize];
+        // Tries first (they reference the rule sets), then the rule sets, are emptied.
+        fill_trie(
+            &mut b.v4,
+            map_names::POLICY_V4[buf as usize],
+            std::iter::empty(),
+        )?;
+        fill_trie(
+            &mut b.v6,
+            map_names::POLICY_V6[buf as usize],
+            std::iter::empty(),
+        )?;
+        let name = map_names::RULESETS[buf as usize];
+        let old: Vec<u32> = b.rulesets.keys().filter_map(Result::ok).collect();
+        for k in &old {
+            let _ = b.rulesets.remove(k);
+        }
+        for (i, set) in policy.rulesets.iter().enumerate() {
+            b.rulesets.insert(i as u32, set, 0).map_err(err(name))?;
+        }
+        let v4 = policy
+            .v4
+            .iter()
+            .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
+        let v6 = policy
+            .v6
+            .iter()
+            .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
+        fill_trie(&mut b.v4, map_names::POLICY_V4[buf as usize], v4)?;
+        fill_trie(&mut b.v6, map_names::POLICY_V6[buf as usize], v6)?;
+        self.set_config(buf, config)
+    }
+
+    /// Kernel memory charged to the IPv4 (`family` 4) or IPv6 trie of buffer `buf`.
+    pub fn trie_memlock(&self, buf: u32, family: u8) -> Option<u64> {
+        use aya::maps::IterableMap as _;
+        let b = &self.buffers[buf as usize];
+        let data = if family == 4 { b.v4.map() } else { b.v6.map() };
+        memlock(data)
+    }
+}
+
+/// Empties a policy trie, then inserts `entries`.
+fn fill_trie<K: aya::Pod>(
+    trie: &mut LpmTrie<MapData, K, PrefixValue>,
+    name: &'static str,
+    entries: impl Iterator<Item = (Key<K>, u32)>,
+) -> Result<(), DatapathError> {
+    let old: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for k in &old {
+        let _ = trie.remove(k);
+    }
+    for (key, set) in entries {
+        trie.insert(&key, PrefixValue { ruleset: set }, 0)
+            .map_err(err(name))?;
+    }
+    Ok(())
+}
+
+/// `memlock` of a map's fdinfo: the kernel memory charged to it.
+fn memlock(map: &MapData) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = map.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The `STATS` counters summed over all CPUs. Shared by a running datapath and by `egress
+/// status` reading the pins, so both report the same counters.
+pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, DatapathError> {
+    use egress_common::*;
+    let sum = |i: u32| -> Result<u64, DatapathError> {
+        Ok(stats
+            .get(&i, 0)
+            .map_err(err(map_names::STATS))?
+            .iter()
+            .sum())
+    };
+    Ok(Counters {
+        allowed: sum(STAT_ALLOWED)?,
+        denied: sum(STAT_DENIED)?,
+        audited: sum(STAT_AUDITED)?,
+        events_lost: sum(STAT_EVENTS_LOST)?,
+        tc_dropped: sum(STAT_TC_DROPPED)?,
+        tc_audited: sum(STAT_TC_AUDITED)?,
+        flows_full_packets: sum(STAT_FLOWS_FULL_PACKETS)?,
+        flows_full_bytes: sum(STAT_FLOWS_FULL_BYTES)?,
+        budget_dropped: sum(STAT_BUDGET_DROPPED)?,
+    })
+}
+
+/// Opens a pinned map as its typed handle (`egress status` without a controller).
+pub(super) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
+    path: &std::path::Path,
+    name: &'static str,
+    wrap: fn(MapData) -> Map,
+) -> Result<T, DatapathError> {
+    let data = MapData::from_pin(path).map_err(err(name))?;
+    T::try_from(wrap(data)).map_err(err(name))
+}

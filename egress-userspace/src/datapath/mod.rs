@@ -1,0 +1,504 @@
+//! The only module that touches aya: loads the embedded eBPF object, takes typed handles on its
+//! maps (`maps`), writes a compiled policy into them, attaches the hooks to a cgroup and TC to
+//! interfaces, pins what must outlive the controller (`pins`), and reads counters and the event
+//! ring (`ring`). Raw bpf(2) calls only where aya has no API (`bpfsys`).
+
+mod bpfsys;
+mod maps;
+pub mod pins;
+mod ring;
+
+use std::{collections::HashSet, fs::File, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
+    util::KernelVersion,
+};
+use egress_common::{BlockKey, BlockValue, Config, FlowKey, FlowValue, map_names};
+use serde::{Deserialize, Serialize};
+
+use self::{maps::Maps, pins::Pins};
+pub use self::{
+    pins::{LinkStatus, PinnedStatus, State},
+    ring::{AsyncEventRing, EventRing},
+};
+use crate::policy::compile::CompiledPolicy;
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
+
+/// The cgroup hooks, by program name in the object.
+pub const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The TC egress classifier.
+pub const TC_PROGRAM: &str = "tc_egress";
+
+/// Prefixes one policy buffer can hold, per address family. The tries allocate per entry, so the
+/// ceiling costs nothing until used.
+pub const POLICY_CAPACITY: u32 = 1 << 22;
+/// Distinct rule sets one policy buffer can hold.
+pub const RULESET_CAPACITY: u32 = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("interface {iface}: {message}")]
+    Iface { iface: String, message: String },
+    #[error("pinning: {0}")]
+    Pin(String),
+    #[error(
+        "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
+    )]
+    TooLarge {
+        v4: usize,
+        v6: usize,
+        rulesets: usize,
+    },
+}
+
+/// The datapath's counters (`STATS`), summed over all CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    pub events_lost: u64,
+    /// Packets TC dropped (unattributed traffic to blocked destinations).
+    pub tc_dropped: u64,
+    /// Packets TC would have dropped, in audit mode.
+    pub tc_audited: u64,
+    /// Packets/bytes not counted under their own flow because the flow map was full.
+    pub flows_full_packets: u64,
+    pub flows_full_bytes: u64,
+    /// Packets TC dropped because their owner is over a byte budget.
+    pub budget_dropped: u64,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    pub generation: u32,
+    pub elapsed: std::time::Duration,
+}
+
+/// A loaded (and, after [`Datapath::attach`], attached) datapath. Dropping it detaches every
+/// hook that is not pinned and frees the maps that are not pinned.
+pub struct Datapath {
+    /// The programs (the maps are taken out into `maps`).
+    ebpf: Ebpf,
+    maps: Maps,
+    /// The config in force (that of buffer `active`).
+    config: Config,
+    /// The policy buffer in force.
+    active: u32,
+    /// Keys in `BLOCKED` (their count tells the hooks whether to look).
+    blocked: HashSet<BlockKey>,
+    /// Where maps and links are pinned (None: nothing outlives this process).
+    pins: Option<Pins>,
+}
+
+fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
+    let fits = policy.v4.len() <= POLICY_CAPACITY as usize
+        && policy.v6.len() <= POLICY_CAPACITY as usize
+        && policy.rulesets.len() <= RULESET_CAPACITY as usize;
+    if fits {
+        Ok(())
+    } else {
+        Err(DatapathError::TooLarge {
+            v4: policy.v4.len(),
+            v6: policy.v6.len(),
+            rulesets: policy.rulesets.len(),
+        })
+    }
+}
+
+/// A program of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(|source| DatapathError::Program { name, source })
+}
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}
+
+impl Datapath {
+    /// Loads the programs and writes `policy` into the maps. Nothing is attached yet, so a failure
+    /// here changes nothing in the kernel's enforcement. Nothing is pinned: dropping the
+    /// datapath detaches everything (`egress exec`, `egress run --ephemeral`, tests).
+    pub fn load(policy: &CompiledPolicy) -> Result<Datapath, DatapathError> {
+        Self::load_with(policy, None).map(|(dp, _)| dp)
+    }
+
+    /// As [`Datapath::load`], with every map pinned under `pins` (reusing the pinned maps, and
+    /// so the policy in force and every counter, when a previous controller left its programs
+    /// attached there). Returns whether that state was adopted; then nothing is written to the
+    /// policy maps: the caller reloads atomically if its policy differs.
+    pub fn load_pinned(
+        policy: &CompiledPolicy,
+        pins: &Pins,
+    ) -> Result<(Datapath, bool), DatapathError> {
+        Self::load_with(policy, Some(pins))
+    }
+
+    fn load_with(
+        policy: &CompiledPolicy,
+        pins: Option<&Pins>,
+    ) -> Result<(Datapath, bool), DatapathError> {
+        check_capacity(policy)?;
+        let mut loader = EbpfLoader::new();
+        for name in map_names::POLICY_V4.iter().chain(&map_names::POLICY_V6) {
+            loader.map_max_entries(name, POLICY_CAPACITY);
+        }
+        for name in map_names::RULESETS {
+            loader.map_max_entries(name, RULESET_CAPACITY);
+        }
+        let mut adopt = false;
+        if let Some(p) = pins {
+            p.ensure()
+                .map_err(|e| DatapathError::Pin(format!("{e:#}")))?;
+            // Adopt only a complete state: links to follow and every map they use.
+            adopt = p.adoptable() && map_names::ALL.iter().all(|n| p.map(n).exists());
+            if !adopt {
+                // Maps without links are leftovers: start from fresh ones.
+                p.remove_maps();
+            }
+            for name in map_names::ALL {
+                loader.map_pin_path(name, p.map(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        let (active, config) = if adopt {
+            let active = maps.active()?;
+            (active, maps.config(active)?)
+        } else {
+            maps.write_buffer(0, policy, policy.config)?;
+            maps.set_active(0)?;
+            (0, policy.config)
+        };
+        for name in HOOKS {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(prog_err(name))?;
+        }
+        let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
+        tc.load().map_err(prog_err(TC_PROGRAM))?;
+        // Blocks set by an earlier controller keep counting towards `budget_blocks`.
+        let blocked = if adopt {
+            maps.blocked.keys().filter_map(Result::ok).collect()
+        } else {
+            HashSet::new()
+        };
+        let dp = Datapath {
+            ebpf,
+            maps,
+            config,
+            active,
+            blocked,
+            pins: pins.cloned(),
+        };
+        Ok((dp, adopt))
+    }
+
+    /// Applies a new policy atomically: the inactive buffer is filled completely, then `ACTIVE`
+    /// flips to it. Until the flip every decision uses the old policy, after it the new one; a
+    /// failure before the flip leaves the old policy in force, untouched.
+    pub fn reload(&mut self, policy: &CompiledPolicy) -> Result<Applied, DatapathError> {
+        let start = std::time::Instant::now();
+        check_capacity(policy)?;
+        self.active = self.maps.active()?;
+        let next = 1 - self.active;
+        let config = Config {
+            generation: self.config.generation + 1,
+            ..self.controller_fields(policy.config)
+        };
+        self.maps.write_buffer(next, policy, config)?;
+        self.maps.set_active(next)?;
+        self.active = next;
+        self.config = Config {
+            buffer: next,
+            ..config
+        };
+        Ok(Applied {
+            generation: config.generation,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// The generation of the policy in force.
+    pub fn generation(&self) -> u32 {
+        self.config.generation
+    }
+
+    /// `c` with the fields the controller owns (TC scope, block count) set as they are now.
+    fn controller_fields(&self, c: Config) -> Config {
+        Config {
+            tc_cgroup_id: self.config.tc_cgroup_id,
+            tc_cgroup_level: self.config.tc_cgroup_level,
+            budget_blocks: self.config.budget_blocks,
+            ..c
+        }
+    }
+
+    /// Writes the controller-owned config fields into both buffers.
+    fn write_configs(&mut self) -> Result<(), DatapathError> {
+        let other = 1 - self.active;
+        let inactive = self.controller_fields(self.maps.config(other)?);
+        let active = self.controller_fields(self.config);
+        self.maps.set_config(other, inactive)?;
+        self.maps.set_config(self.active, active)
+    }
+
+    /// Restricts the TC program to packets of sockets in `cgroup` (and below). Call before
+    /// [`Datapath::attach_tc`]. Not calling it means every packet on the interfaces.
+    pub fn set_tc_scope(&mut self, cgroup_id: u64, level: u32) -> Result<(), DatapathError> {
+        self.config.tc_cgroup_id = cgroup_id;
+        self.config.tc_cgroup_level = level;
+        self.write_configs()
+    }
+
+    /// Attaches every hook to the cgroup2 directory `cgroup` through BPF links. A cgroup link
+    /// always coexists with other programs there and in ancestor cgroups (every attached program
+    /// must allow a call), and the kernel rejects attach flags on links, hence `Single` (flags 0).
+    /// A link a previous controller pinned gets our program in place instead.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        for name in HOOKS {
+            let pinned = self.pins.as_ref().map(|p| p.link(name));
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            if take_over(pinned.as_deref(), prog.fd().map_err(prog_err(name))?)? {
+                continue;
+            }
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            if let Some(path) = pinned {
+                pin_link(prog.take_link(id).map_err(prog_err(name))?, &path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the TC egress program to each interface: TCX on kernels with it (6.6+), else a
+    /// clsact qdisc filter. Other programs on the interface keep running.
+    pub fn attach_tc(&mut self, ifaces: &[String]) -> Result<(), DatapathError> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        for iface in ifaces {
+            let iface_err = |message: String| DatapathError::Iface {
+                iface: iface.clone(),
+                message,
+            };
+            let ifindex = crate::sys::iface::index(iface).map_err(|e| iface_err(e.to_string()))?;
+            let l2 = crate::sys::iface::l2_header_len(iface);
+            self.maps
+                .iface_l2
+                .insert(ifindex, l2, 0)
+                .map_err(|source| DatapathError::Map {
+                    name: map_names::IFACE_L2,
+                    source,
+                })?;
+            if !tcx {
+                // EEXIST: a clsact qdisc is already there, which is what we need.
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface)
+                    && !e.to_string().contains("exists")
+                {
+                    return Err(iface_err(format!("adding clsact qdisc: {e}")));
+                }
+            }
+            // Only TCX links can be pinned. A netlink (pre-6.6) filter stays owned by this process
+            // and is removed when it exits; enforcement at the cgroup hooks is pinned regardless.
+            let pinned = self
+                .pins
+                .as_ref()
+                .filter(|_| tcx)
+                .map(|p| p.link(&format!("tc-{iface}")));
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+            if take_over(pinned.as_deref(), prog.fd().map_err(prog_err(TC_PROGRAM))?)? {
+                continue;
+            }
+            let id = prog
+                .attach(iface, TcAttachType::Egress)
+                .map_err(prog_err(TC_PROGRAM))?;
+            if let Some(path) = pinned {
+                pin_link(prog.take_link(id).map_err(prog_err(TC_PROGRAM))?, &path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks `key` in the kernel until `until_ns` (CLOCK_BOOTTIME), reporting `rule_id`.
+    pub fn block(
+        &mut self,
+        key: BlockKey,
+        until_ns: u64,
+        rule_id: u32,
+    ) -> Result<(), DatapathError> {
+        let value = BlockValue {
+            until_ns,
+            rule_id,
+            _pad: 0,
+        };
+        self.maps
+            .blocked
+            .insert(key, value, 0)
+            .map_err(|source| DatapathError::Map {
+                name: map_names::BLOCKED,
+                source,
+            })?;
+        self.blocked.insert(key);
+        self.sync_block_count()
+    }
+
+    /// Lifts a block; true if there was one.
+    pub fn unblock(&mut self, key: &BlockKey) -> Result<bool, DatapathError> {
+        let removed = self.maps.blocked.remove(key).is_ok();
+        self.blocked.remove(key);
+        self.sync_block_count()?;
+        Ok(removed)
+    }
+
+    /// Tells the hooks how many blocks exist (0 lets them skip the lookups).
+    fn sync_block_count(&mut self) -> Result<(), DatapathError> {
+        let n = self.blocked.len() as u32;
+        if n == self.config.budget_blocks {
+            return Ok(());
+        }
+        self.config.budget_blocks = n;
+        self.write_configs()
+    }
+
+    /// Kernel memory charged to the policy trie in force for `family` (4 or 6).
+    pub fn policy_memlock(&self, family: u8) -> Option<u64> {
+        self.maps.trie_memlock(self.active, family)
+    }
+
+    /// Every flow counter, summed over CPUs.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, DatapathError> {
+        let mut out = Vec::new();
+        for item in self.maps.flows.iter() {
+            // A key deleted between the key walk and its lookup is simply gone.
+            let Ok((key, per_cpu)) = item else { continue };
+            let mut total = FlowValue::default();
+            for v in per_cpu.iter() {
+                total.packets += v.packets;
+                total.bytes += v.bytes;
+                total.payload += v.payload;
+            }
+            out.push((key, total));
+        }
+        Ok(out)
+    }
+
+    /// Deletes flow counters (of owners that have exited, once their totals are read).
+    pub fn remove_flows(&mut self, keys: &[FlowKey]) {
+        for k in keys {
+            let _ = self.maps.flows.remove(k);
+        }
+    }
+
+    /// The comm of every process with a recorded socket owner, for processes that exited before
+    /// /proc could be read. One walk of the map.
+    pub fn owner_comms(&self) -> std::collections::HashMap<u32, String> {
+        self.maps
+            .owners
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, o)| (o.tgid, egress_common::user::comm_str(&o.comm)))
+            .collect()
+    }
+
+    /// Takes the event ring buffer (once).
+    pub fn take_events(&mut self) -> Result<EventRing, DatapathError> {
+        self.maps
+            .events
+            .take()
+            .map(EventRing::new)
+            .ok_or(DatapathError::Missing("EVENTS map (already taken)"))
+    }
+
+    /// The datapath's counters.
+    pub fn stats(&self) -> Result<Counters, DatapathError> {
+        maps::sum_stats(&self.maps.stats)
+    }
+}
+
+/// Pins an attachment's link at `path`, so that it outlives this process.
+fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let pin_err =
+        |e: &dyn std::fmt::Display| DatapathError::Pin(format!("{}: {e}", path.display()));
+    let fd = FdLink::try_from(link).map_err(|e| pin_err(&e))?;
+    fd.pin(path).map(drop).map_err(|e| pin_err(&e))
+}
+
+/// Gives the link pinned at `path` (if any) our program in one step (BPF_LINK_UPDATE): the hook
+/// never runs without a program, and the old one is released. False when there is no pinned
+/// link to take over: the caller attaches afresh.
+fn take_over(path: Option<&Path>, prog: &aya::programs::ProgramFd) -> Result<bool, DatapathError> {
+    use std::os::fd::AsFd as _;
+    let Some(path) = path.filter(|p| p.exists()) else {
+        return Ok(false);
+    };
+    let link = bpfsys::obj_get(path)
+        .map_err(|e| DatapathError::Pin(format!("opening {}: {e}", path.display())))?;
+    match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
+        Ok(()) => Ok(true),
+        // The link's target went away (interface or cgroup deleted and recreated): it is
+        // detached for good. Drop its pin; the caller attaches afresh.
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+            tracing::warn!(link = %path.display(), "pinned link was detached by the kernel; attaching afresh");
+            let _ = std::fs::remove_file(path);
+            Ok(false)
+        }
+        Err(e) => Err(DatapathError::Pin(format!(
+            "updating {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_object_has_exactly_the_maps_egress_common_names() {
+        let obj = aya_obj::Object::parse(super::EBPF_OBJECT).expect("parsing the embedded object");
+        let mut in_object: Vec<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        in_object.sort_unstable();
+        let mut named = egress_common::map_names::ALL.to_vec();
+        named.sort_unstable();
+        assert_eq!(in_object, named);
+    }
+}
