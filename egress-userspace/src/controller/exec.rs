@@ -29,6 +29,13 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         .command
         .split_first()
         .context("no command given after `--`")?;
+    // Handlers before anything else: a signal arriving during set-up must neither kill egress
+    // half set up nor, once the command runs, leave it unprotected. One that arrives before the
+    // command starts is forwarded to it as soon as it does.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigquit = signal(SignalKind::quit())?;
     let root = cgroup::cgroup2_root()?;
     let cg = ChildCgroup::create(&root, "egress-exec")?;
     let target = Target {
@@ -39,13 +46,6 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     };
     let (mut ctl, _) =
         Controller::start(&opts.common, target, Box::new(tokio::io::stderr())).await?;
-
-    // Handlers first: a signal arriving between spawn and here would otherwise kill egress and
-    // leave the command running unprotected.
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut sigquit = signal(SignalKind::quit())?;
 
     let procs = cg.procs_fd()?;
     let parent = rustix::process::getpid();

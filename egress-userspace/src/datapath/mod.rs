@@ -12,13 +12,16 @@ use std::{collections::HashSet, fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
     util::KernelVersion,
 };
 use egress_common::{BlockKey, BlockValue, Config, FlowKey, FlowValue, map_names};
 use serde::{Deserialize, Serialize};
 
-use self::{maps::Maps, pins::Pins};
+use self::{
+    maps::Maps,
+    pins::{Pins, pin_link, take_over},
+};
 pub use self::{
     pins::{LinkStatus, PinnedStatus, State},
     ring::{AsyncEventRing, EventRing},
@@ -445,43 +448,6 @@ impl Datapath {
     /// The datapath's counters.
     pub fn stats(&self) -> Result<Counters, DatapathError> {
         maps::sum_stats(&self.maps.stats)
-    }
-}
-
-/// Pins an attachment's link at `path`, so that it outlives this process.
-fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
-where
-    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
-{
-    let pin_err =
-        |e: &dyn std::fmt::Display| DatapathError::Pin(format!("{}: {e}", path.display()));
-    let fd = FdLink::try_from(link).map_err(|e| pin_err(&e))?;
-    fd.pin(path).map(drop).map_err(|e| pin_err(&e))
-}
-
-/// Gives the link pinned at `path` (if any) our program in one step (BPF_LINK_UPDATE): the hook
-/// never runs without a program, and the old one is released. False when there is no pinned
-/// link to take over: the caller attaches afresh.
-fn take_over(path: Option<&Path>, prog: &aya::programs::ProgramFd) -> Result<bool, DatapathError> {
-    use std::os::fd::AsFd as _;
-    let Some(path) = path.filter(|p| p.exists()) else {
-        return Ok(false);
-    };
-    let link = bpfsys::obj_get(path)
-        .map_err(|e| DatapathError::Pin(format!("opening {}: {e}", path.display())))?;
-    match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
-        Ok(()) => Ok(true),
-        // The link's target went away (interface or cgroup deleted and recreated): it is
-        // detached for good. Drop its pin; the caller attaches afresh.
-        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
-            tracing::warn!(link = %path.display(), "pinned link was detached by the kernel; attaching afresh");
-            let _ = std::fs::remove_file(path);
-            Ok(false)
-        }
-        Err(e) => Err(DatapathError::Pin(format!(
-            "updating {}: {e}",
-            path.display()
-        ))),
     }
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use egress_common::{Config, map_names};
 use serde::{Deserialize, Serialize};
 
-use super::{Counters, bpfsys, maps};
+use super::{Counters, DatapathError, bpfsys, maps};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -237,6 +237,46 @@ impl Pins {
         let _ = fs::remove_dir(&self.dir);
         let _ = fs::remove_file(self.state_path());
         Ok(removed)
+    }
+}
+
+/// Pins an attachment's link at `path`, so that it outlives this process.
+pub(super) fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
+where
+    aya::programs::links::FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    let pin_err =
+        |e: &dyn std::fmt::Display| DatapathError::Pin(format!("{}: {e}", path.display()));
+    let fd = aya::programs::links::FdLink::try_from(link).map_err(|e| pin_err(&e))?;
+    fd.pin(path).map(drop).map_err(|e| pin_err(&e))
+}
+
+/// Gives the link pinned at `path` (if any) our program in one step (BPF_LINK_UPDATE): the hook
+/// never runs without a program, and the old one is released. False when there is no pinned
+/// link to take over: the caller attaches afresh.
+pub(super) fn take_over(
+    path: Option<&Path>,
+    prog: &aya::programs::ProgramFd,
+) -> Result<bool, DatapathError> {
+    use std::os::fd::AsFd as _;
+    let Some(path) = path.filter(|p| p.exists()) else {
+        return Ok(false);
+    };
+    let link = bpfsys::obj_get(path)
+        .map_err(|e| DatapathError::Pin(format!("opening {}: {e}", path.display())))?;
+    match bpfsys::link_update(link.as_fd(), prog.as_fd()) {
+        Ok(()) => Ok(true),
+        // The link's target went away (interface or cgroup deleted and recreated): it is
+        // detached for good. Drop its pin; the caller attaches afresh.
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {
+            tracing::warn!(link = %path.display(), "pinned link was detached by the kernel; attaching afresh");
+            let _ = std::fs::remove_file(path);
+            Ok(false)
+        }
+        Err(e) => Err(DatapathError::Pin(format!(
+            "updating {}: {e}",
+            path.display()
+        ))),
     }
 }
 
