@@ -530,17 +530,6 @@ impl Policy {
         })
     }
 
-    /// Whether two alerts with the same name differ (their line does not count).
-    pub fn alert_differs(a: &alert::Alert, b: &alert::Alert) -> bool {
-        alert::Alert {
-            line: 0,
-            ..a.clone()
-        } != alert::Alert {
-            line: 0,
-            ..b.clone()
-        }
-    }
-
     pub fn services(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter().filter(|r| r.kind == RuleKind::Service)
     }
