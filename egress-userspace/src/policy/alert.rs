@@ -229,6 +229,43 @@ impl Alert {
     pub fn window_text(&self) -> String {
         HumanDuration(self.window).to_string()
     }
+
+    /// Whether two alerts say the same thing: every setting equal, wherever each is written
+    /// (`line` does not count).
+    fn same_settings(&self, other: &Alert) -> bool {
+        // Destructured, so that a new field cannot be left out of the comparison unnoticed.
+        let Alert {
+            name,
+            bytes,
+            window,
+            per,
+            action,
+            cooldown,
+            services,
+            destinations,
+            exclude_destinations,
+            unapproved_only,
+            line: _,
+        } = self;
+        *name == other.name
+            && *bytes == other.bytes
+            && *window == other.window
+            && *per == other.per
+            && *action == other.action
+            && *cooldown == other.cooldown
+            && *services == other.services
+            && *destinations == other.destinations
+            && *exclude_destinations == other.exclude_destinations
+            && *unapproved_only == other.unapproved_only
+    }
+}
+
+/// Whether `new` differs from `old` in anything but where the alerts are written: a count, an
+/// order or a setting. The one comparison for both a reload (which keeps the alert engine and its
+/// sliding windows unless this is true; the engine knows alerts by position) and
+/// [`describe`](super::diff::describe) (which compares one alert of each name).
+pub fn alerts_differ(old: &[Alert], new: &[Alert]) -> bool {
+    old.len() != new.len() || old.iter().zip(new).any(|(o, n)| !o.same_settings(n))
 }
 
 #[cfg(test)]
@@ -247,6 +284,43 @@ mod tests {
         assert!(b("10XB").unwrap_err().contains("unknown unit `XB`"));
         assert!(b("MiB").unwrap_err().contains("not a size"));
         assert!(b("0MB").unwrap_err().contains("out of range"));
+    }
+
+    fn alert(name: &str, bytes: u64, line: usize) -> Alert {
+        Alert {
+            name: name.into(),
+            bytes,
+            window: Duration::from_secs(300),
+            per: AlertPer::Process,
+            action: AlertAction::Alert,
+            cooldown: Duration::from_secs(300),
+            services: vec!["web".into()],
+            destinations: vec!["10.0.0.0/8".parse().unwrap()],
+            exclude_destinations: Vec::new(),
+            unapproved_only: false,
+            line,
+        }
+    }
+
+    #[test]
+    fn alerts_differ_ignores_lines_only() {
+        let old = [alert("a", 100, 4), alert("b", 200, 9)];
+        // Same alerts, moved down by a service added above them.
+        let moved = [alert("a", 100, 8), alert("b", 200, 13)];
+        assert!(!alerts_differ(&old, &moved));
+        assert!(!alerts_differ(&[], &[]));
+        assert!(alerts_differ(
+            &old,
+            &[alert("a", 100, 4), alert("b", 201, 9)]
+        ));
+        assert!(alerts_differ(&old, &[alert("a", 100, 4)]));
+        assert!(alerts_differ(
+            &old,
+            &[alert("b", 200, 9), alert("a", 100, 4)]
+        ));
+        let mut other = alert("a", 100, 4);
+        other.unapproved_only = true;
+        assert!(alerts_differ(&old[..1], &[other]));
     }
 
     #[test]

@@ -5,9 +5,14 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fmt::Write as _,
+    slice,
 };
 
-use super::{Policy, Rule, compile::CompiledPolicy};
+use super::{
+    Policy, Rule,
+    alert::{Alert, alerts_differ},
+    compile::CompiledPolicy,
+};
 
 /// How much of each list is printed before "… and N more".
 const SHOWN: usize = 20;
@@ -81,15 +86,21 @@ pub fn describe(
             removed.push(format!("{} {}", o.kind.as_str(), o.name));
         }
     }
+    let old_alerts: HashMap<&str, &Alert> =
+        old.alerts.iter().map(|a| (a.name.as_str(), a)).collect();
+    let new_alerts: HashMap<&str, &Alert> =
+        new.alerts.iter().map(|a| (a.name.as_str(), a)).collect();
     for a in &new.alerts {
-        match old.alerts.iter().find(|o| o.name == a.name) {
+        match old_alerts.get(a.name.as_str()) {
             None => added.push(format!("alert {}", a.name)),
-            Some(o) if Policy::alert_differs(o, a) => changed.push(format!("alert {}", a.name)),
+            Some(&o) if alerts_differ(slice::from_ref(o), slice::from_ref(a)) => {
+                changed.push(format!("alert {}", a.name))
+            }
             Some(_) => {}
         }
     }
     for o in &old.alerts {
-        if !new.alerts.iter().any(|a| a.name == o.name) {
+        if !new_alerts.contains_key(o.name.as_str()) {
             removed.push(format!("alert {}", o.name));
         }
     }
@@ -138,5 +149,21 @@ mod tests {
         );
         assert!(d.contains("prefixes removed (1):\n  192.0.2.0/24"), "{d}");
         assert_eq!(describe(&a, &ac, &a, &ac), "no change\n");
+    }
+
+    #[test]
+    fn alerts_moved_by_a_new_service_are_unchanged() {
+        let alerts = "[[alert]]\nname = \"bulk\"\nbytes = \"1MB\"\nwindow = \"5m\"\nservices = [\"web\"]\n[[alert]]\nname = \"any\"\nbytes = 5000\nwindow = \"30s\"\n";
+        let web = "[[service]]\nname = \"web\"\ndestinations = [\"10.0.0.0/8\"]\n";
+        let dns = "[[service]]\nname = \"dns\"\ndestinations = [\"10.0.0.53\"]\n";
+        let (a, ac) = both(&format!("{web}{alerts}"));
+        let (b, bc) = both(&format!("{dns}{web}{alerts}"));
+        assert_ne!(a.alerts[0].line, b.alerts[0].line);
+        let d = describe(&a, &ac, &b, &bc);
+        assert!(d.contains("added (1):\n  service dns"), "{d}");
+        assert!(!d.contains("changed"), "{d}");
+        let (c, cc) = both(&format!("{web}{}", alerts.replace("5000", "6000")));
+        let d = describe(&a, &ac, &c, &cc);
+        assert!(d.contains("changed (1):\n  alert any"), "{d}");
     }
 }

@@ -364,3 +364,88 @@ fn alert_errors_name_line_field_and_expectation() {
     ));
     assert!(e.message.contains("unknown field `threshold`"), "{e}");
 }
+
+// The field comes from the parser, not from the text around the error: the cases below fooled
+// a locator that re-scanned the text line by line.
+
+#[test]
+fn equals_sign_inside_a_multi_line_array_is_not_a_key() {
+    let e = err(
+        "[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nports = [\n  80,\n  \"x=1\",\n]\n",
+    );
+    assert_eq!((e.line, e.column), (6, 3));
+    assert_eq!(e.field, "service[1].ports");
+    assert!(e.message.contains("`x=1` is not a port number"), "{e}");
+    // Same for our own checks after such an array: the unknown service is in `services`.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nservices = [\n  \"corp-proxy\",\n  \"a=b\",\n]\n"
+    ));
+    assert_eq!((e.line, e.field.as_str()), (10, "alert[1].services"));
+    assert!(
+        e.message.contains("no service or block is named `a=b`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn table_header_inside_a_string_is_not_a_table() {
+    let e = err(
+        "[[service]]\nname = \"\"\"web\n[[service]]\n[[block]]\"\"\"\ndestinations = [\"10.0.0.0/8\"]\n\n[[service]]\nname = \"b\"\ndestinations = [\"10.0.0.0/33\"]\n",
+    );
+    assert_eq!((e.line, e.column), (9, 17));
+    assert_eq!(e.field, "service[2].destinations");
+    let e = err("[[service]]\nname = \"\"\"\n[[block]]\n\"\"\"\ndestinations = []\n");
+    assert_eq!((e.line, e.field.as_str()), (5, "service[1].destinations"));
+    assert!(e.message.contains("at least one address"), "{e}");
+}
+
+#[test]
+fn inline_tables_are_located_like_table_headers() {
+    let rules = "service = [\n  { name = \"a\", destinations = [\"10.0.0.0/8\"] },\n  { name = \"b\", destinations = [\"10.0.0.0/33\"] },\n]\n";
+    let e = err(rules);
+    assert_eq!((e.line, e.column), (3, 33));
+    assert_eq!(e.field, "service[2].destinations");
+    let e = err(
+        "block = [{ name = \"a\", destinations = [\"10.0.0.0/8\"] }, { name = \"b\", destination = [] }]\n",
+    );
+    assert_eq!(e.field, "block[2].destination");
+    assert!(e.message.contains("unknown field `destination`"), "{e}");
+    let e = err(
+        "block = [{ name = \"a\", destinations = [\"10.0.0.0/8\"] }, { name = \"a\", destinations = [\"10.0.0.0/8\"] }]\n",
+    );
+    assert_eq!((e.column, e.field.as_str()), (66, "block[2].name"));
+    assert!(e.message.contains("duplicate name `a`"), "{e}");
+    // Top-level keys come before the first table header.
+    let e = err(&format!(
+        "alert = [\n  {{ name = \"x\", bytes = 1, window = \"5m\" }},\n  {{ name = \"y\", bytes = 1, window = \"5m\", per = \"cgroup\", action = \"block\" }},\n]\n{ALERT_BASE}"
+    ));
+    assert_eq!((e.line, e.column), (3, 68));
+    assert_eq!(e.field, "alert[2].action");
+    assert!(e.message.contains("cannot apply per = \"cgroup\""), "{e}");
+}
+
+#[test]
+fn index_counts_each_table_kind_separately() {
+    let e = err(
+        "[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"b\"\ndestinations = [\"10.0.0.0/8\"]\n[[service]]\nname = \"c\"\ndestinations = [\"10.0.0.0/8\"]\nports = []\n[[block]]\nname = \"d\"\ndestinations = [\"10.0.0.0/8\"]\n",
+    );
+    assert_eq!((e.line, e.field.as_str()), (10, "service[2].ports"));
+    let e = err(
+        "[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"b\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"c\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"sctp\"]\n",
+    );
+    assert_eq!((e.line, e.field.as_str()), (10, "block[2].protocols"));
+}
+
+#[test]
+fn whole_tables_and_the_whole_file_are_fields_too() {
+    let e = err("[[service]]\nname = \"a\"\n");
+    assert_eq!((e.line, e.field.as_str()), (1, "service[1]"));
+    let e = err("service = 3\n");
+    assert_eq!(e.field, "service");
+    // A syntax error has no field: the file as a whole.
+    let e = err("mode = \"enforce\"\n[[service]\nname = 1\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "policy"));
+    let e = err("mode = \"audit\"\nmode = \"enforce\"\n");
+    assert_eq!((e.line, e.column, e.field.as_str()), (2, 1, "policy"));
+    assert!(e.message.contains("duplicate key"), "{e}");
+}

@@ -1,0 +1,194 @@
+//! [`PolicyError`], and how a place in the policy text becomes `file:line:column: field`.
+//!
+//! Nothing here re-reads the text to guess where it is. Line and column come from the byte
+//! offset the parser reports (a span of toml's, or of a [`toml::Spanned`] value). The field comes
+//! from the deserializer's own path when serde fails ([`serde_path_to_error`] around the toml
+//! deserializer), and from what the validation knows (table kind, its 1-based index in the file,
+//! key: [`Entry::field`]) when our checks fail. A field is a top-level key (`mode`), a key of one
+//! `[[service]]`, `[[block]]` or `[[alert]]` table (`service[2].ports`; no element index for an
+//! array value), or `policy` for the file as a whole (syntax errors, unreadable files).
+
+use serde_path_to_error::Segment;
+
+/// A policy error, pointing at the offending place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {field}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the field, e.g. `service[2].ports`, or `policy` for the file as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+/// The field of errors about the file as a whole.
+const WHOLE_FILE: &str = "policy";
+
+/// Keys that `toml::Spanned` uses to carry its span through serde; not part of the schema.
+const SPANNED_PRIVATE_KEY: &str = "$__serde_spanned_private_";
+
+impl PolicyError {
+    /// The file cannot be read at all.
+    pub(super) fn unreadable(file: &str, e: &std::io::Error) -> PolicyError {
+        PolicyError {
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            field: WHOLE_FILE.into(),
+            message: format!("cannot read the policy file: {e}"),
+        }
+    }
+}
+
+/// The kinds of array-of-tables a policy has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Table {
+    Service,
+    Block,
+    Alert,
+}
+
+impl Table {
+    /// The table's key in the file.
+    pub(super) fn key(self) -> &'static str {
+        match self {
+            Table::Service => "service",
+            Table::Block => "block",
+            Table::Alert => "alert",
+        }
+    }
+}
+
+/// One `[[service]]`, `[[block]]` or `[[alert]]` table: its kind and its 0-based index among the
+/// tables of that kind, in file order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Entry {
+    pub table: Table,
+    pub index: usize,
+}
+
+impl Entry {
+    /// The field path of one of the table's keys: `service[2].ports` (1-based).
+    pub(super) fn field(self, key: &str) -> String {
+        format!("{}[{}].{key}", self.table.key(), self.index + 1)
+    }
+}
+
+/// The policy text being parsed, to turn byte offsets into positioned errors.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Source<'a> {
+    pub file: &'a str,
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    /// An error at a byte offset, about `field`.
+    pub(super) fn error(&self, offset: usize, field: String, message: String) -> PolicyError {
+        let (line, column) = line_col(self.text, offset);
+        PolicyError {
+            file: self.file.to_string(),
+            line,
+            column,
+            field,
+            message,
+        }
+    }
+
+    /// The 1-based line of a byte offset.
+    pub(super) fn line(&self, offset: usize) -> usize {
+        line_col(self.text, offset).0
+    }
+
+    /// A TOML syntax error: the document could not be read into tables at all.
+    pub(super) fn syntax(&self, e: &toml::de::Error) -> PolicyError {
+        self.toml(e, WHOLE_FILE.to_string())
+    }
+
+    /// A serde error, located by the deserializer's path and the error's span.
+    pub(super) fn serde(&self, e: &serde_path_to_error::Error<toml::de::Error>) -> PolicyError {
+        self.toml(e.inner(), field_of(e.path()))
+    }
+
+    fn toml(&self, e: &toml::de::Error, field: String) -> PolicyError {
+        let offset = e.span().map_or(0, |s| s.start);
+        self.error(offset, field, clean_toml_message(e.message()))
+    }
+}
+
+/// The field path of a deserializer path: keys joined by dots, with the 1-based index of the
+/// table after a top-level array (`service[2].ports`) and no index for the elements of an array
+/// value (`service[2].ports[1]` is `service[2].ports`). `policy` for the root.
+fn field_of(path: &serde_path_to_error::Path) -> String {
+    let mut field = String::new();
+    let segments = path
+        .iter()
+        .filter(|s| !matches!(s, Segment::Map { key } if key.starts_with(SPANNED_PRIVATE_KEY)));
+    for (depth, segment) in segments.enumerate() {
+        match segment {
+            Segment::Map { key } => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(key);
+            }
+            // `[[service]]` (or `service = [{ … }]`): which table.
+            Segment::Seq { index } if depth == 1 => {
+                field.push_str(&format!("[{}]", index + 1));
+            }
+            // An element of an array value: the field is the array. Enum variants and keys that
+            // are not strings do not occur in our schema.
+            Segment::Seq { .. } | Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    if field.is_empty() {
+        WHOLE_FILE.to_string()
+    } else {
+        field
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}
+
+/// toml's messages sometimes end in a newline; keep ours on one line.
+fn clean_toml_message(m: &str) -> String {
+    m.trim().replace('\n', "; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_and_column_count_characters() {
+        let text = "a = 1\nb = \"é\" x\n";
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, 6), (2, 1));
+        // `x` comes after the two-byte `é`: byte 9 of its line, character column 9.
+        assert_eq!(line_col(text, text.find('x').unwrap()), (2, 9));
+        assert_eq!(line_col(text, usize::MAX), (3, 1));
+    }
+
+    #[test]
+    fn entry_fields_are_one_based() {
+        let e = Entry {
+            table: Table::Alert,
+            index: 0,
+        };
+        assert_eq!(e.field("action"), "alert[1].action");
+    }
+}

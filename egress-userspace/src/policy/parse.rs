@@ -1,0 +1,293 @@
+//! Policy text to a validated [`Policy`]: the TOML schema as written (`Raw*`), deserialized with
+//! the deserializer's path tracked, then the checks serde cannot make (unique and unreserved
+//! names, non-empty lists, alerts' references and actions), in file order.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    DefaultVerdict, Destination, Mode, Policy, PolicyError, PortRange, Protocol, Rule, RuleKind,
+    alert::{Alert, AlertAction, AlertPer, RawAlert},
+    content_hash,
+    error::{Entry, Source, Table},
+};
+
+/// Names that events use for verdicts no rule made; rules and alerts may not take them.
+const RESERVED_NAMES: [&str; 2] = ["default", "loopback"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    default: DefaultVerdict,
+    #[serde(default = "yes")]
+    allow_loopback: bool,
+    #[serde(default)]
+    service: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    block: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    alert: Vec<Spanned<RawAlert>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    destinations: Spanned<Vec<Destination>>,
+    #[serde(default)]
+    ports: Option<Spanned<Vec<PortRange>>>,
+    #[serde(default)]
+    protocols: Option<Spanned<Vec<Protocol>>>,
+}
+
+impl From<RuleKind> for Table {
+    fn from(kind: RuleKind) -> Table {
+        match kind {
+            RuleKind::Service => Table::Service,
+            RuleKind::Block => Table::Block,
+        }
+    }
+}
+
+impl Policy {
+    /// Parses and validates policy text. `file` is used in error messages only.
+    pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+        let src = Source { file, text };
+        let de = toml::Deserializer::parse(text).map_err(|e| src.syntax(&e))?;
+        let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| src.serde(&e))?;
+
+        let mut names = Names::default();
+        // Validate in file order, so that a duplicate is reported where it is, not where the name
+        // was first used; services are then put first, blocks second (a stable sort).
+        let mut tables: Vec<(RuleKind, usize, Spanned<RawRule>)> = raw
+            .service
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (RuleKind::Service, i, r))
+            .chain(
+                raw.block
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| (RuleKind::Block, i, r)),
+            )
+            .collect();
+        tables.sort_by_key(|(_, _, r)| r.span().start);
+        let mut rules = tables
+            .into_iter()
+            .map(|(kind, index, r)| {
+                let entry = Entry {
+                    table: kind.into(),
+                    index,
+                };
+                rule(src, &mut names, kind, entry, r)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.sort_by_key(|r| r.kind == RuleKind::Block);
+
+        let rule_names: HashSet<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+        let alerts = raw
+            .alert
+            .into_iter()
+            .enumerate()
+            .map(|(index, a)| {
+                let entry = Entry {
+                    table: Table::Alert,
+                    index,
+                };
+                alert(src, &mut names, &rule_names, entry, a)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        Ok(Policy {
+            source: file.to_string(),
+            mode: raw.mode,
+            default: raw.default,
+            allow_loopback: raw.allow_loopback,
+            rules,
+            alerts,
+            hash: content_hash(text),
+        })
+    }
+}
+
+/// The names taken so far (services and blocks, then alerts), with the line each is on.
+#[derive(Debug, Default)]
+struct Names(HashMap<String, usize>);
+
+impl Names {
+    /// Takes the name of a rule or alert: it must be non-empty, not reserved and not yet taken.
+    fn take(
+        &mut self,
+        src: Source<'_>,
+        entry: Entry,
+        name: Spanned<String>,
+    ) -> Result<String, PolicyError> {
+        let at = name.span().start;
+        let name = name.into_inner();
+        let is_alert = entry.table == Table::Alert;
+        let problem = if name.trim().is_empty() {
+            Some("expected a non-empty name".to_string())
+        } else if RESERVED_NAMES.contains(&name.as_str()) {
+            Some(if is_alert {
+                format!("`{name}` is reserved: expected another name")
+            } else {
+                format!("`{name}` is reserved for verdicts no rule makes: expected another name")
+            })
+        } else if let Some(first_line) = self.0.get(&name) {
+            let across = if is_alert {
+                "services, blocks and alerts"
+            } else {
+                "services and blocks"
+            };
+            Some(format!(
+                "duplicate name `{name}` (first used on line {first_line}): expected names unique across {across}"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = problem {
+            return Err(src.error(at, entry.field("name"), message));
+        }
+        self.0.insert(name.clone(), src.line(at));
+        Ok(name)
+    }
+}
+
+/// The list under `key`, which must not be empty.
+fn non_empty<T>(
+    src: Source<'_>,
+    entry: Entry,
+    key: &str,
+    list: Spanned<Vec<T>>,
+    expected: &str,
+) -> Result<Vec<T>, PolicyError> {
+    if list.get_ref().is_empty() {
+        return Err(src.error(list.span().start, entry.field(key), expected.into()));
+    }
+    Ok(list.into_inner())
+}
+
+/// One `[[service]]` or `[[block]]`.
+fn rule(
+    src: Source<'_>,
+    names: &mut Names,
+    kind: RuleKind,
+    entry: Entry,
+    table: Spanned<RawRule>,
+) -> Result<Rule, PolicyError> {
+    let line = src.line(table.span().start);
+    let r = table.into_inner();
+    let name = names.take(src, entry, r.name)?;
+    let destinations = non_empty(
+        src,
+        entry,
+        "destinations",
+        r.destinations,
+        "expected at least one address or CIDR",
+    )?;
+    let ports = r
+        .ports
+        .map(|p| {
+            non_empty(
+                src,
+                entry,
+                "ports",
+                p,
+                "expected at least one port or range (omit `ports` for all ports)",
+            )
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let mut protocols = r
+        .protocols
+        .map(|p| {
+            non_empty(
+                src,
+                entry,
+                "protocols",
+                p,
+                "expected \"tcp\" and/or \"udp\" (omit `protocols` for both)",
+            )
+        })
+        .transpose()?
+        .unwrap_or_default();
+    protocols.sort();
+    protocols.dedup();
+    Ok(Rule {
+        kind,
+        name,
+        destinations,
+        ports,
+        protocols,
+        line,
+    })
+}
+
+/// One `[[alert]]`; `rule_names` are the names of every service and block.
+fn alert(
+    src: Source<'_>,
+    names: &mut Names,
+    rule_names: &HashSet<&str>,
+    entry: Entry,
+    table: Spanned<RawAlert>,
+) -> Result<Alert, PolicyError> {
+    let table_start = table.span().start;
+    let a = table.into_inner();
+    let name = names.take(src, entry, a.name)?;
+    let services = a
+        .services
+        .into_iter()
+        .map(|svc| {
+            if rule_names.contains(svc.get_ref().as_str()) {
+                Ok(svc.into_inner())
+            } else {
+                Err(src.error(
+                    svc.span().start,
+                    entry.field("services"),
+                    format!(
+                        "no service or block is named `{}`: expected one of the names above",
+                        svc.get_ref()
+                    ),
+                ))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (action, action_at) = match a.action {
+        Some(s) => (*s.get_ref(), s.span().start),
+        None => (AlertAction::Alert, table_start),
+    };
+    if action == AlertAction::Block
+        && !matches!(a.per, AlertPer::Process | AlertPer::ProcessDestination)
+    {
+        return Err(src.error(
+            action_at,
+            entry.field("action"),
+            format!(
+                "action = \"block\" cannot apply per = \"{}\": expected per = \"process\" or \"process_destination\"",
+                a.per.as_str()
+            ),
+        ));
+    }
+    Ok(Alert {
+        name,
+        bytes: a.bytes.0,
+        window: a.window.0,
+        per: a.per,
+        action,
+        cooldown: a.cooldown.map_or(a.window.0, |c| c.0),
+        services,
+        destinations: a.destinations,
+        exclude_destinations: a.exclude_destinations,
+        unapproved_only: a.unapproved_only,
+        line: src.line(table_start),
+    })
+}

@@ -1,0 +1,227 @@
+//! The policy's value types and how each is read from TOML: [`Mode`], [`DefaultVerdict`],
+//! [`Protocol`], [`PortRange`] and [`Destination`].
+//!
+//! "Parse, don't validate": a value of these types is valid by construction. A [`PortRange`] is
+//! non-empty and within 1..=65535; a [`Destination`] is a canonical network (no host bits set,
+//! v4-mapped IPv6 stored as IPv4). Their `Deserialize` impls fail inside the visitor, so that the
+//! parser's error carries the span of the offending element.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Deserializer, de};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny unapproved destinations with EPERM.
+    #[default]
+    Enforce,
+    /// Block nothing; report every would-be deny.
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultVerdict {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        })
+    }
+}
+
+impl fmt::Display for DefaultVerdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DefaultVerdict::Deny => "deny",
+            DefaultVerdict::Allow => "allow",
+        })
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// An inclusive, non-empty port range within 1..=65535.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    lo: u16,
+    hi: u16,
+}
+
+impl PortRange {
+    pub const ALL: PortRange = PortRange {
+        lo: 1,
+        hi: u16::MAX,
+    };
+
+    pub fn new(lo: u16, hi: u16) -> Result<Self, String> {
+        if lo == 0 || hi == 0 {
+            return Err("port 0 is not a destination port: expected 1-65535".into());
+        }
+        if lo > hi {
+            return Err(format!(
+                "range {lo}-{hi} is reversed: expected LOW-HIGH with LOW <= HIGH"
+            ));
+        }
+        Ok(Self { lo, hi })
+    }
+    pub fn lo(&self) -> u16 {
+        self.lo
+    }
+    pub fn hi(&self) -> u16 {
+        self.hi
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    let s = s.trim();
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a port number: expected 1-65535"))?;
+    u16::try_from(n).map_err(|_| format!("port {n} is out of range: expected 1-65535"))
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('-') {
+            Some((lo, hi)) => PortRange::new(parse_port(lo)?, parse_port(hi)?),
+            None => {
+                let p = parse_port(s)?;
+                PortRange::new(p, p)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port (1-65535) or a range string such as \"8000-8080\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
+                let p = u16::try_from(v).map_err(|_| {
+                    E::custom(format!("port {v} is out of range: expected 1-65535"))
+                })?;
+                PortRange::new(p, p).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
+                let p = u16::try_from(v).map_err(|_| {
+                    E::custom(format!("port {v} is out of range: expected 1-65535"))
+                })?;
+                PortRange::new(p, p).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A destination network in canonical form (no host bits set). v4-mapped IPv6 networks
+/// (`::ffff:0:0/96` and longer) are stored as the IPv4 networks they reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Destination(IpNetwork);
+
+impl Destination {
+    pub fn network(&self) -> IpNetwork {
+        self.0
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.0.ip(), self.0.prefix())
+    }
+}
+
+impl FromStr for Destination {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        const EXPECTED: &str =
+            "expected an IPv4/IPv6 address or CIDR, such as 192.0.2.7, 10.0.0.0/8 or 2001:db8::/32";
+        let t = s.trim();
+        let net = IpNetwork::from_str(t)
+            .map_err(|e| format!("`{s}` is not a valid destination ({e}): {EXPECTED}"))?;
+        // ipnetwork accepts an IPv4 netmask after the slash ("10.0.0.0/255.0.0.0"); we keep to
+        // prefix lengths so that a policy reads one way.
+        if let Some((_, len)) = t.split_once('/')
+            && len.parse::<u8>().is_err()
+        {
+            return Err(format!(
+                "`{s}` has a prefix length that is not a number: {EXPECTED}"
+            ));
+        }
+        let canonical = IpNetwork::new(net.network(), net.prefix()).map_err(|e| e.to_string())?;
+        if canonical.ip() != net.ip() {
+            return Err(format!(
+                "`{s}` has host bits set: expected the network address, `{}/{}`",
+                canonical.ip(),
+                canonical.prefix()
+            ));
+        }
+        let canonical = match canonical {
+            IpNetwork::V6(v6) if v6.prefix() >= 96 => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => {
+                    IpNetwork::new(IpAddr::V4(v4), v6.prefix() - 96).map_err(|e| e.to_string())?
+                }
+                None => canonical,
+            },
+            _ => canonical,
+        };
+        Ok(Destination(canonical))
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Fail inside the visitor, so that the error carries the span of this very element.
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Destination;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address or CIDR string such as \"10.0.0.0/8\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Destination, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
