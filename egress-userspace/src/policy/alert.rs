@@ -336,18 +336,3 @@ mod tests {
         assert_eq!(HumanDuration(Duration::from_secs(90)).to_string(), "90s");
     }
 }
-
-/// Whether two lists of alerts differ in what they do (where they sit in the file does not
-/// count).
-pub fn alerts_differ(old: &[Alert], new: &[Alert]) -> bool {
-    old.len() != new.len()
-        || old.iter().zip(new).any(|(a, b)| {
-            Alert {
-                line: 0,
-                ..a.clone()
-            } != Alert {
-                line: 0,
-                ..b.clone()
-            }
-        })
-}
