@@ -166,7 +166,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         let mut buf = Vec::new();
         let mut n = 0;
         self.pending = false;
-        while let Some(ev) = self.ring.next() {
+        while let Some(ev) = self.ring.try_next() {
             // An event of a generation we never knew (decided before we started) is named with
             // the closest policy we have.
             let g = self

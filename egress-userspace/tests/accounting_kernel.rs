@@ -223,7 +223,7 @@ fn raw_socket_packets_are_unattributed_and_blocked_ones_dropped() {
     );
     assert_eq!(dp.stats().unwrap().tc_dropped, 1);
     let mut tc_events = Vec::new();
-    while let Some(ev) = ring.next() {
+    while let Some(ev) = ring.try_next() {
         if ev.hook == HOOK_TC {
             tc_events.push(ev);
         }

@@ -189,7 +189,7 @@ fn audit_mode_allows_and_reports() {
     dp.attach(cg.path()).unwrap();
     let (r, pid) = probe_with_pid(cg.path(), &[("tcp", &format!("127.0.0.1:{port}"))]);
     assert_eq!(r, ["ok"], "audit mode must not block");
-    let item = ring.next().expect("an audit event");
+    let item = ring.try_next().expect("an audit event");
     let ev = JsonEvent::from_raw(&item, &compiled, "");
     assert_eq!(ev.event, "audit");
     assert_eq!(ev.pid, pid);
@@ -217,7 +217,7 @@ fn deny_events_carry_the_full_context() {
     );
     assert_eq!(r, ["EPERM", "EPERM", "EPERM", "EPERM"]);
     let mut events = Vec::new();
-    while let Some(item) = ring.next() {
+    while let Some(item) = ring.try_next() {
         events.push(JsonEvent::from_raw(&item, &compiled, ""));
     }
     assert_eq!(events.len(), 4, "{events:#?}");

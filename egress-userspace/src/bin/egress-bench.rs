@@ -618,12 +618,12 @@ fn event_path(s: &Settings, root: &Path) -> anyhow::Result<EventRow> {
     let drainer = std::thread::spawn(move || {
         let mut n = 0u64;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            while ring.next().is_some() {
+            while ring.try_next().is_some() {
                 n += 1;
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        while ring.next().is_some() {
+        while ring.try_next().is_some() {
             n += 1;
         }
         n

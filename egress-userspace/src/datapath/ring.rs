@@ -14,11 +14,7 @@ impl EventRing {
     }
 
     /// The next record, if one is waiting (records too short to be an `Event` are skipped).
-    #[expect(
-        clippy::should_implement_trait,
-        reason = "a ring drained by polling, not an iterator that ends"
-    )]
-    pub fn next(&mut self) -> Option<Event> {
+    pub fn try_next(&mut self) -> Option<Event> {
         loop {
             let item = self.0.next()?;
             if let Some(ev) = Event::from_bytes(&item) {
@@ -53,7 +49,7 @@ impl AsyncEventRing {
     }
 
     /// The next record, if one is waiting.
-    pub fn next(&mut self) -> Option<Event> {
-        self.0.get_mut().next()
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.0.get_mut().try_next()
     }
 }
