@@ -40,7 +40,8 @@ pub(super) struct Maps {
     pub events: Option<RingBuf<MapData>>,
 }
 
-fn err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+/// The error of a call on map `name`.
+pub(super) fn err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
 

@@ -322,10 +322,7 @@ impl Datapath {
             self.maps
                 .iface_l2
                 .insert(ifindex, l2, 0)
-                .map_err(|source| DatapathError::Map {
-                    name: map_names::IFACE_L2,
-                    source,
-                })?;
+                .map_err(maps::err(map_names::IFACE_L2))?;
             if !tcx {
                 // EEXIST: a clsact qdisc is already there, which is what we need.
                 if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface)
@@ -370,10 +367,7 @@ impl Datapath {
         self.maps
             .blocked
             .insert(key, value, 0)
-            .map_err(|source| DatapathError::Map {
-                name: map_names::BLOCKED,
-                source,
-            })?;
+            .map_err(maps::err(map_names::BLOCKED))?;
         self.blocked.insert(key);
         self.sync_block_count()
     }
