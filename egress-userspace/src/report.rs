@@ -147,3 +147,55 @@ impl StatusReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::State;
+
+    /// `egress status --json` is read by scripts: the shape of both sources stays the same.
+    #[test]
+    fn status_from_pins_has_the_documented_shape() {
+        let pinned = PinnedStatus {
+            state: State {
+                cgroup: "/sys/fs/cgroup".into(),
+                ifaces: vec!["eth0".into()],
+                policy: "/etc/egress/policy.toml".into(),
+                policy_hash: "00ff".into(),
+                controller_pid: 42,
+                ..State::default()
+            },
+            config: egress_common::Config {
+                generation: 3,
+                mode: egress_common::MODE_AUDIT,
+                ..Default::default()
+            },
+            counters: Counters {
+                denied: 5,
+                ..Counters::default()
+            },
+            links: vec![LinkStatus {
+                name: "connect4".into(),
+                prog_id: 9,
+                attached: true,
+            }],
+        };
+        let v = serde_json::to_value(StatusReport::from_pins(pinned, "/sys/fs/bpf/egress".into()))
+            .unwrap();
+        assert_eq!(
+            v["controller"],
+            serde_json::json!({"running": false, "last_pid": 42})
+        );
+        assert_eq!(v["policy"]["generation"], 3);
+        assert_eq!(v["policy"]["mode"], "audit");
+        assert_eq!(v["policy"]["default"], "deny");
+        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 4);
+        assert_eq!(v["attached"]["tc"]["ifaces"][0], "eth0");
+        assert_eq!(v["attached"]["pinned"], "/sys/fs/bpf/egress");
+        assert_eq!(v["links"][0]["prog_id"], 9);
+        assert_eq!(v["counters"]["denied"], 5);
+        assert_eq!(v["counters"]["budget_dropped"], 0);
+        let back: StatusReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back.controller.last_pid, Some(42));
+    }
+}
