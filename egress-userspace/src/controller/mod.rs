@@ -96,17 +96,15 @@ pub struct Controller {
     stats: watch::Sender<Arc<StatsReport>>,
     metrics: Option<metrics::Exporter>,
     started: Instant,
-    /// Whether this controller adopted a previous one's pinned enforcement.
-    adopted: bool,
     /// `egress stop` asked the controller to exit.
     stop_requested: bool,
 }
 
 impl Controller {
-    /// Loads the policy and the datapath (adopting pinned state when `target.pins` holds some),
-    /// attaches the hooks to the target cgroup and TC to the interfaces, and starts the webhook
-    /// and the metrics exporter. On return the controller enforces; nothing was attached if it
-    /// fails.
+    /// Loads the policy and the datapath (adopting pinned state when `target.pins` holds some,
+    /// and switching it atomically to this policy if another is in force there), attaches the
+    /// hooks to the target cgroup and TC to the interfaces, records the state beside the pins,
+    /// and starts the webhook and the metrics exporter. On return the controller enforces.
     pub async fn start(
         opts: &Options,
         target: Target,
@@ -154,7 +152,7 @@ impl Controller {
             // The pinned counters' history is not new traffic (nor a reason to alert).
             acct.prime(&dp.flows()?);
         }
-        let ctl = Controller {
+        let mut ctl = Controller {
             alerts: AlertEngine::new(policy.alerts.clone(), Instant::now()),
             policy: PolicyInForce::new(opts.policy.as_deref(), policy, compiled),
             dp,
@@ -168,9 +166,16 @@ impl Controller {
             stats: watch::Sender::new(Arc::new(StatsReport::default())),
             metrics,
             started: Instant::now(),
-            adopted,
             stop_requested: false,
         };
+        if adopted {
+            info!(
+                generation = ctl.dp.generation(),
+                "adopted the pinned enforcement without detaching"
+            );
+            ctl.apply_over_adopted().await?;
+        }
+        ctl.write_state();
         Ok((ctl, metrics_text))
     }
 

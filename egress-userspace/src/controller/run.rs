@@ -72,11 +72,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     };
     let (mut ctl, metrics_text) =
         Controller::start(&opts.common, target, Box::new(tokio::io::stdout())).await?;
-    if ctl.adopted {
-        info!(generation = ctl.dp.generation(), pinned = %opts.pin_dir.display(), "adopted the pinned enforcement without detaching");
-        ctl.apply_over_adopted().await?;
-    }
-    ctl.write_state();
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(16);
     let server = tokio::spawn(server::serve(listener, ctl.stats.subscribe(), cmd_tx));
     let metrics = match (opts.common.metrics, metrics_text) {
