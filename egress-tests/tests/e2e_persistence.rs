@@ -3,11 +3,10 @@
 //! and swaps the programs in place with no gap, `egress status` works without a controller, and
 //! `egress stop` leaves nothing attached or pinned.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use egress_tests::{
-    EgressCmd, LoopNs, Probe, TempDir, TestCgroup, Verdict::Refused, bins, controller::pin_dir,
-    probe,
+    EgressCmd, LoopNs, Probe, TempDir, TestCgroup, Verdict::Refused, controller::pin_dir, probe,
 };
 
 fn prog_ids(s: &serde_json::Value) -> Vec<u64> {
@@ -81,14 +80,7 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
         .assert_clean("a storm across kill -9 and restart");
 
     // egress stop: nothing attached, nothing pinned, and the controller exits.
-    let out = Command::new(bins::egress())
-        .arg("stop")
-        .arg("--pin-dir")
-        .arg(&pins)
-        .arg("--socket")
-        .arg(dir.join("control.sock"))
-        .output()
-        .unwrap();
+    let out = second.ctl(&["stop", "--pin-dir", pins.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     assert!(!pins.exists(), "pins removed");
     assert_eq!(
