@@ -47,7 +47,7 @@ fn accept_loop(
                         serve(s, &stop);
                     });
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
+                // Nothing to accept yet (or a failed accept): look again shortly.
                 Err(_) => thread::sleep(POLL),
             }
         }
