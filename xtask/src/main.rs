@@ -1,6 +1,6 @@
 //! `cargo xtask`: what build.rs cannot do. Bootstraps the eBPF toolchain (rust-src on the
 //! nightly, bpf-linker against the nightly's own libLLVM), builds, runs `egress` as root, and runs
-//! every tier of tests.
+//! the tiers of tests (all of them, or the ones asked for).
 
 use std::{
     env,
@@ -38,10 +38,24 @@ enum Task {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Run every tier of tests: unit, real-kernel and end-to-end. Needs root: the kernel tests
-    /// load eBPF and fail (never skip) when they cannot.
+    /// Run the tiers of tests: unit, real-kernel and end-to-end (all three unless some are
+    /// named). The kernel and end-to-end tiers need root: they load eBPF and fail (never skip)
+    /// when they cannot. Ends with one line totalling every tier: `tests: N passed, N failed, N
+    /// skipped`.
     Test {
-        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        /// The unit tier (no root needed): the host crates' own tests (egress-common,
+        /// egress-userspace's library and binaries, egress-tests' library and binaries, xtask).
+        #[arg(long)]
+        unit: bool,
+        /// The real-kernel tier (root): egress-tests' `tests/kernel_*.rs`, which load the datapath
+        /// in-process and attach it to test cgroups.
+        #[arg(long)]
+        kernel: bool,
+        /// The end-to-end tier (root): egress-tests' `tests/e2e_*.rs`, which drive the `egress`
+        /// binary.
+        #[arg(long)]
+        e2e: bool,
+        /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<OsString>,
     },
@@ -100,19 +114,25 @@ fn real_main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Test { args } => {
+        Task::Test {
+            unit,
+            kernel,
+            e2e,
+            args,
+        } => {
+            let all = !(unit || kernel || e2e);
+            let tiers: Vec<Tier> = [(Tier::Unit, unit), (Tier::Kernel, kernel), (Tier::E2e, e2e)]
+                .into_iter()
+                .filter(|&(_, asked)| all || asked)
+                .map(|(tier, _)| tier)
+                .collect();
             bootstrap()?;
-            if !is_root() {
+            if tiers.iter().any(|t| t.needs_root()) && !is_root() {
                 bail!(
-                    "the kernel and end-to-end tests load eBPF programs and need root; run `sudo -E cargo xtask test`"
+                    "the kernel and end-to-end tests load eBPF programs and need root; run `sudo -E cargo xtask test` (or `cargo xtask test --unit` for the unit tier alone)"
                 );
             }
-            let mut cmd = Command::new(cargo());
-            cmd.args(["test", "--workspace", "--no-fail-fast"]);
-            if !args.is_empty() {
-                cmd.arg("--").args(&args);
-            }
-            run_tests(&mut cmd)
+            test_tiers(&tiers, &args)
         }
         Task::Bench { quick } => {
             bootstrap()?;
@@ -123,7 +143,7 @@ fn real_main() -> anyhow::Result<()> {
                 "build",
                 "--release",
                 "-p",
-                "egress-userspace",
+                "egress-tests",
                 "--bin",
                 "egress-bench",
             ]))?;
@@ -191,47 +211,133 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, echoing its output, and closes with one line totalling every test binary
-/// ("tests: N passed, N failed"), since cargo's own last line is that of the last binary only.
-fn run_tests(cmd: &mut Command) -> anyhow::Result<()> {
+/// A tier of tests, selectable on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    Unit,
+    Kernel,
+    E2e,
+}
+
+impl Tier {
+    fn needs_root(self) -> bool {
+        self != Tier::Unit
+    }
+
+    /// The `cargo test` arguments that select the tier.
+    fn cargo_args(self) -> &'static [&'static str] {
+        match self {
+            // Every host crate's own tests; none of them needs root or the kernel.
+            Tier::Unit => &[
+                "-p",
+                "egress-common",
+                "-p",
+                "egress-userspace",
+                "-p",
+                "egress-tests",
+                "-p",
+                "xtask",
+                "--lib",
+                "--bins",
+            ],
+            // The harness crate's test files are named by tier (cargo globs `--test`).
+            Tier::Kernel => &["-p", "egress-tests", "--test", "kernel_*"],
+            Tier::E2e => &["-p", "egress-tests", "--test", "e2e_*"],
+        }
+    }
+}
+
+/// Test totals, summed over `cargo test`'s "test result:" lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds the counts of one `test result: ok. 3 passed; 0 failed; 1 ignored; …` line.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part
+                .split_whitespace()
+                .skip_while(|w| *w == "ok." || *w == "FAILED.");
+            if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                let n: u64 = n.parse().unwrap_or(0);
+                match what {
+                    "passed" => self.passed += n,
+                    "failed" => self.failed += n,
+                    "ignored" => self.ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs the tiers one after another (all of them, even after a failure, as `--no-fail-fast`
+/// does) and closes with one line totalling every test binary of every tier ("tests: N passed, N
+/// failed, N skipped"), since cargo's own last line is that of the last binary only. Before the
+/// kernel and end-to-end tiers it builds the binaries they run: `egress` belongs to another
+/// package than the tests, so `cargo test` would not build it.
+fn test_tiers(tiers: &[Tier], args: &[OsString]) -> anyhow::Result<()> {
+    let mut totals = Totals::default();
+    let mut failures = Vec::new();
+    if tiers.iter().any(|t| t.needs_root()) {
+        run(Command::new(cargo()).args([
+            "build",
+            "-p",
+            "egress-userspace",
+            "-p",
+            "egress-tests",
+            "--bins",
+        ]))?;
+    }
+    for &tier in tiers {
+        let mut cmd = Command::new(cargo());
+        cmd.arg("test")
+            .args(tier.cargo_args())
+            .arg("--no-fail-fast");
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        if let Err(e) = run_tests(&mut cmd, &mut totals) {
+            failures.push(format!("{tier:?}: {e:#}"));
+        }
+    }
+    println!(
+        "\ntests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    if totals.passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output and adding its results to `totals`.
+fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     use std::io::{BufRead as _, BufReader, Write as _};
     let mut child = cmd
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {cmd:?}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     let stdout = child.stdout.take().context("cargo test stdout")?;
     let mut out = std::io::stdout().lock();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         writeln!(out, "{line}")?;
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for part in rest.split(';') {
-                let mut words = part
-                    .split_whitespace()
-                    .skip_while(|w| *w == "ok." || *w == "FAILED.");
-                if let (Some(n), Some(what)) = (words.next(), words.next()) {
-                    let n: u64 = n.parse().unwrap_or(0);
-                    match what {
-                        "passed" => passed += n,
-                        "failed" => failed += n,
-                        "ignored" => ignored += n,
-                        _ => {}
-                    }
-                }
-            }
-        }
+        totals.add_line(&line);
     }
     let status = child.wait()?;
-    writeln!(
-        out,
-        "\ntests: {passed} passed, {failed} failed, {ignored} skipped"
-    )?;
     if !status.success() {
         bail!("cargo test failed: {status}");
-    }
-    if passed == 0 {
-        bail!("cargo test ran no test");
     }
     Ok(())
 }
@@ -351,4 +457,33 @@ fn bootstrap() -> anyhow::Result<()> {
             .arg(format!("llvm-{major}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_add_up_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 7.95s");
+        t.add_line(
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("running 3 tests");
+        assert_eq!(
+            t,
+            Totals {
+                passed: 14,
+                failed: 1,
+                ignored: 1
+            }
+        );
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
 }

@@ -1,19 +1,22 @@
-//! Real-kernel tests: load the real eBPF object, attach it to a child cgroup made by the test,
-//! and drive real sockets on loopback addresses from a process inside that cgroup.
-//! They need root and fail (never skip) when the programs cannot load.
-
-mod common;
+//! Real-kernel tests of the cgroup hooks (connect4/6, sendmsg4/6): load the real eBPF object
+//! in-process, attach it to a child cgroup made by the test, and drive real sockets on loopback
+//! addresses from `egress-probe` inside that cgroup. They need root and fail (never skip) when
+//! the programs cannot load.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener},
     str::FromStr,
 };
 
-use common::{passed, probe, probe_with_pid, test_cgroup};
 use egress::{
     datapath::Datapath, events::JsonEvent, policy::Policy, policy::compile::CompiledPolicy,
 };
 use egress_common::{IPPROTO_TCP, IPPROTO_UDP};
+use egress_tests::{
+    Probe, TestCgroup,
+    Verdict::{Denied, Refused, Succeeded},
+    probe, probe_with_pid,
+};
 
 fn load(text: &str) -> (Datapath, CompiledPolicy) {
     let p = Policy::parse("test.toml", text).unwrap_or_else(|e| panic!("{e}"));
@@ -56,11 +59,11 @@ destinations = ["127.0.0.5/32"]
 
 #[test]
 fn tcp_v4_and_v6_allow_and_deny() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load(LOOPBACK_POLICY);
     dp.attach(cg.path()).expect("attach");
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("tcp", "127.0.0.2:80"),
             ("tcp", "127.0.0.2:81"),
@@ -69,15 +72,12 @@ fn tcp_v4_and_v6_allow_and_deny() {
             ("tcp", "[::1]:9101"),
         ],
     );
-    assert_eq!(
-        r,
-        ["ECONNREFUSED", "EPERM", "EPERM", "ECONNREFUSED", "EPERM"]
-    );
+    assert_eq!(r, [Refused, Denied, Denied, Refused, Denied]);
 }
 
 #[test]
 fn tcp_to_a_real_listener_connects() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let listener = TcpListener::bind("127.0.0.2:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let policy = format!(
@@ -86,22 +86,22 @@ fn tcp_to_a_real_listener_connects() {
     let (mut dp, _) = load(&policy);
     dp.attach(cg.path()).unwrap();
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("tcp", &format!("127.0.0.2:{port}")),
             ("tcp", &format!("127.0.0.1:{port}")),
         ],
     );
-    assert_eq!(r, ["ok", "EPERM"]);
+    assert_eq!(r, [Succeeded, Denied]);
 }
 
 #[test]
 fn connected_and_unconnected_udp_v4_and_v6() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load(LOOPBACK_POLICY);
     dp.attach(cg.path()).unwrap();
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("udp-connect", "127.0.0.3:5353"),
             ("udp-sendto", "127.0.0.3:5353"),
@@ -115,17 +115,19 @@ fn connected_and_unconnected_udp_v4_and_v6() {
     );
     assert_eq!(
         r,
-        ["ok", "ok", "EPERM", "EPERM", "ok", "ok", "EPERM", "EPERM"]
+        [
+            Succeeded, Succeeded, Denied, Denied, Succeeded, Succeeded, Denied, Denied
+        ]
     );
 }
 
 #[test]
 fn v4_mapped_ipv6_is_judged_as_ipv4() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load(LOOPBACK_POLICY);
     dp.attach(cg.path()).unwrap();
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("tcp", "[::ffff:127.0.0.2]:80"),
             ("tcp", "[::ffff:127.0.0.4]:80"),
@@ -134,16 +136,16 @@ fn v4_mapped_ipv6_is_judged_as_ipv4() {
             ("tcp", "[::ffff:127.0.0.5]:7000"),
         ],
     );
-    assert_eq!(r, ["ECONNREFUSED", "EPERM", "ok", "EPERM", "EPERM"]);
+    assert_eq!(r, [Refused, Denied, Succeeded, Denied, Denied]);
 }
 
 #[test]
 fn port_ranges_are_inclusive() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load(LOOPBACK_POLICY);
     dp.attach(cg.path()).unwrap();
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("tcp", "127.0.0.2:7999"),
             ("tcp", "127.0.0.2:8000"),
@@ -151,44 +153,44 @@ fn port_ranges_are_inclusive() {
             ("tcp", "127.0.0.2:8081"),
         ],
     );
-    assert_eq!(r, ["EPERM", "ECONNREFUSED", "ECONNREFUSED", "EPERM"]);
+    assert_eq!(r, [Denied, Refused, Refused, Denied]);
 }
 
 #[test]
 fn block_wins_over_service() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load(LOOPBACK_POLICY);
     dp.attach(cg.path()).unwrap();
     // net-127 approves 127.0.0.0/8 port 7000; the /32 block on 127.0.0.5 still wins, and a
     // broader block wins over a narrower service too (below).
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("tcp", "127.0.0.4:7000"),
             ("tcp", "127.0.0.5:7000"),
             ("udp-sendto", "127.0.0.5:7000"),
         ],
     );
-    assert_eq!(r, ["ECONNREFUSED", "EPERM", "EPERM"]);
+    assert_eq!(r, [Refused, Denied, Denied]);
 
-    let cg2 = test_cgroup();
+    let cg2 = TestCgroup::new();
     let (mut dp2, _) = load(
         "allow_loopback = false\n[[service]]\nname = \"narrow\"\ndestinations = [\"127.0.0.9\"]\n[[block]]\nname = \"broad\"\ndestinations = [\"127.0.0.0/24\"]\n",
     );
     dp2.attach(cg2.path()).unwrap();
-    assert_eq!(probe(cg2.path(), &[("tcp", "127.0.0.9:80")]), ["EPERM"]);
+    assert_eq!(probe(&cg2, &[("tcp", "127.0.0.9:80")]), [Denied]);
 }
 
 #[test]
 fn audit_mode_allows_and_reports() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (mut dp, compiled) = load("mode = \"audit\"\nallow_loopback = false\n");
     let mut ring = dp.take_events().unwrap();
     dp.attach(cg.path()).unwrap();
-    let (r, pid) = probe_with_pid(cg.path(), &[("tcp", &format!("127.0.0.1:{port}"))]);
-    assert_eq!(r, ["ok"], "audit mode must not block");
+    let (r, pid) = probe_with_pid(&cg, &[("tcp", &format!("127.0.0.1:{port}"))]);
+    assert_eq!(r, [Succeeded], "audit mode must not block");
     let item = ring.try_next().expect("an audit event");
     let ev = JsonEvent::from_raw(&item, &compiled, "");
     assert_eq!(ev.event, "audit");
@@ -202,12 +204,12 @@ fn audit_mode_allows_and_reports() {
 
 #[test]
 fn deny_events_carry_the_full_context() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, compiled) = load(LOOPBACK_POLICY);
     let mut ring = dp.take_events().unwrap();
     dp.attach(cg.path()).unwrap();
     let (r, pid) = probe_with_pid(
-        cg.path(),
+        &cg,
         &[
             ("tcp", "127.0.0.5:7000"),
             ("udp-sendto", "[::1]:53"),
@@ -215,16 +217,13 @@ fn deny_events_carry_the_full_context() {
             ("udp-sendto", "[::ffff:127.0.0.4]:53"),
         ],
     );
-    assert_eq!(r, ["EPERM", "EPERM", "EPERM", "EPERM"]);
+    assert_eq!(r, [Denied, Denied, Denied, Denied]);
     let mut events = Vec::new();
     while let Some(item) = ring.try_next() {
         events.push(JsonEvent::from_raw(&item, &compiled, ""));
     }
     assert_eq!(events.len(), 4, "{events:#?}");
-    let cgroup_id = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(cg.path()).unwrap().ino()
-    };
+    let cgroup_id = cg.id();
     for e in &events {
         assert_eq!(e.event, "deny");
         assert_eq!(e.pid, pid);
@@ -285,19 +284,17 @@ fn deny_events_carry_the_full_context() {
 
 #[test]
 fn full_ring_buffer_keeps_the_verdict_and_counts_the_loss() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load("allow_loopback = false\n");
     let _ring = dp.take_events().unwrap(); // never drained
     dp.attach(cg.path()).unwrap();
     // 1 MiB ring, 88 bytes a record: 20,000 denies overflow it.
-    let out = std::process::Command::new(common::PROBE)
-        .args(["--cgroup"])
-        .arg(cg.path())
-        .args(["--count", "20000", "udp-sendto", "127.0.0.9:9"])
-        .output()
-        .unwrap();
-    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(line["results"]["EPERM"], 20000, "every call denied: {line}");
+    let line = Probe::new()
+        .cgroup(&cg)
+        .opt("--count", "20000")
+        .call("udp-sendto", "127.0.0.9:9")
+        .summary();
+    assert_eq!(line.times(&Denied), 20000, "every call denied: {line:?}");
     let stats = dp.stats().unwrap();
     assert_eq!(stats.denied, 20000);
     assert!(
@@ -308,20 +305,20 @@ fn full_ring_buffer_keeps_the_verdict_and_counts_the_loss() {
 
 #[test]
 fn loopback_shortcut_in_the_kernel() {
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, _) = load(
         "allow_loopback = true\n[[block]]\nname = \"b\"\ndestinations = [\"127.0.0.0/8\", \"::1\"]\n",
     );
     dp.attach(cg.path()).unwrap();
     let r = probe(
-        cg.path(),
+        &cg,
         &[
             ("tcp", "127.0.0.7:1"),
             ("tcp", "[::1]:1"),
             ("tcp", "[::ffff:127.0.0.7]:1"),
         ],
     );
-    assert!(r.iter().all(|x| passed(x)), "{r:?}");
+    assert!(r.iter().all(|x| x.passed()), "{r:?}");
 }
 
 #[test]
@@ -352,7 +349,7 @@ name = "v6-high"
 destinations = ["::1"]
 ports = ["8001-9000"]
 "#;
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, compiled) = load(policy);
     dp.attach(cg.path()).unwrap();
     let hosts = [
@@ -379,12 +376,12 @@ ports = ["8001-9000"]
         .iter()
         .map(|(o, a, ..)| (o.as_str(), a.as_str()))
         .collect();
-    let results = probe(cg.path(), &args);
+    let results = probe(&cg, &args);
     let mut allowed = 0;
     for ((op, addr, ip, port, proto), got) in calls.iter().zip(&results) {
         let want = compiled.evaluate(*ip, *port, *proto);
         assert_eq!(
-            passed(got),
+            got.passed(),
             want.allow,
             "{op} {addr}: kernel said {got}, explain said {want:?}"
         );
@@ -414,12 +411,12 @@ fn hundred_thousand_prefixes_load_and_enforce() {
         "allow_loopback = false\n[[service]]\nname = \"big\"\ndestinations = [{}]\n[[service]]\nname = \"lo\"\ndestinations = [\"127.0.0.2\"]\n",
         dests.join(",")
     );
-    let cg = test_cgroup();
+    let cg = TestCgroup::new();
     let (mut dp, compiled) = load(&policy);
     assert_eq!(compiled.v4.len(), 100_001);
     dp.attach(cg.path()).unwrap();
     assert_eq!(
-        probe(cg.path(), &[("tcp", "127.0.0.2:1"), ("tcp", "127.0.0.3:1")]),
-        ["ECONNREFUSED", "EPERM"]
+        probe(&cg, &[("tcp", "127.0.0.2:1"), ("tcp", "127.0.0.3:1")]),
+        [Refused, Denied]
     );
 }

@@ -9,51 +9,83 @@
 //! 3. policy apply time and kernel memory per rule;
 //! 4. the event path: denied connects per second with an event each, and events lost.
 //!
-//! `egress-bench client ...` and `egress-bench run-in ...` are its own helpers: a timing client
-//! and a launcher that enter a namespace and a cgroup before doing anything.
+//! Namespaces, cgroups and the processes it starts come from the test harness (`egress_tests`),
+//! so that the bench cleans up exactly as the tests do. `egress-bench client …` is its own timing
+//! client, which it starts inside a namespace and a cgroup.
 
 use std::{
     collections::BTreeMap,
     fs,
     io::Write as _,
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, ExitCode, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use egress::{
-    datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy, sys::cgroup::ChildCgroup,
-};
-use serde::Serialize;
+use clap::{Parser, Subcommand, ValueEnum};
+use egress::{datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy};
+use egress_tests::{ChildGuard, LoopNs, NetPair, TestCgroup, in_netns};
+use serde::{Deserialize, Serialize};
 
-// ---------------------------------------------------------------------------------------------
-// Helpers shared by the parent and its child processes.
-
-fn enter_netns(name: &str) -> anyhow::Result<()> {
-    let f =
-        fs::File::open(format!("/run/netns/{name}")).with_context(|| format!("netns {name}"))?;
-    // SAFETY: setns on a valid namespace fd; affects this (single-threaded so far) process.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+/// The benchmarks behind `cargo xtask bench` (root; needs iproute2, iptables, nftables, iperf3):
+/// egress against a no-firewall baseline, iptables and nftables, in namespaces and cgroups of
+/// its own. Prints a table and writes results.json and results.md.
+#[derive(Parser, Debug)]
+#[command(name = "egress-bench", args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// A smoke run of about a minute: fewer sizes, runs and iterations.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for results.json and results.md.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    out: PathBuf,
+    #[command(subcommand)]
+    helper: Option<Helper>,
 }
 
-fn join_cgroup(dir: &str) -> anyhow::Result<()> {
-    if !dir.is_empty() {
-        fs::write(
-            Path::new(dir).join("cgroup.procs"),
-            std::process::id().to_string(),
-        )
-        .with_context(|| format!("joining {dir}"))?;
-    }
-    Ok(())
+#[derive(Subcommand, Debug)]
+enum Helper {
+    /// The timing client (the bench starts it inside a namespace and a cgroup): makes ITERS calls
+    /// and prints their latency as JSON; for deny-flood, calls for ITERS milliseconds and prints
+    /// the rate.
+    #[command(hide = true)]
+    Client {
+        /// What to time.
+        #[arg(value_enum)]
+        mode: Mode,
+        /// Destination.
+        addr: SocketAddr,
+        /// Calls (milliseconds for deny-flood).
+        iters: usize,
+    },
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Default)]
+/// The calls the client times.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// connect() of one UDP socket, again and again.
+    UdpConnect,
+    /// sendto() from an unconnected UDP socket (to a sink of its own).
+    UdpSendto,
+    /// A TCP connect to a listener of its own.
+    TcpConnect,
+    /// UDP connects to a denied address, each with an event.
+    DenyFlood,
+}
+
+impl Mode {
+    /// As the client's command line spells it.
+    fn arg(self) -> String {
+        self.to_possible_value()
+            .expect("every mode is a value")
+            .get_name()
+            .to_string()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]
 struct Latency {
     p50_ns: f64,
     p99_ns: f64,
@@ -70,18 +102,11 @@ fn percentiles(mut v: Vec<u64>) -> Latency {
     }
 }
 
-/// `egress-bench client NETNS CGROUP MODE ADDR ITERS`: times each call, prints a Latency as JSON.
-fn client(args: &[String]) -> anyhow::Result<()> {
-    let [netns, cgroup, mode, addr, iters] = args else {
-        bail!("client NETNS CGROUP MODE ADDR ITERS")
-    };
-    enter_netns(netns)?;
-    join_cgroup(cgroup)?;
-    let addr: SocketAddr = addr.parse()?;
-    let iters: usize = iters.parse()?;
+/// `egress-bench client MODE ADDR ITERS`: times each call, prints a Latency as JSON.
+fn client(mode: Mode, addr: SocketAddr, iters: usize) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(iters);
-    match mode.as_str() {
-        "udp-connect" => {
+    match mode {
+        Mode::UdpConnect => {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             for _ in 0..iters / 10 {
                 s.connect(addr)?;
@@ -92,7 +117,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
                 samples.push(t.elapsed().as_nanos() as u64);
             }
         }
-        "udp-sendto" => {
+        Mode::UdpSendto => {
             let sink = UdpSocket::bind(addr)?;
             sink.set_nonblocking(true)?;
             let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -106,7 +131,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
                 while sink.recv(&mut buf).is_ok() {}
             }
         }
-        "tcp-connect" => {
+        Mode::TcpConnect => {
             let l = TcpListener::bind(addr)?;
             let acceptor = std::thread::spawn(move || {
                 for c in l.incoming().take(iters + iters / 10) {
@@ -123,7 +148,7 @@ fn client(args: &[String]) -> anyhow::Result<()> {
             }
             let _ = acceptor.join();
         }
-        "deny-flood" => {
+        Mode::DenyFlood => {
             // Connect to a denied address for ITERS milliseconds; print the rate.
             let s = UdpSocket::bind("0.0.0.0:0")?;
             let end = Instant::now() + Duration::from_millis(iters as u64);
@@ -141,24 +166,9 @@ fn client(args: &[String]) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        m => bail!("unknown mode {m}"),
     }
     println!("{}", serde_json::to_string(&percentiles(samples))?);
     Ok(())
-}
-
-/// `egress-bench run-in NETNS CGROUP -- CMD...`: enters the namespace and cgroup, then execs.
-fn run_in(args: &[String]) -> anyhow::Result<()> {
-    let [netns, cgroup, sep, cmd @ ..] = args else {
-        bail!("run-in NETNS CGROUP -- CMD...")
-    };
-    if sep != "--" || cmd.is_empty() {
-        bail!("run-in NETNS CGROUP -- CMD...");
-    }
-    enter_netns(netns)?;
-    join_cgroup(cgroup)?;
-    use std::os::unix::process::CommandExt as _;
-    Err(Command::new(&cmd[0]).args(&cmd[1..]).exec().into())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,61 +182,32 @@ fn sh(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A child process killed (and reaped) on drop, also when a later step fails.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `program` inside namespace `ns` and cgroup `cg`.
+fn cmd_in(ns: &LoopNs, cg: &TestCgroup, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = ns.cmd(program);
+    cg.join_on_exec(&mut cmd);
+    cmd
 }
 
-/// A network namespace, removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> anyhow::Result<Netns> {
-        let name = format!("egb-{tag}-{}", std::process::id());
-        sh(Command::new("ip").args(["netns", "add", &name]))?;
-        sh(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]))?;
-        Ok(Netns(name))
-    }
-    fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
-        sh(Command::new("ip").args(["-n", &self.0]).args(args))
-    }
-    fn exec(&self, prog: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, prog]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn me() -> PathBuf {
-    std::env::current_exe().expect("own path")
+/// This bench's own client, inside namespace `ns` and cgroup `cg`.
+fn client_in(ns: &LoopNs, cg: &TestCgroup, mode: Mode, addr: &str, iters: usize) -> Command {
+    let me = std::env::current_exe().expect("own path");
+    let mut cmd = cmd_in(ns, cg, me);
+    cmd.arg("client")
+        .arg(mode.arg())
+        .args([addr, &iters.to_string()]);
+    cmd
 }
 
 fn time_client(
-    ns: &Netns,
-    cgroup: &str,
-    mode: &str,
+    ns: &LoopNs,
+    cg: &TestCgroup,
+    mode: Mode,
     addr: &str,
     iters: usize,
 ) -> anyhow::Result<Latency> {
-    let out =
-        sh(Command::new(me()).args(["client", &ns.0, cgroup, mode, addr, &iters.to_string()]))?;
-    let v: serde_json::Value = serde_json::from_str(out.trim())?;
-    Ok(Latency {
-        p50_ns: v["p50_ns"].as_f64().unwrap_or(0.0),
-        p99_ns: v["p99_ns"].as_f64().unwrap_or(0.0),
-        mean_ns: v["mean_ns"].as_f64().unwrap_or(0.0),
-    })
+    let out = sh(&mut client_in(ns, cg, mode, addr, iters))?;
+    Ok(serde_json::from_str(out.trim())?)
 }
 
 /// Deterministic, non-contiguous prefixes of mixed lengths (/16 to /32) outside 127/8.
@@ -315,8 +296,8 @@ struct Settings {
 }
 
 fn measure_calls(
-    ns: &Netns,
-    cgroup: &str,
+    ns: &LoopNs,
+    cgroup: &TestCgroup,
     s: &Settings,
 ) -> anyhow::Result<Vec<(String, Stat, Stat)>> {
     let mut out = Vec::new();
@@ -326,9 +307,9 @@ fn measure_calls(
         ("tcp connect()", "127.0.0.2:8080", s.iters / 10),
     ] {
         let mode = match call {
-            "udp connect()" => "udp-connect",
-            "udp sendto()" => "udp-sendto",
-            _ => "tcp-connect",
+            "udp connect()" => Mode::UdpConnect,
+            "udp sendto()" => Mode::UdpSendto,
+            _ => Mode::TcpConnect,
         };
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for _ in 0..s.reps {
@@ -341,20 +322,19 @@ fn measure_calls(
     Ok(out)
 }
 
-fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> {
-    let ns = Netns::new("dec")?;
+fn decision_cost(s: &Settings) -> anyhow::Result<Vec<DecisionRow>> {
+    let ns = LoopNs::new();
     // Every client runs in an empty child cgroup of the root: the baseline and the netfilter
     // runs see no cgroup program at all (the bench's own cgroup may carry systemd's), egress only
     // its own.
-    let plain = ChildCgroup::create(root, "egress-bench")?;
-    let plain_path = plain.path().display().to_string();
+    let plain = TestCgroup::with_prefix("egress-bench");
     let mut rows = Vec::new();
     let mut baseline: BTreeMap<String, f64> = BTreeMap::new();
     for &n in &s.sizes {
         let pfx = prefixes(n);
         eprintln!("bench: decision cost with {n} prefixes");
         // The baseline again, right before each size, so that drift does not pass for cost.
-        for (call, p50, p99) in measure_calls(&ns, &plain_path, s)? {
+        for (call, p50, p99) in measure_calls(&ns, &plain, s)? {
             baseline.insert(call.clone(), p50.median);
             rows.push(DecisionRow {
                 prefixes: n,
@@ -368,12 +348,11 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
         // egress: the policy blocks every prefix and approves the target, so each call walks the
         // trie and a rule set.
         {
-            let cg = ChildCgroup::create(root, "egress-bench")?;
+            let cg = TestCgroup::with_prefix("egress-bench");
             let compiled = egress_policy(&pfx, false)?;
             let mut dp = Datapath::load(&compiled)?;
             dp.attach(cg.path())?;
-            let cgs = cg.path().display().to_string();
-            for (call, p50, p99) in measure_calls(&ns, &cgs, s)? {
+            for (call, p50, p99) in measure_calls(&ns, &cg, s)? {
                 let over = p50.median - baseline[&call];
                 rows.push(DecisionRow {
                     prefixes: n,
@@ -395,7 +374,7 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
                 rules.push_str(&format!("-A OUTPUT -d {} -j DROP\n", cidr(*p)));
             }
             rules.push_str("COMMIT\n");
-            let mut child = ns.exec("iptables-restore").stdin(Stdio::piped()).spawn()?;
+            let mut child = ns.cmd("iptables-restore").stdin(Stdio::piped()).spawn()?;
             child
                 .stdin
                 .take()
@@ -404,7 +383,7 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
             if !child.wait()?.success() {
                 bail!("iptables-restore failed");
             }
-            for (call, p50, p99) in measure_calls(&ns, &plain_path, s)? {
+            for (call, p50, p99) in measure_calls(&ns, &plain, s)? {
                 let over = p50.median - baseline[&call];
                 rows.push(DecisionRow {
                     prefixes: n,
@@ -415,7 +394,7 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
                     overhead_p50_ns: over,
                 });
             }
-            sh(ns.exec("iptables").args(["-F", "OUTPUT"]))?;
+            sh(ns.cmd("iptables").args(["-F", "OUTPUT"]))?;
         }
         // nftables: an interval set looked up per packet.
         {
@@ -436,10 +415,10 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
             let file =
                 std::env::temp_dir().join(format!("egress-bench-{}.nft", std::process::id()));
             fs::write(&file, conf)?;
-            let loaded = sh(ns.exec("nft").arg("-f").arg(&file));
+            let loaded = sh(ns.cmd("nft").arg("-f").arg(&file));
             let _ = fs::remove_file(&file);
             loaded?;
-            for (call, p50, p99) in measure_calls(&ns, &plain_path, s)? {
+            for (call, p50, p99) in measure_calls(&ns, &plain, s)? {
                 let over = p50.median - baseline[&call];
                 rows.push(DecisionRow {
                     prefixes: n,
@@ -451,7 +430,7 @@ fn decision_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<DecisionRow>> 
                 });
             }
             sh(ns
-                .exec("nft")
+                .cmd("nft")
                 .args(["delete", "table", "inet", "egressbench"]))?;
         }
     }
@@ -467,75 +446,55 @@ struct TcRow {
     ratio: f64,
 }
 
-fn iperf(client_ns: &Netns, cgroup: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let mut cmd = Command::new(me());
-    cmd.args([
-        "run-in",
-        &client_ns.0,
-        cgroup,
-        "--",
-        "iperf3",
-        "-J",
-        "-c",
-        "198.18.0.2",
-    ])
-    .args(args);
+fn iperf(
+    client_ns: &LoopNs,
+    cgroup: &TestCgroup,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = cmd_in(client_ns, cgroup, "iperf3");
+    cmd.args(["-J", "-c", &egress_tests::netns::ADDR_B.to_string()])
+        .args(args);
     let out = sh(&mut cmd)?;
     Ok(serde_json::from_str(&out)?)
 }
 
-fn tc_cost(s: &Settings, root: &Path) -> anyhow::Result<Vec<TcRow>> {
-    let a = Netns::new("tca")?;
-    let b = Netns::new("tcb")?;
-    sh(Command::new("ip").args([
-        "link", "add", "veth-a", "netns", &a.0, "type", "veth", "peer", "name", "veth-b", "netns",
-        &b.0,
-    ]))?;
-    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "veth-a"])?;
-    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "veth-b"])?;
-    a.ip(&["link", "set", "veth-a", "up"])?;
-    b.ip(&["link", "set", "veth-b", "up"])?;
-    let _server = KillOnDrop(
-        b.exec("iperf3")
-            .args(["-s", "-B", "198.18.0.2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+fn tc_cost(s: &Settings) -> anyhow::Result<Vec<TcRow>> {
+    let pair = NetPair::new();
+    let a = &pair.a;
+    let _server = ChildGuard::spawn(pair.b.cmd("iperf3").args([
+        "-s",
+        "-B",
+        &egress_tests::netns::ADDR_B.to_string(),
+    ]));
     std::thread::sleep(Duration::from_millis(300));
     let secs = if s.quick { "2" } else { "5" };
-    let run = |cg: &str| -> anyhow::Result<(f64, f64)> {
-        let tcp = iperf(&a, cg, &["-t", secs])?;
+    let run = |cg: &TestCgroup| -> anyhow::Result<(f64, f64)> {
+        let tcp = iperf(a, cg, &["-t", secs])?;
         let bps = tcp["end"]["sum_received"]["bits_per_second"]
             .as_f64()
             .unwrap_or(0.0);
-        let udp = iperf(&a, cg, &["-u", "-l", "64", "-b", "0", "-t", secs])?;
+        let udp = iperf(a, cg, &["-u", "-l", "64", "-b", "0", "-t", secs])?;
         let pkts = udp["end"]["sum"]["packets"].as_f64().unwrap_or(0.0);
         let dur = udp["end"]["sum"]["seconds"].as_f64().unwrap_or(1.0);
         Ok((bps, pkts / dur))
     };
     let (mut tcp0, mut udp0, mut tcp1, mut udp1) = (vec![], vec![], vec![], vec![]);
-    let cg = ChildCgroup::create(root, "egress-bench")?;
-    let cgs = cg.path().display().to_string();
+    let cg = TestCgroup::with_prefix("egress-bench");
     // The cgroup hooks are attached in both runs: the difference is the TC program alone.
     let compiled = egress_policy(&[], true)?;
     let mut dp = Datapath::load(&compiled)?;
     dp.attach(cg.path())?;
     for _ in 0..s.reps {
-        let (t, u) = run(&cgs)?;
+        let (t, u) = run(&cg)?;
         tcp0.push(t);
         udp0.push(u);
     }
-    let ns_name = a.0.clone();
-    let dp = std::thread::spawn(move || -> anyhow::Result<Datapath> {
-        enter_netns(&ns_name)?;
-        dp.attach_tc(&["veth-a".to_string()])?;
+    let dp = in_netns(a, move || -> anyhow::Result<Datapath> {
+        dp.attach_tc(&[egress_tests::netns::VETH_A.to_string()])?;
         Ok(dp)
-    })
-    .join()
-    .expect("attach thread")?;
+    })?;
     for _ in 0..s.reps {
-        let (t, u) = run(&cgs)?;
+        let (t, u) = run(&cg)?;
         tcp1.push(t);
         udp1.push(u);
     }
@@ -606,9 +565,9 @@ struct EventRow {
     events_lost: u64,
 }
 
-fn event_path(s: &Settings, root: &Path) -> anyhow::Result<EventRow> {
-    let ns = Netns::new("ev")?;
-    let cg = ChildCgroup::create(root, "egress-bench")?;
+fn event_path(s: &Settings) -> anyhow::Result<EventRow> {
+    let ns = LoopNs::new();
+    let cg = TestCgroup::with_prefix("egress-bench");
     let compiled = egress_policy(&[], false)?;
     let mut dp = Datapath::load(&compiled)?;
     let mut ring = dp.take_events()?;
@@ -629,16 +588,15 @@ fn event_path(s: &Settings, root: &Path) -> anyhow::Result<EventRow> {
         n
     });
     let mut rates = Vec::new();
-    let ms = if s.quick { "1000" } else { "3000" };
+    let ms = if s.quick { 1000 } else { 3000 };
     for _ in 0..s.reps {
-        let out = sh(Command::new(me()).args([
-            "client",
-            &ns.0,
-            &cg.path().display().to_string(),
-            "deny-flood",
+        let out = sh(&mut client_in(
+            &ns,
+            &cg,
+            Mode::DenyFlood,
             "198.51.100.1:9",
             ms,
-        ]))?;
+        ))?;
         let v: serde_json::Value = serde_json::from_str(out.trim())?;
         rates.push(v["per_sec"].as_f64().unwrap_or(0.0));
     }
@@ -755,14 +713,7 @@ fn markdown(r: &Results) -> String {
     m
 }
 
-fn bench(args: &[String]) -> anyhow::Result<()> {
-    let quick = args.iter().any(|a| a == "--quick");
-    let out_dir = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target/bench"));
+fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     for tool in ["ip", "iptables-restore", "nft", "iperf3"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -788,14 +739,13 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             sizes: vec![1_000, 10_000, 100_000, 1_000_000],
         }
     };
-    let root = egress::sys::cgroup::cgroup2_root()?;
     let (kernel, cpu, cores) = machine();
-    let decision = decision_cost(&s, &root)?;
+    let decision = decision_cost(&s)?;
     eprintln!("bench: TC accounting");
-    let tc = tc_cost(&s, &root)?;
+    let tc = tc_cost(&s)?;
     let apply = apply_cost(&s)?;
     eprintln!("bench: event path");
-    let events = event_path(&s, &root)?;
+    let events = event_path(&s)?;
     let results = Results {
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         kernel,
@@ -824,11 +774,10 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let r = match args.first().map(String::as_str) {
-        Some("client") => client(&args[1..]),
-        Some("run-in") => run_in(&args[1..]),
-        _ => bench(&args),
+    let cli = Cli::parse();
+    let r = match cli.helper {
+        Some(Helper::Client { mode, addr, iters }) => client(mode, addr, iters),
+        None => bench(cli.quick, cli.out),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -836,5 +785,38 @@ fn main() -> ExitCode {
             eprintln!("egress-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn xtask_and_client_command_lines_parse() {
+        let cli = Cli::try_parse_from(["egress-bench", "--out", "/tmp/b", "--quick"]).unwrap();
+        assert!(cli.quick && cli.out == std::path::Path::new("/tmp/b") && cli.helper.is_none());
+        let cli = Cli::try_parse_from([
+            "egress-bench",
+            "client",
+            "deny-flood",
+            "198.51.100.1:9",
+            "1000",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.helper,
+            Some(Helper::Client {
+                mode: Mode::DenyFlood,
+                iters: 1000,
+                ..
+            })
+        ));
     }
 }

@@ -2,22 +2,17 @@
 //! server in one, a client (in a test cgroup) in the other. Byte counts, attribution, the
 //! unattributed owner, and the second line of enforcement for raw sockets.
 
-mod common;
+use std::{thread, time::Duration};
 
-use std::{
-    io::Read as _,
-    net::{TcpListener, UdpSocket},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    thread,
-    time::{Duration, Instant},
-};
-
-use common::{ADDR_B, NetPair, VETH_A, in_netns, test_cgroup};
 use egress::{datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy};
 use egress_common::{FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP, TGID_UNATTRIBUTED};
+use egress_tests::{
+    NetPair, Probe, TcpSink, TestCgroup, UdpSink,
+    Verdict::{Refused, Succeeded},
+    in_netns,
+    netns::{ADDR_B, VETH_A},
+    wait_for,
+};
 
 const POLICY: &str = r#"
 allow_loopback = false
@@ -32,73 +27,27 @@ ports = [5009]
 protocols = ["udp"]
 "#;
 
-fn load() -> Datapath {
+/// How long a sink gets to see what the probe sent.
+const DELIVERY: Duration = Duration::from_secs(10);
+
+/// The datapath, loaded, attached to `cg`, and with TC attached to the veth of namespace `a`.
+fn load_attached(pair: &NetPair, cg: &TestCgroup) -> Datapath {
     let p = Policy::parse("t.toml", POLICY).unwrap();
-    Datapath::load(&CompiledPolicy::compile(&p).unwrap()).expect("loading the datapath (root)")
-}
-
-/// A TCP sink in namespace b: counts bytes of every connection until the client closes.
-fn tcp_sink(pair: &NetPair, port: u16) -> Arc<AtomicU64> {
-    let got = Arc::new(AtomicU64::new(0));
-    let g = got.clone();
-    let listener = in_netns(&pair.b, move || TcpListener::bind((ADDR_B, port)).unwrap());
-    thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let mut buf = vec![0u8; 256 * 1024];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                g.fetch_add(n as u64, Ordering::SeqCst);
-            }
-        }
-    });
-    got
-}
-
-fn udp_sink(pair: &NetPair, port: u16) -> Arc<AtomicU64> {
-    let got = Arc::new(AtomicU64::new(0));
-    let g = got.clone();
-    let sock = in_netns(&pair.b, move || UdpSocket::bind((ADDR_B, port)).unwrap());
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = sock.recv(&mut buf) {
-            g.fetch_add(n as u64, Ordering::SeqCst);
-        }
-    });
-    got
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
+    let mut dp =
+        Datapath::load(&CompiledPolicy::compile(&p).unwrap()).expect("loading the datapath (root)");
+    dp.attach(cg.path()).unwrap();
+    in_netns(&pair.a, move || {
+        dp.attach_tc(&[VETH_A.to_string()])
+            .expect("attach TC to the test veth");
+        dp
+    })
 }
 
 /// Runs egress-probe in namespace a and the test cgroup; returns (results, pid).
-fn probe_in_a(pair: &NetPair, cg: &std::path::Path, args: &[&str]) -> (Vec<String>, u32) {
-    let out = pair
-        .cmd_in_a(common::PROBE)
-        .arg("--cgroup")
-        .arg(cg)
-        .args(args)
-        .output()
-        .expect("running egress-probe under nsenter");
-    assert!(out.status.success(), "{out:?}");
-    let mut pid = 0;
-    let results = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            pid = v["pid"].as_u64().unwrap() as u32;
-            v["result"].as_str().unwrap().to_string()
-        })
-        .collect();
-    (results, pid)
+fn probe_in_a(pair: &NetPair, cg: &TestCgroup, args: &[&str]) -> (Vec<egress_tests::Verdict>, u32) {
+    let lines = Probe::new().netns(&pair.a).cgroup(cg).args(args).run();
+    let pid = lines.first().expect("a probe line").pid;
+    (lines.into_iter().map(|l| l.result).collect(), pid)
 }
 
 fn flows_of(dp: &Datapath, tgid: u32, port: u16, proto: u8) -> FlowValue {
@@ -120,25 +69,17 @@ fn within_1pct(counted: u64, written: u64) -> bool {
 #[test]
 fn tcp_and_udp_bytes_are_attributed_and_accurate() {
     let pair = NetPair::new();
-    let cg = test_cgroup();
-    let mut dp = load();
-    dp.attach(cg.path()).unwrap();
-    let name = pair.a.clone();
-    let dp = in_netns(&name, move || {
-        let mut dp = dp;
-        dp.attach_tc(&[VETH_A.to_string()])
-            .expect("attach TC to the test veth");
-        dp
-    });
-    let tcp_got = tcp_sink(&pair, 5001);
-    let udp_got = udp_sink(&pair, 5002);
+    let cg = TestCgroup::new();
+    let dp = load_attached(&pair, &cg);
+    let tcp_got = TcpSink::start(&pair.b, (ADDR_B, 5001));
+    let udp_got = UdpSink::start(&pair.b, (ADDR_B, 5002));
 
     const TCP_BYTES: u64 = 16 * 1024 * 1024;
     const UDP_COUNT: u64 = 500;
     const UDP_SIZE: u64 = 1200;
     let (r, pid) = probe_in_a(
         &pair,
-        cg.path(),
+        &cg,
         &[
             "tcp-send",
             "198.18.0.2:5001",
@@ -149,12 +90,10 @@ fn tcp_and_udp_bytes_are_attributed_and_accurate() {
             &UDP_SIZE.to_string(),
         ],
     );
-    assert_eq!(r, ["ok", "ok"]);
-    wait_for("the TCP sink", || {
-        tcp_got.load(Ordering::SeqCst) == TCP_BYTES
-    });
+    assert_eq!(r, [Succeeded, Succeeded]);
+    wait_for("the TCP sink", DELIVERY, || tcp_got.bytes() == TCP_BYTES);
     // The receiver may drop datagrams when its buffer overflows; what left the client is counted.
-    wait_for("the UDP sink", || udp_got.load(Ordering::SeqCst) > 0);
+    wait_for("the UDP sink", DELIVERY, || udp_got.bytes() > 0);
 
     let tcp = flows_of(&dp, pid, 5001, IPPROTO_TCP);
     assert!(
@@ -181,30 +120,23 @@ fn tcp_and_udp_bytes_are_attributed_and_accurate() {
 #[test]
 fn raw_socket_packets_are_unattributed_and_blocked_ones_dropped() {
     let pair = NetPair::new();
-    let cg = test_cgroup();
-    let mut dp = load();
+    let cg = TestCgroup::new();
+    let mut dp = load_attached(&pair, &cg);
     let mut ring = dp.take_events().unwrap();
-    dp.attach(cg.path()).unwrap();
-    let name = pair.a.clone();
-    let dp = in_netns(&name, move || {
-        let mut dp = dp;
-        dp.attach_tc(&[VETH_A.to_string()]).unwrap();
-        dp
-    });
-    let allowed_got = udp_sink(&pair, 5008);
-    let blocked_got = udp_sink(&pair, 5009);
+    let allowed_got = UdpSink::start(&pair.b, (ADDR_B, 5008));
+    let blocked_got = UdpSink::start(&pair.b, (ADDR_B, 5009));
     let (r, _pid) = probe_in_a(
         &pair,
-        cg.path(),
+        &cg,
         &["raw-udp", "198.18.0.2:5008", "raw-udp", "198.18.0.2:5009"],
     );
     assert_eq!(
         r,
-        ["ok", "ok"],
+        [Succeeded, Succeeded],
         "raw sockets pass no cgroup hook: sendto succeeds"
     );
-    wait_for("the unblocked raw datagram", || {
-        allowed_got.load(Ordering::SeqCst) > 0
+    wait_for("the unblocked raw datagram", DELIVERY, || {
+        allowed_got.bytes() > 0
     });
     let unattributed = flows_of(&dp, TGID_UNATTRIBUTED, 5008, IPPROTO_UDP);
     assert_eq!(
@@ -213,7 +145,7 @@ fn raw_socket_packets_are_unattributed_and_blocked_ones_dropped() {
     );
     thread::sleep(Duration::from_millis(300));
     assert_eq!(
-        blocked_got.load(Ordering::SeqCst),
+        blocked_got.bytes(),
         0,
         "the blocked raw datagram was dropped at TC"
     );
@@ -244,20 +176,13 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
     // 3000-byte UDP datagrams over a 1500-byte MTU leave as IPv6 fragments: a fragment header
     // precedes UDP in the first, and the rest carry no UDP header at all.
     let pair = NetPair::new();
-    let cg = test_cgroup();
-    let mut dp = load();
-    dp.attach(cg.path()).unwrap();
-    let name = pair.a.clone();
-    let dp = in_netns(&name, move || {
-        let mut dp = dp;
-        dp.attach_tc(&[VETH_A.to_string()]).unwrap();
-        dp
-    });
+    let cg = TestCgroup::new();
+    let dp = load_attached(&pair, &cg);
     // A TCP connect first resolves the neighbour, so no datagram waits in (or falls out of) the
     // neighbour queue.
     let (r, pid) = probe_in_a(
         &pair,
-        cg.path(),
+        &cg,
         &[
             "tcp",
             "[fd00:e9e5::2]:5006",
@@ -267,7 +192,7 @@ fn ipv6_extension_headers_are_walked_to_the_transport_header() {
             "3000",
         ],
     );
-    assert_eq!(r, ["ECONNREFUSED", "ok"]);
+    assert_eq!(r, [Refused, Succeeded]);
     thread::sleep(Duration::from_millis(300));
     let flows = dp.flows().unwrap();
     assert!(

@@ -1,0 +1,476 @@
+//! egress-probe: tries outbound calls and prints, per call, one JSON line with the result.
+//! A diagnostic for users ("is this destination allowed from here?") and the client that the
+//! kernel and end-to-end tests drive. The lines are the types of `egress_tests::probe`.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::{CommandFactory as _, Parser, error::ErrorKind};
+use egress_tests::probe::{CallLine, StormReport, SummaryLine, Verdict};
+
+const OPS: &str = "\
+Calls (OP ADDR:PORT [ARGS]), run in order:
+  tcp ADDR:PORT                   TCP connect
+  udp-connect ADDR:PORT           connected UDP: connect, then send
+  udp-sendto ADDR:PORT            unconnected UDP: one sendto
+  tcp-send ADDR:PORT BYTES        connect, write BYTES, shut down, wait for the peer to close
+  udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
+  raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
+                                  sees it)
+  sleep MS | wait-file PATH       pause (for tests that act between two calls)
+  storm ALLOWED DENIED MS         for MS milliseconds, alternate UDP connects to an address
+                                  that must pass and one that must be denied; print the counts:
+                                  only EPERM counts as denied, other errors are counted apart
+
+The result is \"ok\" or the errno name: EPERM is a policy deny; ECONNREFUSED means the connect
+passed the firewall and reached a closed port.";
+
+/// Tries outbound calls and prints one JSON line per call with its result.
+#[derive(Parser, Debug)]
+#[command(name = "egress-probe", after_help = OPS)]
+struct Cli {
+    /// Join this cgroup2 directory first (sockets belong to the cgroup they are made in).
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+    /// Repeat each call N times and print one summary line per call instead.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// I/O timeout of tcp-send, in seconds.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    timeout: u64,
+    /// Pace tcp-send at about BPS bytes per second (default: as fast as possible).
+    #[arg(long, value_name = "BPS")]
+    rate: Option<u64>,
+    /// End a storm early once FILE exists (checked every 1,000 rounds).
+    #[arg(long, value_name = "FILE", env = "EGRESS_PROBE_STOP")]
+    stop_file: Option<PathBuf>,
+    /// The calls: OP ADDR:PORT [ARGS], one after another (see below).
+    #[arg(
+        value_name = "OP ADDR:PORT [ARGS]",
+        required = true,
+        trailing_var_arg = true,
+        num_args = 1..
+    )]
+    calls: Vec<String>,
+}
+
+/// One call, parsed.
+#[derive(Debug, Clone, PartialEq)]
+enum Call {
+    Tcp(SocketAddr),
+    UdpConnect(SocketAddr),
+    UdpSendto(SocketAddr),
+    TcpSend(SocketAddr, u64),
+    UdpSend(SocketAddr, u64, u64),
+    RawUdp(SocketAddr),
+    Sleep(u64),
+    WaitFile(PathBuf),
+    Storm {
+        allowed: SocketAddr,
+        denied: SocketAddr,
+        ms: u64,
+    },
+}
+
+impl Call {
+    fn op(&self) -> &'static str {
+        match self {
+            Call::Tcp(_) => "tcp",
+            Call::UdpConnect(_) => "udp-connect",
+            Call::UdpSendto(_) => "udp-sendto",
+            Call::TcpSend(..) => "tcp-send",
+            Call::UdpSend(..) => "udp-send",
+            Call::RawUdp(_) => "raw-udp",
+            Call::Sleep(_) => "sleep",
+            Call::WaitFile(_) => "wait-file",
+            Call::Storm { .. } => "storm",
+        }
+    }
+
+    /// The destination, as the line shows it (`0.0.0.0:0` for the pauses).
+    fn dst(&self) -> SocketAddr {
+        match self {
+            Call::Tcp(a)
+            | Call::UdpConnect(a)
+            | Call::UdpSendto(a)
+            | Call::TcpSend(a, _)
+            | Call::UdpSend(a, ..)
+            | Call::RawUdp(a) => *a,
+            Call::Storm { allowed, .. } => *allowed,
+            Call::Sleep(_) | Call::WaitFile(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+}
+
+/// Parses the call words into calls.
+fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
+    let mut words = words.iter();
+    let mut calls = Vec::new();
+    fn next<'w>(
+        words: &mut impl Iterator<Item = &'w String>,
+        op: &str,
+        what: &str,
+    ) -> Result<&'w String, String> {
+        words.next().ok_or_else(|| format!("{op}: missing {what}"))
+    }
+    fn num<'w>(
+        words: &mut impl Iterator<Item = &'w String>,
+        op: &str,
+        what: &str,
+    ) -> Result<u64, String> {
+        let w = next(words, op, what)?;
+        w.parse()
+            .map_err(|_| format!("{op}: {what} must be a number, not {w:?}"))
+    }
+    fn addr<'w>(
+        words: &mut impl Iterator<Item = &'w String>,
+        op: &str,
+    ) -> Result<SocketAddr, String> {
+        let w = next(words, op, "ADDR:PORT")?;
+        w.parse()
+            .map_err(|_| format!("{op}: {w:?} is not ADDR:PORT (IPv6 as [ADDR]:PORT)"))
+    }
+    while let Some(op) = words.next() {
+        let call = match op.as_str() {
+            "tcp" => Call::Tcp(addr(&mut words, op)?),
+            "udp-connect" => Call::UdpConnect(addr(&mut words, op)?),
+            "udp-sendto" => Call::UdpSendto(addr(&mut words, op)?),
+            "raw-udp" => Call::RawUdp(addr(&mut words, op)?),
+            "tcp-send" => Call::TcpSend(addr(&mut words, op)?, num(&mut words, op, "BYTES")?),
+            "udp-send" => Call::UdpSend(
+                addr(&mut words, op)?,
+                num(&mut words, op, "COUNT")?,
+                num(&mut words, op, "SIZE")?,
+            ),
+            "sleep" => Call::Sleep(num(&mut words, op, "MS")?),
+            "wait-file" => Call::WaitFile(next(&mut words, op, "PATH")?.into()),
+            "storm" => Call::Storm {
+                allowed: addr(&mut words, op)?,
+                denied: addr(&mut words, op)?,
+                ms: num(&mut words, op, "MS")?,
+            },
+            other => return Err(format!("unknown op {other:?}")),
+        };
+        calls.push(call);
+    }
+    Ok(calls)
+}
+
+fn unspecified_for(addr: &SocketAddr) -> SocketAddr {
+    if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    }
+}
+
+/// What the calls share.
+struct Probe {
+    timeout: Duration,
+    rate: Option<u64>,
+    stop_file: Option<PathBuf>,
+}
+
+fn wait_file(path: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "file never appeared",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+impl Probe {
+    fn tcp_send(&self, addr: SocketAddr, total: u64) -> io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_write_timeout(Some(self.timeout))?;
+        s.set_read_timeout(Some(self.timeout))?;
+        let chunk = vec![0x5au8; 64 * 1024];
+        let start = Instant::now();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            s.write_all(&chunk[..n])?;
+            left -= n as u64;
+            if let Some(rate) = self.rate.filter(|r| *r > 0) {
+                let due = Duration::from_secs_f64((total - left) as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        // The peer closes once it has read everything: then every byte has left this host.
+        let mut sink = [0u8; 256];
+        while s.read(&mut sink)? > 0 {}
+        Ok(())
+    }
+
+    fn attempt(&self, call: &Call) -> io::Result<()> {
+        match call {
+            Call::TcpSend(addr, bytes) => self.tcp_send(*addr, *bytes),
+            Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
+            Call::RawUdp(addr) => raw_udp(*addr),
+            Call::Sleep(ms) => {
+                std::thread::sleep(Duration::from_millis(*ms));
+                Ok(())
+            }
+            Call::WaitFile(path) => wait_file(path),
+            Call::Tcp(addr) => TcpStream::connect_timeout(addr, Duration::from_secs(2)).map(drop),
+            Call::UdpConnect(addr) => {
+                let s = UdpSocket::bind(unspecified_for(addr))?;
+                s.connect(addr)?;
+                s.send(b"egress-probe").map(drop)
+            }
+            Call::UdpSendto(addr) => {
+                let s = UdpSocket::bind(unspecified_for(addr))?;
+                s.send_to(b"egress-probe", addr).map(drop)
+            }
+            Call::Storm { .. } => unreachable!("a storm is not a single attempt"),
+        }
+    }
+
+    fn storm(&self, allowed: SocketAddr, denied: SocketAddr, ms: u64) -> StormReport {
+        let start = Instant::now();
+        let end = start + Duration::from_millis(ms);
+        let mut r = StormReport {
+            op: "storm".into(),
+            attempts: 0,
+            per_sec: 0.0,
+            wrong: 0,
+            allowed_ok: 0,
+            allowed_denied: 0,
+            denied_ok: 0,
+            denied_denied: 0,
+            errors: BTreeMap::new(),
+            pid: std::process::id(),
+        };
+        let mut rounds = 0u64;
+        while Instant::now() < end {
+            rounds += 1;
+            if rounds.is_multiple_of(1000) && self.stop_file.as_ref().is_some_and(|p| p.exists()) {
+                break;
+            }
+            for (addr, must_pass) in [(allowed, true), (denied, false)] {
+                match (Verdict::of(&udp_connect(addr)), must_pass) {
+                    (Verdict::Succeeded, true) => r.allowed_ok += 1,
+                    (Verdict::Succeeded, false) => r.denied_ok += 1,
+                    (Verdict::Denied, true) => r.allowed_denied += 1,
+                    (Verdict::Denied, false) => r.denied_denied += 1,
+                    // Not a verdict of the firewall (a UDP connect is never refused): counted
+                    // apart, so that a broken setup cannot pass for a clean storm.
+                    (other, _) => *r.errors.entry(other.name().to_string()).or_default() += 1,
+                }
+            }
+        }
+        r.attempts =
+            r.allowed_ok + r.allowed_denied + r.denied_ok + r.denied_denied + r.error_count();
+        r.wrong = r.allowed_denied + r.denied_ok;
+        r.per_sec = (r.attempts as f64 / start.elapsed().as_secs_f64()).round();
+        r
+    }
+}
+
+/// One UDP connect on a fresh socket.
+fn udp_connect(addr: SocketAddr) -> io::Result<()> {
+    UdpSocket::bind(unspecified_for(&addr))?.connect(addr)
+}
+
+fn udp_send(addr: SocketAddr, count: u64, size: u64) -> io::Result<()> {
+    let s = UdpSocket::bind(unspecified_for(&addr))?;
+    let payload = vec![0xa5u8; size as usize];
+    for _ in 0..count {
+        s.send_to(&payload, addr)?;
+    }
+    Ok(())
+}
+
+/// One UDP datagram through `socket(AF_INET, SOCK_RAW, IPPROTO_UDP)`: the kernel adds the IP
+/// header, we write the UDP header (checksum 0: none, valid for IPv4).
+fn raw_udp(addr: SocketAddr) -> io::Result<()> {
+    let SocketAddr::V4(v4) = addr else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "raw-udp is IPv4 only",
+        ));
+    };
+    let payload = b"egress-probe raw";
+    let mut pkt = Vec::with_capacity(8 + payload.len());
+    pkt.extend_from_slice(&40000u16.to_be_bytes());
+    pkt.extend_from_slice(&v4.port().to_be_bytes());
+    pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    pkt.extend_from_slice(&0u16.to_be_bytes());
+    pkt.extend_from_slice(payload);
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain syscalls on a socket we own, with buffers that outlive them.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+fn print(out: &mut impl io::Write, line: &impl serde::Serialize) {
+    let mut text = serde_json::to_vec(line).expect("a probe line serializes");
+    text.push(b'\n');
+    let _ = out.write_all(&text);
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let calls = match parse_calls(&cli.calls) {
+        Ok(c) => c,
+        Err(e) => Cli::command().error(ErrorKind::InvalidValue, e).exit(),
+    };
+    if let Some(dir) = &cli.cgroup
+        && let Err(e) = egress_tests::cgroup::join(dir)
+    {
+        eprintln!("egress-probe: joining {}: {e}", dir.display());
+        return ExitCode::from(3);
+    }
+    let probe = Probe {
+        timeout: Duration::from_secs(cli.timeout),
+        rate: cli.rate,
+        stop_file: cli.stop_file,
+    };
+    let pid = std::process::id();
+    let mut out = io::stdout().lock();
+    for call in &calls {
+        let (op, dst) = (call.op().to_string(), call.dst().to_string());
+        if let Call::Storm {
+            allowed,
+            denied,
+            ms,
+        } = call
+        {
+            print(&mut out, &probe.storm(*allowed, *denied, *ms));
+            continue;
+        }
+        match cli.count {
+            None => {
+                let result = Verdict::of(&probe.attempt(call));
+                print(
+                    &mut out,
+                    &CallLine {
+                        op,
+                        dst,
+                        result,
+                        pid,
+                    },
+                );
+            }
+            Some(count) => {
+                let mut results: BTreeMap<String, u64> = BTreeMap::new();
+                for _ in 0..count {
+                    let r = Verdict::of(&probe.attempt(call));
+                    *results.entry(r.name().to_string()).or_default() += 1;
+                }
+                print(
+                    &mut out,
+                    &SummaryLine {
+                        op,
+                        dst,
+                        count,
+                        results,
+                        pid,
+                    },
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_documented_command_line_parses() {
+        let cli = Cli::try_parse_from(words(
+            "egress-probe --cgroup /sys/fs/cgroup/x --count 3 --timeout 5 --rate 1000 tcp 127.0.0.2:80 tcp-send [::1]:9 100 sleep 10",
+        ))
+        .unwrap();
+        assert_eq!(
+            (cli.cgroup.unwrap(), cli.count, cli.timeout, cli.rate),
+            (PathBuf::from("/sys/fs/cgroup/x"), Some(3), 5, Some(1000))
+        );
+        assert_eq!(
+            parse_calls(&cli.calls).unwrap(),
+            [
+                Call::Tcp("127.0.0.2:80".parse().unwrap()),
+                Call::TcpSend("[::1]:9".parse().unwrap(), 100),
+                Call::Sleep(10)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_calls_are_refused() {
+        for bad in [
+            "tcp",
+            "udp-send 127.0.0.1:1 3",
+            "fly 127.0.0.1:1",
+            "sleep soon",
+        ] {
+            assert!(parse_calls(&words(bad)).is_err(), "{bad}");
+        }
+        assert!(
+            Cli::try_parse_from(words("egress-probe")).is_err(),
+            "a call is required"
+        );
+    }
+
+    #[test]
+    fn lines_read_back_as_the_harness_types() {
+        let line = CallLine {
+            op: "tcp".into(),
+            dst: "127.0.0.1:1".into(),
+            result: Verdict::Denied,
+            pid: 7,
+        };
+        let text = serde_json::to_string(&line).unwrap();
+        assert!(text.contains(r#""result":"EPERM""#), "{text}");
+        assert_eq!(egress_tests::probe::parse_calls(text.as_bytes()), [line]);
+    }
+}

@@ -1,0 +1,165 @@
+//! Test network namespaces, made with `ip netns` (so that `ip netns list` shows them while a test
+//! runs) and deleted on drop, and running code or commands inside them. Every `egress` a test
+//! starts runs in one, so that its TC program never touches an interface of the host.
+
+use std::{
+    ffi::OsStr,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// The address of namespace `a` of a [`NetPair`] (the client side).
+pub const ADDR_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The address of namespace `b` of a [`NetPair`] (the server side).
+pub const ADDR_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const ADDR6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xe9e5, 0, 0, 0, 0, 0, 1);
+pub const ADDR6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xe9e5, 0, 0, 0, 0, 0, 2);
+/// The veth end in namespace `a`.
+pub const VETH_A: &str = "veth-a";
+/// The veth end in namespace `b`.
+pub const VETH_B: &str = "veth-b";
+
+/// Runs `ip ARGS`, panicking with its stderr when it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One network namespace with only loopback, up; deleted on drop.
+#[derive(Debug)]
+pub struct LoopNs {
+    name: String,
+}
+
+impl LoopNs {
+    pub fn new() -> LoopNs {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let ns = LoopNs {
+            name: format!("egt-{}-{n}", std::process::id()),
+        };
+        ip(&["netns", "add", &ns.name]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/<name>`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `program` run inside the namespace. nsenter execs it in place (its pid is the program's)
+    /// and keeps the host's mounts, cgroup2 included.
+    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
+    /// `ip -n <name> ARGS`; panics when it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+}
+
+impl Default for LoopNs {
+    fn default() -> Self {
+        LoopNs::new()
+    }
+}
+
+impl Drop for LoopNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two test namespaces joined by a veth pair: `a` (client) has [`VETH_A`] with 198.18.0.1/24 and
+/// fd00:e9e5::1/64, `b` (server) has [`VETH_B`] with 198.18.0.2/24 and fd00:e9e5::2/64 (the
+/// RFC 2544 benchmarking and a ULA range, which exist only inside these namespaces). The veth is
+/// made directly inside them; both are deleted on drop.
+#[derive(Debug)]
+pub struct NetPair {
+    pub a: LoopNs,
+    pub b: LoopNs,
+}
+
+impl NetPair {
+    pub fn new() -> NetPair {
+        let pair = NetPair {
+            a: LoopNs::new(),
+            b: LoopNs::new(),
+        };
+        ip(&[
+            "link",
+            "add",
+            VETH_A,
+            "netns",
+            pair.a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            VETH_B,
+            "netns",
+            pair.b.name(),
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&pair.a, VETH_A, ADDR_A, ADDR6_A),
+            (&pair.b, VETH_B, ADDR_B, ADDR6_B),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        pair
+    }
+}
+
+impl Default for NetPair {
+    fn default() -> Self {
+        NetPair::new()
+    }
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`, and returns what it returns. Sockets it
+/// makes stay in that namespace after it returns; the calling thread is not moved.
+pub fn in_netns<T: Send + 'static>(ns: &LoopNs, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let f_ns = std::fs::File::open(&path)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+        // SAFETY: setns on a valid namespace fd; it moves only this thread.
+        let rc = unsafe { libc::setns(f_ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns({}): {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}

@@ -1,0 +1,411 @@
+//! End-to-end tests of the `egress` binary: `exec` and `run` with real clients (egress-probe and
+//! curl) against loopback servers in a test namespace, asserting on exit codes, `status --json`
+//! and the JSON event stream; `check` and `explain` through the CLI.
+
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    EgressCmd, HttpServer, LoopNs, TempDir, TestCgroup,
+    Verdict::{Denied, Refused, Succeeded},
+    bins,
+    cgroup::exec_cgroups_of,
+    events::{self, assert_contract_fields},
+    probe,
+    probe::verdicts,
+    wait_for,
+};
+
+const POLICY: &str = r#"
+mode = "enforce"
+allow_loopback = false
+[[service]]
+name = "local-web"
+destinations = ["127.0.0.2", "::1"]
+ports = ["8000-8999"]
+[[block]]
+name = "bad-host"
+destinations = ["127.0.0.66"]
+"#;
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/example.toml");
+
+#[test]
+fn exec_enforces_reports_and_cleans_up() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-exec");
+    let policy = dir.file("p.toml", POLICY);
+    let events = dir.join("events.jsonl");
+    let eg = EgressCmd::exec(&ns)
+        .policy(&policy)
+        .events(&events)
+        .probe([
+            "tcp",
+            "127.0.0.2:8080",
+            "tcp",
+            "127.0.0.66:8080",
+            "udp-sendto",
+            "[::1]:53",
+            "tcp",
+            "[::ffff:127.0.0.3]:8080",
+        ])
+        .spawn();
+    let pid = eg.pid();
+    let out = eg.output();
+    assert!(
+        out.status.success(),
+        "egress exec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(verdicts(&out.stdout), [Refused, Denied, Denied, Denied]);
+    let ev = events::decisions(&events);
+    assert_eq!(ev.len(), 3, "{ev:#?}");
+    assert!(
+        ev.iter()
+            .all(|e| e.event == "deny" && e.comm == "egress-probe")
+    );
+    assert_eq!(
+        (
+            ev[0].dst.as_str(),
+            ev[0].port,
+            ev[0].rule.as_str(),
+            ev[0].hook.as_str()
+        ),
+        ("127.0.0.66", 8080, "bad-host", "connect4")
+    );
+    assert_eq!(
+        (
+            ev[1].dst.as_str(),
+            ev[1].protocol.as_str(),
+            ev[1].hook.as_str(),
+            ev[1].rule.as_str()
+        ),
+        ("::1", "udp", "sendmsg6", "default")
+    );
+    assert_eq!(
+        (ev[2].dst.as_str(), ev[2].v4_mapped),
+        ("::ffff:127.0.0.3", true)
+    );
+    assert_contract_fields(&events);
+    assert!(
+        exec_cgroups_of(pid).is_empty(),
+        "exec left its cgroup behind"
+    );
+}
+
+#[test]
+fn exec_exits_with_the_commands_status() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let out = EgressCmd::exec(&ns)
+        .command(["sh", "-c", "exit 7"])
+        .output();
+    assert_eq!(out.status.code(), Some(7));
+    let out = EgressCmd::exec(&ns)
+        .command(["sh", "-c", "kill -TERM $$"])
+        .output();
+    assert_eq!(out.status.code(), Some(128 + 15));
+    let out = EgressCmd::exec(&ns)
+        .command(["/nonexistent/egress-test-binary"])
+        .output();
+    assert_eq!(out.status.code(), Some(127));
+}
+
+#[test]
+fn exec_removes_the_cgroup_even_with_leftover_processes() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    // The command backgrounds a sleeper and exits; exec must kill it and remove the cgroup.
+    let eg = EgressCmd::exec(&ns)
+        .command(["sh", "-c", "sleep 30 & exit 0"])
+        .spawn();
+    let pid = eg.pid();
+    let start = Instant::now();
+    let out = eg.output();
+    assert!(out.status.success());
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(exec_cgroups_of(pid).is_empty());
+}
+
+#[test]
+fn curl_through_exec_allowed_and_denied() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-curl");
+    let server = HttpServer::start(&ns, (Ipv4Addr::new(127, 0, 0, 2), 0), b"hello");
+    let port = server.addr().port();
+    let allow = dir.file(
+        "allow.toml",
+        &format!("allow_loopback = false\n[[service]]\nname = \"local-http\"\ndestinations = [\"127.0.0.2\"]\nports = [{port}]\nprotocols = [\"tcp\"]\n"),
+    );
+    let url = format!("http://127.0.0.2:{port}/");
+    let out = EgressCmd::exec(&ns)
+        .policy(&allow)
+        .command(["curl", "-sS", "--max-time", "5", &url])
+        .output();
+    assert!(
+        out.status.success(),
+        "curl failed (it must be installed: .ci/run installs it): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"hello");
+    assert_eq!(server.requests().len(), 1);
+
+    let deny = dir.file("deny.toml", "allow_loopback = false\n[[block]]\nname = \"no-local-http\"\ndestinations = [\"127.0.0.2\"]\n");
+    let events = dir.join("events.jsonl");
+    let out = EgressCmd::exec(&ns)
+        .policy(&deny)
+        .events(&events)
+        .command(["curl", "-sS", "--max-time", "5", &url])
+        .output();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl: couldn't connect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev = events::decisions(&events);
+    assert!(!ev.is_empty());
+    assert!(
+        ev.iter().all(|e| e.comm == "curl"
+            && e.rule == "no-local-http"
+            && e.port == port
+            && e.protocol == "tcp"),
+        "{ev:#?}"
+    );
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "the denied curl never got there"
+    );
+}
+
+#[test]
+fn run_enforces_on_a_cgroup_and_detaches_on_sigint() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-run");
+    let policy = dir.file("p.toml", POLICY);
+    let events = dir.join("events.jsonl");
+    let cg = TestCgroup::new();
+    let mut run = EgressCmd::run(&ns, cg.path(), &dir)
+        .policy(&policy)
+        .events(&events)
+        .start();
+    assert_eq!(
+        probe(
+            &cg,
+            &[
+                ("tcp", "127.0.0.66:8080"),
+                ("tcp", "127.0.0.2:8443"),
+                ("udp-connect", "127.0.0.3:9")
+            ]
+        ),
+        [Denied, Refused, Denied]
+    );
+    // Events are written as they happen, not only at exit.
+    wait_for(
+        "events to reach the file while running",
+        Duration::from_secs(5),
+        || events::decisions(&events).len() >= 2,
+    );
+    let status = run.stop(libc::SIGINT);
+    assert!(
+        status.success(),
+        "egress run exited with {status}: {}",
+        run.stderr_text()
+    );
+    let ev = events::decisions(&events);
+    assert!(
+        ev.iter()
+            .any(|e| e.rule == "bad-host" && e.dst == "127.0.0.66")
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e.hook == "connect4" && e.protocol == "udp" && e.dst == "127.0.0.3")
+    );
+    assert_contract_fields(&events);
+    // Detached: the cgroup is unrestricted again.
+    assert_eq!(probe(&cg, &[("tcp", "127.0.0.66:8080")]), [Refused]);
+}
+
+#[test]
+fn run_with_the_embedded_default_policy_audits_and_blocks_nothing() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-default");
+    let events = dir.join("events.jsonl");
+    let cg = TestCgroup::new();
+    let mut run = EgressCmd::run(&ns, cg.path(), &dir).events(&events).start();
+    let status = run.status().expect("status --json");
+    assert_eq!(
+        (&status["policy"]["mode"], &status["policy"]["source"]),
+        (
+            &serde_json::json!("audit"),
+            &serde_json::json!(egress::policy::DEFAULT_POLICY_NAME)
+        ),
+        "{status}"
+    );
+    assert_eq!(
+        probe(&cg, &[("tcp", "127.0.0.2:9"), ("udp-sendto", "[::1]:9")]),
+        [Refused, Succeeded]
+    );
+    let exit = run.stop(libc::SIGTERM);
+    assert!(
+        exit.success(),
+        "egress run exited with {exit}: {}",
+        run.stderr_text()
+    );
+    assert!(
+        events::decisions(&events).is_empty(),
+        "loopback is approved by the default policy"
+    );
+}
+
+#[test]
+fn check_accepts_good_policies_and_pinpoints_bad_ones() {
+    let dir = TempDir::new("e2e-check");
+    let out = std::process::Command::new(bins::egress())
+        .args(["check", EXAMPLE])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What `check` summarises, from the same loader.
+    let (_, c) = egress::policy::load(Some(std::path::Path::new(EXAMPLE))).unwrap();
+    assert_eq!(
+        (c.services, c.blocks, c.alerts, c.prefix_count()),
+        (3, 3, 2, 10)
+    );
+
+    let bad = dir.file(
+        "bad.toml",
+        "[[service]]\nname = \"x\"\ndestinations = [\"10.0.0.0/8\"]\nports = [\"90-80\"]\n",
+    );
+    let out = std::process::Command::new(bins::egress())
+        .arg("check")
+        .arg(EXAMPLE)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    // The policy-error contract: file:line:column: field: message.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:4:10: service[1].ports: ", bad.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_prints_verdict_and_rule() {
+    let explain = |dest: &str| {
+        let out = std::process::Command::new(bins::egress())
+            .args([
+                "explain", "--policy", EXAMPLE, dest, "--port", "3128", "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let v = explain("10.20.99.4");
+    assert_eq!(v["verdict"], "deny");
+    assert_eq!(v["rule"], "quarantined-lab");
+    assert_eq!(v["prefix"], "10.20.99.0/24");
+    let v = explain("::ffff:10.20.1.5");
+    assert_eq!(
+        (&v["verdict"], &v["rule"], &v["judged_as"]),
+        (
+            &serde_json::json!("allow"),
+            &serde_json::json!("corp-proxy"),
+            &serde_json::json!("10.20.1.5")
+        ),
+        "{v}"
+    );
+}
+
+#[test]
+fn exec_in_audit_mode_writes_audit_events_and_blocks_nothing() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-audit");
+    let policy = dir.file("p.toml", "mode = \"audit\"\nallow_loopback = false\n[[block]]\nname = \"lab\"\ndestinations = [\"127.0.0.66\"]\n");
+    let events = dir.join("events.jsonl");
+    let out = EgressCmd::exec(&ns)
+        .policy(&policy)
+        .events(&events)
+        .probe(["tcp", "127.0.0.66:80", "udp-sendto", "127.0.0.9:53"])
+        .success();
+    assert_eq!(verdicts(&out.stdout), [Refused, Succeeded]);
+    let ev = events::decisions(&events);
+    assert_eq!(ev.len(), 2, "{ev:#?}");
+    assert!(ev.iter().all(|e| e.event == "audit"));
+    assert_eq!(
+        (ev[0].rule.as_str(), ev[1].rule.as_str()),
+        ("lab", "default")
+    );
+}
+
+#[test]
+fn a_deny_flood_neither_hangs_nor_loses_the_controller() {
+    // 100,000 denied sends overflow the ring buffer many times; the controller must keep up in
+    // bounded batches, exit with the command, and account for every event (written or lost).
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-flood");
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let events = dir.join("events.jsonl");
+    let report = dir.join("report.json");
+    let start = Instant::now();
+    let out = EgressCmd::exec(&ns)
+        .policy(&policy)
+        .events(&events)
+        .report(&report)
+        .probe(["--count", "100000", "udp-sendto", "127.0.0.9:9"])
+        .success();
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        start.elapsed()
+    );
+    let line: egress_tests::probe::SummaryLine = egress_tests::probe::parse_one(&out.stdout);
+    assert_eq!(line.times(&Denied), 100_000, "{line:?}");
+    let written = events::decisions(&events).len() as u64;
+    let counters = events::report(&report).counters;
+    assert_eq!(counters.denied, 100_000, "{counters:?}");
+    assert!(written > 0, "no event written");
+    assert_eq!(
+        written + counters.events_lost,
+        100_000,
+        "every deny's event is written or counted lost: {written} written, {counters:?}"
+    );
+}
+
+#[test]
+fn exec_forwards_sighup_and_cleans_up() {
+    let ns = LoopNs::new();
+    let mut eg = EgressCmd::exec(&ns).command(["sleep", "30"]).spawn();
+    // nsenter execs egress in place, so the pid is egress's. Wait until its cgroup exists.
+    let egress_pid = eg.pid();
+    wait_for("the exec cgroup", Duration::from_secs(10), || {
+        !exec_cgroups_of(egress_pid).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    eg.signal(libc::SIGHUP);
+    let status = eg.wait_exit("egress exec after SIGHUP");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGHUP),
+        "the command died of the forwarded SIGHUP"
+    );
+    assert!(exec_cgroups_of(egress_pid).is_empty());
+}

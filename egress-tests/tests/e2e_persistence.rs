@@ -1,0 +1,97 @@
+//! Fail-closed persistence: a pinned `egress run` (on a test cgroup, pins in a test directory)
+//! survives `kill -9` with every verdict intact, a restarted controller adopts the pinned state
+//! and swaps the programs in place with no gap, `egress status` works without a controller, and
+//! `egress stop` leaves nothing attached or pinned.
+
+use std::time::Duration;
+
+use egress_tests::{
+    EgressCmd, LoopNs, Probe, TempDir, TestCgroup, Verdict::Refused, controller::pin_dir, probe,
+};
+
+fn prog_ids(s: &serde_json::Value) -> Vec<u64> {
+    s["links"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no links in {s}"))
+        .iter()
+        .map(|l| l["prog_id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("persist");
+    let cg = TestCgroup::new();
+    let pins = pin_dir();
+    // Both allow 127.0.0.2:8000 and deny 127.0.0.3; the second differs elsewhere.
+    let a = dir.file("a.toml", "allow_loopback = false\n[[service]]\nname = \"app\"\ndestinations = [\"127.0.0.2\"]\nports = [8000]\n");
+    let b = dir.file("b.toml", "allow_loopback = false\n[[service]]\nname = \"app\"\ndestinations = [\"127.0.0.2\"]\nports = [8000]\n[[service]]\nname = \"extra\"\ndestinations = [\"10.9.0.0/16\"]\n");
+    let pinned = |policy: &std::path::Path| {
+        EgressCmd::run(&ns, cg.path(), &dir)
+            .pinned(&pins)
+            .policy(policy)
+    };
+
+    let mut first = pinned(&a).start();
+    let before = first.status().unwrap();
+    assert_eq!(before["links"].as_array().unwrap().len(), 4, "{before}");
+    let storm = Probe::new().storm(&cg, "127.0.0.2:8000", "127.0.0.3:8000", 60_000);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // kill -9: the kernel keeps enforcing, and status reads the pins.
+    first.kill_9();
+    std::thread::sleep(Duration::from_millis(500));
+    let dead = first.status().expect("status works without a controller");
+    assert_eq!(dead["controller"]["running"], false, "{dead}");
+    assert_eq!(dead["policy"]["generation"], 1);
+    assert!(
+        dead["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["attached"] == true),
+        "{dead}"
+    );
+
+    // A restart with a changed policy adopts the pins, swaps in its programs and applies the
+    // policy atomically, while the prober keeps going.
+    let mut second = pinned(&b).start();
+    // Two controllers never drive the same pins: a third is refused, and the second goes on.
+    let mut third = pinned(&b).socket(&dir.join("other.sock")).spawn();
+    let refused = third.wait_exit("a third controller on the same pins");
+    assert!(!refused.success(), "{}", third.stderr_text());
+    drop(third);
+    let after = second.status().unwrap();
+    assert_eq!(after["controller"]["pid"], second.pid(), "{after}");
+    assert_eq!(
+        after["policy"]["generation"], 2,
+        "the changed policy was reloaded: {after}"
+    );
+    assert_eq!(after["links"].as_array().unwrap().len(), 4, "{after}");
+    let (old_ids, new_ids) = (prog_ids(&before), prog_ids(&after));
+    assert!(
+        old_ids.iter().zip(&new_ids).all(|(o, n)| o != n && *n != 0),
+        "programs replaced in place: {old_ids:?} -> {new_ids:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    storm
+        .finish()
+        .assert_clean("a storm across kill -9 and restart");
+
+    // egress stop: nothing attached, nothing pinned, and the controller exits.
+    let out = second.ctl(&["stop", "--pin-dir", pins.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pins.exists(), "pins removed");
+    assert_eq!(
+        probe(&cg, &[("tcp", "127.0.0.3:8000")]),
+        [Refused],
+        "nothing attached any more"
+    );
+    let exit = second.wait_exit("the controller after egress stop");
+    assert!(exit.success(), "{exit}: {}", second.stderr_text());
+    assert!(
+        second.status().is_none(),
+        "no controller and nothing pinned: status fails"
+    );
+}
