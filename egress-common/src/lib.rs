@@ -122,9 +122,19 @@ pub struct Config {
     /// Which policy buffer (0 or 1: `POLICY_V4_0`/`_1`, ...) this config describes. The hooks
     /// read `ACTIVE`, then `CONFIG[ACTIVE]`, then only that buffer's maps.
     pub buffer: u32,
-    pub _pad: u32,
+    /// How many entries of `nat64` are in use.
+    pub nat64_count: u32,
+    /// The policy's own NAT64 /96 prefixes (`nat64_prefixes`), first 12 bytes each; the
+    /// well-known `64:ff9b::/96` is always recognised and not listed here.
+    pub nat64: [[u8; 12]; MAX_NAT64_PREFIXES],
 }
-const _: () = assert!(size_of::<Config>() == 40);
+const _: () = assert!(size_of::<Config>() == 88);
+
+/// How many `nat64_prefixes` a policy may name.
+pub const MAX_NAT64_PREFIXES: usize = 4;
+
+/// The NAT64 well-known prefix `64:ff9b::/96` (RFC 6052), first 12 bytes.
+pub const NAT64_WELL_KNOWN: [u8; 12] = [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0];
 
 /// Hook that produced an event (`Event::hook`).
 pub const HOOK_CONNECT4: u8 = 1;
@@ -323,6 +333,53 @@ pub fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
 }
 
 pub mod map_names;
+
+/// Whether the first 12 bytes of `a` are `prefix`.
+#[inline(always)]
+fn starts_with96(a: &[u8; 16], prefix: &[u8; 12]) -> bool {
+    let mut diff = 0u8;
+    let mut i = 0;
+    while i < 12 {
+        diff |= a[i] ^ prefix[i];
+        i += 1;
+    }
+    diff == 0
+}
+
+/// The IPv4 address an IPv6 destination carries, where a translator or tunnel would deliver the
+/// packet to that IPv4 host: NAT64 (`64:ff9b::/96` and the policy's `nat64_prefixes`, the
+/// address in the last 32 bits), 6to4 (`2002:AABB:CCDD::/48`) and the deprecated
+/// IPv4-compatible form (`::a.b.c.d`, not `::` or `::1`). v4-mapped addresses are not here:
+/// they *are* IPv4 on the wire and are judged as IPv4 alone. Such a destination must be allowed
+/// both as IPv6 and as the IPv4 it carries, so an IPv4 block cannot be dodged through a
+/// translator.
+#[inline(always)]
+pub fn embedded_v4(a: &[u8; 16], cfg: &Config) -> Option<[u8; 4]> {
+    let tail = [a[12], a[13], a[14], a[15]];
+    if a[0] == 0x20 && a[1] == 0x02 {
+        return Some([a[2], a[3], a[4], a[5]]);
+    }
+    if starts_with96(a, &[0; 12]) {
+        if (tail[0] | tail[1] | tail[2]) == 0 && tail[3] <= 1 {
+            return None;
+        }
+        return Some(tail);
+    }
+    if starts_with96(a, &NAT64_WELL_KNOWN) {
+        return Some(tail);
+    }
+    let mut i = 0;
+    while i < MAX_NAT64_PREFIXES {
+        if i >= cfg.nat64_count as usize {
+            break;
+        }
+        if starts_with96(a, &cfg.nat64[i]) {
+            return Some(tail);
+        }
+        i += 1;
+    }
+    None
+}
 
 #[cfg(feature = "user")]
 pub mod user;

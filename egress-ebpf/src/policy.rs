@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    ACTION_BLOCK, BlockKey, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, is_loopback_v4,
-    is_loopback_v6,
+    ACTION_BLOCK, BlockKey, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, embedded_v4,
+    is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{
@@ -68,7 +68,18 @@ pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decisi
     } else {
         POLICY_V6_1.get(&key)
     };
-    decide_set(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto)
+    let d = decide_set(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto);
+    // An address that carries an IPv4 address (NAT64, 6to4, v4-compatible) must be allowed as
+    // that IPv4 address too: a translator would deliver it there.
+    if d.allow
+        && let Some(v4) = embedded_v4(&addr, cfg)
+    {
+        let d4 = decide_v4(cfg, v4, port, ipproto);
+        if !d4.allow {
+            return d4;
+        }
+    }
+    d
 }
 
 /// First matching rule of the prefix's rule set decides (blocks are stored first). No prefix, or

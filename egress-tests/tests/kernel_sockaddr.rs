@@ -420,3 +420,60 @@ fn hundred_thousand_prefixes_load_and_enforce() {
         [Refused, Denied]
     );
 }
+
+/// IPv6 destinations that carry an IPv4 address (NAT64 well-known and site prefixes, 6to4,
+/// v4-compatible) are judged as that IPv4 address too, so an IPv4 block is not dodged through a
+/// translator; `explain` agrees with the kernel on each. The probe runs in a namespace with only
+/// loopback: an allowed call fails with ENETUNREACH and nothing leaves the host.
+#[test]
+fn ipv6_carrying_a_blocked_ipv4_address_is_denied() {
+    const POLICY: &str = r#"
+mode = "enforce"
+default = "allow"
+allow_loopback = false
+nat64_prefixes = ["fd00:64::/96"]
+
+[[block]]
+name = "blocked-v4"
+destinations = ["198.51.100.0/24"]
+"#;
+    let ns = egress_tests::LoopNs::new();
+    let cg = TestCgroup::new();
+    let (mut dp, compiled) = load(POLICY);
+    dp.attach(cg.path()).expect("attach");
+    let cases: [(&str, &str, bool); 8] = [
+        ("tcp", "[64:ff9b::198.51.100.7]:443", false),
+        ("tcp", "[fd00:64::198.51.100.7]:443", false),
+        ("tcp", "[2002:c633:6407::1]:443", false),
+        ("tcp", "[::198.51.100.7]:443", false),
+        ("udp-sendto", "[64:ff9b::198.51.100.7]:53", false),
+        ("tcp", "[64:ff9b::203.0.113.7]:443", true),
+        ("tcp", "[fd00:65::198.51.100.7]:443", true),
+        ("tcp", "[2001:db8::198.51.100.7]:443", true),
+    ];
+    let mut p = Probe::new().netns(&ns).cgroup(cg.path());
+    for (op, addr, _) in cases {
+        p = p.call(op, addr);
+    }
+    let got = p.verdicts();
+    for ((op, addr, allowed), verdict) in cases.iter().zip(&got) {
+        let expected = if *allowed {
+            egress_tests::Verdict::Other("ENETUNREACH".into())
+        } else {
+            Denied
+        };
+        assert_eq!(verdict, &expected, "{op} {addr}");
+        let sa = SocketAddr::from_str(addr).unwrap();
+        let proto = if *op == "tcp" {
+            IPPROTO_TCP
+        } else {
+            IPPROTO_UDP
+        };
+        let e = compiled.evaluate(sa.ip(), sa.port(), proto);
+        assert_eq!(e.allow, *allowed, "explain disagrees on {addr}: {e:?}");
+        if !*allowed {
+            assert_eq!(compiled.rule_name(e.rule_id), "blocked-v4", "{addr}");
+            assert!(e.carried_v4.is_some(), "{addr}");
+        }
+    }
+}

@@ -16,9 +16,9 @@ use std::{
 };
 
 use egress_common::{
-    ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, MAX_PORT_RULES, MODE_AUDIT,
-    MODE_ENFORCE, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRule, RULE_DEFAULT, RULE_LOOPBACK,
-    RuleSet, is_loopback_v4, is_loopback_v6, v4_mapped,
+    ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, MAX_NAT64_PREFIXES,
+    MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRule,
+    RULE_DEFAULT, RULE_LOOPBACK, RuleSet, embedded_v4, is_loopback_v4, is_loopback_v6, v4_mapped,
 };
 use ipnetwork::IpNetwork;
 
@@ -76,8 +76,11 @@ pub struct Evaluation {
     /// `rule_id` as events report it.
     pub rule_id: u32,
     pub reason: Reason,
-    /// The address actually judged (the IPv4 address of a v4-mapped destination).
+    /// The address whose rule decided (the IPv4 address of a v4-mapped destination, or the
+    /// IPv4 address an IPv6 destination carries when that is what denied it).
     pub judged: IpAddr,
+    /// The IPv4 address an IPv6 destination carries (NAT64, 6to4, v4-compatible), judged too.
+    pub carried_v4: Option<Ipv4Addr>,
 }
 
 /// Protocol bits a rule covers. A block that names neither protocols nor ports covers every
@@ -309,6 +312,8 @@ impl CompiledPolicy {
                 },
                 allow_loopback: policy.allow_loopback as u32,
                 generation: 1,
+                nat64_count: policy.nat64_prefixes.len() as u32,
+                nat64: nat64_table(&policy.nat64_prefixes),
                 ..Config::default()
             },
             v4,
@@ -343,8 +348,34 @@ impl CompiledPolicy {
 
     /// Decides like the datapath: loopback short-cut, v4-mapped to IPv4, longest-prefix match,
     /// then the first matching rule of that prefix's set (`RuleSet::first_match`), else the
-    /// default. `ipproto` is the IP protocol number (6 TCP, 17 UDP).
+    /// default. An IPv6 destination that carries an IPv4 address (NAT64, 6to4,
+    /// v4-compatible: `egress_common::embedded_v4`) must be allowed as that IPv4 address too.
+    /// `ipproto` is the IP protocol number (6 TCP, 17 UDP).
     pub fn evaluate(&self, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation {
+        let as_given = self.evaluate_one(dst, port, ipproto);
+        let IpAddr::V6(v6) = as_given.judged else {
+            return as_given;
+        };
+        if as_given.reason == Reason::Loopback {
+            return as_given;
+        }
+        let Some(v4) = embedded_v4(&v6.octets(), &self.config) else {
+            return as_given;
+        };
+        let carried = Ipv4Addr::from(v4);
+        let as_v4 = self.evaluate_one(IpAddr::V4(carried), port, ipproto);
+        let decided = if as_given.allow && !as_v4.allow {
+            as_v4
+        } else {
+            as_given
+        };
+        Evaluation {
+            carried_v4: Some(carried),
+            ..decided
+        }
+    }
+
+    fn evaluate_one(&self, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation {
         let judged = match dst {
             IpAddr::V6(v6) => match v4_mapped(&v6.octets()) {
                 Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
@@ -362,6 +393,7 @@ impl CompiledPolicy {
                 rule_id: RULE_LOOPBACK,
                 reason: Reason::Loopback,
                 judged,
+                carried_v4: None,
             };
         }
         let hit = match judged {
@@ -375,6 +407,7 @@ impl CompiledPolicy {
                 rule_id: RULE_DEFAULT,
                 reason: Reason::Default,
                 judged,
+                carried_v4: None,
             };
         };
         match self.rulesets[set as usize].first_match(port, ipproto) {
@@ -386,12 +419,14 @@ impl CompiledPolicy {
                     rule_id: r.rule_id,
                 },
                 judged,
+                carried_v4: None,
             },
             None => Evaluation {
                 allow: default_allow,
                 rule_id: RULE_DEFAULT,
                 reason: Reason::DefaultInPrefix { prefix },
                 judged,
+                carried_v4: None,
             },
         }
     }
@@ -407,6 +442,16 @@ impl CompiledPolicy {
         };
         hit.map(|(p, s)| (p, &self.rulesets[s as usize]))
     }
+}
+
+/// The `nat64_prefixes` as the kernel's `Config::nat64` holds them (parsing allows at most
+/// `MAX_NAT64_PREFIXES`).
+fn nat64_table(prefixes: &[Ipv6Addr]) -> [[u8; 12]; MAX_NAT64_PREFIXES] {
+    let mut table = [[0u8; 12]; MAX_NAT64_PREFIXES];
+    for (slot, p) in table.iter_mut().zip(prefixes) {
+        slot.copy_from_slice(&p.octets()[..12]);
+    }
+    table
 }
 
 /// Longest-prefix match over compiled entries.

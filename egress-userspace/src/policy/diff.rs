@@ -63,6 +63,11 @@ pub fn describe(
             old.allow_loopback.to_string(),
             new.allow_loopback.to_string(),
         ),
+        (
+            "nat64_prefixes",
+            format!("{:?}", old.nat64_prefixes),
+            format!("{:?}", new.nat64_prefixes),
+        ),
     ] {
         if a != b {
             let _ = writeln!(out, "{what}: {a} -> {b}");

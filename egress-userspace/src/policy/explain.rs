@@ -27,6 +27,10 @@ pub struct Explanation {
     pub rule_kind: String,
     /// The policy prefix that matched, if any.
     pub prefix: Option<String>,
+    /// The IPv4 address an IPv6 destination carries (NAT64, 6to4, v4-compatible): it is judged
+    /// too, and the destination is allowed only if both are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub carries_ipv4: Option<String>,
     pub reason: String,
 }
 
@@ -115,7 +119,14 @@ pub fn explain(
         (false, Mode::Enforce) => "denied (EPERM)",
         (false, Mode::Audit) => "allowed (audit mode: would deny, an audit event is logged)",
     };
+    let reason = match ev.carried_v4 {
+        Some(v4) => format!(
+            "{reason}; it carries the IPv4 address {v4} (NAT64, 6to4 or v4-compatible), which is judged too: both must be allowed"
+        ),
+        None => reason,
+    };
     Explanation {
+        carries_ipv4: ev.carried_v4.map(|v| v.to_string()),
         dst: dst.to_string(),
         judged_as: ev.judged.to_string(),
         port,

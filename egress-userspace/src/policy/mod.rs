@@ -70,6 +70,8 @@ pub struct Policy {
     pub mode: Mode,
     pub default: DefaultVerdict,
     pub allow_loopback: bool,
+    /// The site's NAT64 /96 prefixes (besides the well-known `64:ff9b::/96`).
+    pub nat64_prefixes: Vec<std::net::Ipv6Addr>,
     /// Services first, then blocks, each in file order.
     pub rules: Vec<Rule>,
     /// `[[alert]]` tables, in file order.

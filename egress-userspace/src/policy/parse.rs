@@ -2,7 +2,13 @@
 //! the deserializer's path tracked, then the checks serde cannot make (unique and unreserved
 //! names, non-empty lists, alerts' references and actions), in file order.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv6Addr,
+};
+
+use egress_common::MAX_NAT64_PREFIXES;
+use ipnetwork::IpNetwork;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -26,6 +32,8 @@ struct RawPolicy {
     default: DefaultVerdict,
     #[serde(default = "yes")]
     allow_loopback: bool,
+    #[serde(default)]
+    nat64_prefixes: Option<Spanned<Vec<Spanned<Destination>>>>,
     #[serde(default)]
     service: Vec<Spanned<RawRule>>,
     #[serde(default)]
@@ -107,16 +115,53 @@ impl Policy {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        let nat64_prefixes = match raw.nat64_prefixes {
+            Some(list) => nat64_prefixes(src, list)?,
+            None => Vec::new(),
+        };
         Ok(Policy {
             source: file.to_string(),
             mode: raw.mode,
             default: raw.default,
             allow_loopback: raw.allow_loopback,
+            nat64_prefixes,
             rules,
             alerts,
             hash: content_hash(text),
         })
     }
+}
+
+/// `nat64_prefixes`: the site's NAT64 /96 prefixes (RFC 6052 allows shorter ones, with the
+/// IPv4 address split around a reserved octet; only /96 is supported, and said so).
+fn nat64_prefixes(
+    src: Source<'_>,
+    list: Spanned<Vec<Spanned<Destination>>>,
+) -> Result<Vec<Ipv6Addr>, PolicyError> {
+    if list.get_ref().len() > MAX_NAT64_PREFIXES {
+        return Err(src.error(
+            list.span().start,
+            "nat64_prefixes".into(),
+            format!("at most {MAX_NAT64_PREFIXES} prefixes: expected fewer"),
+        ));
+    }
+    let mut out = Vec::new();
+    for d in list.into_inner() {
+        let at = d.span().start;
+        match d.into_inner().network() {
+            IpNetwork::V6(n) if n.prefix() == 96 => out.push(n.ip()),
+            other => {
+                return Err(src.error(
+                    at,
+                    "nat64_prefixes".into(),
+                    format!(
+                        "{other} is not an IPv6 /96: expected a NAT64 prefix such as 64:ff9b:1::/96 (only /96 prefixes are supported)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The names taken so far (services and blocks, then alerts), with the line each is on.

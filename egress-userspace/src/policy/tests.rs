@@ -449,3 +449,26 @@ fn whole_tables_and_the_whole_file_are_fields_too() {
     assert_eq!((e.line, e.column, e.field.as_str()), (2, 1, "policy"));
     assert!(e.message.contains("duplicate key"), "{e}");
 }
+
+#[test]
+fn nat64_prefixes_are_ipv6_96_and_few() {
+    let p = ok("nat64_prefixes = [\"64:ff9b:1::/96\"]\n");
+    assert_eq!(
+        p.nat64_prefixes,
+        ["64:ff9b:1::".parse::<std::net::Ipv6Addr>().unwrap()]
+    );
+    let e = err("nat64_prefixes = [\"64:ff9b:1::/64\"]\n");
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (1, 19, "nat64_prefixes")
+    );
+    assert!(e.message.contains("/96"), "{e}");
+    let e = err("nat64_prefixes = [\"192.0.2.0/24\"]\n");
+    assert_eq!(e.field, "nat64_prefixes");
+    let five = (1..=5)
+        .map(|i| format!("\"fd00:{i}::/96\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let e = err(&format!("nat64_prefixes = [{five}]\n"));
+    assert!(e.message.contains("at most 4"), "{e}");
+}

@@ -427,3 +427,39 @@ fn hundred_thousand_prefixes_compile() {
     assert!(c.rulesets.len() <= 2);
     assert_eq!(verdict(&c, "10.0.0.1", 443, IPPROTO_TCP).1, "default");
 }
+
+#[test]
+fn ipv6_carrying_ipv4_is_judged_as_both() {
+    let c = compile(
+        "default = \"allow\"\nnat64_prefixes = [\"fd00:64::/96\"]\n[[block]]\nname = \"b4\"\ndestinations = [\"198.51.100.0/24\"]\n[[block]]\nname = \"b6\"\ndestinations = [\"2002:cb00:7100::/40\"]\n",
+    );
+    assert_eq!(c.config.nat64_count, 1);
+    for dst in [
+        "64:ff9b::198.51.100.7",
+        "fd00:64::198.51.100.7",
+        "2002:c633:6407::1",
+        "::198.51.100.7",
+    ] {
+        assert_eq!(verdict(&c, dst, 443, IPPROTO_TCP), v(false, "b4"), "{dst}");
+    }
+    // An IPv6 block still decides as IPv6 even when the carried IPv4 address is allowed.
+    assert_eq!(
+        verdict(&c, "2002:cb00:7107::1", 443, IPPROTO_TCP),
+        v(false, "b6")
+    );
+    for dst in [
+        "64:ff9b::203.0.113.7",
+        "fd00:65::198.51.100.7",
+        "2001:db8::198.51.100.7",
+        "::ffff:203.0.113.7",
+    ] {
+        assert_eq!(
+            verdict(&c, dst, 443, IPPROTO_TCP),
+            v(true, "default"),
+            "{dst}"
+        );
+    }
+    // :: and ::1 are not v4-compatible addresses.
+    assert_eq!(c.evaluate(ip("::1"), 1, IPPROTO_TCP).carried_v4, None);
+    assert_eq!(c.evaluate(ip("::"), 1, IPPROTO_TCP).carried_v4, None);
+}
