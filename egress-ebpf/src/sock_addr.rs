@@ -3,6 +3,8 @@
 //!
 //! Return values: 1 lets the call proceed, 0 makes it fail with EPERM.
 
+use core::ptr::{addr_of, read_volatile};
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
@@ -37,9 +39,58 @@ fn protocol_of(ctx: &SockAddrContext) -> u8 {
     unsafe { (*ctx.sock_addr).protocol as u8 }
 }
 
+/// A sendmsg on a connected socket that carries a cmsg (`IP_TOS`, `IP_TTL`, ...) reaches the
+/// hook with no address at all (`user_family` 0, address and port zero). The datagram goes to
+/// the socket's peer: judge that, never the zero address (which `allow_loopback` would wave
+/// through as "this host", and which would wrongly deny with `allow_loopback = false`).
+#[inline(always)]
+fn no_address(ctx: &SockAddrContext) -> bool {
+    let family = unsafe { (*ctx.sock_addr).user_family };
+    family == 0
+}
+
+// The verifier allows no pointer arithmetic on a socket pointer: each field is read with its
+// own volatile load (`*(u32 *)(sk + off)`), so LLVM cannot fold the offsets into the pointer.
+
+/// The connected peer of the hook's socket: IPv4 address (network order) and port.
+#[inline(always)]
+fn peer_v4(ctx: &SockAddrContext) -> ([u8; 4], u16) {
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let ip = read_volatile(addr_of!((*sk).dst_ip4));
+        let port = read_volatile(addr_of!((*sk).dst_port));
+        (ip.to_ne_bytes(), u16::from_be(port))
+    }
+}
+
+/// The connected peer of the hook's socket: IPv6 address and port.
+#[inline(always)]
+fn peer_v6(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        let w0 = read_volatile(addr_of!((*sk).dst_ip6[0]));
+        let w1 = read_volatile(addr_of!((*sk).dst_ip6[1]));
+        let w2 = read_volatile(addr_of!((*sk).dst_ip6[2]));
+        let w3 = read_volatile(addr_of!((*sk).dst_ip6[3]));
+        let port = read_volatile(addr_of!((*sk).dst_port));
+        let mut addr = [0u8; 16];
+        addr[0..4].copy_from_slice(&w0.to_ne_bytes());
+        addr[4..8].copy_from_slice(&w1.to_ne_bytes());
+        addr[8..12].copy_from_slice(&w2.to_ne_bytes());
+        addr[12..16].copy_from_slice(&w3.to_ne_bytes());
+        (addr, u16::from_be(port))
+    }
+}
+
 pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let addr = unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes();
-    let port = port_of(ctx);
+    let (addr, port) = if no_address(ctx) {
+        peer_v4(ctx)
+    } else {
+        (
+            unsafe { (*ctx.sock_addr).user_ip4 }.to_ne_bytes(),
+            port_of(ctx),
+        )
+    };
     let proto = protocol_of(ctx);
     let cfg = policy::config();
     let d = policy::decide_v4(&cfg, addr, port, proto);
@@ -58,13 +109,17 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
 }
 
 pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
-    let mut addr = [0u8; 16];
-    let ip6 = unsafe { &(*ctx.sock_addr).user_ip6 };
-    addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
-    addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-    addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-    addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
-    let port = port_of(ctx);
+    let (addr, port) = if no_address(ctx) {
+        peer_v6(ctx)
+    } else {
+        let mut addr = [0u8; 16];
+        let ip6 = unsafe { &(*ctx.sock_addr).user_ip6 };
+        addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+        addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
+        addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
+        addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+        (addr, port_of(ctx))
+    };
     let proto = protocol_of(ctx);
     let cfg = policy::config();
     // ::ffff:a.b.c.d reaches the IPv4 address a.b.c.d: judge it exactly as IPv4.

@@ -477,3 +477,54 @@ destinations = ["198.51.100.0/24"]
         }
     }
 }
+
+/// A connected UDP socket that sends with a cmsg reaches the sendmsg hook with no address: the
+/// hook judges the socket's peer. With `allow_loopback = false` an approved peer passes (the
+/// zero address used to be judged, and denied).
+#[test]
+fn connected_udp_with_a_cmsg_is_judged_by_its_peer() {
+    let cg = TestCgroup::new();
+    let (mut dp, _) = load(LOOPBACK_POLICY);
+    dp.attach(cg.path()).expect("attach");
+    let r = probe(
+        &cg,
+        &[
+            ("udp-connect-cmsg", "127.0.0.3:9"),
+            ("udp-connect-cmsg", "[::1]:9050"),
+        ],
+    );
+    assert_eq!(r, [Succeeded, Succeeded]);
+}
+
+/// The other half: with `allow_loopback = true` the zero address counted as "this host", so a
+/// socket connected while its peer was approved kept sending after a reload denied it. The peer
+/// is judged now: the send after the reload is refused.
+#[test]
+fn connected_udp_with_a_cmsg_is_denied_once_its_peer_is() {
+    const ALLOW: &str = "allow_loopback = true\n[[service]]\nname = \"peer\"\ndestinations = [\"198.18.0.2\"]\nprotocols = [\"udp\"]\n";
+    const DENY: &str = "allow_loopback = true\n[[block]]\nname = \"peer-now-blocked\"\ndestinations = [\"198.18.0.2\"]\n";
+    let pair = egress_tests::NetPair::new();
+    let cg = TestCgroup::new();
+    let (mut dp, _) = load(ALLOW);
+    dp.attach(cg.path()).expect("attach");
+    let dir = egress_tests::TempDir::new("cmsg");
+    let go = dir.join("go");
+    let mut probe = Probe::new()
+        .netns(&pair.a)
+        .cgroup(cg.path())
+        .args(["udp-connect-cmsg", "198.18.0.2:9", "--then"])
+        .args([go.as_os_str()])
+        .spawn();
+    let mut connected = go.clone().into_os_string();
+    connected.push(".connected");
+    egress_tests::wait_for(
+        "the probe's connect",
+        std::time::Duration::from_secs(10),
+        || std::path::Path::new(&connected).exists(),
+    );
+    let deny = CompiledPolicy::compile(&Policy::parse("deny.toml", DENY).unwrap()).unwrap();
+    dp.reload(&deny).expect("reload");
+    std::fs::write(&go, b"").unwrap();
+    probe.wait_within("the probe", std::time::Duration::from_secs(10));
+    assert_eq!(egress_tests::probe::verdicts(&probe.stdout()), [Denied]);
+}

@@ -19,6 +19,10 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   tcp ADDR:PORT                   TCP connect
   udp-connect ADDR:PORT           connected UDP: connect, then send
   udp-sendto ADDR:PORT            unconnected UDP: one sendto
+  udp-connect-cmsg ADDR:PORT [--then PATH]
+                                  connected UDP, then a sendmsg with a cmsg (IP_TOS or
+                                  IPV6_TCLASS) and no address; with --then PATH, after the
+                                  connect create PATH.connected and wait for PATH before sending
   tcp-send ADDR:PORT BYTES        connect, write BYTES, shut down, wait for the peer to close
   udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
   raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
@@ -66,6 +70,7 @@ enum Call {
     Tcp(SocketAddr),
     UdpConnect(SocketAddr),
     UdpSendto(SocketAddr),
+    UdpConnectCmsg(SocketAddr, Option<PathBuf>),
     TcpSend(SocketAddr, u64),
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
@@ -84,6 +89,7 @@ impl Call {
             Call::Tcp(_) => "tcp",
             Call::UdpConnect(_) => "udp-connect",
             Call::UdpSendto(_) => "udp-sendto",
+            Call::UdpConnectCmsg(..) => "udp-connect-cmsg",
             Call::TcpSend(..) => "tcp-send",
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
@@ -99,6 +105,7 @@ impl Call {
             Call::Tcp(a)
             | Call::UdpConnect(a)
             | Call::UdpSendto(a)
+            | Call::UdpConnectCmsg(a, _)
             | Call::TcpSend(a, _)
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a) => *a,
@@ -110,7 +117,7 @@ impl Call {
 
 /// Parses the call words into calls.
 fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
-    let mut words = words.iter();
+    let mut words = words.iter().peekable();
     let mut calls = Vec::new();
     fn next<'w>(
         words: &mut impl Iterator<Item = &'w String>,
@@ -141,6 +148,17 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
             "tcp" => Call::Tcp(addr(&mut words, op)?),
             "udp-connect" => Call::UdpConnect(addr(&mut words, op)?),
             "udp-sendto" => Call::UdpSendto(addr(&mut words, op)?),
+            "udp-connect-cmsg" => {
+                let a = addr(&mut words, op)?;
+                let then = match words.peek() {
+                    Some(w) if w.as_str() == "--then" => {
+                        words.next();
+                        Some(next(&mut words, op, "PATH")?.into())
+                    }
+                    _ => None,
+                };
+                Call::UdpConnectCmsg(a, then)
+            }
             "raw-udp" => Call::RawUdp(addr(&mut words, op)?),
             "tcp-send" => Call::TcpSend(addr(&mut words, op)?, num(&mut words, op, "BYTES")?),
             "udp-send" => Call::UdpSend(
@@ -175,6 +193,46 @@ struct Probe {
     timeout: Duration,
     rate: Option<u64>,
     stop_file: Option<PathBuf>,
+}
+
+/// One datagram on a connected socket through sendmsg(2) with no address and one cmsg (IP_TOS,
+/// or IPV6_TCLASS on IPv6): the form that reaches the sendmsg hook with no destination.
+fn send_with_cmsg(s: &UdpSocket, ipv4: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let (level, kind) = if ipv4 {
+        (libc::IPPROTO_IP, libc::IP_TOS)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
+    };
+    let payload = *b"egress-probe";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    // Room for one cmsg carrying an int, 8-byte aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr and cmsghdr are plain C structs; every pointer set here points into buffers
+    // that outlive the sendmsg call, and CMSG_* are used as the kernel ABI defines them.
+    let rc = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
+        libc::CMSG_DATA(cmsg)
+            .cast::<libc::c_int>()
+            .write_unaligned(0x10);
+        libc::sendmsg(s.as_raw_fd(), &msg, 0)
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn wait_file(path: &Path) -> io::Result<()> {
@@ -236,6 +294,17 @@ impl Probe {
             Call::UdpSendto(addr) => {
                 let s = UdpSocket::bind(unspecified_for(addr))?;
                 s.send_to(b"egress-probe", addr).map(drop)
+            }
+            Call::UdpConnectCmsg(addr, then) => {
+                let s = UdpSocket::bind(unspecified_for(addr))?;
+                s.connect(addr)?;
+                if let Some(path) = then {
+                    let mut marker = path.clone().into_os_string();
+                    marker.push(".connected");
+                    std::fs::write(&marker, b"")?;
+                    wait_file(path)?;
+                }
+                send_with_cmsg(&s, addr.is_ipv4())
             }
             Call::Storm { .. } => unreachable!("a storm is not a single attempt"),
         }
