@@ -16,6 +16,10 @@ pub const MAX_PORT_RULES: usize = 64;
 pub const RULE_DEFAULT: u32 = 0;
 /// `rule_id` of the loopback short-cut (`allow_loopback = true`).
 pub const RULE_LOOPBACK: u32 = u32::MAX;
+/// `rule_id` of a refused source route: an `IP_OPTIONS` source route or an `IPV6_RTHDR`
+/// routing header (set with setsockopt, or found on a packet at TC). Events name it
+/// `source-route`.
+pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 1;
 
 /// Protocol bits of [`PortRule::proto_mask`].
 pub const PROTO_TCP: u8 = 1 << 0;
@@ -143,6 +147,8 @@ pub const HOOK_SENDMSG4: u8 = 3;
 pub const HOOK_SENDMSG6: u8 = 4;
 /// The TC egress program (second line of enforcement).
 pub const HOOK_TC: u8 = 5;
+/// A setsockopt refused (source routes).
+pub const HOOK_SETSOCKOPT: u8 = 6;
 
 /// `Event::action`.
 pub const EVENT_DENY: u8 = 1;

@@ -53,6 +53,7 @@ pub fn hook_name(hook: u8) -> &'static str {
         HOOK_SENDMSG4 => "sendmsg4",
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_TC => "tc",
+        HOOK_SETSOCKOPT => "setsockopt",
         _ => "unknown",
     }
 }

@@ -8,11 +8,12 @@
 mod maps;
 mod policy;
 mod sock_addr;
+mod sockopt;
 mod tc_egress;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, classifier},
+    programs::{SockAddrContext, SockoptContext, TcContext},
 };
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
@@ -38,6 +39,12 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr::decide_v6(&ctx, HOOK_SENDMSG6)
+}
+
+/// setsockopt(): refuses source routes and routing headers.
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    sockopt::setsockopt(&ctx)
 }
 
 /// TC egress: byte accounting per owner and destination; drops unattributed traffic to blocked

@@ -20,15 +20,16 @@ use aya_ebpf::{
 };
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP,
-    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, STAT_BUDGET_DROPPED, STAT_EVENTS_LOST,
-    STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED,
-    TGID_UNATTRIBUTED,
+    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOURCE_ROUTE, STAT_BUDGET_DROPPED,
+    STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED,
+    STAT_TC_DROPPED, TGID_UNATTRIBUTED,
 };
 
 use crate::{
     maps::{EVENTS, FLOWS, IFACE_L2, SOCK_OWNERS, STATS},
     policy,
     sock_addr::count,
+    sockopt::{IPOPT_LSRR, IPOPT_SSRR},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -44,6 +45,9 @@ struct Parsed {
     addr: [u8; 16],
     /// Transport payload length.
     payload: u32,
+    /// The packet carries a source route (IPv4 LSRR/SSRR option) or an IPv6 routing header:
+    /// where it goes is not the destination a hook judged.
+    routed: bool,
 }
 
 pub fn classify(ctx: &TcContext) -> i32 {
@@ -58,6 +62,22 @@ pub fn classify(ctx: &TcContext) -> i32 {
     let Some(p) = parse(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    // Source routes and routing headers are refused at setsockopt; their cmsg forms (and sockets
+    // from outside the cgroup) end here.
+    if p.routed {
+        let audit = cfg.mode == MODE_AUDIT;
+        count(if audit {
+            STAT_TC_AUDITED
+        } else {
+            STAT_TC_DROPPED
+        });
+        report(&p, RULE_SOURCE_ROUTE, audit, cfg.generation, unsafe {
+            bpf_skb_cgroup_id(skb)
+        });
+        if !audit {
+            return TC_ACT_SHOT;
+        }
+    }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let owner: Option<Owner> = if cookie != 0 {
@@ -169,24 +189,21 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
     let mut addr = [0u8; 16];
     // `l3_end`: first byte after the IP header. `has_l4`: false for a non-first IPv4 fragment,
     // which carries no transport header (all of it is payload, port unknown: 0).
-    let (family, protocol, l3_end, has_l4) = match proto {
+    let (family, protocol, l3_end, has_l4, routed) = match proto {
         ETH_P_IP => {
             let ver_ihl: u8 = ctx.load(l2).ok()?;
             let frag: u16 = u16::from_be(ctx.load(l2 + 6).ok()?);
             let protocol: u8 = ctx.load(l2 + 9).ok()?;
             let dst: [u8; 4] = ctx.load(l2 + 16).ok()?;
             addr[..4].copy_from_slice(&dst);
-            (
-                4u8,
-                protocol,
-                l2 + ((ver_ihl & 0x0f) as usize) * 4,
-                frag & 0x1fff == 0,
-            )
+            let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+            let routed = ihl > 20 && ipv4_source_routed(ctx, l2 + 20, ihl - 20);
+            (4u8, protocol, l2 + ihl, frag & 0x1fff == 0, routed)
         }
         ETH_P_IPV6 => {
             addr = ctx.load(l2 + 24).ok()?;
-            let (next, end, first) = skip_ipv6_extensions(ctx, ctx.load(l2 + 6).ok()?, l2 + 40)?;
-            (6u8, next, end, first)
+            let w = skip_ipv6_extensions(ctx, ctx.load(l2 + 6).ok()?, l2 + 40)?;
+            (6u8, w.next, w.end, w.has_l4, w.routed)
         }
         _ => return None,
     };
@@ -208,7 +225,41 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         port,
         addr,
         payload,
+        routed,
     })
+}
+
+/// Whether the IPv4 options at `off` (`len` bytes) hold a source route (LSRR or SSRR). A
+/// malformed option list counts as one: the packet is not what any hook judged.
+#[inline(always)]
+fn ipv4_source_routed(ctx: &TcContext, off: usize, len: usize) -> bool {
+    const MAX_OPTIONS: usize = 40;
+    let mut at = 0usize;
+    let mut i = 0;
+    while i < MAX_OPTIONS {
+        if at >= len || at >= MAX_OPTIONS {
+            return false;
+        }
+        let Ok(kind) = ctx.load::<u8>(off + at) else {
+            return true;
+        };
+        match kind {
+            0 => return false,
+            1 => at += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return true,
+            _ => {
+                let Ok(optlen) = ctx.load::<u8>(off + at + 1) else {
+                    return true;
+                };
+                if optlen < 2 {
+                    return true;
+                }
+                at += optlen as usize;
+            }
+        }
+        i += 1;
+    }
+    false
 }
 
 /// IPv6 extension headers a packet may carry before its transport header.
@@ -220,16 +271,27 @@ const IPV6_DSTOPTS: u8 = 60;
 /// Extension headers walked at most (bounded for the verifier); more is treated as no L4.
 const MAX_IPV6_EXT: usize = 6;
 
-/// Walks IPv6 extension headers from `off`: returns the transport protocol, where its header
-/// starts, and whether it is there at all (a non-first fragment carries none).
+/// Where the IPv6 extension headers end.
+struct Ipv6Walk {
+    /// The transport protocol.
+    next: u8,
+    /// Where its header starts.
+    end: usize,
+    /// Whether it is there at all (a non-first fragment carries none).
+    has_l4: bool,
+    /// A routing header was on the way.
+    routed: bool,
+}
+
+/// Walks IPv6 extension headers from `off` to the transport header.
 #[inline(always)]
-fn skip_ipv6_extensions(
-    ctx: &TcContext,
-    mut next: u8,
-    mut off: usize,
-) -> Option<(u8, usize, bool)> {
+fn skip_ipv6_extensions(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<Ipv6Walk> {
+    let mut routed = false;
     let mut i = 0;
     while i < MAX_IPV6_EXT {
+        if next == IPV6_ROUTING {
+            routed = true;
+        }
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 let hdr: [u8; 2] = ctx.load(off).ok()?;
@@ -247,14 +309,31 @@ fn skip_ipv6_extensions(
                 off += 8;
                 let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
                 if frag_off != 0 {
-                    return Some((next, off, false));
+                    return Some(Ipv6Walk {
+                        next,
+                        end: off,
+                        has_l4: false,
+                        routed,
+                    });
                 }
             }
-            _ => return Some((next, off, true)),
+            _ => {
+                return Some(Ipv6Walk {
+                    next,
+                    end: off,
+                    has_l4: true,
+                    routed,
+                });
+            }
         }
         i += 1;
     }
-    Some((next, off, false))
+    Some(Ipv6Walk {
+        next,
+        end: off,
+        has_l4: false,
+        routed,
+    })
 }
 
 #[inline(always)]

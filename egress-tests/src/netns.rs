@@ -78,6 +78,35 @@ impl LoopNs {
         all.extend_from_slice(args);
         ip(&all);
     }
+
+    /// TCP segments this namespace has retransmitted so far (`Tcp: RetransSegs` of its
+    /// /proc/net/snmp). Byte counters include retransmissions, so an exact check allows for them.
+    pub fn tcp_retransmitted_segments(&self) -> u64 {
+        let out = self
+            .cmd("cat")
+            .arg("/proc/net/snmp")
+            .output()
+            .expect("reading /proc/net/snmp in the namespace");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = (tcp.next(), tcp.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            panic!("no Tcp lines in /proc/net/snmp: {text}");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "RetransSegs")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("no RetransSegs in /proc/net/snmp: {text}"))
+    }
+}
+
+/// Whether `counted` payload bytes account for `written` bytes to within 1%, plus at most one
+/// full segment (1500 bytes: the veth MTU) for each of `retransmitted` segments: a payload
+/// counter counts what leaves, retransmissions included, and never less than was written.
+pub fn payload_accounts_for(counted: u64, written: u64, retransmitted: u64) -> bool {
+    counted >= written && counted - written <= written / 100 + retransmitted * 1500
 }
 
 impl Default for LoopNs {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     accounting::ProcTotals,
-    datapath::{Counters, HOOKS, LinkStatus, PinnedStatus, TC_PROGRAM},
+    datapath::{Counters, HOOKS, LinkStatus, PinnedStatus, SOCKOPT_HOOK, TC_PROGRAM},
 };
 
 /// What `egress stats` shows, and what `egress exec --report` writes.
@@ -98,7 +98,11 @@ impl Attachment {
     pub fn new(cgroup: String, ifaces: Vec<String>, pinned: Option<String>) -> Attachment {
         Attachment {
             cgroup,
-            hooks: HOOKS.iter().map(|h| h.to_string()).collect(),
+            hooks: HOOKS
+                .iter()
+                .chain([&SOCKOPT_HOOK])
+                .map(|h| h.to_string())
+                .collect(),
             tc: TcAttachment {
                 program: TC_PROGRAM.into(),
                 ifaces,
@@ -189,7 +193,7 @@ mod tests {
         assert_eq!(v["policy"]["generation"], 3);
         assert_eq!(v["policy"]["mode"], "audit");
         assert_eq!(v["policy"]["default"], "deny");
-        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 4);
+        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 5);
         assert_eq!(v["attached"]["tc"]["ifaces"][0], "eth0");
         assert_eq!(v["attached"]["pinned"], "/sys/fs/bpf/egress");
         assert_eq!(v["links"][0]["prog_id"], 9);

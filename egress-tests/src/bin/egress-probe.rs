@@ -23,6 +23,12 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   connected UDP, then a sendmsg with a cmsg (IP_TOS or
                                   IPV6_TCLASS) and no address; with --then PATH, after the
                                   connect create PATH.connected and wait for PATH before sending
+  udp-lsrr ADDR:PORT              setsockopt(IP_OPTIONS) with a loose source route via ADDR,
+                                  then one datagram
+  udp-lsrr-cmsg ADDR:PORT         one datagram carrying the same source route as an
+                                  IP_RETOPTS cmsg
+  udp-rthdr [ADDR]:PORT           setsockopt(IPV6_RTHDR) with a segment routing header (type 4)
+                                  via ADDR, then one datagram
   tcp-send ADDR:PORT BYTES        connect, write BYTES, shut down, wait for the peer to close
   udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
   raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
@@ -71,6 +77,9 @@ enum Call {
     UdpConnect(SocketAddr),
     UdpSendto(SocketAddr),
     UdpConnectCmsg(SocketAddr, Option<PathBuf>),
+    UdpLsrr(SocketAddr),
+    UdpLsrrCmsg(SocketAddr),
+    UdpRthdr(SocketAddr),
     TcpSend(SocketAddr, u64),
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
@@ -90,6 +99,9 @@ impl Call {
             Call::UdpConnect(_) => "udp-connect",
             Call::UdpSendto(_) => "udp-sendto",
             Call::UdpConnectCmsg(..) => "udp-connect-cmsg",
+            Call::UdpLsrr(_) => "udp-lsrr",
+            Call::UdpLsrrCmsg(_) => "udp-lsrr-cmsg",
+            Call::UdpRthdr(_) => "udp-rthdr",
             Call::TcpSend(..) => "tcp-send",
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
@@ -106,6 +118,9 @@ impl Call {
             | Call::UdpConnect(a)
             | Call::UdpSendto(a)
             | Call::UdpConnectCmsg(a, _)
+            | Call::UdpLsrr(a)
+            | Call::UdpLsrrCmsg(a)
+            | Call::UdpRthdr(a)
             | Call::TcpSend(a, _)
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a) => *a,
@@ -148,6 +163,9 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
             "tcp" => Call::Tcp(addr(&mut words, op)?),
             "udp-connect" => Call::UdpConnect(addr(&mut words, op)?),
             "udp-sendto" => Call::UdpSendto(addr(&mut words, op)?),
+            "udp-lsrr" => Call::UdpLsrr(addr(&mut words, op)?),
+            "udp-lsrr-cmsg" => Call::UdpLsrrCmsg(addr(&mut words, op)?),
+            "udp-rthdr" => Call::UdpRthdr(addr(&mut words, op)?),
             "udp-connect-cmsg" => {
                 let a = addr(&mut words, op)?;
                 let then = match words.peek() {
@@ -198,34 +216,50 @@ struct Probe {
 /// One datagram on a connected socket through sendmsg(2) with no address and one cmsg (IP_TOS,
 /// or IPV6_TCLASS on IPv6): the form that reaches the sendmsg hook with no destination.
 fn send_with_cmsg(s: &UdpSocket, ipv4: bool) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let (level, kind) = if ipv4 {
-        (libc::IPPROTO_IP, libc::IP_TOS)
+    let tos = 0x10_i32.to_ne_bytes();
+    if ipv4 {
+        send_msg(s, None, libc::IPPROTO_IP, libc::IP_TOS, &tos)
     } else {
-        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS)
-    };
+        send_msg(s, None, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, &tos)
+    }
+}
+
+/// One datagram through sendmsg(2), to `to` (None: the connected peer), with one cmsg of
+/// `level`/`kind` carrying `data` (at most 40 bytes).
+fn send_msg(
+    s: &UdpSocket,
+    to: Option<&SocketAddr>,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: &[u8],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
     let payload = *b"egress-probe";
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
     };
-    // Room for one cmsg carrying an int, 8-byte aligned.
-    let mut control = [0u64; 4];
+    let name = to.map(sockaddr);
+    // Room for one cmsg of up to 40 bytes, 8-byte aligned.
+    let mut control = [0u64; 8];
+    assert!(data.len() <= 40, "cmsg data too long");
     // SAFETY: msghdr and cmsghdr are plain C structs; every pointer set here points into buffers
     // that outlive the sendmsg call, and CMSG_* are used as the kernel ABI defines them.
     let rc = unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
+        if let Some((storage, len)) = &name {
+            msg.msg_name = std::ptr::from_ref(storage).cast_mut().cast();
+            msg.msg_namelen = *len;
+        }
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as usize;
+        msg.msg_controllen = libc::CMSG_SPACE(data.len() as u32) as usize;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = level;
         (*cmsg).cmsg_type = kind;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
-        libc::CMSG_DATA(cmsg)
-            .cast::<libc::c_int>()
-            .write_unaligned(0x10);
+        (*cmsg).cmsg_len = libc::CMSG_LEN(data.len() as u32) as usize;
+        std::ptr::copy_nonoverlapping(data.as_ptr(), libc::CMSG_DATA(cmsg), data.len());
         libc::sendmsg(s.as_raw_fd(), &msg, 0)
     };
     if rc < 0 {
@@ -233,6 +267,91 @@ fn send_with_cmsg(s: &UdpSocket, ipv4: bool) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// `addr` as a C socket address.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid, and it is large enough for
+    // either address family written into it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(std::ptr::from_mut(&mut storage).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn setsockopt(
+    s: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: value is a live buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// An IPv4 loose source route option through `via` (type 0x83, length 7, pointer 4), padded
+/// to 8 bytes with END.
+fn lsrr_option(via: &SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(v4) = via else {
+        return Vec::new();
+    };
+    let mut opt = vec![0x83, 7, 4];
+    opt.extend_from_slice(&v4.ip().octets());
+    opt.push(0);
+    opt
+}
+
+/// An IPv6 segment routing header (type 4) with one segment, `via`.
+fn srh(via: &SocketAddr) -> Vec<u8> {
+    let SocketAddr::V6(v6) = via else {
+        return Vec::new();
+    };
+    // next header (filled by the kernel), hdrlen 2 (24 bytes), type 4, segments left 0, first
+    // segment 0, flags 0, tag 0, then the segment.
+    let mut h = vec![0, 2, 4, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&v6.ip().octets());
+    h
 }
 
 fn wait_file(path: &Path) -> io::Result<()> {
@@ -293,6 +412,21 @@ impl Probe {
             }
             Call::UdpSendto(addr) => {
                 let s = UdpSocket::bind(unspecified_for(addr))?;
+                s.send_to(b"egress-probe", addr).map(drop)
+            }
+            Call::UdpLsrr(addr) => {
+                let s = UdpSocket::bind(unspecified_for(addr))?;
+                setsockopt(&s, libc::IPPROTO_IP, libc::IP_OPTIONS, &lsrr_option(addr))?;
+                s.send_to(b"egress-probe", addr).map(drop)
+            }
+            Call::UdpLsrrCmsg(addr) => {
+                let s = UdpSocket::bind(unspecified_for(addr))?;
+                let opt = lsrr_option(addr);
+                send_msg(&s, Some(addr), libc::IPPROTO_IP, libc::IP_RETOPTS, &opt)
+            }
+            Call::UdpRthdr(addr) => {
+                let s = UdpSocket::bind(unspecified_for(addr))?;
+                setsockopt(&s, libc::IPPROTO_IPV6, libc::IPV6_RTHDR, &srh(addr))?;
                 s.send_to(b"egress-probe", addr).map(drop)
             }
             Call::UdpConnectCmsg(addr, then) => {

@@ -12,7 +12,7 @@ use std::{collections::HashSet, fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType},
+    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, TcAttachType},
     util::KernelVersion,
 };
 use egress_common::{BlockKey, BlockValue, Config, FlowKey, FlowValue, map_names};
@@ -31,8 +31,10 @@ use crate::policy::compile::CompiledPolicy;
 /// The eBPF object built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
-/// The cgroup hooks, by program name in the object.
+/// The cgroup sock_addr hooks, by program name in the object.
 pub const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The cgroup setsockopt hook (refuses source routes).
+pub const SOCKOPT_HOOK: &str = "setsockopt";
 /// The TC egress classifier.
 pub const TC_PROGRAM: &str = "tc_egress";
 
@@ -207,6 +209,8 @@ impl Datapath {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             prog.load().map_err(prog_err(name))?;
         }
+        let sockopt: &mut CgroupSockopt = program(&mut ebpf, SOCKOPT_HOOK)?;
+        sockopt.load().map_err(prog_err(SOCKOPT_HOOK))?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load().map_err(prog_err(TC_PROGRAM))?;
         // Blocks set by an earlier controller keep counting towards `budget_blocks`.
@@ -283,7 +287,8 @@ impl Datapath {
         self.write_configs()
     }
 
-    /// Attaches every hook to the cgroup2 directory `cgroup` through BPF links. A cgroup link
+    /// Attaches every hook (sock_addr and setsockopt) to the cgroup2 directory `cgroup` through
+    /// BPF links. A cgroup link
     /// always coexists with other programs there and in ancestor cgroups (every attached program
     /// must allow a call), and the kernel rejects attach flags on links, hence `Single` (flags 0).
     /// A link a previous controller pinned gets our program in place instead.
@@ -305,7 +310,24 @@ impl Datapath {
                 pin_link(prog.take_link(id).map_err(prog_err(name))?, &path)?;
             }
         }
-        Ok(())
+        let pinned = self.pins.as_ref().map(|p| p.link(SOCKOPT_HOOK));
+        let prog: &mut CgroupSockopt = program(&mut self.ebpf, SOCKOPT_HOOK)?;
+        let fd = prog.fd().map_err(prog_err(SOCKOPT_HOOK))?;
+        if take_over(pinned.as_deref(), fd)? {
+            return Ok(());
+        }
+        match pinned {
+            Some(path) => pins::pin_cgroup_link(
+                fd,
+                &dir,
+                aya_obj::generated::bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
+                &path,
+            ),
+            None => prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map(drop)
+                .map_err(prog_err(SOCKOPT_HOOK)),
+        }
     }
 
     /// Attaches the TC egress program to each interface: TCX on kernels with it (6.6+), else a

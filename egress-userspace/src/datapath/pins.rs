@@ -243,7 +243,8 @@ impl Pins {
 /// Pins an attachment's link at `path`, so that it outlives this process.
 pub(super) fn pin_link<L>(link: L, path: &Path) -> Result<(), DatapathError>
 where
-    aya::programs::links::FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+    aya::programs::links::FdLink: TryFrom<L>,
+    <aya::programs::links::FdLink as TryFrom<L>>::Error: std::fmt::Display,
 {
     let pin_err =
         |e: &dyn std::fmt::Display| DatapathError::Pin(format!("{}: {e}", path.display()));
@@ -278,6 +279,21 @@ pub(super) fn take_over(
             path.display()
         ))),
     }
+}
+
+/// Attaches `prog` to `cgroup` with a new link and pins the link at `path` (for programs whose
+/// aya link cannot be turned into a pinnable `FdLink`).
+pub(super) fn pin_cgroup_link(
+    prog: &aya::programs::ProgramFd,
+    cgroup: &fs::File,
+    attach_type: aya_obj::generated::bpf_attach_type,
+    path: &Path,
+) -> Result<(), DatapathError> {
+    use std::os::fd::AsFd as _;
+    let link = bpfsys::cgroup_link_create(prog.as_fd(), cgroup.as_fd(), attach_type)
+        .map_err(|e| DatapathError::Pin(format!("attaching for {}: {e}", path.display())))?;
+    bpfsys::obj_pin(link.as_fd(), path)
+        .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))
 }
 
 /// A pinned link and the program it runs.

@@ -18,7 +18,8 @@ use std::{
 use egress_common::{
     ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, MAX_NAT64_PREFIXES,
     MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRule,
-    RULE_DEFAULT, RULE_LOOPBACK, RuleSet, embedded_v4, is_loopback_v4, is_loopback_v6, v4_mapped,
+    RULE_DEFAULT, RULE_LOOPBACK, RULE_SOURCE_ROUTE, RuleSet, embedded_v4, is_loopback_v4,
+    is_loopback_v6, v4_mapped,
 };
 use ipnetwork::IpNetwork;
 
@@ -336,6 +337,9 @@ impl CompiledPolicy {
     pub fn rule_name(&self, rule_id: u32) -> &str {
         if rule_id == RULE_LOOPBACK {
             return "loopback";
+        }
+        if rule_id == RULE_SOURCE_ROUTE {
+            return "source-route";
         }
         self.rule_names
             .get(rule_id as usize)

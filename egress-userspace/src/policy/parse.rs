@@ -21,7 +21,7 @@ use super::{
 };
 
 /// Names that events use for verdicts no rule made; rules and alerts may not take them.
-const RESERVED_NAMES: [&str; 2] = ["default", "loopback"];
+const RESERVED_NAMES: [&str; 3] = ["default", "loopback", "source-route"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
