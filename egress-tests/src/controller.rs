@@ -305,6 +305,23 @@ impl Egress {
         self.proc().stderr_text()
     }
 
+    /// The log records it has written so far, started with [`EgressCmd::json_logs`]: one JSON
+    /// object per stderr line (`level`, `fields`, `target`); other lines are skipped.
+    pub fn log_records(&self) -> Vec<serde_json::Value> {
+        self.stderr_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The records of [`Egress::log_records`] at level WARN.
+    pub fn warnings(&self) -> Vec<serde_json::Value> {
+        self.log_records()
+            .into_iter()
+            .filter(|r| r["level"] == "WARN")
+            .collect()
+    }
+
     /// Waits for it to exit, however long that takes; returns its status and output.
     pub fn output(mut self) -> Output {
         self.proc.take().expect("the process").output()

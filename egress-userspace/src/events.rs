@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use egress_common::{
-    EVENT_AUDIT, Event,
+    EVENT_AUDIT, Event, RULE_DEFAULT, RULE_LOOPBACK,
     user::{comm_str, hook_name, protocol_name},
 };
 use serde::Serialize;
@@ -49,7 +49,12 @@ pub struct JsonEvent {
 }
 
 impl JsonEvent {
+    /// The event `ev`, its rule named from `policy` (the policy of its generation).
     pub fn from_raw(ev: &Event, policy: &CompiledPolicy, policy_hash: &str) -> JsonEvent {
+        Self::decode(ev, policy.rule_name(ev.rule_id).to_string(), policy_hash)
+    }
+
+    fn decode(ev: &Event, rule: String, policy_hash: &str) -> JsonEvent {
         JsonEvent {
             ts: humantime::format_rfc3339_nanos(clock::wall_of(ev.ts_ns)).to_string(),
             event: if ev.action == EVENT_AUDIT {
@@ -70,7 +75,7 @@ impl JsonEvent {
             dst: ev.dst().to_string(),
             port: ev.port,
             v4_mapped: ev.v4_mapped != 0,
-            rule: policy.rule_name(ev.rule_id).to_string(),
+            rule,
             policy_hash: policy_hash.to_string(),
             generation: ev.generation,
         }
@@ -107,9 +112,35 @@ pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
+/// Where the rule names of one generation's events come from.
+#[derive(Clone)]
+pub enum RuleNames {
+    /// The compiled policy of that generation.
+    Policy(Arc<CompiledPolicy>),
+    /// Its policy is not known to this controller (adopted from the pins after the policy file
+    /// changed, or a generation older than any it knew): a rule is named by its id, `rule#3`,
+    /// never by whatever another policy calls that id. The default and loopback keep their
+    /// names, which no policy changes.
+    Ids,
+}
+
+impl RuleNames {
+    /// The name events give to `rule_id`.
+    pub fn name(&self, rule_id: u32) -> String {
+        match self {
+            RuleNames::Policy(p) => p.rule_name(rule_id).to_string(),
+            RuleNames::Ids => match rule_id {
+                RULE_DEFAULT => "default".into(),
+                RULE_LOOPBACK => "loopback".into(),
+                id => format!("rule#{id}"),
+            },
+        }
+    }
+}
+
 /// The policy of one generation, to name the rules of its events.
 struct Generation {
-    policy: Arc<CompiledPolicy>,
+    names: RuleNames,
     hash: String,
 }
 
@@ -130,11 +161,11 @@ pub struct EventStream<W> {
 pub const DRAIN_BATCH: usize = 4096;
 
 impl<W: AsyncWrite + Unpin> EventStream<W> {
-    /// A stream whose events of `generation` are named from `policy`.
+    /// A stream whose events of `generation` are named by `names`, with `hash`.
     pub fn new(
         ring: AsyncEventRing,
         generation: u32,
-        policy: Arc<CompiledPolicy>,
+        names: RuleNames,
         hash: String,
         out: W,
     ) -> Self {
@@ -146,7 +177,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             by_rule: BTreeMap::new(),
             pending: false,
         };
-        stream.set_policy(generation, policy, hash);
+        stream.set_names(generation, names, hash);
         stream
     }
 
@@ -167,14 +198,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         let mut n = 0;
         self.pending = false;
         while let Some(ev) = self.ring.try_next() {
-            // An event of a generation we never knew (decided before we started) is named with
-            // the closest policy we have.
-            let g = self
-                .generations
-                .get(&ev.generation)
-                .or_else(|| self.generations.values().next_back())
-                .expect("a stream always knows one generation");
-            let json = JsonEvent::from_raw(&ev, &g.policy, &g.hash);
+            let json = self.to_json(&ev);
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
             serde_json::to_writer(&mut buf, &json)?;
             buf.push(b'\n');
@@ -192,10 +216,26 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         Ok(())
     }
 
+    /// An event as written: named by the policy of the generation that decided it. One of a
+    /// generation this stream does not know (decided before the generation it started with, or
+    /// more than a few reloads ago) is named by rule id with no hash: naming it from another
+    /// policy would put a wrong rule and hash on it.
+    fn to_json(&self, ev: &Event) -> JsonEvent {
+        match self.generations.get(&ev.generation) {
+            Some(g) => JsonEvent::decode(ev, g.names.name(ev.rule_id), &g.hash),
+            None => JsonEvent::decode(ev, RuleNames::Ids.name(ev.rule_id), ""),
+        }
+    }
+
     /// Names the rules of events of a new policy generation (after a reload).
     pub fn set_policy(&mut self, generation: u32, policy: Arc<CompiledPolicy>, hash: String) {
+        self.set_names(generation, RuleNames::Policy(policy), hash);
+    }
+
+    /// Names the rules of events of `generation` by `names`, with `hash`.
+    pub fn set_names(&mut self, generation: u32, names: RuleNames, hash: String) {
         self.generations
-            .insert(generation, Generation { policy, hash });
+            .insert(generation, Generation { names, hash });
         while self.generations.len() > 4 {
             self.generations.pop_first();
         }
@@ -228,5 +268,22 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// Events written so far.
     pub fn written(&self) -> u64 {
         self.written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    #[test]
+    fn rules_of_an_unknown_policy_are_named_by_id_and_never_by_another_policy() {
+        assert_eq!(RuleNames::Ids.name(RULE_DEFAULT), "default");
+        assert_eq!(RuleNames::Ids.name(RULE_LOOPBACK), "loopback");
+        assert_eq!(RuleNames::Ids.name(3), "rule#3");
+        let known = RuleNames::Policy(Arc::new(
+            CompiledPolicy::compile(&Policy::embedded_default()).unwrap(),
+        ));
+        assert_eq!(known.name(1), "dns");
     }
 }

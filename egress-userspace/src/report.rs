@@ -130,7 +130,13 @@ impl StatusReport {
             policy: PolicyInfo {
                 source: state.policy,
                 generation: config.generation,
-                hash: state.policy_hash,
+                // A record of another generation (its controller died between a switch and its
+                // record) does not know the hash of the one in force.
+                hash: if state.generation == config.generation {
+                    state.policy_hash
+                } else {
+                    String::new()
+                },
                 applied_at: state.applied_at,
                 mode: if config.mode == egress_common::MODE_AUDIT {
                     "audit"
@@ -157,15 +163,14 @@ mod tests {
     use super::*;
     use crate::datapath::State;
 
-    /// `egress status --json` is read by scripts: the shape of both sources stays the same.
-    #[test]
-    fn status_from_pins_has_the_documented_shape() {
-        let pinned = PinnedStatus {
+    fn pinned_status() -> PinnedStatus {
+        PinnedStatus {
             state: State {
                 cgroup: "/sys/fs/cgroup".into(),
                 ifaces: vec!["eth0".into()],
                 policy: "/etc/egress/policy.toml".into(),
                 policy_hash: "00ff".into(),
+                generation: 3,
                 controller_pid: 42,
                 ..State::default()
             },
@@ -183,7 +188,22 @@ mod tests {
                 prog_id: 9,
                 attached: true,
             }],
-        };
+        }
+    }
+
+    #[test]
+    fn a_record_of_another_generation_gives_no_hash() {
+        let mut pinned = pinned_status();
+        pinned.config.generation = 4;
+        let s = StatusReport::from_pins(pinned, "/sys/fs/bpf/egress".into());
+        assert_eq!(s.policy.generation, 4);
+        assert_eq!(s.policy.hash, "");
+    }
+
+    /// `egress status --json` is read by scripts: the shape of both sources stays the same.
+    #[test]
+    fn status_from_pins_has_the_documented_shape() {
+        let pinned = pinned_status();
         let v = serde_json::to_value(StatusReport::from_pins(pinned, "/sys/fs/bpf/egress".into()))
             .unwrap();
         assert_eq!(
@@ -191,6 +211,7 @@ mod tests {
             serde_json::json!({"running": false, "last_pid": 42})
         );
         assert_eq!(v["policy"]["generation"], 3);
+        assert_eq!(v["policy"]["hash"], "00ff");
         assert_eq!(v["policy"]["mode"], "audit");
         assert_eq!(v["policy"]["default"], "deny");
         assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 5);

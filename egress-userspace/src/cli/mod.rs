@@ -46,7 +46,9 @@ enum Command {
     /// Enforce a policy on a cgroup (default: the whole host) until SIGINT/SIGTERM, writing deny,
     /// audit and alert events as JSON lines, and accounting egress bytes per process.
     Run {
-        /// Policy file. Default: the embedded policies/default.toml (audit mode).
+        /// Policy file. Default: the policy of the enforcement pinned under --pin-dir (kept as
+        /// the kernel holds it if its file changed since); with nothing pinned, the embedded
+        /// policies/default.toml (audit mode).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
         /// cgroup2 directory to attach to. Default: the cgroup2 root found in /proc/mounts.

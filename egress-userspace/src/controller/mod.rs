@@ -6,11 +6,14 @@
 //! - `blocks.rs`: byte-budget blocks set, expired and lifted in the kernel;
 //! - `reload.rs`: atomic policy reloads (`egress reload`, SIGHUP, `--watch`) and the state kept
 //!   beside the pins;
+//! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
+//!   kernel holds unless told);
 //! - `run.rs` and `exec.rs`: the two commands' event loops; `signals.rs`: forwarding signals to
 //!   `exec`'s command.
 //!
 //! The control *socket* (`crate::api`) only carries requests to the controller's loop.
 
+mod adopt;
 mod blocks;
 mod exec;
 mod reload;
@@ -29,7 +32,7 @@ use anyhow::Context as _;
 use tokio::{io::AsyncWrite, sync::watch};
 use tracing::{error, info, warn};
 
-use self::{blocks::Blocks, reload::PolicyInForce};
+use self::{adopt::Plan, blocks::Blocks, reload::PolicyInForce};
 pub use self::{
     exec::{ExecOptions, exec},
     run::{RunOptions, run},
@@ -54,7 +57,7 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Options `run` and `exec` share: what to enforce, and where events and alerts go.
 pub struct Options {
-    /// Policy file (None: the embedded default).
+    /// Policy file (None: the policy pinned enforcement holds, else the embedded default).
     pub policy: Option<PathBuf>,
     /// Append events here instead of the command's default stream (`-`: the default).
     pub events: Option<PathBuf>,
@@ -102,30 +105,40 @@ pub struct Controller {
 
 impl Controller {
     /// Loads the policy and the datapath (adopting pinned state when `target.pins` holds some,
-    /// and switching it atomically to this policy if another is in force there), attaches the
-    /// hooks to the target cgroup and TC to the interfaces, records the state beside the pins,
-    /// and starts the webhook and the metrics exporter. On return the controller enforces.
+    /// and switching it atomically to `opts.policy` if that is given and another is in force
+    /// there), attaches the hooks to the target cgroup and TC to the interfaces, records the state
+    /// beside the pins, and starts the webhook and the metrics exporter. On return the controller
+    /// enforces.
+    ///
+    /// Without `opts.policy`, adopted enforcement keeps its policy: the recorded file if it still
+    /// has the recorded hash, else what the kernel holds (see `adopt.rs`). The embedded default
+    /// is only ever loaded when nothing is pinned.
     pub async fn start(
         opts: &Options,
         target: Target,
         default_sink: Sink,
     ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
-        let (policy, compiled) = crate::policy::load(opts.policy.as_deref())?;
+        let plan = Plan::new(opts.policy.as_deref(), target.pins.as_ref())?;
         let (mut dp, adopted) = match &target.pins {
-            Some(p) => Datapath::load_pinned(&compiled, p).context("loading the datapath")?,
-            None => (
-                Datapath::load(&compiled).context("loading the datapath")?,
-                false,
-            ),
+            Some(p) => Datapath::load_pinned(plan.fresh(), p).context("loading the datapath")?,
+            None => {
+                let policy = plan.fresh().context("no policy to load")?;
+                (
+                    Datapath::load(policy).context("loading the datapath")?,
+                    false,
+                )
+            }
         };
-        let compiled = Arc::new(compiled);
+        let (in_force, switch_to) = plan.resolve(adopted, &dp.config())?;
         let ring = dp.take_events()?.watch()?;
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;
+        // Events the adopted generation decided while no controller ran are named by its policy
+        // (registered before any switch), never by the one this controller brings.
         let events = EventStream::new(
             ring,
             dp.generation(),
-            compiled.clone(),
-            policy.hash.clone(),
+            in_force.rule_names(),
+            in_force.policy.hash.clone(),
             sink,
         );
         // Below the root, TC only touches the sockets of that cgroup's processes.
@@ -153,8 +166,8 @@ impl Controller {
             acct.prime(&dp.flows()?);
         }
         let mut ctl = Controller {
-            alerts: AlertEngine::new(policy.alerts.clone(), Instant::now()),
-            policy: PolicyInForce::new(opts.policy.as_deref(), policy, compiled),
+            alerts: AlertEngine::new(in_force.policy.alerts.clone(), Instant::now()),
+            policy: in_force,
             dp,
             events,
             acct,
@@ -171,9 +184,13 @@ impl Controller {
         if adopted {
             info!(
                 generation = ctl.dp.generation(),
+                policy = %ctl.policy.policy.source,
+                hash = %ctl.policy.policy.hash,
                 "adopted the pinned enforcement without detaching"
             );
-            ctl.apply_over_adopted().await?;
+        }
+        if let Some(requested) = switch_to {
+            ctl.apply_over_adopted(requested).await?;
         }
         ctl.write_state();
         Ok((ctl, metrics_text))

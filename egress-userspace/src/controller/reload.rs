@@ -9,34 +9,67 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::Controller;
+use super::{
+    Controller,
+    adopt::{self, Adopted, Loaded, Origin},
+};
 use crate::{
     alerts::AlertEngine,
     api::Response,
     datapath::State,
-    events::{ReloadEvent, timestamp},
+    events::{ReloadEvent, RuleNames, timestamp},
     policy::{Policy, alert::alerts_differ, compile::CompiledPolicy, content_hash, diff},
 };
 
 /// The policy a controller enforces.
 pub(super) struct PolicyInForce {
-    /// The policy file (None: the embedded default).
-    pub path: Option<PathBuf>,
+    /// Where it comes from: what a reload without `--policy` re-reads.
+    pub origin: Origin,
     pub policy: Policy,
     pub compiled: Arc<CompiledPolicy>,
     pub applied_at: SystemTime,
+    /// Why its rules are not known (None: they are). Set when the controller adopted pinned
+    /// enforcement whose policy it could not read back: `policy` is then a stand-in with the
+    /// kernel's mode and default and no rules (see `adopt.rs`).
+    pub unknown: Option<String>,
     /// Hash of a watched file that failed to load (reported once, not at every poll).
     bad_watch_hash: Option<String>,
 }
 
 impl PolicyInForce {
-    pub fn new(path: Option<&Path>, policy: Policy, compiled: Arc<CompiledPolicy>) -> Self {
+    /// A policy loaded from its source, applied now.
+    pub fn new(loaded: Loaded) -> Self {
         PolicyInForce {
-            path: path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
-            policy,
-            compiled,
+            origin: loaded.origin,
+            policy: loaded.policy,
+            compiled: Arc::new(loaded.compiled),
             applied_at: SystemTime::now(),
+            unknown: None,
             bad_watch_hash: None,
+        }
+    }
+
+    /// The policy of adopted pinned enforcement, applied when the record says.
+    pub fn adopted(a: Adopted) -> Self {
+        let applied_at = a
+            .applied_at
+            .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
+            .unwrap_or_else(SystemTime::now);
+        PolicyInForce {
+            origin: a.origin,
+            policy: a.policy,
+            compiled: Arc::new(a.compiled),
+            applied_at,
+            unknown: a.unknown,
+            bad_watch_hash: None,
+        }
+    }
+
+    /// How the events of its generation name their rules.
+    pub fn rule_names(&self) -> RuleNames {
+        match self.unknown {
+            None => RuleNames::Policy(self.compiled.clone()),
+            Some(_) => RuleNames::Ids,
         }
     }
 }
@@ -46,16 +79,41 @@ impl Controller {
     /// only describes the change. A policy that does not load is refused with its error and the
     /// policy in force stays untouched.
     pub(super) async fn reload(&mut self, path: Option<PathBuf>, dry_run: bool) -> Response {
-        let path = path.or_else(|| self.policy.path.clone());
-        let (policy, compiled) = match crate::policy::load(path.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "reload refused; the policy in force is unchanged");
-                return Response::Refused(format!("{e:#}"));
+        let path = match (path, &self.policy.origin) {
+            (Some(p), _) => Some(p),
+            (None, Origin::File(p)) => Some(p.clone()),
+            (None, Origin::Embedded) => None,
+            // "The policy" would then be the embedded default: never implicitly.
+            (None, Origin::Unrecorded) => {
+                let why = "the policy in force was adopted with no record of its file: name one with --policy";
+                warn!("reload refused: {why}");
+                return Response::Refused(why.into());
             }
         };
+        match Loaded::load(path.as_deref()) {
+            Ok(loaded) => self.apply(loaded, dry_run).await,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reload refused; the policy in force is unchanged");
+                Response::Refused(format!("{e:#}"))
+            }
+        }
+    }
+
+    /// Applies `new` atomically (or with `dry_run` only describes the change). A switch to
+    /// another file, or to a weaker mode or default, is logged at WARN naming both policies.
+    pub(super) async fn apply(&mut self, new: Loaded, dry_run: bool) -> Response {
+        let Loaded {
+            origin,
+            policy,
+            compiled,
+        } = new;
         let old = &self.policy;
-        let change = diff::describe(&old.policy, &old.compiled, &policy, &compiled);
+        let mut change = diff::describe(&old.policy, &old.compiled, &policy, &compiled);
+        if let Some(why) = &old.unknown {
+            change = format!(
+                "the rules in force are not known to this controller ({why}); compared with none:\n{change}"
+            );
+        }
         if dry_run {
             return Response::Done(change);
         }
@@ -66,6 +124,7 @@ impl Controller {
                 return Response::Refused(format!("applying {}: {e}", policy.source));
             }
         };
+        adopt::warn_switch(&(&self.policy.policy).into(), &(&policy).into());
         let compiled = Arc::new(compiled);
         self.events
             .set_policy(applied.generation, compiled.clone(), policy.hash.clone());
@@ -89,10 +148,11 @@ impl Controller {
             elapsed_ms,
         };
         self.policy = PolicyInForce {
-            path,
+            origin,
             policy,
             compiled,
             applied_at: SystemTime::now(),
+            unknown: None,
             bad_watch_hash: None,
         };
         self.write_state();
@@ -103,7 +163,7 @@ impl Controller {
     /// `--watch`: reloads when the policy file's content changes (edits, renames, and the
     /// atomic symlink swap Kubernetes does for ConfigMaps all change what the path reads).
     pub(super) async fn watch_tick(&mut self) {
-        let Some(path) = self.policy.path.clone() else {
+        let Some(path) = self.policy.origin.file().map(Path::to_path_buf) else {
             return;
         };
         let Ok(text) = std::fs::read_to_string(&path) else {
@@ -118,19 +178,17 @@ impl Controller {
         }
     }
 
-    /// After adopting pinned enforcement: if the policy in force there is not ours, switch to
-    /// ours atomically, as a reload does.
-    pub(super) async fn apply_over_adopted(&mut self) -> anyhow::Result<()> {
-        let pinned_hash = self
-            .target
-            .pins
-            .as_ref()
-            .and_then(|p| p.read_state())
-            .map(|s| s.policy_hash);
-        if pinned_hash.as_deref() == Some(self.policy.policy.hash.as_str()) {
+    /// After adopting pinned enforcement: switches to `requested` (the `--policy` given) unless
+    /// it is the policy in force (same file, same hash).
+    pub(super) async fn apply_over_adopted(&mut self, requested: Loaded) -> anyhow::Result<()> {
+        let p = &self.policy;
+        if p.unknown.is_none()
+            && p.origin == requested.origin
+            && p.policy.hash == requested.policy.hash
+        {
             return Ok(());
         }
-        match self.reload(None, false).await {
+        match self.apply(requested, false).await {
             Response::Refused(why) => {
                 anyhow::bail!("applying the policy over the adopted state: {why}")
             }
@@ -147,6 +205,7 @@ impl Controller {
             cgroup: self.target.cgroup.display().to_string(),
             ifaces: self.ifaces.clone(),
             policy: policy.source.clone(),
+            policy_path: self.policy.origin.file().map(Path::to_path_buf),
             policy_hash: policy.hash.clone(),
             generation: self.dp.generation(),
             applied_at: humantime::format_rfc3339_seconds(self.policy.applied_at).to_string(),

@@ -155,25 +155,28 @@ impl Datapath {
     /// here changes nothing in the kernel's enforcement. Nothing is pinned: dropping the
     /// datapath detaches everything (`egress exec`, `egress run --ephemeral`, tests).
     pub fn load(policy: &CompiledPolicy) -> Result<Datapath, DatapathError> {
-        Self::load_with(policy, None).map(|(dp, _)| dp)
+        Self::load_with(Some(policy), None).map(|(dp, _)| dp)
     }
 
     /// As [`Datapath::load`], with every map pinned under `pins` (reusing the pinned maps, and
     /// so the policy in force and every counter, when a previous controller left its programs
     /// attached there). Returns whether that state was adopted; then nothing is written to the
-    /// policy maps: the caller reloads atomically if its policy differs.
+    /// policy maps: the caller reloads atomically if its policy differs. `policy` goes into fresh
+    /// maps when there is nothing to adopt; None: adopt or fail (keep what the kernel holds).
     pub fn load_pinned(
-        policy: &CompiledPolicy,
+        policy: Option<&CompiledPolicy>,
         pins: &Pins,
     ) -> Result<(Datapath, bool), DatapathError> {
         Self::load_with(policy, Some(pins))
     }
 
     fn load_with(
-        policy: &CompiledPolicy,
+        policy: Option<&CompiledPolicy>,
         pins: Option<&Pins>,
     ) -> Result<(Datapath, bool), DatapathError> {
-        check_capacity(policy)?;
+        if let Some(policy) = policy {
+            check_capacity(policy)?;
+        }
         let mut loader = EbpfLoader::new();
         for name in map_names::POLICY_V4.iter().chain(&map_names::POLICY_V6) {
             loader.map_max_entries(name, POLICY_CAPACITY);
@@ -186,7 +189,13 @@ impl Datapath {
             p.ensure()
                 .map_err(|e| DatapathError::Pin(format!("{e:#}")))?;
             // Adopt only a complete state: links to follow and every map they use.
-            adopt = p.adoptable() && map_names::ALL.iter().all(|n| p.map(n).exists());
+            adopt = p.adoptable() && p.maps_complete();
+            if !adopt && policy.is_none() {
+                return Err(DatapathError::Pin(format!(
+                    "nothing complete to adopt under {} and no policy to load",
+                    p.dir.display()
+                )));
+            }
             if !adopt {
                 // Maps without links are leftovers: start from fresh ones.
                 p.remove_maps();
@@ -197,13 +206,16 @@ impl Datapath {
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
         let mut maps = Maps::take(&mut ebpf)?;
-        let (active, config) = if adopt {
-            let active = maps.active()?;
-            (active, maps.config(active)?)
-        } else {
-            maps.write_buffer(0, policy, policy.config)?;
-            maps.set_active(0)?;
-            (0, policy.config)
+        let (active, config) = match policy.filter(|_| !adopt) {
+            None => {
+                let active = maps.active()?;
+                (active, maps.config(active)?)
+            }
+            Some(policy) => {
+                maps.write_buffer(0, policy, policy.config)?;
+                maps.set_active(0)?;
+                (0, policy.config)
+            }
         };
         for name in HOOKS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
@@ -258,6 +270,11 @@ impl Datapath {
     /// The generation of the policy in force.
     pub fn generation(&self) -> u32 {
         self.config.generation
+    }
+
+    /// The config in force: generation, mode, default verdict, loopback.
+    pub fn config(&self) -> Config {
+        self.config
     }
 
     /// `c` with the fields the controller owns (TC scope, block count) set as they are now.

@@ -1,8 +1,11 @@
 //! Pinned state under bpffs (`/sys/fs/bpf/egress` by default), so that enforcement outlives the
 //! controller: `maps/<NAME>` for every map, `links/<hook>` and `links/tc-<iface>` for every
 //! attachment. A pinned link stays attached until `egress stop` detaches it. The controller's
-//! own bookkeeping (policy file, hash, generation, where it attached) goes to a small JSON state
-//! file under /run/egress, since bpffs holds only BPF objects.
+//! own bookkeeping ([`State`]: policy file, hash, generation, where it attached) is kept twice: in
+//! a small JSON state file under /run/egress, and in `state`, a one-entry array map pinned beside
+//! the links, since bpffs holds only BPF objects. The pinned copy lives and dies with the pins: a
+//! service manager that empties /run on stop, or a stale file of pins removed by hand, cannot
+//! make a restarted controller forget (or misremember) which policy the kernel enforces.
 
 use std::{
     fs,
@@ -18,13 +21,26 @@ use super::{Counters, DatapathError, bpfsys, maps};
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// Kernel name of the map holding the pinned copy of the [`State`]. It is not in the eBPF object
+/// (no program reads it): the controller creates it.
+const STATE_MAP: &str = "EGRESS_STATE";
+/// Bytes of the pinned [`State`]: a little-endian u32 length, then that much JSON.
+const STATE_MAP_VALUE: usize = 16 * 1024;
+type StateValue = [u8; STATE_MAP_VALUE];
+
 /// What the controller applied, kept beside the pins for restarts and `egress status`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct State {
     pub pin_dir: String,
     pub cgroup: String,
     pub ifaces: Vec<String>,
+    /// Where the policy came from, as reported (a path, or the embedded default's name).
     pub policy: String,
+    /// The policy file, absolute, that a restarted controller reads back (None: the embedded
+    /// default, or a state written before this field existed; then `policy` is the path).
+    #[serde(default)]
+    pub policy_path: Option<PathBuf>,
+    /// Content hash of the policy of `generation` (empty: unknown).
     pub policy_hash: String,
     pub generation: u32,
     pub applied_at: String,
@@ -106,6 +122,11 @@ impl Pins {
         out
     }
 
+    /// True when every map of the object is pinned here.
+    pub fn maps_complete(&self) -> bool {
+        map_names::ALL.iter().all(|n| self.map(n).exists())
+    }
+
     /// True when a previous controller left its programs attached here.
     pub fn adoptable(&self) -> bool {
         !self.links().is_empty()
@@ -145,18 +166,63 @@ impl Pins {
         Ok(f)
     }
 
+    /// The pinned copy of the [`State`].
+    pub fn state_pin(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Records `state` in the pinned copy and in the state file. Both are attempted; the first
+    /// failure is returned.
     pub fn write_state(&self, state: &State) -> anyhow::Result<()> {
+        let pinned = self.write_state_pin(state);
         let path = self.state_path();
         if let Some(d) = path.parent() {
             fs::create_dir_all(d)?;
         }
         let tmp = path.with_extension("json.tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        pinned
     }
 
+    /// What the last controller recorded: the pinned copy, else the state file.
     pub fn read_state(&self) -> Option<State> {
-        serde_json::from_slice(&fs::read(self.state_path()).ok()?).ok()
+        self.read_state_pin()
+            .or_else(|| serde_json::from_slice(&fs::read(self.state_path()).ok()?).ok())
+    }
+
+    fn write_state_pin(&self, state: &State) -> anyhow::Result<()> {
+        use aya::maps::{Array, Map, MapData};
+        let json = serde_json::to_vec(state)?;
+        let Some(value) = encode_state(&json) else {
+            bail!(
+                "the state ({} bytes) does not fit the pinned copy ({STATE_MAP_VALUE} bytes)",
+                json.len()
+            );
+        };
+        let path = self.state_pin();
+        let data = match MapData::from_pin(&path) {
+            Ok(d) => d,
+            Err(_) => {
+                let d = MapData::create(state_map_def(), STATE_MAP, None)
+                    .with_context(|| format!("creating the {STATE_MAP} map"))?;
+                d.pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                d
+            }
+        };
+        let mut map: Array<MapData, StateValue> = Array::try_from(Map::Array(data))
+            .with_context(|| format!("{} is not the state map", path.display()))?;
+        map.set(0, *value, 0)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn read_state_pin(&self) -> Option<State> {
+        use aya::maps::{Array, Map};
+        let map: Array<_, StateValue> =
+            maps::open_pinned(&self.state_pin(), STATE_MAP, Map::Array).ok()?;
+        let value: Box<StateValue> = Box::new(map.get(&0, 0).ok()?);
+        serde_json::from_slice(decode_state(&value)?).ok()
     }
 
     /// Removes the map pins (leftovers without links: the next load starts from fresh maps).
@@ -234,10 +300,50 @@ impl Pins {
         for sub in ["links", "maps"] {
             let _ = fs::remove_dir(self.dir.join(sub));
         }
+        let _ = fs::remove_file(self.state_pin());
         let _ = fs::remove_dir(&self.dir);
         let _ = fs::remove_file(self.state_path());
         Ok(removed)
     }
+}
+
+/// The definition of the map holding the pinned [`State`]: one array entry of bytes.
+fn state_map_def() -> aya_obj::Map {
+    aya_obj::Map::Legacy(aya_obj::maps::LegacyMap {
+        def: aya_obj::maps::bpf_map_def {
+            map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+            key_size: size_of::<u32>() as u32,
+            value_size: STATE_MAP_VALUE as u32,
+            max_entries: 1,
+            map_flags: 0,
+            id: 0,
+            pinning: aya_obj::maps::PinningType::None,
+        },
+        inner_def: None,
+        section_index: 0,
+        section_kind: aya_obj::EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    })
+}
+
+/// `json` as the pinned state's value; None when it does not fit.
+fn encode_state(json: &[u8]) -> Option<Box<StateValue>> {
+    let len = u32::try_from(json.len()).ok()?;
+    let end = 4 + json.len();
+    if end > STATE_MAP_VALUE {
+        return None;
+    }
+    let mut value = Box::new([0u8; STATE_MAP_VALUE]);
+    value[..4].copy_from_slice(&len.to_le_bytes());
+    value[4..end].copy_from_slice(json);
+    Some(value)
+}
+
+/// The JSON in a pinned state's value; None when there is none (never written) or it is damaged.
+fn decode_state(value: &StateValue) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(value[..4].try_into().ok()?) as usize;
+    (len > 0).then(|| value.get(4..4 + len)).flatten()
 }
 
 /// Pins an attachment's link at `path`, so that it outlives this process.
@@ -313,4 +419,45 @@ pub struct PinnedStatus {
     pub config: Config,
     pub counters: Counters,
     pub links: Vec<LinkStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pinned_state_reads_back_as_written() {
+        let state = State {
+            policy: "/etc/egress/policy.toml".into(),
+            policy_path: Some("/etc/egress/policy.toml".into()),
+            policy_hash: "00ff00ff00ff00ff".into(),
+            generation: 7,
+            mode: "enforce".into(),
+            ..State::default()
+        };
+        let json = serde_json::to_vec(&state).unwrap();
+        let value = encode_state(&json).expect("a state fits");
+        let back: State = serde_json::from_slice(decode_state(&value).unwrap()).unwrap();
+        assert_eq!(back, state);
+    }
+
+    #[test]
+    fn a_state_that_does_not_fit_is_refused_and_a_blank_one_is_none() {
+        assert!(encode_state(&[b' '; STATE_MAP_VALUE - 4]).is_some());
+        assert!(encode_state(&[b' '; STATE_MAP_VALUE - 3]).is_none());
+        assert_eq!(decode_state(&[0; STATE_MAP_VALUE]), None);
+        let mut damaged = [0u8; STATE_MAP_VALUE];
+        damaged[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(decode_state(&damaged), None);
+    }
+
+    #[test]
+    fn a_state_written_before_policy_path_existed_still_reads() {
+        let old = r#"{"pin_dir":"/sys/fs/bpf/egress","cgroup":"/sys/fs/cgroup","ifaces":[],
+            "policy":"/etc/p.toml","policy_hash":"ab","generation":2,"applied_at":"",
+            "mode":"enforce","default":"deny","controller_pid":1,"socket":""}"#;
+        let s: State = serde_json::from_str(old).unwrap();
+        assert_eq!(s.policy_path, None);
+        assert_eq!(s.generation, 2);
+    }
 }

@@ -1,0 +1,523 @@
+//! What a controller enforces when it finds enforcement pinned. A restart must never weaken what
+//! the kernel holds by accident, so a bare `egress run` keeps the policy in force: it reads back
+//! the file the pins record and takes it only if its content hash is still the recorded one. When
+//! the file changed, vanished or no longer loads, the controller keeps enforcing what the kernel
+//! holds and says so at WARN; it never falls back to the embedded default over pinned
+//! enforcement. Moving to another file, or to a weaker mode or default, takes an explicit
+//! `--policy` (or `egress reload`), and is logged at WARN naming the old and the new policy.
+//!
+//! The policy of the adopted generation also names the events that generation decided while no
+//! controller ran (still in the ring buffer): by its own rules and hash, or, when it cannot be
+//! read back, by rule id (`rule#3`) and the recorded hash, never by another policy's names.
+
+use std::path::{Path, PathBuf};
+
+use egress_common::{Config, DEFAULT_ALLOW, MODE_AUDIT};
+use tracing::warn;
+
+use super::reload::PolicyInForce;
+use crate::{
+    datapath::{State, pins::Pins},
+    policy::{DEFAULT_POLICY_NAME, DefaultVerdict, Mode, Policy, compile::CompiledPolicy},
+};
+
+/// What a starting controller enforces, decided in two steps around loading the datapath: only
+/// then is it known whether the pinned maps could be adopted.
+pub(super) struct Plan {
+    /// What the pins hold (None: nothing is attached there).
+    pinned: Option<Pinned>,
+    /// The `--policy` given; with nothing pinned and none given, the embedded default.
+    requested: Option<Loaded>,
+}
+
+impl Plan {
+    /// Reads back what `pins` hold and loads (so validates) the requested policy, before
+    /// anything in the kernel changes.
+    pub fn new(policy: Option<&Path>, pins: Option<&Pins>) -> anyhow::Result<Plan> {
+        let pinned = pins
+            .filter(|p| p.adoptable())
+            .map(|p| Pinned::recall(p.read_state()));
+        let requested = match (policy, &pinned) {
+            (Some(path), _) => Some(Loaded::load(Some(path))?),
+            (None, None) => Some(Loaded::load(None)?),
+            (None, Some(_)) => None,
+        };
+        let plan = Plan { pinned, requested };
+        if let (None, Some(pins), Some(p)) = (plan.fresh(), pins, &plan.pinned)
+            && !pins.maps_complete()
+        {
+            anyhow::bail!(
+                "enforcement is pinned under {} but its maps are incomplete, and its policy cannot be read back ({}): start with --policy FILE",
+                pins.dir.display(),
+                p.policy.as_ref().err().map_or("", String::as_str),
+            );
+        }
+        Ok(plan)
+    }
+
+    /// What fresh maps get when the pinned ones cannot be adopted (None: adopt, or fail).
+    pub fn fresh(&self) -> Option<&CompiledPolicy> {
+        self.requested
+            .as_ref()
+            .or_else(|| self.pinned.as_ref().and_then(|p| p.policy.as_ref().ok()))
+            .map(|l| &l.compiled)
+    }
+
+    /// The policy in force once the datapath is loaded (`adopted`: the pinned maps were, and
+    /// `config` is the kernel's), and the one to switch to once everything is attached.
+    pub fn resolve(
+        self,
+        adopted: bool,
+        config: &Config,
+    ) -> anyhow::Result<(PolicyInForce, Option<Loaded>)> {
+        Ok(match (self.pinned, self.requested) {
+            (Some(pinned), requested) if adopted => {
+                let a = PolicyInForce::adopted(Adopted::new(pinned, config));
+                if let Some(why) = a.unknown.as_ref().filter(|_| requested.is_none()) {
+                    warn!(
+                        generation = config.generation,
+                        policy = %a.policy.source,
+                        hash = %a.policy.hash,
+                        mode = %a.policy.mode,
+                        default = %a.policy.default,
+                        reason = %why,
+                        "adopted pinned enforcement whose policy cannot be read back as applied: enforcing what the kernel holds; `egress reload` or --policy applies a file"
+                    );
+                }
+                (a, requested)
+            }
+            // Not adopted: the fresh maps hold what `fresh` gave.
+            (pinned, Some(requested)) => {
+                if let Some(record) = pinned.as_ref().and_then(|p| p.record.as_ref()) {
+                    warn_switch(&record.into(), &(&requested.policy).into());
+                }
+                (PolicyInForce::new(requested), None)
+            }
+            (Some(Pinned { policy: Ok(l), .. }), None) => (PolicyInForce::new(l), None),
+            // The datapath refuses to load fresh maps without a policy; this is not reached.
+            (_, None) => anyhow::bail!("no policy for fresh maps"),
+        })
+    }
+}
+
+/// A policy read from its source, ready to apply.
+pub(super) struct Loaded {
+    pub origin: Origin,
+    pub policy: Policy,
+    pub compiled: CompiledPolicy,
+}
+
+/// Where the policy in force comes from, and so what a reload without `--policy` re-reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// A policy file (absolute).
+    File(PathBuf),
+    /// The policy embedded in the binary.
+    Embedded,
+    /// Nobody recorded it (a controller died before recording what it applied): a reload must
+    /// name a file.
+    Unrecorded,
+}
+
+impl Origin {
+    /// The file to re-read, if a file.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Origin::File(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+impl Loaded {
+    /// Reads, validates and compiles `path` (made absolute), or the embedded default.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Loaded> {
+        let path = path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+        let (policy, compiled) = crate::policy::load(path.as_deref())?;
+        let origin = path.map_or(Origin::Embedded, Origin::File);
+        Ok(Loaded {
+            origin,
+            policy,
+            compiled,
+        })
+    }
+}
+
+/// What the pins say is in force, read back before the datapath is loaded.
+pub(super) struct Pinned {
+    /// What the last controller recorded (None: nothing, e.g. it died before recording).
+    pub record: Option<State>,
+    /// The recorded policy read back with the recorded hash, or why it could not be.
+    pub policy: Result<Loaded, String>,
+}
+
+impl Pinned {
+    /// Reads back the policy `record` names, and checks that it is still what was applied.
+    pub fn recall(record: Option<State>) -> Pinned {
+        let policy = match &record {
+            None => Err("nothing was recorded beside the pins".to_string()),
+            Some(r) => read_back(r),
+        };
+        Pinned { record, policy }
+    }
+
+    /// Where the recorded policy came from.
+    fn origin(&self) -> Origin {
+        self.record
+            .as_ref()
+            .map_or(Origin::Unrecorded, recorded_origin)
+    }
+}
+
+/// Where a record says its policy came from. A record written before `policy_path` existed
+/// names the file in `policy`.
+fn recorded_origin(r: &State) -> Origin {
+    match &r.policy_path {
+        Some(p) => Origin::File(p.clone()),
+        None if r.policy == DEFAULT_POLICY_NAME => Origin::Embedded,
+        None if r.policy.is_empty() => Origin::Unrecorded,
+        None => Origin::File(PathBuf::from(&r.policy)),
+    }
+}
+
+fn read_back(r: &State) -> Result<Loaded, String> {
+    if r.policy_hash.is_empty() {
+        return Err("its hash was not known to the controller that recorded it".into());
+    }
+    let path = match recorded_origin(r) {
+        Origin::File(p) => Some(p),
+        Origin::Embedded => None,
+        Origin::Unrecorded => return Err("its source was not recorded".into()),
+    };
+    let loaded = Loaded::load(path.as_deref()).map_err(|e| format!("{e:#}"))?;
+    if loaded.policy.hash != r.policy_hash {
+        return Err(format!(
+            "{} has changed since it was applied (hash {} then, {} now)",
+            loaded.policy.source, r.policy_hash, loaded.policy.hash
+        ));
+    }
+    Ok(loaded)
+}
+
+/// The policy of the adopted generation, as this controller knows it.
+pub(super) struct Adopted {
+    pub origin: Origin,
+    pub policy: Policy,
+    pub compiled: CompiledPolicy,
+    /// When it was applied (RFC 3339), as recorded.
+    pub applied_at: Option<String>,
+    /// Why its rules are not known (None: they are): `policy` is then a stand-in with the
+    /// kernel's mode, default and loopback setting, the recorded source and hash, and no rules.
+    pub unknown: Option<String>,
+}
+
+impl Adopted {
+    /// What the kernel holds (`config`, of the buffer in force) as far as the pins tell: the
+    /// policy read back, if it is the one recorded for the kernel's generation and agrees with
+    /// the kernel's mode, default and loopback setting; else a stand-in.
+    pub fn new(pinned: Pinned, config: &Config) -> Adopted {
+        let origin = pinned.origin();
+        let record = pinned.record;
+        let applied_at = record.as_ref().map(|r| r.applied_at.clone());
+        // The record describes the kernel's generation only if that is the one it names: a
+        // controller that died between a switch and its record leaves an older one.
+        let current = record
+            .as_ref()
+            .filter(|r| r.generation == config.generation);
+        let why = match (pinned.policy, current) {
+            (Ok(l), Some(_)) if agrees(&l.compiled.config, config) => {
+                return Adopted {
+                    origin,
+                    policy: l.policy,
+                    compiled: l.compiled,
+                    applied_at,
+                    unknown: None,
+                };
+            }
+            (Ok(l), Some(_)) => format!(
+                "{} does not match the mode, default or loopback setting the kernel holds",
+                l.policy.source
+            ),
+            (_, None) if record.is_some() => format!(
+                "the record is of generation {}, the kernel holds generation {}",
+                record.as_ref().map_or(0, |r| r.generation),
+                config.generation
+            ),
+            (Err(why), _) => why,
+            (Ok(_), None) => "nothing was recorded beside the pins".to_string(),
+        };
+        let policy = stand_in(current, config);
+        let compiled = CompiledPolicy::compile(&policy)
+            .expect("a policy without rules always compiles (unit-tested)");
+        Adopted {
+            origin,
+            policy,
+            compiled,
+            applied_at,
+            unknown: Some(why),
+        }
+    }
+}
+
+/// True when the compiled `ours` sets what the kernel's `config` holds.
+fn agrees(ours: &Config, kernel: &Config) -> bool {
+    ours.mode == kernel.mode
+        && ours.default_verdict == kernel.default_verdict
+        && ours.allow_loopback == kernel.allow_loopback
+}
+
+/// A policy standing in for one whose rules are unknown: what the kernel's config says, and the
+/// source and hash of `record` when it describes the kernel's generation.
+fn stand_in(record: Option<&State>, config: &Config) -> Policy {
+    Policy {
+        source: record.map_or_else(|| "<unrecorded>".into(), |r| r.policy.clone()),
+        mode: if config.mode == MODE_AUDIT {
+            Mode::Audit
+        } else {
+            Mode::Enforce
+        },
+        default: if config.default_verdict == DEFAULT_ALLOW {
+            DefaultVerdict::Allow
+        } else {
+            DefaultVerdict::Deny
+        },
+        allow_loopback: config.allow_loopback != 0,
+        rules: Vec::new(),
+        alerts: Vec::new(),
+        hash: record.map(|r| r.policy_hash.clone()).unwrap_or_default(),
+    }
+}
+
+/// A policy as a switch names it.
+pub(super) struct Described<'a> {
+    pub source: &'a str,
+    pub hash: &'a str,
+    pub mode: String,
+    pub default: String,
+}
+
+impl<'a> From<&'a Policy> for Described<'a> {
+    fn from(p: &'a Policy) -> Self {
+        Described {
+            source: &p.source,
+            hash: &p.hash,
+            mode: p.mode.to_string(),
+            default: p.default.to_string(),
+        }
+    }
+}
+
+impl<'a> From<&'a State> for Described<'a> {
+    fn from(s: &'a State) -> Self {
+        Described {
+            source: &s.policy,
+            hash: &s.policy_hash,
+            mode: s.mode.clone(),
+            default: s.default.clone(),
+        }
+    }
+}
+
+/// What makes a switch from `old` to `new` worth a WARN: another file, a weaker mode (enforce
+/// to audit) or a weaker default (deny to allow). Empty: none.
+pub(super) fn notable(old: &Described, new: &Described) -> Vec<&'static str> {
+    let mut why = Vec::new();
+    if old.source != new.source {
+        why.push("another policy");
+    }
+    if old.mode == "enforce" && new.mode == "audit" {
+        why.push("weaker mode");
+    }
+    if old.default == "deny" && new.default == "allow" {
+        why.push("weaker default");
+    }
+    why
+}
+
+/// Logs at WARN a switch from `old` to `new` that goes to another file or weakens enforcement.
+pub(super) fn warn_switch(old: &Described, new: &Described) {
+    let why = notable(old, new);
+    if why.is_empty() {
+        return;
+    }
+    warn!(
+        old_policy = %old.source,
+        old_hash = %old.hash,
+        old_mode = %old.mode,
+        old_default = %old.default,
+        new_policy = %new.source,
+        new_hash = %new.hash,
+        new_mode = %new.mode,
+        new_default = %new.default,
+        change = %why.join(", "),
+        "switched the policy in force"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use egress_common::{DEFAULT_DENY, MODE_ENFORCE};
+
+    use super::*;
+
+    const ENFORCE: &str = "mode = \"enforce\"\nallow_loopback = false\n[[service]]\nname = \"app\"\ndestinations = [\"127.0.0.2\"]\n[[block]]\nname = \"old-block\"\ndestinations = [\"127.0.0.3\"]\n";
+
+    fn file(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("egress-adopt-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A record as a controller that applied `loaded` as generation `generation` writes it.
+    fn record(loaded: &Loaded, generation: u32) -> State {
+        State {
+            policy: loaded.policy.source.clone(),
+            policy_path: loaded.origin.file().map(Path::to_path_buf),
+            policy_hash: loaded.policy.hash.clone(),
+            generation,
+            mode: loaded.policy.mode.to_string(),
+            default: loaded.policy.default.to_string(),
+            ..State::default()
+        }
+    }
+
+    fn kernel(loaded: &Loaded, generation: u32) -> Config {
+        Config {
+            generation,
+            ..loaded.compiled.config
+        }
+    }
+
+    #[test]
+    fn the_recorded_file_with_its_hash_is_the_policy_in_force() {
+        let d = tmpdir("same");
+        let loaded = Loaded::load(Some(&file(&d, "p.toml", ENFORCE))).unwrap();
+        let adopted = Adopted::new(
+            Pinned::recall(Some(record(&loaded, 3))),
+            &kernel(&loaded, 3),
+        );
+        assert_eq!(adopted.unknown, None);
+        assert_eq!(adopted.policy.hash, loaded.policy.hash);
+        assert_eq!(adopted.compiled.rule_name(2), "old-block");
+        assert_eq!(adopted.origin, loaded.origin);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_changed_or_vanished_file_leaves_a_stand_in_with_the_kernels_mode_and_recorded_hash() {
+        let d = tmpdir("changed");
+        let path = file(&d, "p.toml", ENFORCE);
+        let loaded = Loaded::load(Some(&path)).unwrap();
+        let rec = record(&loaded, 1);
+        for change in [
+            Some("mode = \"audit\"\ndefault = \"allow\"\n"),
+            None, // removed
+        ] {
+            match change {
+                Some(text) => std::fs::write(&path, text).unwrap(),
+                None => std::fs::remove_file(&path).unwrap(),
+            }
+            let pinned = Pinned::recall(Some(rec.clone()));
+            assert!(pinned.policy.is_err());
+            let adopted = Adopted::new(pinned, &kernel(&loaded, 1));
+            assert!(adopted.unknown.is_some());
+            // Never the embedded default, never the file's new content: what the kernel holds.
+            assert_eq!(adopted.policy.mode, Mode::Enforce);
+            assert_eq!(adopted.policy.default, DefaultVerdict::Deny);
+            assert!(!adopted.policy.allow_loopback);
+            assert_eq!(adopted.policy.hash, loaded.policy.hash);
+            assert!(adopted.policy.rules.is_empty());
+            assert_eq!(adopted.origin, Origin::File(path.clone()));
+        }
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_record_of_another_generation_says_nothing_of_the_kernels() {
+        let d = tmpdir("generation");
+        let loaded = Loaded::load(Some(&file(&d, "p.toml", ENFORCE))).unwrap();
+        let adopted = Adopted::new(
+            Pinned::recall(Some(record(&loaded, 1))),
+            &kernel(&loaded, 2),
+        );
+        assert!(adopted.unknown.is_some());
+        assert_eq!(
+            adopted.policy.hash, "",
+            "the hash of generation 1 is not generation 2's"
+        );
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn no_record_is_unrecorded_and_the_kernel_still_decides() {
+        let config = Config {
+            generation: 4,
+            mode: MODE_ENFORCE,
+            default_verdict: DEFAULT_DENY,
+            ..Config::default()
+        };
+        let adopted = Adopted::new(Pinned::recall(None), &config);
+        assert_eq!(adopted.origin, Origin::Unrecorded);
+        assert_eq!(adopted.policy.mode, Mode::Enforce);
+        assert_eq!(adopted.policy.hash, "");
+        assert!(adopted.unknown.is_some());
+    }
+
+    #[test]
+    fn the_embedded_default_is_read_back_when_recorded() {
+        let loaded = Loaded::load(None).unwrap();
+        let rec = record(&loaded, 1);
+        assert_eq!(rec.policy_path, None);
+        let adopted = Adopted::new(Pinned::recall(Some(rec)), &kernel(&loaded, 1));
+        assert_eq!(adopted.unknown, None);
+        assert_eq!(adopted.origin, Origin::Embedded);
+    }
+
+    #[test]
+    fn a_record_older_than_policy_path_names_its_file_in_policy() {
+        let d = tmpdir("old-record");
+        let loaded = Loaded::load(Some(&file(&d, "p.toml", ENFORCE))).unwrap();
+        let rec = State {
+            policy_path: None,
+            ..record(&loaded, 1)
+        };
+        let adopted = Adopted::new(Pinned::recall(Some(rec)), &kernel(&loaded, 1));
+        assert_eq!(adopted.unknown, None);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_switch_is_notable_for_another_file_or_a_weaker_mode_or_default() {
+        let d = |source, mode: &str, default: &str| Described {
+            source,
+            hash: "",
+            mode: mode.into(),
+            default: default.into(),
+        };
+        let old = d("/a.toml", "enforce", "deny");
+        assert!(notable(&old, &d("/a.toml", "enforce", "deny")).is_empty());
+        assert_eq!(
+            notable(&old, &d("/b.toml", "enforce", "deny")),
+            ["another policy"]
+        );
+        assert_eq!(
+            notable(&old, &d("/a.toml", "audit", "deny")),
+            ["weaker mode"]
+        );
+        assert_eq!(
+            notable(&old, &d("/a.toml", "enforce", "allow")),
+            ["weaker default"]
+        );
+        let weak = d("/a.toml", "audit", "allow");
+        assert!(
+            notable(&weak, &d("/a.toml", "enforce", "deny")).is_empty(),
+            "stronger is fine"
+        );
+    }
+}
