@@ -264,6 +264,8 @@ fn agrees(ours: &Config, kernel: &Config) -> bool {
     ours.mode == kernel.mode
         && ours.default_verdict == kernel.default_verdict
         && ours.allow_loopback == kernel.allow_loopback
+        && ours.nat64_count == kernel.nat64_count
+        && ours.nat64 == kernel.nat64
 }
 
 /// A policy standing in for one whose rules are unknown: what the kernel's config says, and the
@@ -282,6 +284,14 @@ fn stand_in(record: Option<&State>, config: &Config) -> Policy {
             DefaultVerdict::Deny
         },
         allow_loopback: config.allow_loopback != 0,
+        nat64_prefixes: config.nat64[..(config.nat64_count as usize).min(config.nat64.len())]
+            .iter()
+            .map(|p| {
+                let mut a = [0u8; 16];
+                a[..12].copy_from_slice(p);
+                std::net::Ipv6Addr::from(a)
+            })
+            .collect(),
         rules: Vec::new(),
         alerts: Vec::new(),
         hash: record.map(|r| r.policy_hash.clone()).unwrap_or_default(),
