@@ -24,13 +24,21 @@ pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 1;
 /// Protocol bits of [`PortRule::proto_mask`].
 pub const PROTO_TCP: u8 = 1 << 0;
 pub const PROTO_UDP: u8 = 1 << 1;
-/// Any other IP protocol (ICMP ping sockets, SCTP, ...). Only blocks can name it, implicitly, by
+/// Any other IP protocol (SCTP, UDP-Lite, ... at TC). Only blocks can name it, implicitly, by
 /// omitting `protocols`.
 pub const PROTO_OTHER: u8 = 1 << 2;
+/// ICMP (ping sockets, echo requests at TC): `protocols = ["icmp"]`.
+pub const PROTO_ICMP: u8 = 1 << 3;
+/// ICMPv6: `protocols = ["icmpv6"]`.
+pub const PROTO_ICMPV6: u8 = 1 << 4;
+/// The bits of protocols without ports: their rules span every port.
+pub const PROTO_PORTLESS: u8 = PROTO_OTHER | PROTO_ICMP | PROTO_ICMPV6;
 
 /// IANA protocol numbers as the kernel reports them in `bpf_sock_addr.protocol`.
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// The bit of [`PortRule::proto_mask`] that an IP protocol number falls under.
 #[inline(always)]
@@ -38,6 +46,8 @@ pub const fn proto_bit(ipproto: u8) -> u8 {
     match ipproto {
         IPPROTO_TCP => PROTO_TCP,
         IPPROTO_UDP => PROTO_UDP,
+        IPPROTO_ICMP => PROTO_ICMP,
+        IPPROTO_ICMPV6 => PROTO_ICMPV6,
         _ => PROTO_OTHER,
     }
 }
@@ -131,8 +141,30 @@ pub struct Config {
     /// The policy's own NAT64 /96 prefixes (`nat64_prefixes`), first 12 bytes each; the
     /// well-known `64:ff9b::/96` is always recognised and not listed here.
     pub nat64: [[u8; 12]; MAX_NAT64_PREFIXES],
+    /// `[sockets]`: what the sock_create hook does with each class of socket the
+    /// connect/sendmsg hooks cannot judge, indexed by `SOCKETS_*`; each `SOCK_*`. All zero (a
+    /// config never written) refuses them all: fail-closed.
+    pub sockets: [u8; 4],
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 88);
+const _: () = assert!(size_of::<Config>() == 96);
+
+/// Classes of sockets in `Config::sockets`: raw IP sockets, ping sockets, any other IP
+/// protocol (SCTP, UDP-Lite, MPTCP, DCCP, ...). TCP and UDP are always allowed to be created
+/// and judged at connect/sendmsg.
+pub const SOCKETS_RAW: usize = 0;
+pub const SOCKETS_ICMP: usize = 1;
+pub const SOCKETS_OTHER: usize = 2;
+/// What to do with a class of socket.
+pub const SOCK_DENY: u8 = 0;
+pub const SOCK_ALLOW: u8 = 1;
+pub const SOCK_AUDIT: u8 = 2;
+/// Ping sockets only: allowed, and every destination judged by the policy (connect hook, and
+/// echo requests at TC) with protocol `icmp`/`icmpv6`.
+pub const SOCK_POLICY: u8 = 3;
+/// `rule_id` of a socket refused (or audited) at creation: `RULE_SOCKETS + SOCKETS_*`. Events
+/// name them `sockets.raw`, `sockets.icmp`, `sockets.other`.
+pub const RULE_SOCKETS: u32 = u32::MAX - 8;
 
 /// How many `nat64_prefixes` a policy may name.
 pub const MAX_NAT64_PREFIXES: usize = 4;
@@ -149,6 +181,8 @@ pub const HOOK_SENDMSG6: u8 = 4;
 pub const HOOK_TC: u8 = 5;
 /// A setsockopt refused (source routes).
 pub const HOOK_SETSOCKOPT: u8 = 6;
+/// A socket refused at creation (`[sockets]`).
+pub const HOOK_SOCK_CREATE: u8 = 7;
 
 /// `Event::action`.
 pub const EVENT_DENY: u8 = 1;
@@ -273,7 +307,8 @@ pub struct Event {
     /// `EVENT_*`.
     pub action: u8,
     pub v4_mapped: u8,
-    pub _pad: u8,
+    /// The socket type (`SOCK_RAW` 3, `SOCK_DGRAM` 2, ...) for `HOOK_SOCK_CREATE`, else 0.
+    pub sock_type: u8,
     pub generation: u32,
     /// Destination address as given by the process: 4 bytes (v4) or 16 bytes (v6).
     pub addr: [u8; 16],

@@ -41,8 +41,34 @@ pub fn protocol_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "tcp".into(),
         IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_ICMPV6 => "icmpv6".into(),
         other => other.to_string(),
     }
+}
+
+/// The names events give to verdicts no policy rule made, whatever the policy: `default`,
+/// `loopback`, `source-route`, `sockets.raw`, `sockets.icmp`, `sockets.other`. Policies may not
+/// name a rule any of these.
+pub const BUILTIN_RULE_NAMES: [&str; 6] = [
+    "default",
+    "loopback",
+    "source-route",
+    "sockets.raw",
+    "sockets.icmp",
+    "sockets.other",
+];
+
+/// The name of a rule id no policy rule has (see [`BUILTIN_RULE_NAMES`]).
+pub fn builtin_rule_name(rule_id: u32) -> Option<&'static str> {
+    let i = match rule_id {
+        RULE_DEFAULT => 0,
+        RULE_LOOPBACK => 1,
+        RULE_SOURCE_ROUTE => 2,
+        id if (RULE_SOCKETS..RULE_SOCKETS + 3).contains(&id) => 3 + (id - RULE_SOCKETS) as usize,
+        _ => return None,
+    };
+    Some(BUILTIN_RULE_NAMES[i])
 }
 
 /// The name of a `HOOK_*` value, as events report it.
@@ -54,6 +80,7 @@ pub fn hook_name(hook: u8) -> &'static str {
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_TC => "tc",
         HOOK_SETSOCKOPT => "setsockopt",
+        HOOK_SOCK_CREATE => "sock_create",
         _ => "unknown",
     }
 }
@@ -117,7 +144,8 @@ mod tests {
         assert_eq!(comm_str(b"curl\0\0\0"), "curl");
         assert_eq!(comm_str(b"0123456789abcdef"), "0123456789abcdef");
         assert_eq!(protocol_name(IPPROTO_UDP), "udp");
-        assert_eq!(protocol_name(1), "1");
+        assert_eq!(protocol_name(IPPROTO_ICMP), "icmp");
+        assert_eq!(protocol_name(132), "132");
         assert_eq!(hook_name(HOOK_TC), "tc");
         let mapped = BlockKey::process(7, Some("::ffff:198.18.0.2".parse().unwrap()));
         assert_eq!(
@@ -127,5 +155,11 @@ mod tests {
         assert_eq!(mapped.family, 4);
         assert_eq!(BlockKey::process(7, None).family, 0);
         assert!(Event::from_bytes(&[0u8; 10]).is_none());
+        assert_eq!(
+            builtin_rule_name(RULE_SOCKETS + SOCKETS_ICMP as u32),
+            Some("sockets.icmp")
+        );
+        assert_eq!(builtin_rule_name(RULE_SOURCE_ROUTE), Some("source-route"));
+        assert_eq!(builtin_rule_name(3), None);
     }
 }

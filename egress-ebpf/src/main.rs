@@ -8,12 +8,13 @@
 mod maps;
 mod policy;
 mod sock_addr;
+mod sock_create;
 mod sockopt;
 mod tc_egress;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, classifier},
-    programs::{SockAddrContext, SockoptContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier},
+    programs::{SockAddrContext, SockContext, SockoptContext, TcContext},
 };
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
@@ -39,6 +40,12 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr::decide_v6(&ctx, HOOK_SENDMSG6)
+}
+
+/// socket(): refuses the sockets `[sockets]` does not allow.
+#[cgroup_sock(sock_create)]
+pub fn sock_create(ctx: SockContext) -> i32 {
+    sock_create::sock_create(&ctx)
 }
 
 /// setsockopt(): refuses source routes and routing headers.

@@ -182,7 +182,7 @@ fn finish(
                 protocol: proto,
                 action: if audit { EVENT_AUDIT } else { EVENT_DENY },
                 v4_mapped,
-                _pad: 0,
+                sock_type: 0,
                 generation: cfg.generation,
                 addr,
                 comm: bpf_get_current_comm().unwrap_or([0u8; 16]),

@@ -116,7 +116,7 @@ fn report(audit: bool, generation: u32, level: i32) {
                 protocol: 0,
                 action: if audit { EVENT_AUDIT } else { EVENT_DENY },
                 v4_mapped: 0,
-                _pad: 0,
+                sock_type: 0,
                 generation,
                 addr: [0u8; 16],
                 comm: bpf_get_current_comm().unwrap_or([0u8; 16]),

@@ -19,10 +19,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use egress_common::{
-    EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP,
-    MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOURCE_ROUTE, STAT_BUDGET_DROPPED,
-    STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED,
-    STAT_TC_DROPPED, TGID_UNATTRIBUTED,
+    EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOURCE_ROUTE,
+    SOCK_POLICY, SOCKETS_ICMP, STAT_BUDGET_DROPPED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES,
+    STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED, TGID_UNATTRIBUTED,
 };
 
 use crate::{
@@ -36,6 +36,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_HLEN: u32 = 14;
 const BPF_NOEXIST: u64 = 1;
+const ICMP_ECHO: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 /// What the parser found in a packet.
 struct Parsed {
@@ -48,6 +50,8 @@ struct Parsed {
     /// The packet carries a source route (IPv4 LSRR/SSRR option) or an IPv6 routing header:
     /// where it goes is not the destination a hook judged.
     routed: bool,
+    /// An ICMP or ICMPv6 echo request: what a ping socket sends.
+    echo_request: bool,
 }
 
 pub fn classify(ctx: &TcContext) -> i32 {
@@ -64,19 +68,8 @@ pub fn classify(ctx: &TcContext) -> i32 {
     };
     // Source routes and routing headers are refused at setsockopt; their cmsg forms (and sockets
     // from outside the cgroup) end here.
-    if p.routed {
-        let audit = cfg.mode == MODE_AUDIT;
-        count(if audit {
-            STAT_TC_AUDITED
-        } else {
-            STAT_TC_DROPPED
-        });
-        report(&p, RULE_SOURCE_ROUTE, audit, cfg.generation, unsafe {
-            bpf_skb_cgroup_id(skb)
-        });
-        if !audit {
-            return TC_ACT_SHOT;
-        }
+    if p.routed && refuse(&cfg, &p, RULE_SOURCE_ROUTE, skb) {
+        return TC_ACT_SHOT;
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -94,32 +87,18 @@ pub fn classify(ctx: &TcContext) -> i32 {
         count(STAT_BUDGET_DROPPED);
         return TC_ACT_SHOT;
     }
-    if owner.is_none() {
-        let d = if p.family == 4 {
-            policy::decide_v4(
-                &cfg,
-                [p.addr[0], p.addr[1], p.addr[2], p.addr[3]],
-                p.port,
-                p.protocol,
-            )
-        } else {
-            policy::decide_v6(&cfg, p.addr, p.port, p.protocol)
-        };
-        // Only an explicit block: the default verdict also covers replies of accepted
-        // connections and forwarded traffic, which the connect hooks never judged.
-        if !d.allow && d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK {
-            let audit = cfg.mode == MODE_AUDIT;
-            count(if audit {
-                STAT_TC_AUDITED
-            } else {
-                STAT_TC_DROPPED
-            });
-            report(&p, d.rule_id, audit, cfg.generation, unsafe {
-                bpf_skb_cgroup_id(skb)
-            });
-            if !audit {
-                return TC_ACT_SHOT;
-            }
+    // Ping sockets under `icmp = "policy"`: every echo request is judged like a connect, default
+    // included (a ping socket's sendto passes no cgroup hook, and may name any address even after
+    // a judged connect). Echo replies and errors are the kernel's answers: not judged. Other
+    // packets with no recorded owner are dropped only for an explicit block: the default verdict
+    // also covers replies of accepted connections and forwarded traffic, which the connect hooks
+    // never judged. One decision for both (the verifier's budget).
+    let judge_echo = p.echo_request && cfg.sockets[SOCKETS_ICMP] == SOCK_POLICY;
+    if judge_echo || owner.is_none() {
+        let d = decide(&cfg, &p);
+        let explicit = d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK;
+        if !d.allow && (judge_echo || explicit) && refuse(&cfg, &p, d.rule_id, skb) {
+            return TC_ACT_SHOT;
         }
     }
 
@@ -207,8 +186,14 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         }
         _ => return None,
     };
+    let mut echo_request = false;
     let (port, l4_hdr) = if !has_l4 {
         (0u16, 0usize)
+    } else if protocol == IPPROTO_ICMP || protocol == IPPROTO_ICMPV6 {
+        let icmp_type: u8 = ctx.load(l3_end).ok()?;
+        echo_request = (protocol == IPPROTO_ICMP && icmp_type == ICMP_ECHO)
+            || (protocol == IPPROTO_ICMPV6 && icmp_type == ICMPV6_ECHO_REQUEST);
+        (0, 8)
     } else if protocol == IPPROTO_TCP {
         let port = u16::from_be(ctx.load(l3_end + 2).ok()?);
         let doff: u8 = ctx.load(l3_end + 12).ok()?;
@@ -226,36 +211,74 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         addr,
         payload,
         routed,
+        echo_request,
     })
 }
 
-/// Whether the IPv4 options at `off` (`len` bytes) hold a source route (LSRR or SSRR). A
-/// malformed option list counts as one: the packet is not what any hook judged.
+/// Counts and reports a packet the policy refuses (`rule_id` decided); true when it is to be
+/// dropped (enforce mode), false in audit mode.
+#[inline(always)]
+fn refuse(
+    cfg: &egress_common::Config,
+    p: &Parsed,
+    rule_id: u32,
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+) -> bool {
+    let audit = cfg.mode == MODE_AUDIT;
+    count(if audit {
+        STAT_TC_AUDITED
+    } else {
+        STAT_TC_DROPPED
+    });
+    report(p, rule_id, audit, cfg.generation, unsafe {
+        bpf_skb_cgroup_id(skb)
+    });
+    !audit
+}
+
+/// The policy's verdict for a parsed packet.
+#[inline(always)]
+fn decide(cfg: &egress_common::Config, p: &Parsed) -> policy::Decision {
+    if p.family == 4 {
+        policy::decide_v4(
+            cfg,
+            [p.addr[0], p.addr[1], p.addr[2], p.addr[3]],
+            p.port,
+            p.protocol,
+        )
+    } else {
+        policy::decide_v6(cfg, p.addr, p.port, p.protocol)
+    }
+}
+
+/// Whether the IPv4 options at `off` (`len` bytes, at most 40) hold a source route: any byte of
+/// them that is an LSRR or SSRR option type. Scanning bytes rather than walking the options keeps
+/// the verifier's work small; a byte of another option's data that happens to read 0x83 or 0x89
+/// makes a false positive, which only ever drops (options are all but unused on TCP/UDP/ICMP).
 #[inline(always)]
 fn ipv4_source_routed(ctx: &TcContext, off: usize, len: usize) -> bool {
     const MAX_OPTIONS: usize = 40;
-    let mut at = 0usize;
+    let mut buf = [0u8; MAX_OPTIONS];
+    if len == 0 || len > MAX_OPTIONS {
+        return len != 0;
+    }
+    // The raw helper: aya's `load_bytes` clamps the length to the packet, which loses the
+    // non-zero lower bound the verifier needs.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.as_ptr(),
+            off as u32,
+            buf.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if rc != 0 {
+        return true;
+    }
     let mut i = 0;
     while i < MAX_OPTIONS {
-        if at >= len || at >= MAX_OPTIONS {
-            return false;
-        }
-        let Ok(kind) = ctx.load::<u8>(off + at) else {
+        if i < len && (buf[i] == IPOPT_LSRR || buf[i] == IPOPT_SSRR) {
             return true;
-        };
-        match kind {
-            0 => return false,
-            1 => at += 1,
-            IPOPT_LSRR | IPOPT_SSRR => return true,
-            _ => {
-                let Ok(optlen) = ctx.load::<u8>(off + at + 1) else {
-                    return true;
-                };
-                if optlen < 2 {
-                    return true;
-                }
-                at += optlen as usize;
-            }
         }
         i += 1;
     }
@@ -354,7 +377,7 @@ fn report(p: &Parsed, rule_id: u32, audit: bool, generation: u32, cgroup_id: u64
                 protocol: p.protocol,
                 action: if audit { EVENT_AUDIT } else { EVENT_DENY },
                 v4_mapped: 0,
-                _pad: 0,
+                sock_type: 0,
                 generation,
                 addr: p.addr,
                 comm: [0u8; 16],

@@ -528,3 +528,130 @@ fn connected_udp_with_a_cmsg_is_denied_once_its_peer_is() {
     probe.wait_within("the probe", std::time::Duration::from_secs(10));
     assert_eq!(egress_tests::probe::verdicts(&probe.stdout()), [Denied]);
 }
+
+/// `[sockets]`: in an enforced cgroup, raw sockets and other IP protocols are refused at
+/// creation (EPERM, a `sock_create` event naming the class); ping sockets are created and, with
+/// `icmp = "policy"`, every echo request they send is judged at TC like a connect, default
+/// included (their sendto passes no cgroup hook). The probe runs in a namespace of its own, with
+/// TC on its loopback.
+#[test]
+fn sockets_beyond_tcp_and_udp_follow_the_policy() {
+    const POLICY: &str = r#"
+mode = "enforce"
+allow_loopback = false
+[sockets]
+raw = "deny"
+icmp = "policy"
+other = "deny"
+[[service]]
+name = "ping-ok"
+destinations = ["127.0.0.2", "::1"]
+protocols = ["icmp", "icmpv6"]
+"#;
+    let ns = egress_tests::LoopNs::new();
+    let sysctl = ns
+        .cmd("sysctl")
+        .args(["-qw", "net.ipv4.ping_group_range=0 0"])
+        .status()
+        .unwrap();
+    assert!(
+        sysctl.success(),
+        "ping sockets for root in the test namespace"
+    );
+    let cg = TestCgroup::new();
+    let (mut dp, compiled) = load(POLICY);
+    let mut ring = dp.take_events().unwrap();
+    dp.attach(cg.path()).expect("attach");
+    let dp = egress_tests::in_netns(&ns, move || {
+        dp.attach_tc(&["lo".to_string()])
+            .expect("TC on the test namespace's loopback");
+        dp
+    });
+    let got = Probe::new()
+        .netns(&ns)
+        .cgroup(cg.path())
+        .args([
+            "socket",
+            "raw4",
+            "socket",
+            "raw6",
+            "socket",
+            "udplite",
+            "socket",
+            "mptcp",
+            "socket",
+            "ping4",
+            "socket",
+            "ping6",
+            "ping",
+            "127.0.0.2:0",
+            "ping",
+            "[::1]:0",
+        ])
+        .verdicts();
+    assert_eq!(
+        got,
+        [
+            Denied, Denied, Denied, Denied, Succeeded, Succeeded, Succeeded, Succeeded
+        ]
+    );
+    assert_eq!(dp.stats().unwrap().tc_dropped, 0, "approved pings pass TC");
+    // A ping to a destination no rule approves: the socket call may succeed, TC drops it.
+    let got = Probe::new()
+        .netns(&ns)
+        .cgroup(cg.path())
+        .args(["ping", "127.0.0.3:0"])
+        .verdicts();
+    assert!(
+        matches!(&got[..], [Succeeded] | [egress_tests::Verdict::Other(_)]),
+        "{got:?}"
+    );
+    assert_eq!(dp.stats().unwrap().tc_dropped, 1);
+    let mut events = Vec::new();
+    while let Some(ev) = ring.try_next() {
+        events.push(JsonEvent::from_raw(&ev, &compiled, ""));
+    }
+    let created: Vec<(&str, &str, Option<&str>)> = events
+        .iter()
+        .filter(|e| e.hook == "sock_create")
+        .map(|e| (e.rule.as_str(), e.event.as_str(), e.socket_type.as_deref()))
+        .collect();
+    assert_eq!(
+        created,
+        [
+            ("sockets.raw", "deny", Some("raw")),
+            ("sockets.raw", "deny", Some("raw")),
+            ("sockets.other", "deny", Some("dgram")),
+            ("sockets.other", "deny", Some("stream")),
+        ]
+    );
+    let tc: Vec<(&str, &str, &str)> = events
+        .iter()
+        .filter(|e| e.hook == "tc")
+        .map(|e| (e.rule.as_str(), e.protocol.as_str(), e.dst.as_str()))
+        .collect();
+    assert_eq!(tc, [("default", "icmp", "127.0.0.3")]);
+    drop(dp);
+}
+
+/// In audit mode the same sockets are created, and reported.
+#[test]
+fn sockets_in_audit_mode_are_created_and_reported() {
+    let cg = TestCgroup::new();
+    let (mut dp, compiled) = load("mode = \"audit\"\n[sockets]\nraw = \"deny\"\n");
+    let mut ring = dp.take_events().unwrap();
+    dp.attach(cg.path()).expect("attach");
+    let ns = egress_tests::LoopNs::new();
+    let got = Probe::new()
+        .netns(&ns)
+        .cgroup(cg.path())
+        .args(["socket", "raw4"])
+        .verdicts();
+    assert_eq!(got, [Succeeded]);
+    let ev = ring.try_next().expect("an audit event");
+    let ev = JsonEvent::from_raw(&ev, &compiled, "");
+    assert_eq!(
+        (ev.event.as_str(), ev.hook.as_str(), ev.rule.as_str()),
+        ("audit", "sock_create", "sockets.raw")
+    );
+}

@@ -16,6 +16,8 @@ use egress_tests::{
 
 const POLICY: &str = r#"
 allow_loopback = false
+[sockets]
+raw = "allow"          # the raw-socket test exercises TC's second line
 [[service]]
 name = "bench-net"
 destinations = ["198.18.0.0/24", "fd00:e9e5::/64"]

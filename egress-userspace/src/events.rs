@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use egress_common::{
-    EVENT_AUDIT, Event, RULE_DEFAULT, RULE_LOOPBACK,
-    user::{comm_str, hook_name, protocol_name},
+    EVENT_AUDIT, Event, HOOK_SOCK_CREATE,
+    user::{builtin_rule_name, comm_str, hook_name, protocol_name},
 };
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -39,6 +39,10 @@ pub struct JsonEvent {
     pub port: u16,
     /// True when `dst` is `::ffff:a.b.c.d` and was judged as IPv4.
     pub v4_mapped: bool,
+    /// For `"hook": "sock_create"`: the type of the socket refused (`raw`, `dgram`, `stream`,
+    /// `seqpacket`, or its number); `dst` is then empty.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub socket_type: Option<String>,
     /// The deciding block or service, or `"default"`.
     pub rule: String,
     /// Policy generation in force.
@@ -72,13 +76,29 @@ impl JsonEvent {
             hook: hook_name(ev.hook).into(),
             family: if ev.family == 4 { "ipv4" } else { "ipv6" }.into(),
             protocol: protocol_name(ev.protocol),
-            dst: ev.dst().to_string(),
+            // A socket refused at creation has no destination yet.
+            dst: if ev.hook == HOOK_SOCK_CREATE {
+                String::new()
+            } else {
+                ev.dst().to_string()
+            },
             port: ev.port,
+            socket_type: (ev.hook == HOOK_SOCK_CREATE).then(|| socket_type_name(ev.sock_type)),
             v4_mapped: ev.v4_mapped != 0,
             rule,
             policy_hash: policy_hash.to_string(),
             generation: ev.generation,
         }
+    }
+}
+
+fn socket_type_name(t: u8) -> String {
+    match t {
+        1 => "stream".into(),
+        2 => "dgram".into(),
+        3 => "raw".into(),
+        5 => "seqpacket".into(),
+        n => n.to_string(),
     }
 }
 
@@ -129,10 +149,9 @@ impl RuleNames {
     pub fn name(&self, rule_id: u32) -> String {
         match self {
             RuleNames::Policy(p) => p.rule_name(rule_id).to_string(),
-            RuleNames::Ids => match rule_id {
-                RULE_DEFAULT => "default".into(),
-                RULE_LOOPBACK => "loopback".into(),
-                id => format!("rule#{id}"),
+            RuleNames::Ids => match builtin_rule_name(rule_id) {
+                Some(name) => name.into(),
+                None => format!("rule#{rule_id}"),
             },
         }
     }
@@ -278,12 +297,15 @@ mod tests {
 
     #[test]
     fn rules_of_an_unknown_policy_are_named_by_id_and_never_by_another_policy() {
-        assert_eq!(RuleNames::Ids.name(RULE_DEFAULT), "default");
-        assert_eq!(RuleNames::Ids.name(RULE_LOOPBACK), "loopback");
+        assert_eq!(RuleNames::Ids.name(egress_common::RULE_DEFAULT), "default");
+        assert_eq!(
+            RuleNames::Ids.name(egress_common::RULE_LOOPBACK),
+            "loopback"
+        );
         assert_eq!(RuleNames::Ids.name(3), "rule#3");
         let known = RuleNames::Policy(Arc::new(
             CompiledPolicy::compile(&Policy::embedded_default()).unwrap(),
         ));
-        assert_eq!(known.name(1), "dns");
+        assert_eq!(known.name(1), "ping");
     }
 }

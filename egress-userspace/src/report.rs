@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     accounting::ProcTotals,
-    datapath::{Counters, HOOKS, LinkStatus, PinnedStatus, SOCKOPT_HOOK, TC_PROGRAM},
+    datapath::{
+        Counters, HOOKS, LinkStatus, PinnedStatus, SOCK_CREATE_HOOK, SOCKOPT_HOOK, TC_PROGRAM,
+    },
 };
 
 /// What `egress stats` shows, and what `egress exec --report` writes.
@@ -100,7 +102,7 @@ impl Attachment {
             cgroup,
             hooks: HOOKS
                 .iter()
-                .chain([&SOCKOPT_HOOK])
+                .chain([&SOCK_CREATE_HOOK, &SOCKOPT_HOOK])
                 .map(|h| h.to_string())
                 .collect(),
             tc: TcAttachment {
@@ -214,7 +216,7 @@ mod tests {
         assert_eq!(v["policy"]["hash"], "00ff");
         assert_eq!(v["policy"]["mode"], "audit");
         assert_eq!(v["policy"]["default"], "deny");
-        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 5);
+        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 6);
         assert_eq!(v["attached"]["tc"]["ifaces"][0], "eth0");
         assert_eq!(v["attached"]["pinned"], "/sys/fs/bpf/egress");
         assert_eq!(v["links"][0]["prog_id"], 9);

@@ -29,6 +29,9 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   IP_RETOPTS cmsg
   udp-rthdr [ADDR]:PORT           setsockopt(IPV6_RTHDR) with a segment routing header (type 4)
                                   via ADDR, then one datagram
+  socket KIND                     create one socket: raw4, raw6 (SOCK_RAW), ping4, ping6 (ping
+                                  sockets), udplite, mptcp, sctp
+  ping ADDR:PORT                  one ICMP echo request through an unconnected ping socket
   tcp-send ADDR:PORT BYTES        connect, write BYTES, shut down, wait for the peer to close
   udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
   raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
@@ -80,6 +83,8 @@ enum Call {
     UdpLsrr(SocketAddr),
     UdpLsrrCmsg(SocketAddr),
     UdpRthdr(SocketAddr),
+    Socket(String),
+    Ping(SocketAddr),
     TcpSend(SocketAddr, u64),
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
@@ -102,6 +107,8 @@ impl Call {
             Call::UdpLsrr(_) => "udp-lsrr",
             Call::UdpLsrrCmsg(_) => "udp-lsrr-cmsg",
             Call::UdpRthdr(_) => "udp-rthdr",
+            Call::Socket(_) => "socket",
+            Call::Ping(_) => "ping",
             Call::TcpSend(..) => "tcp-send",
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
@@ -121,11 +128,14 @@ impl Call {
             | Call::UdpLsrr(a)
             | Call::UdpLsrrCmsg(a)
             | Call::UdpRthdr(a)
+            | Call::Ping(a)
             | Call::TcpSend(a, _)
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a) => *a,
             Call::Storm { allowed, .. } => *allowed,
-            Call::Sleep(_) | Call::WaitFile(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            Call::Sleep(_) | Call::WaitFile(_) | Call::Socket(_) => {
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
         }
     }
 }
@@ -166,6 +176,8 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
             "udp-lsrr" => Call::UdpLsrr(addr(&mut words, op)?),
             "udp-lsrr-cmsg" => Call::UdpLsrrCmsg(addr(&mut words, op)?),
             "udp-rthdr" => Call::UdpRthdr(addr(&mut words, op)?),
+            "socket" => Call::Socket(next(&mut words, op, "KIND")?.clone()),
+            "ping" => Call::Ping(addr(&mut words, op)?),
             "udp-connect-cmsg" => {
                 let a = addr(&mut words, op)?;
                 let then = match words.peek() {
@@ -354,6 +366,76 @@ fn srh(via: &SocketAddr) -> Vec<u8> {
     h
 }
 
+/// socket(2) of one of the kinds `socket KIND` names.
+fn socket_of(kind: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let (family, ty, proto) = match kind {
+        "raw4" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP),
+        "raw6" => (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_UDP),
+        "ping4" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+        "ping6" => (libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6),
+        "udplite" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
+        "mptcp" => (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
+        "sctp" => (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown socket kind {other}"),
+            ));
+        }
+    };
+    // SAFETY: plain syscall; the fd, if any, is owned by the returned OwnedFd.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// One ICMP echo request to `addr` through an unconnected ping socket (`sendto`, which no
+/// cgroup hook sees).
+fn ping(addr: &SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = socket_of(if addr.is_ipv4() { "ping4" } else { "ping6" })?;
+    // Echo request: type 8 (ICMP) or 128 (ICMPv6), code 0; the kernel fills checksum and id.
+    let echo: [u8; 16] = [
+        if addr.is_ipv4() { 8 } else { 128 },
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        b'e',
+        b'g',
+        b'r',
+        b'e',
+        b's',
+        b's',
+        0,
+        0,
+    ];
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: valid buffers for the call's duration.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            echo.as_ptr().cast(),
+            echo.len(),
+            0,
+            std::ptr::from_ref(&storage).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 fn wait_file(path: &Path) -> io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
@@ -414,6 +496,8 @@ impl Probe {
                 let s = UdpSocket::bind(unspecified_for(addr))?;
                 s.send_to(b"egress-probe", addr).map(drop)
             }
+            Call::Socket(kind) => socket_of(kind).map(drop),
+            Call::Ping(addr) => ping(addr),
             Call::UdpLsrr(addr) => {
                 let s = UdpSocket::bind(unspecified_for(addr))?;
                 setsockopt(&s, libc::IPPROTO_IP, libc::IP_OPTIONS, &lsrr_option(addr))?;

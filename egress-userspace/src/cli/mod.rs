@@ -214,6 +214,8 @@ struct AlertArgs {
 enum ProtocolArg {
     Tcp,
     Udp,
+    Icmp,
+    Icmpv6,
 }
 
 impl From<ProtocolArg> for Protocol {
@@ -221,6 +223,8 @@ impl From<ProtocolArg> for Protocol {
         match p {
             ProtocolArg::Tcp => Protocol::Tcp,
             ProtocolArg::Udp => Protocol::Udp,
+            ProtocolArg::Icmp => Protocol::Icmp,
+            ProtocolArg::Icmpv6 => Protocol::Icmpv6,
         }
     }
 }

@@ -12,13 +12,19 @@
 
 use std::path::{Path, PathBuf};
 
-use egress_common::{Config, DEFAULT_ALLOW, MODE_AUDIT};
+use egress_common::{
+    Config, DEFAULT_ALLOW, MODE_AUDIT, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP,
+    SOCKETS_OTHER, SOCKETS_RAW,
+};
 use tracing::warn;
 
 use super::reload::PolicyInForce;
 use crate::{
     datapath::{State, pins::Pins},
-    policy::{DEFAULT_POLICY_NAME, DefaultVerdict, Mode, Policy, compile::CompiledPolicy},
+    policy::{
+        DEFAULT_POLICY_NAME, DefaultVerdict, Mode, Policy, SocketRule, Sockets,
+        compile::CompiledPolicy,
+    },
 };
 
 /// What a starting controller enforces, decided in two steps around loading the datapath: only
@@ -266,6 +272,17 @@ fn agrees(ours: &Config, kernel: &Config) -> bool {
         && ours.allow_loopback == kernel.allow_loopback
         && ours.nat64_count == kernel.nat64_count
         && ours.nat64 == kernel.nat64
+        && ours.sockets == kernel.sockets
+}
+
+/// The `[sockets]` rule a kernel config holds.
+fn socket_rule(v: u8) -> SocketRule {
+    match v {
+        SOCK_ALLOW => SocketRule::Allow,
+        SOCK_AUDIT => SocketRule::Audit,
+        SOCK_POLICY => SocketRule::Policy,
+        _ => SocketRule::Deny,
+    }
 }
 
 /// A policy standing in for one whose rules are unknown: what the kernel's config says, and the
@@ -292,6 +309,11 @@ fn stand_in(record: Option<&State>, config: &Config) -> Policy {
                 std::net::Ipv6Addr::from(a)
             })
             .collect(),
+        sockets: Sockets {
+            raw: socket_rule(config.sockets[SOCKETS_RAW]),
+            icmp: socket_rule(config.sockets[SOCKETS_ICMP]),
+            other: socket_rule(config.sockets[SOCKETS_OTHER]),
+        },
         rules: Vec::new(),
         alerts: Vec::new(),
         hash: record.map(|r| r.policy_hash.clone()).unwrap_or_default(),

@@ -12,7 +12,9 @@ use std::{collections::HashSet, fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SchedClassifier, TcAttachType},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, TcAttachType,
+    },
     util::KernelVersion,
 };
 use egress_common::{BlockKey, BlockValue, Config, FlowKey, FlowValue, map_names};
@@ -35,6 +37,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 /// The cgroup setsockopt hook (refuses source routes).
 pub const SOCKOPT_HOOK: &str = "setsockopt";
+/// The cgroup sock_create hook (`[sockets]`).
+pub const SOCK_CREATE_HOOK: &str = "sock_create";
 /// The TC egress classifier.
 pub const TC_PROGRAM: &str = "tc_egress";
 
@@ -150,6 +154,25 @@ fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Datap
     move |source| DatapathError::Program { name, source }
 }
 
+/// Attaches cgroup program `$name` (of aya type `$ty`) to the open cgroup directory `$dir`:
+/// takes over the link a previous controller pinned, or attaches and (with pins) pins the link.
+/// A macro because aya's cgroup program types share these methods but no trait.
+macro_rules! attach_cgroup_program {
+    ($self:ident, $ty:ty, $name:expr, $dir:expr) => {{
+        let name: &'static str = $name;
+        let pinned = $self.pins.as_ref().map(|p| p.link(name));
+        let prog: &mut $ty = program(&mut $self.ebpf, name)?;
+        if !take_over(pinned.as_deref(), prog.fd().map_err(prog_err(name))?)? {
+            let id = prog
+                .attach($dir, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            if let Some(path) = pinned {
+                pin_link(prog.take_link(id).map_err(prog_err(name))?, &path)?;
+            }
+        }
+    }};
+}
+
 impl Datapath {
     /// Loads the programs and writes `policy` into the maps. Nothing is attached yet, so a failure
     /// here changes nothing in the kernel's enforcement. Nothing is pinned: dropping the
@@ -223,6 +246,8 @@ impl Datapath {
         }
         let sockopt: &mut CgroupSockopt = program(&mut ebpf, SOCKOPT_HOOK)?;
         sockopt.load().map_err(prog_err(SOCKOPT_HOOK))?;
+        let sock_create: &mut CgroupSock = program(&mut ebpf, SOCK_CREATE_HOOK)?;
+        sock_create.load().map_err(prog_err(SOCK_CREATE_HOOK))?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load().map_err(prog_err(TC_PROGRAM))?;
         // Blocks set by an earlier controller keep counting towards `budget_blocks`.
@@ -304,29 +329,22 @@ impl Datapath {
         self.write_configs()
     }
 
-    /// Attaches every hook (sock_addr and setsockopt) to the cgroup2 directory `cgroup` through
-    /// BPF links. A cgroup link
-    /// always coexists with other programs there and in ancestor cgroups (every attached program
-    /// must allow a call), and the kernel rejects attach flags on links, hence `Single` (flags 0).
-    /// A link a previous controller pinned gets our program in place instead.
+    /// Attaches every cgroup hook (sock_addr, sock_create, setsockopt) to the cgroup2 directory
+    /// `cgroup` through BPF links. A cgroup link always coexists with other programs there and in
+    /// ancestor cgroups (every attached program must allow a call), and the kernel rejects attach
+    /// flags on links, hence `Single` (flags 0). A link a previous controller pinned gets our
+    /// program in place instead.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.display().to_string(),
             source,
         })?;
         for name in HOOKS {
-            let pinned = self.pins.as_ref().map(|p| p.link(name));
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            if take_over(pinned.as_deref(), prog.fd().map_err(prog_err(name))?)? {
-                continue;
-            }
-            let id = prog
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(prog_err(name))?;
-            if let Some(path) = pinned {
-                pin_link(prog.take_link(id).map_err(prog_err(name))?, &path)?;
-            }
+            attach_cgroup_program!(self, CgroupSockAddr, name, &dir);
         }
+        attach_cgroup_program!(self, CgroupSock, SOCK_CREATE_HOOK, &dir);
+        // aya cannot turn a setsockopt link into a pinnable `FdLink`: pinned, it is created
+        // through bpf(2) directly.
         let pinned = self.pins.as_ref().map(|p| p.link(SOCKOPT_HOOK));
         let prog: &mut CgroupSockopt = program(&mut self.ebpf, SOCKOPT_HOOK)?;
         let fd = prog.fd().map_err(prog_err(SOCKOPT_HOOK))?;

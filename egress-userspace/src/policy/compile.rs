@@ -15,15 +15,16 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
+use egress_common::user::builtin_rule_name;
 use egress_common::{
     ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, MAX_NAT64_PREFIXES,
-    MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_OTHER, PROTO_TCP, PROTO_UDP, PortRule,
-    RULE_DEFAULT, RULE_LOOPBACK, RULE_SOURCE_ROUTE, RuleSet, embedded_v4, is_loopback_v4,
-    is_loopback_v6, v4_mapped,
+    MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_ICMPV6, PROTO_PORTLESS, PROTO_TCP,
+    PROTO_UDP, PortRule, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, SOCK_ALLOW, SOCK_AUDIT, SOCK_DENY,
+    SOCK_POLICY, embedded_v4, is_loopback_v4, is_loopback_v6, v4_mapped,
 };
 use ipnetwork::IpNetwork;
 
-use super::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind};
+use super::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind, SocketRule};
 
 /// A policy that cannot be represented in the kernel maps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,22 +85,34 @@ pub struct Evaluation {
     pub carried_v4: Option<Ipv4Addr>,
 }
 
-/// Protocol bits a rule covers. A block that names neither protocols nor ports covers every
-/// protocol (ICMP ping sockets, SCTP, raw packets at TC); with ports it is about TCP and UDP, since
-/// other protocols have no ports (the kernel reports whatever port the sockaddr carried).
-fn proto_mask(kind: RuleKind, protocols: &[Protocol], ports: &[PortRange]) -> u8 {
+/// Protocol bits a rule covers: those with ports (TCP, UDP), and those without (ICMP, and for
+/// a block with neither protocols nor ports every other protocol: SCTP, raw packets at TC, ...).
+/// A block that names ports is about TCP and UDP.
+fn proto_masks(kind: RuleKind, protocols: &[Protocol], ports: &[PortRange]) -> (u8, u8) {
     if protocols.is_empty() {
         return match kind {
-            RuleKind::Block if ports.is_empty() => PROTO_TCP | PROTO_UDP | PROTO_OTHER,
-            _ => PROTO_TCP | PROTO_UDP,
+            RuleKind::Block if ports.is_empty() => (PROTO_TCP | PROTO_UDP, PROTO_PORTLESS),
+            _ => (PROTO_TCP | PROTO_UDP, 0),
         };
     }
-    protocols.iter().fold(0, |m, p| {
-        m | match p {
-            Protocol::Tcp => PROTO_TCP,
-            Protocol::Udp => PROTO_UDP,
-        }
-    })
+    protocols
+        .iter()
+        .fold((0, 0), |(ported, portless), p| match p {
+            Protocol::Tcp => (ported | PROTO_TCP, portless),
+            Protocol::Udp => (ported | PROTO_UDP, portless),
+            Protocol::Icmp => (ported, portless | PROTO_ICMP),
+            Protocol::Icmpv6 => (ported, portless | PROTO_ICMPV6),
+        })
+}
+
+/// The `Config::sockets` value of a `[sockets]` rule.
+fn sock_rule(r: SocketRule) -> u8 {
+    match r {
+        SocketRule::Deny => SOCK_DENY,
+        SocketRule::Allow => SOCK_ALLOW,
+        SocketRule::Audit => SOCK_AUDIT,
+        SocketRule::Policy => SOCK_POLICY,
+    }
 }
 
 /// Sorted, merged port ranges; `(0, 65535)` when a rule names no ports, so that port-less
@@ -193,21 +206,34 @@ impl SetBuilder<'_> {
                 if rule.kind != want {
                     continue;
                 }
-                let mask = proto_mask(rule.kind, &rule.protocols, &rule.ports);
-                for (lo, hi) in merged_ranges(&rule.ports) {
-                    entries.push(PortRule {
-                        port_lo: lo,
-                        port_hi: hi,
-                        proto_mask: mask,
-                        action: if rule.kind == RuleKind::Block {
-                            ACTION_BLOCK
-                        } else {
-                            ACTION_ALLOW
-                        },
-                        _pad: [0; 2],
-                        rule_id: id,
-                        _reserved: 0,
-                    });
+                let (ported, portless) = proto_masks(rule.kind, &rule.protocols, &rule.ports);
+                let action = if rule.kind == RuleKind::Block {
+                    ACTION_BLOCK
+                } else {
+                    ACTION_ALLOW
+                };
+                let rule_of = |port_lo, port_hi, proto_mask| PortRule {
+                    port_lo,
+                    port_hi,
+                    proto_mask,
+                    action,
+                    _pad: [0; 2],
+                    rule_id: id,
+                    _reserved: 0,
+                };
+                if rule.ports.is_empty() {
+                    // Every port: one rule carries every protocol.
+                    entries.push(rule_of(0, u16::MAX, ported | portless));
+                } else {
+                    if ported != 0 {
+                        for (lo, hi) in merged_ranges(&rule.ports) {
+                            entries.push(rule_of(lo, hi, ported));
+                        }
+                    }
+                    // Protocols without ports match whatever port the kernel reports.
+                    if portless != 0 {
+                        entries.push(rule_of(0, u16::MAX, portless));
+                    }
                 }
             }
         }
@@ -315,6 +341,12 @@ impl CompiledPolicy {
                 generation: 1,
                 nat64_count: policy.nat64_prefixes.len() as u32,
                 nat64: nat64_table(&policy.nat64_prefixes),
+                sockets: [
+                    sock_rule(policy.sockets.raw),
+                    sock_rule(policy.sockets.icmp),
+                    sock_rule(policy.sockets.other),
+                    SOCK_DENY,
+                ],
                 ..Config::default()
             },
             v4,
@@ -335,11 +367,8 @@ impl CompiledPolicy {
 
     /// Name of a rule id as events report it.
     pub fn rule_name(&self, rule_id: u32) -> &str {
-        if rule_id == RULE_LOOPBACK {
-            return "loopback";
-        }
-        if rule_id == RULE_SOURCE_ROUTE {
-            return "source-route";
+        if let Some(name) = builtin_rule_name(rule_id) {
+            return name;
         }
         self.rule_names
             .get(rule_id as usize)

@@ -63,6 +63,7 @@ pub fn describe(
             old.allow_loopback.to_string(),
             new.allow_loopback.to_string(),
         ),
+        ("sockets", old.sockets.to_string(), new.sockets.to_string()),
         (
             "nat64_prefixes",
             format!("{:?}", old.nat64_prefixes),

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use egress_common::{ACTION_BLOCK, IPPROTO_TCP, IPPROTO_UDP, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
+use egress_common::{ACTION_BLOCK, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
 use serde::Serialize;
 
 use super::{
@@ -41,10 +41,7 @@ pub fn explain(
     port: u16,
     protocol: Protocol,
 ) -> Explanation {
-    let ipproto = match protocol {
-        Protocol::Tcp => IPPROTO_TCP,
-        Protocol::Udp => IPPROTO_UDP,
-    };
+    let ipproto = protocol.ipproto();
     let ev = compiled.evaluate(dst, port, ipproto);
     let rule = compiled.rule_name(ev.rule_id).to_string();
     let (rule_kind, prefix, reason) = match &ev.reason {
@@ -155,6 +152,8 @@ pub fn rule_table(compiled: &CompiledPolicy, dst: IpAddr) -> Vec<String> {
         for (bit, name) in [
             (PROTO_TCP, "tcp"),
             (PROTO_UDP, "udp"),
+            (PROTO_ICMP, "icmp"),
+            (PROTO_ICMPV6, "icmpv6"),
             (PROTO_OTHER, "other"),
         ] {
             if r.proto_mask & bit != 0 {

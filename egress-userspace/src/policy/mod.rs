@@ -25,7 +25,7 @@ mod parse;
 mod types;
 
 pub use error::PolicyError;
-pub use types::{DefaultVerdict, Destination, Mode, PortRange, Protocol};
+pub use types::{DefaultVerdict, Destination, Mode, PortRange, Protocol, SocketRule, Sockets};
 
 /// The policy embedded in the binary, used when `--policy` is not given.
 pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.toml");
@@ -72,6 +72,8 @@ pub struct Policy {
     pub allow_loopback: bool,
     /// The site's NAT64 /96 prefixes (besides the well-known `64:ff9b::/96`).
     pub nat64_prefixes: Vec<std::net::Ipv6Addr>,
+    /// `[sockets]`: which sockets beyond TCP and UDP may be created.
+    pub sockets: Sockets,
     /// Services first, then blocks, each in file order.
     pub rules: Vec<Rule>,
     /// `[[alert]]` tables, in file order.

@@ -15,13 +15,14 @@ use toml::Spanned;
 
 use super::{
     DefaultVerdict, Destination, Mode, Policy, PolicyError, PortRange, Protocol, Rule, RuleKind,
+    SocketRule, Sockets,
     alert::{Alert, AlertAction, AlertPer, RawAlert},
     content_hash,
     error::{Entry, Source, Table},
 };
 
 /// Names that events use for verdicts no rule made; rules and alerts may not take them.
-const RESERVED_NAMES: [&str; 3] = ["default", "loopback", "source-route"];
+const RESERVED_NAMES: [&str; 6] = egress_common::user::BUILTIN_RULE_NAMES;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +36,8 @@ struct RawPolicy {
     #[serde(default)]
     nat64_prefixes: Option<Spanned<Vec<Spanned<Destination>>>>,
     #[serde(default)]
+    sockets: Option<RawSockets>,
+    #[serde(default)]
     service: Vec<Spanned<RawRule>>,
     #[serde(default)]
     block: Vec<Spanned<RawRule>>,
@@ -44,6 +47,14 @@ struct RawPolicy {
 
 fn yes() -> bool {
     true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSockets {
+    raw: Option<Spanned<SocketRule>>,
+    icmp: Option<Spanned<SocketRule>>,
+    other: Option<Spanned<SocketRule>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +126,10 @@ impl Policy {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
+        let sockets = match raw.sockets {
+            Some(s) => sockets(src, s)?,
+            None => Sockets::default(),
+        };
         let nat64_prefixes = match raw.nat64_prefixes {
             Some(list) => nat64_prefixes(src, list)?,
             None => Vec::new(),
@@ -125,11 +140,37 @@ impl Policy {
             default: raw.default,
             allow_loopback: raw.allow_loopback,
             nat64_prefixes,
+            sockets,
             rules,
             alerts,
             hash: content_hash(text),
         })
     }
+}
+
+/// `[sockets]`: `"policy"` only makes sense for ping sockets, whose destinations the policy can
+/// judge; raw sockets write whole packets and other protocols have no hook.
+fn sockets(src: Source<'_>, raw: RawSockets) -> Result<Sockets, PolicyError> {
+    let defaults = Sockets::default();
+    let pick = |key: &str,
+                value: Option<Spanned<SocketRule>>,
+                default: SocketRule|
+     -> Result<SocketRule, PolicyError> {
+        match value {
+            None => Ok(default),
+            Some(v) if *v.get_ref() == SocketRule::Policy && key != "icmp" => Err(src.error(
+                v.span().start,
+                format!("sockets.{key}"),
+                "\"policy\" applies to icmp only: expected \"deny\", \"allow\" or \"audit\"".into(),
+            )),
+            Some(v) => Ok(v.into_inner()),
+        }
+    };
+    Ok(Sockets {
+        raw: pick("raw", raw.raw, defaults.raw)?,
+        icmp: pick("icmp", raw.icmp, defaults.icmp)?,
+        other: pick("other", raw.other, defaults.other)?,
+    })
 }
 
 /// `nat64_prefixes`: the site's NAT64 /96 prefixes (RFC 6052 allows shorter ones, with the
@@ -239,6 +280,7 @@ fn rule(
         r.destinations,
         "expected at least one address or CIDR",
     )?;
+    let ports_at = r.ports.as_ref().map_or(0, |p| p.span().start);
     let ports = r
         .ports
         .map(|p| {
@@ -260,13 +302,20 @@ fn rule(
                 entry,
                 "protocols",
                 p,
-                "expected \"tcp\" and/or \"udp\" (omit `protocols` for both)",
+                "expected \"tcp\", \"udp\", \"icmp\" and/or \"icmpv6\" (omit `protocols` for tcp and udp)",
             )
         })
         .transpose()?
         .unwrap_or_default();
     protocols.sort();
     protocols.dedup();
+    if !ports.is_empty() && !protocols.is_empty() && !protocols.iter().any(|p| p.has_ports()) {
+        return Err(src.error(
+            ports_at,
+            entry.field("ports"),
+            "icmp has no ports: expected \"tcp\" or \"udp\" in `protocols`, or no `ports`".into(),
+        ));
+    }
     Ok(Rule {
         kind,
         name,

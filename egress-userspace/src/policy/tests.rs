@@ -214,7 +214,7 @@ fn bad_enums_say_what_is_expected() {
         "{e}"
     );
     let e =
-        err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"icmp\"]\n");
+        err("[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"sctp\"]\n");
     assert_eq!(e.field, "service[1].protocols");
     assert!(
         e.message.contains("tcp") && e.message.contains("udp"),
@@ -471,4 +471,34 @@ fn nat64_prefixes_are_ipv6_96_and_few() {
         .join(", ");
     let e = err(&format!("nat64_prefixes = [{five}]\n"));
     assert!(e.message.contains("at most 4"), "{e}");
+}
+
+#[test]
+fn sockets_table_defaults_and_errors() {
+    let p = ok("");
+    assert_eq!(p.sockets, Sockets::default());
+    assert_eq!(p.sockets.icmp, SocketRule::Policy);
+    let p = ok("[sockets]\nraw = \"audit\"\nicmp = \"deny\"\nother = \"allow\"\n");
+    assert_eq!(
+        (p.sockets.raw, p.sockets.icmp, p.sockets.other),
+        (SocketRule::Audit, SocketRule::Deny, SocketRule::Allow)
+    );
+    let e = err("[sockets]\nraw = \"policy\"\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "sockets.raw"));
+    assert!(e.message.contains("icmp only"), "{e}");
+    let e = err("[sockets]\npacket = \"deny\"\n");
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("packet"), "{e}");
+}
+
+#[test]
+fn icmp_rules_have_no_ports() {
+    let e = err(
+        "[[service]]\nname = \"ping\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"icmp\"]\nports = [443]\n",
+    );
+    assert_eq!(e.field, "service[1].ports");
+    let p = ok(
+        "[[service]]\nname = \"web-and-ping\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"tcp\", \"icmp\"]\nports = [443]\n",
+    );
+    assert_eq!(p.rules[0].protocols, [Protocol::Tcp, Protocol::Icmp]);
 }

@@ -34,6 +34,82 @@ pub enum DefaultVerdict {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// ICMP echo (ping sockets): judged where `[sockets] icmp = "policy"`.
+    Icmp,
+    Icmpv6,
+}
+
+impl Protocol {
+    /// TCP and UDP have ports; ICMP does not.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+
+    /// The IP protocol number, as the kernel reports it.
+    pub fn ipproto(self) -> u8 {
+        match self {
+            Protocol::Tcp => egress_common::IPPROTO_TCP,
+            Protocol::Udp => egress_common::IPPROTO_UDP,
+            Protocol::Icmp => egress_common::IPPROTO_ICMP,
+            Protocol::Icmpv6 => egress_common::IPPROTO_ICMPV6,
+        }
+    }
+}
+
+/// What `[sockets]` does with a class of socket the connect/sendmsg hooks cannot judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketRule {
+    /// socket() fails with EPERM, and an event says so.
+    Deny,
+    Allow,
+    /// Allowed, with an audit event.
+    Audit,
+    /// `icmp` only: allowed, and every destination judged by the policy (protocol
+    /// `icmp`/`icmpv6`) at connect and, for echo requests, at TC.
+    Policy,
+}
+
+impl fmt::Display for SocketRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SocketRule::Deny => "deny",
+            SocketRule::Allow => "allow",
+            SocketRule::Audit => "audit",
+            SocketRule::Policy => "policy",
+        })
+    }
+}
+
+/// `[sockets]`: the sockets beyond TCP and UDP that a process in an enforced cgroup may create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sockets {
+    /// SOCK_RAW in AF_INET/AF_INET6.
+    pub raw: SocketRule,
+    /// Ping sockets (SOCK_DGRAM with IPPROTO_ICMP/ICMPV6).
+    pub icmp: SocketRule,
+    /// Any other IP protocol: SCTP, UDP-Lite, MPTCP, DCCP, ...
+    pub other: SocketRule,
+}
+
+impl Default for Sockets {
+    fn default() -> Self {
+        Sockets {
+            raw: SocketRule::Deny,
+            icmp: SocketRule::Policy,
+            other: SocketRule::Deny,
+        }
+    }
+}
+
+impl fmt::Display for Sockets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "raw = {}, icmp = {}, other = {}",
+            self.raw, self.icmp, self.other
+        )
+    }
 }
 
 impl fmt::Display for Mode {
@@ -59,6 +135,8 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::Icmpv6 => "icmpv6",
         })
     }
 }

@@ -49,6 +49,13 @@ fn config_reflects_policy() {
             default_verdict: DEFAULT_ALLOW,
             allow_loopback: 0,
             generation: 1,
+            // The `[sockets]` defaults: raw and other protocols refused, pings judged.
+            sockets: [
+                egress_common::SOCK_DENY,
+                egress_common::SOCK_POLICY,
+                egress_common::SOCK_DENY,
+                egress_common::SOCK_DENY
+            ],
             ..Config::default()
         }
     );
@@ -462,4 +469,35 @@ fn ipv6_carrying_ipv4_is_judged_as_both() {
     // :: and ::1 are not v4-compatible addresses.
     assert_eq!(c.evaluate(ip("::1"), 1, IPPROTO_TCP).carried_v4, None);
     assert_eq!(c.evaluate(ip("::"), 1, IPPROTO_TCP).carried_v4, None);
+}
+
+#[test]
+fn icmp_is_approved_only_by_name_and_blocked_by_every_block() {
+    use egress_common::IPPROTO_ICMP;
+    let c = compile(
+        "[[service]]\nname = \"web-and-ping\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"tcp\", \"icmp\"]\nports = [443]\n[[service]]\nname = \"any-web\"\ndestinations = [\"192.0.2.0/24\"]\n[[block]]\nname = \"bad\"\ndestinations = [\"10.9.0.0/16\"]\n",
+    );
+    assert_eq!(
+        verdict(&c, "10.1.1.1", 0, IPPROTO_ICMP),
+        v(true, "web-and-ping")
+    );
+    assert_eq!(
+        verdict(&c, "10.1.1.1", 7, IPPROTO_ICMP),
+        v(true, "web-and-ping")
+    );
+    assert_eq!(
+        verdict(&c, "10.1.1.1", 443, IPPROTO_TCP),
+        v(true, "web-and-ping")
+    );
+    assert_eq!(
+        verdict(&c, "10.1.1.1", 80, IPPROTO_TCP),
+        v(false, "default")
+    );
+    // A service without `protocols` approves TCP and UDP, not ICMP.
+    assert_eq!(
+        verdict(&c, "192.0.2.1", 0, IPPROTO_ICMP),
+        v(false, "default")
+    );
+    // A block without protocols or ports covers ICMP too.
+    assert_eq!(verdict(&c, "10.9.1.1", 0, IPPROTO_ICMP), v(false, "bad"));
 }
