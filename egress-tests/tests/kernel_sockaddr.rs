@@ -545,7 +545,7 @@ icmp = "policy"
 other = "deny"
 [[service]]
 name = "ping-ok"
-destinations = ["127.0.0.2", "::1"]
+destinations = ["127.0.0.1", "127.0.0.2", "::1"]
 protocols = ["icmp", "icmpv6"]
 "#;
     let ns = egress_tests::LoopNs::new();
@@ -596,17 +596,19 @@ protocols = ["icmp", "icmpv6"]
         ]
     );
     assert_eq!(dp.stats().unwrap().tc_dropped, 0, "approved pings pass TC");
-    // A ping to a destination no rule approves: the socket call may succeed, TC drops it.
+    // Pings to destinations no rule approves: the socket call may succeed, TC drops them. Also
+    // through a socket "laundered" by an approved connect (an owner recorded) then AF_UNSPEC.
     let got = Probe::new()
         .netns(&ns)
         .cgroup(cg.path())
-        .args(["ping", "127.0.0.3:0"])
+        .args(["ping", "127.0.0.3:0", "ping-laundered", "127.0.0.4:0"])
         .verdicts();
     assert!(
-        matches!(&got[..], [Succeeded] | [egress_tests::Verdict::Other(_)]),
+        got.iter()
+            .all(|v| matches!(v, Succeeded | egress_tests::Verdict::Other(_))),
         "{got:?}"
     );
-    assert_eq!(dp.stats().unwrap().tc_dropped, 1);
+    assert_eq!(dp.stats().unwrap().tc_dropped, 2);
     let mut events = Vec::new();
     while let Some(ev) = ring.try_next() {
         events.push(JsonEvent::from_raw(&ev, &compiled, ""));
@@ -630,7 +632,13 @@ protocols = ["icmp", "icmpv6"]
         .filter(|e| e.hook == "tc")
         .map(|e| (e.rule.as_str(), e.protocol.as_str(), e.dst.as_str()))
         .collect();
-    assert_eq!(tc, [("default", "icmp", "127.0.0.3")]);
+    assert_eq!(
+        tc,
+        [
+            ("default", "icmp", "127.0.0.3"),
+            ("default", "icmp", "127.0.0.4")
+        ]
+    );
     drop(dp);
 }
 

@@ -32,6 +32,8 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   socket KIND                     create one socket: raw4, raw6 (SOCK_RAW), ping4, ping6 (ping
                                   sockets), udplite, mptcp, sctp
   ping ADDR:PORT                  one ICMP echo request through an unconnected ping socket
+  ping-laundered ADDR:PORT        the same through a ping socket first connected to loopback
+                                  (an owner recorded), then disconnected (AF_UNSPEC)
   tcp-send ADDR:PORT BYTES        connect, write BYTES, shut down, wait for the peer to close
   udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
   raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
@@ -85,6 +87,7 @@ enum Call {
     UdpRthdr(SocketAddr),
     Socket(String),
     Ping(SocketAddr),
+    PingLaundered(SocketAddr),
     TcpSend(SocketAddr, u64),
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
@@ -109,6 +112,7 @@ impl Call {
             Call::UdpRthdr(_) => "udp-rthdr",
             Call::Socket(_) => "socket",
             Call::Ping(_) => "ping",
+            Call::PingLaundered(_) => "ping-laundered",
             Call::TcpSend(..) => "tcp-send",
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
@@ -129,6 +133,7 @@ impl Call {
             | Call::UdpLsrrCmsg(a)
             | Call::UdpRthdr(a)
             | Call::Ping(a)
+            | Call::PingLaundered(a)
             | Call::TcpSend(a, _)
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a) => *a,
@@ -178,6 +183,7 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
             "udp-rthdr" => Call::UdpRthdr(addr(&mut words, op)?),
             "socket" => Call::Socket(next(&mut words, op, "KIND")?.clone()),
             "ping" => Call::Ping(addr(&mut words, op)?),
+            "ping-laundered" => Call::PingLaundered(addr(&mut words, op)?),
             "udp-connect-cmsg" => {
                 let a = addr(&mut words, op)?;
                 let then = match words.peek() {
@@ -394,10 +400,35 @@ fn socket_of(kind: &str) -> io::Result<std::os::fd::OwnedFd> {
 }
 
 /// One ICMP echo request to `addr` through an unconnected ping socket (`sendto`, which no
-/// cgroup hook sees).
-fn ping(addr: &SocketAddr) -> io::Result<()> {
+/// cgroup hook sees). `launder`: connect the socket to loopback first (the connect hook approves
+/// it and records the socket's owner), then dissolve the association with AF_UNSPEC.
+fn ping(addr: &SocketAddr, launder: bool) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let fd = socket_of(if addr.is_ipv4() { "ping4" } else { "ping6" })?;
+    if launder {
+        let lo: SocketAddr = if addr.is_ipv4() {
+            "127.0.0.1:0".parse().expect("an address")
+        } else {
+            "[::1]:0".parse().expect("an address")
+        };
+        let (storage, len) = sockaddr(&lo);
+        // SAFETY: valid sockaddr buffers for the calls' duration.
+        unsafe {
+            if libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut unspec: libc::sockaddr = std::mem::zeroed();
+            unspec.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+            if libc::connect(
+                fd.as_raw_fd(),
+                &unspec,
+                size_of::<libc::sockaddr>() as libc::socklen_t,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
     // Echo request: type 8 (ICMP) or 128 (ICMPv6), code 0; the kernel fills checksum and id.
     let echo: [u8; 16] = [
         if addr.is_ipv4() { 8 } else { 128 },
@@ -497,7 +528,8 @@ impl Probe {
                 s.send_to(b"egress-probe", addr).map(drop)
             }
             Call::Socket(kind) => socket_of(kind).map(drop),
-            Call::Ping(addr) => ping(addr),
+            Call::Ping(addr) => ping(addr, false),
+            Call::PingLaundered(addr) => ping(addr, true),
             Call::UdpLsrr(addr) => {
                 let s = UdpSocket::bind(unspecified_for(addr))?;
                 setsockopt(&s, libc::IPPROTO_IP, libc::IP_OPTIONS, &lsrr_option(addr))?;
