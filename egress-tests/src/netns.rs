@@ -139,29 +139,33 @@ impl NetPair {
             a: LoopNs::new(),
             b: LoopNs::new(),
         };
-        ip(&[
-            "link",
-            "add",
-            VETH_A,
-            "netns",
-            pair.a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            VETH_B,
-            "netns",
-            pair.b.name(),
-        ]);
-        for (ns, dev, v4, v6) in [
-            (&pair.a, VETH_A, ADDR_A, ADDR6_A),
-            (&pair.b, VETH_B, ADDR_B, ADDR6_B),
-        ] {
-            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
-            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
+        veth_between(&pair.a, &pair.b);
         pair
+    }
+}
+
+/// Joins two namespaces with a veth pair, addressed as [`NetPair`] describes: [`VETH_A`] in
+/// `a`, [`VETH_B`] in `b`. For tests that need the link to appear while something already runs
+/// in `a`.
+pub fn veth_between(a: &LoopNs, b: &LoopNs) {
+    ip(&[
+        "link",
+        "add",
+        VETH_A,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        VETH_B,
+        "netns",
+        b.name(),
+    ]);
+    for (ns, dev, v4, v6) in [(a, VETH_A, ADDR_A, ADDR6_A), (b, VETH_B, ADDR_B, ADDR6_B)] {
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+        ns.ip(&["link", "set", dev, "up"]);
     }
 }
 

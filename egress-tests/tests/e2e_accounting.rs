@@ -221,3 +221,43 @@ fn default_interfaces_count_bridged_traffic_once() {
         p.payload_bytes
     );
 }
+
+/// Without `--iface`, TC follows the interfaces: a veth made after the controller started gets
+/// the TC program within seconds, and what a process sends over it is counted.
+#[test]
+fn tc_follows_an_interface_that_appears_after_the_start() {
+    let a = egress_tests::LoopNs::new();
+    let b = egress_tests::LoopNs::new();
+    let dir = TempDir::new("acct-late-iface");
+    let policy = dir.file("p.toml", POLICY);
+    let cg = TestCgroup::new();
+    let run = EgressCmd::run(&a, cg.path(), &dir).policy(&policy).start();
+    let ifaces = |run: &egress_tests::Egress| {
+        run.status().expect("egress status --json")["attached"]["tc"]["ifaces"].clone()
+    };
+    assert_eq!(
+        ifaces(&run),
+        serde_json::json!([]),
+        "only loopback at start"
+    );
+    egress_tests::netns::veth_between(&a, &b);
+    wait_for("TC on the new veth", Duration::from_secs(10), || {
+        ifaces(&run) == serde_json::json!([VETH_A])
+    });
+    let sink = TcpSink::start(&b, (ADDR_B, 5080));
+    const BYTES: u64 = 200_000;
+    let got = Probe::new()
+        .netns(&a)
+        .cgroup(&cg)
+        .args(["tcp-send", "198.18.0.2:5080", &BYTES.to_string()])
+        .verdicts();
+    assert_eq!(got, [Verdict::Succeeded]);
+    wait_for("the sink", DELIVERY, || sink.bytes() == BYTES);
+    wait_for("the upload in egress stats", DELIVERY, || {
+        run.stats().processes.iter().any(|p| {
+            p.destinations
+                .iter()
+                .any(|d| d.dst == "198.18.0.2" && d.port == 5080 && d.payload_bytes >= BYTES)
+        })
+    });
+}

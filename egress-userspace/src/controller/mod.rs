@@ -95,6 +95,10 @@ pub struct Controller {
     target: Target,
     /// The interfaces TC is attached to.
     ifaces: Vec<String>,
+    /// No `--iface` was given: TC follows the default interfaces as they come and go.
+    follow_ifaces: bool,
+    /// Ticks since the interfaces were last looked at.
+    ticks_since_ifaces: u32,
     /// The latest stats report, for the control socket and `exec --report`.
     stats: watch::Sender<Arc<StatsReport>>,
     metrics: Option<metrics::Exporter>,
@@ -176,6 +180,8 @@ impl Controller {
             blocks: Blocks::default(),
             target,
             ifaces,
+            follow_ifaces: opts.ifaces.is_empty(),
+            ticks_since_ifaces: 0,
             stats: watch::Sender::new(Arc::new(StatsReport::default())),
             metrics,
             started: Instant::now(),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use egress_common::{FlowKey, FlowValue};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::Controller;
 use crate::{
@@ -18,8 +18,14 @@ use crate::{
     events::timestamp,
     policy::{RuleKind, alert::AlertAction},
     report::StatsReport,
-    sys::proc::{self, ProcSource as _, Procfs},
+    sys::{
+        iface,
+        proc::{self, ProcSource as _, Procfs},
+    },
 };
+
+/// Ticks (of 250 ms) between two looks at the interfaces.
+const IFACE_POLL_TICKS: u32 = 4;
 
 impl Controller {
     /// A tick whose failure is logged: accounting and alerting must never take enforcement down.
@@ -39,6 +45,7 @@ impl Controller {
             }
         }
         self.expire_blocks(now).await?;
+        self.follow_interfaces();
         self.publish(wall)
     }
 
@@ -126,6 +133,41 @@ impl Controller {
         pid.and_then(proc::cgroup_of)
             .map(|rel| format!("{}{rel}", self.target.root.display()))
             .unwrap_or_default()
+    }
+
+    /// Without `--iface`, TC goes on every interface that is up (but loopback and stacked
+    /// devices) as it appears: a VPN, tun or veth made after the start is counted and
+    /// second-lined too. Looked at once a second; an interface that went away is forgotten (the
+    /// kernel detached its program), so that it is attached again if it comes back.
+    fn follow_interfaces(&mut self) {
+        self.ticks_since_ifaces += 1;
+        if !self.follow_ifaces || self.ticks_since_ifaces < IFACE_POLL_TICKS {
+            return;
+        }
+        self.ticks_since_ifaces = 0;
+        let Ok(now) = iface::default_ifaces() else {
+            return;
+        };
+        self.ifaces.retain(|i| now.contains(i));
+        let new: Vec<String> = now
+            .into_iter()
+            .filter(|i| !self.ifaces.contains(i))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        for i in new {
+            match self.dp.attach_tc(std::slice::from_ref(&i)) {
+                Ok(()) => {
+                    info!(iface = %i, "TC egress accounting attached to a new interface");
+                    self.ifaces.push(i);
+                }
+                // Retried at the next look: it may be going away again, or not up yet.
+                Err(e) => warn!(iface = %i, error = %e, "could not attach TC to a new interface"),
+            }
+        }
+        self.ifaces.sort();
+        self.write_state();
     }
 
     /// Publishes a fresh report to the control socket and the metrics.
