@@ -409,3 +409,80 @@ fn exec_forwards_sighup_and_cleans_up() {
     );
     assert!(exec_cgroups_of(egress_pid).is_empty());
 }
+
+/// Removes, whatever happens, what a killed `egress exec` leaves: its cgroup's processes, its
+/// link pins and the cgroup.
+struct ExecLeftovers(String);
+
+impl Drop for ExecLeftovers {
+    fn drop(&mut self) {
+        let root = egress::sys::cgroup::cgroup2_root().expect("cgroup2");
+        let cg = root.join(&self.0);
+        let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+        let _ = std::process::Command::new(bins::egress())
+            .args(["stop", "--pin-dir"])
+            .arg(format!("/sys/fs/bpf/egress-exec/{}", self.0))
+            .args(["--socket", "/nonexistent"])
+            .output();
+        for _ in 0..100 {
+            if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Fail-closed beyond the command itself: when `egress exec` is killed (SIGKILL: no cleanup),
+/// the command dies with it, and what the command left behind stays enforced (the links are
+/// pinned). Once those leftovers are gone, the next `egress exec` removes the pins and cgroup.
+#[test]
+fn a_killed_exec_leaves_its_leftovers_enforced_until_they_are_gone() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-exec-kill");
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let go = dir.join("go");
+    let out = dir.join("probe.jsonl");
+    // The probe is the command's child: nothing ties its life to egress.
+    let script = format!(
+        "{} wait-file {} tcp 127.0.0.5:80 > {} & sleep 60",
+        bins::probe().display(),
+        go.display(),
+        out.display()
+    );
+    let mut eg = EgressCmd::exec(&ns)
+        .policy(&policy)
+        .command(["sh", "-c", &script])
+        .spawn();
+    let pid = eg.pid();
+    wait_for("the exec cgroup", Duration::from_secs(10), || {
+        !exec_cgroups_of(pid).is_empty()
+    });
+    let name = exec_cgroups_of(pid).remove(0);
+    let _cleanup = ExecLeftovers(name.clone());
+    let cg = egress::sys::cgroup::cgroup2_root()
+        .expect("cgroup2")
+        .join(&name);
+    wait_for("the probe in the cgroup", Duration::from_secs(10), || {
+        std::fs::read_to_string(cg.join("cgroup.procs")).is_ok_and(|p| p.lines().count() >= 3)
+    });
+    eg.kill_9();
+    std::fs::write(&go, b"").unwrap();
+    wait_for("the probe's result", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t.ends_with('\n'))
+    });
+    assert_eq!(
+        verdicts(&std::fs::read(&out).unwrap()),
+        [Succeeded, Denied],
+        "the wait, then the connect: still denied after egress died"
+    );
+    // The leftovers go; the next exec removes what the dead one pinned, and its cgroup.
+    std::fs::write(cg.join("cgroup.kill"), "1").unwrap();
+    wait_for("the cgroup to empty", Duration::from_secs(10), || {
+        !egress::sys::cgroup::populated(&cg)
+    });
+    let next = EgressCmd::exec(&ns).command(["true"]).output();
+    assert!(next.status.success(), "{next:?}");
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/egress-exec/{name}")).exists());
+    assert!(!cg.exists());
+}

@@ -2,7 +2,10 @@
 //! with its status. Fail-closed: the command dies with egress, and whatever it left behind is
 //! killed before the policy is detached.
 
-use std::{os::unix::process::ExitStatusExt as _, path::PathBuf};
+use std::{
+    os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
 use rustix::process::Signal;
@@ -13,7 +16,56 @@ use super::{
     Controller, Options, TICK, Target,
     signals::{forward, forward_from_terminal},
 };
-use crate::sys::cgroup::{self, ChildCgroup};
+use crate::{
+    datapath::pins::Pins,
+    sys::{
+        cgroup::{self, ChildCgroup},
+        proc::{ProcSource as _, Procfs},
+    },
+};
+
+/// Where exec cgroups are made (under the cgroup2 root), and their link pins (under bpffs).
+const EXEC_PREFIX: &str = "egress-exec";
+const EXEC_PINS: &str = "/sys/fs/bpf/egress-exec";
+
+/// The pin directory of the links of exec cgroup `cgroup`.
+fn exec_pin_dir(cgroup: &Path) -> PathBuf {
+    Path::new(EXEC_PINS).join(cgroup.file_name().unwrap_or_default())
+}
+
+/// Fail-closed cleanup: an `egress exec` that died (even by SIGKILL) left its links pinned, so
+/// whatever its command left behind stays enforced. Once that cgroup is empty (and its exec is
+/// gone), the pins and the cgroup are removed here, by the next exec.
+fn remove_stale(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(EXEC_PINS) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        // `egress-exec-<pid>-<seq>`: the exec that made it.
+        let pid = name
+            .strip_prefix(EXEC_PREFIX)
+            .and_then(|r| r.trim_start_matches('-').split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| Procfs.alive(p)) {
+            continue;
+        }
+        let cgroup = root.join(&name);
+        if cgroup::populated(&cgroup) {
+            continue;
+        }
+        let pins = Pins::new(e.path());
+        match pins.remove_all() {
+            Ok(_) => {
+                let _ = std::fs::remove_dir(&cgroup);
+                tracing::info!(cgroup = %cgroup.display(), "removed what a dead egress exec left enforced");
+            }
+            Err(err) => {
+                warn!(pins = %pins.dir.display(), error = %format!("{err:#}"), "could not remove a dead exec's pins")
+            }
+        }
+    }
+}
 
 pub struct ExecOptions {
     pub common: Options,
@@ -37,12 +89,15 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigquit = signal(SignalKind::quit())?;
     let root = cgroup::cgroup2_root()?;
-    let cg = ChildCgroup::create(&root, "egress-exec")?;
+    remove_stale(&root);
+    let cg = ChildCgroup::create(&root, EXEC_PREFIX)?;
+    let link_pins = Pins::new(exec_pin_dir(cg.path()));
     let target = Target {
         root,
         cgroup: cg.path().to_path_buf(),
         pins: None,
         socket: None,
+        link_pins: Some(link_pins.clone()),
     };
     let (mut ctl, _) =
         Controller::start(&opts.common, target, Box::new(tokio::io::stderr())).await?;
@@ -102,6 +157,11 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     // Anything the command left behind is killed while the policy is still attached; only then
     // is the datapath detached and the cgroup removed.
     cg.kill_all_and_wait();
+    if let Err(e) = link_pins.remove_all() {
+        warn!(pins = %link_pins.dir.display(), error = %format!("{e:#}"), "could not remove the exec link pins");
+    }
+    // The parent goes too once no exec has pins there.
+    let _ = std::fs::remove_dir(EXEC_PINS);
     drop(ctl);
     if let Err(e) = cg.remove() {
         warn!(cgroup = %cg.path().display(), error = %e, "could not remove the exec cgroup");

@@ -79,6 +79,9 @@ pub struct Target {
     pub pins: Option<Pins>,
     /// The control socket, when the controller serves one (recorded for `egress status`).
     pub socket: Option<PathBuf>,
+    /// Pin only the links here (`exec`): if the controller dies, the cgroup stays enforced for
+    /// whatever is left in it; the next `exec` removes them once the cgroup is empty.
+    pub link_pins: Option<Pins>,
 }
 
 /// One enforcement: the datapath, its event stream, the per-process totals, alerts and blocks,
@@ -133,6 +136,9 @@ impl Controller {
                 )
             }
         };
+        if let Some(p) = &target.link_pins {
+            dp.pin_links_under(p.clone())?;
+        }
         let (in_force, switch_to) = plan.resolve(adopted, &dp.config())?;
         let ring = dp.take_events()?.watch()?;
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;

@@ -69,6 +69,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         cgroup,
         pins,
         socket: Some(opts.socket.clone()),
+        link_pins: None,
     };
     let (mut ctl, metrics_text) =
         Controller::start(&opts.common, target, Box::new(tokio::io::stdout())).await?;

@@ -267,6 +267,16 @@ impl Datapath {
         Ok((dp, adopt))
     }
 
+    /// Pins the links of the attachments to come under `pins` (maps stay unpinned): enforcement
+    /// then outlives this process until the pins are removed (`egress exec`, which removes them
+    /// when it ends normally). Call before [`Datapath::attach`].
+    pub fn pin_links_under(&mut self, pins: Pins) -> Result<(), DatapathError> {
+        pins.ensure()
+            .map_err(|e| DatapathError::Pin(format!("{e:#}")))?;
+        self.pins = Some(pins);
+        Ok(())
+    }
+
     /// Applies a new policy atomically: the inactive buffer is filled completely, then `ACTIVE`
     /// flips to it. Until the flip every decision uses the old policy, after it the new one; a
     /// failure before the flip leaves the old policy in force, untouched.

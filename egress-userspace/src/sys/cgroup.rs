@@ -131,10 +131,7 @@ impl ChildCgroup {
     pub fn kill_all_and_wait(&self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let populated = fs::read_to_string(self.path.join("cgroup.events"))
-                .map(|e| e.lines().any(|l| l.trim() == "populated 1"))
-                .unwrap_or(false);
-            if !populated || Instant::now() >= deadline {
+            if !populated(&self.path) || Instant::now() >= deadline {
                 return;
             }
             kill_all(&self.path);
@@ -160,6 +157,13 @@ impl ChildCgroup {
             }
         }
     }
+}
+
+/// Whether a process is in the cgroup at `path` or below it (false when it does not exist).
+pub fn populated(path: &Path) -> bool {
+    fs::read_to_string(path.join("cgroup.events"))
+        .map(|e| e.lines().any(|l| l.trim() == "populated 1"))
+        .unwrap_or(false)
 }
 
 /// `cgroup.kill` (Linux 5.14) where it exists, else SIGKILL to each listed pid.
