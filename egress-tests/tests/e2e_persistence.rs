@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use egress_tests::{
-    EgressCmd, LoopNs, Probe, TempDir, TestCgroup, Verdict::Refused, controller::pin_dir, probe,
+    EgressCmd, LoopNs, Probe, TempDir, TestCgroup,
+    Verdict::{Denied, Refused},
+    controller::pin_dir,
+    probe,
 };
 
 fn prog_ids(s: &serde_json::Value) -> Vec<u64> {
@@ -94,4 +97,39 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
         second.status().is_none(),
         "no controller and nothing pinned: status fails"
     );
+}
+
+/// Pinned maps of another layout (another egress version) are never adopted: the restart is
+/// refused with the map named, and the enforcement in place goes on as it was.
+#[test]
+fn pinned_maps_of_another_layout_are_refused_and_enforcement_stays() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("persist-layout");
+    let cg = TestCgroup::new();
+    let pins = pin_dir();
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let mut first = EgressCmd::run(&ns, cg.path(), &dir)
+        .pinned(&pins)
+        .policy(&policy)
+        .start();
+    first.kill_9();
+    // Two maps of different shapes trade places: what a version with other layouts would leave.
+    let maps = pins.join("maps");
+    std::fs::rename(maps.join("IFACE_L2"), maps.join("swap")).unwrap();
+    std::fs::rename(maps.join("BLOCKED"), maps.join("IFACE_L2")).unwrap();
+    std::fs::rename(maps.join("swap"), maps.join("BLOCKED")).unwrap();
+    // Its guard stops the pins only when dropped, after the checks below.
+    let mut second = EgressCmd::run(&ns, cg.path(), &dir)
+        .pinned(&pins)
+        .policy(&policy)
+        .spawn();
+    let status = second.wait_exit("the refused restart");
+    assert!(!status.success(), "adopting foreign maps must fail");
+    let stderr = second.stderr_text();
+    assert!(
+        stderr.contains("IFACE_L2") || stderr.contains("BLOCKED"),
+        "the error names the map: {stderr}"
+    );
+    // Still enforced: the pinned programs run on.
+    assert_eq!(probe(&cg, &[("tcp", "127.0.0.3:80")]), [Denied]);
 }

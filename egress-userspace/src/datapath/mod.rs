@@ -139,6 +139,36 @@ fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
     }
 }
 
+/// The shape of every map of the object, as this controller creates them: map type, key size,
+/// value size and max entries (the loader's overrides included), by name.
+fn expected_maps() -> Result<std::collections::HashMap<String, pins::MapShape>, DatapathError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT)
+        .map_err(|e| DatapathError::Pin(format!("parsing the embedded object: {e}")))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter(|(name, _)| map_names::ALL.contains(&name.as_str()))
+        .map(|(name, m)| {
+            let max_entries = if map_names::POLICY_V4.contains(&name.as_str())
+                || map_names::POLICY_V6.contains(&name.as_str())
+            {
+                POLICY_CAPACITY
+            } else if map_names::RULESETS.contains(&name.as_str()) {
+                RULESET_CAPACITY
+            } else {
+                m.max_entries()
+            };
+            let shape = pins::MapShape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+            };
+            (name.clone(), shape)
+        })
+        .collect())
+}
+
 /// A program of the object, as its type.
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
 where
@@ -219,7 +249,11 @@ impl Datapath {
                     p.dir.display()
                 )));
             }
-            if !adopt {
+            if adopt {
+                // A map pinned by another version with another layout must never be read or
+                // written with ours: refuse, and the enforcement in place stays as it is.
+                p.check_maps(&expected_maps()?)?;
+            } else {
                 // Maps without links are leftovers: start from fresh ones.
                 p.remove_maps();
             }

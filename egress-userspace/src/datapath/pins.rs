@@ -232,6 +232,38 @@ impl Pins {
         }
     }
 
+    /// Checks every pinned map against the shape this controller's object gives it: another
+    /// version's map with another layout is refused by name, with what differs.
+    pub(super) fn check_maps(
+        &self,
+        expected: &std::collections::HashMap<String, MapShape>,
+    ) -> Result<(), DatapathError> {
+        for name in map_names::ALL {
+            let Some(want) = expected.get(name) else {
+                continue;
+            };
+            let info = aya::maps::MapInfo::from_pin(self.map(name))
+                .map_err(|e| DatapathError::Pin(format!("reading pinned map {name}: {e}")))?;
+            let have = MapShape {
+                map_type: info
+                    .map_type()
+                    .map_err(|e| DatapathError::Pin(format!("pinned map {name}: {e}")))?
+                    as u32,
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                max_entries: info.max_entries(),
+            };
+            if &have != want {
+                return Err(DatapathError::Pin(format!(
+                    "the map {name} pinned under {} has another layout ({have:?}) than this egress uses ({want:?}): it was made by another version; `egress stop --pin-dir {}` first (the enforcement in place stays until then)",
+                    self.dir.display(),
+                    self.dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Every pinned link with the id of the program it runs (0: detached).
     pub fn link_statuses(&self) -> Vec<LinkStatus> {
         self.links()
@@ -400,6 +432,15 @@ pub(super) fn pin_cgroup_link(
         .map_err(|e| DatapathError::Pin(format!("attaching for {}: {e}", path.display())))?;
     bpfsys::obj_pin(link.as_fd(), path)
         .map_err(|e| DatapathError::Pin(format!("{}: {e}", path.display())))
+}
+
+/// What makes two maps interchangeable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapShape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
 }
 
 /// A pinned link and the program it runs.
