@@ -22,7 +22,7 @@ use egress_common::{
 };
 use ipnetwork::IpNetwork;
 
-use super::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind};
+use super::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind, error::one_line};
 
 /// A policy that cannot be represented in the kernel maps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,9 +211,9 @@ impl SetBuilder<'_> {
             }
         }
         if entries.len() > MAX_PORT_RULES {
-            let names: Vec<&str> = rules
+            let names: Vec<String> = rules
                 .iter()
-                .map(|&id| self.policy.rules[(id - 1) as usize].name.as_str())
+                .map(|&id| one_line(&self.policy.rules[(id - 1) as usize].name))
                 .collect();
             let line = rules
                 .last()
