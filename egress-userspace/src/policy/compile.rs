@@ -24,7 +24,9 @@ use egress_common::{
 };
 use ipnetwork::IpNetwork;
 
-use super::{DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind, SocketRule};
+use super::{
+    DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind, SocketRule, error::one_line,
+};
 
 /// A policy that cannot be represented in the kernel maps.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,9 +240,9 @@ impl SetBuilder<'_> {
             }
         }
         if entries.len() > MAX_PORT_RULES {
-            let names: Vec<&str> = rules
+            let names: Vec<String> = rules
                 .iter()
-                .map(|&id| self.policy.rules[(id - 1) as usize].name.as_str())
+                .map(|&id| one_line(&self.policy.rules[(id - 1) as usize].name))
                 .collect();
             let line = rules
                 .last()

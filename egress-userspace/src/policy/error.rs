@@ -90,8 +90,8 @@ impl Source<'_> {
             file: self.file.to_string(),
             line,
             column,
-            field,
-            message,
+            field: one_line(&field),
+            message: one_line(&message),
         }
     }
 
@@ -169,6 +169,20 @@ fn clean_toml_message(m: &str) -> String {
     m.trim().replace('\n', "; ")
 }
 
+/// `s` with its control characters escaped (`\n`, `\t`, `\u{1b}`): an error is one line of plain
+/// text whatever the policy's strings and keys hold, which messages and fields quote.
+pub(super) fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +195,15 @@ mod tests {
         // `x` comes after the two-byte `é`: byte 9 of its line, character column 9.
         assert_eq!(line_col(text, text.find('x').unwrap()), (2, 9));
         assert_eq!(line_col(text, usize::MAX), (3, 1));
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            one_line("a\nb\tc\u{1b}[31m\0 é"),
+            "a\\nb\\tc\\u{1b}[31m\\0 é"
+        );
+        assert_eq!(one_line("plain `text`: 名前"), "plain `text`: 名前");
     }
 
     #[test]

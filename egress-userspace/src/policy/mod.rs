@@ -8,7 +8,8 @@
 //! - `parse`: TOML text to a validated [`Policy`] ([`Policy::parse`]);
 //! - `error`: [`PolicyError`], and how a place in the text becomes file:line:column and field;
 //! - [`alert`]: `[[alert]]` tables; [`compile`]: the kernel map entries; [`diff`]: what a reload
-//!   changes; [`explain`]: the verdict for one destination.
+//!   changes; [`explain`]: the verdict for one destination;
+//! - `fuzz` (tests only): property tests of parsing and compiling over generated policy text.
 //!
 //! Parsing is "parse, don't validate": after [`Policy::parse`] every destination is a canonical
 //! network, every port range is non-empty and within 1..=65535, and every rule name is unique.
@@ -125,5 +126,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<(Policy, compile::CompiledPol
     Ok((policy, compiled))
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -239,6 +239,41 @@ fn error_display_is_file_line_column_field_message() {
 }
 
 #[test]
+fn errors_stay_on_one_line_whatever_the_policy_holds() {
+    // Found by the fuzzer (`policy/fuzz.rs`): errors quoted the policy's strings and keys as they
+    // were, so a tab, a line break or a terminal escape in a value or key reached the one-line
+    // `file:line:column: field: message` as it was. (A line break in a message from toml or
+    // serde was already turned into "; ".)
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"'u00090.0.0.0/0\\u0009\"]\n");
+    assert!(
+        e.message
+            .starts_with("`'u00090.0.0.0/0\\t` is not a valid destination"),
+        "{e}"
+    );
+    let e = err("[[service]]\nname = \"a\"\ndestinations = [\"\\u001b[31m10.0.0.0/8\"]\n");
+    assert!(
+        e.message.starts_with("`\\u{1b}[31m10.0.0.0/8` is not"),
+        "{e}"
+    );
+    let e = err("\"allow\\nloopback\" = true\n");
+    assert_eq!(e.field, "allow\\nloopback");
+    let e = err(
+        "[[service]]\nname = \"a\\nb\"\ndestinations = [\"10.0.0.0/8\"]\n[[block]]\nname = \"a\\nb\"\ndestinations = [\"10.0.0.0/8\"]\n",
+    );
+    assert!(e.message.starts_with("duplicate name `a\\nb`"), "{e}");
+    let alert = "[[service]]\nname = \"a\"\ndestinations = [\"10.0.0.0/8\"]\n[[alert]]\nname = \"x\"\nbytes = 1\nwindow = \"1s\"\nservices = [\"a\\r\\nb\"]\n";
+    let e = err(alert);
+    assert!(
+        e.message
+            .starts_with("no service or block is named `a\\r\\nb`"),
+        "{e}"
+    );
+    for e in [e.to_string(), err("mode = \"\\t\"").to_string()] {
+        assert!(!e.contains(char::is_control), "{e:?}");
+    }
+}
+
+#[test]
 fn v4_mapped_destinations_become_ipv4() {
     let p = ok(
         "[[service]]\nname = \"a\"\ndestinations = [\"::ffff:10.1.0.0/112\", \"::ffff:192.0.2.7\"]\n",

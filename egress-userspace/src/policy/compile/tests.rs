@@ -413,6 +413,24 @@ fn too_many_port_rules_is_a_clear_error() {
 }
 
 #[test]
+fn too_many_port_rules_names_the_rules_on_one_line() {
+    // Found by the fuzzer (`policy/fuzz.rs`): rule names may hold any character, and the error
+    // quoted them as they were.
+    let ports: Vec<String> = (0..(MAX_PORT_RULES as u16 + 1))
+        .map(|i| (1000 + i * 2).to_string())
+        .collect();
+    let text = format!(
+        "[[service]]\nname = \"wide\\nopen\"\ndestinations = [\"10.0.0.0/8\"]\nports = [{}]\n",
+        ports.join(",")
+    );
+    let p = Policy::parse("t.toml", &text).unwrap();
+    assert_eq!(p.rules[0].name, "wide\nopen");
+    let e = CompiledPolicy::compile(&p).unwrap_err().to_string();
+    assert!(e.contains("(wide\\nopen)"), "{e}");
+    assert!(!e.contains(char::is_control), "{e:?}");
+}
+
+#[test]
 fn hundred_thousand_prefixes_compile() {
     let mut dests = Vec::with_capacity(100_000);
     let mut x: u32 = 0x0a00_0000;
