@@ -7,6 +7,7 @@
 
 mod maps;
 mod policy;
+mod report;
 mod sock_addr;
 mod sock_create;
 mod sockopt;

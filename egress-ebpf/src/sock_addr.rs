@@ -9,18 +9,16 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie,
     },
     programs::SockAddrContext,
 };
-use egress_common::{
-    Config, EVENT_AUDIT, EVENT_DENY, Event, MODE_AUDIT, Owner, STAT_ALLOWED, STAT_AUDITED,
-    STAT_DENIED, STAT_EVENTS_LOST, v4_mapped,
-};
+use egress_common::{Config, MODE_AUDIT, Owner, STAT_ALLOWED, v4_mapped};
 
 use crate::{
-    maps::{EVENTS, SOCK_OWNERS, STATS},
+    maps::{SOCK_OWNERS, STATS},
     policy::{self, Decision},
+    report::{self, Refusal},
 };
 
 const AF_INET6: u32 = 10;
@@ -163,35 +161,20 @@ fn finish(
         return VERDICT_ALLOW;
     }
     let audit = cfg.mode == MODE_AUDIT;
-    count(if audit { STAT_AUDITED } else { STAT_DENIED });
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut slot) => {
-            let pid_tgid = bpf_get_current_pid_tgid();
-            let uid_gid = bpf_get_current_uid_gid();
-            let ev = Event {
-                ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-                pid: pid_tgid as u32,
-                tgid: (pid_tgid >> 32) as u32,
-                uid: uid_gid as u32,
-                gid: (uid_gid >> 32) as u32,
-                rule_id: d.rule_id,
-                port,
-                hook,
-                family,
-                protocol: proto,
-                action: if audit { EVENT_AUDIT } else { EVENT_DENY },
-                v4_mapped,
-                sock_type: 0,
-                generation: cfg.generation,
-                addr,
-                comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-            };
-            slot.write(ev);
-            slot.submit(0);
-        }
-        None => count(STAT_EVENTS_LOST),
-    }
+    report::refused(
+        Refusal {
+            rule_id: d.rule_id,
+            hook,
+            family,
+            protocol: proto,
+            port,
+            addr,
+            v4_mapped,
+            sock_type: 0,
+        },
+        audit,
+        cfg.generation,
+    );
     // The verdict never depends on whether the event could be sent.
     if audit {
         record_owner(ctx);

@@ -9,20 +9,16 @@
 //!
 //! Return values: 1 lets the socket be created, 0 makes socket() fail with EPERM.
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-    },
-    programs::SockContext,
-};
+use aya_ebpf::programs::SockContext;
 use egress_common::{
-    EVENT_AUDIT, EVENT_DENY, Event, HOOK_SOCK_CREATE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, MODE_AUDIT, RULE_SOCKETS, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP,
-    SOCKETS_OTHER, SOCKETS_RAW, STAT_AUDITED, STAT_DENIED, STAT_EVENTS_LOST,
+    HOOK_SOCK_CREATE, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT,
+    RULE_SOCKETS, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP, SOCKETS_OTHER, SOCKETS_RAW,
 };
 
-use crate::{maps::EVENTS, policy, sock_addr::count};
+use crate::{
+    policy,
+    report::{self, Refusal},
+};
 
 const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
@@ -67,45 +63,19 @@ pub fn sock_create(ctx: &SockContext) -> i32 {
     }
     // The policy's mode is the global switch: in audit mode nothing is refused.
     let audit = what == SOCK_AUDIT || cfg.mode == MODE_AUDIT;
-    count(if audit { STAT_AUDITED } else { STAT_DENIED });
-    report(
-        if family == AF_INET6 { 6 } else { 4 },
-        ty as u8,
-        protocol as u8,
-        RULE_SOCKETS + class as u32,
+    report::refused(
+        Refusal {
+            rule_id: RULE_SOCKETS + class as u32,
+            hook: HOOK_SOCK_CREATE,
+            family: if family == AF_INET6 { 6 } else { 4 },
+            protocol: protocol as u8,
+            port: 0,
+            addr: [0; 16],
+            v4_mapped: 0,
+            sock_type: ty as u8,
+        },
         audit,
         cfg.generation,
     );
     if audit { CREATE } else { REFUSE }
-}
-
-#[inline(always)]
-fn report(family: u8, sock_type: u8, protocol: u8, rule_id: u32, audit: bool, generation: u32) {
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut slot) => {
-            let pid_tgid = bpf_get_current_pid_tgid();
-            let uid_gid = bpf_get_current_uid_gid();
-            slot.write(Event {
-                ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-                pid: pid_tgid as u32,
-                tgid: (pid_tgid >> 32) as u32,
-                uid: uid_gid as u32,
-                gid: (uid_gid >> 32) as u32,
-                rule_id,
-                port: 0,
-                hook: HOOK_SOCK_CREATE,
-                family,
-                protocol,
-                action: if audit { EVENT_AUDIT } else { EVENT_DENY },
-                v4_mapped: 0,
-                sock_type,
-                generation,
-                addr: [0u8; 16],
-                comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-            });
-            slot.submit(0);
-        }
-        None => count(STAT_EVENTS_LOST),
-    }
 }

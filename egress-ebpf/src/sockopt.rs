@@ -6,19 +6,13 @@
 //!
 //! Return values: 1 lets the kernel handle the option, 0 makes setsockopt fail with EPERM.
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
-    },
-    programs::SockoptContext,
-};
-use egress_common::{
-    EVENT_AUDIT, EVENT_DENY, Event, HOOK_SETSOCKOPT, MODE_AUDIT, RULE_SOURCE_ROUTE, STAT_AUDITED,
-    STAT_DENIED, STAT_EVENTS_LOST,
-};
+use aya_ebpf::programs::SockoptContext;
+use egress_common::{HOOK_SETSOCKOPT, MODE_AUDIT, RULE_SOURCE_ROUTE};
 
-use crate::{maps::EVENTS, policy, sock_addr::count};
+use crate::{
+    policy,
+    report::{self, Refusal},
+};
 
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -53,8 +47,20 @@ pub fn setsockopt(ctx: &SockoptContext) -> i32 {
     }
     let cfg = policy::config();
     let audit = cfg.mode == MODE_AUDIT;
-    count(if audit { STAT_AUDITED } else { STAT_DENIED });
-    report(audit, cfg.generation, level);
+    report::refused(
+        Refusal {
+            rule_id: RULE_SOURCE_ROUTE,
+            hook: HOOK_SETSOCKOPT,
+            family: if level == SOL_IPV6 { 6 } else { 4 },
+            protocol: 0,
+            port: 0,
+            addr: [0; 16],
+            v4_mapped: 0,
+            sock_type: 0,
+        },
+        audit,
+        cfg.generation,
+    );
     if audit { PROCEED } else { REFUSE }
 }
 
@@ -94,35 +100,4 @@ fn ip_options_route(ctx: &SockoptContext) -> bool {
         i += 1;
     }
     false
-}
-
-#[inline(always)]
-fn report(audit: bool, generation: u32, level: i32) {
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut slot) => {
-            let pid_tgid = bpf_get_current_pid_tgid();
-            let uid_gid = bpf_get_current_uid_gid();
-            slot.write(Event {
-                ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-                pid: pid_tgid as u32,
-                tgid: (pid_tgid >> 32) as u32,
-                uid: uid_gid as u32,
-                gid: (uid_gid >> 32) as u32,
-                rule_id: RULE_SOURCE_ROUTE,
-                port: 0,
-                hook: HOOK_SETSOCKOPT,
-                family: if level == SOL_IPV6 { 6 } else { 4 },
-                protocol: 0,
-                action: if audit { EVENT_AUDIT } else { EVENT_DENY },
-                v4_mapped: 0,
-                sock_type: 0,
-                generation,
-                addr: [0u8; 16],
-                comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-            });
-            slot.submit(0);
-        }
-        None => count(STAT_EVENTS_LOST),
-    }
 }
