@@ -12,6 +12,7 @@
 //! Namespaces, cgroups and the processes it starts come from the test harness (`egress_tests`),
 //! so that the bench cleans up exactly as the tests do. `egress-bench client …` is its own timing
 //! client, which it starts inside a namespace and a cgroup.
+//! (Over 500 lines: one benchmark harness, each measurement beside its baseline.)
 
 use std::{
     collections::BTreeMap,

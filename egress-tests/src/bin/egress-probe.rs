@@ -1,6 +1,7 @@
 //! egress-probe: tries outbound calls and prints, per call, one JSON line with the result.
 //! A diagnostic for users ("is this destination allowed from here?") and the client that the
 //! kernel and end-to-end tests drive. The lines are the types of `egress_tests::probe`.
+//! (Over 500 lines: one tool, its operations and their socket-level plumbing.)
 
 use std::{
     collections::BTreeMap,

@@ -13,8 +13,28 @@ use egress_common::{
     BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, map_names,
 };
 
-use super::{Counters, DatapathError};
+use serde::{Deserialize, Serialize};
+
+use super::{DatapathError, pins::MapShape};
 use crate::policy::compile::CompiledPolicy;
+
+/// The datapath's counters (`STATS`), summed over all CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    pub events_lost: u64,
+    /// Packets TC dropped (unattributed traffic to blocked destinations).
+    pub tc_dropped: u64,
+    /// Packets TC would have dropped, in audit mode.
+    pub tc_audited: u64,
+    /// Packets/bytes not counted under their own flow because the flow map was full.
+    pub flows_full_packets: u64,
+    pub flows_full_bytes: u64,
+    /// Packets TC dropped because their owner is over a byte budget.
+    pub budget_dropped: u64,
+}
 
 /// One of the two policy buffers: the tries and the rule sets they point into.
 pub(super) struct PolicyBuffer {
@@ -211,4 +231,35 @@ pub(super) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
 ) -> Result<T, DatapathError> {
     let data = MapData::from_pin(path).map_err(err(name))?;
     T::try_from(wrap(data)).map_err(err(name))
+}
+
+/// The shape of every map of the object, as this controller creates them: map type, key size,
+/// value size and max entries (the loader's overrides included), by name.
+pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapShape>, DatapathError>
+{
+    let obj = aya_obj::Object::parse(super::EBPF_OBJECT)
+        .map_err(|e| DatapathError::Pin(format!("parsing the embedded object: {e}")))?;
+    Ok(obj
+        .maps
+        .iter()
+        .filter(|(name, _)| map_names::ALL.contains(&name.as_str()))
+        .map(|(name, m)| {
+            let max_entries = if map_names::POLICY_V4.contains(&name.as_str())
+                || map_names::POLICY_V6.contains(&name.as_str())
+            {
+                super::POLICY_CAPACITY
+            } else if map_names::RULESETS.contains(&name.as_str()) {
+                super::RULESET_CAPACITY
+            } else {
+                m.max_entries()
+            };
+            let shape = MapShape {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+            };
+            (name.clone(), shape)
+        })
+        .collect())
 }

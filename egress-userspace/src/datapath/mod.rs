@@ -4,6 +4,8 @@
 //! ring (`ring`). Raw bpf(2) calls only where aya has no API (`bpfsys`).
 
 mod bpfsys;
+mod error;
+mod links;
 mod maps;
 pub mod pins;
 mod ring;
@@ -18,15 +20,17 @@ use aya::{
     util::KernelVersion,
 };
 use egress_common::{BlockKey, BlockValue, Config, FlowKey, FlowValue, map_names};
-use serde::{Deserialize, Serialize};
 
-use self::{
-    maps::Maps,
-    pins::{Pins, pin_link, take_over},
-};
 pub use self::{
+    error::DatapathError,
+    maps::Counters,
     pins::{LinkStatus, PinnedStatus, State},
     ring::{AsyncEventRing, EventRing},
+};
+use self::{
+    links::{pin_link, take_over},
+    maps::Maps,
+    pins::Pins,
 };
 use crate::policy::compile::CompiledPolicy;
 
@@ -47,59 +51,6 @@ pub const TC_PROGRAM: &str = "tc_egress";
 pub const POLICY_CAPACITY: u32 = 1 << 22;
 /// Distinct rule sets one policy buffer can hold.
 pub const RULESET_CAPACITY: u32 = 1 << 16;
-
-#[derive(Debug, thiserror::Error)]
-pub enum DatapathError {
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("eBPF program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
-    #[error("eBPF map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
-    #[error("eBPF object has no {0}")]
-    Missing(&'static str),
-    #[error("opening cgroup {path}: {source}")]
-    Cgroup {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("interface {iface}: {message}")]
-    Iface { iface: String, message: String },
-    #[error("pinning: {0}")]
-    Pin(String),
-    #[error(
-        "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
-    )]
-    TooLarge {
-        v4: usize,
-        v6: usize,
-        rulesets: usize,
-    },
-}
-
-/// The datapath's counters (`STATS`), summed over all CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counters {
-    pub allowed: u64,
-    pub denied: u64,
-    pub audited: u64,
-    pub events_lost: u64,
-    /// Packets TC dropped (unattributed traffic to blocked destinations).
-    pub tc_dropped: u64,
-    /// Packets TC would have dropped, in audit mode.
-    pub tc_audited: u64,
-    /// Packets/bytes not counted under their own flow because the flow map was full.
-    pub flows_full_packets: u64,
-    pub flows_full_bytes: u64,
-    /// Packets TC dropped because their owner is over a byte budget.
-    pub budget_dropped: u64,
-}
 
 /// What a reload did.
 #[derive(Debug, Clone, Copy)]
@@ -137,36 +88,6 @@ fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
             rulesets: policy.rulesets.len(),
         })
     }
-}
-
-/// The shape of every map of the object, as this controller creates them: map type, key size,
-/// value size and max entries (the loader's overrides included), by name.
-fn expected_maps() -> Result<std::collections::HashMap<String, pins::MapShape>, DatapathError> {
-    let obj = aya_obj::Object::parse(EBPF_OBJECT)
-        .map_err(|e| DatapathError::Pin(format!("parsing the embedded object: {e}")))?;
-    Ok(obj
-        .maps
-        .iter()
-        .filter(|(name, _)| map_names::ALL.contains(&name.as_str()))
-        .map(|(name, m)| {
-            let max_entries = if map_names::POLICY_V4.contains(&name.as_str())
-                || map_names::POLICY_V6.contains(&name.as_str())
-            {
-                POLICY_CAPACITY
-            } else if map_names::RULESETS.contains(&name.as_str()) {
-                RULESET_CAPACITY
-            } else {
-                m.max_entries()
-            };
-            let shape = pins::MapShape {
-                map_type: m.map_type(),
-                key_size: m.key_size(),
-                value_size: m.value_size(),
-                max_entries,
-            };
-            (name.clone(), shape)
-        })
-        .collect())
 }
 
 /// A program of the object, as its type.
@@ -252,7 +173,7 @@ impl Datapath {
             if adopt {
                 // A map pinned by another version with another layout must never be read or
                 // written with ours: refuse, and the enforcement in place stays as it is.
-                p.check_maps(&expected_maps()?)?;
+                p.check_maps(&maps::expected_maps()?)?;
             } else {
                 // Maps without links are leftovers: start from fresh ones.
                 p.remove_maps();
@@ -396,7 +317,7 @@ impl Datapath {
             return Ok(());
         }
         match pinned {
-            Some(path) => pins::pin_cgroup_link(
+            Some(path) => links::pin_cgroup_link(
                 fd,
                 &dir,
                 aya_obj::generated::bpf_attach_type::BPF_CGROUP_SETSOCKOPT,

@@ -40,6 +40,7 @@
 //! `EGRESS_FUZZ_CASES=100000 EGRESS_FUZZ_SEED=random cargo test -p egress-userspace --lib policy::fuzz`
 //! (`EGRESS_FUZZ_CASES` is the number of cases of each property; `EGRESS_FUZZ_SEED` is a number,
 //! or `random` for a new seed each run; proptest prints the failing input, shrunk).
+//! (Over 500 lines: one cohesive fuzzer, its generators, properties and reference model.)
 
 use std::{
     collections::{HashMap, HashSet},

@@ -1,3 +1,7 @@
+//! Unit tests of parsing and validation: every key, every error path with its line, column and
+//! field. One suite, kept whole (over 500 lines) so that each error message is tested beside the
+//! others of its kind.
+
 use super::*;
 
 fn err(text: &str) -> PolicyError {

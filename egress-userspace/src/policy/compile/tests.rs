@@ -1,3 +1,6 @@
+//! Unit tests of the compile step and of `evaluate`: nested and overlapping prefixes, ranges,
+//! blocks over services, embedded IPv4, ICMP. One suite, kept whole (over 500 lines).
+
 use std::net::IpAddr;
 
 use egress_common::{IPPROTO_TCP, IPPROTO_UDP};

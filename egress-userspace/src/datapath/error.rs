@@ -1,0 +1,36 @@
+//! What can go wrong in the datapath, by kind, with the map, program, cgroup or interface named.
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program `{name}`: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("interface {iface}: {message}")]
+    Iface { iface: String, message: String },
+    #[error("pinning: {0}")]
+    Pin(String),
+    #[error(
+        "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
+    )]
+    TooLarge {
+        v4: usize,
+        v6: usize,
+        rulesets: usize,
+    },
+}
