@@ -206,7 +206,7 @@ pub const STAT_BUDGET_DROPPED: u32 = 8;
 pub const STAT_COUNT: u32 = 9;
 
 /// Key of `BLOCKED`: a process over its byte budget, everywhere (`addr` all zero, `family` 0)
-/// or towards one destination.
+/// or towards one destination; or a user (`family` [`BLOCK_USER`], `tgid` holding the uid).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BlockKey {
@@ -217,6 +217,9 @@ pub struct BlockKey {
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<BlockKey>() == 24);
+
+/// `BlockKey::family` of a block on every process of one user (the uid in `tgid`).
+pub const BLOCK_USER: u8 = 0xff;
 
 /// Value of `BLOCKED`.
 #[repr(C)]

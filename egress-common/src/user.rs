@@ -110,6 +110,15 @@ impl Event {
 }
 
 impl BlockKey {
+    /// The key that blocks every process of user `uid`.
+    pub fn user(uid: u32) -> BlockKey {
+        BlockKey {
+            tgid: uid,
+            family: BLOCK_USER,
+            ..BlockKey::default()
+        }
+    }
+
     /// The key that blocks process `tgid`, everywhere (`dst` None) or towards one destination.
     /// A v4-mapped IPv6 destination is keyed as the IPv4 address the hooks judge it as.
     pub fn process(tgid: u32, dst: Option<IpAddr>) -> BlockKey {

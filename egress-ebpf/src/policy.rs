@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    ACTION_BLOCK, BlockKey, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, embedded_v4,
-    is_loopback_v4, is_loopback_v6,
+    ACTION_BLOCK, BLOCK_USER, BlockKey, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK,
+    embedded_v4, is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{
@@ -106,14 +106,35 @@ fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decisio
     }
 }
 
-/// The alert rule blocking process `tgid` (everywhere, or towards `addr`), if a byte-budget block
-/// is in force. `family` is 4 (address in the first 4 bytes) or 6.
+/// The alert rule blocking process `tgid` (everywhere, or towards `addr`) or, when `uid` is
+/// given, its user, if a byte-budget block is in force. `family` is 4 (address in the first 4
+/// bytes) or 6. TC passes no uid: user blocks refuse new connections and sends at the hooks, and
+/// the TC program stays within the verifier's budget.
 #[inline(always)]
-pub fn budget_block(cfg: &Config, tgid: u32, family: u8, addr: &[u8; 16]) -> Option<u32> {
+pub fn budget_block(
+    cfg: &Config,
+    tgid: u32,
+    uid: Option<u32>,
+    family: u8,
+    addr: &[u8; 16],
+) -> Option<u32> {
     if cfg.budget_blocks == 0 {
         return None;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
+    if let Some(uid) = uid {
+        let user = BlockKey {
+            tgid: uid,
+            family: BLOCK_USER,
+            _pad: [0; 3],
+            addr: [0; 16],
+        };
+        if let Some(b) = unsafe { BLOCKED.get(user) }
+            && b.until_ns > now
+        {
+            return Some(b.rule_id);
+        }
+    }
     let any = BlockKey {
         tgid,
         family: 0,

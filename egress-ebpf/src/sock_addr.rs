@@ -145,7 +145,8 @@ fn finish(
     let d = if d.allow {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let (jfamily, jaddr) = judged(family, v4_mapped, &addr);
-        match policy::budget_block(cfg, tgid, jfamily, &jaddr) {
+        let uid = bpf_get_current_uid_gid() as u32;
+        match policy::budget_block(cfg, tgid, Some(uid), jfamily, &jaddr) {
             Some(rule_id) => Decision {
                 allow: false,
                 rule_id,

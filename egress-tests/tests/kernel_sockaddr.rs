@@ -663,3 +663,40 @@ fn sockets_in_audit_mode_are_created_and_reported() {
         ("audit", "sock_create", "sockets.raw")
     );
 }
+
+/// A byte-budget block on a user (`per = "user"`) refuses every process of that uid, forked
+/// children included, and no one else's.
+#[test]
+fn a_user_block_refuses_every_process_of_that_user_only() {
+    let cg = TestCgroup::new();
+    let (mut dp, _) = load("allow_loopback = true\n");
+    dp.attach(cg.path()).expect("attach");
+    let nobody = 65534;
+    dp.block(egress_common::BlockKey::user(nobody), u64::MAX, 7)
+        .expect("block");
+    let as_user = |uid: Option<u32>| {
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = std::process::Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={u}"),
+                    &format!("--regid={u}"),
+                    "--clear-groups",
+                ])
+                .arg(egress_tests::bins::probe());
+                c
+            }
+            None => std::process::Command::new(egress_tests::bins::probe()),
+        };
+        // A process the block never saw: what a blocked process forks is one of these too.
+        cg.join_on_exec(&mut cmd);
+        let out = cmd
+            .args(["tcp", "127.0.0.2:9"])
+            .output()
+            .expect("running the probe");
+        assert!(out.status.success(), "{out:?}");
+        egress_tests::probe::verdicts(&out.stdout)
+    };
+    assert_eq!(as_user(Some(nobody)), [Denied], "the blocked user");
+    assert_eq!(as_user(None), [Refused], "root is not blocked");
+}

@@ -87,6 +87,8 @@ pub enum AlertKey {
     Process(u32),
     Destination(IpAddr),
     ProcessDestination(u32, IpAddr),
+    /// Every process of one uid.
+    User(u32),
     Cgroup(u64),
 }
 
@@ -97,14 +99,14 @@ impl AlertKey {
             AlertKey::Process(p) => format!("process:{p}"),
             AlertKey::Destination(d) => format!("destination:{d}"),
             AlertKey::ProcessDestination(p, d) => format!("process_destination:{p}->{d}"),
+            AlertKey::User(u) => format!("user:{u}"),
             AlertKey::Cgroup(c) => format!("cgroup:{c}"),
         }
     }
 
     /// Parses the text form; a bare number is a process.
     pub fn parse(s: &str) -> Result<AlertKey, String> {
-        let expected =
-            "expected process:PID, process_destination:PID->ADDR, destination:ADDR or cgroup:ID";
+        let expected = "expected process:PID, process_destination:PID->ADDR, user:UID, destination:ADDR or cgroup:ID";
         let bad = || format!("`{s}` is not an alert key: {expected}");
         if let Ok(pid) = s.parse::<u32>() {
             return Ok(AlertKey::Process(pid));
@@ -114,6 +116,7 @@ impl AlertKey {
             "process" => rest.parse().map(AlertKey::Process).map_err(|_| bad()),
             "destination" => rest.parse().map(AlertKey::Destination).map_err(|_| bad()),
             "cgroup" => rest.parse().map(AlertKey::Cgroup).map_err(|_| bad()),
+            "user" => rest.parse().map(AlertKey::User).map_err(|_| bad()),
             "process_destination" => {
                 let (p, d) = rest.split_once("->").ok_or_else(bad)?;
                 Ok(AlertKey::ProcessDestination(
@@ -291,6 +294,11 @@ impl AlertEngine {
                     AlertPer::ProcessDestination if key.tgid != TGID_UNATTRIBUTED => {
                         AlertKey::ProcessDestination(key.tgid, dst)
                     }
+                    AlertPer::User if key.tgid != TGID_UNATTRIBUTED => match info(key.tgid).uid {
+                        Some(uid) => AlertKey::User(uid),
+                        // A process whose user nobody knows cannot be counted for one.
+                        None => continue,
+                    },
                     AlertPer::Destination => AlertKey::Destination(dst),
                     AlertPer::Cgroup => AlertKey::Cgroup(key.cgroup_id),
                     // Unattributed traffic has no process to alert on or block.

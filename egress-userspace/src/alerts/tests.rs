@@ -285,6 +285,7 @@ fn keys_round_trip_through_text() {
         AlertKey::Destination("2001:db8::1".parse().unwrap()),
         AlertKey::ProcessDestination(3, "198.18.0.2".parse().unwrap()),
         AlertKey::Cgroup(77),
+        AlertKey::User(1001),
     ] {
         assert_eq!(AlertKey::parse(&k.text()), Ok(k));
     }
@@ -294,4 +295,31 @@ fn keys_round_trip_through_text() {
             .unwrap_err()
             .contains("expected process:PID")
     );
+}
+
+#[test]
+fn per_user_sums_every_process_of_the_user_so_forking_does_not_dodge_it() {
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
+    let text = "[[alert]]\nname = \"user-budget\"\nbytes = \"1MB\"\nwindow = \"10s\"\nper = \"user\"\naction = \"block\"\ncooldown = \"1m\"\n";
+    let mut e = AlertEngine::new(alerts(text), clock.start);
+    // Three processes of the same user (the test's `info` says uid 0), each well under the
+    // budget: together over it.
+    let f = run(
+        &mut e,
+        &clock,
+        0.0,
+        &[
+            (flow(31, 2, 443), bytes(400_000)),
+            (flow(32, 2, 443), bytes(400_000)),
+            (flow(33, 2, 443), bytes(400_000)),
+        ],
+    );
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].key, AlertKey::User(0));
+    assert_eq!(f[0].event.key, "user:0");
+    assert_eq!(f[0].block_for, Some(Duration::from_secs(60)));
+    assert_eq!(f[0].event.action, AlertAction::Block);
 }

@@ -62,8 +62,8 @@ impl BlockEvent {
 }
 
 impl Controller {
-    /// Blocks `key` (a process, or a process towards one destination) in the kernel for `dur`,
-    /// reporting alert `alert_index`. Keys about no process cannot be blocked: false.
+    /// Blocks `key` (a process, a process towards one destination, or a user) in the kernel for
+    /// `dur`, reporting alert `alert_index`. Destination and cgroup keys cannot be blocked: false.
     pub(super) fn set_block(
         &mut self,
         key: AlertKey,
@@ -74,6 +74,7 @@ impl Controller {
         let Some(bk) = (match key {
             AlertKey::Process(p) => Some(BlockKey::process(p, None)),
             AlertKey::ProcessDestination(p, d) => Some(BlockKey::process(p, Some(d))),
+            AlertKey::User(u) => Some(BlockKey::user(u)),
             _ => None,
         }) else {
             return Ok(false);

@@ -155,6 +155,8 @@ pub enum AlertPer {
     Destination,
     ProcessDestination,
     Cgroup,
+    /// Every process of one user (uid), together: a budget that forking cannot dodge.
+    User,
 }
 
 impl AlertPer {
@@ -164,6 +166,7 @@ impl AlertPer {
             AlertPer::Destination => "destination",
             AlertPer::ProcessDestination => "process_destination",
             AlertPer::Cgroup => "cgroup",
+            AlertPer::User => "user",
         }
     }
 }

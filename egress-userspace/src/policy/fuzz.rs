@@ -1477,7 +1477,7 @@ fn check_policy(text: &str, p: &Policy) -> Result<(), TestCaseError> {
         if a.action == AlertAction::Block {
             prop_assert!(matches!(
                 a.per,
-                AlertPer::Process | AlertPer::ProcessDestination
+                AlertPer::Process | AlertPer::ProcessDestination | AlertPer::User
             ));
         }
         for d in a.destinations.iter().chain(&a.exclude_destinations) {

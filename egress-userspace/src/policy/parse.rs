@@ -360,13 +360,16 @@ fn alert(
         None => (AlertAction::Alert, table_start),
     };
     if action == AlertAction::Block
-        && !matches!(a.per, AlertPer::Process | AlertPer::ProcessDestination)
+        && !matches!(
+            a.per,
+            AlertPer::Process | AlertPer::ProcessDestination | AlertPer::User
+        )
     {
         return Err(src.error(
             action_at,
             entry.field("action"),
             format!(
-                "action = \"block\" cannot apply per = \"{}\": expected per = \"process\" or \"process_destination\"",
+                "action = \"block\" cannot apply per = \"{}\": expected per = \"process\", \"process_destination\" or \"user\"",
                 a.per.as_str()
             ),
         ));

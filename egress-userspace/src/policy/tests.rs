@@ -374,7 +374,7 @@ fn alert_errors_name_line_field_and_expectation() {
     ));
     assert_eq!(e.field, "alert[1].window");
     let e = err(&format!(
-        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nper = \"user\"\n"
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nbytes = \"1MB\"\nwindow = \"5m\"\nper = \"session\"\n"
     ));
     assert!(e.message.contains("process_destination"), "{e}");
     let e = err(&format!(
