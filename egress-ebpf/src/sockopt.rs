@@ -32,14 +32,19 @@ const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
 
 pub fn setsockopt(ctx: &SockoptContext) -> i32 {
+    // An optval larger than a page is cut to a page for the program; left as it is, the kernel
+    // fails the call with EFAULT (before 6.5). optlen 0 tells it to use the caller's own buffer,
+    // which is what we want: we never change an option. (4096: the smallest page size.)
+    let optlen = unsafe { (*ctx.sockopt).optlen };
+    if optlen > 4096 {
+        unsafe { (*ctx.sockopt).optlen = 0 };
+    }
     let (level, optname) = unsafe { ((*ctx.sockopt).level, (*ctx.sockopt).optname) };
     let routes = match (level, optname) {
         (SOL_IP, IP_OPTIONS) => ip_options_route(ctx),
         // Any non-empty routing header (clearing one is fine); RFC 2292 packet options may carry
         // one as well.
-        (SOL_IPV6, IPV6_RTHDR | IPV6_2292RTHDR | IPV6_2292PKTOPTIONS) => {
-            (unsafe { (*ctx.sockopt).optlen }) > 0
-        }
+        (SOL_IPV6, IPV6_RTHDR | IPV6_2292RTHDR | IPV6_2292PKTOPTIONS) => optlen > 0,
         _ => false,
     };
     if !routes {

@@ -243,6 +243,9 @@ fn source_routes_are_refused_at_setsockopt_and_dropped_at_tc() {
         [Denied, Denied, Succeeded],
         "setsockopt forms refused; the cmsg form passes the hooks (its destination is approved)"
     );
+    // Any other option passes untouched, also one larger than the page the hook sees.
+    let (r, _) = probe_in_a(&pair, &cg, &["setsockopt-large"]);
+    assert_eq!(r, [Succeeded]);
     // The same from a process outside the enforced cgroup: no setsockopt hook, TC still sees
     // every packet on the interface.
     let outside = Probe::new()

@@ -28,6 +28,8 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   then one datagram
   udp-lsrr-cmsg ADDR:PORT         one datagram carrying the same source route as an
                                   IP_RETOPTS cmsg
+  setsockopt-large                setsockopt(IP_FREEBIND) with an 8 KiB buffer (the kernel reads
+                                  4 bytes): larger than the page a sockopt hook sees
   udp-rthdr [ADDR]:PORT           setsockopt(IPV6_RTHDR) with a segment routing header (type 4)
                                   via ADDR, then one datagram
   socket KIND                     create one socket: raw4, raw6 (SOCK_RAW), ping4, ping6 (ping
@@ -87,6 +89,7 @@ enum Call {
     UdpLsrrCmsg(SocketAddr),
     UdpRthdr(SocketAddr),
     Socket(String),
+    SetsockoptLarge,
     Ping(SocketAddr),
     PingLaundered(SocketAddr),
     TcpSend(SocketAddr, u64),
@@ -112,6 +115,7 @@ impl Call {
             Call::UdpLsrrCmsg(_) => "udp-lsrr-cmsg",
             Call::UdpRthdr(_) => "udp-rthdr",
             Call::Socket(_) => "socket",
+            Call::SetsockoptLarge => "setsockopt-large",
             Call::Ping(_) => "ping",
             Call::PingLaundered(_) => "ping-laundered",
             Call::TcpSend(..) => "tcp-send",
@@ -139,7 +143,7 @@ impl Call {
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a) => *a,
             Call::Storm { allowed, .. } => *allowed,
-            Call::Sleep(_) | Call::WaitFile(_) | Call::Socket(_) => {
+            Call::Sleep(_) | Call::WaitFile(_) | Call::Socket(_) | Call::SetsockoptLarge => {
                 SocketAddr::from(([0, 0, 0, 0], 0))
             }
         }
@@ -183,6 +187,7 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
             "udp-lsrr-cmsg" => Call::UdpLsrrCmsg(addr(&mut words, op)?),
             "udp-rthdr" => Call::UdpRthdr(addr(&mut words, op)?),
             "socket" => Call::Socket(next(&mut words, op, "KIND")?.clone()),
+            "setsockopt-large" => Call::SetsockoptLarge,
             "ping" => Call::Ping(addr(&mut words, op)?),
             "ping-laundered" => Call::PingLaundered(addr(&mut words, op)?),
             "udp-connect-cmsg" => {
@@ -529,6 +534,12 @@ impl Probe {
                 s.send_to(b"egress-probe", addr).map(drop)
             }
             Call::Socket(kind) => socket_of(kind).map(drop),
+            Call::SetsockoptLarge => {
+                let s = UdpSocket::bind("127.0.0.1:0")?;
+                let mut value = vec![0u8; 8192];
+                value[..4].copy_from_slice(&1i32.to_ne_bytes());
+                setsockopt(&s, libc::IPPROTO_IP, libc::IP_FREEBIND, &value)
+            }
             Call::Ping(addr) => ping(addr, false),
             Call::PingLaundered(addr) => ping(addr, true),
             Call::UdpLsrr(addr) => {
