@@ -9,7 +9,6 @@
 
 use std::{
     ffi::OsString,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Output},
     sync::atomic::{AtomicU32, Ordering},
@@ -388,14 +387,7 @@ impl Egress {
 /// True while a live controller holds the lock of pin directory `dir` (`egress run` takes it
 /// for as long as it drives those pins).
 fn pins_locked(dir: &Path) -> bool {
-    let lock = egress::datapath::pins::Pins::new(dir)
-        .state_path()
-        .with_extension("lock");
-    let Ok(f) = std::fs::OpenOptions::new().write(true).open(lock) else {
-        return false;
-    };
-    // SAFETY: flock on a valid fd; released when `f` closes.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    egress::datapath::pins::Pins::new(dir).is_locked()
 }
 
 impl Drop for Egress {
@@ -416,10 +408,5 @@ impl Drop for Egress {
             .arg("--socket")
             .arg(self.socket.as_deref().unwrap_or(Path::new("/nonexistent")))
             .output();
-        let _ = std::fs::remove_file(
-            egress::datapath::pins::Pins::new(dir)
-                .state_path()
-                .with_extension("lock"),
-        );
     }
 }

@@ -133,3 +133,41 @@ fn pinned_maps_of_another_layout_are_refused_and_enforcement_stays() {
     // Still enforced: the pinned programs run on.
     assert_eq!(probe(&cg, &[("tcp", "127.0.0.3:80")]), [Denied]);
 }
+
+/// The controller lock lives on the pin directory itself: a second controller that shares the
+/// pins but not /run (another container on the node) is refused, and the first goes on.
+#[test]
+fn a_controller_that_shares_the_pins_but_not_run_is_refused() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("persist-lock");
+    let cg = TestCgroup::new();
+    let pins = pin_dir();
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let first = EgressCmd::run(&ns, cg.path(), &dir)
+        .pinned(&pins)
+        .policy(&policy)
+        .start();
+    // The second one gets a /run of its own (a fresh tmpfs in a mount namespace of its own).
+    let script = format!(
+        "mount -t tmpfs tmpfs /run && exec {} run --policy {} --cgroup {} --pin-dir {} --socket {}",
+        egress_tests::bins::egress().display(),
+        policy.display(),
+        cg.path().display(),
+        pins.display(),
+        dir.join("second.sock").display()
+    );
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path().display()))
+        .args(["--", "unshare", "-m", "sh", "-c", &script]);
+    let mut second = egress_tests::ChildGuard::spawn(&mut cmd);
+    let status = second.wait_within("the second controller", Duration::from_secs(20));
+    // 1 is egress's own failure (a failed mount would be sh's 32).
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a second controller on the same pins must be refused: {}",
+        second.stderr_text()
+    );
+    let s = first.status().expect("the first controller answers");
+    assert_eq!(s["controller"]["pid"], first.pid(), "{s}");
+}

@@ -144,26 +144,29 @@ impl Pins {
     }
 
     /// Takes the controller lock of this pin directory for as long as the returned file lives:
-    /// two controllers must never drive the same pinned maps.
+    /// two controllers must never drive the same pinned maps. The lock is on the pin directory
+    /// itself (bpffs), so controllers that share the pins but not /run (containers) exclude each
+    /// other too.
     pub fn lock(&self) -> anyhow::Result<fs::File> {
-        let path = self.state_path().with_extension("lock");
-        if let Some(d) = path.parent() {
-            fs::create_dir_all(d)?;
-        }
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        self.ensure()?;
+        let dir =
+            fs::File::open(&self.dir).with_context(|| format!("opening {}", self.dir.display()))?;
+        if rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
             bail!(
-                "another egress controller is running on {} (lock {})",
-                self.dir.display(),
-                path.display()
+                "another egress controller is running on {}",
+                self.dir.display()
             );
         }
-        Ok(f)
+        Ok(dir)
+    }
+
+    /// Whether a controller holds [`Pins::lock`] now.
+    pub fn is_locked(&self) -> bool {
+        let Ok(dir) = fs::File::open(&self.dir) else {
+            return false;
+        };
+        // Released when `dir` closes.
+        rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err()
     }
 
     /// The pinned copy of the [`State`].
