@@ -42,12 +42,7 @@ fn remove_stale(root: &Path) {
     };
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
-        // `egress-exec-<pid>-<seq>`: the exec that made it.
-        let pid = name
-            .strip_prefix(EXEC_PREFIX)
-            .and_then(|r| r.trim_start_matches('-').split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| Procfs.alive(p)) {
+        if ChildCgroup::creator(&name, EXEC_PREFIX).is_some_and(|p| Procfs.alive(p)) {
             continue;
         }
         let cgroup = root.join(&name);

@@ -113,6 +113,17 @@ impl ChildCgroup {
         Ok(ChildCgroup { path })
     }
 
+    /// The pid of the process that made child cgroup `name` with `prefix` (the name
+    /// [`ChildCgroup::create`] gives: `<prefix>-<pid>-<seq>`).
+    pub fn creator(name: &str, prefix: &str) -> Option<u32> {
+        name.strip_prefix(prefix)?
+            .strip_prefix('-')?
+            .split('-')
+            .next()?
+            .parse()
+            .ok()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -228,6 +239,19 @@ mod tests {
         assert_eq!(id_and_level(root, Path::new("/")).unwrap().1, 0);
         assert_eq!(id_and_level(root, Path::new("/tmp")).unwrap().1, 1);
         assert!(id_and_level(Path::new("/proc"), Path::new("/tmp")).is_err());
+    }
+
+    #[test]
+    fn a_child_cgroup_names_its_creator() {
+        assert_eq!(
+            ChildCgroup::creator("egress-exec-4321-3", "egress-exec"),
+            Some(4321)
+        );
+        assert_eq!(
+            ChildCgroup::creator("egress-test-12-0", "egress-exec"),
+            None
+        );
+        assert_eq!(ChildCgroup::creator("egress-exec-x-0", "egress-exec"), None);
     }
 
     #[test]
