@@ -150,11 +150,14 @@ pub struct Config {
 const _: () = assert!(size_of::<Config>() == 96);
 
 /// Classes of sockets in `Config::sockets`: raw IP sockets, ping sockets, any other IP
-/// protocol (SCTP, UDP-Lite, MPTCP, DCCP, ...). TCP and UDP are always allowed to be created
-/// and judged at connect/sendmsg.
+/// protocol (SCTP, UDP-Lite, MPTCP, DCCP, ...), and `AF_PACKET` sockets. TCP and UDP are always
+/// allowed to be created and judged at connect/sendmsg.
 pub const SOCKETS_RAW: usize = 0;
 pub const SOCKETS_ICMP: usize = 1;
 pub const SOCKETS_OTHER: usize = 2;
+/// `AF_PACKET`: no cgroup hook sees these sockets; TC judges their frames (by the sending
+/// socket's family), and `egress exec` withholds `CAP_NET_RAW` where the policy denies them.
+pub const SOCKETS_PACKET: usize = 3;
 /// What to do with a class of socket.
 pub const SOCK_DENY: u8 = 0;
 pub const SOCK_ALLOW: u8 = 1;
@@ -162,8 +165,9 @@ pub const SOCK_AUDIT: u8 = 2;
 /// Ping sockets only: allowed, and every destination judged by the policy (connect hook, and
 /// echo requests at TC) with protocol `icmp`/`icmpv6`.
 pub const SOCK_POLICY: u8 = 3;
-/// `rule_id` of a socket refused (or audited) at creation: `RULE_SOCKETS + SOCKETS_*`. Events
-/// name them `sockets.raw`, `sockets.icmp`, `sockets.other`.
+/// `rule_id` of a socket refused (or audited) at creation, or of an `AF_PACKET` frame refused at
+/// TC: `RULE_SOCKETS + SOCKETS_*`. Events name them `sockets.raw`, `sockets.icmp`,
+/// `sockets.other`, `sockets.packet`.
 pub const RULE_SOCKETS: u32 = u32::MAX - 8;
 
 /// How many `nat64_prefixes` a policy may name.

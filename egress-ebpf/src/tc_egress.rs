@@ -10,6 +10,8 @@
 //! Return values: `TC_ACT_UNSPEC` (-1, "next": lets other TCX programs and filters run) to pass,
 //! `TC_ACT_SHOT` to drop.
 
+use core::ptr::{addr_of, read_volatile};
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -20,9 +22,10 @@ use aya_ebpf::{
 };
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOURCE_ROUTE,
-    SOCK_POLICY, SOCKETS_ICMP, STAT_BUDGET_DROPPED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES,
-    STAT_FLOWS_FULL_PACKETS, STAT_TC_AUDITED, STAT_TC_DROPPED, TGID_UNATTRIBUTED,
+    IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOCKETS,
+    RULE_SOURCE_ROUTE, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP, SOCKETS_PACKET,
+    STAT_BUDGET_DROPPED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS,
+    STAT_TC_AUDITED, STAT_TC_DROPPED, TGID_UNATTRIBUTED,
 };
 
 use crate::{
@@ -32,6 +35,7 @@ use crate::{
     sockopt::{IPOPT_LSRR, IPOPT_SSRR},
 };
 
+const AF_PACKET: u32 = 17;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_HLEN: u32 = 14;
@@ -40,6 +44,7 @@ const ICMP_ECHO: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 /// What the parser found in a packet.
+#[derive(Clone, Copy)]
 struct Parsed {
     family: u8,
     protocol: u8,
@@ -54,6 +59,34 @@ struct Parsed {
     echo_request: bool,
 }
 
+impl Parsed {
+    /// A frame that carries no IP packet: reported with an empty destination.
+    const NONE: Parsed = Parsed {
+        family: 0,
+        protocol: 0,
+        port: 0,
+        addr: [0u8; 16],
+        payload: 0,
+        routed: false,
+        echo_request: false,
+    };
+}
+
+/// The address family of the socket that sent this packet, 0 when there is none (forwarded
+/// traffic, ARP, kernel replies).
+#[inline(always)]
+fn socket_family(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    // SAFETY: ctx fields, read the way the verifier expects (one load each, null checked).
+    unsafe {
+        let sk = read_volatile(addr_of!((*skb).__bindgen_anon_2.sk));
+        if sk.is_null() {
+            0
+        } else {
+            read_volatile(addr_of!((*sk).family))
+        }
+    }
+}
+
 pub fn classify(ctx: &TcContext) -> i32 {
     let cfg = policy::config();
     let skb = ctx.skb.skb;
@@ -63,12 +96,35 @@ pub fn classify(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     }
-    let Some(p) = parse(ctx) else {
+    let sk_family = socket_family(skb);
+    let parsed = parse(ctx);
+    // AF_PACKET sockets pass no cgroup hook: their frames are judged here, by the sending
+    // socket's family and whatever they carry (`PACKET_QDISC_BYPASS` skips TC: see exec).
+    if sk_family == AF_PACKET {
+        let rule = cfg.sockets[SOCKETS_PACKET];
+        if rule != SOCK_ALLOW {
+            let p = match &parsed {
+                Some(p) => *p,
+                None => Parsed::NONE,
+            };
+            let rule_id = RULE_SOCKETS + SOCKETS_PACKET as u32;
+            if refuse(&cfg, &p, rule_id, rule == SOCK_AUDIT, skb) {
+                return TC_ACT_SHOT;
+            }
+        }
+    }
+    let Some(p) = parsed else {
+        // Not IP, or truncated. From a socket of the enforced scope (an allowed AF_PACKET socket
+        // aside), such a frame is no traffic the policy can judge: dropped in enforce mode.
+        if sk_family != 0 && sk_family != AF_PACKET && cfg.mode != MODE_AUDIT {
+            count(STAT_TC_DROPPED);
+            return TC_ACT_SHOT;
+        }
         return TC_ACT_UNSPEC;
     };
     // Source routes and routing headers are refused at setsockopt; their cmsg forms (and sockets
     // from outside the cgroup) end here.
-    if p.routed && refuse(&cfg, &p, RULE_SOURCE_ROUTE, skb) {
+    if p.routed && refuse(&cfg, &p, RULE_SOURCE_ROUTE, false, skb) {
         return TC_ACT_SHOT;
     }
 
@@ -97,7 +153,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
     if judge_echo || owner.is_none() {
         let d = decide(&cfg, &p);
         let explicit = d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK;
-        if !d.allow && (judge_echo || explicit) && refuse(&cfg, &p, d.rule_id, skb) {
+        if !d.allow && (judge_echo || explicit) && refuse(&cfg, &p, d.rule_id, false, skb) {
             return TC_ACT_SHOT;
         }
     }
@@ -163,7 +219,19 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
         Some(l) => *l,
         None => ETH_HLEN,
     } as usize;
-    let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
+    // The frame says what it carries, not `skb->protocol`: an AF_PACKET socket bound to another
+    // protocol may send an IP packet.
+    let proto = if l2 == ETH_HLEN as usize {
+        u16::from_be(ctx.load::<u16>(12).ok()?)
+    } else if l2 == 0 {
+        match ctx.load::<u8>(0).ok()? >> 4 {
+            4 => ETH_P_IP,
+            6 => ETH_P_IPV6,
+            _ => return None,
+        }
+    } else {
+        u16::from_be(unsafe { (*skb).protocol } as u16)
+    };
     let len = ctx.len();
     let mut addr = [0u8; 16];
     // `l3_end`: first byte after the IP header. `has_l4`: false for a non-first IPv4 fragment,
@@ -216,15 +284,16 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
 }
 
 /// Counts and reports a packet the policy refuses (`rule_id` decided); true when it is to be
-/// dropped (enforce mode), false in audit mode.
+/// dropped (enforce mode), false in audit mode or when the rule itself only audits.
 #[inline(always)]
 fn refuse(
     cfg: &egress_common::Config,
     p: &Parsed,
     rule_id: u32,
+    audit_only: bool,
     skb: *mut aya_ebpf::bindings::__sk_buff,
 ) -> bool {
-    let audit = cfg.mode == MODE_AUDIT;
+    let audit = audit_only || cfg.mode == MODE_AUDIT;
     count(if audit {
         STAT_TC_AUDITED
     } else {

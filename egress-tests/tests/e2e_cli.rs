@@ -486,3 +486,39 @@ fn a_killed_exec_leaves_its_leftovers_enforced_until_they_are_gone() {
     assert!(!std::path::Path::new(&format!("/sys/fs/bpf/egress-exec/{name}")).exists());
     assert!(!cg.exists());
 }
+
+/// `AF_PACKET` sockets pass no cgroup hook and `PACKET_QDISC_BYPASS` skips TC: where the
+/// enforced policy denies both raw and packet sockets, `exec` runs the command without
+/// CAP_NET_RAW (bounding set included), so neither can be opened even by root. A policy that
+/// allows packet sockets keeps the capability.
+#[test]
+fn exec_withholds_cap_net_raw_when_raw_and_packet_sockets_are_denied() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-netraw");
+    let denied = dir.file("deny.toml", "mode = \"enforce\"\n");
+    let out = EgressCmd::exec(&ns)
+        .policy(&denied)
+        .probe(["socket", "packet", "socket", "raw4", "socket", "udplite"])
+        .success();
+    assert_eq!(verdicts(&out.stdout), [Denied, Denied, Denied]);
+    let allowed = dir.file(
+        "allow.toml",
+        "mode = \"enforce\"\n[sockets]\npacket = \"allow\"\n",
+    );
+    let out = EgressCmd::exec(&ns)
+        .policy(&allowed)
+        .probe(["socket", "packet", "socket", "raw4"])
+        .success();
+    assert_eq!(
+        verdicts(&out.stdout),
+        [Succeeded, Denied],
+        "packet sockets allowed: the capability stays; raw4 is refused by the sock_create hook"
+    );
+    // Audit mode refuses nothing, so it withholds nothing either.
+    let audit = dir.file("audit.toml", "mode = \"audit\"\n");
+    let out = EgressCmd::exec(&ns)
+        .policy(&audit)
+        .probe(["socket", "packet"])
+        .success();
+    assert_eq!(verdicts(&out.stdout), [Succeeded]);
+}

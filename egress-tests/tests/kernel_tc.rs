@@ -34,7 +34,11 @@ const DELIVERY: Duration = Duration::from_secs(10);
 
 /// The datapath, loaded, attached to `cg`, and with TC attached to the veth of namespace `a`.
 fn load_attached(pair: &NetPair, cg: &TestCgroup) -> Datapath {
-    let p = Policy::parse("t.toml", POLICY).unwrap();
+    load_attached_with(pair, cg, POLICY)
+}
+
+fn load_attached_with(pair: &NetPair, cg: &TestCgroup, policy: &str) -> Datapath {
+    let p = Policy::parse("t.toml", policy).unwrap();
     let mut dp =
         Datapath::load(&CompiledPolicy::compile(&p).unwrap()).expect("loading the datapath (root)");
     dp.attach(cg.path()).unwrap();
@@ -279,4 +283,100 @@ fn source_routes_are_refused_at_setsockopt_and_dropped_at_tc() {
         }
     }
     assert_eq!((setsockopt, tc), (2, 3));
+}
+
+/// AF_PACKET sockets pass no cgroup hook. TC judges their frames by the sending socket's family
+/// (not by `skb->protocol`, which the sender chooses): `packet = "deny"` drops them all, also an
+/// IPv4 frame sent on a socket of another protocol; `PACKET_QDISC_BYPASS` skips TC (which is
+/// why `egress exec` withholds CAP_NET_RAW: see e2e_cli).
+#[test]
+fn packet_socket_frames_are_judged_at_tc() {
+    let pair = NetPair::new();
+    let cg = TestCgroup::new();
+    let mut dp = load_attached(&pair, &cg);
+    let mut ring = dp.take_events().unwrap();
+    let sink = UdpSink::start(&pair.b, (ADDR_B, 5003));
+    let (r, _) = probe_in_a(
+        &pair,
+        &cg,
+        &[
+            "packet-udp",
+            "198.18.0.2:5003",
+            "ip",
+            "packet-udp",
+            "198.18.0.2:5003",
+            "alien",
+        ],
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(
+        r.iter().all(|v| *v != Denied),
+        "no cgroup hook refuses an AF_PACKET send: {r:?}"
+    );
+    // The gap no cgroup program closes: with PACKET_QDISC_BYPASS the frame never meets TC (and
+    // it shows that the frames above were good ones).
+    let (r, _) = probe_in_a(&pair, &cg, &["packet-udp", "198.18.0.2:5003", "bypass"]);
+    assert_eq!(r, [Succeeded]);
+    wait_for("the frame that bypassed the qdisc", DELIVERY, || {
+        sink.datagrams() > 0
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        sink.datagrams(),
+        1,
+        "the two frames that met TC were dropped"
+    );
+    assert_eq!(dp.stats().unwrap().tc_dropped, 2);
+    let mut rules = Vec::new();
+    while let Some(ev) = ring.try_next() {
+        assert_eq!(ev.hook, HOOK_TC, "{ev:?}");
+        rules.push((ev.rule_id, ev.port, ev.addr[..4].to_vec()));
+    }
+    let packet_rule = egress_common::RULE_SOCKETS + egress_common::SOCKETS_PACKET as u32;
+    assert_eq!(
+        rules,
+        [
+            (packet_rule, 5003, vec![198, 18, 0, 2]),
+            (packet_rule, 5003, vec![198, 18, 0, 2])
+        ],
+        "both reported as sockets.packet, the IPv4 inside the alien frame parsed"
+    );
+    assert_eq!(
+        egress_common::user::builtin_rule_name(packet_rule),
+        Some("sockets.packet")
+    );
+}
+
+/// With `packet = "allow"`, frames pass and are counted (unattributed, by what they carry:
+/// the frame is parsed, not `skb->protocol`); non-IP frames of IP sockets cannot exist, and
+/// an allowed packet socket's non-IP frames pass.
+#[test]
+fn allowed_packet_socket_frames_are_counted_by_what_they_carry() {
+    let pair = NetPair::new();
+    let cg = TestCgroup::new();
+    let policy = POLICY.replace("raw = \"allow\"", "raw = \"allow\"\npacket = \"allow\"");
+    assert!(policy.contains("packet = \"allow\""));
+    let dp = load_attached_with(&pair, &cg, &policy);
+    let sink = UdpSink::start(&pair.b, (ADDR_B, 5004));
+    let (r, _) = probe_in_a(
+        &pair,
+        &cg,
+        &[
+            "packet-udp",
+            "198.18.0.2:5004",
+            "ip",
+            "packet-udp",
+            "198.18.0.2:5004",
+            "alien",
+        ],
+    );
+    assert_eq!(r, [Succeeded, Succeeded]);
+    wait_for("both frames", DELIVERY, || sink.datagrams() == 2);
+    let f = flows_of(&dp, TGID_UNATTRIBUTED, 5004, IPPROTO_UDP);
+    assert_eq!(
+        f.packets, 2,
+        "both counted, the alien one by the IPv4 it carries"
+    );
+    assert_eq!(f.payload, 2 * "egress-probe packet".len() as u64);
+    assert_eq!(dp.stats().unwrap().tc_dropped, 0);
 }

@@ -33,7 +33,7 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   udp-rthdr [ADDR]:PORT           setsockopt(IPV6_RTHDR) with a segment routing header (type 4)
                                   via ADDR, then one datagram
   socket KIND                     create one socket: raw4, raw6 (SOCK_RAW), ping4, ping6 (ping
-                                  sockets), udplite, mptcp, sctp
+                                  sockets), udplite, mptcp, sctp, packet (AF_PACKET)
   ping ADDR:PORT                  one ICMP echo request through an unconnected ping socket
   ping-laundered ADDR:PORT        the same through a ping socket first connected to loopback
                                   (an owner recorded), then disconnected (AF_UNSPEC)
@@ -41,6 +41,11 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
   raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
                                   sees it)
+  packet-udp ADDR:PORT HOW        one IPv4 UDP datagram in an Ethernet frame (broadcast MAC)
+                                  through an AF_PACKET socket on the first non-loopback
+                                  interface; HOW: ip (sent as ETH_P_IP), alien (the socket's
+                                  protocol says 0x1234, the frame carries IPv4), bypass
+                                  (PACKET_QDISC_BYPASS)
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
   storm ALLOWED DENIED MS         for MS milliseconds, alternate UDP connects to an address
                                   that must pass and one that must be denied; print the counts:
@@ -95,6 +100,7 @@ enum Call {
     TcpSend(SocketAddr, u64),
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
+    PacketUdp(SocketAddr, String),
     Sleep(u64),
     WaitFile(PathBuf),
     Storm {
@@ -121,6 +127,7 @@ impl Call {
             Call::TcpSend(..) => "tcp-send",
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
+            Call::PacketUdp(..) => "packet-udp",
             Call::Sleep(_) => "sleep",
             Call::WaitFile(_) => "wait-file",
             Call::Storm { .. } => "storm",
@@ -141,7 +148,8 @@ impl Call {
             | Call::PingLaundered(a)
             | Call::TcpSend(a, _)
             | Call::UdpSend(a, ..)
-            | Call::RawUdp(a) => *a,
+            | Call::RawUdp(a)
+            | Call::PacketUdp(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
             Call::Sleep(_) | Call::WaitFile(_) | Call::Socket(_) | Call::SetsockoptLarge => {
                 SocketAddr::from(([0, 0, 0, 0], 0))
@@ -202,6 +210,9 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
                 Call::UdpConnectCmsg(a, then)
             }
             "raw-udp" => Call::RawUdp(addr(&mut words, op)?),
+            "packet-udp" => {
+                Call::PacketUdp(addr(&mut words, op)?, next(&mut words, op, "HOW")?.clone())
+            }
             "tcp-send" => Call::TcpSend(addr(&mut words, op)?, num(&mut words, op, "BYTES")?),
             "udp-send" => Call::UdpSend(
                 addr(&mut words, op)?,
@@ -389,6 +400,7 @@ fn socket_of(kind: &str) -> io::Result<std::os::fd::OwnedFd> {
         "udplite" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
         "mptcp" => (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
         "sctp" => (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+        "packet" => (libc::AF_PACKET, libc::SOCK_RAW, 0),
         other => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -518,6 +530,7 @@ impl Probe {
             Call::TcpSend(addr, bytes) => self.tcp_send(*addr, *bytes),
             Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
             Call::RawUdp(addr) => raw_udp(*addr),
+            Call::PacketUdp(addr, how) => packet_udp(*addr, how),
             Call::Sleep(ms) => {
                 std::thread::sleep(Duration::from_millis(*ms));
                 Ok(())
@@ -668,6 +681,127 @@ fn raw_udp(addr: SocketAddr) -> io::Result<()> {
         let err = io::Error::last_os_error();
         libc::close(fd);
         if n < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+/// One IPv4 UDP datagram written whole, Ethernet header included, through an AF_PACKET socket:
+/// no cgroup hook sees it. The frame goes to the broadcast MAC (the receiving kernel accepts a
+/// unicast IP packet in an L2 broadcast) from the namespace's own address `ADDR_A`.
+fn packet_udp(addr: SocketAddr, how: &str) -> io::Result<()> {
+    const ETH_P_IP: u16 = 0x0800;
+    let SocketAddr::V4(v4) = addr else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "packet-udp is IPv4 only",
+        ));
+    };
+    let (sll_protocol, bypass) = match how {
+        "ip" => (ETH_P_IP, false),
+        "alien" => (0x1234, false),
+        "bypass" => (ETH_P_IP, true),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("packet-udp HOW: ip, alien or bypass, not {other:?}"),
+            ));
+        }
+    };
+    let payload = b"egress-probe packet";
+    let udp_len = 8 + payload.len();
+    let mut ip = Vec::with_capacity(20 + udp_len);
+    ip.extend_from_slice(&[0x45, 0]);
+    ip.extend_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_UDP as u8, 0, 0]);
+    ip.extend_from_slice(&egress_tests::netns::ADDR_A.octets());
+    ip.extend_from_slice(&v4.ip().octets());
+    let sum = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&40001u16.to_be_bytes());
+    ip.extend_from_slice(&v4.port().to_be_bytes());
+    ip.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    ip.extend_from_slice(&0u16.to_be_bytes());
+    ip.extend_from_slice(payload);
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    let ifindex = first_non_loopback_interface()?;
+    // SAFETY: plain syscalls on a socket we own, with buffers that outlive them.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(sll_protocol.to_be()),
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let one: libc::c_int = 1;
+        if bypass
+            && libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+        {
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            return Err(err);
+        }
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = sll_protocol.to_be();
+        sll.sll_ifindex = ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let n = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+/// The Internet checksum of an IPv4 header (its checksum field zero).
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The index of the first interface of this network namespace that is not loopback.
+fn first_non_loopback_interface() -> io::Result<i32> {
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed once below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        let mut found = None;
+        let mut p = list;
+        while (*p).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*p).if_name);
+            if name.to_bytes() != b"lo" {
+                found = Some((*p).if_index as i32);
+                break;
+            }
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+        found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no interface but lo"))
     }
 }
 

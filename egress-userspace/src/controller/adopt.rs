@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use egress_common::{
     Config, DEFAULT_ALLOW, MODE_AUDIT, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP,
-    SOCKETS_OTHER, SOCKETS_RAW,
+    SOCKETS_OTHER, SOCKETS_PACKET, SOCKETS_RAW,
 };
 use tracing::warn;
 
@@ -313,6 +313,7 @@ fn stand_in(record: Option<&State>, config: &Config) -> Policy {
             raw: socket_rule(config.sockets[SOCKETS_RAW]),
             icmp: socket_rule(config.sockets[SOCKETS_ICMP]),
             other: socket_rule(config.sockets[SOCKETS_OTHER]),
+            packet: socket_rule(config.sockets[SOCKETS_PACKET]),
         },
         rules: Vec::new(),
         alerts: Vec::new(),

@@ -99,6 +99,10 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
 
     let procs = cg.procs_fd()?;
     let parent = rustix::process::getpid();
+    let drop_net_raw = withholds_net_raw(&ctl.policy.policy);
+    if drop_net_raw {
+        tracing::info!("raw and packet sockets are denied: the command runs without CAP_NET_RAW");
+    }
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
     // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getppid, write, _exit)
@@ -111,6 +115,9 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
             // egress died before the prctl took effect.
             if rustix::process::getppid() != Some(parent) {
                 libc::_exit(1);
+            }
+            if drop_net_raw {
+                drop_cap_net_raw()?;
             }
             cgroup::join_in_child(&procs)
         });
@@ -166,4 +173,33 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         (None, Some(s)) => 128 + s,
         (None, None) => 1,
     })
+}
+
+/// Whether the command runs without `CAP_NET_RAW`: an enforced policy that denies both raw and
+/// `AF_PACKET` sockets. The sock_create hook refuses raw sockets and TC judges packet sockets'
+/// frames, but a packet socket with `PACKET_QDISC_BYPASS` skips TC and no cgroup hook sees it;
+/// without the capability neither kind can be opened (ping sockets need none).
+fn withholds_net_raw(policy: &crate::policy::Policy) -> bool {
+    use crate::policy::{Mode, SocketRule};
+    policy.mode == Mode::Enforce
+        && policy.sockets.raw == SocketRule::Deny
+        && policy.sockets.packet == SocketRule::Deny
+}
+
+/// Removes `CAP_NET_RAW` from the calling process for good: bounding set (no setuid binary or
+/// file capability brings it back), ambient, effective, permitted and inheritable sets. Only
+/// prctl/capget/capset: async-signal-safe, for `pre_exec`.
+fn drop_cap_net_raw() -> std::io::Result<()> {
+    use rustix::thread::{
+        CapabilitySet, capabilities, configure_capability_in_ambient_set,
+        remove_capability_from_bounding_set, set_capabilities,
+    };
+    remove_capability_from_bounding_set(CapabilitySet::NET_RAW)?;
+    configure_capability_in_ambient_set(CapabilitySet::NET_RAW, false)?;
+    let mut sets = capabilities(None)?;
+    sets.effective.remove(CapabilitySet::NET_RAW);
+    sets.permitted.remove(CapabilitySet::NET_RAW);
+    sets.inheritable.remove(CapabilitySet::NET_RAW);
+    set_capabilities(None, sets)?;
+    Ok(())
 }

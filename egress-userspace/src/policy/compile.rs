@@ -349,7 +349,7 @@ impl CompiledPolicy {
                     sock_rule(policy.sockets.raw),
                     sock_rule(policy.sockets.icmp),
                     sock_rule(policy.sockets.other),
-                    SOCK_DENY,
+                    sock_rule(policy.sockets.packet),
                 ],
                 ..Config::default()
             },

@@ -22,7 +22,7 @@ use super::{
 };
 
 /// Names that events use for verdicts no rule made; rules and alerts may not take them.
-const RESERVED_NAMES: [&str; 6] = egress_common::user::BUILTIN_RULE_NAMES;
+const RESERVED_NAMES: [&str; 7] = egress_common::user::BUILTIN_RULE_NAMES;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +55,7 @@ struct RawSockets {
     raw: Option<Spanned<SocketRule>>,
     icmp: Option<Spanned<SocketRule>>,
     other: Option<Spanned<SocketRule>>,
+    packet: Option<Spanned<SocketRule>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +171,7 @@ fn sockets(src: Source<'_>, raw: RawSockets) -> Result<Sockets, PolicyError> {
         raw: pick("raw", raw.raw, defaults.raw)?,
         icmp: pick("icmp", raw.icmp, defaults.icmp)?,
         other: pick("other", raw.other, defaults.other)?,
+        packet: pick("packet", raw.packet, defaults.packet)?,
     })
 }
 

@@ -525,9 +525,14 @@ fn sockets_table_defaults_and_errors() {
     let e = err("[sockets]\nraw = \"policy\"\n");
     assert_eq!((e.line, e.field.as_str()), (2, "sockets.raw"));
     assert!(e.message.contains("icmp only"), "{e}");
-    let e = err("[sockets]\npacket = \"deny\"\n");
+    assert_eq!(ok("").sockets.packet, SocketRule::Deny);
+    let p = ok("[sockets]\npacket = \"allow\"\n");
+    assert_eq!(p.sockets.packet, SocketRule::Allow);
+    let e = err("[sockets]\nraw = \"deny\"\npacket = \"policy\"\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "sockets.packet"));
+    let e = err("[sockets]\nbluetooth = \"deny\"\n");
     assert_eq!(e.line, 2, "{e}");
-    assert!(e.message.contains("packet"), "{e}");
+    assert!(e.message.contains("bluetooth"), "{e}");
 }
 
 #[test]

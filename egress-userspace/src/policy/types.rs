@@ -90,6 +90,10 @@ pub struct Sockets {
     pub icmp: SocketRule,
     /// Any other IP protocol: SCTP, UDP-Lite, MPTCP, DCCP, ...
     pub other: SocketRule,
+    /// `AF_PACKET` sockets: their frames are judged at TC by the sending socket's family (no
+    /// cgroup hook sees them), and `egress exec` withholds `CAP_NET_RAW` when both `raw` and
+    /// `packet` are denied (`PACKET_QDISC_BYPASS` skips TC).
+    pub packet: SocketRule,
 }
 
 impl Default for Sockets {
@@ -98,6 +102,7 @@ impl Default for Sockets {
             raw: SocketRule::Deny,
             icmp: SocketRule::Policy,
             other: SocketRule::Deny,
+            packet: SocketRule::Deny,
         }
     }
 }
@@ -106,8 +111,8 @@ impl fmt::Display for Sockets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "raw = {}, icmp = {}, other = {}",
-            self.raw, self.icmp, self.other
+            "raw = {}, icmp = {}, other = {}, packet = {}",
+            self.raw, self.icmp, self.other, self.packet
         )
     }
 }
