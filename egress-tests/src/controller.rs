@@ -59,6 +59,8 @@ pub struct EgressCmd {
     pins: Option<PathBuf>,
     /// Where `status` looks for pins when the run is ephemeral (nothing is ever there).
     no_pins: PathBuf,
+    /// Descriptors `egress` inherits: (ours, the number it gets).
+    pass_fds: Vec<(std::os::fd::OwnedFd, i32)>,
 }
 
 impl EgressCmd {
@@ -74,6 +76,7 @@ impl EgressCmd {
             socket: None,
             pins: None,
             no_pins,
+            pass_fds: Vec::new(),
         }
     }
 
@@ -162,6 +165,13 @@ impl EgressCmd {
         self
     }
 
+    /// `egress` inherits `fd` as descriptor number `target` (not close-on-exec), the way a
+    /// parent process leaks a socket to its children.
+    pub fn pass_fd(mut self, fd: std::os::fd::OwnedFd, target: i32) -> Self {
+        self.pass_fds.push((fd, target));
+        self
+    }
+
     fn build(&self) -> Command {
         let egress = bins::egress();
         let mut cmd = if self.netns_sysfs {
@@ -199,6 +209,29 @@ impl EgressCmd {
         }
         // Text logs without colour codes, whatever the terminal.
         cmd.env("NO_COLOR", "1");
+        let fds: Vec<(i32, i32)> = self
+            .pass_fds
+            .iter()
+            .map(|(fd, target)| (std::os::fd::AsRawFd::as_raw_fd(fd), *target))
+            .collect();
+        if !fds.is_empty() {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: only dup2/fcntl, async-signal-safe, on fds that outlive the spawn.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &(fd, target) in &fds {
+                        if fd == target {
+                            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        } else if libc::dup2(fd, target) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd
     }
 

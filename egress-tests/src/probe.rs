@@ -105,6 +105,8 @@ pub fn errno_name(e: &io::Error) -> String {
         Some(libc::EAGAIN) => "EAGAIN".into(),
         Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".into(),
         Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::EBADF) => "EBADF".into(),
+        Some(libc::ENOBUFS) => "ENOBUFS".into(),
         Some(n) => format!("errno{n}"),
         None if e.kind() == io::ErrorKind::TimedOut => "ETIMEDOUT".into(),
         None => e.to_string(),

@@ -522,3 +522,50 @@ fn exec_withholds_cap_net_raw_when_raw_and_packet_sockets_are_denied() {
         .success();
     assert_eq!(verdicts(&out.stdout), [Succeeded]);
 }
+
+/// A socket is judged by the cgroup it was created in. One that `egress exec` inherited from
+/// its parent (made outside the command's cgroup, connected to a blocked host) would carry the
+/// command's data past the policy: exec does not pass it on (close-on-exec), and says so.
+#[test]
+fn exec_does_not_pass_inherited_ip_sockets_to_the_command() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-inherit");
+    let policy = dir.file("p.toml", POLICY);
+    let sink = egress_tests::UdpSink::start(&ns, (Ipv4Addr::new(127, 0, 0, 66), 9999));
+    let leaked = egress_tests::in_netns(&ns, || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.connect("127.0.0.66:9999").unwrap();
+        s
+    });
+    // Control: the socket works, from here.
+    leaked.send(b"control").unwrap();
+    wait_for("the control datagram", Duration::from_secs(10), || {
+        sink.datagrams() == 1
+    });
+    let out = EgressCmd::exec(&ns)
+        .policy(&policy)
+        .pass_fd(leaked.into(), 7)
+        .probe(["send-fd", "7", "tcp", "127.0.0.66:80"])
+        .output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        verdicts(&out.stdout),
+        [egress_tests::Verdict::Other("EBADF".into()), Denied],
+        "the inherited socket is not the command's"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("inherited IP socket is not passed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        sink.datagrams(),
+        1,
+        "nothing from the command reached the blocked host"
+    );
+}

@@ -46,6 +46,7 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   interface; HOW: ip (sent as ETH_P_IP), alien (the socket's
                                   protocol says 0x1234, the frame carries IPv4), bypass
                                   (PACKET_QDISC_BYPASS)
+  send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
   storm ALLOWED DENIED MS         for MS milliseconds, alternate UDP connects to an address
                                   that must pass and one that must be denied; print the counts:
@@ -101,6 +102,7 @@ enum Call {
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
     PacketUdp(SocketAddr, String),
+    SendFd(i32),
     Sleep(u64),
     WaitFile(PathBuf),
     Storm {
@@ -128,6 +130,7 @@ impl Call {
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
             Call::PacketUdp(..) => "packet-udp",
+            Call::SendFd(_) => "send-fd",
             Call::Sleep(_) => "sleep",
             Call::WaitFile(_) => "wait-file",
             Call::Storm { .. } => "storm",
@@ -151,9 +154,11 @@ impl Call {
             | Call::RawUdp(a)
             | Call::PacketUdp(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
-            Call::Sleep(_) | Call::WaitFile(_) | Call::Socket(_) | Call::SetsockoptLarge => {
-                SocketAddr::from(([0, 0, 0, 0], 0))
-            }
+            Call::Sleep(_)
+            | Call::WaitFile(_)
+            | Call::Socket(_)
+            | Call::SetsockoptLarge
+            | Call::SendFd(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
@@ -210,6 +215,7 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
                 Call::UdpConnectCmsg(a, then)
             }
             "raw-udp" => Call::RawUdp(addr(&mut words, op)?),
+            "send-fd" => Call::SendFd(num(&mut words, op, "FD")? as i32),
             "packet-udp" => {
                 Call::PacketUdp(addr(&mut words, op)?, next(&mut words, op, "HOW")?.clone())
             }
@@ -531,6 +537,16 @@ impl Probe {
             Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
             Call::RawUdp(addr) => raw_udp(*addr),
             Call::PacketUdp(addr, how) => packet_udp(*addr, how),
+            Call::SendFd(fd) => {
+                let payload = b"egress-probe inherited";
+                // SAFETY: a plain write(2) on a descriptor number; a closed one fails with EBADF.
+                let n = unsafe { libc::write(*fd, payload.as_ptr().cast(), payload.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            }
             Call::Sleep(ms) => {
                 std::thread::sleep(Duration::from_millis(*ms));
                 Ok(())

@@ -99,6 +99,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
 
     let procs = cg.procs_fd()?;
     let parent = rustix::process::getpid();
+    withhold_inherited_sockets();
     let drop_net_raw = withholds_net_raw(&ctl.policy.policy);
     if drop_net_raw {
         tracing::info!("raw and packet sockets are denied: the command runs without CAP_NET_RAW");
@@ -202,4 +203,49 @@ fn drop_cap_net_raw() -> std::io::Result<()> {
     sets.inheritable.remove(CapabilitySet::NET_RAW);
     set_capabilities(None, sets)?;
     Ok(())
+}
+
+/// Marks close-on-exec every IPv4/IPv6 socket egress inherited above stdio, so the command does
+/// not get them: a socket is judged by the cgroup it was created in, and one made outside the
+/// command's cgroup would carry its traffic past the policy. Standard input, output and error
+/// stay as they are (an inetd-style connection is the command's own channel). Files, pipes and
+/// Unix sockets pass as before.
+fn withhold_inherited_sockets() {
+    use rustix::{
+        fd::BorrowedFd,
+        io::{FdFlags, fcntl_getfd, fcntl_setfd},
+        net::{AddressFamily, sockopt::socket_domain},
+    };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        tracing::warn!("cannot list /proc/self/fd: inherited sockets are not checked");
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for raw in fds {
+        // SAFETY: the fd was open a moment ago and nothing in this thread closes it meanwhile;
+        // one that closed (the directory's own) fails the calls below harmlessly.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        let Ok(flags) = fcntl_getfd(fd) else { continue };
+        if flags.contains(FdFlags::CLOEXEC) {
+            continue;
+        }
+        let Ok(domain) = socket_domain(fd) else {
+            continue;
+        };
+        if domain == AddressFamily::INET || domain == AddressFamily::INET6 {
+            match fcntl_setfd(fd, flags | FdFlags::CLOEXEC) {
+                Ok(()) => tracing::warn!(
+                    fd = raw,
+                    "an inherited IP socket is not passed to the command: it was made outside \
+                     the enforced cgroup"
+                ),
+                Err(e) => {
+                    tracing::error!(fd = raw, error = %e, "cannot withhold an inherited socket")
+                }
+            }
+        }
+    }
 }
