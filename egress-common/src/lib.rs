@@ -207,23 +207,37 @@ pub const STAT_FLOWS_FULL_PACKETS: u32 = 6;
 pub const STAT_FLOWS_FULL_BYTES: u32 = 7;
 /// Packets TC dropped because their owner is over a byte budget (`action = "block"`).
 pub const STAT_BUDGET_DROPPED: u32 = 8;
-pub const STAT_COUNT: u32 = 9;
+/// Processes a blocked process (or one of its descendants) created that could not be recorded
+/// in `BLOCK_TREE` (it was full): their connects and sends escape the block.
+pub const STAT_TREE_FULL: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
 
 /// Key of `BLOCKED`: a process over its byte budget, everywhere (`addr` all zero, `family` 0)
 /// or towards one destination; or a user (`family` [`BLOCK_USER`], `tgid` holding the uid).
+/// `scope` says whom a process block refuses: the process itself ([`BLOCK_SCOPE_PROCESS`]) or
+/// the processes it created after the block, and theirs ([`BLOCK_SCOPE_DESCENDANTS`], found
+/// through `BLOCK_TREE`). A process block is written in both scopes; when the process exits
+/// the first goes (its pid must not pass the block on) and the second stays for its
+/// descendants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BlockKey {
     pub tgid: u32,
     /// 0 (any destination), 4 or 6.
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// `BLOCK_SCOPE_*` (always `BLOCK_SCOPE_PROCESS` for a user).
+    pub scope: u8,
+    pub _pad: [u8; 2],
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<BlockKey>() == 24);
 
 /// `BlockKey::family` of a block on every process of one user (the uid in `tgid`).
 pub const BLOCK_USER: u8 = 0xff;
+/// `BlockKey::scope`: the process `tgid` itself.
+pub const BLOCK_SCOPE_PROCESS: u8 = 0;
+/// `BlockKey::scope`: the descendants of `tgid` recorded in `BLOCK_TREE` under it.
+pub const BLOCK_SCOPE_DESCENDANTS: u8 = 1;
 
 /// Value of `BLOCKED`.
 #[repr(C)]

@@ -19,9 +19,10 @@ pub const SOCK_OWNERS: &str = "SOCK_OWNERS";
 pub const FLOWS: &str = "FLOWS";
 pub const IFACE_L2: &str = "IFACE_L2";
 pub const BLOCKED: &str = "BLOCKED";
+pub const BLOCK_TREE: &str = "BLOCK_TREE";
 
 /// Every map of the object.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -36,4 +37,5 @@ pub const ALL: [&str; 14] = [
     FLOWS,
     IFACE_L2,
     BLOCKED,
+    BLOCK_TREE,
 ];

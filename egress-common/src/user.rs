@@ -140,6 +140,23 @@ impl BlockKey {
         }
         key
     }
+
+    /// True for a block on a user, false for one on a process.
+    pub fn is_user(&self) -> bool {
+        self.family == BLOCK_USER
+    }
+
+    /// The destination of a process block towards one destination (None: everywhere, or a
+    /// user).
+    pub fn destination(&self) -> Option<IpAddr> {
+        matches!(self.family, 4 | 6).then(|| ip_of(self.family, &self.addr))
+    }
+
+    /// This block in `scope` (`BLOCK_SCOPE_*`): the twin that covers the process's
+    /// descendants, or the one that covers the process itself.
+    pub fn in_scope(&self, scope: u8) -> BlockKey {
+        BlockKey { scope, ..*self }
+    }
 }
 
 #[cfg(test)]
@@ -164,6 +181,16 @@ mod tests {
         );
         assert_eq!(mapped.family, 4);
         assert_eq!(BlockKey::process(7, None).family, 0);
+        assert_eq!(
+            mapped.destination(),
+            Some("198.18.0.2".parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(BlockKey::process(7, None).destination(), None);
+        assert_eq!(BlockKey::user(7).destination(), None);
+        assert!(BlockKey::user(7).is_user() && !mapped.is_user());
+        let desc = mapped.in_scope(BLOCK_SCOPE_DESCENDANTS);
+        assert_ne!(desc, mapped);
+        assert_eq!(desc.in_scope(BLOCK_SCOPE_PROCESS), mapped);
         assert!(Event::from_bytes(&[0u8; 10]).is_none());
         assert_eq!(
             builtin_rule_name(RULE_SOCKETS + SOCKETS_ICMP as u32),

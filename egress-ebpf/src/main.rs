@@ -1,10 +1,12 @@
 //! egress datapath: thin entry points only. The decision lives in `sock_addr.rs` (reading the
-//! hook context, emitting events) and `policy.rs` (map lookups); every map is in `maps.rs`.
+//! hook context, emitting events) and `policy.rs` (map lookups); `fork.rs` follows what blocked
+//! processes create; every map is in `maps.rs`.
 // Host builds (`cargo clippy --workspace`, `cargo test --workspace`) compile this crate as an
 // empty program; only the bpfel build carries the hooks' sections into the object.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod fork;
 mod maps;
 mod policy;
 mod report;
@@ -14,8 +16,8 @@ mod sockopt;
 mod tc_egress;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier},
-    programs::{SockAddrContext, SockContext, SockoptContext, TcContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, tracepoint},
+    programs::{SockAddrContext, SockContext, SockoptContext, TcContext, TracePointContext},
 };
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
@@ -53,6 +55,13 @@ pub fn sock_create(ctx: SockContext) -> i32 {
 #[cgroup_sockopt(setsockopt)]
 pub fn setsockopt(ctx: SockoptContext) -> i32 {
     sockopt::setsockopt(&ctx)
+}
+
+/// Every task created on the host (`task/task_newtask`): records the processes that blocked
+/// processes create, so that their blocks cover them.
+#[tracepoint]
+pub fn track_fork(ctx: TracePointContext) -> u32 {
+    fork::task_newtask(&ctx)
 }
 
 /// TC egress: byte accounting per owner and destination; drops unattributed traffic to blocked

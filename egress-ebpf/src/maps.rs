@@ -74,8 +74,23 @@ pub static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_en
 pub static IFACE_L2: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
 
 /// Byte-budget blocks (`[[alert]] action = "block"`): a process, everywhere or towards one
-/// destination, gets EPERM on connect/sendmsg and its packets are dropped at TC until `until_ns`.
-/// Written by the controller, read by every hook.
+/// destination, gets EPERM on connect/sendmsg and its packets are dropped at TC until `until_ns`;
+/// so do (at connect/sendmsg) the processes it creates after the block, through `BLOCK_TREE`
+/// and the block's `BLOCK_SCOPE_DESCENDANTS` twin. Written by the controller, read by every
+/// hook.
 #[map]
 pub static BLOCKED: HashMap<BlockKey, BlockValue> =
     HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+
+/// Process (tgid) -> the blocked process whose block covers it: the blocked process itself (the
+/// root, written by the controller when it blocks the process) and every process created by a
+/// process with an entry, from then on (written by the fork tracker, `fork.rs`, before the new
+/// process can run; threads are not entries: they share their process's tgid). Read by the fork
+/// tracker and the connect/sendmsg hooks, which then look up the root's
+/// `BLOCK_SCOPE_DESCENDANTS` block; never by TC (its instruction budget is spent; the sockets a
+/// child inherits are owned by the blocked parent already). The controller deletes the entries
+/// of processes that have exited (a reused pid must not inherit a block) and of blocks that
+/// ended. Preallocated, as a tracing program's maps should be; when it is full a new process is
+/// not recorded and `STAT_TREE_FULL` is counted.
+#[map]
+pub static BLOCK_TREE: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);

@@ -3,13 +3,13 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    ACTION_BLOCK, BLOCK_USER, BlockKey, Config, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK,
-    embedded_v4, is_loopback_v4, is_loopback_v6,
+    ACTION_BLOCK, BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
+    PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, embedded_v4, is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{
-    ACTIVE, BLOCKED, CONFIG, POLICY_V4_0, POLICY_V4_1, POLICY_V6_0, POLICY_V6_1, RULESETS_0,
-    RULESETS_1,
+    ACTIVE, BLOCK_TREE, BLOCKED, CONFIG, POLICY_V4_0, POLICY_V4_1, POLICY_V6_0, POLICY_V6_1,
+    RULESETS_0, RULESETS_1,
 };
 
 /// The outcome of a policy lookup.
@@ -106,15 +106,27 @@ fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decisio
     }
 }
 
-/// The alert rule blocking process `tgid` (everywhere, or towards `addr`) or, when `uid` is
-/// given, its user, if a byte-budget block is in force. `family` is 4 (address in the first 4
-/// bytes) or 6. TC passes no uid: user blocks refuse new connections and sends at the hooks, and
-/// the TC program stays within the verifier's budget.
+/// The alert rule blocking process `tgid` (everywhere, or towards `addr`), if a byte-budget
+/// block is in force. `family` is 4 (address in the first 4 bytes) or 6. This is TC's check: two
+/// lookups at most, so the TC program stays within the verifier's budget. The hooks use
+/// [`caller_budget_block`], which also covers users and descendants.
 #[inline(always)]
-pub fn budget_block(
+pub fn budget_block(cfg: &Config, tgid: u32, family: u8, addr: &[u8; 16]) -> Option<u32> {
+    if cfg.budget_blocks == 0 {
+        return None;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    blocked_as(tgid, BLOCK_SCOPE_PROCESS, family, addr, now)
+}
+
+/// The alert rule blocking the caller of connect()/sendmsg(): process `tgid` itself, its user
+/// `uid`, or, when `tgid` was created by a blocked process (or one of its descendants) after
+/// the block, that block (`BLOCK_TREE`, then the root's descendants twin).
+#[inline(always)]
+pub fn caller_budget_block(
     cfg: &Config,
     tgid: u32,
-    uid: Option<u32>,
+    uid: u32,
     family: u8,
     addr: &[u8; 16],
 ) -> Option<u32> {
@@ -122,23 +134,34 @@ pub fn budget_block(
         return None;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    if let Some(uid) = uid {
-        let user = BlockKey {
-            tgid: uid,
-            family: BLOCK_USER,
-            _pad: [0; 3],
-            addr: [0; 16],
-        };
-        if let Some(b) = unsafe { BLOCKED.get(user) }
-            && b.until_ns > now
-        {
-            return Some(b.rule_id);
-        }
+    let user = BlockKey {
+        tgid: uid,
+        family: BLOCK_USER,
+        scope: BLOCK_SCOPE_PROCESS,
+        _pad: [0; 2],
+        addr: [0; 16],
+    };
+    if let Some(b) = unsafe { BLOCKED.get(user) }
+        && b.until_ns > now
+    {
+        return Some(b.rule_id);
     }
+    if let Some(rule_id) = blocked_as(tgid, BLOCK_SCOPE_PROCESS, family, addr, now) {
+        return Some(rule_id);
+    }
+    let root = unsafe { BLOCK_TREE.get(tgid) }.copied()?;
+    blocked_as(root, BLOCK_SCOPE_DESCENDANTS, family, addr, now)
+}
+
+/// The rule of a block on `tgid` in `scope`, everywhere or towards `addr`, still in force at
+/// `now`.
+#[inline(always)]
+fn blocked_as(tgid: u32, scope: u8, family: u8, addr: &[u8; 16], now: u64) -> Option<u32> {
     let any = BlockKey {
         tgid,
         family: 0,
-        _pad: [0; 3],
+        scope,
+        _pad: [0; 2],
         addr: [0; 16],
     };
     if let Some(b) = unsafe { BLOCKED.get(any) }
@@ -149,7 +172,8 @@ pub fn budget_block(
     let one = BlockKey {
         tgid,
         family,
-        _pad: [0; 3],
+        scope,
+        _pad: [0; 2],
         addr: *addr,
     };
     match unsafe { BLOCKED.get(one) } {

@@ -141,12 +141,13 @@ fn finish(
     port: u16,
     proto: u8,
 ) -> i32 {
-    // A process over its byte budget is refused whatever the policy says.
+    // A process over its byte budget (or created by one after its block) is refused whatever
+    // the policy says.
     let d = if d.allow {
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         let (jfamily, jaddr) = judged(family, v4_mapped, &addr);
         let uid = bpf_get_current_uid_gid() as u32;
-        match policy::budget_block(cfg, tgid, Some(uid), jfamily, &jaddr) {
+        match policy::caller_budget_block(cfg, tgid, uid, jfamily, &jaddr) {
             Some(rule_id) => Decision {
                 allow: false,
                 rule_id,

@@ -137,7 +137,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
 
     // A process over its byte budget: its packets stop here, established connections included.
     if let Some(o) = owner
-        && policy::budget_block(&cfg, o.tgid, None, p.family, &p.addr).is_some()
+        && policy::budget_block(&cfg, o.tgid, p.family, &p.addr).is_some()
         && cfg.mode != MODE_AUDIT
     {
         count(STAT_BUDGET_DROPPED);

@@ -1,7 +1,9 @@
 //! End-to-end tests of high-volume transfer alerts and kernel-enforced byte budgets, between two
 //! test network namespaces: one alert per crossing (within a second, with pid and exe), none under
 //! the threshold, a transfer split across a window boundary, `block` stopping an in-flight upload
-//! while another process keeps working, `unblock`, and webhook delivery through the spool.
+//! while another process keeps working, `unblock`, a block covering what the blocked process
+//! forks afterwards, a block adopted by a restarted controller, and webhook delivery through the
+//! spool. (Over 500 lines: one suite over one running controller setup, kept whole.)
 
 use std::time::{Duration, Instant};
 
@@ -324,4 +326,231 @@ fn webhook_gets_alerts_and_spooled_ones_arrive_when_it_is_back() {
         "the spooled alert and the new one"
     );
     assert_eq!(spool_files(), 0);
+}
+
+/// The bypass of a per-process budget by forking (3 MB passed a 1 MiB budget): once a process
+/// is blocked, every process it forks (and what they fork) is refused at connect, and not a byte
+/// of theirs reaches the sink. A child forked before the block is not covered. When the blocked
+/// process exits, the block goes on for the children it left, and is lifted once they are gone
+/// too.
+#[test]
+fn a_blocked_process_cannot_pass_its_budget_on_to_children_it_forks() {
+    let pair = NetPair::new();
+    let dir = TempDir::new("alert-fork");
+    let cg = TestCgroup::new();
+    let sinks = sinks(&pair, &[5040, 5041]);
+    let policy = dir.file(
+        "p.toml",
+        &policy("[[alert]]\nname = \"budget\"\nbytes = \"1MiB\"\nwindow = \"60s\"\naction = \"block\"\ncooldown = \"10m\"\n"),
+    );
+    let events = dir.join("events.jsonl");
+    let mut run = EgressCmd::run(&pair.a, cg.path(), &dir)
+        .iface(VETH_A)
+        .policy(&policy)
+        .events(&events)
+        .start();
+    let (early_go, late_go) = (dir.join("early-go"), dir.join("late-go"));
+    let mib = (1u64 << 20).to_string();
+    let mut parent = Probe::new()
+        .netns(&pair.a)
+        .cgroup(&cg)
+        .opt("--timeout", "3")
+        .opt("--rate", "20000000")
+        // Forked before the block: sends 100 kB when the test says so.
+        .args(["fork", "wait-file"])
+        .args([&early_go])
+        .args(["tcp-send", "198.18.0.2:5041", "100000", "end"])
+        // Over the budget, blocked in flight; then a new connect, refused.
+        .args(["tcp-send", "198.18.0.2:5040", &(64u64 << 20).to_string()])
+        .args(["tcp", "198.18.0.2:5041"])
+        // The bypass: three children, one through a grandchild, 1 MiB each.
+        .args(["fork", "tcp-send", "198.18.0.2:5041", &mib, "end"])
+        .args(["fork", "tcp-send", "198.18.0.2:5041", &mib, "end"])
+        .args([
+            "fork",
+            "fork",
+            "tcp-send",
+            "198.18.0.2:5041",
+            &mib,
+            "end",
+            "end",
+        ])
+        // One that outlives the parent, and tries once it is gone.
+        .args(["fork", "wait-file"])
+        .args([&late_go])
+        .args(["tcp-send", "198.18.0.2:5041", &mib, "end"])
+        .spawn();
+    parent.wait();
+    // The parent's seven lines (its output is read as it comes).
+    let parent_lines = |lines: &[CallLine]| {
+        let pid = lines.iter().find(|l| l.op == "tcp").map(|l| l.pid);
+        pid.filter(|p| lines.iter().filter(|l| l.pid == *p).count() >= 7)
+    };
+    wait_for("the parent's calls", Duration::from_secs(10), || {
+        parent_lines(&calls_so_far(&parent)).is_some()
+    });
+    let lines = calls_so_far(&parent);
+    let pid = parent_lines(&lines).unwrap();
+    let mine: Vec<&CallLine> = lines.iter().filter(|l| l.pid == pid).collect();
+    assert_ne!(mine[1].result, Succeeded, "stopped in flight: {mine:?}");
+    assert_eq!(mine[2].result, Denied, "the parent is blocked: {mine:?}");
+    wait_for(
+        "the three children's uploads",
+        Duration::from_secs(30),
+        || {
+            calls_so_far(&parent)
+                .iter()
+                .filter(|l| l.pid != pid && l.op == "tcp-send")
+                .count()
+                >= 3
+        },
+    );
+    let children: Vec<CallLine> = calls_so_far(&parent)
+        .into_iter()
+        .filter(|l| l.pid != pid && l.op == "tcp-send")
+        .collect();
+    assert!(
+        children.iter().all(|l| l.result == Denied),
+        "every process forked after the block is refused: {children:?}"
+    );
+
+    // The parent is gone: the block stays, for the child still waiting.
+    wait_for(
+        "the block to outlive its process",
+        Duration::from_secs(10),
+        || {
+            let s = run.stats();
+            s.blocks.len() == 1 && s.blocks[0].process_exited && s.blocks[0].descendants == 1
+        },
+    );
+    assert_eq!(run.stats().blocks[0].key, format!("process:{pid}"));
+    std::fs::write(&late_go, b"").unwrap();
+    wait_for("the late child's upload", Duration::from_secs(30), || {
+        calls_so_far(&parent)
+            .iter()
+            .filter(|l| l.pid != pid && l.op == "tcp-send")
+            .count()
+            >= 4
+    });
+    let late = calls_so_far(&parent)
+        .into_iter()
+        .filter(|l| l.pid != pid && l.op == "tcp-send")
+        .nth(3)
+        .unwrap();
+    assert_eq!(late.result, Denied, "after its parent exited: {late:?}");
+    // It has exited too: nothing is left to block.
+    wait_for("the block to be lifted", Duration::from_secs(10), || {
+        run.stats().blocks.is_empty()
+    });
+
+    // The child forked before the block was never covered.
+    std::fs::write(&early_go, b"").unwrap();
+    wait_for("the early child's upload", Duration::from_secs(30), || {
+        calls_so_far(&parent)
+            .iter()
+            .any(|l| l.op == "tcp-send" && l.result == Succeeded)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        (sinks[1].bytes(), sinks[1].closed()),
+        (100_000, 1),
+        "only the child forked before the block reached the sink"
+    );
+    let exit = run.stop(libc::SIGTERM);
+    assert!(exit.success(), "{}", run.stderr_text());
+
+    let unblocks = events::of_kind(&events, "unblock");
+    assert_eq!(unblocks.len(), 1, "{unblocks:?}");
+    assert_eq!(unblocks[0]["reason"], "process exited");
+    let denied_pids: Vec<u64> = events::of_kind(&events, "deny")
+        .iter()
+        .filter(|d| d["rule"] == "budget")
+        .filter_map(|d| d["pid"].as_u64())
+        .collect();
+    for c in &children {
+        assert!(
+            denied_pids.contains(&u64::from(c.pid)),
+            "the refusal of {} names the budget: {denied_pids:?}",
+            c.pid
+        );
+    }
+}
+
+/// A block survives a controller restart: the new controller adopts it from the pins, reports
+/// it, and lifts it when its cooldown ends, after which the process connects again.
+#[test]
+fn a_block_adopted_after_a_restart_is_tracked_and_expires() {
+    let pair = NetPair::new();
+    let dir = TempDir::new("alert-adopt");
+    let cg = TestCgroup::new();
+    let pins = egress_tests::controller::pin_dir();
+    let _sinks = sinks(&pair, &[5050, 5051]);
+    let policy = dir.file(
+        "p.toml",
+        &policy("[[alert]]\nname = \"budget\"\nbytes = \"1MiB\"\nwindow = \"60s\"\naction = \"block\"\ncooldown = \"8s\"\n"),
+    );
+    let (events1, events2) = (dir.join("events1.jsonl"), dir.join("events2.jsonl"));
+    let pinned = |events: &std::path::Path| {
+        EgressCmd::run(&pair.a, cg.path(), &dir)
+            .pinned(&pins)
+            .iface(VETH_A)
+            .policy(&policy)
+            .events(events)
+    };
+    let mut first = pinned(&events1).start();
+    let go = dir.join("go");
+    let mut probe = Probe::new()
+        .netns(&pair.a)
+        .cgroup(&cg)
+        .opt("--timeout", "3")
+        .opt("--rate", "20000000")
+        .args(["tcp-send", "198.18.0.2:5050", &(64u64 << 20).to_string()])
+        .args(["tcp", "198.18.0.2:5051", "wait-file"])
+        .args([&go])
+        .args(["tcp", "198.18.0.2:5051"])
+        .spawn();
+    wait_for("the block", Duration::from_secs(30), || {
+        !events::of_kind(&events1, "block").is_empty()
+    });
+    wait_for("the refused connect", Duration::from_secs(30), || {
+        calls_so_far(&probe).len() >= 2
+    });
+    let l = calls_so_far(&probe);
+    assert_eq!(l[1].result, Denied, "{l:?}");
+    let pid = l[1].pid;
+
+    // The controller dies; the next one adopts the block.
+    first.kill_9();
+    let second = pinned(&events2).json_logs().start();
+    let adopted: Vec<serde_json::Value> = second
+        .log_records()
+        .into_iter()
+        .filter(|r| r["fields"]["message"] == "adopted a byte-budget block from the pins")
+        .collect();
+    assert_eq!(adopted.len(), 1, "{}", second.stderr_text());
+    assert_eq!(adopted[0]["fields"]["key"], format!("process:{pid}"));
+    assert_eq!(adopted[0]["fields"]["rule"], "budget");
+    // Lifted when its cooldown ends (8 s after it was set), by the controller that adopted it.
+    wait_for(
+        "the adopted block to expire",
+        Duration::from_secs(20),
+        || !events::of_kind(&events2, "unblock").is_empty(),
+    );
+    let unblock = &events::of_kind(&events2, "unblock")[0];
+    assert_eq!(
+        (unblock["key"].as_str(), unblock["rule"].as_str()),
+        (Some(format!("process:{pid}").as_str()), Some("budget"))
+    );
+    assert_eq!(unblock["reason"], "cooldown ended");
+    assert!(second.stats().blocks.is_empty());
+    std::fs::write(&go, b"").unwrap();
+    wait_for("the last connect", Duration::from_secs(20), || {
+        calls_so_far(&probe).len() >= 4
+    });
+    assert_eq!(
+        calls_so_far(&probe)[3].result,
+        Succeeded,
+        "the process connects again"
+    );
+    probe.wait();
 }

@@ -42,6 +42,12 @@ pub struct BlockInfo {
     pub key: String,
     pub rule: String,
     pub until: String,
+    /// Live processes the blocked process created after the block (and theirs), refused too.
+    #[serde(default)]
+    pub descendants: usize,
+    /// The blocked process has exited: the block stays for its descendants only.
+    #[serde(default)]
+    pub process_exited: bool,
 }
 
 /// What `egress status` shows.

@@ -48,6 +48,10 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   (PACKET_QDISC_BYPASS)
   send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
+  fork CALLS... end               fork a child process that makes CALLS (its lines carry its own
+                                  pid) and exits; the parent goes on at once (forks nest)
+  wait-children                   wait until every child forked so far has exited
+  thread CALLS... end             make CALLS in a new thread of this process, and wait for it
   storm ALLOWED DENIED MS         for MS milliseconds, alternate UDP connects to an address
                                   that must pass and one that must be denied; print the counts:
                                   only EPERM counts as denied, other errors are counted apart
@@ -110,6 +114,9 @@ enum Call {
         denied: SocketAddr,
         ms: u64,
     },
+    Fork(Vec<Call>),
+    WaitChildren,
+    Thread(Vec<Call>),
 }
 
 impl Call {
@@ -134,6 +141,9 @@ impl Call {
             Call::Sleep(_) => "sleep",
             Call::WaitFile(_) => "wait-file",
             Call::Storm { .. } => "storm",
+            Call::Fork(_) => "fork",
+            Call::Thread(_) => "thread",
+            Call::WaitChildren => "wait-children",
         }
     }
 
@@ -158,7 +168,10 @@ impl Call {
             | Call::WaitFile(_)
             | Call::Socket(_)
             | Call::SetsockoptLarge
-            | Call::SendFd(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            | Call::SendFd(_)
+            | Call::Fork(_)
+            | Call::Thread(_)
+            | Call::WaitChildren => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
@@ -166,6 +179,19 @@ impl Call {
 /// Parses the call words into calls.
 fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
     let mut words = words.iter().peekable();
+    let calls = parse_seq(&mut words, false)?;
+    match words.next() {
+        Some(w) => Err(format!("{w:?} without a `fork` or `thread` before it")),
+        None => Ok(calls),
+    }
+}
+
+/// Parses calls up to the end of the words, or (`in_fork`) up to the `end` of a `fork`, which
+/// is consumed.
+fn parse_seq<'w>(
+    words: &mut std::iter::Peekable<impl Iterator<Item = &'w String>>,
+    in_fork: bool,
+) -> Result<Vec<Call>, String> {
     let mut calls = Vec::new();
     fn next<'w>(
         words: &mut impl Iterator<Item = &'w String>,
@@ -193,48 +219,54 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
     }
     while let Some(op) = words.next() {
         let call = match op.as_str() {
-            "tcp" => Call::Tcp(addr(&mut words, op)?),
-            "udp-connect" => Call::UdpConnect(addr(&mut words, op)?),
-            "udp-sendto" => Call::UdpSendto(addr(&mut words, op)?),
-            "udp-lsrr" => Call::UdpLsrr(addr(&mut words, op)?),
-            "udp-lsrr-cmsg" => Call::UdpLsrrCmsg(addr(&mut words, op)?),
-            "udp-rthdr" => Call::UdpRthdr(addr(&mut words, op)?),
-            "socket" => Call::Socket(next(&mut words, op, "KIND")?.clone()),
+            "end" if in_fork => return Ok(calls),
+            "end" => return Err("`end` without a `fork` or `thread` before it".into()),
+            "fork" => Call::Fork(parse_seq(words, true)?),
+            "thread" => Call::Thread(parse_seq(words, true)?),
+            "wait-children" => Call::WaitChildren,
+            "tcp" => Call::Tcp(addr(words, op)?),
+            "udp-connect" => Call::UdpConnect(addr(words, op)?),
+            "udp-sendto" => Call::UdpSendto(addr(words, op)?),
+            "udp-lsrr" => Call::UdpLsrr(addr(words, op)?),
+            "udp-lsrr-cmsg" => Call::UdpLsrrCmsg(addr(words, op)?),
+            "udp-rthdr" => Call::UdpRthdr(addr(words, op)?),
+            "socket" => Call::Socket(next(words, op, "KIND")?.clone()),
             "setsockopt-large" => Call::SetsockoptLarge,
-            "ping" => Call::Ping(addr(&mut words, op)?),
-            "ping-laundered" => Call::PingLaundered(addr(&mut words, op)?),
+            "ping" => Call::Ping(addr(words, op)?),
+            "ping-laundered" => Call::PingLaundered(addr(words, op)?),
             "udp-connect-cmsg" => {
-                let a = addr(&mut words, op)?;
+                let a = addr(words, op)?;
                 let then = match words.peek() {
                     Some(w) if w.as_str() == "--then" => {
                         words.next();
-                        Some(next(&mut words, op, "PATH")?.into())
+                        Some(next(words, op, "PATH")?.into())
                     }
                     _ => None,
                 };
                 Call::UdpConnectCmsg(a, then)
             }
-            "raw-udp" => Call::RawUdp(addr(&mut words, op)?),
-            "send-fd" => Call::SendFd(num(&mut words, op, "FD")? as i32),
-            "packet-udp" => {
-                Call::PacketUdp(addr(&mut words, op)?, next(&mut words, op, "HOW")?.clone())
-            }
-            "tcp-send" => Call::TcpSend(addr(&mut words, op)?, num(&mut words, op, "BYTES")?),
+            "raw-udp" => Call::RawUdp(addr(words, op)?),
+            "send-fd" => Call::SendFd(num(words, op, "FD")? as i32),
+            "packet-udp" => Call::PacketUdp(addr(words, op)?, next(words, op, "HOW")?.clone()),
+            "tcp-send" => Call::TcpSend(addr(words, op)?, num(words, op, "BYTES")?),
             "udp-send" => Call::UdpSend(
-                addr(&mut words, op)?,
-                num(&mut words, op, "COUNT")?,
-                num(&mut words, op, "SIZE")?,
+                addr(words, op)?,
+                num(words, op, "COUNT")?,
+                num(words, op, "SIZE")?,
             ),
-            "sleep" => Call::Sleep(num(&mut words, op, "MS")?),
-            "wait-file" => Call::WaitFile(next(&mut words, op, "PATH")?.into()),
+            "sleep" => Call::Sleep(num(words, op, "MS")?),
+            "wait-file" => Call::WaitFile(next(words, op, "PATH")?.into()),
             "storm" => Call::Storm {
-                allowed: addr(&mut words, op)?,
-                denied: addr(&mut words, op)?,
-                ms: num(&mut words, op, "MS")?,
+                allowed: addr(words, op)?,
+                denied: addr(words, op)?,
+                ms: num(words, op, "MS")?,
             },
             other => return Err(format!("unknown op {other:?}")),
         };
         calls.push(call);
+    }
+    if in_fork {
+        return Err("`fork` or `thread` without its `end`".into());
     }
     Ok(calls)
 }
@@ -597,7 +629,10 @@ impl Probe {
                 }
                 send_with_cmsg(&s, addr.is_ipv4())
             }
-            Call::Storm { .. } => unreachable!("a storm is not a single attempt"),
+            Call::WaitChildren => wait_children(),
+            Call::Storm { .. } | Call::Fork(_) | Call::Thread(_) => {
+                unreachable!("a storm, a fork or a thread is not a single attempt")
+            }
         }
     }
 
@@ -845,24 +880,62 @@ fn main() -> ExitCode {
         rate: cli.rate,
         stop_file: cli.stop_file,
     };
-    let pid = std::process::id();
-    let mut out = io::stdout().lock();
-    for call in &calls {
+    // Not locked for good: a `thread` call prints too.
+    let mut out = io::stdout();
+    run(&probe, &calls, cli.count, &mut out);
+    ExitCode::SUCCESS
+}
+
+/// Makes `calls` in order, printing a line for each.
+fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Write) {
+    for call in calls {
         let (op, dst) = (call.op().to_string(), call.dst().to_string());
-        if let Call::Storm {
-            allowed,
-            denied,
-            ms,
-        } = call
-        {
-            print(&mut out, &probe.storm(*allowed, *denied, *ms));
-            continue;
+        // Our own pid: a forked child's lines carry the child's.
+        let pid = std::process::id();
+        match call {
+            Call::Storm {
+                allowed,
+                denied,
+                ms,
+            } => {
+                print(out, &probe.storm(*allowed, *denied, *ms));
+                continue;
+            }
+            Call::Fork(sub) => {
+                let result = Verdict::of(&fork(|| run(probe, sub, count, out)));
+                print(
+                    out,
+                    &CallLine {
+                        op,
+                        dst,
+                        result,
+                        pid,
+                    },
+                );
+                continue;
+            }
+            Call::Thread(sub) => {
+                std::thread::scope(|scope| {
+                    scope.spawn(|| run(probe, sub, count, &mut io::stdout()));
+                });
+                print(
+                    out,
+                    &CallLine {
+                        op,
+                        dst,
+                        result: Verdict::Succeeded,
+                        pid,
+                    },
+                );
+                continue;
+            }
+            _ => {}
         }
-        match cli.count {
+        match count {
             None => {
                 let result = Verdict::of(&probe.attempt(call));
                 print(
-                    &mut out,
+                    out,
                     &CallLine {
                         op,
                         dst,
@@ -878,7 +951,7 @@ fn main() -> ExitCode {
                     *results.entry(r.name().to_string()).or_default() += 1;
                 }
                 print(
-                    &mut out,
+                    out,
                     &SummaryLine {
                         op,
                         dst,
@@ -890,7 +963,37 @@ fn main() -> ExitCode {
             }
         }
     }
-    ExitCode::SUCCESS
+}
+
+/// Forks a child that runs `child` and exits; returns in the parent at once. Every line is
+/// flushed as it is printed and only one thread runs at a time (a `thread` call is waited
+/// for), so the child starts with nothing half-written and no lock held.
+fn fork(child: impl FnOnce()) -> io::Result<()> {
+    // SAFETY: no other thread runs; the child only runs our own code, then _exit.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            child();
+            // SAFETY: ends the child without running the parent's exit handlers twice.
+            unsafe { libc::_exit(0) }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Waits until every child has exited.
+fn wait_children() -> io::Result<()> {
+    loop {
+        // SAFETY: plain waitpid on any child; the status is not needed.
+        if unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ECHILD) => Ok(()),
+                Some(libc::EINTR) => continue,
+                _ => Err(e),
+            };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -927,12 +1030,35 @@ mod tests {
     }
 
     #[test]
+    fn forks_nest_and_end_where_their_end_is() {
+        let calls = parse_calls(&words(
+            "fork tcp 127.0.0.2:80 fork sleep 5 end end wait-children thread sleep 1 end",
+        ))
+        .unwrap();
+        assert_eq!(
+            calls,
+            [
+                Call::Fork(vec![
+                    Call::Tcp("127.0.0.2:80".parse().unwrap()),
+                    Call::Fork(vec![Call::Sleep(5)])
+                ]),
+                Call::WaitChildren,
+                Call::Thread(vec![Call::Sleep(1)])
+            ]
+        );
+    }
+
+    #[test]
     fn bad_calls_are_refused() {
         for bad in [
             "tcp",
             "udp-send 127.0.0.1:1 3",
             "fly 127.0.0.1:1",
             "sleep soon",
+            "fork sleep 1",
+            "sleep 1 end",
+            "fork fork end",
+            "thread sleep 1",
         ] {
             assert!(parse_calls(&words(bad)).is_err(), "{bad}");
         }

@@ -1,13 +1,20 @@
 //! Byte-budget blocks (`[[alert]] action = "block"`): set in the kernel's `BLOCKED` map when an
-//! alert fires, lifted when the cooldown ends, when the process exits (its pid must not pass the
-//! block on) or by `egress unblock`. Every change is an event.
+//! alert fires. A process block also covers the processes it creates from then on, and theirs
+//! (the fork tracker records them in `BLOCK_TREE`). It is lifted when the cooldown ends, by
+//! `egress unblock`, or once the process and everything it created since have exited. When the
+//! blocked process exits, its pid is released at once (the kernel may give it to another
+//! process) while the block goes on for its descendants. Every tick prunes the tree of
+//! processes that have exited, for the same reason.
+//!
+//! Blocks a previous controller left in the pinned maps are adopted at start: reported, expired
+//! and lifted like this controller's own. Every change is an event.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
 };
 
-use egress_common::BlockKey;
+use egress_common::{BLOCK_SCOPE_PROCESS, BlockKey, BlockValue};
 use tracing::info;
 
 use super::Controller;
@@ -18,19 +25,27 @@ use crate::{
     report::BlockInfo,
     sys::{
         clock,
-        proc::{ProcSource as _, Procfs},
+        proc::{self, ProcSource as _, Procfs},
     },
 };
 
+/// The longest an adopted block is taken to last (the kernel may hold "forever").
+const ADOPTED_AT_MOST: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A block in force.
 struct ActiveBlock {
+    /// Its key in the kernel (the process scope; the descendants twin goes with it).
     key: BlockKey,
     rule: String,
     until: Instant,
     until_wall: SystemTime,
+    /// Live descendants it covers, as of the last tick.
+    descendants: usize,
+    /// The blocked process has exited; the block goes on for its descendants.
+    process_exited: bool,
 }
 
-/// The blocks this controller set.
+/// The blocks in force: set by this controller, or adopted from the pins.
 #[derive(Default)]
 pub(super) struct Blocks(HashMap<AlertKey, ActiveBlock>);
 
@@ -43,9 +58,56 @@ impl Blocks {
                 key: k.text(),
                 rule: b.rule.clone(),
                 until: humantime::format_rfc3339_seconds(b.until_wall).to_string(),
+                descendants: b.descendants,
+                process_exited: b.process_exited,
             })
             .collect()
     }
+}
+
+/// The kernel key that blocks `key`; None for keys that cannot be blocked (destinations,
+/// cgroups).
+fn block_key(key: AlertKey) -> Option<BlockKey> {
+    match key {
+        AlertKey::Process(p) => Some(BlockKey::process(p, None)),
+        AlertKey::ProcessDestination(p, d) => Some(BlockKey::process(p, Some(d))),
+        AlertKey::User(u) => Some(BlockKey::user(u)),
+        _ => None,
+    }
+}
+
+/// The alert key a kernel block key (either scope) stands for.
+fn alert_key(key: &BlockKey) -> AlertKey {
+    match (key.is_user(), key.destination()) {
+        (true, _) => AlertKey::User(key.tgid),
+        (false, None) => AlertKey::Process(key.tgid),
+        (false, Some(d)) => AlertKey::ProcessDestination(key.tgid, d),
+    }
+}
+
+/// What a tick does with `BLOCK_TREE` (process, root) entries: the processes whose entries go
+/// (gone, a thread, or no block of their root is in force: a pid the kernel reuses must not
+/// inherit a block).
+fn stale_entries(
+    tree: &[(u32, u32)],
+    roots: &HashSet<u32>,
+    is_process: impl Fn(u32) -> bool,
+) -> Vec<u32> {
+    tree.iter()
+        .filter(|(pid, root)| !roots.contains(root) || !is_process(*pid))
+        .map(|(pid, _)| *pid)
+        .collect()
+}
+
+/// Descendants in the tree per root (the root's own entry is not one).
+fn descendants(tree: &[(u32, u32)]) -> HashMap<u32, usize> {
+    let mut n = HashMap::new();
+    for (pid, root) in tree {
+        if pid != root {
+            *n.entry(*root).or_default() += 1;
+        }
+    }
+    n
 }
 
 impl BlockEvent {
@@ -71,12 +133,7 @@ impl Controller {
         alert_index: usize,
         dur: Duration,
     ) -> anyhow::Result<bool> {
-        let Some(bk) = (match key {
-            AlertKey::Process(p) => Some(BlockKey::process(p, None)),
-            AlertKey::ProcessDestination(p, d) => Some(BlockKey::process(p, Some(d))),
-            AlertKey::User(u) => Some(BlockKey::user(u)),
-            _ => None,
-        }) else {
+        let Some(bk) = block_key(key) else {
             return Ok(false);
         };
         let rule_id = self.policy.compiled.alert_rule_id(alert_index);
@@ -89,9 +146,48 @@ impl Controller {
                 rule: rule.to_string(),
                 until: Instant::now() + dur,
                 until_wall: SystemTime::now() + dur,
+                descendants: 0,
+                process_exited: false,
             },
         );
         Ok(true)
+    }
+
+    /// Takes over the blocks a previous controller left in the pinned maps, named by the
+    /// adopted policy: they are reported, and expire and are lifted like this controller's own
+    /// (one whose time is up in the kernel is lifted at the first tick).
+    pub(super) fn adopt_blocks(&mut self) {
+        let names = self.policy.rule_names();
+        let now_boot = clock::boot_ns();
+        let mut found: HashMap<AlertKey, (BlockKey, BlockValue, bool)> = HashMap::new();
+        for (k, v) in self.dp.blocks() {
+            let own = k.scope == BLOCK_SCOPE_PROCESS;
+            let e = found
+                .entry(alert_key(&k))
+                .or_insert((k.in_scope(BLOCK_SCOPE_PROCESS), v, own));
+            if own {
+                (e.1, e.2) = (v, true);
+            }
+        }
+        for (key, (bk, value, own)) in found {
+            let left =
+                Duration::from_nanos(value.until_ns.saturating_sub(now_boot)).min(ADOPTED_AT_MOST);
+            let rule = names.name(value.rule_id);
+            info!(key = %key.text(), rule = %rule, remaining = ?left, "adopted a byte-budget block from the pins");
+            self.blocks.0.insert(
+                key,
+                ActiveBlock {
+                    key: bk,
+                    rule,
+                    until: Instant::now() + left,
+                    until_wall: SystemTime::now() + left,
+                    descendants: 0,
+                    // Only the descendants twin is left: the process exited under the last
+                    // controller.
+                    process_exited: !own,
+                },
+            );
+        }
     }
 
     /// Reports a block just set.
@@ -100,14 +196,43 @@ impl Controller {
         self.emit(&ev).await;
     }
 
-    /// Lifts the blocks whose process exited or whose cooldown ended.
+    /// Releases the pids of blocked processes that exited, prunes the tree, and lifts the
+    /// blocks whose cooldown ended or whose process and descendants have all exited.
     pub(super) async fn expire_blocks(&mut self, now: Instant) -> anyhow::Result<()> {
+        // Roots first: a root found exited can create nothing more, so the tree read after this
+        // holds everything it created.
+        for b in self.blocks.0.values_mut() {
+            if !b.key.is_user() && !b.process_exited && !Procfs.alive(b.key.tgid) {
+                self.dp.release_process(&b.key)?;
+                b.process_exited = true;
+            }
+        }
+        let roots: HashSet<u32> = self
+            .blocks
+            .0
+            .values()
+            .filter(|b| !b.key.is_user())
+            .map(|b| b.key.tgid)
+            .collect();
+        let tree = self.dp.block_tree();
+        if !tree.is_empty() {
+            self.dp
+                .prune_block_tree(&stale_entries(&tree, &roots, proc::is_process));
+        }
+        // Read again after pruning: a process created while the first read was checked is in
+        // the map now, so a tree found empty here really is (its members could create no more).
+        let live = descendants(&self.dp.block_tree());
         let mut due: Vec<(AlertKey, &str)> = Vec::new();
-        for (k, b) in &self.blocks.0 {
-            if k.tgid().is_some_and(|t| !Procfs.alive(t)) {
-                due.push((*k, "process exited"));
-            } else if b.until <= now {
+        for (k, b) in &mut self.blocks.0 {
+            b.descendants = if b.key.is_user() {
+                0
+            } else {
+                live.get(&b.key.tgid).copied().unwrap_or(0)
+            };
+            if b.until <= now {
                 due.push((*k, "cooldown ended"));
+            } else if b.process_exited && b.descendants == 0 {
+                due.push((*k, "process exited"));
             }
         }
         for (k, reason) in due {
@@ -139,5 +264,64 @@ impl Controller {
             Ok(false) => Response::Refused(format!("no byte-budget block on {}", key.text())),
             Err(e) => Response::Refused(format!("lifting the block on {}: {e:#}", key.text())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_keys_and_alert_keys_map_both_ways_in_either_scope() {
+        let keys = [
+            AlertKey::Process(41),
+            AlertKey::ProcessDestination(41, "198.18.0.2".parse().unwrap()),
+            AlertKey::ProcessDestination(41, "fd00:e9e5::2".parse().unwrap()),
+            AlertKey::User(1000),
+        ];
+        for k in keys {
+            let bk = block_key(k).expect("blockable");
+            assert_eq!(alert_key(&bk), k);
+            let desc = bk.in_scope(egress_common::BLOCK_SCOPE_DESCENDANTS);
+            assert_eq!(
+                alert_key(&desc),
+                k,
+                "the descendants twin names the same block"
+            );
+        }
+        assert_eq!(
+            block_key(AlertKey::Destination("198.18.0.2".parse().unwrap())),
+            None
+        );
+        assert_eq!(block_key(AlertKey::Cgroup(7)), None);
+    }
+
+    #[test]
+    fn the_tree_keeps_live_processes_of_blocks_in_force_only() {
+        // Root 10 (blocked) created 11 and 12 (12 has exited); 11 created 13. Root 20's block
+        // is gone. 14 is a thread id: not a process.
+        let tree = [
+            (10, 10),
+            (11, 10),
+            (12, 10),
+            (13, 10),
+            (14, 10),
+            (20, 20),
+            (21, 20),
+        ];
+        let roots: HashSet<u32> = [10].into();
+        let alive = |p: u32| [10, 11, 13, 20, 21].contains(&p);
+        let mut stale = stale_entries(&tree, &roots, alive);
+        stale.sort_unstable();
+        assert_eq!(stale, [12, 14, 20, 21]);
+        let kept: Vec<(u32, u32)> = tree
+            .iter()
+            .copied()
+            .filter(|(p, _)| !stale.contains(p))
+            .collect();
+        assert_eq!(descendants(&kept), HashMap::from([(10, 2)]));
+        // The root exited: its own entry goes, its descendants keep the block.
+        let alive = |p: u32| [11, 13].contains(&p);
+        assert_eq!(stale_entries(&kept, &roots, alive), [10]);
     }
 }

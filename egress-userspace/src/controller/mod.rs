@@ -3,7 +3,8 @@
 //! reports go). Each concern has its file:
 //! - `tick.rs`: every 250 ms, the kernel's flow counters become per-process totals, alerts and
 //!   the published reports;
-//! - `blocks.rs`: byte-budget blocks set, expired and lifted in the kernel;
+//! - `blocks.rs`: byte-budget blocks set, adopted, expired and lifted in the kernel, and the
+//!   processes they cover;
 //! - `reload.rs`: atomic policy reloads (`egress reload`, SIGHUP, `--watch`) and the state kept
 //!   beside the pins;
 //! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
@@ -200,6 +201,8 @@ impl Controller {
                 hash = %ctl.policy.policy.hash,
                 "adopted the pinned enforcement without detaching"
             );
+            // Named by the adopted generation's policy, before any switch.
+            ctl.adopt_blocks();
         }
         if let Some(requested) = switch_to {
             ctl.apply_over_adopted(requested).await?;

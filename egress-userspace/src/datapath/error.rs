@@ -25,6 +25,8 @@ pub enum DatapathError {
     Iface { iface: String, message: String },
     #[error("pinning: {0}")]
     Pin(String),
+    #[error("tracepoint {0}")]
+    Tracepoint(String),
     #[error(
         "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
     )]

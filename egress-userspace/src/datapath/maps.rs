@@ -34,6 +34,10 @@ pub struct Counters {
     pub flows_full_bytes: u64,
     /// Packets TC dropped because their owner is over a byte budget.
     pub budget_dropped: u64,
+    /// Processes created by blocked processes that `BLOCK_TREE` had no room for (their
+    /// connects escaped the block).
+    #[serde(default)]
+    pub tree_full: u64,
 }
 
 /// One of the two policy buffers: the tries and the rule sets they point into.
@@ -56,6 +60,8 @@ pub(super) struct Maps {
     pub owners: HashMap<MapData, u64, Owner>,
     pub iface_l2: HashMap<MapData, u32, u32>,
     pub blocked: HashMap<MapData, BlockKey, BlockValue>,
+    /// Process -> the blocked process whose block covers it.
+    pub block_tree: HashMap<MapData, u32, u32>,
     /// Taken by [`super::Datapath::take_events`].
     pub events: Option<RingBuf<MapData>>,
 }
@@ -93,6 +99,7 @@ impl Maps {
             owners: take(ebpf, map_names::SOCK_OWNERS)?,
             iface_l2: take(ebpf, map_names::IFACE_L2)?,
             blocked: take(ebpf, map_names::BLOCKED)?,
+            block_tree: take(ebpf, map_names::BLOCK_TREE)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
         })
     }
@@ -220,6 +227,7 @@ pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, D
         flows_full_packets: sum(STAT_FLOWS_FULL_PACKETS)?,
         flows_full_bytes: sum(STAT_FLOWS_FULL_BYTES)?,
         budget_dropped: sum(STAT_BUDGET_DROPPED)?,
+        tree_full: sum(STAT_TREE_FULL)?,
     })
 }
 

@@ -1,10 +1,13 @@
 //! The only module that touches aya: loads the embedded eBPF object, takes typed handles on its
-//! maps (`maps`), writes a compiled policy into them, attaches the hooks to a cgroup and TC to
-//! interfaces, pins what must outlive the controller (`pins`), and reads counters and the event
-//! ring (`ring`). Raw bpf(2) calls only where aya has no API (`bpfsys`).
+//! maps (`maps`), writes a compiled policy into them, attaches the hooks to a cgroup, the fork
+//! tracker to its tracepoint (`fork`) and TC to interfaces, pins what must outlive the
+//! controller (`pins`), sets and lifts byte-budget blocks (`blocks`), and reads counters and the
+//! event ring (`ring`). Raw bpf(2) calls only where aya has no API (`bpfsys`).
 
+mod blocks;
 mod bpfsys;
 mod error;
+mod fork;
 mod links;
 mod maps;
 pub mod pins;
@@ -16,10 +19,11 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, TcAttachType,
+        TracePoint,
     },
     util::KernelVersion,
 };
-use egress_common::{BlockKey, BlockValue, Config, FlowKey, FlowValue, map_names};
+use egress_common::{BlockKey, Config, FlowKey, FlowValue, map_names};
 
 pub use self::{
     error::DatapathError,
@@ -45,6 +49,8 @@ pub const SOCKOPT_HOOK: &str = "setsockopt";
 pub const SOCK_CREATE_HOOK: &str = "sock_create";
 /// The TC egress classifier.
 pub const TC_PROGRAM: &str = "tc_egress";
+/// The fork tracker (tracepoint `task/task_newtask`).
+pub const FORK_TRACKER: &str = "track_fork";
 
 /// Prefixes one policy buffer can hold, per address family. The tries allocate per entry, so the
 /// ceiling costs nothing until used.
@@ -151,7 +157,11 @@ impl Datapath {
         if let Some(policy) = policy {
             check_capacity(policy)?;
         }
+        // Before anything is loaded: a kernel whose tracepoint record we cannot read is refused
+        // here, never guessed at.
+        let newtask = fork::NewTaskLayout::read()?;
         let mut loader = EbpfLoader::new();
+        newtask.set_globals(&mut loader);
         for name in map_names::POLICY_V4.iter().chain(&map_names::POLICY_V6) {
             loader.map_max_entries(name, POLICY_CAPACITY);
         }
@@ -205,6 +215,8 @@ impl Datapath {
         sock_create.load().map_err(prog_err(SOCK_CREATE_HOOK))?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load().map_err(prog_err(TC_PROGRAM))?;
+        let tracker: &mut TracePoint = program(&mut ebpf, FORK_TRACKER)?;
+        tracker.load().map_err(prog_err(FORK_TRACKER))?;
         // Blocks set by an earlier controller keep counting towards `budget_blocks`.
         let blocked = if adopt {
             maps.blocked.keys().filter_map(Result::ok).collect()
@@ -295,11 +307,13 @@ impl Datapath {
     }
 
     /// Attaches every cgroup hook (sock_addr, sock_create, setsockopt) to the cgroup2 directory
-    /// `cgroup` through BPF links. A cgroup link always coexists with other programs there and in
-    /// ancestor cgroups (every attached program must allow a call), and the kernel rejects attach
-    /// flags on links, hence `Single` (flags 0). A link a previous controller pinned gets our
-    /// program in place instead.
+    /// `cgroup` through BPF links, and the fork tracker (host-wide: what it records only matters
+    /// for blocked processes, which are in the cgroup). A cgroup link always coexists with other
+    /// programs there and in ancestor cgroups (every attached program must allow a call), and the
+    /// kernel rejects attach flags on links, hence `Single` (flags 0). A link a previous
+    /// controller pinned gets our program in place instead.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
+        self.attach_fork_tracker()?;
         let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.display().to_string(),
             source,
@@ -372,44 +386,6 @@ impl Datapath {
             }
         }
         Ok(())
-    }
-
-    /// Blocks `key` in the kernel until `until_ns` (CLOCK_BOOTTIME), reporting `rule_id`.
-    pub fn block(
-        &mut self,
-        key: BlockKey,
-        until_ns: u64,
-        rule_id: u32,
-    ) -> Result<(), DatapathError> {
-        let value = BlockValue {
-            until_ns,
-            rule_id,
-            _pad: 0,
-        };
-        self.maps
-            .blocked
-            .insert(key, value, 0)
-            .map_err(maps::err(map_names::BLOCKED))?;
-        self.blocked.insert(key);
-        self.sync_block_count()
-    }
-
-    /// Lifts a block; true if there was one.
-    pub fn unblock(&mut self, key: &BlockKey) -> Result<bool, DatapathError> {
-        let removed = self.maps.blocked.remove(key).is_ok();
-        self.blocked.remove(key);
-        self.sync_block_count()?;
-        Ok(removed)
-    }
-
-    /// Tells the hooks how many blocks exist (0 lets them skip the lookups).
-    fn sync_block_count(&mut self) -> Result<(), DatapathError> {
-        let n = self.blocked.len() as u32;
-        if n == self.config.budget_blocks {
-            return Ok(());
-        }
-        self.config.budget_blocks = n;
-        self.write_configs()
     }
 
     /// Kernel memory charged to the policy trie in force for `family` (4 or 6).

@@ -150,12 +150,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertPer {
+    /// One process; its block also covers what it forks after the block.
     #[default]
     Process,
     Destination,
     ProcessDestination,
     Cgroup,
-    /// Every process of one user (uid), together: a budget that forking cannot dodge.
+    /// Every process of one user (uid), together, whoever started it.
     User,
 }
 

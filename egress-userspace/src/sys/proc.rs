@@ -46,6 +46,15 @@ impl ProcSource for Procfs {
     }
 }
 
+/// True when `pid` is a live process (the leader of its thread group, not a zombie), not a
+/// thread of another process and not gone.
+pub fn is_process(pid: u32) -> bool {
+    process(pid).is_some_and(|p| {
+        p.status()
+            .is_ok_and(|s| u32::try_from(s.tgid) == Ok(pid) && !s.state.starts_with('Z'))
+    })
+}
+
 /// The cgroup2 path of a process relative to the cgroup2 root (`/system.slice/x.service`), from
 /// `/proc/<pid>/cgroup`.
 pub fn cgroup_of(tgid: u32) -> Option<String> {
@@ -71,5 +80,19 @@ mod tests {
         assert!(Procfs.alive(me));
         assert!(cgroup_of(me).is_some_and(|c| c.starts_with('/')));
         assert!(!Procfs.alive(u32::MAX - 1));
+        assert!(is_process(me));
+        assert!(!is_process(u32::MAX - 1));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        assert!(Procfs.alive(tid), "a live thread has a /proc entry");
+        assert!(!is_process(tid), "but a thread of ours is not a process");
+        done_tx.send(()).unwrap();
+        thread.join().unwrap();
     }
 }
