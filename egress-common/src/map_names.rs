@@ -19,9 +19,11 @@ pub const SOCK_OWNERS: &str = "SOCK_OWNERS";
 pub const FLOWS: &str = "FLOWS";
 pub const IFACE_L2: &str = "IFACE_L2";
 pub const BLOCKED: &str = "BLOCKED";
+pub const GRANTS: &str = "GRANTS";
+pub const DNS_ORIG: &str = "DNS_ORIG";
 
 /// Every map of the object.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 16] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -36,4 +38,6 @@ pub const ALL: [&str; 14] = [
     FLOWS,
     IFACE_L2,
     BLOCKED,
+    GRANTS,
+    DNS_ORIG,
 ];

@@ -10,7 +10,8 @@ use aya::{
     },
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, map_names,
+    BlockKey, BlockValue, Config, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue, Owner,
+    PrefixValue, RuleSet, map_names,
 };
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,9 @@ pub struct Counters {
     pub flows_full_bytes: u64,
     /// Packets TC dropped because their owner is over a byte budget.
     pub budget_dropped: u64,
+    /// DNS queries steered to the controller's proxy.
+    #[serde(default)]
+    pub dns_steered: u64,
 }
 
 /// One of the two policy buffers: the tries and the rule sets they point into.
@@ -56,6 +60,8 @@ pub(super) struct Maps {
     pub owners: HashMap<MapData, u64, Owner>,
     pub iface_l2: HashMap<MapData, u32, u32>,
     pub blocked: HashMap<MapData, BlockKey, BlockValue>,
+    /// DNS grants: (cgroup, address) -> (until, service rule set).
+    pub grants: HashMap<MapData, GrantKey, GrantValue>,
     /// Taken by [`super::Datapath::take_events`].
     pub events: Option<RingBuf<MapData>>,
 }
@@ -93,6 +99,7 @@ impl Maps {
             owners: take(ebpf, map_names::SOCK_OWNERS)?,
             iface_l2: take(ebpf, map_names::IFACE_L2)?,
             blocked: take(ebpf, map_names::BLOCKED)?,
+            grants: take(ebpf, map_names::GRANTS)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
         })
     }
@@ -149,6 +156,13 @@ impl Maps {
         }
         for (i, set) in policy.rulesets.iter().enumerate() {
             b.rulesets.insert(i as u32, set, 0).map_err(err(name))?;
+        }
+        // The rule sets of `hosts` services, under keys that stay the same across reloads
+        // (grants point at them).
+        for (slot, set) in &policy.host_sets {
+            b.rulesets
+                .insert(GRANT_SET_BASE | slot, set, 0)
+                .map_err(err(name))?;
         }
         let v4 = policy
             .v4
@@ -220,6 +234,7 @@ pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, D
         flows_full_packets: sum(STAT_FLOWS_FULL_PACKETS)?,
         flows_full_bytes: sum(STAT_FLOWS_FULL_BYTES)?,
         budget_dropped: sum(STAT_BUDGET_DROPPED)?,
+        dns_steered: sum(STAT_DNS_STEERED)?,
     })
 }
 
@@ -250,6 +265,8 @@ pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapSha
                 super::POLICY_CAPACITY
             } else if map_names::RULESETS.contains(&name.as_str()) {
                 super::RULESET_CAPACITY
+            } else if name == map_names::GRANTS {
+                super::GRANT_CAPACITY
             } else {
                 m.max_entries()
             };
