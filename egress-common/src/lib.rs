@@ -145,9 +145,77 @@ pub struct Config {
     /// connect/sendmsg hooks cannot judge, indexed by `SOCKETS_*`; each `SOCK_*`. All zero (a
     /// config never written) refuses them all: fail-closed.
     pub sockets: [u8; 4],
+    /// `DNS_*` bits: whether DNS is steered to the controller's proxy and grants are consulted.
+    pub dns_flags: u32,
+    /// The proxy's IPv4 address (network order bytes) and port (host order).
+    pub dns_v4: [u8; 4],
+    pub dns_port: u16,
+    pub _pad_dns: u16,
+    /// Network namespace (`bpf_get_netns_cookie`) the proxy listens in: only sockets of that
+    /// namespace are steered to it (elsewhere its loopback address is another host's).
+    pub dns_netns_cookie: u64,
+    /// The proxy's IPv6 address.
+    pub dns_v6: [u8; 16],
+}
+const _: () = assert!(size_of::<Config>() == 128);
+
+/// `Config::dns_flags`: DNS queries (TCP/UDP port 53) of enforced sockets are steered to the
+/// proxy, and answers appear to come from the server the process asked.
+pub const DNS_STEER: u32 = 1 << 0;
+/// `Config::dns_flags`: the decision consults `GRANTS` (addresses learned from DNS answers to
+/// names a `hosts` service covers) after the address rules.
+pub const DNS_GRANTS: u32 = 1 << 1;
+/// `SO_MARK` of the proxy's own upstream sockets: never steered (its queries would loop back into
+/// it). Setting a mark needs CAP_NET_ADMIN, which an enforced workload must not have.
+pub const DNS_UPSTREAM_MARK: u32 = 0x6567_7273;
+/// The port DNS is steered from.
+pub const DNS_PORT: u16 = 53;
+
+/// Key of `GRANTS`: an address one cgroup learned from a DNS answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantKey {
+    /// The cgroup of the process that resolved the name (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    /// 4 (address in the first 4 bytes) or 6.
+    pub family: u8,
+    pub _pad: [u8; 7],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<GrantKey>() == 32);
+
+/// Value of `GRANTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantValue {
+    /// CLOCK_BOOTTIME nanoseconds when the grant ends: new connects are judged without it after
+    /// that (established ones are left alone).
+    pub until_ns: u64,
+    /// Key of the service's rule set in `RULESETS` (`GRANT_SET_BASE | slot`): the ports and
+    /// protocols the service approves, looked up in the buffer in force, so a reload that
+    /// changes them applies to live grants at once.
+    pub ruleset: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 96);
+const _: () = assert!(size_of::<GrantValue>() == 16);
+
+/// `RULESETS` keys at and above this are the rule sets of `hosts` services (grants point at
+/// them); below it, those of address prefixes.
+pub const GRANT_SET_BASE: u32 = 0x8000_0000;
+
+/// Value of `DNS_ORIG`: where a steered socket meant to send its query, by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOrig {
+    /// 4 or 6, as the process gave it (a v4-mapped address is 6 with the mapped form in `addr`).
+    pub family: u8,
+    pub _pad: u8,
+    /// Host order.
+    pub port: u16,
+    pub _pad2: u32,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<DnsOrig>() == 24);
 
 /// Classes of sockets in `Config::sockets`: raw IP sockets, ping sockets, any other IP
 /// protocol (SCTP, UDP-Lite, MPTCP, DCCP, ...), and `AF_PACKET` sockets. TCP and UDP are always
@@ -210,7 +278,9 @@ pub const STAT_BUDGET_DROPPED: u32 = 8;
 /// Processes a blocked process (or one of its descendants) created that could not be recorded
 /// in `BLOCK_TREE` (it was full): their connects and sends escape the block.
 pub const STAT_TREE_FULL: u32 = 9;
-pub const STAT_COUNT: u32 = 10;
+/// DNS queries the hooks steered to the controller's proxy.
+pub const STAT_DNS_STEERED: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 /// Key of `BLOCKED`: a process over its byte budget, everywhere (`addr` all zero, `family` 0)
 /// or towards one destination; or a user (`family` [`BLOCK_USER`], `tgid` holding the uid).

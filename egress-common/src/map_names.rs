@@ -21,8 +21,11 @@ pub const IFACE_L2: &str = "IFACE_L2";
 pub const BLOCKED: &str = "BLOCKED";
 pub const BLOCK_TREE: &str = "BLOCK_TREE";
 
+pub const GRANTS: &str = "GRANTS";
+pub const DNS_ORIG: &str = "DNS_ORIG";
+
 /// Every map of the object.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 17] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -38,4 +41,6 @@ pub const ALL: [&str; 15] = [
     IFACE_L2,
     BLOCKED,
     BLOCK_TREE,
+    GRANTS,
+    DNS_ORIG,
 ];

@@ -6,6 +6,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod dns;
 mod fork;
 mod maps;
 mod policy;
@@ -43,6 +44,30 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     sock_addr::decide_v6(&ctx, HOOK_SENDMSG6)
+}
+
+/// recvfrom()/recvmsg() on AF_INET UDP sockets: answers of the DNS proxy show the server asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::restore_v4(&ctx)
+}
+
+/// recvfrom()/recvmsg() on AF_INET6 UDP sockets.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::restore_v6(&ctx)
+}
+
+/// getpeername() on AF_INET sockets steered to the DNS proxy.
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    dns::restore_v4(&ctx)
+}
+
+/// getpeername() on AF_INET6 sockets steered to the DNS proxy.
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    dns::restore_v6(&ctx)
 }
 
 /// socket(): refuses the sockets `[sockets]` does not allow.

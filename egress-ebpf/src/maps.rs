@@ -9,7 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, STAT_COUNT,
+    BlockKey, BlockValue, Config, DnsOrig, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
+    PrefixValue, RuleSet, STAT_COUNT,
 };
 
 // The policy is double-buffered so that a reload is atomic: the controller fills the inactive
@@ -94,3 +95,18 @@ pub static BLOCKED: HashMap<BlockKey, BlockValue> =
 /// not recorded and `STAT_TREE_FULL` is counted.
 #[map]
 pub static BLOCK_TREE: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);
+
+/// DNS grants: (cgroup, address) -> (until, service rule set). Written by the controller's DNS
+/// proxy before it answers a query for a name a `hosts` service covers; read by the
+/// connect/sendmsg hooks after the address rules (`DNS_GRANTS`). Not LRU: a full map makes the
+/// proxy answer SERVFAIL (fail-closed) rather than evict a live grant; the controller removes
+/// expired entries. Survives controller restarts (pinned).
+#[map]
+pub static GRANTS: HashMap<GrantKey, GrantValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Socket cookie -> the DNS server a steered socket addressed, so that answers from the proxy
+/// appear to come from it (recvmsg, getpeername). Written by the connect/sendmsg hooks when
+/// they steer, read by the recvmsg/getpeername hooks. LRU: an evicted entry only makes an answer
+/// show the proxy's address (the resolver retries), never lets anything through.
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(16_384, 0);

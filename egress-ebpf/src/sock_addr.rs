@@ -13,9 +13,12 @@ use aya_ebpf::{
     },
     programs::SockAddrContext,
 };
-use egress_common::{Config, MODE_AUDIT, Owner, STAT_ALLOWED, v4_mapped};
+use egress_common::{
+    Config, MODE_AUDIT, Owner, RULE_DEFAULT, STAT_ALLOWED, STAT_DNS_STEERED, v4_mapped,
+};
 
 use crate::{
+    dns::{self, Steer},
     maps::{SOCK_OWNERS, STATS},
     policy::{self, Decision},
     report::{self, Refusal},
@@ -91,18 +94,26 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     let proto = protocol_of(ctx);
     let cfg = policy::config();
+    let inet6 = unsafe { (*ctx.sock_addr).family } == AF_INET6;
+    if !no_address(ctx) {
+        match dns::steer_v4(ctx, &cfg, addr, port, proto, inet6) {
+            Steer::No => {}
+            Steer::Proxy | Steer::Steered => return steered(ctx),
+        }
+    }
     let d = policy::decide_v4(&cfg, addr, port, proto);
+    let mut full = [0u8; 16];
+    full[..4].copy_from_slice(&addr);
+    let d = with_grant(&cfg, d, 4, &full, port, proto);
     // An AF_INET6 socket sending to ::ffff:a.b.c.d reaches sendmsg4 with the IPv4 address: report
     // it as the process gave it.
-    if unsafe { (*ctx.sock_addr).family } == AF_INET6 {
+    if inet6 {
         let mut mapped = [0u8; 16];
         mapped[10] = 0xff;
         mapped[11] = 0xff;
         mapped[12..].copy_from_slice(&addr);
         return finish(ctx, &cfg, d, hook, 6, 1, mapped, port, proto);
     }
-    let mut full = [0u8; 16];
-    full[..4].copy_from_slice(&addr);
     finish(ctx, &cfg, d, hook, 4, 0, full, port, proto)
 }
 
@@ -120,12 +131,61 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     let proto = protocol_of(ctx);
     let cfg = policy::config();
+    let v4 = v4_mapped(&addr);
+    if !no_address(ctx) {
+        let steer = match v4 {
+            Some(_) => dns::steer_v6_mapped(ctx, &cfg, &addr, port, proto),
+            None => dns::steer_v6(ctx, &cfg, &addr, port, proto),
+        };
+        match steer {
+            Steer::No => {}
+            Steer::Proxy | Steer::Steered => return steered(ctx),
+        }
+    }
     // ::ffff:a.b.c.d reaches the IPv4 address a.b.c.d: judge it exactly as IPv4.
-    let (d, mapped) = match v4_mapped(&addr) {
-        Some(v4) => (policy::decide_v4(&cfg, v4, port, proto), 1),
-        None => (policy::decide_v6(&cfg, addr, port, proto), 0),
+    let (d, mapped) = match v4 {
+        Some(v4) => {
+            let mut full = [0u8; 16];
+            full[..4].copy_from_slice(&v4);
+            let d = policy::decide_v4(&cfg, v4, port, proto);
+            (with_grant(&cfg, d, 4, &full, port, proto), 1)
+        }
+        None => {
+            let d = policy::decide_v6(&cfg, addr, port, proto);
+            (with_grant(&cfg, d, 6, &addr, port, proto), 0)
+        }
     };
     finish(ctx, &cfg, d, hook, 6, mapped, addr, port, proto)
+}
+
+/// A DNS query sent to the proxy (steered now, or connected to it before): allowed, and its
+/// owner recorded (the proxy finds the asking process by it).
+#[inline(always)]
+fn steered(ctx: &SockAddrContext) -> i32 {
+    count(STAT_DNS_STEERED);
+    record_owner(ctx);
+    VERDICT_ALLOW
+}
+
+/// Where the address rules reached the default verdict, a grant of this cgroup for this
+/// address (learned from a DNS answer) decides.
+#[inline(always)]
+fn with_grant(
+    cfg: &Config,
+    d: Decision,
+    family: u8,
+    addr: &[u8; 16],
+    port: u16,
+    proto: u8,
+) -> Decision {
+    if d.rule_id != RULE_DEFAULT {
+        return d;
+    }
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    match dns::grant(cfg, cgroup, family, addr, port, proto) {
+        Some(g) => g,
+        None => d,
+    }
 }
 
 #[inline(always)]

@@ -120,6 +120,12 @@ pub struct CallLine {
     pub dst: String,
     pub result: Verdict,
     pub pid: u32,
+    /// The `dns-*` calls: the source address of the answer (`recvfrom`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The `dns-*` calls on connected sockets: `getpeername`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// The line of one call repeated `--count` times: how many times each result came.

@@ -46,6 +46,13 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   interface; HOW: ip (sent as ETH_P_IP), alien (the socket's
                                   protocol says 0x1234, the frame carries IPv4), bypass
                                   (PACKET_QDISC_BYPASS)
+  dns-udp ADDR:PORT               unconnected UDP: sendto a query-sized datagram, wait for the
+                                  answer; the line's \"from\" is where it came from
+  dns-udp-connected ADDR:PORT     the same on a connected socket (send, recvfrom); \"peer\" is
+                                  getpeername
+  dns-udp-marked ADDR:PORT        dns-udp on a socket with SO_MARK 0x65677273 (the proxy's mark)
+  dns-tcp ADDR:PORT               TCP: connect, one length-prefixed message, read the answer;
+                                  \"peer\" is getpeername
   send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
   fork CALLS... end               fork a child process that makes CALLS (its lines carry its own
@@ -107,6 +114,7 @@ enum Call {
     RawUdp(SocketAddr),
     PacketUdp(SocketAddr, String),
     SendFd(i32),
+    Dns(SocketAddr, DnsHow),
     Sleep(u64),
     WaitFile(PathBuf),
     Storm {
@@ -138,6 +146,10 @@ impl Call {
             Call::RawUdp(_) => "raw-udp",
             Call::PacketUdp(..) => "packet-udp",
             Call::SendFd(_) => "send-fd",
+            Call::Dns(_, DnsHow::Udp) => "dns-udp",
+            Call::Dns(_, DnsHow::UdpConnected) => "dns-udp-connected",
+            Call::Dns(_, DnsHow::UdpMarked) => "dns-udp-marked",
+            Call::Dns(_, DnsHow::Tcp) => "dns-tcp",
             Call::Sleep(_) => "sleep",
             Call::WaitFile(_) => "wait-file",
             Call::Storm { .. } => "storm",
@@ -162,7 +174,8 @@ impl Call {
             | Call::TcpSend(a, _)
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a)
-            | Call::PacketUdp(a, _) => *a,
+            | Call::PacketUdp(a, _)
+            | Call::Dns(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
             Call::Sleep(_)
             | Call::WaitFile(_)
@@ -246,6 +259,10 @@ fn parse_seq<'w>(
                 Call::UdpConnectCmsg(a, then)
             }
             "raw-udp" => Call::RawUdp(addr(words, op)?),
+            "dns-udp" => Call::Dns(addr(words, op)?, DnsHow::Udp),
+            "dns-udp-connected" => Call::Dns(addr(words, op)?, DnsHow::UdpConnected),
+            "dns-udp-marked" => Call::Dns(addr(words, op)?, DnsHow::UdpMarked),
+            "dns-tcp" => Call::Dns(addr(words, op)?, DnsHow::Tcp),
             "send-fd" => Call::SendFd(num(words, op, "FD")? as i32),
             "packet-udp" => Call::PacketUdp(addr(words, op)?, next(words, op, "HOW")?.clone()),
             "tcp-send" => Call::TcpSend(addr(words, op)?, num(words, op, "BYTES")?),
@@ -569,6 +586,7 @@ impl Probe {
             Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
             Call::RawUdp(addr) => raw_udp(*addr),
             Call::PacketUdp(addr, how) => packet_udp(*addr, how),
+            Call::Dns(addr, how) => dns_exchange(*addr, *how, self.timeout),
             Call::SendFd(fd) => {
                 let payload = b"egress-probe inherited";
                 // SAFETY: a plain write(2) on a descriptor number; a closed one fails with EBADF.
@@ -733,6 +751,78 @@ fn raw_udp(addr: SocketAddr) -> io::Result<()> {
         libc::close(fd);
         if n < 0 { Err(err) } else { Ok(()) }
     }
+}
+
+/// How a `dns-*` call reaches its server.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum DnsHow {
+    Udp,
+    UdpConnected,
+    UdpMarked,
+    Tcp,
+}
+
+thread_local! {
+    /// (from, peer) of the last `dns-*` call, for its line.
+    static ANSWER: std::cell::Cell<(Option<String>, Option<String>)> =
+        const { std::cell::Cell::new((None, None)) };
+}
+
+/// The proxy's socket mark (`egress_common::DNS_UPSTREAM_MARK`).
+const DNS_UPSTREAM_MARK: u32 = 0x6567_7273;
+
+/// One exchange with a DNS server (or whatever answers there): a 12-byte message out, the
+/// answer in. Records where the answer came from and, on connected sockets, the peer.
+fn dns_exchange(addr: SocketAddr, how: DnsHow, timeout: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let query = [0x12u8, 0x34, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut buf = [0u8; 512];
+    match how {
+        DnsHow::Tcp => {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            let peer = s.peer_addr()?;
+            let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+            msg.extend_from_slice(&query);
+            s.write_all(&msg)?;
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len)?;
+            let n = usize::from(u16::from_be_bytes(len)).min(buf.len());
+            s.read_exact(&mut buf[..n])?;
+            ANSWER.set((None, Some(peer.to_string())));
+        }
+        DnsHow::Udp | DnsHow::UdpMarked | DnsHow::UdpConnected => {
+            let s = UdpSocket::bind(unspecified_for(&addr))?;
+            s.set_read_timeout(Some(timeout))?;
+            if matches!(how, DnsHow::UdpMarked) {
+                let mark = DNS_UPSTREAM_MARK;
+                // SAFETY: setsockopt with a pointer to a u32 that outlives the call.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_MARK,
+                        (&mark as *const u32).cast(),
+                        size_of::<u32>() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let peer = if matches!(how, DnsHow::UdpConnected) {
+                s.connect(addr)?;
+                s.send(&query)?;
+                Some(s.peer_addr()?.to_string())
+            } else {
+                s.send_to(&query, addr)?;
+                None
+            };
+            let (_, from) = s.recv_from(&mut buf)?;
+            ANSWER.set((Some(from.to_string()), peer));
+        }
+    }
+    Ok(())
 }
 
 /// One IPv4 UDP datagram written whole, Ethernet header included, through an AF_PACKET socket:
@@ -910,6 +1000,8 @@ fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Wri
                         dst,
                         result,
                         pid,
+                        from: None,
+                        peer: None,
                     },
                 );
                 continue;
@@ -925,6 +1017,8 @@ fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Wri
                         dst,
                         result: Verdict::Succeeded,
                         pid,
+                        from: None,
+                        peer: None,
                     },
                 );
                 continue;
@@ -934,6 +1028,7 @@ fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Wri
         match count {
             None => {
                 let result = Verdict::of(&probe.attempt(call));
+                let (from, peer) = ANSWER.take();
                 print(
                     out,
                     &CallLine {
@@ -941,6 +1036,8 @@ fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Wri
                         dst,
                         result,
                         pid,
+                        from,
+                        peer,
                     },
                 );
             }
@@ -1075,6 +1172,8 @@ mod tests {
             dst: "127.0.0.1:1".into(),
             result: Verdict::Denied,
             pid: 7,
+            from: None,
+            peer: None,
         };
         let text = serde_json::to_string(&line).unwrap();
         assert!(text.contains(r#""result":"EPERM""#), "{text}");

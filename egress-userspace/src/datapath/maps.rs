@@ -10,7 +10,8 @@ use aya::{
     },
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, FlowKey, FlowValue, Owner, PrefixValue, RuleSet, map_names,
+    BlockKey, BlockValue, Config, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue, Owner,
+    PrefixValue, RuleSet, map_names,
 };
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,9 @@ pub struct Counters {
     /// connects escaped the block).
     #[serde(default)]
     pub tree_full: u64,
+    /// DNS queries steered to the controller's proxy.
+    #[serde(default)]
+    pub dns_steered: u64,
 }
 
 /// One of the two policy buffers: the tries and the rule sets they point into.
@@ -62,6 +66,8 @@ pub(super) struct Maps {
     pub blocked: HashMap<MapData, BlockKey, BlockValue>,
     /// Process -> the blocked process whose block covers it.
     pub block_tree: HashMap<MapData, u32, u32>,
+    /// DNS grants: (cgroup, address) -> (until, service rule set).
+    pub grants: HashMap<MapData, GrantKey, GrantValue>,
     /// Taken by [`super::Datapath::take_events`].
     pub events: Option<RingBuf<MapData>>,
 }
@@ -100,6 +106,7 @@ impl Maps {
             iface_l2: take(ebpf, map_names::IFACE_L2)?,
             blocked: take(ebpf, map_names::BLOCKED)?,
             block_tree: take(ebpf, map_names::BLOCK_TREE)?,
+            grants: take(ebpf, map_names::GRANTS)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
         })
     }
@@ -156,6 +163,13 @@ impl Maps {
         }
         for (i, set) in policy.rulesets.iter().enumerate() {
             b.rulesets.insert(i as u32, set, 0).map_err(err(name))?;
+        }
+        // The rule sets of `hosts` services, under keys that stay the same across reloads
+        // (grants point at them).
+        for (slot, set) in &policy.host_sets {
+            b.rulesets
+                .insert(GRANT_SET_BASE | slot, set, 0)
+                .map_err(err(name))?;
         }
         let v4 = policy
             .v4
@@ -228,6 +242,7 @@ pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, D
         flows_full_bytes: sum(STAT_FLOWS_FULL_BYTES)?,
         budget_dropped: sum(STAT_BUDGET_DROPPED)?,
         tree_full: sum(STAT_TREE_FULL)?,
+        dns_steered: sum(STAT_DNS_STEERED)?,
     })
 }
 
@@ -258,6 +273,8 @@ pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapSha
                 super::POLICY_CAPACITY
             } else if map_names::RULESETS.contains(&name.as_str()) {
                 super::RULESET_CAPACITY
+            } else if name == map_names::GRANTS {
+                super::GRANT_CAPACITY
             } else {
                 m.max_entries()
             };

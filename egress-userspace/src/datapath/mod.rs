@@ -42,7 +42,16 @@ use crate::policy::compile::CompiledPolicy;
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
 
 /// The cgroup sock_addr hooks, by program name in the object.
-pub const HOOKS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+pub const HOOKS: [&str; 8] = [
+    "connect4",
+    "connect6",
+    "sendmsg4",
+    "sendmsg6",
+    "recvmsg4",
+    "recvmsg6",
+    "getpeername4",
+    "getpeername6",
+];
 /// The cgroup setsockopt hook (refuses source routes).
 pub const SOCKOPT_HOOK: &str = "setsockopt";
 /// The cgroup sock_create hook (`[sockets]`).
@@ -57,6 +66,19 @@ pub const FORK_TRACKER: &str = "track_fork";
 pub const POLICY_CAPACITY: u32 = 1 << 22;
 /// Distinct rule sets one policy buffer can hold.
 pub const RULESET_CAPACITY: u32 = 1 << 16;
+/// Live DNS grants ((cgroup, address) pairs) the kernel holds; the proxy answers SERVFAIL when
+/// it is full.
+pub const GRANT_CAPACITY: u32 = 1 << 17;
+
+/// Where the DNS proxy listens, for [`Datapath::set_dns`].
+#[derive(Debug, Clone, Copy)]
+pub struct DnsSteering {
+    pub v4: std::net::Ipv4Addr,
+    pub v6: std::net::Ipv6Addr,
+    pub port: u16,
+    /// `SO_NETNS_COOKIE` of the namespace the proxy listens in.
+    pub netns_cookie: u64,
+}
 
 /// What a reload did.
 #[derive(Debug, Clone, Copy)]
@@ -79,12 +101,14 @@ pub struct Datapath {
     blocked: HashSet<BlockKey>,
     /// Where maps and links are pinned (None: nothing outlives this process).
     pins: Option<Pins>,
+    /// The fork tracker is attached (once, whatever the number of cgroups attached to).
+    fork_tracked: bool,
 }
 
 fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
     let fits = policy.v4.len() <= POLICY_CAPACITY as usize
         && policy.v6.len() <= POLICY_CAPACITY as usize
-        && policy.rulesets.len() <= RULESET_CAPACITY as usize;
+        && policy.rulesets.len() + policy.host_sets.len() <= RULESET_CAPACITY as usize;
     if fits {
         Ok(())
     } else {
@@ -168,6 +192,7 @@ impl Datapath {
         for name in map_names::RULESETS {
             loader.map_max_entries(name, RULESET_CAPACITY);
         }
+        loader.map_max_entries(map_names::GRANTS, GRANT_CAPACITY);
         let mut adopt = false;
         if let Some(p) = pins {
             p.ensure()
@@ -230,6 +255,7 @@ impl Datapath {
             active,
             blocked,
             pins: pins.cloned(),
+            fork_tracked: false,
         };
         Ok((dp, adopt))
     }
@@ -285,8 +311,73 @@ impl Datapath {
             tc_cgroup_id: self.config.tc_cgroup_id,
             tc_cgroup_level: self.config.tc_cgroup_level,
             budget_blocks: self.config.budget_blocks,
+            dns_flags: self.config.dns_flags,
+            dns_v4: self.config.dns_v4,
+            dns_port: self.config.dns_port,
+            dns_netns_cookie: self.config.dns_netns_cookie,
+            dns_v6: self.config.dns_v6,
             ..c
         }
+    }
+
+    /// Steers the DNS queries of enforced sockets in network namespace `netns_cookie` to the
+    /// proxy at `v4`/`v6` port `port`, and consults grants (`DNS_STEER | DNS_GRANTS`); `None`
+    /// turns both off.
+    pub fn set_dns(&mut self, dns: Option<DnsSteering>) -> Result<(), DatapathError> {
+        match dns {
+            Some(d) => {
+                self.config.dns_flags = egress_common::DNS_STEER | egress_common::DNS_GRANTS;
+                self.config.dns_v4 = d.v4.octets();
+                self.config.dns_v6 = d.v6.octets();
+                self.config.dns_port = d.port;
+                self.config.dns_netns_cookie = d.netns_cookie;
+            }
+            None => {
+                self.config.dns_flags = 0;
+                self.config.dns_v4 = [0; 4];
+                self.config.dns_v6 = [0; 16];
+                self.config.dns_port = 0;
+                self.config.dns_netns_cookie = 0;
+            }
+        }
+        self.write_configs()
+    }
+
+    /// Writes (or refreshes) a DNS grant.
+    pub fn grant(
+        &mut self,
+        key: egress_common::GrantKey,
+        value: egress_common::GrantValue,
+    ) -> Result<(), DatapathError> {
+        self.maps
+            .grants
+            .insert(key, value, 0)
+            .map_err(maps::err(map_names::GRANTS))
+    }
+
+    /// Every grant in the kernel, expired ones included.
+    pub fn grants(
+        &self,
+    ) -> Result<Vec<(egress_common::GrantKey, egress_common::GrantValue)>, DatapathError> {
+        self.maps
+            .grants
+            .iter()
+            .map(|r| r.map_err(maps::err(map_names::GRANTS)))
+            .collect()
+    }
+
+    /// Removes grants that ended before `now_ns` (CLOCK_BOOTTIME); returns how many.
+    pub fn prune_grants(&mut self, now_ns: u64) -> Result<usize, DatapathError> {
+        let expired: Vec<_> = self
+            .grants()?
+            .into_iter()
+            .filter(|(_, v)| v.until_ns <= now_ns)
+            .map(|(k, _)| k)
+            .collect();
+        for k in &expired {
+            let _ = self.maps.grants.remove(k);
+        }
+        Ok(expired.len())
     }
 
     /// Writes the controller-owned config fields into both buffers.
@@ -313,7 +404,10 @@ impl Datapath {
     /// kernel rejects attach flags on links, hence `Single` (flags 0). A link a previous
     /// controller pinned gets our program in place instead.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
-        self.attach_fork_tracker()?;
+        if !self.fork_tracked {
+            self.attach_fork_tracker()?;
+            self.fork_tracked = true;
+        }
         let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
             path: cgroup.display().to_string(),
             source,

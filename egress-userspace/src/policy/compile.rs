@@ -52,6 +52,9 @@ pub struct CompiledPolicy {
     pub v6: BTreeMap<(u128, u8), u32>,
     /// `RULESETS`, indexed by rule set index.
     pub rulesets: Vec<RuleSet>,
+    /// The rule sets of services with `hosts`, by stable slot (`RULESETS` key
+    /// `GRANT_SET_BASE | slot`; DNS grants point at them).
+    pub host_sets: Vec<(u32, RuleSet)>,
     /// Rule names by `rule_id`; index 0 is `"default"`.
     pub rule_names: Vec<String>,
     /// Kind of each rule by `rule_id` (index 0 unused).
@@ -356,6 +359,7 @@ impl CompiledPolicy {
             v4,
             v6,
             rulesets: builder.sets,
+            host_sets: Vec::new(),
             rule_names,
             rule_kinds,
             services: policy.services().count(),

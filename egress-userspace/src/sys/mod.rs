@@ -1,9 +1,10 @@
 //! The host, as the controller sees it: the cgroup2 hierarchy, network interfaces, processes in
-//! /proc, tracepoint formats in tracefs and the boot clock. Thin wrappers over the kernel's interfaces (through `rustix` and
+//! /proc, tracepoint formats in tracefs, the boot clock and sock_diag. Thin wrappers over the kernel's interfaces (through `rustix` and
 //! `procfs`), with no policy in them.
 
 pub mod cgroup;
 pub mod clock;
 pub mod iface;
 pub mod proc;
+pub mod sockdiag;
 pub mod tracefs;
