@@ -6,7 +6,9 @@
 //! ring) -> `events` (JSON lines) / `accounting` (per-process totals) / `alerts` (sliding
 //! windows, byte budgets) -> `report` (typed stats and status) -> `cli`, `metrics`, `api` (the
 //! control socket), `webhook`. The `controller` runs `run` and `exec` on top of all of it;
-//! `sys` is the host (cgroup2, interfaces, /proc, the boot clock).
+//! `sys` is the host (cgroup2, interfaces, /proc, the boot clock). `dns` is the DNS proxy of
+//! approved names: it matches queries with `policy::names` and hands the addresses it learns to a
+//! grant sink before it replies.
 
 pub mod accounting;
 pub mod alerts;
@@ -14,6 +16,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod datapath;
+pub mod dns;
 pub mod events;
 pub mod metrics;
 pub mod policy;

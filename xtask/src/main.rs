@@ -44,7 +44,8 @@ enum Task {
     /// skipped`.
     Test {
         /// The unit tier (no root needed): the host crates' own tests (egress-common,
-        /// egress-userspace's library and binaries, egress-tests' library and binaries, xtask).
+        /// egress-userspace's library, binaries and loopback DNS proxy test, egress-tests' library
+        /// and binaries, xtask).
         #[arg(long)]
         unit: bool,
         /// The real-kernel tier (root): egress-tests' `tests/kernel_*.rs`, which load the datapath
@@ -227,7 +228,8 @@ impl Tier {
     /// The `cargo test` arguments that select the tier.
     fn cargo_args(self) -> &'static [&'static str] {
         match self {
-            // Every host crate's own tests; none of them needs root or the kernel.
+            // Every host crate's own tests, and egress-userspace's loopback-only integration
+            // test of the DNS proxy; none of them needs root or the kernel.
             Tier::Unit => &[
                 "-p",
                 "egress-common",
@@ -239,6 +241,8 @@ impl Tier {
                 "xtask",
                 "--lib",
                 "--bins",
+                "--test",
+                "dns_proxy",
             ],
             // The harness crate's test files are named by tier (cargo globs `--test`).
             Tier::Kernel => &["-p", "egress-tests", "--test", "kernel_*"],

@@ -179,14 +179,18 @@ enum Command {
         files: Vec<PathBuf>,
     },
     /// Print the verdict for a destination and the rule that decides it, from the same compiled
-    /// entries the kernel gets.
+    /// entries the kernel gets; or, for a DNS name, which service or block covers it (from the
+    /// same name matcher the DNS proxy uses).
     Explain {
         /// Policy file.
         #[arg(long, value_name = "FILE")]
         policy: PathBuf,
-        /// Destination address (IPv4 or IPv6, v4-mapped included).
-        dest: IpAddr,
+        /// Destination address (IPv4 or IPv6, v4-mapped included), or a DNS name such as
+        /// api.github.com.
+        #[arg(value_name = "DEST|NAME")]
+        dest: String,
         /// Destination port. Omitted: the verdict for every port, or the port table when it varies.
+        /// Not used with a name (the covering services' ports are printed).
         #[arg(long)]
         port: Option<u16>,
         /// Protocol.
@@ -399,7 +403,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             protocol,
             json,
         } => {
-            policy_cmds::explain(policy, dest, port, protocol.into(), json)?;
+            match dest.parse::<IpAddr>() {
+                Ok(addr) => policy_cmds::explain(policy, addr, port, protocol.into(), json)?,
+                Err(_) => policy_cmds::explain_name(policy, &dest, json)?,
+            }
             Ok(0)
         }
     }

@@ -10,7 +10,7 @@ pub fn check(files: &[PathBuf]) -> u8 {
     for f in files {
         match policy::load(Some(f)) {
             Ok((p, c)) => println!(
-                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets",
+                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets, {} host patterns; dns: {}",
                 f.display(),
                 p.mode,
                 p.default,
@@ -25,7 +25,9 @@ pub fn check(files: &[PathBuf]) -> u8 {
                 c.prefix_count(),
                 c.v4.len(),
                 c.v6.len(),
-                c.rulesets.len()
+                c.rulesets.len(),
+                p.host_patterns(),
+                p.dns,
             ),
             Err(e) => {
                 failed += 1;
@@ -104,6 +106,34 @@ pub fn explain(
         for line in why::rule_table(&compiled, dest) {
             println!("{line}");
         }
+    }
+    Ok(())
+}
+
+/// `egress explain NAME`: which service or block covers a DNS name.
+pub fn explain_name(path: PathBuf, name: &str, json: bool) -> anyhow::Result<()> {
+    let (policy, _) = policy::load(Some(&path))?;
+    let e = why::explain_name(&policy, name).map_err(|problem| {
+        anyhow::anyhow!(
+            "`{name}` is neither an address nor a DNS name: it {problem}",
+            name = name.escape_debug()
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&e)?);
+        return Ok(());
+    }
+    match (&e.rule_kind, &e.rule) {
+        (Some(kind), Some(rule)) => println!("{} {}: by {kind} `{rule}`", e.verdict, e.name),
+        _ => println!("{} {}: no service or block covers it", e.verdict, e.name),
+    }
+    println!("  {}", e.reason);
+    println!("  dns: {}", e.dns);
+    for r in e.covered_by.iter().skip(1) {
+        println!(
+            "  also covered by {} `{}` (line {}) through `{}`, on {} {}",
+            r.rule_kind, r.rule, r.line, r.pattern, r.protocols, r.ports
+        );
     }
     Ok(())
 }

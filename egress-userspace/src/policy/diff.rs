@@ -20,6 +20,7 @@ const SHOWN: usize = 20;
 fn same_rule(a: &Rule, b: &Rule) -> bool {
     a.kind == b.kind
         && a.destinations == b.destinations
+        && a.hosts == b.hosts
         && a.ports == b.ports
         && a.protocols == b.protocols
 }
@@ -69,6 +70,7 @@ pub fn describe(
             format!("{:?}", old.nat64_prefixes),
             format!("{:?}", new.nat64_prefixes),
         ),
+        ("dns", old.dns.to_string(), new.dns.to_string()),
     ] {
         if a != b {
             let _ = writeln!(out, "{what}: {a} -> {b}");

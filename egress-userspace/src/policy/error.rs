@@ -4,9 +4,11 @@
 //! offset the parser reports (a span of toml's, or of a [`toml::Spanned`] value). The field comes
 //! from the deserializer's own path when serde fails ([`serde_path_to_error`] around the toml
 //! deserializer), and from what the validation knows (table kind, its 1-based index in the file,
-//! key: [`Entry::field`]) when our checks fail. A field is a top-level key (`mode`), a key of one
-//! `[[service]]`, `[[block]]` or `[[alert]]` table (`service[2].ports`; no element index for an
-//! array value), or `policy` for the file as a whole (syntax errors, unreadable files).
+//! key: [`Entry::field`]) when our checks fail. A field is a top-level key (`mode`), a key of a
+//! table (`dns.upstream`), a key of one `[[service]]`, `[[block]]` or `[[alert]]` table
+//! (`service[2].ports`; no element index for an array value), such a table as a whole
+//! (`service[2]`: a key it lacks), or `policy` for the file as a whole (syntax errors, unreadable
+//! files).
 
 use serde_path_to_error::Segment;
 
@@ -71,7 +73,12 @@ pub(super) struct Entry {
 impl Entry {
     /// The field path of one of the table's keys: `service[2].ports` (1-based).
     pub(super) fn field(self, key: &str) -> String {
-        format!("{}[{}].{key}", self.table.key(), self.index + 1)
+        format!("{}.{key}", self.whole())
+    }
+
+    /// The field path of the table as a whole: `service[2]` (1-based).
+    pub(super) fn whole(self) -> String {
+        format!("{}[{}]", self.table.key(), self.index + 1)
     }
 }
 

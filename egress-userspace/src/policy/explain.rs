@@ -1,5 +1,6 @@
 //! `egress explain`: the verdict for one destination and the rule that decides it, computed from
-//! the compiled map entries with the datapath's algorithm.
+//! the compiled map entries with the datapath's algorithm; and for a DNS name, which service or
+//! block covers it, from the same name matcher the DNS proxy uses.
 
 use std::net::IpAddr;
 
@@ -7,8 +8,10 @@ use egress_common::{ACTION_BLOCK, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_T
 use serde::Serialize;
 
 use super::{
-    Mode, Policy, Protocol,
+    Mode, Policy, Protocol, Rule, Unlisted,
     compile::{CompiledPolicy, Reason},
+    hosts::{MAX_NAME_LEN, normalize_name},
+    names::{NameHit, NameIndex, NameVerdict},
 };
 
 #[derive(Debug, Serialize)]
@@ -62,27 +65,8 @@ pub fn explain(
                 r.line,
                 prefix.ip(),
                 prefix.prefix(),
-                if r.protocols.is_empty() {
-                    "tcp/udp".to_string()
-                } else {
-                    r.protocols
-                        .iter()
-                        .map(|p| p.to_string())
-                        .collect::<Vec<_>>()
-                        .join("/")
-                },
-                if r.ports.is_empty() {
-                    "all ports".to_string()
-                } else {
-                    format!(
-                        "ports {}",
-                        r.ports
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",")
-                    )
-                },
+                protocols_text(r),
+                ports_text(r),
             );
             (
                 kind,
@@ -187,4 +171,161 @@ pub fn rule_table(compiled: &CompiledPolicy, dst: IpAddr) -> Vec<String> {
         }
     ));
     out
+}
+
+/// A rule's protocols as `explain` prints them: `tcp/udp` when it names none.
+fn protocols_text(r: &Rule) -> String {
+    if r.protocols.is_empty() {
+        "tcp/udp".to_string()
+    } else {
+        r.protocols
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
+/// A rule's ports as `explain` prints them: `all ports` when it names none.
+fn ports_text(r: &Rule) -> String {
+    if r.ports.is_empty() {
+        "all ports".to_string()
+    } else {
+        format!(
+            "ports {}",
+            r.ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    }
+}
+
+/// One rule whose `hosts` cover a name.
+#[derive(Debug, Serialize)]
+pub struct NameRule {
+    pub rule: String,
+    /// `service` or `block`.
+    pub rule_kind: String,
+    /// The rule's first pattern that covers the name.
+    pub pattern: String,
+    pub line: usize,
+    pub protocols: String,
+    pub ports: String,
+}
+
+/// `egress explain NAME`: what the policy says about a DNS name.
+#[derive(Debug, Serialize)]
+pub struct NameExplanation {
+    /// The name as matched: lowercase, no trailing dot.
+    pub name: String,
+    /// `blocked`, `approved` or `unlisted`.
+    pub verdict: String,
+    /// The deciding rule: the first block, else the first service; none when unlisted.
+    pub rule: Option<String>,
+    pub rule_kind: Option<String>,
+    pub pattern: Option<String>,
+    /// Every rule that covers the name, blocks first, each in file order.
+    pub covered_by: Vec<NameRule>,
+    /// What the DNS proxy does with a query for the name.
+    pub dns: String,
+    pub reason: String,
+}
+
+/// What the policy says about `name`; an error (completing "`NAME` …") when it is not a name.
+pub fn explain_name(policy: &Policy, name: &str) -> Result<NameExplanation, String> {
+    let name = normalize_name(name, MAX_NAME_LEN)?;
+    let index = NameIndex::new(policy);
+    let coverage = index.lookup(&name);
+    let describe = |h: &NameHit| {
+        let r = &policy.rules[h.rule as usize];
+        NameRule {
+            rule: r.name.clone(),
+            rule_kind: r.kind.as_str().to_string(),
+            pattern: r.hosts[h.pattern as usize].to_string(),
+            line: r.line,
+            protocols: protocols_text(r),
+            ports: ports_text(r),
+        }
+    };
+    let covered_by: Vec<NameRule> = coverage
+        .blocks
+        .iter()
+        .chain(&coverage.services)
+        .map(describe)
+        .collect();
+    let (verdict, decider, dns, reason) = match coverage.verdict() {
+        NameVerdict::Blocked(b) => {
+            let d = describe(&b);
+            let also = if coverage.services.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; blocks win over the services that cover it too ({})",
+                    coverage
+                        .services
+                        .iter()
+                        .map(|h| format!("`{}`", policy.rules[h.rule as usize].name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            let reason = format!(
+                "block `{}` (line {}) covers it by `{}`{also}",
+                d.rule, d.line, d.pattern
+            );
+            (
+                "blocked",
+                Some(d),
+                "answered by the DNS proxy as a blocked name, never forwarded".to_string(),
+                reason,
+            )
+        }
+        NameVerdict::Approved(services) => {
+            let d = describe(&services[0]);
+            let reason = format!(
+                "service `{}` (line {}) covers it by `{}`, on {} {}{}",
+                d.rule,
+                d.line,
+                d.pattern,
+                d.protocols,
+                d.ports,
+                if services.len() > 1 {
+                    format!("; {} more services cover it too", services.len() - 1)
+                } else {
+                    String::new()
+                }
+            );
+            (
+                "approved",
+                Some(d),
+                format!(
+                    "resolved through the upstream; the addresses of the answer are granted to the cgroup that asked, for the answer's TTL within [{}, {}]",
+                    super::alert::HumanDuration(policy.dns.min_ttl),
+                    super::alert::HumanDuration(policy.dns.max_ttl)
+                ),
+                reason,
+            )
+        }
+        NameVerdict::Unlisted => (
+            "unlisted",
+            None,
+            match policy.dns.unlisted {
+                Unlisted::Resolve => "resolved through the upstream (unlisted = \"resolve\"); nothing is granted: its addresses are judged by the address rules".to_string(),
+                Unlisted::Refuse => "answered by the DNS proxy as a blocked name, never forwarded (unlisted = \"refuse\")".to_string(),
+            },
+            "no service or block has a `hosts` pattern that covers it".to_string(),
+        ),
+    };
+    Ok(NameExplanation {
+        name,
+        verdict: verdict.to_string(),
+        rule: decider.as_ref().map(|d| d.rule.clone()),
+        rule_kind: decider.as_ref().map(|d| d.rule_kind.clone()),
+        pattern: decider.map(|d| d.pattern),
+        covered_by,
+        dns,
+        reason,
+    })
 }

@@ -12,13 +12,15 @@
 //!
 //! Generators:
 //! - [`policy`]`(0)`: policies valid by construction (every key of the schema, v4/v6, /0 /32 /128,
-//!   v4-mapped, NAT64 and 6to4 networks, port ranges, units, per/action combinations, comments,
-//!   `[[table]]` or inline-array syntax): they must parse, and compile unless a destination needs
-//!   more than `MAX_PORT_RULES` port ranges;
+//!   v4-mapped, NAT64 and 6to4 networks, port ranges, units, per/action combinations, `hosts`
+//!   patterns beside or instead of `destinations`, `[dns]`, comments, `[[table]]` or inline-array
+//!   syntax): they must parse, and compile unless a destination needs more than
+//!   `MAX_PORT_RULES` port ranges;
 //! - [`wild_policy`]: the same with values replaced by invalid ones, 1%, 4% or 11% of them (host
 //!   bits set, /33, netmasks, garbage, ports 0, 65536, reversed or non-numeric, wrong types,
 //!   reserved, duplicate and empty names, unknown and repeated keys, sizes and durations out of
-//!   range, `action = "block"` per destination, …);
+//!   range, `action = "block"` per destination, wildcards inside names, labels too long, empty or
+//!   with bad characters, addresses as hosts, upstreams by name, `min_ttl` over `max_ttl`, …);
 //! - [`crowded_policy`]: many port ranges on a few nested networks, around the limit of a rule set;
 //! - mutations of valid policies: bit flips, byte substitutions, truncation, duplicated, deleted
 //!   and swapped lines, and insertions of unicode, very long strings and deep nesting;
@@ -31,7 +33,9 @@
 //! …); `compile` does not panic and fails exactly when a destination needs more port ranges than
 //! fit (counted independently here); the compiled policy decides every sample destination, port
 //! and protocol as a naive reading of the policy does ([`reference`]); `explain` and `rule_table`
-//! do not panic and agree with `evaluate`; and `diff::describe` of a policy against itself says
+//! do not panic and agree with `evaluate`; the name matcher covers sample names exactly as the
+//! patterns read one by one do, and `explain_name` agrees with it; and `diff::describe` of a
+//! policy against itself says
 //! "no change" (and of a policy against a mutation of it does not panic).
 //! [`generators_reach_every_stage`] checks that the generators get past the parser.
 //!
@@ -60,12 +64,15 @@ use proptest::{
 };
 
 use super::{
-    Destination, Policy, PolicyError, Protocol, Rule, RuleKind,
+    Destination, HostPattern, Policy, PolicyError, Protocol, Rule, RuleKind,
     alert::AlertAction,
     alert::AlertPer,
     compile::{CompileError, CompiledPolicy, Evaluation, Reason},
     content_hash, diff,
-    explain::{explain, rule_table},
+    dns::MAX_UPSTREAMS,
+    explain::{explain, explain_name, rule_table},
+    hosts::{MAX_LABEL_LEN, MAX_NAME_LEN},
+    names::NameIndex,
 };
 
 /// The file name the fuzzed texts are parsed as.
@@ -535,12 +542,214 @@ fn unknown_key() -> BoxedStrategy<(String, String)> {
             "kind",
             "Name",
             "\"destinations\"",
+            "host",
             "ports.x",
             "'services'",
             "é",
         ]),
         prop_oneof![one_of(WRONG_TYPES), dest_valid()],
     )
+        .boxed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Names and [dns]
+// ---------------------------------------------------------------------------------------------
+
+/// Labels: a few that recur (so that patterns overlap), random ones, and the longest.
+fn label() -> BoxedStrategy<String> {
+    prop_oneof![
+        4 => select(&["example", "com", "api", "www", "github", "a", "s3", "xn--bcher-kva", "_acme-challenge", "x-1"][..])
+            .prop_map(str::to_string),
+        2 => "[a-z0-9_]([a-z0-9_-]{0,10}[a-z0-9_])?",
+        1 => Just("l".repeat(MAX_LABEL_LEN)),
+    ]
+    .boxed()
+}
+
+/// A valid name: labels and a last label that is not numeric; any case, a trailing dot or not.
+fn name_text() -> BoxedStrategy<String> {
+    (
+        vec(label(), 0..=3),
+        prop_oneof![Just("com".to_string()), "[a-z][a-z0-9]{0,5}"],
+        prop::bool::weighted(0.2),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(mut labels, last, upper, dot)| {
+            labels.push(last);
+            let mut n = labels.join(".");
+            // Keep within RFC 1035 lengths: drop leading labels until it fits with a wildcard.
+            while n.len() > MAX_NAME_LEN - 2 {
+                n = n.split_once('.').map_or(n.clone(), |(_, r)| r.to_string());
+            }
+            if upper {
+                n = n.to_ascii_uppercase();
+            }
+            if dot {
+                n.push('.');
+            }
+            n
+        })
+        .boxed()
+}
+
+fn host_valid() -> BoxedStrategy<String> {
+    string(
+        (select(&["", "", "*.", "**."][..]), name_text())
+            .prop_map(|(w, name)| format!("{w}{name}")),
+    )
+}
+
+fn host_invalid() -> BoxedStrategy<String> {
+    prop_oneof![
+        one_of_strings(&[
+            "",
+            ".",
+            "*",
+            "**",
+            "**.",
+            "a.*.example.com",
+            "*foo.example.com",
+            "***.example.com",
+            "a..example.com",
+            ".example.com",
+            "-a.example.com",
+            "a-.example.com",
+            "a b.example.com",
+            "bücher.example",
+            "10.0.0.1",
+            "2001:db8::1",
+            "a.123",
+            "example.com..",
+            "*.",
+            "é",
+        ]),
+        string((1usize..4).prop_map(|n| format!("{}.com", "a".repeat(MAX_LABEL_LEN + n)))),
+        string((0usize..3).prop_map(|n| format!("{}.com", "abcdefgh.".repeat(31 + n)))),
+        string("[a-z.*_ -]{0,12}"),
+        one_of(WRONG_TYPES),
+    ]
+    .boxed()
+}
+
+fn host_any(wild: Wild) -> BoxedStrategy<String> {
+    pick(wild, host_valid(), host_invalid())
+}
+
+fn upstream_valid() -> BoxedStrategy<String> {
+    string(
+        prop_oneof![
+            v4_addr().prop_map(|a| Ipv4Addr::from(a.max(1)).to_string()),
+            (v4_addr(), 1u16..=u16::MAX)
+                .prop_map(|(a, p)| format!("{}:{p}", Ipv4Addr::from(a.max(1)))),
+            v6_addr().prop_map(|a| Ipv6Addr::from(a.max(1)).to_string()),
+            (v6_addr(), 1u16..=u16::MAX)
+                .prop_map(|(a, p)| format!("[{}]:{p}", Ipv6Addr::from(a.max(1)))),
+        ]
+        .prop_filter("a unicast address", |s| {
+            s.parse::<super::Upstream>().is_ok()
+        }),
+    )
+}
+
+fn upstream_invalid() -> BoxedStrategy<String> {
+    prop_oneof![
+        one_of_strings(&[
+            "dns.example.com",
+            "10.0.0.2:0",
+            "10.0.0.2:65536",
+            "0.0.0.0",
+            "::",
+            "224.0.0.251",
+            "",
+            "10.0.0.0/8",
+            "[::1",
+            "::1:53:",
+            "1.2.3.4:53:53",
+        ]),
+        one_of(WRONG_TYPES),
+    ]
+    .boxed()
+}
+
+/// `[dns]`, as an inline table (a top-level key, like the others).
+fn dns_table(wild: Wild) -> BoxedStrategy<String> {
+    let upstream = pick(
+        wild,
+        option::of(array(upstream_valid(), 1..=MAX_UPSTREAMS)).boxed(),
+        prop_oneof![
+            array(
+                pick(MOSTLY_INVALID, upstream_valid(), upstream_invalid()),
+                0..=3
+            )
+            .prop_map(Some),
+            array(upstream_valid(), MAX_UPSTREAMS + 1..=MAX_UPSTREAMS + 2).prop_map(Some),
+            not_an_array().prop_map(Some),
+        ]
+        .boxed(),
+    );
+    // min_ttl <= max_ttl, the defaults (60s, 1h) standing in for a key left out.
+    let ttls = pick(
+        wild,
+        (1u32..=7 * 86_400, 1u32..=7 * 86_400, 0u8..4)
+            .prop_map(|(a, b, present)| {
+                let (lo, hi) = (a.min(b), a.max(b));
+                let q = |n: u32| Some(quoted(&format!("{n}s")));
+                match present {
+                    0 => (q(lo), q(hi)),
+                    1 => (q(lo.min(3600)), None),
+                    2 => (None, q(hi.max(60))),
+                    _ => (None, None),
+                }
+            })
+            .boxed(),
+        prop_oneof![
+            (1u32..=7 * 86_400, 1u32..=7 * 86_400)
+                .prop_filter("unequal", |(a, b)| a != b)
+                .prop_map(|(a, b)| (
+                    Some(quoted(&format!("{}s", a.max(b)))),
+                    Some(quoted(&format!("{}s", a.min(b))))
+                )),
+            Just((Some(quoted("2h")), None)),
+            Just((None, Some(quoted("30s")))),
+            (duration(MOSTLY_INVALID), duration(MOSTLY_INVALID))
+                .prop_map(|(a, b)| (Some(a), Some(b))),
+        ]
+        .boxed(),
+    );
+    let unlisted = option::of(pick(
+        wild,
+        one_of(&["\"resolve\"", "\"refuse\""]),
+        prop_oneof![
+            one_of_strings(&["Resolve", "drop", "", "deny"]),
+            one_of(WRONG_TYPES)
+        ]
+        .boxed(),
+    ));
+    let extra = extra_key(
+        wild,
+        (
+            one_of(&["upstreams", "ttl", "min-ttl", "Unlisted"]),
+            one_of(WRONG_TYPES),
+        )
+            .boxed(),
+    );
+    (upstream, ttls, unlisted, extra, any::<Index>())
+        .prop_map(|(upstream, (min_ttl, max_ttl), unlisted, extra, rotate)| {
+            let mut fields = fields(vec![
+                ("upstream", upstream),
+                ("min_ttl", min_ttl),
+                ("max_ttl", max_ttl),
+                ("unlisted", unlisted),
+            ]);
+            fields.extend(extra);
+            if !fields.is_empty() {
+                let n = rotate.index(fields.len());
+                fields.rotate_left(n);
+            }
+            let kv: Vec<String> = fields.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+            format!("{{ {} }}", kv.join(", "))
+        })
         .boxed()
 }
 
@@ -602,13 +811,26 @@ fn not_an_array() -> BoxedStrategy<String> {
 
 fn rule_spec(wild: Wild) -> BoxedStrategy<TableSpec> {
     let kind = prop_oneof![3 => Just("service"), 2 => Just("block")];
-    let destinations = pick(
+    // Destinations, hosts or both; neither is invalid.
+    let targets = pick(
         wild,
-        array(dest_valid(), 1..=6).prop_map(Some).boxed(),
         prop_oneof![
-            Just(None),
-            array(dest_any(), 0..=6).prop_map(Some),
-            not_an_array().prop_map(Some),
+            5 => array(dest_valid(), 1..=6).prop_map(|d| (Some(d), None)),
+            2 => (array(dest_valid(), 1..=6), array(host_valid(), 1..=4))
+                .prop_map(|(d, h)| (Some(d), Some(h))),
+            2 => array(host_valid(), 1..=4).prop_map(|h| (None, Some(h))),
+        ]
+        .boxed(),
+        prop_oneof![
+            Just((None, None)),
+            array(dest_any(), 0..=6).prop_map(|d| (Some(d), None)),
+            not_an_array().prop_map(|d| (Some(d), None)),
+            (
+                option::of(array(dest_valid(), 1..=2)),
+                array(host_any(MOSTLY_INVALID), 0..=4)
+            )
+                .prop_map(|(d, h)| (d, Some(h))),
+            not_an_array().prop_map(|h| (None, Some(h))),
         ]
         .boxed(),
     );
@@ -634,7 +856,7 @@ fn rule_spec(wild: Wild) -> BoxedStrategy<TableSpec> {
     (
         kind,
         name(wild),
-        destinations,
+        targets,
         ports,
         protocols,
         extra,
@@ -642,9 +864,10 @@ fn rule_spec(wild: Wild) -> BoxedStrategy<TableSpec> {
         comment(),
     )
         .prop_map(
-            |(key, name, destinations, ports, protocols, extra, rotate, comment)| {
+            |(key, name, (destinations, hosts), ports, protocols, extra, rotate, comment)| {
                 let mut fields = fields(vec![
                     ("destinations", destinations),
+                    ("hosts", hosts),
                     ("ports", ports),
                     ("protocols", protocols),
                 ]);
@@ -929,21 +1152,37 @@ fn top(wild: Wild) -> BoxedStrategy<Vec<(String, String)>> {
         ]
         .boxed(),
     );
-    (mode, default, allow_loopback, nat64, extra, any::<Index>())
-        .prop_map(|(mode, default, allow_loopback, nat64, extra, rotate)| {
-            let mut fields = fields(vec![
-                ("mode", mode),
-                ("default", default),
-                ("allow_loopback", allow_loopback),
-                ("nat64_prefixes", nat64),
-            ]);
-            fields.extend(extra);
-            if !fields.is_empty() {
-                let n = rotate.index(fields.len());
-                fields.rotate_left(n);
-            }
-            fields
-        })
+    let dns = option::of(pick(
+        wild,
+        dns_table(0),
+        prop_oneof![dns_table(MOSTLY_INVALID), one_of(WRONG_TYPES)].boxed(),
+    ));
+    (
+        mode,
+        default,
+        allow_loopback,
+        nat64,
+        dns,
+        extra,
+        any::<Index>(),
+    )
+        .prop_map(
+            |(mode, default, allow_loopback, nat64, dns, extra, rotate)| {
+                let mut fields = fields(vec![
+                    ("mode", mode),
+                    ("default", default),
+                    ("allow_loopback", allow_loopback),
+                    ("nat64_prefixes", nat64),
+                    ("dns", dns),
+                ]);
+                fields.extend(extra);
+                if !fields.is_empty() {
+                    let n = rotate.index(fields.len());
+                    fields.rotate_left(n);
+                }
+                fields
+            },
+        )
         .boxed()
 }
 
@@ -1133,6 +1372,17 @@ const TOKENS: &[&str] = &[
     "[service.x]\n",
     "name",
     "destinations",
+    "hosts",
+    "[dns]\n",
+    "dns",
+    "upstream",
+    "min_ttl",
+    "max_ttl",
+    "unlisted",
+    "\"refuse\"",
+    "\"*.example.com\"",
+    "\"**.a.b\"",
+    "\"10.0.0.2:53\"",
     "ports",
     "protocols",
     "mode",
@@ -1394,6 +1644,49 @@ fn check_destination(d: &Destination) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// A host pattern as parsing promises it: lowercase, labels and length within RFC 1035, and the
+/// same pattern when its text is parsed again.
+fn check_host(h: &HostPattern) -> Result<(), TestCaseError> {
+    let suffix = h.suffix();
+    prop_assert!(!suffix.is_empty() && !suffix.ends_with('.'), "{}", h);
+    prop_assert!(
+        !suffix.bytes().any(|b| b.is_ascii_uppercase()),
+        "{} is not lowercase",
+        h
+    );
+    prop_assert!(suffix.len() <= MAX_NAME_LEN, "{} is too long", h);
+    prop_assert!(
+        suffix
+            .split('.')
+            .all(|l| !l.is_empty() && l.len() <= MAX_LABEL_LEN),
+        "{} has a bad label",
+        h
+    );
+    prop_assert!(!suffix.contains('*'), "{} has a wildcard inside", h);
+    let again: HostPattern = h
+        .to_string()
+        .parse()
+        .map_err(|e| TestCaseError::fail(format!("{h} does not parse again: {e}")))?;
+    prop_assert_eq!(&again, h);
+    Ok(())
+}
+
+/// Names worth asking the matcher about: each pattern's suffix, one and two labels under it, a
+/// look-alike that is not under it, in mixed case and with a trailing dot.
+fn sample_names(p: &Policy) -> Vec<String> {
+    let mut out = vec!["example.com".to_string(), "nothing.test".to_string()];
+    for h in p.rules.iter().flat_map(|r| &r.hosts).take(6) {
+        let s = h.suffix();
+        out.extend([
+            s.to_string(),
+            format!("x.{s}"),
+            format!("X.y.{}.", s.to_ascii_uppercase()),
+            format!("evil{s}"),
+        ]);
+    }
+    out
+}
+
 /// What parsing promises about a policy it accepts.
 fn check_policy(text: &str, p: &Policy) -> Result<(), TestCaseError> {
     let lines = text.split('\n').count();
@@ -1440,10 +1733,15 @@ fn check_policy(text: &str, p: &Policy) -> Result<(), TestCaseError> {
             lines
         );
         prop_assert!(
-            !r.destinations.is_empty(),
-            "rule {} without destinations",
+            !r.destinations.is_empty() || !r.hosts.is_empty(),
+            "rule {} without destinations or hosts",
             r.name
         );
+        let mut seen = HashSet::new();
+        for h in &r.hosts {
+            check_host(h)?;
+            prop_assert!(seen.insert(h), "rule {} repeats the pattern {}", r.name, h);
+        }
         for d in &r.destinations {
             check_destination(d)?;
         }
@@ -1460,6 +1758,21 @@ fn check_policy(text: &str, p: &Policy) -> Result<(), TestCaseError> {
             "protocols not sorted and unique"
         );
     }
+    let dns = &p.dns;
+    prop_assert!(dns.upstream.len() <= MAX_UPSTREAMS);
+    prop_assert!(
+        dns.upstream
+            .iter()
+            .all(|u| u.0.port() != 0 && !u.0.ip().is_unspecified())
+    );
+    prop_assert!(
+        Duration::from_secs(1) <= dns.min_ttl
+            && dns.min_ttl <= dns.max_ttl
+            && dns.max_ttl <= Duration::from_secs(7 * 86_400),
+        "ttls {:?}-{:?}",
+        dns.min_ttl,
+        dns.max_ttl
+    );
     for a in &p.alerts {
         prop_assert!(a.line >= 1 && a.line <= lines, "alert line {}", a.line);
         prop_assert!(a.bytes >= 1);
@@ -1793,6 +2106,44 @@ fn check_compiled(p: &Policy, c: &CompiledPolicy, samples: &Samples) -> Result<(
         let table = rule_table(c, dst);
         prop_assert!(!table.is_empty());
     }
+    let index = NameIndex::new(p);
+    prop_assert_eq!(index.patterns(), p.host_patterns());
+    for name in sample_names(p) {
+        let got = index.lookup(&name);
+        let want = |kind: RuleKind| -> Vec<u32> {
+            p.rules
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.kind == kind && r.hosts.iter().any(|h| h.covers(&name)))
+                .map(|(i, _)| i as u32)
+                .collect()
+        };
+        let rules =
+            |hits: &[super::names::NameHit]| hits.iter().map(|h| h.rule).collect::<Vec<_>>();
+        prop_assert_eq!(
+            rules(&got.blocks),
+            want(RuleKind::Block),
+            "blocks of {}",
+            name
+        );
+        prop_assert_eq!(
+            rules(&got.services),
+            want(RuleKind::Service),
+            "services of {}",
+            name
+        );
+        if let Ok(e) = explain_name(p, &name) {
+            let verdict = if !got.blocks.is_empty() {
+                "blocked"
+            } else if !got.services.is_empty() {
+                "approved"
+            } else {
+                "unlisted"
+            };
+            prop_assert_eq!(e.verdict.as_str(), verdict, "explain of {}", name);
+            prop_assert_eq!(e.covered_by.len(), got.blocks.len() + got.services.len());
+        }
+    }
     prop_assert_eq!(diff::describe(p, c, p, c), "no change\n");
     Ok(())
 }
@@ -1924,6 +2275,23 @@ fn generators_reach_every_stage() {
         }
         r.0
     };
+    // Valid policies use the newer keys too: hosts (with and without destinations) and [dns].
+    let (mut with_hosts, mut hosts_only, mut with_dns) = (0, 0, 0);
+    let mut own_runner = TestRunner::deterministic();
+    for _ in 0..200 {
+        let spec = policy(0)
+            .new_tree(&mut own_runner)
+            .expect("a value")
+            .current();
+        let p = Policy::parse(FILE, &spec.text).expect("a valid policy");
+        with_hosts += usize::from(p.host_patterns() > 0);
+        hosts_only += usize::from(p.rules.iter().any(|r| r.destinations.is_empty()));
+        with_dns += usize::from(p.dns != super::DnsSettings::default());
+    }
+    assert!(
+        with_hosts >= 50 && hosts_only >= 30 && with_dns >= 50,
+        "hosts {with_hosts}, hosts only {hosts_only}, dns {with_dns} of 200"
+    );
     let valid = reach(policy(0).prop_map(|s| s.text).boxed());
     assert!(
         valid.get("compiled").copied().unwrap_or(0) >= 190,

@@ -7,12 +7,15 @@
 //!   [`Destination`]) and how each is read from TOML;
 //! - `parse`: TOML text to a validated [`Policy`] ([`Policy::parse`]);
 //! - `error`: [`PolicyError`], and how a place in the text becomes file:line:column and field;
+//! - [`hosts`]: `hosts` name patterns; [`names`]: the name matcher (which service or block covers
+//!   a DNS name); [`dns`]: the `[dns]` table;
 //! - [`alert`]: `[[alert]]` tables; [`compile`]: the kernel map entries; [`diff`]: what a reload
-//!   changes; [`explain`]: the verdict for one destination;
+//!   changes; [`explain`]: the verdict for one destination or name;
 //! - `fuzz` (tests only): property tests of parsing and compiling over generated policy text.
 //!
 //! Parsing is "parse, don't validate": after [`Policy::parse`] every destination is a canonical
-//! network, every port range is non-empty and within 1..=65535, and every rule name is unique.
+//! network, every `hosts` pattern a lowercase, label-checked name, every port range is non-empty
+//! and within 1..=65535, and every rule name is unique.
 //! Every error names the file, line, column and field, and says what was expected.
 
 use std::path::Path;
@@ -20,12 +23,17 @@ use std::path::Path;
 pub mod alert;
 pub mod compile;
 pub mod diff;
+pub mod dns;
 mod error;
 pub mod explain;
+pub mod hosts;
+pub mod names;
 mod parse;
 mod types;
 
+pub use dns::{DnsSettings, Unlisted, Upstream};
 pub use error::PolicyError;
+pub use hosts::HostPattern;
 pub use types::{DefaultVerdict, Destination, Mode, PortRange, Protocol, SocketRule, Sockets};
 
 /// The policy embedded in the binary, used when `--policy` is not given.
@@ -34,7 +42,7 @@ pub const DEFAULT_POLICY: &str = include_str!("../../../policies/default.toml");
 pub const DEFAULT_POLICY_NAME: &str = "<embedded policies/default.toml>";
 
 /// Whether a rule approves or blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RuleKind {
     Service,
     Block,
@@ -54,7 +62,11 @@ impl RuleKind {
 pub struct Rule {
     pub kind: RuleKind,
     pub name: String,
+    /// Empty when the rule names `hosts` only.
     pub destinations: Vec<Destination>,
+    /// Name patterns (`hosts`), deduplicated, in file order; empty when the rule names
+    /// `destinations` only. A rule has destinations, hosts or both.
+    pub hosts: Vec<HostPattern>,
     /// Empty: every port.
     pub ports: Vec<PortRange>,
     /// Empty: a service approves TCP and UDP; a block blocks every protocol.
@@ -79,6 +91,8 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// `[[alert]]` tables, in file order.
     pub alerts: Vec<alert::Alert>,
+    /// `[dns]`: the DNS proxy's upstreams, grant TTL bounds and what it does with unlisted names.
+    pub dns: DnsSettings,
     /// SHA-256 of the policy text (hex, first 16 digits): identifies what is applied.
     pub hash: String,
 }
@@ -103,6 +117,11 @@ impl Policy {
 
     pub fn blocks(&self) -> impl Iterator<Item = &Rule> {
         self.rules.iter().filter(|r| r.kind == RuleKind::Block)
+    }
+
+    /// How many `hosts` patterns the rules hold.
+    pub fn host_patterns(&self) -> usize {
+        self.rules.iter().map(|r| r.hosts.len()).sum()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Policy text to a validated [`Policy`]: the TOML schema as written (`Raw*`), deserialized with
 //! the deserializer's path tracked, then the checks serde cannot make (unique and unreserved
-//! names, non-empty lists, alerts' references and actions), in file order.
+//! names, non-empty lists, `destinations` or `hosts` in every rule, alerts' references and
+//! actions, `[dns]`), in file order.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -14,10 +15,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    DefaultVerdict, Destination, Mode, Policy, PolicyError, PortRange, Protocol, Rule, RuleKind,
-    SocketRule, Sockets,
+    DefaultVerdict, Destination, HostPattern, Mode, Policy, PolicyError, PortRange, Protocol, Rule,
+    RuleKind, SocketRule, Sockets,
     alert::{Alert, AlertAction, AlertPer, RawAlert},
     content_hash,
+    dns::{RawDns, dns},
     error::{Entry, Source, Table},
 };
 
@@ -43,6 +45,8 @@ struct RawPolicy {
     block: Vec<Spanned<RawRule>>,
     #[serde(default)]
     alert: Vec<Spanned<RawAlert>>,
+    #[serde(default)]
+    dns: Option<RawDns>,
 }
 
 fn yes() -> bool {
@@ -62,7 +66,10 @@ struct RawSockets {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     name: Spanned<String>,
-    destinations: Spanned<Vec<Destination>>,
+    #[serde(default)]
+    destinations: Option<Spanned<Vec<Destination>>>,
+    #[serde(default)]
+    hosts: Option<Spanned<Vec<HostPattern>>>,
     #[serde(default)]
     ports: Option<Spanned<Vec<PortRange>>>,
     #[serde(default)]
@@ -135,6 +142,10 @@ impl Policy {
             Some(list) => nat64_prefixes(src, list)?,
             None => Vec::new(),
         };
+        let dns = match raw.dns {
+            Some(d) => dns(src, d)?,
+            None => Default::default(),
+        };
         Ok(Policy {
             source: file.to_string(),
             mode: raw.mode,
@@ -144,6 +155,7 @@ impl Policy {
             sockets,
             rules,
             alerts,
+            dns,
             hash: content_hash(text),
         })
     }
@@ -272,16 +284,45 @@ fn rule(
     entry: Entry,
     table: Spanned<RawRule>,
 ) -> Result<Rule, PolicyError> {
-    let line = src.line(table.span().start);
+    let table_start = table.span().start;
+    let line = src.line(table_start);
     let r = table.into_inner();
     let name = names.take(src, entry, r.name)?;
-    let destinations = non_empty(
-        src,
-        entry,
-        "destinations",
-        r.destinations,
-        "expected at least one address or CIDR",
-    )?;
+    if r.destinations.is_none() && r.hosts.is_none() {
+        return Err(src.error(
+            table_start,
+            entry.whole(),
+            "missing `destinations` and `hosts`: expected at least one of them (addresses or CIDRs, names), or both".into(),
+        ));
+    }
+    let destinations = r
+        .destinations
+        .map(|d| {
+            non_empty(
+                src,
+                entry,
+                "destinations",
+                d,
+                "expected at least one address or CIDR (omit `destinations` for a rule of `hosts` only)",
+            )
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let mut hosts = r
+        .hosts
+        .map(|h| {
+            non_empty(
+                src,
+                entry,
+                "hosts",
+                h,
+                "expected at least one name (omit `hosts` for a rule of `destinations` only)",
+            )
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let mut seen = HashSet::new();
+    hosts.retain(|h| seen.insert(h.clone()));
     let ports_at = r.ports.as_ref().map_or(0, |p| p.span().start);
     let ports = r
         .ports
@@ -322,6 +363,7 @@ fn rule(
         kind,
         name,
         destinations,
+        hosts,
         ports,
         protocols,
         line,

@@ -193,8 +193,11 @@ fn reserved_and_empty_names_are_rejected() {
 #[test]
 fn missing_and_empty_fields() {
     let e = err("[[service]]\nname = \"a\"\n");
-    assert_eq!(e.line, 1);
-    assert!(e.message.contains("missing field `destinations`"), "{e}");
+    assert_eq!((e.line, e.field.as_str()), (1, "service[1]"));
+    assert!(
+        e.message.contains("missing `destinations` and `hosts`"),
+        "{e}"
+    );
     let e = err("[[service]]\nname = \"a\"\ndestinations = []\n");
     assert_eq!((e.line, e.field.as_str()), (3, "service[1].destinations"));
     assert!(e.message.contains("at least one"), "{e}");
@@ -545,4 +548,143 @@ fn icmp_rules_have_no_ports() {
         "[[service]]\nname = \"web-and-ping\"\ndestinations = [\"10.0.0.0/8\"]\nprotocols = [\"tcp\", \"icmp\"]\nports = [443]\n",
     );
     assert_eq!(p.rules[0].protocols, [Protocol::Tcp, Protocol::Icmp]);
+}
+
+#[test]
+fn hosts_parse_normalized_and_deduplicated() {
+    let p = ok(r#"
+[[service]]
+name = "github"
+hosts = ["GitHub.com.", "*.github.com", "**.githubusercontent.com", "github.com"]
+ports = [443]
+
+[[block]]
+name = "paste"
+hosts = ["pastebin.com", "**.pastebin.com"]
+destinations = ["203.0.113.0/24"]
+"#);
+    let hosts = |r: &Rule| r.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        hosts(&p.rules[0]),
+        ["github.com", "*.github.com", "**.githubusercontent.com"]
+    );
+    assert!(p.rules[0].destinations.is_empty());
+    assert_eq!(hosts(&p.rules[1]), ["pastebin.com", "**.pastebin.com"]);
+    assert_eq!(p.rules[1].destinations.len(), 1);
+    assert_eq!(p.host_patterns(), 5);
+    // A rule of hosts only puts no prefix into the kernel's tries.
+    let c = compile::CompiledPolicy::compile(&p).unwrap();
+    assert_eq!((c.services, c.blocks, c.prefix_count()), (1, 1, 1));
+}
+
+#[test]
+fn bad_hosts_point_at_the_element() {
+    let text = "[[service]]\nname = \"a\"\nhosts = [\"ok.example.com\", \"a.*.example.com\"]\n";
+    let e = err(text);
+    let column = text.lines().nth(2).unwrap().find("\"a.*").unwrap() + 1;
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (3, column, "service[1].hosts")
+    );
+    assert!(e.message.contains("wildcard inside"), "{e}");
+    assert!(e.message.contains("expected a name"), "{e}");
+
+    let e = err("[[block]]\nname = \"b\"\nhosts = [\"10.0.0.1\"]\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "block[1].hosts"));
+    assert!(e.message.contains("put it in `destinations`"), "{e}");
+
+    let e = err("[[service]]\nname = \"a\"\nhosts = []\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "service[1].hosts"));
+    assert!(e.message.contains("at least one name"), "{e}");
+
+    let e = err("[[service]]\nname = \"a\"\nhosts = \"example.com\"\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "service[1].hosts"));
+
+    let e = err("[[service]]\nname = \"a\"\nhosts = [\"*\"]\n");
+    assert!(e.message.contains("covers every name"), "{e}");
+
+    let long = format!("{}.com", "a".repeat(64));
+    let e = err(&format!(
+        "[[service]]\nname = \"a\"\nhosts = [\"{long}\"]\n"
+    ));
+    assert!(e.message.contains("at most 63"), "{e}");
+    assert_eq!(e.to_string().lines().count(), 1);
+
+    // Both lists may be given; an empty one is an error even when the other is not.
+    let e = err("[[service]]\nname = \"a\"\nhosts = [\"a.example\"]\ndestinations = []\n");
+    assert_eq!((e.line, e.field.as_str()), (4, "service[1].destinations"));
+}
+
+#[test]
+fn dns_table_parses_with_defaults() {
+    let p = ok("");
+    assert_eq!(p.dns, DnsSettings::default());
+    assert_eq!(p.dns.min_ttl, std::time::Duration::from_secs(60));
+    assert_eq!(p.dns.max_ttl, std::time::Duration::from_secs(3600));
+    assert_eq!(p.dns.unlisted, Unlisted::Resolve);
+    let p = ok(r#"
+[dns]
+upstream = ["10.0.0.2", "10.0.0.3:5353", "[::1]:53", "2001:db8::53", "10.0.0.2"]
+min_ttl = "5s"
+max_ttl = "1h"
+unlisted = "refuse"
+"#);
+    assert_eq!(
+        p.dns
+            .upstream
+            .iter()
+            .map(|u| u.to_string())
+            .collect::<Vec<_>>(),
+        [
+            "10.0.0.2:53",
+            "10.0.0.3:5353",
+            "[::1]:53",
+            "[2001:db8::53]:53"
+        ]
+    );
+    assert_eq!(p.dns.min_ttl, std::time::Duration::from_secs(5));
+    assert_eq!(p.dns.unlisted, Unlisted::Refuse);
+    assert_eq!(
+        p.dns.to_string(),
+        "upstream 10.0.0.2:53,10.0.0.3:5353,[::1]:53,[2001:db8::53]:53, ttl 5s-1h, unlisted refuse"
+    );
+}
+
+#[test]
+fn dns_errors_name_line_and_field() {
+    let e = err("[dns]\nupstream = [\"10.0.0.2\", \"dns.example.com\"]\n");
+    assert_eq!(
+        (e.line, e.column, e.field.as_str()),
+        (2, 25, "dns.upstream")
+    );
+    assert!(e.message.contains("never by name"), "{e}");
+    let e = err("[dns]\nupstream = []\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "dns.upstream"));
+    assert!(e.message.contains("at least one"), "{e}");
+    let nine = (1..=9)
+        .map(|i| format!("\"10.0.0.{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let e = err(&format!("[dns]\nupstream = [{nine}]\n"));
+    assert!(e.message.contains("at most 8"), "{e}");
+    let e = err("[dns]\nmin_ttl = \"10m\"\nmax_ttl = \"5m\"\n");
+    assert_eq!((e.line, e.field.as_str()), (3, "dns.max_ttl"));
+    assert!(
+        e.message.contains("min_ttl 10m is longer than max_ttl 5m"),
+        "{e}"
+    );
+    let e = err("[dns]\nmin_ttl = \"2h\"\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "dns.min_ttl"));
+    let e = err("[dns]\nmin_ttl = \"0s\"\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "dns.min_ttl"));
+    assert!(e.message.contains("out of range"), "{e}");
+    let e = err("[dns]\nunlisted = \"drop\"\n");
+    assert_eq!((e.line, e.field.as_str()), (2, "dns.unlisted"));
+    assert!(
+        e.message.contains("resolve") && e.message.contains("refuse"),
+        "{e}"
+    );
+    let e = err("[dns]\nupstreams = [\"10.0.0.2\"]\n");
+    assert_eq!(e.line, 2);
+    assert!(e.message.contains("unknown field"), "{e}");
 }
