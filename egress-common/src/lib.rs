@@ -150,7 +150,8 @@ pub struct Config {
     /// The proxy's IPv4 address (network order bytes) and port (host order).
     pub dns_v4: [u8; 4],
     pub dns_port: u16,
-    pub _pad_dns: u16,
+    /// The port of the proxy's IPv6 address (host order).
+    pub dns_port6: u16,
     /// Network namespace (`bpf_get_netns_cookie`) the proxy listens in: only sockets of that
     /// namespace are steered to it (elsewhere its loopback address is another host's).
     pub dns_netns_cookie: u64,

@@ -108,7 +108,7 @@ pub fn steer_v6(
     port: u16,
     proto: u8,
 ) -> Steer {
-    if cfg.dns_flags & DNS_STEER != 0 && *addr == cfg.dns_v6 && port == cfg.dns_port {
+    if cfg.dns_flags & DNS_STEER != 0 && *addr == cfg.dns_v6 && port == cfg.dns_port6 {
         return Steer::Proxy;
     }
     if !steerable(ctx, cfg, port, proto) {
@@ -137,7 +137,7 @@ pub fn steer_v6(
         (*ctx.sock_addr).user_ip6[1] = w(4);
         (*ctx.sock_addr).user_ip6[2] = w(8);
         (*ctx.sock_addr).user_ip6[3] = w(12);
-        (*ctx.sock_addr).user_port = u32::from(cfg.dns_port.to_be());
+        (*ctx.sock_addr).user_port = u32::from(cfg.dns_port6.to_be());
     }
     Steer::Steered
 }
@@ -217,9 +217,6 @@ pub fn restore_v6(ctx: &SockAddrContext) -> i32 {
         let ip6 = &(*ctx.sock_addr).user_ip6;
         let (w0, w1, w2, w3) = (ip6[0], ip6[1], ip6[2], ip6[3]);
         let port = u16::from_be((*ctx.sock_addr).user_port as u16);
-        if port != cfg.dns_port {
-            return 1;
-        }
         let word = |i: usize| {
             u32::from_ne_bytes([
                 cfg.dns_v6[i],
@@ -228,8 +225,13 @@ pub fn restore_v6(ctx: &SockAddrContext) -> i32 {
                 cfg.dns_v6[i + 3],
             ])
         };
-        let is_v6 = w0 == word(0) && w1 == word(4) && w2 == word(8) && w3 == word(12);
-        let is_mapped = w0 == 0
+        let is_v6 = port == cfg.dns_port6
+            && w0 == word(0)
+            && w1 == word(4)
+            && w2 == word(8)
+            && w3 == word(12);
+        let is_mapped = port == cfg.dns_port
+            && w0 == 0
             && w1 == 0
             && w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
             && w3 == u32::from_ne_bytes(cfg.dns_v4);

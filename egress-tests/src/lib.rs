@@ -15,6 +15,7 @@
 pub mod bins;
 pub mod cgroup;
 pub mod controller;
+pub mod dns;
 pub mod events;
 pub mod netns;
 pub mod probe;

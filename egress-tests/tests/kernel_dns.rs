@@ -17,7 +17,10 @@ use std::{
 
 use egress::{
     datapath::{Datapath, DnsSteering},
-    policy::{Policy, compile::CompiledPolicy},
+    policy::{
+        Policy,
+        compile::{CompiledPolicy, HostSet},
+    },
     sys::clock::boot_ns,
 };
 use egress_common::{
@@ -140,6 +143,7 @@ fn steering(ns: &LoopNs) -> DnsSteering {
         v4: Ipv4Addr::LOCALHOST,
         v6: Ipv6Addr::LOCALHOST,
         port: PROXY_PORT,
+        port6: PROXY_PORT,
         netns_cookie: netns_cookie(ns),
     }
 }
@@ -243,7 +247,11 @@ fn a_grant_approves_one_address_for_one_cgroup_with_the_services_ports_until_it_
         rule_id: 1,
         ..PortRule::default()
     };
-    compiled.host_sets = vec![(7, set)];
+    compiled.host_sets = vec![HostSet {
+        rule_id: 1,
+        slot: 7,
+        set,
+    }];
     let mut dp = load(compiled, &cg);
     dp.attach(other.path()).unwrap();
     dp.set_dns(Some(steering(&ns))).unwrap();
@@ -303,7 +311,11 @@ fn a_grant_approves_one_address_for_one_cgroup_with_the_services_ports_until_it_
     )
     .unwrap();
     let mut compiled = CompiledPolicy::compile(&blocked).unwrap();
-    compiled.host_sets = vec![(7, set)];
+    compiled.host_sets = vec![HostSet {
+        rule_id: 1,
+        slot: 7,
+        set,
+    }];
     dp.reload(&compiled).unwrap();
     assert_eq!(verdicts(&cg, &["tcp", "127.0.0.2:8080"]), [Denied]);
 }

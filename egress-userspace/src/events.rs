@@ -45,6 +45,9 @@ pub struct JsonEvent {
     pub socket_type: Option<String>,
     /// The deciding block or service, or `"default"`.
     pub rule: String,
+    /// The name this cgroup learned `dst` from through the DNS proxy, when it did.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub host: Option<String>,
     /// Policy generation in force.
     pub generation: u32,
     /// Content hash of that policy (see `egress status`).
@@ -86,6 +89,7 @@ impl JsonEvent {
             socket_type: (ev.hook == HOOK_SOCK_CREATE).then(|| socket_type_name(ev.sock_type)),
             v4_mapped: ev.v4_mapped != 0,
             rule,
+            host: None,
             policy_hash: policy_hash.to_string(),
             generation: ev.generation,
         }
@@ -174,6 +178,8 @@ pub struct EventStream<W> {
     by_rule: BTreeMap<String, u64>,
     /// The last drain stopped at a full batch: records are waiting.
     pending: bool,
+    /// Names learned through the DNS proxy, for `host`.
+    hosts: Option<Arc<crate::dns::grants::KernelGrants>>,
 }
 
 /// Records written per [`EventStream::drain`] call.
@@ -195,6 +201,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             written: 0,
             by_rule: BTreeMap::new(),
             pending: false,
+            hosts: None,
         };
         stream.set_names(generation, names, hash);
         stream
@@ -217,7 +224,19 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         let mut n = 0;
         self.pending = false;
         while let Some(ev) = self.ring.try_next() {
-            let json = self.to_json(&ev);
+            let mut json = self.to_json(&ev);
+            if let Some(hosts) = &self.hosts
+                && ev.hook != HOOK_SOCK_CREATE
+            {
+                let dst = ev.dst();
+                let judged = match dst {
+                    std::net::IpAddr::V6(v6) => {
+                        v6.to_ipv4_mapped().map_or(dst, std::net::IpAddr::V4)
+                    }
+                    v4 => v4,
+                };
+                json.host = hosts.host_of(ev.cgroup_id, judged);
+            }
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
             serde_json::to_writer(&mut buf, &json)?;
             buf.push(b'\n');
@@ -244,6 +263,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             Some(g) => JsonEvent::decode(ev, g.names.name(ev.rule_id), &g.hash),
             None => JsonEvent::decode(ev, RuleNames::Ids.name(ev.rule_id), ""),
         }
+    }
+
+    /// Where deny events find the name their destination was learned from (`host`).
+    pub fn set_hosts(&mut self, hosts: Option<Arc<crate::dns::grants::KernelGrants>>) {
+        self.hosts = hosts;
     }
 
     /// Names the rules of events of a new policy generation (after a reload).

@@ -140,14 +140,6 @@ impl Loaded {
     pub fn load(path: Option<&Path>) -> anyhow::Result<Loaded> {
         let path = path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
         let (policy, compiled) = crate::policy::load(path.as_deref())?;
-        let patterns = policy.host_patterns();
-        if patterns > 0 {
-            // The proxy and the kernel grants of issue 11 are not wired in yet.
-            tracing::warn!(
-                patterns,
-                "the policy's `hosts` are not enforced yet: names approve and block nothing until the DNS proxy is wired in; `destinations` are enforced as usual"
-            );
-        }
         let origin = path.map_or(Origin::Embedded, Origin::File);
         Ok(Loaded {
             origin,

@@ -17,6 +17,7 @@
 mod adopt;
 mod blocks;
 mod exec;
+mod names;
 mod reload;
 mod run;
 mod signals;
@@ -109,6 +110,10 @@ pub struct Controller {
     started: Instant,
     /// `egress stop` asked the controller to exit.
     stop_requested: bool,
+    /// The DNS proxy, while the policy uses names.
+    names: Option<names::Names>,
+    /// Ticks so far.
+    ticks: u32,
 }
 
 impl Controller {
@@ -193,6 +198,8 @@ impl Controller {
             metrics,
             started: Instant::now(),
             stop_requested: false,
+            names: None,
+            ticks: 0,
         };
         if adopted {
             info!(
@@ -207,6 +214,7 @@ impl Controller {
         if let Some(requested) = switch_to {
             ctl.apply_over_adopted(requested).await?;
         }
+        ctl.follow_names().await?;
         ctl.write_state();
         Ok((ctl, metrics_text))
     }

@@ -155,6 +155,9 @@ impl Controller {
             unknown: None,
             bad_watch_hash: None,
         };
+        if let Err(e) = self.follow_names().await {
+            warn!(error = %format!("{e:#}"), "the DNS proxy could not follow the new policy");
+        }
         self.write_state();
         self.emit(&event).await;
         Response::Done(message)

@@ -45,6 +45,8 @@ impl Controller {
             }
         }
         self.expire_blocks(now).await?;
+        self.ticks = self.ticks.wrapping_add(1);
+        self.names_tick(self.ticks).await;
         self.follow_interfaces();
         self.publish(wall)
     }

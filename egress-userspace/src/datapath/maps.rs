@@ -166,9 +166,9 @@ impl Maps {
         }
         // The rule sets of `hosts` services, under keys that stay the same across reloads
         // (grants point at them).
-        for (slot, set) in &policy.host_sets {
+        for h in &policy.host_sets {
             b.rulesets
-                .insert(GRANT_SET_BASE | slot, set, 0)
+                .insert(GRANT_SET_BASE | h.slot, h.set, 0)
                 .map_err(err(name))?;
         }
         let v4 = policy

@@ -17,6 +17,7 @@ use std::{collections::HashSet, fs::File, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapData,
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, TcAttachType,
         TracePoint,
@@ -70,12 +71,21 @@ pub const RULESET_CAPACITY: u32 = 1 << 16;
 /// it is full.
 pub const GRANT_CAPACITY: u32 = 1 << 17;
 
+/// The maps the DNS proxy works with, see [`Datapath::dns_maps`].
+pub struct DnsMaps {
+    pub grants: aya::maps::HashMap<MapData, egress_common::GrantKey, egress_common::GrantValue>,
+    pub owners: aya::maps::HashMap<MapData, u64, egress_common::Owner>,
+}
+
 /// Where the DNS proxy listens, for [`Datapath::set_dns`].
 #[derive(Debug, Clone, Copy)]
 pub struct DnsSteering {
     pub v4: std::net::Ipv4Addr,
-    pub v6: std::net::Ipv6Addr,
     pub port: u16,
+    /// Where AF_INET6 sockets' queries to IPv6 servers go (queries to v4-mapped servers go to
+    /// the mapped form of `v4`).
+    pub v6: std::net::Ipv6Addr,
+    pub port6: u16,
     /// `SO_NETNS_COOKIE` of the namespace the proxy listens in.
     pub netns_cookie: u64,
 }
@@ -314,6 +324,7 @@ impl Datapath {
             dns_flags: self.config.dns_flags,
             dns_v4: self.config.dns_v4,
             dns_port: self.config.dns_port,
+            dns_port6: self.config.dns_port6,
             dns_netns_cookie: self.config.dns_netns_cookie,
             dns_v6: self.config.dns_v6,
             ..c
@@ -330,6 +341,7 @@ impl Datapath {
                 self.config.dns_v4 = d.v4.octets();
                 self.config.dns_v6 = d.v6.octets();
                 self.config.dns_port = d.port;
+                self.config.dns_port6 = d.port6;
                 self.config.dns_netns_cookie = d.netns_cookie;
             }
             None => {
@@ -337,6 +349,7 @@ impl Datapath {
                 self.config.dns_v4 = [0; 4];
                 self.config.dns_v6 = [0; 16];
                 self.config.dns_port = 0;
+                self.config.dns_port6 = 0;
                 self.config.dns_netns_cookie = 0;
             }
         }
@@ -353,6 +366,25 @@ impl Datapath {
             .grants
             .insert(key, value, 0)
             .map_err(maps::err(map_names::GRANTS))
+    }
+
+    /// Handles of their own on the maps the DNS proxy needs (`GRANTS` to write, `SOCK_OWNERS`
+    /// to find who asked), for the proxy's tasks: the same kernel maps, opened again by id.
+    pub fn dns_maps(&self) -> Result<DnsMaps, DatapathError> {
+        use aya::maps::{IterableMap as _, Map};
+        fn reopen<T: TryFrom<Map, Error = aya::maps::MapError>>(
+            data: &MapData,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            let id = data.info().map_err(maps::err(name))?.id();
+            let again = MapData::from_id(id).map_err(maps::err(name))?;
+            T::try_from(Map::from_map_data(again).map_err(maps::err(name))?)
+                .map_err(maps::err(name))
+        }
+        Ok(DnsMaps {
+            grants: reopen(self.maps.grants.map(), map_names::GRANTS)?,
+            owners: reopen(self.maps.owners.map(), map_names::SOCK_OWNERS)?,
+        })
     }
 
     /// Every grant in the kernel, expired ones included.

@@ -42,6 +42,7 @@
 //! [`ProxyConfig::max_addresses`] addresses granted per answer; each limit hit is counted.
 
 mod counters;
+pub mod grants;
 mod message;
 pub mod resolv;
 mod server;
@@ -59,11 +60,10 @@ pub use server::{DnsProxy, ProxyHandle, ProxyPolicy};
 use hickory_proto::op::ResponseCode;
 
 /// The socket mark (SO_MARK) of every socket the proxy opens towards an upstream. The kernel
-/// steering of DNS to the proxy (the sock_addr hooks) must leave sockets with this mark alone, or
-/// the proxy's own queries would loop back into it. The one place it is defined: the kernel side
-/// takes it from here (into egress-common) when the steering lands. Setting SO_MARK needs
-/// CAP_NET_ADMIN, which the controller has (it runs as root). The value spells "eg" and 53.
-pub const UPSTREAM_MARK: u32 = 0x6567_0035;
+/// steering of DNS to the proxy (the sock_addr hooks) leaves sockets with this mark alone, or
+/// the proxy's own queries would loop back into it: defined once, in egress-common. Setting
+/// SO_MARK needs CAP_NET_ADMIN, which the controller has (it runs as root).
+pub const UPSTREAM_MARK: u32 = egress_common::DNS_UPSTREAM_MARK;
 
 /// The answer to a query the policy refuses (a blocked name; an unlisted one under `unlisted =
 /// "refuse"`). See the module documentation for why NXDOMAIN.
@@ -145,6 +145,20 @@ pub trait GrantSink: Send + Sync + 'static {
     /// Told of every query the policy refused (before the reply is sent). Default: nothing.
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
         let _ = (client, refusal);
+    }
+}
+
+impl<T: GrantSink> GrantSink for std::sync::Arc<T> {
+    fn grant(
+        &self,
+        client: ClientInfo,
+        grant: Grant,
+    ) -> impl Future<Output = Result<(), GrantError>> + Send {
+        (**self).grant(client, grant)
+    }
+
+    fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
+        (**self).refused(client, refusal);
     }
 }
 

@@ -19,15 +19,16 @@ use std::{
 
 use egress_common::user::builtin_rule_name;
 use egress_common::{
-    ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, MAX_NAT64_PREFIXES,
-    MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_ICMPV6, PROTO_PORTLESS, PROTO_TCP,
-    PROTO_UDP, PortRule, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, SOCK_ALLOW, SOCK_AUDIT, SOCK_DENY,
-    SOCK_POLICY, embedded_v4, is_loopback_v4, is_loopback_v6, v4_mapped,
+    ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, GRANT_SET_BASE,
+    MAX_NAT64_PREFIXES, MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_PORTLESS, PROTO_TCP, PROTO_UDP, PortRule, RULE_DEFAULT, RULE_LOOPBACK, RuleSet,
+    SOCK_ALLOW, SOCK_AUDIT, SOCK_DENY, SOCK_POLICY, embedded_v4, is_loopback_v4, is_loopback_v6,
+    v4_mapped,
 };
 use ipnetwork::IpNetwork;
 
 use super::{
-    DefaultVerdict, Mode, Policy, PortRange, Protocol, RuleKind, SocketRule, error::one_line,
+    DefaultVerdict, Mode, Policy, PortRange, Protocol, Rule, RuleKind, SocketRule, error::one_line,
 };
 
 /// A policy that cannot be represented in the kernel maps.
@@ -54,7 +55,7 @@ pub struct CompiledPolicy {
     pub rulesets: Vec<RuleSet>,
     /// The rule sets of services with `hosts`, by stable slot (`RULESETS` key
     /// `GRANT_SET_BASE | slot`; DNS grants point at them).
-    pub host_sets: Vec<(u32, RuleSet)>,
+    pub host_sets: Vec<HostSet>,
     /// Rule names by `rule_id`; index 0 is `"default"`.
     pub rule_names: Vec<String>,
     /// Kind of each rule by `rule_id` (index 0 unused).
@@ -192,6 +193,111 @@ impl Family for u128 {
     }
 }
 
+/// The port rules of one service or block (`id` its rule id): its ports and protocols.
+fn port_rules(rule: &Rule, id: u32) -> Vec<PortRule> {
+    let (ported, portless) = proto_masks(rule.kind, &rule.protocols, &rule.ports);
+    let action = if rule.kind == RuleKind::Block {
+        ACTION_BLOCK
+    } else {
+        ACTION_ALLOW
+    };
+    let rule_of = |port_lo, port_hi, proto_mask| PortRule {
+        port_lo,
+        port_hi,
+        proto_mask,
+        action,
+        _pad: [0; 2],
+        rule_id: id,
+        _reserved: 0,
+    };
+    let mut entries = Vec::new();
+    if rule.ports.is_empty() {
+        // Every port: one rule carries every protocol.
+        entries.push(rule_of(0, u16::MAX, ported | portless));
+    } else {
+        if ported != 0 {
+            for (lo, hi) in merged_ranges(&rule.ports) {
+                entries.push(rule_of(lo, hi, ported));
+            }
+        }
+        // Protocols without ports match whatever port the kernel reports.
+        if portless != 0 {
+            entries.push(rule_of(0, u16::MAX, portless));
+        }
+    }
+    entries
+}
+
+/// The slot of a `hosts` service's rule set: a hash of its name, so that it stays the same
+/// across reloads (live grants point at it) and a renamed or removed service's grants find
+/// nothing.
+pub fn host_slot(name: &str) -> u32 {
+    // FNV-1a, 31 bits.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h & !GRANT_SET_BASE
+}
+
+/// The rule sets of the services that name `hosts`, by slot.
+fn host_sets(policy: &Policy) -> Result<Vec<HostSet>, CompileError> {
+    let mut out: Vec<HostSet> = Vec::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        if rule.kind != RuleKind::Service || rule.hosts.is_empty() {
+            continue;
+        }
+        let id = i as u32 + 1;
+        let slot = host_slot(&rule.name);
+        if let Some(other) = out.iter().find(|h| h.slot == slot) {
+            return Err(CompileError {
+                file: policy.source.clone(),
+                line: rule.line,
+                prefix: "hosts".into(),
+                message: format!(
+                    "services {} and {} share a grant slot (a hash of the name): rename one",
+                    one_line(&policy.rules[(other.rule_id - 1) as usize].name),
+                    one_line(&rule.name)
+                ),
+            });
+        }
+        let entries = port_rules(rule, id);
+        let mut set = RuleSet {
+            len: entries.len().min(MAX_PORT_RULES) as u32,
+            ..RuleSet::default()
+        };
+        if entries.len() > MAX_PORT_RULES {
+            return Err(CompileError {
+                file: policy.source.clone(),
+                line: rule.line,
+                prefix: "hosts".into(),
+                message: format!(
+                    "service {} needs {} port ranges; at most {MAX_PORT_RULES} fit",
+                    one_line(&rule.name),
+                    entries.len()
+                ),
+            });
+        }
+        set.rules[..entries.len()].copy_from_slice(&entries);
+        out.push(HostSet {
+            rule_id: id,
+            slot,
+            set,
+        });
+    }
+    Ok(out)
+}
+
+/// The rule set of a service that names `hosts`: what a grant for it approves.
+#[derive(Debug, Clone, Copy)]
+pub struct HostSet {
+    pub rule_id: u32,
+    /// `RULESETS` key `GRANT_SET_BASE | slot`.
+    pub slot: u32,
+    pub set: RuleSet,
+}
+
 /// Rule sets, shared between prefixes with the same applicable rules.
 struct SetBuilder<'p> {
     policy: &'p Policy,
@@ -210,37 +316,8 @@ impl SetBuilder<'_> {
         for want in [RuleKind::Block, RuleKind::Service] {
             for &id in &rules {
                 let rule = &self.policy.rules[(id - 1) as usize];
-                if rule.kind != want {
-                    continue;
-                }
-                let (ported, portless) = proto_masks(rule.kind, &rule.protocols, &rule.ports);
-                let action = if rule.kind == RuleKind::Block {
-                    ACTION_BLOCK
-                } else {
-                    ACTION_ALLOW
-                };
-                let rule_of = |port_lo, port_hi, proto_mask| PortRule {
-                    port_lo,
-                    port_hi,
-                    proto_mask,
-                    action,
-                    _pad: [0; 2],
-                    rule_id: id,
-                    _reserved: 0,
-                };
-                if rule.ports.is_empty() {
-                    // Every port: one rule carries every protocol.
-                    entries.push(rule_of(0, u16::MAX, ported | portless));
-                } else {
-                    if ported != 0 {
-                        for (lo, hi) in merged_ranges(&rule.ports) {
-                            entries.push(rule_of(lo, hi, ported));
-                        }
-                    }
-                    // Protocols without ports match whatever port the kernel reports.
-                    if portless != 0 {
-                        entries.push(rule_of(0, u16::MAX, portless));
-                    }
+                if rule.kind == want {
+                    entries.extend(port_rules(rule, id));
                 }
             }
         }
@@ -359,7 +436,7 @@ impl CompiledPolicy {
             v4,
             v6,
             rulesets: builder.sets,
-            host_sets: Vec::new(),
+            host_sets: host_sets(policy)?,
             rule_names,
             rule_kinds,
             services: policy.services().count(),

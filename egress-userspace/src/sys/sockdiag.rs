@@ -12,6 +12,29 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE` of a socket made in it),
+/// as the hooks' `bpf_get_netns_cookie` sees it.
+pub fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the size passed, on a socket we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// Transport of the socket looked up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {

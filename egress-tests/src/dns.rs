@@ -1,0 +1,91 @@
+//! A DNS server for the name tests: dnsmasq (Debian's `dnsmasq-base`, installed by `.ci/run`)
+//! serving fixed records, in a test namespace, on an address of the test's choosing; and the
+//! per-namespace resolv.conf that `ip netns exec` shows the processes it starts (the machine's
+//! own /etc/resolv.conf is never touched).
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::{ChildGuard, LoopNs, in_netns, wait_for};
+
+/// One record dnsmasq serves.
+pub enum Record<'a> {
+    /// An A or AAAA record (by the address's family) with a TTL in seconds.
+    Addr(&'a str, IpAddr, u32),
+    /// `name` is a CNAME of `target` (a name with an `Addr` record), with a TTL.
+    Cname(&'a str, &'a str, u32),
+    /// A TXT record.
+    Txt(&'a str, &'a str),
+}
+
+/// dnsmasq answering in `ns` on `listen`:53 (UDP and TCP), stopped on drop.
+pub struct DnsServer {
+    _proc: ChildGuard,
+    pub addr: SocketAddr,
+}
+
+impl DnsServer {
+    pub fn start(ns: &LoopNs, listen: IpAddr, records: &[Record<'_>]) -> DnsServer {
+        let mut cmd = ns.cmd("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            "--log-facility=-",
+        ])
+        .arg(format!("--listen-address={listen}"));
+        for r in records {
+            match r {
+                Record::Addr(name, ip, ttl) => cmd.arg(format!("--host-record={name},{ip},{ttl}")),
+                Record::Cname(name, target, ttl) => {
+                    cmd.arg(format!("--cname={name},{target},{ttl}"))
+                }
+                Record::Txt(name, text) => cmd.arg(format!("--txt-record={name},{text}")),
+            };
+        }
+        let proc = ChildGuard::spawn(&mut cmd);
+        let addr = SocketAddr::new(listen, 53);
+        wait_for("dnsmasq to listen", Duration::from_secs(10), || {
+            in_netns(ns, move || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            })
+        });
+        DnsServer { _proc: proc, addr }
+    }
+}
+
+/// `/etc/netns/<ns>/resolv.conf`: what processes started by `ip netns exec <ns>` read as
+/// /etc/resolv.conf (a bind mount in their own mount namespace). Removed on drop.
+pub struct NetnsResolvConf {
+    dir: PathBuf,
+}
+
+impl NetnsResolvConf {
+    pub fn new(ns: &LoopNs, nameservers: &[IpAddr], options: &str) -> NetnsResolvConf {
+        let dir = PathBuf::from("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).expect("creating /etc/netns/<ns>");
+        let mut text = String::new();
+        for n in nameservers {
+            text.push_str(&format!("nameserver {n}\n"));
+        }
+        if !options.is_empty() {
+            text.push_str(&format!("options {options}\n"));
+        }
+        std::fs::write(dir.join("resolv.conf"), text).expect("writing the namespace's resolv.conf");
+        NetnsResolvConf { dir }
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
