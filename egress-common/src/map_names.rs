@@ -16,12 +16,13 @@ pub const ACTIVE: &str = "ACTIVE";
 pub const STATS: &str = "STATS";
 pub const EVENTS: &str = "EVENTS";
 pub const SOCK_OWNERS: &str = "SOCK_OWNERS";
+pub const PROC_COMMS: &str = "PROC_COMMS";
 pub const FLOWS: &str = "FLOWS";
 pub const IFACE_L2: &str = "IFACE_L2";
 pub const BLOCKED: &str = "BLOCKED";
 
 /// Every map of the object.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -33,6 +34,7 @@ pub const ALL: [&str; 14] = [
     STATS,
     EVENTS,
     SOCK_OWNERS,
+    PROC_COMMS,
     FLOWS,
     IFACE_L2,
     BLOCKED,

@@ -64,6 +64,7 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     let events_lost = Counter::<u64>::default();
     let tc_dropped = Counter::<u64>::default();
     let flows_full = Counter::<u64>::default();
+    let owners_full = Counter::<u64>::default();
 
     for (pid, comm, bytes, packets, rate) in &series.procs {
         let labels = ProcLabels {
@@ -110,6 +111,7 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     events_lost.inc_by(c.events_lost);
     tc_dropped.inc_by(c.tc_dropped);
     flows_full.inc_by(c.flows_full_packets);
+    owners_full.inc_by(c.owners_full);
 
     reg.register(
         "process_bytes",
@@ -157,6 +159,11 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
         "flow_map_full_packets",
         "Packets not counted per flow because the flow map was full",
         flows_full,
+    );
+    reg.register(
+        "owners_full",
+        "connect/sendmsg calls whose socket owner could not be recorded (owner map full)",
+        owners_full,
     );
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

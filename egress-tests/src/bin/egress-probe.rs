@@ -38,9 +38,19 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   ping-laundered ADDR:PORT        the same through a ping socket first connected to loopback
                                   (an owner recorded), then disconnected (AF_UNSPEC)
   tcp-send ADDR:PORT BYTES        connect, write BYTES, shut down, wait for the peer to close
+  tcp-send-close ADDR:PORT BYTES  connect, write BYTES, close at once: the kernel sends what is
+                                  still in the send buffer after close()
   udp-send ADDR:PORT COUNT SIZE   COUNT unconnected datagrams of SIZE payload bytes
   raw-udp ADDR:PORT               one IPv4 UDP datagram through a raw socket (no cgroup hook
                                   sees it)
+  hold tcp|udp ADDR:PORT N        open N sockets connected to ADDR:PORT (UDP: connect only, no
+                                  datagram) and keep them open until `release` or the end;
+                                  prints one summary line
+  release                         close every held socket
+  held-send BYTES                 write BYTES on the first held TCP socket, shut it down, wait
+                                  for the peer to close
+  flood ADDR:PORT N               N short-lived UDP sockets: socket, connect twice (no
+                                  datagram), close; prints one summary line
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
   storm ALLOWED DENIED MS         for MS milliseconds, alternate UDP connects to an address
                                   that must pass and one that must be denied; print the counts:
@@ -93,8 +103,13 @@ enum Call {
     Ping(SocketAddr),
     PingLaundered(SocketAddr),
     TcpSend(SocketAddr, u64),
+    TcpSendClose(SocketAddr, u64),
     UdpSend(SocketAddr, u64, u64),
     RawUdp(SocketAddr),
+    Hold(HoldKind, SocketAddr, u64),
+    Release,
+    HeldSend(u64),
+    Flood(SocketAddr, u64),
     Sleep(u64),
     WaitFile(PathBuf),
     Storm {
@@ -119,8 +134,13 @@ impl Call {
             Call::Ping(_) => "ping",
             Call::PingLaundered(_) => "ping-laundered",
             Call::TcpSend(..) => "tcp-send",
+            Call::TcpSendClose(..) => "tcp-send-close",
             Call::UdpSend(..) => "udp-send",
             Call::RawUdp(_) => "raw-udp",
+            Call::Hold(..) => "hold",
+            Call::Release => "release",
+            Call::HeldSend(_) => "held-send",
+            Call::Flood(..) => "flood",
             Call::Sleep(_) => "sleep",
             Call::WaitFile(_) => "wait-file",
             Call::Storm { .. } => "storm",
@@ -140,12 +160,18 @@ impl Call {
             | Call::Ping(a)
             | Call::PingLaundered(a)
             | Call::TcpSend(a, _)
+            | Call::TcpSendClose(a, _)
             | Call::UdpSend(a, ..)
+            | Call::Hold(_, a, _)
+            | Call::Flood(a, _)
             | Call::RawUdp(a) => *a,
             Call::Storm { allowed, .. } => *allowed,
-            Call::Sleep(_) | Call::WaitFile(_) | Call::Socket(_) | Call::SetsockoptLarge => {
-                SocketAddr::from(([0, 0, 0, 0], 0))
-            }
+            Call::Sleep(_)
+            | Call::WaitFile(_)
+            | Call::Socket(_)
+            | Call::SetsockoptLarge
+            | Call::Release
+            | Call::HeldSend(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
@@ -203,11 +229,25 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
             }
             "raw-udp" => Call::RawUdp(addr(&mut words, op)?),
             "tcp-send" => Call::TcpSend(addr(&mut words, op)?, num(&mut words, op, "BYTES")?),
+            "tcp-send-close" => {
+                Call::TcpSendClose(addr(&mut words, op)?, num(&mut words, op, "BYTES")?)
+            }
             "udp-send" => Call::UdpSend(
                 addr(&mut words, op)?,
                 num(&mut words, op, "COUNT")?,
                 num(&mut words, op, "SIZE")?,
             ),
+            "hold" => {
+                let kind = match next(&mut words, op, "tcp|udp")?.as_str() {
+                    "tcp" => HoldKind::Tcp,
+                    "udp" => HoldKind::Udp,
+                    other => return Err(format!("hold: {other:?} is not tcp or udp")),
+                };
+                Call::Hold(kind, addr(&mut words, op)?, num(&mut words, op, "N")?)
+            }
+            "release" => Call::Release,
+            "held-send" => Call::HeldSend(num(&mut words, op, "BYTES")?),
+            "flood" => Call::Flood(addr(&mut words, op)?, num(&mut words, op, "N")?),
             "sleep" => Call::Sleep(num(&mut words, op, "MS")?),
             "wait-file" => Call::WaitFile(next(&mut words, op, "PATH")?.into()),
             "storm" => Call::Storm {
@@ -220,6 +260,19 @@ fn parse_calls(words: &[String]) -> Result<Vec<Call>, String> {
         calls.push(call);
     }
     Ok(calls)
+}
+
+/// What `hold` opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldKind {
+    Tcp,
+    Udp,
+}
+
+/// A socket `hold` keeps open.
+enum Held {
+    Tcp(TcpStream),
+    Udp(#[expect(dead_code, reason = "held only to stay open until `release`")] UdpSocket),
 }
 
 fn unspecified_for(addr: &SocketAddr) -> SocketAddr {
@@ -235,6 +288,8 @@ struct Probe {
     timeout: Duration,
     rate: Option<u64>,
     stop_file: Option<PathBuf>,
+    /// The sockets `hold` keeps open, oldest first.
+    held: std::cell::RefCell<Vec<Held>>,
 }
 
 /// One datagram on a connected socket through sendmsg(2) with no address and one cmsg (IP_TOS,
@@ -490,6 +545,12 @@ fn wait_file(path: &Path) -> io::Result<()> {
 impl Probe {
     fn tcp_send(&self, addr: SocketAddr, total: u64) -> io::Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        self.send_on(&mut s, total)
+    }
+
+    /// Writes `total` bytes on `s` (paced by `--rate`), shuts it down, and waits for the peer to
+    /// close.
+    fn send_on(&self, s: &mut TcpStream, total: u64) -> io::Result<()> {
         s.set_write_timeout(Some(self.timeout))?;
         s.set_read_timeout(Some(self.timeout))?;
         let chunk = vec![0x5au8; 64 * 1024];
@@ -516,6 +577,18 @@ impl Probe {
     fn attempt(&self, call: &Call) -> io::Result<()> {
         match call {
             Call::TcpSend(addr, bytes) => self.tcp_send(*addr, *bytes),
+            Call::TcpSendClose(addr, bytes) => {
+                let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+                s.set_write_timeout(Some(self.timeout))?;
+                let chunk = vec![0x5au8; 64 * 1024];
+                let mut left = *bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    s.write_all(&chunk[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            }
             Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
             Call::RawUdp(addr) => raw_udp(*addr),
             Call::Sleep(ms) => {
@@ -523,6 +596,36 @@ impl Probe {
                 Ok(())
             }
             Call::WaitFile(path) => wait_file(path),
+            Call::Hold(kind, addr, _) => {
+                let held = match kind {
+                    HoldKind::Tcp => {
+                        Held::Tcp(TcpStream::connect_timeout(addr, Duration::from_secs(2))?)
+                    }
+                    HoldKind::Udp => {
+                        let s = UdpSocket::bind(unspecified_for(addr))?;
+                        s.connect(addr)?;
+                        Held::Udp(s)
+                    }
+                };
+                self.held.borrow_mut().push(held);
+                Ok(())
+            }
+            Call::Release => {
+                self.held.borrow_mut().clear();
+                Ok(())
+            }
+            Call::HeldSend(bytes) => {
+                let mut held = self.held.borrow_mut();
+                let s = held
+                    .iter_mut()
+                    .find_map(|h| match h {
+                        Held::Tcp(s) => Some(s),
+                        Held::Udp(_) => None,
+                    })
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no held TCP socket"))?;
+                self.send_on(s, *bytes)
+            }
+            Call::Flood(addr, _) => short_lived_udp(addr),
             Call::Tcp(addr) => TcpStream::connect_timeout(addr, Duration::from_secs(2)).map(drop),
             Call::UdpConnect(addr) => {
                 let s = UdpSocket::bind(unspecified_for(addr))?;
@@ -613,6 +716,35 @@ impl Probe {
     }
 }
 
+/// One short-lived UDP socket: socket, connect twice (no datagram), close. Plain syscalls: a
+/// flood of them should cost as little as it can.
+fn short_lived_udp(addr: &SocketAddr) -> io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd, if any, is owned (and closed) by `fd`.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (storage, len) = sockaddr(addr);
+    // Twice: the second connect finds the owner the first recorded, as a socket in use is looked
+    // up again (a map that keeps what is used most would keep these, and drop an idle upload's).
+    for _ in 0..2 {
+        // SAFETY: a valid sockaddr buffer for the call's duration.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// One UDP connect on a fresh socket.
 fn udp_connect(addr: SocketAddr) -> io::Result<()> {
     UdpSocket::bind(unspecified_for(&addr))?.connect(addr)
@@ -694,6 +826,7 @@ fn main() -> ExitCode {
         timeout: Duration::from_secs(cli.timeout),
         rate: cli.rate,
         stop_file: cli.stop_file,
+        held: std::cell::RefCell::new(Vec::new()),
     };
     let pid = std::process::id();
     let mut out = io::stdout().lock();
@@ -708,7 +841,12 @@ fn main() -> ExitCode {
             print(&mut out, &probe.storm(*allowed, *denied, *ms));
             continue;
         }
-        match cli.count {
+        // `hold` and `flood` carry their own count.
+        let count = match call {
+            Call::Hold(_, _, n) | Call::Flood(_, n) => Some(*n),
+            _ => cli.count,
+        };
+        match count {
             None => {
                 let result = Verdict::of(&probe.attempt(call));
                 print(
@@ -774,6 +912,24 @@ mod tests {
                 Call::Sleep(10)
             ]
         );
+    }
+
+    #[test]
+    fn the_socket_holding_calls_parse() {
+        assert_eq!(
+            parse_calls(&words(
+                "hold tcp 127.0.0.2:80 3 hold udp [::1]:9 2 flood 127.0.0.1:9 150000 held-send 100 release"
+            ))
+            .unwrap(),
+            [
+                Call::Hold(HoldKind::Tcp, "127.0.0.2:80".parse().unwrap(), 3),
+                Call::Hold(HoldKind::Udp, "[::1]:9".parse().unwrap(), 2),
+                Call::Flood("127.0.0.1:9".parse().unwrap(), 150_000),
+                Call::HeldSend(100),
+                Call::Release,
+            ]
+        );
+        assert!(parse_calls(&words("hold sctp 127.0.0.1:1 1")).is_err());
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct Counters {
     pub flows_full_bytes: u64,
     /// Packets TC dropped because their owner is over a byte budget.
     pub budget_dropped: u64,
+    /// connect/sendmsg calls whose socket owner could not be recorded (the owner map was full):
+    /// refused in enforce mode (rule `owners-full`).
+    #[serde(default)]
+    pub owners_full: u64,
 }
 
 /// One of the two policy buffers: the tries and the rule sets they point into.
@@ -54,6 +58,7 @@ pub(super) struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
     pub owners: HashMap<MapData, u64, Owner>,
+    pub comms: HashMap<MapData, u32, [u8; 16]>,
     pub iface_l2: HashMap<MapData, u32, u32>,
     pub blocked: HashMap<MapData, BlockKey, BlockValue>,
     /// Taken by [`super::Datapath::take_events`].
@@ -91,6 +96,7 @@ impl Maps {
             stats: take(ebpf, map_names::STATS)?,
             flows: take(ebpf, map_names::FLOWS)?,
             owners: take(ebpf, map_names::SOCK_OWNERS)?,
+            comms: take(ebpf, map_names::PROC_COMMS)?,
             iface_l2: take(ebpf, map_names::IFACE_L2)?,
             blocked: take(ebpf, map_names::BLOCKED)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
@@ -220,6 +226,7 @@ pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, D
         flows_full_packets: sum(STAT_FLOWS_FULL_PACKETS)?,
         flows_full_bytes: sum(STAT_FLOWS_FULL_BYTES)?,
         budget_dropped: sum(STAT_BUDGET_DROPPED)?,
+        owners_full: sum(STAT_OWNERS_FULL)?,
     })
 }
 
@@ -234,9 +241,11 @@ pub(super) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
 }
 
 /// The shape of every map of the object, as this controller creates them: map type, key size,
-/// value size and max entries (the loader's overrides included), by name.
-pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapShape>, DatapathError>
-{
+/// value size and max entries (the loader's overrides included, `owners` for `SOCK_OWNERS`), by
+/// name.
+pub(super) fn expected_maps(
+    owners: u32,
+) -> Result<std::collections::HashMap<String, MapShape>, DatapathError> {
     let obj = aya_obj::Object::parse(super::EBPF_OBJECT)
         .map_err(|e| DatapathError::Pin(format!("parsing the embedded object: {e}")))?;
     Ok(obj
@@ -250,6 +259,8 @@ pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapSha
                 super::POLICY_CAPACITY
             } else if map_names::RULESETS.contains(&name.as_str()) {
                 super::RULESET_CAPACITY
+            } else if name == map_names::SOCK_OWNERS {
+                owners
             } else {
                 m.max_entries()
             };
