@@ -20,6 +20,11 @@ pub const RULE_LOOPBACK: u32 = u32::MAX;
 /// routing header (set with setsockopt, or found on a packet at TC). Events name it
 /// `source-route`.
 pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 1;
+/// `rule_id` of a connect/sendmsg refused because the socket's owner could not be recorded
+/// (`SOCK_OWNERS` full): its packets could not be attributed, so in enforce mode the call fails
+/// closed rather than let an unattributed upload escape per-process budgets and alerts. Events
+/// name it `owners-full`.
+pub const RULE_OWNERS_FULL: u32 = u32::MAX - 2;
 
 /// Protocol bits of [`PortRule::proto_mask`].
 pub const PROTO_TCP: u8 = 1 << 0;
@@ -281,7 +286,10 @@ pub const STAT_BUDGET_DROPPED: u32 = 8;
 pub const STAT_TREE_FULL: u32 = 9;
 /// DNS queries the hooks steered to the controller's proxy.
 pub const STAT_DNS_STEERED: u32 = 10;
-pub const STAT_COUNT: u32 = 11;
+/// connect/sendmsg calls whose socket owner could not be recorded (`SOCK_OWNERS` full, or the
+/// kernel could not allocate the entry). In enforce mode each was refused (`owners-full`).
+pub const STAT_OWNERS_FULL: u32 = 11;
+pub const STAT_COUNT: u32 = 12;
 
 /// Key of `BLOCKED`: a process over its byte budget, everywhere (`addr` all zero, `family` 0)
 /// or towards one destination; or a user (`family` [`BLOCK_USER`], `tgid` holding the uid).

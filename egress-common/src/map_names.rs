@@ -16,6 +16,7 @@ pub const ACTIVE: &str = "ACTIVE";
 pub const STATS: &str = "STATS";
 pub const EVENTS: &str = "EVENTS";
 pub const SOCK_OWNERS: &str = "SOCK_OWNERS";
+pub const PROC_COMMS: &str = "PROC_COMMS";
 pub const FLOWS: &str = "FLOWS";
 pub const IFACE_L2: &str = "IFACE_L2";
 pub const BLOCKED: &str = "BLOCKED";
@@ -25,7 +26,7 @@ pub const GRANTS: &str = "GRANTS";
 pub const DNS_ORIG: &str = "DNS_ORIG";
 
 /// Every map of the object.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -37,6 +38,7 @@ pub const ALL: [&str; 17] = [
     STATS,
     EVENTS,
     SOCK_OWNERS,
+    PROC_COMMS,
     FLOWS,
     IFACE_L2,
     BLOCKED,

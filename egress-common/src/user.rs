@@ -52,8 +52,8 @@ pub fn protocol_name(p: u8) -> String {
 
 /// The names events give to verdicts no policy rule made, whatever the policy: `default`,
 /// `loopback`, `source-route`, `sockets.raw`, `sockets.icmp`, `sockets.other`,
-/// `sockets.packet`. Policies may not name a rule any of these.
-pub const BUILTIN_RULE_NAMES: [&str; 7] = [
+/// `sockets.packet`, `owners-full`. Policies may not name a rule any of these.
+pub const BUILTIN_RULE_NAMES: [&str; 8] = [
     "default",
     "loopback",
     "source-route",
@@ -61,6 +61,7 @@ pub const BUILTIN_RULE_NAMES: [&str; 7] = [
     "sockets.icmp",
     "sockets.other",
     "sockets.packet",
+    "owners-full",
 ];
 
 /// The name of a rule id no policy rule has (see [`BUILTIN_RULE_NAMES`]).
@@ -70,6 +71,7 @@ pub fn builtin_rule_name(rule_id: u32) -> Option<&'static str> {
         RULE_LOOPBACK => 1,
         RULE_SOURCE_ROUTE => 2,
         id if (RULE_SOCKETS..RULE_SOCKETS + 4).contains(&id) => 3 + (id - RULE_SOCKETS) as usize,
+        RULE_OWNERS_FULL => 7,
         _ => return None,
     };
     Some(BUILTIN_RULE_NAMES[i])
@@ -200,6 +202,7 @@ mod tests {
             Some("sockets.icmp")
         );
         assert_eq!(builtin_rule_name(RULE_SOURCE_ROUTE), Some("source-route"));
+        assert_eq!(builtin_rule_name(RULE_OWNERS_FULL), Some("owners-full"));
         assert_eq!(builtin_rule_name(3), None);
     }
 }

@@ -1,6 +1,7 @@
 //! egress datapath: thin entry points only. The decision lives in `sock_addr.rs` (reading the
 //! hook context, emitting events) and `policy.rs` (map lookups); `fork.rs` follows what blocked
-//! processes create; every map is in `maps.rs`.
+//! processes create; socket owners (recorded, forgotten) in `owners.rs`; DNS steering and grants
+//! in `dns.rs`; every map is in `maps.rs`.
 // Host builds (`cargo clippy --workspace`, `cargo test --workspace`) compile this crate as an
 // empty program; only the bpfel build carries the hooks' sections into the object.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -9,6 +10,7 @@
 mod dns;
 mod fork;
 mod maps;
+mod owners;
 mod policy;
 mod report;
 mod sock_addr;
@@ -17,8 +19,10 @@ mod sockopt;
 mod tc_egress;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, tracepoint},
-    programs::{SockAddrContext, SockContext, SockoptContext, TcContext, TracePointContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, sock_ops, tracepoint},
+    programs::{
+        SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext, TracePointContext,
+    },
 };
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
 
@@ -74,6 +78,19 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {
     sock_create::sock_create(&ctx)
+}
+
+/// close() of a socket's last reference: forgets its owner (TCP sockets still sending: at
+/// TCP_CLOSE, below).
+#[cgroup_sock(sock_release)]
+pub fn sock_release(ctx: SockContext) -> i32 {
+    owners::released(&ctx)
+}
+
+/// TCP sockets: forgets a socket's owner when it reaches TCP_CLOSE.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    owners::sock_ops(&ctx)
 }
 
 /// setsockopt(): refuses source routes and routing headers.

@@ -1,7 +1,7 @@
 //! Every map of the datapath, in one place. Kernel names are capped at 15 characters.
 //!
-//! Sizes given here are placeholders: the controller sets `max_entries` of the policy maps from
-//! the compiled policy at load time (`EbpfLoader::set_max_entries`).
+//! Sizes given here are placeholders for the policy maps and `SOCK_OWNERS`: the controller sets
+//! their `max_entries` at load time (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -58,10 +58,22 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Socket cookie -> owner (process, user, cgroup, comm). Written by the connect/sendmsg hooks for
-/// every allowed call, read by TC to attribute packets sent in softirq context. LRU: closed
-/// sockets age out on their own.
+/// every allowed call, read by TC to attribute packets sent in softirq context, deleted when the
+/// socket is done (`sock_release`; TCP at `TCP_CLOSE`, from `sock_ops`): see `owners.rs`.
+/// Not LRU: a flood of short-lived sockets must never evict a live socket's owner. When it is
+/// full, a connect/sendmsg that needs a new entry is refused in enforce mode (`owners-full`,
+/// `STAT_OWNERS_FULL`). Preallocated, so that an insert fails only when it is full. The controller
+/// sets `max_entries` (`--owners-capacity`, default 131,072: one entry per open socket that
+/// connected or sent).
 #[map]
-pub static SOCK_OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(131_072, 0);
+pub static SOCK_OWNERS: HashMap<u64, Owner> = HashMap::with_max_entries(131_072, 0);
+
+/// Process (tgid) -> comm, of every process that recorded a socket owner. Written with the
+/// owner by the connect/sendmsg hooks, read by the controller to name a process that exited (and
+/// whose owners are gone with its sockets) before it could read /proc. LRU: an evicted entry
+/// costs a name in the reports, never attribution (the flows carry the tgid).
+#[map]
+pub static PROC_COMMS: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(16_384, 0);
 
 /// Per-CPU packet and byte counters per (owner, destination). Written by TC, read (and pruned of
 /// exited owners) by the controller. Not LRU: when it is full, new flows are counted in

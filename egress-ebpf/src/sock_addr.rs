@@ -1,25 +1,24 @@
 //! The cgroup sock_addr hooks (connect4/6, sendmsg4/6): read the destination from the context,
-//! decide, report denies, and turn the decision into the hook's return value.
+//! decide, record the socket's owner (`owners.rs`; a call whose owner cannot be recorded is
+//! refused), report denies, and turn the decision into the hook's return value.
 //!
 //! Return values: 1 lets the call proceed, 0 makes it fail with EPERM.
 
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, MODE_AUDIT, Owner, RULE_DEFAULT, STAT_ALLOWED, STAT_DNS_STEERED, v4_mapped,
+    Config, MODE_AUDIT, RULE_DEFAULT, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
+    STAT_OWNERS_FULL, v4_mapped,
 };
 
 use crate::{
     dns::{self, Steer},
-    maps::{SOCK_OWNERS, STATS},
+    maps::STATS,
+    owners,
     policy::{self, Decision},
     report::{self, Refusal},
 };
@@ -163,7 +162,11 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
 #[inline(always)]
 fn steered(ctx: &SockAddrContext) -> i32 {
     count(STAT_DNS_STEERED);
-    record_owner(ctx);
+    // Without an owner the proxy cannot tell who asked and grants nothing (fail closed for
+    // names); the query itself goes on.
+    if !owners::record(ctx) {
+        count(STAT_OWNERS_FULL);
+    }
     VERDICT_ALLOW
 }
 
@@ -181,7 +184,7 @@ fn with_grant(
     if d.rule_id != RULE_DEFAULT {
         return d;
     }
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let cgroup = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
     match dns::grant(cfg, cgroup, family, addr, port, proto) {
         Some(g) => g,
         None => d,
@@ -217,11 +220,20 @@ fn finish(
     } else {
         d
     };
-    if d.allow {
+    // An allowed call whose owner cannot be recorded (`SOCK_OWNERS` full) is refused: its
+    // packets would go unattributed and escape per-process budgets and alerts. Fail closed.
+    let d = if !d.allow {
+        d
+    } else if owners::record(ctx) {
         count(STAT_ALLOWED);
-        record_owner(ctx);
         return VERDICT_ALLOW;
-    }
+    } else {
+        count(STAT_OWNERS_FULL);
+        Decision {
+            allow: false,
+            rule_id: RULE_OWNERS_FULL,
+        }
+    };
     let audit = cfg.mode == MODE_AUDIT;
     report::refused(
         Refusal {
@@ -239,7 +251,10 @@ fn finish(
     );
     // The verdict never depends on whether the event could be sent.
     if audit {
-        record_owner(ctx);
+        // Audit lets the call through: its owner is recorded if it can be (counted once if not).
+        if d.rule_id != RULE_OWNERS_FULL && !owners::record(ctx) {
+            count(STAT_OWNERS_FULL);
+        }
         VERDICT_ALLOW
     } else {
         VERDICT_DENY
@@ -256,30 +271,6 @@ fn judged(family: u8, v4_mapped: u8, addr: &[u8; 16]) -> (u8, [u8; 16]) {
     } else {
         (family, *addr)
     }
-}
-
-/// Remembers who owns this socket, so that TC can attribute its packets. The current task is
-/// the caller of connect()/sendmsg() here, unlike in TC.
-#[inline(always)]
-fn record_owner(ctx: &SockAddrContext) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    // One hash lookup on the hot path; the update only when the owner is new or changed.
-    if let Some(o) = unsafe { SOCK_OWNERS.get(cookie) }
-        && o.tgid == tgid
-    {
-        return;
-    }
-    let owner = Owner {
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        tgid,
-        pid: pid_tgid as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
-    };
-    let _ = SOCK_OWNERS.insert(cookie, owner, 0);
 }
 
 #[inline(always)]

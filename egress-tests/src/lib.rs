@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 pub use cgroup::TestCgroup;
 pub use controller::{Egress, EgressCmd};
 pub use netns::{LoopNs, NetPair, in_netns};
-pub use probe::{Probe, Verdict, probe, probe_with_pid};
+pub use probe::{Line, Probe, Verdict, probe, probe_with_pid};
 pub use process::ChildGuard;
 pub use sinks::{HttpServer, TcpSink, UdpSink};
 pub use tmp::TempDir;

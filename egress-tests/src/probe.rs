@@ -205,6 +205,40 @@ pub fn calls_so_far(probe: &ChildGuard) -> Vec<CallLine> {
     parse_calls(probe.stdout_lines().join("\n").as_bytes())
 }
 
+/// One line of a run that mixes single calls with counted ones (`hold`, `flood`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Summary(SummaryLine),
+    Call(CallLine),
+}
+
+impl Line {
+    /// The line of a single call; panics on a summary.
+    pub fn call(&self) -> &CallLine {
+        match self {
+            Line::Call(c) => c,
+            Line::Summary(s) => panic!("a call line was expected, not {s:?}"),
+        }
+    }
+
+    /// The line of a counted call; panics on a single call's.
+    pub fn summary(&self) -> &SummaryLine {
+        match self {
+            Line::Summary(s) => s,
+            Line::Call(c) => panic!("a summary line was expected, not {c:?}"),
+        }
+    }
+}
+
+/// Parses every line of a probe run that mixes single calls with counted ones.
+pub fn parse_lines(stdout: &[u8]) -> Vec<Line> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad probe line {l:?}: {e}")))
+        .collect()
+}
+
 /// Parses one line of another kind (a summary or a storm report).
 pub fn parse_one<T: for<'de> Deserialize<'de>>(stdout: &[u8]) -> T {
     let text = String::from_utf8_lossy(stdout);
@@ -290,6 +324,11 @@ impl Probe {
     /// Runs it to the end; the verdict of each call.
     pub fn verdicts(self) -> Vec<Verdict> {
         verdicts(&self.stdout())
+    }
+
+    /// Runs it to the end; every line, single calls and summaries alike.
+    pub fn lines(self) -> Vec<Line> {
+        parse_lines(&self.stdout())
     }
 
     /// Runs it (with `--count N`, one call) to the end; its summary line.

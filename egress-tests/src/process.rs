@@ -45,6 +45,16 @@ impl Captured {
         self.buf.lock().expect("capture lock").clone()
     }
 
+    /// Everything, for a writer that has exited: waits (up to 2 s, in case something it started
+    /// still holds the pipe) for the reader to reach the end.
+    fn drained(&self) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.reader.as_ref().is_some_and(|r| !r.is_finished()) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.bytes()
+    }
+
     /// Everything, once the writer closed the pipe.
     fn finish(mut self) -> Vec<u8> {
         if let Some(r) = self.reader.take() {
@@ -167,13 +177,15 @@ impl ChildGuard {
             .collect()
     }
 
-    /// What it has written to stderr so far, as text.
+    /// What it has written to stderr so far, as text; once it has exited (as last seen), all of
+    /// it: the reader may still be catching up with the last lines.
     pub fn stderr_text(&self) -> String {
-        let bytes = self
-            .stderr
-            .as_ref()
-            .map(Captured::bytes)
-            .unwrap_or_default();
+        let read: fn(&Captured) -> Vec<u8> = if self.status.is_some() {
+            Captured::drained
+        } else {
+            Captured::bytes
+        };
+        let bytes = self.stderr.as_ref().map(read).unwrap_or_default();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 

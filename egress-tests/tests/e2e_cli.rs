@@ -96,6 +96,57 @@ fn exec_enforces_reports_and_cleans_up() {
     );
 }
 
+/// `--owners-capacity` sizes the socket-owner map: when it is full a connect fails closed with
+/// an `owners-full` deny and the `owners_full` counter, until sockets close.
+#[test]
+fn exec_with_a_small_owner_map_fails_closed_until_sockets_close() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-owners");
+    let policy = dir.file("p.toml", "allow_loopback = true\n");
+    let events = dir.join("events.jsonl");
+    let report = dir.join("report.json");
+    let hold = |n: &'static str| ["hold", "udp", "127.0.0.1:9", n];
+    let out = EgressCmd::exec(&ns)
+        .policy(&policy)
+        .events(&events)
+        .report(&report)
+        .args(["--owners-capacity", "8"])
+        .probe(hold("8"))
+        .command(hold("1"))
+        .command(["release"])
+        .command(hold("8"))
+        .success();
+    let lines = egress_tests::probe::parse_lines(&out.stdout);
+    let times = |i: usize, v| lines[i].summary().times(v);
+    assert_eq!(
+        (times(0, &Succeeded), times(1, &Denied)),
+        (8, 1),
+        "{lines:?}"
+    );
+    assert_eq!(
+        times(3, &Succeeded),
+        8,
+        "released sockets freed theirs: {lines:?}"
+    );
+    let ev = events::decisions(&events);
+    assert_eq!(ev.len(), 1, "{ev:#?}");
+    assert_eq!(
+        (
+            ev[0].event.as_str(),
+            ev[0].hook.as_str(),
+            ev[0].rule.as_str()
+        ),
+        ("deny", "connect4", "owners-full")
+    );
+    let r = events::report(&report);
+    assert_eq!(
+        (r.counters.owners_full, r.counters.denied),
+        (1, 1),
+        "{r:#?}"
+    );
+    assert_eq!(r.denies_by_rule.get("owners-full"), Some(&1), "{r:#?}");
+}
+
 #[test]
 fn exec_exits_with_the_commands_status() {
     // egress runs in a namespace of its own: its TC program never touches the host's interfaces.

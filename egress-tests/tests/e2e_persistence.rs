@@ -38,7 +38,7 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
 
     let mut first = pinned(&a).start();
     let before = first.status().unwrap();
-    assert_eq!(before["links"].as_array().unwrap().len(), 7, "{before}");
+    assert_eq!(before["links"].as_array().unwrap().len(), 13, "{before}");
     let storm = Probe::new().storm(&cg, "127.0.0.2:8000", "127.0.0.3:8000", 60_000);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -71,7 +71,7 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
         after["policy"]["generation"], 2,
         "the changed policy was reloaded: {after}"
     );
-    assert_eq!(after["links"].as_array().unwrap().len(), 7, "{after}");
+    assert_eq!(after["links"].as_array().unwrap().len(), 13, "{after}");
     let (old_ids, new_ids) = (prog_ids(&before), prog_ids(&after));
     assert!(
         old_ids.iter().zip(&new_ids).all(|(o, n)| o != n && *n != 0),
@@ -129,6 +129,81 @@ fn pinned_maps_of_another_layout_are_refused_and_enforcement_stays() {
     assert!(
         stderr.contains("IFACE_L2") || stderr.contains("BLOCKED"),
         "the error names the map: {stderr}"
+    );
+    // Still enforced: the pinned programs run on.
+    assert_eq!(probe(&cg, &[("tcp", "127.0.0.3:80")]), [Denied]);
+}
+
+/// The socket-owner map keeps the capacity it was pinned with: a bare restart adopts it, a
+/// restart asking another one is refused. The LRU owner map of earlier versions is never reused
+/// as the new plain hash: the restart is refused naming it (`egress stop` first), and the
+/// enforcement in place goes on.
+#[test]
+fn the_owner_map_keeps_its_pinned_capacity_and_an_old_lru_one_is_refused() {
+    use aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_LRU_HASH;
+    let ns = LoopNs::new();
+    let dir = TempDir::new("persist-owners");
+    let cg = TestCgroup::new();
+    let pins = pin_dir();
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let owners = pins.join("maps").join("SOCK_OWNERS");
+    let run = |capacity: Option<&str>| {
+        let cmd = EgressCmd::run(&ns, cg.path(), &dir)
+            .pinned(&pins)
+            .policy(&policy);
+        match capacity {
+            Some(n) => cmd.args(["--owners-capacity", n]),
+            None => cmd,
+        }
+    };
+    let max_entries = || aya::maps::MapInfo::from_pin(&owners).unwrap().max_entries();
+
+    let mut first = run(Some("1024")).start();
+    assert_eq!(max_entries(), 1024);
+    first.kill_9();
+    let mut second = run(None).start();
+    assert_eq!(max_entries(), 1024, "a bare restart adopts the pinned size");
+    second.kill_9();
+    let mut resized = run(Some("2048")).spawn();
+    assert!(!resized.wait_exit("a restart asking another size").success());
+    let stderr = resized.stderr_text();
+    assert!(
+        stderr.contains("SOCK_OWNERS") && stderr.contains("another size"),
+        "{stderr}"
+    );
+
+    // What an earlier version pinned: an LRU of the same key and value.
+    std::fs::remove_file(&owners).unwrap();
+    let lru = aya_obj::Map::Legacy(aya_obj::maps::LegacyMap {
+        def: aya_obj::maps::bpf_map_def {
+            map_type: BPF_MAP_TYPE_LRU_HASH as u32,
+            key_size: 8,
+            value_size: size_of::<egress_common::Owner>() as u32,
+            max_entries: 131_072,
+            map_flags: 0,
+            id: 0,
+            pinning: aya_obj::maps::PinningType::None,
+        },
+        inner_def: None,
+        section_index: 0,
+        section_kind: aya_obj::EbpfSectionKind::Maps,
+        symbol_index: None,
+        data: Vec::new(),
+    });
+    aya::maps::MapData::create(lru, "SOCK_OWNERS", None)
+        .expect("creating an LRU map")
+        .pin(&owners)
+        .expect("pinning it");
+    let mut upgraded = run(None).spawn();
+    assert!(
+        !upgraded
+            .wait_exit("a restart over an LRU owner map")
+            .success()
+    );
+    let stderr = upgraded.stderr_text();
+    assert!(
+        stderr.contains("SOCK_OWNERS") && stderr.contains("another layout"),
+        "{stderr}"
     );
     // Still enforced: the pinned programs run on.
     assert_eq!(probe(&cg, &[("tcp", "127.0.0.3:80")]), [Denied]);

@@ -65,6 +65,7 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     let tc_dropped = Counter::<u64>::default();
     let flows_full = Counter::<u64>::default();
     let tree_full = Counter::<u64>::default();
+    let owners_full = Counter::<u64>::default();
 
     for (pid, comm, bytes, packets, rate) in &series.procs {
         let labels = ProcLabels {
@@ -112,6 +113,7 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     tc_dropped.inc_by(c.tc_dropped);
     flows_full.inc_by(c.flows_full_packets);
     tree_full.inc_by(c.tree_full);
+    owners_full.inc_by(c.owners_full);
 
     reg.register(
         "process_bytes",
@@ -164,6 +166,11 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
         "block_tree_full",
         "Processes created by blocked processes that the block could not follow (tree map full)",
         tree_full,
+    );
+    reg.register(
+        "owners_full",
+        "connect/sendmsg calls whose socket owner could not be recorded (owner map full)",
+        owners_full,
     );
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     accounting::ProcTotals,
     datapath::{
-        Counters, HOOKS, LinkStatus, PinnedStatus, SOCK_CREATE_HOOK, SOCKOPT_HOOK, TC_PROGRAM,
+        Counters, HOOKS, LinkStatus, OWNER_HOOKS, PinnedStatus, SOCK_CREATE_HOOK, SOCKOPT_HOOK,
+        TC_PROGRAM,
     },
 };
 
@@ -109,6 +110,7 @@ impl Attachment {
             hooks: HOOKS
                 .iter()
                 .chain([&SOCK_CREATE_HOOK, &SOCKOPT_HOOK])
+                .chain(&OWNER_HOOKS)
                 .map(|h| h.to_string())
                 .collect(),
             tc: TcAttachment {
@@ -222,7 +224,7 @@ mod tests {
         assert_eq!(v["policy"]["hash"], "00ff");
         assert_eq!(v["policy"]["mode"], "audit");
         assert_eq!(v["policy"]["default"], "deny");
-        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 6);
+        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 8);
         assert_eq!(v["attached"]["tc"]["ifaces"][0], "eth0");
         assert_eq!(v["attached"]["pinned"], "/sys/fs/bpf/egress");
         assert_eq!(v["links"][0]["prog_id"], 9);

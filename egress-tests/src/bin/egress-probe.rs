@@ -53,6 +53,16 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   dns-udp-marked ADDR:PORT        dns-udp on a socket with SO_MARK 0x65677273 (the proxy's mark)
   dns-tcp ADDR:PORT               TCP: connect, one length-prefixed message, read the answer;
                                   \"peer\" is getpeername
+  tcp-send-close ADDR:PORT BYTES  connect, write BYTES, close at once: the kernel sends what is
+                                  still in the send buffer after close()
+  hold tcp|udp ADDR:PORT N        open N sockets connected to ADDR:PORT (UDP: connect only, no
+                                  datagram) and keep them open until `release` or the end;
+                                  prints one summary line
+  release                         close every held socket
+  held-send BYTES                 write BYTES on the first held TCP socket, shut it down, wait
+                                  for the peer to close
+  flood ADDR:PORT N               N short-lived UDP sockets: socket, connect twice (no
+                                  datagram), close; prints one summary line
   send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
   fork CALLS... end               fork a child process that makes CALLS (its lines carry its own
@@ -114,6 +124,11 @@ enum Call {
     RawUdp(SocketAddr),
     PacketUdp(SocketAddr, String),
     SendFd(i32),
+    TcpSendClose(SocketAddr, u64),
+    Hold(HoldKind, SocketAddr, u64),
+    Release,
+    HeldSend(u64),
+    Flood(SocketAddr, u64),
     Dns(SocketAddr, DnsHow),
     Sleep(u64),
     WaitFile(PathBuf),
@@ -146,6 +161,11 @@ impl Call {
             Call::RawUdp(_) => "raw-udp",
             Call::PacketUdp(..) => "packet-udp",
             Call::SendFd(_) => "send-fd",
+            Call::TcpSendClose(..) => "tcp-send-close",
+            Call::Hold(..) => "hold",
+            Call::Release => "release",
+            Call::HeldSend(_) => "held-send",
+            Call::Flood(..) => "flood",
             Call::Dns(_, DnsHow::Udp) => "dns-udp",
             Call::Dns(_, DnsHow::UdpConnected) => "dns-udp-connected",
             Call::Dns(_, DnsHow::UdpMarked) => "dns-udp-marked",
@@ -175,13 +195,18 @@ impl Call {
             | Call::UdpSend(a, ..)
             | Call::RawUdp(a)
             | Call::PacketUdp(a, _)
-            | Call::Dns(a, _) => *a,
+            | Call::Dns(a, _)
+            | Call::TcpSendClose(a, _)
+            | Call::Hold(_, a, _)
+            | Call::Flood(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
             Call::Sleep(_)
             | Call::WaitFile(_)
             | Call::Socket(_)
             | Call::SetsockoptLarge
             | Call::SendFd(_)
+            | Call::Release
+            | Call::HeldSend(_)
             | Call::Fork(_)
             | Call::Thread(_)
             | Call::WaitChildren => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -266,6 +291,18 @@ fn parse_seq<'w>(
             "send-fd" => Call::SendFd(num(words, op, "FD")? as i32),
             "packet-udp" => Call::PacketUdp(addr(words, op)?, next(words, op, "HOW")?.clone()),
             "tcp-send" => Call::TcpSend(addr(words, op)?, num(words, op, "BYTES")?),
+            "tcp-send-close" => Call::TcpSendClose(addr(words, op)?, num(words, op, "BYTES")?),
+            "hold" => {
+                let kind = match next(words, op, "tcp|udp")?.as_str() {
+                    "tcp" => HoldKind::Tcp,
+                    "udp" => HoldKind::Udp,
+                    other => return Err(format!("hold: {other:?} is not tcp or udp")),
+                };
+                Call::Hold(kind, addr(words, op)?, num(words, op, "N")?)
+            }
+            "release" => Call::Release,
+            "held-send" => Call::HeldSend(num(words, op, "BYTES")?),
+            "flood" => Call::Flood(addr(words, op)?, num(words, op, "N")?),
             "udp-send" => Call::UdpSend(
                 addr(words, op)?,
                 num(words, op, "COUNT")?,
@@ -296,11 +333,26 @@ fn unspecified_for(addr: &SocketAddr) -> SocketAddr {
     }
 }
 
+/// What `hold` opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldKind {
+    Tcp,
+    Udp,
+}
+
+/// A socket `hold` keeps open.
+enum Held {
+    Tcp(TcpStream),
+    Udp(#[expect(dead_code, reason = "held only to stay open until `release`")] UdpSocket),
+}
+
 /// What the calls share.
 struct Probe {
     timeout: Duration,
     rate: Option<u64>,
     stop_file: Option<PathBuf>,
+    /// The sockets `hold` keeps open, oldest first.
+    held: std::sync::Mutex<Vec<Held>>,
 }
 
 /// One datagram on a connected socket through sendmsg(2) with no address and one cmsg (IP_TOS,
@@ -557,6 +609,12 @@ fn wait_file(path: &Path) -> io::Result<()> {
 impl Probe {
     fn tcp_send(&self, addr: SocketAddr, total: u64) -> io::Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        self.send_on(&mut s, total)
+    }
+
+    /// Writes `total` bytes on `s` (paced by `--rate`), shuts it down, and waits for the peer to
+    /// close.
+    fn send_on(&self, s: &mut TcpStream, total: u64) -> io::Result<()> {
         s.set_write_timeout(Some(self.timeout))?;
         s.set_read_timeout(Some(self.timeout))?;
         let chunk = vec![0x5au8; 64 * 1024];
@@ -583,6 +641,57 @@ impl Probe {
     fn attempt(&self, call: &Call) -> io::Result<()> {
         match call {
             Call::TcpSend(addr, bytes) => self.tcp_send(*addr, *bytes),
+            Call::TcpSendClose(addr, bytes) => {
+                let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(5))?;
+                s.set_write_timeout(Some(self.timeout))?;
+                let chunk = vec![0x5au8; 64 * 1024];
+                let mut left = *bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    s.write_all(&chunk[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            }
+            Call::Hold(kind, addr, _) => {
+                let held = match kind {
+                    HoldKind::Tcp => {
+                        Held::Tcp(TcpStream::connect_timeout(addr, Duration::from_secs(2))?)
+                    }
+                    HoldKind::Udp => {
+                        let s = UdpSocket::bind(unspecified_for(addr))?;
+                        s.connect(addr)?;
+                        Held::Udp(s)
+                    }
+                };
+                self.held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(held);
+                Ok(())
+            }
+            Call::Release => {
+                self.held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
+                Ok(())
+            }
+            Call::HeldSend(bytes) => {
+                let mut held = self
+                    .held
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let s = held
+                    .iter_mut()
+                    .find_map(|h| match h {
+                        Held::Tcp(s) => Some(s),
+                        Held::Udp(_) => None,
+                    })
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no held TCP socket"))?;
+                self.send_on(s, *bytes)
+            }
+            Call::Flood(addr, _) => short_lived_udp(addr),
             Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
             Call::RawUdp(addr) => raw_udp(*addr),
             Call::PacketUdp(addr, how) => packet_udp(*addr, how),
@@ -825,6 +934,35 @@ fn dns_exchange(addr: SocketAddr, how: DnsHow, timeout: Duration) -> io::Result<
     Ok(())
 }
 
+/// One short-lived UDP socket: socket, connect twice (no datagram), close. Plain syscalls: a
+/// flood of them should cost as little as it can.
+fn short_lived_udp(addr: &SocketAddr) -> io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the fd, if any, is owned (and closed) by `fd`.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (storage, len) = sockaddr(addr);
+    // Twice: the second connect finds the owner the first recorded, as a socket in use is looked
+    // up again (a map that keeps what is used most would keep these, and drop an idle upload's).
+    for _ in 0..2 {
+        // SAFETY: a valid sockaddr buffer for the call's duration.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// One IPv4 UDP datagram written whole, Ethernet header included, through an AF_PACKET socket:
 /// no cgroup hook sees it. The frame goes to the broadcast MAC (the receiving kernel accepts a
 /// unicast IP packet in an L2 broadcast) from the namespace's own address `ADDR_A`.
@@ -969,6 +1107,7 @@ fn main() -> ExitCode {
         timeout: Duration::from_secs(cli.timeout),
         rate: cli.rate,
         stop_file: cli.stop_file,
+        held: std::sync::Mutex::new(Vec::new()),
     };
     // Not locked for good: a `thread` call prints too.
     let mut out = io::stdout();
@@ -1025,6 +1164,11 @@ fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Wri
             }
             _ => {}
         }
+        // `hold` and `flood` carry their own count.
+        let count = match call {
+            Call::Hold(_, _, n) | Call::Flood(_, n) => Some(*n),
+            _ => count,
+        };
         match count {
             None => {
                 let result = Verdict::of(&probe.attempt(call));
@@ -1124,6 +1268,24 @@ mod tests {
                 Call::Sleep(10)
             ]
         );
+    }
+
+    #[test]
+    fn the_socket_holding_calls_parse() {
+        assert_eq!(
+            parse_calls(&words(
+                "hold tcp 127.0.0.2:80 3 hold udp [::1]:9 2 flood 127.0.0.1:9 150000 held-send 100 release"
+            ))
+            .unwrap(),
+            [
+                Call::Hold(HoldKind::Tcp, "127.0.0.2:80".parse().unwrap(), 3),
+                Call::Hold(HoldKind::Udp, "[::1]:9".parse().unwrap(), 2),
+                Call::Flood("127.0.0.1:9".parse().unwrap(), 150_000),
+                Call::HeldSend(100),
+                Call::Release,
+            ]
+        );
+        assert!(parse_calls(&words("hold sctp 127.0.0.1:1 1")).is_err());
     }
 
     #[test]

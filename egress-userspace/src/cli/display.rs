@@ -49,8 +49,14 @@ pub fn stats_table(r: &StatsReport) -> String {
     let c = &r.counters;
     let _ = writeln!(
         out,
-        "decisions: {} allowed, {} denied, {} audited; tc dropped {}; events lost {}; flow-map full {} packets",
-        c.allowed, c.denied, c.audited, c.tc_dropped, c.events_lost, c.flows_full_packets
+        "decisions: {} allowed, {} denied, {} audited; tc dropped {}; events lost {}; flow-map full {} packets; owner map full {}",
+        c.allowed,
+        c.denied,
+        c.audited,
+        c.tc_dropped,
+        c.events_lost,
+        c.flows_full_packets,
+        c.owners_full
     );
     let _ = writeln!(
         out,
@@ -133,8 +139,14 @@ pub fn status_text(s: &StatusReport) -> String {
     let k = &s.counters;
     let _ = writeln!(
         out,
-        "counters: {} allowed, {} denied, {} audited, {} tc dropped, {} budget dropped, {} events lost",
-        k.allowed, k.denied, k.audited, k.tc_dropped, k.budget_dropped, k.events_lost
+        "counters: {} allowed, {} denied, {} audited, {} tc dropped, {} budget dropped, {} events lost, {} owner map full",
+        k.allowed,
+        k.denied,
+        k.audited,
+        k.tc_dropped,
+        k.budget_dropped,
+        k.events_lost,
+        k.owners_full
     );
     out
 }

@@ -81,6 +81,13 @@ enum Command {
         /// Pin nothing: SIGINT/SIGTERM (or a crash) detaches everything.
         #[arg(long)]
         ephemeral: bool,
+        /// Room for N socket owners: one per open socket of the enforced cgroup that has
+        /// connected or sent (about 100 bytes each, allocated at start). When it is full, a
+        /// connect or send that needs a new one fails with EPERM in enforce mode (rule
+        /// `owners-full`, counter `owners_full`) rather than go unattributed. Default: 131072.
+        /// Over pinned enforcement the pinned size is kept; another size needs `egress stop`.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        owners_capacity: Option<u32>,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -101,6 +108,12 @@ enum Command {
         /// JSON to FILE.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// Room for N socket owners: one per open socket of the enforced cgroup that has
+        /// connected or sent (about 100 bytes each, allocated at start). When it is full, a
+        /// connect or send that needs a new one fails with EPERM in enforce mode (rule
+        /// `owners-full`, counter `owners_full`) rather than go unattributed. Default: 131072.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        owners_capacity: Option<u32>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -279,6 +292,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             watch,
             pin_dir,
             ephemeral,
+            owners_capacity,
         } => {
             let common = Options {
                 policy,
@@ -287,6 +301,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 webhook: alerting.webhook,
                 spool: alerting.spool,
                 metrics,
+                owners_capacity,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -305,6 +320,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             alerting,
             report,
             command,
+            owners_capacity,
         } => {
             let common = Options {
                 policy,
@@ -313,6 +329,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 webhook: alerting.webhook,
                 spool: alerting.spool,
                 metrics: None,
+                owners_capacity,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,

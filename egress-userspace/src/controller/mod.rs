@@ -43,7 +43,7 @@ use crate::{
     accounting::Accounting,
     alerts::AlertEngine,
     api::{Request, Response},
-    datapath::{Datapath, pins::Pins},
+    datapath::{Datapath, OWNERS_CAPACITY, pins::Pins},
     events::EventStream,
     metrics,
     report::{Attachment, ControllerInfo, PolicyInfo, StatsReport, StatusReport},
@@ -69,6 +69,9 @@ pub struct Options {
     pub spool: PathBuf,
     /// Serve Prometheus metrics here.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Capacity of the socket-owner map (None: the default for fresh maps, the pinned map's
+    /// when adopting).
+    pub owners_capacity: Option<u32>,
 }
 
 /// Where a controller enforces.
@@ -133,11 +136,13 @@ impl Controller {
     ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
         let plan = Plan::new(opts.policy.as_deref(), target.pins.as_ref())?;
         let (mut dp, adopted) = match &target.pins {
-            Some(p) => Datapath::load_pinned(plan.fresh(), p).context("loading the datapath")?,
+            Some(p) => Datapath::load_pinned(plan.fresh(), p, opts.owners_capacity)
+                .context("loading the datapath")?,
             None => {
                 let policy = plan.fresh().context("no policy to load")?;
+                let owners = opts.owners_capacity.unwrap_or(OWNERS_CAPACITY);
                 (
-                    Datapath::load(policy).context("loading the datapath")?,
+                    Datapath::load_sized(policy, owners).context("loading the datapath")?,
                     false,
                 )
             }

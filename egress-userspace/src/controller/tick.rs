@@ -56,7 +56,7 @@ impl Controller {
     fn account(&mut self, now: Instant) -> anyhow::Result<Vec<(FlowKey, FlowValue)>> {
         let flows = self.dp.flows()?;
         let dp = &self.dp;
-        // One walk of the socket-owner map per tick at most, and only when needed.
+        // One walk of the process-name map (`PROC_COMMS`) per tick at most, and only when needed.
         let owners: OnceCell<HashMap<u32, String>> = OnceCell::new();
         let owner_comm = |tgid: u32| owners.get_or_init(|| dp.owner_comms()).get(&tgid).cloned();
         let outcome = self.acct.tick(&flows, now, &Procfs, &owner_comm);

@@ -42,6 +42,10 @@ pub struct Counters {
     /// DNS queries steered to the controller's proxy.
     #[serde(default)]
     pub dns_steered: u64,
+    /// connect/sendmsg calls whose socket owner could not be recorded (the owner map was full):
+    /// refused in enforce mode (rule `owners-full`).
+    #[serde(default)]
+    pub owners_full: u64,
 }
 
 /// One of the two policy buffers: the tries and the rule sets they point into.
@@ -62,6 +66,7 @@ pub(super) struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
     pub owners: HashMap<MapData, u64, Owner>,
+    pub comms: HashMap<MapData, u32, [u8; 16]>,
     pub iface_l2: HashMap<MapData, u32, u32>,
     pub blocked: HashMap<MapData, BlockKey, BlockValue>,
     /// Process -> the blocked process whose block covers it.
@@ -103,6 +108,7 @@ impl Maps {
             stats: take(ebpf, map_names::STATS)?,
             flows: take(ebpf, map_names::FLOWS)?,
             owners: take(ebpf, map_names::SOCK_OWNERS)?,
+            comms: take(ebpf, map_names::PROC_COMMS)?,
             iface_l2: take(ebpf, map_names::IFACE_L2)?,
             blocked: take(ebpf, map_names::BLOCKED)?,
             block_tree: take(ebpf, map_names::BLOCK_TREE)?,
@@ -243,6 +249,7 @@ pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, D
         budget_dropped: sum(STAT_BUDGET_DROPPED)?,
         tree_full: sum(STAT_TREE_FULL)?,
         dns_steered: sum(STAT_DNS_STEERED)?,
+        owners_full: sum(STAT_OWNERS_FULL)?,
     })
 }
 
@@ -257,9 +264,11 @@ pub(super) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
 }
 
 /// The shape of every map of the object, as this controller creates them: map type, key size,
-/// value size and max entries (the loader's overrides included), by name.
-pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapShape>, DatapathError>
-{
+/// value size and max entries (the loader's overrides included, `owners` for `SOCK_OWNERS`), by
+/// name.
+pub(super) fn expected_maps(
+    owners: u32,
+) -> Result<std::collections::HashMap<String, MapShape>, DatapathError> {
     let obj = aya_obj::Object::parse(super::EBPF_OBJECT)
         .map_err(|e| DatapathError::Pin(format!("parsing the embedded object: {e}")))?;
     Ok(obj
@@ -275,6 +284,8 @@ pub(super) fn expected_maps() -> Result<std::collections::HashMap<String, MapSha
                 super::RULESET_CAPACITY
             } else if name == map_names::GRANTS {
                 super::GRANT_CAPACITY
+            } else if name == map_names::SOCK_OWNERS {
+                owners
             } else {
                 m.max_entries()
             };

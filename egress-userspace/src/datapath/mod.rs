@@ -19,8 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, TcAttachType,
-        TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, SockOps,
+        TcAttachType, TracePoint,
     },
     util::KernelVersion,
 };
@@ -57,6 +57,10 @@ pub const HOOKS: [&str; 8] = [
 pub const SOCKOPT_HOOK: &str = "setsockopt";
 /// The cgroup sock_create hook (`[sockets]`).
 pub const SOCK_CREATE_HOOK: &str = "sock_create";
+/// The hooks that forget a socket's owner when the socket is done: `cgroup/sock_release`, and
+/// `sock_ops` (TCP sockets, at TCP_CLOSE). Attached before the hooks that record owners, so
+/// that no owner is ever recorded without them in place.
+pub const OWNER_HOOKS: [&str; 2] = ["sock_release", "sock_ops"];
 /// The TC egress classifier.
 pub const TC_PROGRAM: &str = "tc_egress";
 /// The fork tracker (tracepoint `task/task_newtask`).
@@ -89,6 +93,11 @@ pub struct DnsSteering {
     /// `SO_NETNS_COOKIE` of the namespace the proxy listens in.
     pub netns_cookie: u64,
 }
+
+/// Socket owners `SOCK_OWNERS` holds by default: one per open socket that connected or sent in
+/// the enforced cgroup. Preallocated (about 100 bytes each). When it is full, connects and sends
+/// that need a new entry are refused in enforce mode (`owners-full`).
+pub const OWNERS_CAPACITY: u32 = 131_072;
 
 /// What a reload did.
 #[derive(Debug, Clone, Copy)]
@@ -169,7 +178,12 @@ impl Datapath {
     /// here changes nothing in the kernel's enforcement. Nothing is pinned: dropping the
     /// datapath detaches everything (`egress exec`, `egress run --ephemeral`, tests).
     pub fn load(policy: &CompiledPolicy) -> Result<Datapath, DatapathError> {
-        Self::load_with(Some(policy), None).map(|(dp, _)| dp)
+        Self::load_sized(policy, OWNERS_CAPACITY)
+    }
+
+    /// As [`Datapath::load`], with room for `owners` socket owners (see [`OWNERS_CAPACITY`]).
+    pub fn load_sized(policy: &CompiledPolicy, owners: u32) -> Result<Datapath, DatapathError> {
+        Self::load_with(Some(policy), None, Some(owners)).map(|(dp, _)| dp)
     }
 
     /// As [`Datapath::load`], with every map pinned under `pins` (reusing the pinned maps, and
@@ -177,16 +191,23 @@ impl Datapath {
     /// attached there). Returns whether that state was adopted; then nothing is written to the
     /// policy maps: the caller reloads atomically if its policy differs. `policy` goes into fresh
     /// maps when there is nothing to adopt; None: adopt or fail (keep what the kernel holds).
+    ///
+    /// `owners`: the capacity of the socket-owner map (None: [`OWNERS_CAPACITY`] for fresh maps,
+    /// and whatever the pinned map has when adopting). A pinned map of another capacity than one
+    /// asked for is refused, like any map of another shape: a live map cannot be resized without
+    /// losing the owners of open sockets.
     pub fn load_pinned(
         policy: Option<&CompiledPolicy>,
         pins: &Pins,
+        owners: Option<u32>,
     ) -> Result<(Datapath, bool), DatapathError> {
-        Self::load_with(policy, Some(pins))
+        Self::load_with(policy, Some(pins), owners)
     }
 
     fn load_with(
         policy: Option<&CompiledPolicy>,
         pins: Option<&Pins>,
+        owners: Option<u32>,
     ) -> Result<(Datapath, bool), DatapathError> {
         if let Some(policy) = policy {
             check_capacity(policy)?;
@@ -203,6 +224,8 @@ impl Datapath {
             loader.map_max_entries(name, RULESET_CAPACITY);
         }
         loader.map_max_entries(map_names::GRANTS, GRANT_CAPACITY);
+        let owners_capacity = owners.unwrap_or(OWNERS_CAPACITY);
+        loader.map_max_entries(map_names::SOCK_OWNERS, owners_capacity);
         let mut adopt = false;
         if let Some(p) = pins {
             p.ensure()
@@ -217,8 +240,15 @@ impl Datapath {
             }
             if adopt {
                 // A map pinned by another version with another layout must never be read or
-                // written with ours: refuse, and the enforcement in place stays as it is.
-                p.check_maps(&maps::expected_maps()?)?;
+                // written with ours: refuse, and the enforcement in place stays as it is. (The
+                // LRU `SOCK_OWNERS` of earlier versions is one: the kernel would let our programs
+                // use it, and it would go on evicting live owners instead of failing closed.)
+                // The owner map's capacity is adopted as pinned unless one is asked.
+                let any_size: &[&str] = match owners {
+                    Some(_) => &[],
+                    None => &[map_names::SOCK_OWNERS],
+                };
+                p.check_maps(&maps::expected_maps(owners_capacity)?, any_size)?;
             } else {
                 // Maps without links are leftovers: start from fresh ones.
                 p.remove_maps();
@@ -248,6 +278,11 @@ impl Datapath {
         sockopt.load().map_err(prog_err(SOCKOPT_HOOK))?;
         let sock_create: &mut CgroupSock = program(&mut ebpf, SOCK_CREATE_HOOK)?;
         sock_create.load().map_err(prog_err(SOCK_CREATE_HOOK))?;
+        let [release, sock_ops] = OWNER_HOOKS;
+        let prog: &mut CgroupSock = program(&mut ebpf, release)?;
+        prog.load().map_err(prog_err(release))?;
+        let prog: &mut SockOps = program(&mut ebpf, sock_ops)?;
+        prog.load().map_err(prog_err(sock_ops))?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         tc.load().map_err(prog_err(TC_PROGRAM))?;
         let tracker: &mut TracePoint = program(&mut ebpf, FORK_TRACKER)?;
@@ -429,12 +464,12 @@ impl Datapath {
         self.write_configs()
     }
 
-    /// Attaches every cgroup hook (sock_addr, sock_create, setsockopt) to the cgroup2 directory
-    /// `cgroup` through BPF links, and the fork tracker (host-wide: what it records only matters
-    /// for blocked processes, which are in the cgroup). A cgroup link always coexists with other
-    /// programs there and in ancestor cgroups (every attached program must allow a call), and the
-    /// kernel rejects attach flags on links, hence `Single` (flags 0). A link a previous
-    /// controller pinned gets our program in place instead.
+    /// Attaches every cgroup hook (sock_release and sock_ops first, then sock_addr, sock_create,
+    /// setsockopt) to the cgroup2 directory `cgroup` through BPF links, and the fork tracker
+    /// (host-wide: what it records only matters for blocked processes, which are in the cgroup).
+    /// A cgroup link always coexists with other programs there and in ancestor cgroups (every
+    /// attached program must allow a call), and the kernel rejects attach flags on links, hence
+    /// `Single` (flags 0). A link a previous controller pinned gets our program in place instead.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         if !self.fork_tracked {
             self.attach_fork_tracker()?;
@@ -444,6 +479,9 @@ impl Datapath {
             path: cgroup.display().to_string(),
             source,
         })?;
+        let [release, sock_ops] = OWNER_HOOKS;
+        attach_cgroup_program!(self, CgroupSock, release, &dir);
+        attach_cgroup_program!(self, SockOps, sock_ops, &dir);
         for name in HOOKS {
             attach_cgroup_program!(self, CgroupSockAddr, name, &dir);
         }
@@ -543,15 +581,22 @@ impl Datapath {
         }
     }
 
-    /// The comm of every process with a recorded socket owner, for processes that exited before
-    /// /proc could be read. One walk of the map.
+    /// The comm of every process that recorded a socket owner (the most recent ones, as many as
+    /// `PROC_COMMS` holds), for processes that exited before /proc could be read. One walk of
+    /// the map.
     pub fn owner_comms(&self) -> std::collections::HashMap<u32, String> {
         self.maps
-            .owners
+            .comms
             .iter()
             .filter_map(Result::ok)
-            .map(|(_, o)| (o.tgid, egress_common::user::comm_str(&o.comm)))
+            .map(|(tgid, comm)| (tgid, egress_common::user::comm_str(&comm)))
             .collect()
+    }
+
+    /// How many socket owners are recorded: one per open socket that connected or sent. One walk
+    /// of the keys.
+    pub fn owner_count(&self) -> usize {
+        self.maps.owners.keys().filter_map(Result::ok).count()
     }
 
     /// Takes the event ring buffer (once).
@@ -584,5 +629,36 @@ mod tests {
         let mut named = egress_common::map_names::ALL.to_vec();
         named.sort_unstable();
         assert_eq!(in_object, named);
+    }
+
+    /// The socket-owner map of earlier versions was an LRU of the same key and value: pinned, it
+    /// must be refused (its evictions are the flood this map now resists), not reused.
+    #[test]
+    fn a_pinned_lru_owner_map_does_not_fit_and_a_resized_one_only_when_allowed() {
+        use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
+        use egress_common::map_names::SOCK_OWNERS;
+        let expected = super::maps::expected_maps(64).unwrap();
+        let want = expected[SOCK_OWNERS];
+        assert_eq!(want.map_type, BPF_MAP_TYPE_HASH as u32);
+        assert_eq!(
+            (want.key_size, want.value_size, want.max_entries),
+            (8, 40, 64)
+        );
+        let lru = super::pins::MapShape {
+            map_type: BPF_MAP_TYPE_LRU_HASH as u32,
+            max_entries: super::OWNERS_CAPACITY,
+            ..want
+        };
+        assert_eq!(lru.fits(&want, true), Err("layout"));
+        let bigger = super::pins::MapShape {
+            max_entries: 1 << 20,
+            ..want
+        };
+        assert_eq!(bigger.fits(&want, false), Err("size"));
+        assert_eq!(bigger.fits(&want, true), Ok(()));
+        assert_eq!(
+            super::maps::expected_maps(super::OWNERS_CAPACITY).unwrap()[SOCK_OWNERS].max_entries,
+            131_072
+        );
     }
 }

@@ -236,10 +236,12 @@ impl Pins {
     }
 
     /// Checks every pinned map against the shape this controller's object gives it: another
-    /// version's map with another layout is refused by name, with what differs.
+    /// version's map with another layout is refused by name, with what differs. The maps named
+    /// in `any_size` may have any `max_entries` (sizes chosen when they were created).
     pub(super) fn check_maps(
         &self,
         expected: &std::collections::HashMap<String, MapShape>,
+        any_size: &[&str],
     ) -> Result<(), DatapathError> {
         for name in map_names::ALL {
             let Some(want) = expected.get(name) else {
@@ -256,9 +258,9 @@ impl Pins {
                 value_size: info.value_size(),
                 max_entries: info.max_entries(),
             };
-            if &have != want {
+            if let Err(differs) = have.fits(want, any_size.contains(&name)) {
                 return Err(DatapathError::Pin(format!(
-                    "the map {name} pinned under {} has another layout ({have:?}) than this egress uses ({want:?}): it was made by another version; `egress stop --pin-dir {}` first (the enforcement in place stays until then)",
+                    "the map {name} pinned under {} has another {differs} ({have:?}) than this egress uses ({want:?}): it was made by another version or with another size; `egress stop --pin-dir {}` first (the enforcement in place stays until then)",
                     self.dir.display(),
                     self.dir.display()
                 )));
@@ -392,6 +394,23 @@ pub struct MapShape {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+}
+
+impl MapShape {
+    /// Whether a map of this shape can be used as one of shape `want`; `any_size`: whatever its
+    /// `max_entries`. The error names what differs: `layout` (type, key or value size) or
+    /// `size`.
+    pub fn fits(&self, want: &MapShape, any_size: bool) -> Result<(), &'static str> {
+        let layout = (self.map_type, self.key_size, self.value_size)
+            == (want.map_type, want.key_size, want.value_size);
+        if !layout {
+            Err("layout")
+        } else if !any_size && self.max_entries != want.max_entries {
+            Err("size")
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// A pinned link and the program it runs.
