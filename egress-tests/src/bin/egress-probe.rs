@@ -63,6 +63,10 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   for the peer to close
   flood ADDR:PORT N               N short-lived UDP sockets: socket, connect twice (no
                                   datagram), close; prints one summary line
+  resolve NAME:PORT               getaddrinfo(NAME) through the C library (its resolv.conf), then
+                                  a TCP connect to the first address; \"from\" is that address.
+                                  A name that does not resolve: EAI_NONAME, EAI_AGAIN or EAI_FAIL
+  resolve-only NAME               getaddrinfo(NAME) only; \"from\" is the first address
   send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
   fork CALLS... end               fork a child process that makes CALLS (its lines carry its own
@@ -124,6 +128,7 @@ enum Call {
     RawUdp(SocketAddr),
     PacketUdp(SocketAddr, String),
     SendFd(i32),
+    Resolve(String, Option<u16>),
     TcpSendClose(SocketAddr, u64),
     Hold(HoldKind, SocketAddr, u64),
     Release,
@@ -161,6 +166,8 @@ impl Call {
             Call::RawUdp(_) => "raw-udp",
             Call::PacketUdp(..) => "packet-udp",
             Call::SendFd(_) => "send-fd",
+            Call::Resolve(_, Some(_)) => "resolve",
+            Call::Resolve(_, None) => "resolve-only",
             Call::TcpSendClose(..) => "tcp-send-close",
             Call::Hold(..) => "hold",
             Call::Release => "release",
@@ -205,6 +212,7 @@ impl Call {
             | Call::Socket(_)
             | Call::SetsockoptLarge
             | Call::SendFd(_)
+            | Call::Resolve(..)
             | Call::Release
             | Call::HeldSend(_)
             | Call::Fork(_)
@@ -301,6 +309,15 @@ fn parse_seq<'w>(
                 Call::Hold(kind, addr(words, op)?, num(words, op, "N")?)
             }
             "release" => Call::Release,
+            "resolve" => {
+                let w = next(words, op, "NAME:PORT")?;
+                let (name, port) = w
+                    .rsplit_once(':')
+                    .and_then(|(n, p)| Some((n.to_string(), p.parse().ok()?)))
+                    .ok_or_else(|| format!("resolve: {w:?} is not NAME:PORT"))?;
+                Call::Resolve(name, Some(port))
+            }
+            "resolve-only" => Call::Resolve(next(words, op, "NAME")?.clone(), None),
             "held-send" => Call::HeldSend(num(words, op, "BYTES")?),
             "flood" => Call::Flood(addr(words, op)?, num(words, op, "N")?),
             "udp-send" => Call::UdpSend(
@@ -692,6 +709,17 @@ impl Probe {
                 self.send_on(s, *bytes)
             }
             Call::Flood(addr, _) => short_lived_udp(addr),
+            Call::Resolve(name, port) => {
+                let addr = resolve(name)?;
+                ANSWER.set((Some(addr.to_string()), None));
+                match port {
+                    Some(p) => {
+                        TcpStream::connect_timeout(&SocketAddr::new(addr, *p), self.timeout)?;
+                        Ok(())
+                    }
+                    None => Ok(()),
+                }
+            }
             Call::UdpSend(addr, count, size) => udp_send(*addr, *count, *size),
             Call::RawUdp(addr) => raw_udp(*addr),
             Call::PacketUdp(addr, how) => packet_udp(*addr, how),
@@ -932,6 +960,44 @@ fn dns_exchange(addr: SocketAddr, how: DnsHow, timeout: Duration) -> io::Result<
         }
     }
     Ok(())
+}
+
+/// The first address getaddrinfo(3) gives for `name` (the C library's resolver, as every
+/// program uses it). Failures carry the EAI_* name as their message.
+fn resolve(name: &str) -> io::Result<std::net::IpAddr> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    let mut res: *mut libc::addrinfo = std::ptr::null_mut();
+    // SAFETY: hints is zeroed POD; getaddrinfo fills `res`, freed below with freeaddrinfo.
+    let rc = unsafe {
+        let mut hints: libc::addrinfo = std::mem::zeroed();
+        hints.ai_socktype = libc::SOCK_STREAM;
+        libc::getaddrinfo(cname.as_ptr(), std::ptr::null(), &hints, &mut res)
+    };
+    if rc != 0 {
+        let name = match rc {
+            libc::EAI_NONAME => "EAI_NONAME",
+            libc::EAI_AGAIN => "EAI_AGAIN",
+            libc::EAI_FAIL => "EAI_FAIL",
+            libc::EAI_NODATA => "EAI_NODATA",
+            _ => "EAI_OTHER",
+        };
+        return Err(io::Error::other(name));
+    }
+    // SAFETY: getaddrinfo succeeded: `res` is a valid list with at least one entry.
+    let addr = unsafe {
+        let ai = &*res;
+        let a = if ai.ai_family == libc::AF_INET {
+            let sin = &*(ai.ai_addr as *const libc::sockaddr_in);
+            std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+        } else {
+            let sin6 = &*(ai.ai_addr as *const libc::sockaddr_in6);
+            std::net::IpAddr::from(sin6.sin6_addr.s6_addr)
+        };
+        libc::freeaddrinfo(res);
+        a
+    };
+    Ok(addr)
 }
 
 /// One short-lived UDP socket: socket, connect twice (no datagram), close. Plain syscalls: a

@@ -34,8 +34,8 @@ const MAX_LEARNED: usize = 65_536;
 pub struct Learned {
     /// The name asked.
     pub name: String,
-    /// The service that approved it.
-    pub service: String,
+    /// The service that approved it; `None`: resolved, approved by nothing (no kernel grant).
+    pub service: Option<String>,
     /// CLOCK_BOOTTIME nanoseconds when it ends.
     #[serde(skip)]
     pub until_ns: u64,
@@ -180,6 +180,48 @@ impl KernelGrants {
         self.owners.get(&cookie, 0).ok()
     }
 
+    /// Notes that `owner`'s cgroup learned `addrs` from `name` (a grant of `service`, or none).
+    fn remember(
+        &self,
+        owner: &Owner,
+        name: &str,
+        addrs: &[IpAddr],
+        service: Option<String>,
+        until_ns: u64,
+    ) {
+        let mut learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
+        for addr in addrs {
+            let key = (owner.cgroup_id, *addr);
+            // A name approved by a service is not shadowed by a later unapproved one.
+            if service.is_none()
+                && learned
+                    .get(&key)
+                    .is_some_and(|l| l.service.is_some() && l.until_ns > until_ns)
+            {
+                continue;
+            }
+            if learned.len() >= MAX_LEARNED
+                && !learned.contains_key(&key)
+                && let Some(oldest) = learned
+                    .iter()
+                    .min_by_key(|(_, l)| l.until_ns)
+                    .map(|(k, _)| *k)
+            {
+                learned.remove(&oldest);
+            }
+            learned.insert(
+                key,
+                Learned {
+                    name: name.to_string(),
+                    service: service.clone(),
+                    until_ns,
+                    pid: owner.tgid,
+                    comm: egress_common::user::comm_str(&owner.comm),
+                },
+            );
+        }
+    }
+
     fn bump(&self, f: impl FnOnce(&mut GrantCounters)) {
         f(&mut self.counters.lock().unwrap_or_else(PoisonError::into_inner));
     }
@@ -235,28 +277,22 @@ impl GrantSink for KernelGrants {
             }
         }
         self.bump(|c| c.written += grant.addrs.len() as u64);
-        let mut learned = self.learned.lock().unwrap_or_else(PoisonError::into_inner);
-        for addr in &grant.addrs {
-            if learned.len() >= MAX_LEARNED
-                && let Some(oldest) = learned
-                    .iter()
-                    .min_by_key(|(_, l)| l.until_ns)
-                    .map(|(k, _)| *k)
-            {
-                learned.remove(&oldest);
-            }
-            learned.insert(
-                (owner.cgroup_id, *addr),
-                Learned {
-                    name: grant.name.clone(),
-                    service: service.clone(),
-                    until_ns,
-                    pid: owner.tgid,
-                    comm: egress_common::user::comm_str(&owner.comm),
-                },
-            );
-        }
+        self.remember(
+            &owner,
+            &grant.name,
+            &grant.addrs,
+            Some(service.clone()),
+            until_ns,
+        );
         Ok(())
+    }
+
+    fn resolved(&self, client: &ClientInfo, name: &str, addrs: &[IpAddr], ttl: Duration) {
+        let Some(owner) = self.owner_of(client) else {
+            return;
+        };
+        let until_ns = clock::boot_ns().saturating_add(duration_ns(ttl));
+        self.remember(&owner, name, addrs, None, until_ns);
     }
 
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {

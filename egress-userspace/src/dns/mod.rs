@@ -146,6 +146,12 @@ pub trait GrantSink: Send + Sync + 'static {
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
         let _ = (client, refusal);
     }
+
+    /// Told of an answer no service covers (relayed, nothing granted): `name` resolved to
+    /// `addrs`, which deny events can then name. Default: nothing.
+    fn resolved(&self, client: &ClientInfo, name: &str, addrs: &[IpAddr], ttl: Duration) {
+        let _ = (client, name, addrs, ttl);
+    }
 }
 
 impl<T: GrantSink> GrantSink for std::sync::Arc<T> {
@@ -159,6 +165,10 @@ impl<T: GrantSink> GrantSink for std::sync::Arc<T> {
 
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
         (**self).refused(client, refusal);
+    }
+
+    fn resolved(&self, client: &ClientInfo, name: &str, addrs: &[IpAddr], ttl: Duration) {
+        (**self).resolved(client, name, addrs, ttl);
     }
 }
 

@@ -349,6 +349,13 @@ impl<S: GrantSink> DnsProxy<S> {
             }
         }
         let rcode = answer.metadata.response_code;
+        if services.is_empty() && rcode == ResponseCode::NoError && !chain.addrs.is_empty() {
+            // Resolved, approved by nothing: a connect to it will be denied, and its event
+            // should say which name the address came from.
+            let ttl = policy.dns.clamp_ttl(chain.min_ttl.unwrap_or(0));
+            self.sink
+                .resolved(&client, &name_text(&question.name), &chain.addrs, ttl);
+        }
         if !services.is_empty() && rcode == ResponseCode::NoError {
             if let Some(grant) = self.grant_of(&question.name, &chain, services, &policy.dns) {
                 if let Err(e) = self.sink.grant(client, grant).await {
