@@ -6,9 +6,15 @@
 
 use std::net::IpAddr;
 
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
 use egress_tests::{
-    EgressCmd, NetPair, TcpSink, TempDir,
+    EgressCmd, NetPair, Probe, TcpSink, TempDir, TestCgroup,
     Verdict::{Denied, Succeeded},
+    controller::pin_dir,
     dns::{DnsServer, NetnsResolvConf, Record},
     events,
     netns::VETH_B,
@@ -21,12 +27,12 @@ allow_loopback = false
 
 [dns]
 upstream = ["127.0.0.2"]
-min_ttl = "5s"
+min_ttl = "2s"
 max_ttl = "1h"
 
 [[service]]
 name = "api"
-hosts = ["api.example.test", "cdn.example.test", "*.one.test", "**.many.test"]
+hosts = ["api.example.test", "cdn.example.test", "*.one.test", "**.many.test", "short.example.test", "v6.example.test"]
 ports = [443]
 protocols = ["tcp"]
 
@@ -47,13 +53,14 @@ struct World {
 
 fn world() -> World {
     let pair = NetPair::new();
-    for last in 3..=6 {
+    for last in 3..=7 {
         pair.b
             .ip(&["addr", "add", &format!("198.18.0.{last}/24"), "dev", VETH_B]);
     }
-    let sinks = (2..=6)
+    let mut sinks: Vec<TcpSink> = (2..=7)
         .map(|last| TcpSink::start(&pair.b, (std::net::Ipv4Addr::new(198, 18, 0, last), 443)))
         .collect();
+    sinks.push(TcpSink::start(&pair.b, (egress_tests::netns::ADDR6_B, 443)));
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     let dns = DnsServer::start(
         &pair.a,
@@ -67,6 +74,8 @@ fn world() -> World {
             Record::Addr("x.y.one.test", ip("198.18.0.9"), 300),
             Record::Addr("a.b.c.many.test", ip("198.18.0.6"), 300),
             Record::Addr("bad.paste.test", ip("198.18.0.2"), 300),
+            Record::Addr("short.example.test", ip("198.18.0.7"), 1),
+            Record::Addr("v6.example.test", ip("fd00:e9e5::2"), 300),
         ],
     );
     // A nameserver that does not exist: only the steering can answer.
@@ -222,4 +231,219 @@ fn a_thousand_resolve_then_connect_rounds_never_fail() {
         .success();
     let line: egress_tests::probe::SummaryLine = egress_tests::probe::parse_one(&out.stdout);
     assert_eq!(line.times(&Succeeded), 1000, "{line:?}");
+}
+
+/// Lines of any kind (call lines and summary lines), as JSON.
+fn json_lines(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn an_expired_grant_denies_new_connects_and_keeps_established_ones() {
+    let w = world();
+    let policy = w.dir.file("p.toml", POLICY);
+    // short.example.test has a TTL of 1 s, raised to min_ttl (2 s).
+    let out = EgressCmd::exec(&w.pair.a)
+        .netns_sysfs()
+        .policy(&policy)
+        .probe([
+            "resolve-only",
+            "short.example.test",
+            "hold",
+            "tcp",
+            "198.18.0.7:443",
+            "1",
+            "sleep",
+            "3500",
+            "tcp",
+            "198.18.0.7:443",
+            "held-send",
+            "10000",
+        ])
+        .success();
+    let got: Vec<String> = json_lines(&out.stdout)
+        .iter()
+        .map(|l| {
+            l["result"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| l["results"].to_string())
+        })
+        .collect();
+    assert_eq!(
+        got,
+        ["ok", r#"{"ok":1}"#, "ok", "EPERM", "ok"],
+        "resolved, connected, expired: a new connect is denied, the established one goes on"
+    );
+}
+
+#[test]
+fn tcp_dns_and_an_ipv6_answer_work_through_the_proxy() {
+    let w = world();
+    // glibc over TCP (use-vc), asking an IPv6 nameserver that does not exist.
+    let _vc = NetnsResolvConf::new(&w.pair.a, &["fd53::1".parse().unwrap()], "use-vc");
+    let policy = w.dir.file("p.toml", POLICY);
+    let out = EgressCmd::exec(&w.pair.a)
+        .netns_sysfs()
+        .policy(&policy)
+        .probe([
+            "resolve",
+            "api.example.test:443",
+            "resolve",
+            "v6.example.test:443",
+        ])
+        .success();
+    let got: Vec<_> = lines(&out.stdout)
+        .into_iter()
+        .map(|l| (l.result, l.from))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Succeeded, Some("198.18.0.2".to_string())),
+            (Succeeded, Some("fd00:e9e5::2".to_string())),
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Child cgroups of a test cgroup, removed on drop (before their parent).
+struct Children(Vec<PathBuf>);
+
+impl Children {
+    fn new(parent: &TestCgroup, names: &[&str]) -> Children {
+        Children(
+            names
+                .iter()
+                .map(|n| {
+                    let p = parent.path().join(n);
+                    std::fs::create_dir(&p).unwrap();
+                    p
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, i: usize) -> &Path {
+        &self.0[i]
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+#[test]
+fn grants_are_per_cgroup_queries_to_any_server_are_steered_and_grants_survive_a_restart() {
+    let w = world();
+    let cg = TestCgroup::new();
+    let kids = Children::new(&cg, &["a", "b"]);
+    let pins = pin_dir();
+    let policy = w.dir.file("p.toml", POLICY);
+    let run = || {
+        EgressCmd::run(&w.pair.a, cg.path(), &w.dir)
+            .pinned(&pins)
+            .policy(&policy)
+    };
+    let mut first = run().start();
+    let probe = |cgroup: &Path, args: &[&str]| -> Vec<(egress_tests::Verdict, Option<String>)> {
+        Probe::new()
+            .netns(&w.pair.a)
+            .cgroup(cgroup)
+            .opt("--timeout", "2")
+            .args(args)
+            .run()
+            .into_iter()
+            .map(|l| (l.result, l.from))
+            .collect()
+    };
+    let s = |x: &str| Some(x.to_string());
+    // a asks a resolver that does not exist (steered), then connects.
+    assert_eq!(
+        probe(
+            kids.get(0),
+            &[
+                "dns-query",
+                "api.example.test",
+                "10.53.0.1:53",
+                "tcp",
+                "198.18.0.2:443"
+            ]
+        ),
+        [(Succeeded, s("198.18.0.2")), (Succeeded, None)]
+    );
+    // b never asked: the same address is denied to it.
+    assert_eq!(
+        probe(kids.get(1), &["tcp", "198.18.0.2:443"]),
+        [(Denied, None)],
+        "another cgroup does not inherit a's grant"
+    );
+    // Any server, any family: the proxy answers (a blocked name: NXDOMAIN from the proxy, not
+    // from the server asked, which does not run a DNS server at all); DoT is not approved.
+    assert_eq!(
+        probe(
+            kids.get(0),
+            &[
+                "dns-query",
+                "bad.paste.test",
+                "198.18.0.2:53",
+                "dns-query",
+                "api.example.test",
+                "[fd53::1]:53",
+                "tcp",
+                "198.18.0.2:853",
+            ]
+        ),
+        [
+            (egress_tests::Verdict::Other("NXDOMAIN".into()), None),
+            (Succeeded, s("198.18.0.2")),
+            (Denied, None),
+        ]
+    );
+
+    // kill -9: the grant is pinned with the maps, so the kernel still approves a's connect.
+    first.kill_9();
+    assert_eq!(
+        probe(kids.get(0), &["tcp", "198.18.0.2:443"]),
+        [(Succeeded, None)],
+        "the grant outlives its controller"
+    );
+    // While no controller runs, names do not resolve (the steering points at a proxy that is
+    // gone: fail closed), and address rules keep working.
+    let (r, _) = probe(
+        kids.get(0),
+        &["dns-query", "api.example.test", "10.53.0.1:53"],
+    )
+    .remove(0);
+    assert_ne!(r, Succeeded, "no proxy, no answer");
+    // The gap a restart leaves: from the restart until the first answer.
+    let t0 = Instant::now();
+    let second = run().spawn();
+    loop {
+        let (r, _) = probe(
+            kids.get(0),
+            &["dns-query", "api.example.test", "10.53.0.1:53"],
+        )
+        .remove(0);
+        if r == Succeeded {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no answer after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("DNS gap across a controller restart: {:?}", t0.elapsed());
+    let out = second.ctl(&["stop", "--pin-dir", pins.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    drop(kids);
 }

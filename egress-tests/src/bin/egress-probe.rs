@@ -66,6 +66,9 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   resolve NAME:PORT               getaddrinfo(NAME) through the C library (its resolv.conf), then
                                   a TCP connect to the first address; \"from\" is that address.
                                   A name that does not resolve: EAI_NONAME, EAI_AGAIN or EAI_FAIL
+  dns-query NAME SERVER:PORT      one DNS query (A, or AAAA for a name starting with \"v6.\") over
+                                  UDP to SERVER; \"from\" is the first address of the answer;
+                                  NXDOMAIN, SERVFAIL, REFUSED: the rcode; NODATA: no address
   resolve-only NAME               getaddrinfo(NAME) only; \"from\" is the first address
   send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
@@ -129,6 +132,7 @@ enum Call {
     PacketUdp(SocketAddr, String),
     SendFd(i32),
     Resolve(String, Option<u16>),
+    DnsQuery(String, SocketAddr),
     TcpSendClose(SocketAddr, u64),
     Hold(HoldKind, SocketAddr, u64),
     Release,
@@ -168,6 +172,7 @@ impl Call {
             Call::SendFd(_) => "send-fd",
             Call::Resolve(_, Some(_)) => "resolve",
             Call::Resolve(_, None) => "resolve-only",
+            Call::DnsQuery(..) => "dns-query",
             Call::TcpSendClose(..) => "tcp-send-close",
             Call::Hold(..) => "hold",
             Call::Release => "release",
@@ -204,6 +209,7 @@ impl Call {
             | Call::PacketUdp(a, _)
             | Call::Dns(a, _)
             | Call::TcpSendClose(a, _)
+            | Call::DnsQuery(_, a)
             | Call::Hold(_, a, _)
             | Call::Flood(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
@@ -317,6 +323,7 @@ fn parse_seq<'w>(
                     .ok_or_else(|| format!("resolve: {w:?} is not NAME:PORT"))?;
                 Call::Resolve(name, Some(port))
             }
+            "dns-query" => Call::DnsQuery(next(words, op, "NAME")?.clone(), addr(words, op)?),
             "resolve-only" => Call::Resolve(next(words, op, "NAME")?.clone(), None),
             "held-send" => Call::HeldSend(num(words, op, "BYTES")?),
             "flood" => Call::Flood(addr(words, op)?, num(words, op, "N")?),
@@ -709,6 +716,11 @@ impl Probe {
                 self.send_on(s, *bytes)
             }
             Call::Flood(addr, _) => short_lived_udp(addr),
+            Call::DnsQuery(name, server) => {
+                let a = dns_query(name, *server, self.timeout)?;
+                ANSWER.set((Some(a.to_string()), None));
+                Ok(())
+            }
             Call::Resolve(name, port) => {
                 let addr = resolve(name)?;
                 ANSWER.set((Some(addr.to_string()), None));
@@ -960,6 +972,75 @@ fn dns_exchange(addr: SocketAddr, how: DnsHow, timeout: Duration) -> io::Result<
         }
     }
     Ok(())
+}
+
+/// One DNS query for `name` (A; AAAA when the name starts with `v6.`) to `server` over UDP; the
+/// first address of the answer. A failed answer is an error named by its rcode.
+fn dns_query(name: &str, server: SocketAddr, timeout: Duration) -> io::Result<std::net::IpAddr> {
+    let qtype: u16 = if name.starts_with("v6.") { 28 } else { 1 };
+    let id: u16 = (std::process::id() as u16) ^ 0x5a5a;
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    let s = UdpSocket::bind(unspecified_for(&server))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send_to(&q, server)?;
+    let mut buf = [0u8; 1500];
+    let (n, _) = s.recv_from(&mut buf)?;
+    let m = &buf[..n];
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed answer");
+    if m.len() < 12 || m[0..2] != id.to_be_bytes() {
+        return Err(bad());
+    }
+    match m[3] & 0x0f {
+        0 => {}
+        2 => return Err(io::Error::other("SERVFAIL")),
+        3 => return Err(io::Error::other("NXDOMAIN")),
+        5 => return Err(io::Error::other("REFUSED")),
+        r => return Err(io::Error::other(format!("RCODE{r}"))),
+    }
+    let qd = u16::from_be_bytes([m[4], m[5]]);
+    let an = u16::from_be_bytes([m[6], m[7]]);
+    // Skips a (possibly compressed) name at `i`.
+    let skip_name = |mut i: usize| -> Option<usize> {
+        loop {
+            let l = *m.get(i)?;
+            if l & 0xc0 == 0xc0 {
+                return Some(i + 2);
+            }
+            if l == 0 {
+                return Some(i + 1);
+            }
+            i += 1 + l as usize;
+        }
+    };
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(i).ok_or_else(bad)? + 4;
+    }
+    for _ in 0..an {
+        i = skip_name(i).ok_or_else(bad)?;
+        let h = m.get(i..i + 10).ok_or_else(bad)?;
+        let (t, len) = (
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[8], h[9]]),
+        );
+        let data = m.get(i + 10..i + 10 + len as usize).ok_or_else(bad)?;
+        match (t, data.len()) {
+            (1, 4) => return Ok(std::net::IpAddr::from(<[u8; 4]>::try_from(data).unwrap())),
+            (28, 16) => return Ok(std::net::IpAddr::from(<[u8; 16]>::try_from(data).unwrap())),
+            _ => {}
+        }
+        i += 10 + len as usize;
+    }
+    Err(io::Error::other("NODATA"))
 }
 
 /// The first address getaddrinfo(3) gives for `name` (the C library's resolver, as every
