@@ -62,6 +62,13 @@ impl Plan {
     }
 
     /// What fresh maps get when the pinned ones cannot be adopted (None: adopt, or fail).
+    /// The policy [`Plan::fresh`] compiles, whole.
+    pub fn fresh_loaded(&self) -> Option<&Loaded> {
+        self.requested
+            .as_ref()
+            .or_else(|| self.pinned.as_ref().and_then(|p| p.policy.as_ref().ok()))
+    }
+
     pub fn fresh(&self) -> Option<&CompiledPolicy> {
         self.requested
             .as_ref()

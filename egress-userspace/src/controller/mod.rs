@@ -135,6 +135,18 @@ impl Controller {
         default_sink: Sink,
     ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
         let plan = Plan::new(opts.policy.as_deref(), target.pins.as_ref())?;
+        // Restarting over pins whose steering points at the DNS proxy: the proxy comes back
+        // first, on the pinned maps, so that names resolve again before the programs are loaded
+        // and verified (seconds). Nothing in the kernel changes until the datapath is loaded.
+        let early_names = match (&target.pins, plan.fresh_loaded()) {
+            (Some(p), Some(l)) if p.adoptable() && names::uses_names(&l.policy) => {
+                match crate::datapath::DnsMaps::from_pins(p) {
+                    Ok(maps) => names::Names::spawn(maps, &l.policy, &l.compiled).await.ok(),
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
         let (mut dp, adopted) = match &target.pins {
             Some(p) => Datapath::load_pinned(plan.fresh(), p, opts.owners_capacity)
                 .context("loading the datapath")?,
@@ -203,7 +215,7 @@ impl Controller {
             metrics,
             started: Instant::now(),
             stop_requested: false,
-            names: None,
+            names: early_names,
             ticks: 0,
         };
         if adopted {

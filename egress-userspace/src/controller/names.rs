@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DnsSteering},
+    datapath::{Datapath, DnsMaps, DnsSteering},
     dns::{
         DnsProxy, ProxyConfig, ProxyHandle, ProxyPolicy,
         grants::{KernelGrants, RefusedQuery},
@@ -45,6 +45,8 @@ pub struct Names {
     _handles: Vec<ProxyHandle>,
     /// Where it listens.
     pub listen: Vec<SocketAddr>,
+    /// What the kernel is told.
+    steering: DnsSteering,
 }
 
 impl Names {
@@ -54,8 +56,19 @@ impl Names {
         policy: &Policy,
         compiled: &CompiledPolicy,
     ) -> anyhow::Result<Names> {
-        let sink =
-            Arc::new(KernelGrants::new(dp.dns_maps()?, compiled).context("opening sock_diag")?);
+        let names = Names::spawn(dp.dns_maps()?, policy, compiled).await?;
+        names.steer(dp)?;
+        Ok(names)
+    }
+
+    /// Starts the proxy on `maps` without touching the steering: a restarting controller does
+    /// this before it loads the datapath (the pinned steering already points here).
+    pub async fn spawn(
+        maps: DnsMaps,
+        policy: &Policy,
+        compiled: &CompiledPolicy,
+    ) -> anyhow::Result<Names> {
+        let sink = Arc::new(KernelGrants::new(maps, compiled).context("opening sock_diag")?);
         let proxy_policy =
             ProxyPolicy::with_system_resolvers(policy).context("finding the DNS upstreams")?;
         if proxy_policy.upstreams().is_empty() {
@@ -89,20 +102,27 @@ impl Names {
             handles.push(h);
         }
         sink.set_listen(listen.clone());
-        dp.set_dns(Some(DnsSteering {
+        let steering = DnsSteering {
             v4: LISTEN_V4,
             port: v4_addr.port(),
             v6: v6_ip,
             port6: v6_port,
             netns_cookie: sockdiag::netns_cookie().context("the network namespace's cookie")?,
-        }))?;
-        info!(listen = ?listen, upstreams = ?policy.dns.upstream.iter().map(|u| u.0).collect::<Vec<_>>(), "DNS proxy started; enforced processes' DNS goes through it");
+        };
+        info!(listen = ?listen, upstreams = ?policy.dns.upstream.iter().map(|u| u.0).collect::<Vec<_>>(), "DNS proxy started");
         Ok(Names {
             proxy,
             sink,
             _handles: handles,
             listen,
+            steering,
         })
+    }
+
+    /// Points the kernel's steering at this proxy.
+    pub fn steer(&self, dp: &mut Datapath) -> anyhow::Result<()> {
+        dp.set_dns(Some(self.steering))?;
+        Ok(())
     }
 
     /// A reload: the proxy and the sink follow the new policy.
@@ -212,6 +232,9 @@ impl super::Controller {
             }
             (Some(n), true) => {
                 n.set_policy(&self.policy.policy, &self.policy.compiled)?;
+                // Started before the datapath on a restart: point the (adopted) steering at it.
+                n.steer(&mut self.dp)?;
+                self.events.set_hosts(Some(Arc::clone(&n.sink)));
                 self.names = Some(n);
             }
             (Some(n), false) => {

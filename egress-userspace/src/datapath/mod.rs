@@ -81,6 +81,26 @@ pub struct DnsMaps {
     pub owners: aya::maps::HashMap<MapData, u64, egress_common::Owner>,
 }
 
+impl DnsMaps {
+    /// The pinned maps under `pins`, before any datapath is loaded (a restarting controller
+    /// starts its DNS proxy first, so that names resolve again at once). Fails when they are
+    /// missing or of another layout.
+    pub fn from_pins(pins: &Pins) -> Result<DnsMaps, DatapathError> {
+        use aya::maps::Map;
+        fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+            pins: &Pins,
+            name: &'static str,
+        ) -> Result<T, DatapathError> {
+            let data = MapData::from_pin(pins.map(name)).map_err(maps::err(name))?;
+            T::try_from(Map::from_map_data(data).map_err(maps::err(name))?).map_err(maps::err(name))
+        }
+        Ok(DnsMaps {
+            grants: open(pins, map_names::GRANTS)?,
+            owners: open(pins, map_names::SOCK_OWNERS)?,
+        })
+    }
+}
+
 /// Where the DNS proxy listens, for [`Datapath::set_dns`].
 #[derive(Debug, Clone, Copy)]
 pub struct DnsSteering {
