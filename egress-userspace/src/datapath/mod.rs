@@ -75,6 +75,24 @@ pub const RULESET_CAPACITY: u32 = 1 << 16;
 /// it is full.
 pub const GRANT_CAPACITY: u32 = 1 << 17;
 
+/// Returns once every BPF program invocation that started before the call has ended: an RCU
+/// grace period, through `membarrier(MEMBARRIER_CMD_GLOBAL)` (implemented by the kernel with
+/// `synchronize_rcu()`). Where the command is not available (nohz_full CPUs), a pause far
+/// longer than any program runs.
+fn wait_for_readers() {
+    const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let supported = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_QUERY, 0, 0) };
+    if supported >= 0 && supported & MEMBARRIER_CMD_GLOBAL != 0 {
+        // SAFETY: as above.
+        if unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) } == 0 {
+            return;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+}
+
 /// The maps the DNS proxy works with, see [`Datapath::dns_maps`].
 pub struct DnsMaps {
     pub grants: aya::maps::HashMap<MapData, egress_common::GrantKey, egress_common::GrantValue>,
@@ -338,11 +356,18 @@ impl Datapath {
     /// Applies a new policy atomically: the inactive buffer is filled completely, then `ACTIVE`
     /// flips to it. Until the flip every decision uses the old policy, after it the new one; a
     /// failure before the flip leaves the old policy in force, untouched.
+    ///
+    /// The inactive buffer is the one the previous reload retired: a hook that read `ACTIVE`
+    /// just before that flip may still be reading it. Before it is cleared, an RCU grace period
+    /// passes (every program invocation runs inside an RCU read-side section, and
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`), so no decision ever mixes two
+    /// policies, however fast reloads follow each other.
     pub fn reload(&mut self, policy: &CompiledPolicy) -> Result<Applied, DatapathError> {
         let start = std::time::Instant::now();
         check_capacity(policy)?;
         self.active = self.maps.active()?;
         let next = 1 - self.active;
+        wait_for_readers();
         let config = Config {
             generation: self.config.generation + 1,
             ..self.controller_fields(policy.config)
@@ -680,5 +705,23 @@ mod tests {
             super::maps::expected_maps(super::OWNERS_CAPACITY).unwrap()[SOCK_OWNERS].max_entries,
             131_072
         );
+    }
+}
+
+#[cfg(test)]
+mod grace_tests {
+    /// The grace period between reloads is the kernel's RCU one, not the fallback pause: the
+    /// command must be there (it is on every kernel without nohz_full CPUs).
+    #[test]
+    fn membarrier_global_is_available_and_returns() {
+        // SAFETY: membarrier takes no pointers.
+        let supported = unsafe { libc::syscall(libc::SYS_membarrier, 0, 0, 0) };
+        assert!(
+            supported >= 0 && supported & 1 != 0,
+            "MEMBARRIER_CMD_GLOBAL: {supported}"
+        );
+        let t = std::time::Instant::now();
+        super::wait_for_readers();
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 }
