@@ -181,6 +181,29 @@ fn block_wins_over_service() {
     assert_eq!(probe(&cg2, &[("tcp", "127.0.0.9:80")]), [Denied]);
 }
 
+/// TCP Fast Open connects from inside sendto(MSG_FASTOPEN): the connect hook still judges it
+/// (the kernel runs it from the fast-open path too), so data never reaches a denied host.
+#[test]
+fn tcp_fast_open_is_judged_like_a_connect() {
+    let cg = TestCgroup::new();
+    let listener = TcpListener::bind("127.0.0.4:7000").unwrap();
+    let (mut dp, _) = load(LOOPBACK_POLICY);
+    dp.attach(cg.path()).unwrap();
+    let r = probe(
+        &cg,
+        &[
+            ("tcp-fastopen", "127.0.0.5:7000"),
+            ("tcp-fastopen", "127.0.0.4:7000"),
+        ],
+    );
+    assert_eq!(
+        r,
+        [Denied, Succeeded],
+        "the blocked host refused, the approved one reached"
+    );
+    drop(listener);
+}
+
 #[test]
 fn audit_mode_allows_and_reports() {
     let cg = TestCgroup::new();

@@ -63,6 +63,8 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   for the peer to close
   flood ADDR:PORT N               N short-lived UDP sockets: socket, connect twice (no
                                   datagram), close; prints one summary line
+  tcp-fastopen ADDR:PORT          sendto(MSG_FASTOPEN) with data on a fresh TCP socket: the connect
+                                  and the first data in one call
   resolve NAME:PORT               getaddrinfo(NAME) through the C library (its resolv.conf), then
                                   a TCP connect to the first address; \"from\" is that address.
                                   A name that does not resolve: EAI_NONAME, EAI_AGAIN or EAI_FAIL
@@ -132,6 +134,7 @@ enum Call {
     PacketUdp(SocketAddr, String),
     SendFd(i32),
     Resolve(String, Option<u16>),
+    TcpFastOpen(SocketAddr),
     DnsQuery(String, SocketAddr),
     TcpSendClose(SocketAddr, u64),
     Hold(HoldKind, SocketAddr, u64),
@@ -173,6 +176,7 @@ impl Call {
             Call::Resolve(_, Some(_)) => "resolve",
             Call::Resolve(_, None) => "resolve-only",
             Call::DnsQuery(..) => "dns-query",
+            Call::TcpFastOpen(_) => "tcp-fastopen",
             Call::TcpSendClose(..) => "tcp-send-close",
             Call::Hold(..) => "hold",
             Call::Release => "release",
@@ -210,6 +214,7 @@ impl Call {
             | Call::Dns(a, _)
             | Call::TcpSendClose(a, _)
             | Call::DnsQuery(_, a)
+            | Call::TcpFastOpen(a)
             | Call::Hold(_, a, _)
             | Call::Flood(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
@@ -323,6 +328,7 @@ fn parse_seq<'w>(
                     .ok_or_else(|| format!("resolve: {w:?} is not NAME:PORT"))?;
                 Call::Resolve(name, Some(port))
             }
+            "tcp-fastopen" => Call::TcpFastOpen(addr(words, op)?),
             "dns-query" => Call::DnsQuery(next(words, op, "NAME")?.clone(), addr(words, op)?),
             "resolve-only" => Call::Resolve(next(words, op, "NAME")?.clone(), None),
             "held-send" => Call::HeldSend(num(words, op, "BYTES")?),
@@ -716,6 +722,7 @@ impl Probe {
                 self.send_on(s, *bytes)
             }
             Call::Flood(addr, _) => short_lived_udp(addr),
+            Call::TcpFastOpen(addr) => tcp_fastopen(*addr),
             Call::DnsQuery(name, server) => {
                 let a = dns_query(name, *server, self.timeout)?;
                 ANSWER.set((Some(a.to_string()), None));
@@ -972,6 +979,36 @@ fn dns_exchange(addr: SocketAddr, how: DnsHow, timeout: Duration) -> io::Result<
         }
     }
     Ok(())
+}
+
+/// TCP Fast Open from the client side: `sendto(MSG_FASTOPEN)` connects and sends in one call
+/// (no connect(2) of its own).
+fn tcp_fastopen(addr: SocketAddr) -> io::Result<()> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let (storage, len) = sockaddr(&addr);
+    let data = b"egress-probe fastopen";
+    // SAFETY: plain syscalls on a socket we own, with buffers that outlive them.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_FASTOPEN,
+            std::ptr::from_ref(&storage).cast(),
+            len,
+        );
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 { Err(err) } else { Ok(()) }
+    }
 }
 
 /// One DNS query for `name` (A; AAAA when the name starts with `v6.`) to `server` over UDP; the
