@@ -274,7 +274,7 @@ pub fn grant(
         _pad: [0; 7],
         addr: *addr,
     };
-    let g = unsafe { GRANTS.get(&key) }?;
+    let g = unsafe { GRANTS.get(key) }?;
     if g.until_ns <= unsafe { bpf_ktime_get_boot_ns() } {
         return None;
     }
