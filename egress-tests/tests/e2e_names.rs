@@ -2,18 +2,21 @@
 //! dnsmasq upstream in the test namespace, and the command resolving through the C library
 //! (getaddrinfo reads the namespace's resolv.conf, whose nameserver does not even exist: the
 //! kernel steers every query to egress's proxy). Servers live in a second namespace behind a
-//! veth pair; nothing leaves the test namespaces.
+//! veth pair; nothing leaves the test namespaces. And what a running controller shows of names:
+//! `egress grants`, `status`, `explain NAME`, also from the pins once it is gone.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, process::Command};
 
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use egress::report::GrantRow;
 use egress_tests::{
-    EgressCmd, NetPair, Probe, TcpSink, TempDir, TestCgroup,
+    ChildGuard, EgressCmd, NetPair, Probe, TcpSink, TempDir, TestCgroup,
     Verdict::{Denied, Succeeded},
+    bins,
     controller::pin_dir,
     dns::{DnsServer, NetnsResolvConf, Record},
     events,
@@ -452,4 +455,197 @@ fn grants_are_per_cgroup_queries_to_any_server_are_steered_and_grants_survive_a_
     let out = second.ctl(&["stop", "--pin-dir", pins.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     drop(kids);
+}
+
+/// `egress-probe ARGS` in cgroup `cg` and namespace `w.pair.a`, through `ip netns exec` so that
+/// getaddrinfo reads the namespace's resolv.conf; its call lines.
+fn probe_in(w: &World, cg: &TestCgroup, args: &[&str]) -> Vec<CallLine> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", w.pair.a.name()])
+        .arg(bins::probe())
+        .args(args);
+    cg.join_on_exec(&mut cmd);
+    let out = ChildGuard::spawn(&mut cmd).output();
+    assert!(out.status.success(), "egress-probe failed: {out:?}");
+    lines(&out.stdout)
+}
+
+/// The rows `egress ARGS` prints as JSON (it must succeed).
+fn grant_rows(out: &std::process::Output) -> Vec<GrantRow> {
+    assert!(
+        out.status.success(),
+        "egress grants: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("grants --json is not an array of rows ({e}): {out:?}"))
+}
+
+#[test]
+fn grants_status_and_explain_show_what_the_enforced_cgroup_resolved() {
+    let w = world();
+    let cg = TestCgroup::new();
+    let pins = pin_dir();
+    let policy = w.dir.file("p.toml", POLICY);
+    let mut run = EgressCmd::run(&w.pair.a, cg.path(), &w.dir)
+        .pinned(&pins)
+        .policy(&policy)
+        .start();
+    let calls = probe_in(
+        &w,
+        &cg,
+        &[
+            "resolve",
+            "api.example.test:443",
+            "resolve",
+            "other.example.test:443",
+            "resolve-only",
+            "bad.paste.test",
+        ],
+    );
+    let got: Vec<_> = calls.iter().map(|c| c.result.clone()).collect();
+    assert_eq!(
+        got,
+        [
+            Succeeded,
+            Denied,
+            egress_tests::Verdict::Other("EAI_NONAME".into())
+        ],
+        "{calls:#?}"
+    );
+    let pid = calls[0].pid;
+
+    // One grant: api.example.test's address, for the cgroup that asked, by the service `api`.
+    let rows = grant_rows(&run.ctl(&["grants", "--json"]));
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let g = &rows[0];
+    assert_eq!(
+        (
+            g.name.as_deref(),
+            g.address,
+            g.service.as_deref(),
+            g.granted
+        ),
+        (
+            Some("api.example.test"),
+            "198.18.0.2".parse().unwrap(),
+            Some("api"),
+            true
+        ),
+        "{g:#?}"
+    );
+    assert_eq!(g.cgroup_id, cg.id(), "{g:#?}");
+    assert_eq!(
+        g.cgroup_path.as_deref(),
+        Some(cg.path().to_str().unwrap()),
+        "{g:#?}"
+    );
+    assert_eq!(
+        (g.pid, g.comm.as_deref()),
+        (Some(pid), Some("egress-probe")),
+        "{g:#?}"
+    );
+    // dnsmasq's TTL is 300 s, within [min_ttl, max_ttl].
+    assert!(
+        (290..=300).contains(&g.expires_in_secs),
+        "{}",
+        g.expires_in_secs
+    );
+    // `--all` adds the name resolved that nothing approves, without a grant.
+    let all = grant_rows(&run.ctl(&["grants", "--json", "--all"]));
+    let other = all
+        .iter()
+        .find(|r| r.name.as_deref() == Some("other.example.test"))
+        .unwrap_or_else(|| panic!("other.example.test under --all: {all:#?}"));
+    assert_eq!(
+        (other.address, other.granted, other.service.as_deref()),
+        ("198.18.0.4".parse().unwrap(), false, None),
+        "{other:#?}"
+    );
+    // The text table names it too.
+    let text = run.ctl(&["grants"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("api.example.test") && text.contains("198.18.0.2"),
+        "{text}"
+    );
+
+    // status: the proxy, its counters and the kernel's.
+    let s = run.status().expect("egress status --json");
+    let dns = &s["dns"];
+    assert_eq!(dns["proxy_running"], true, "{s:#}");
+    assert_eq!(dns["upstreams"][0], "127.0.0.2:53", "{s:#}");
+    assert_eq!(dns["grants_live"], 1, "{s:#}");
+    assert_eq!(dns["grants_capacity"], 131072, "{s:#}");
+    let p = &dns["proxy"];
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("a number: {s:#}"));
+    // A and AAAA for each of the three names.
+    assert!(n(&p["queries_udp"]) + n(&p["queries_tcp"]) >= 6, "{s:#}");
+    assert!(n(&p["grants"]) >= 1, "{s:#}");
+    assert!(n(&p["blocked"]) >= 2, "{s:#}");
+    assert!(n(&dns["sink"]["written"]) >= 1, "{s:#}");
+    // At least one steered connect per name looked up.
+    assert!(n(&dns["steered"]) >= 3, "{s:#}");
+    assert_eq!(dns["steered"], s["counters"]["dns_steered"], "{s:#}");
+
+    // explain NAME with a controller: what the name resolves to now.
+    let policy_arg = policy.to_str().unwrap();
+    let e = run.ctl(&[
+        "explain",
+        "--policy",
+        policy_arg,
+        "api.example.test",
+        "--json",
+    ]);
+    assert!(e.status.success(), "{e:?}");
+    let e: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(e["verdict"], "approved", "{e:#}");
+    assert_eq!(e["live"][0]["address"], "198.18.0.2", "{e:#}");
+    assert_eq!(e["live"][0]["cgroup_id"], cg.id(), "{e:#}");
+
+    // The controller gone (kill -9): the pins still hold the grant, without its name, and
+    // status says nothing answers where DNS is steered.
+    run.kill_9();
+    let pin_arg = pins.to_str().unwrap();
+    let from_pins = grant_rows(&run.ctl(&["grants", "--json", "--pin-dir", pin_arg]));
+    assert_eq!(from_pins.len(), 1, "{from_pins:#?}");
+    assert_eq!(
+        (
+            from_pins[0].name.as_deref(),
+            from_pins[0].address,
+            from_pins[0].cgroup_id,
+            from_pins[0].granted
+        ),
+        (None, "198.18.0.2".parse().unwrap(), cg.id(), true),
+        "{from_pins:#?}"
+    );
+    let s = run.status().expect("egress status --json from the pins");
+    assert_eq!(s["controller"]["running"], false, "{s:#}");
+    assert_eq!(s["dns"]["proxy_running"], false, "{s:#}");
+    assert_eq!(s["dns"]["grants_live"], 1, "{s:#}");
+    assert!(
+        s["dns"]["listen"][0]
+            .as_str()
+            .is_some_and(|l| l.starts_with("127.0.0.153:")),
+        "{s:#}"
+    );
+}
+
+/// No controller and nothing pinned: `egress grants` says so and fails.
+#[test]
+fn grants_without_a_controller_or_pins_fail_clearly() {
+    let dir = TempDir::new("grants-nothing");
+    let out = Command::new(bins::egress())
+        .args(["grants", "--socket"])
+        .arg(dir.join("no.sock"))
+        .arg("--pin-dir")
+        .arg(dir.join("no-pins"))
+        .output()
+        .expect("running egress");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        err.contains("no controller answers") && err.contains("nothing is pinned"),
+        "{err}"
+    );
 }

@@ -2,7 +2,10 @@
 //! prometheus-client from the controller's latest [`StatsReport`]: the controller hands each
 //! report to an [`Exporter`], which folds it into stable series and renders the text served. Label cardinality is bounded:
 //! the top processes and destinations by bytes get their own series, the rest is summed under
-//! `pid="other"`.
+//! `pid="other"`. The DNS proxy's series (`egress_dns_*`) are always there, zero while the policy
+//! uses no names, so that dashboards and alert rules find them; they restart from zero when the
+//! proxy does (a reload that drops names and brings them back, a controller restart), which
+//! Prometheus' `rate()` takes as a counter reset.
 
 use std::net::SocketAddr;
 
@@ -48,6 +51,114 @@ struct RuleLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabels {
+    transport: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: String,
+}
+
+/// Registers the DNS proxy's series (see the module documentation).
+fn register_dns(reg: &mut Registry, report: &StatsReport) {
+    let d = report.dns.clone().unwrap_or_default();
+    let p = d.proxy.unwrap_or_default();
+    let k = d.sink.unwrap_or_default();
+    let queries = Family::<TransportLabels, Counter>::default();
+    for (transport, n) in [("udp", p.queries_udp), ("tcp", p.queries_tcp)] {
+        queries
+            .get_or_create(&TransportLabels {
+                transport: transport.into(),
+            })
+            .inc_by(n);
+    }
+    let refused = Family::<ReasonLabels, Counter>::default();
+    for (reason, n) in [
+        ("blocked", p.blocked),
+        ("blocked_target", p.blocked_target),
+        ("unlisted", p.refused_unlisted),
+    ] {
+        refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc_by(n);
+    }
+    let limits = Family::<LimitLabels, Counter>::default();
+    for (limit, n) in [
+        ("in_flight", p.limit_in_flight),
+        ("tcp_clients", p.limit_tcp_clients),
+        ("addresses", p.limit_addresses),
+        ("grant_map_full", k.full),
+    ] {
+        limits
+            .get_or_create(&LimitLabels {
+                limit: limit.into(),
+            })
+            .inc_by(n);
+    }
+    let counter = |n: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(n);
+        c
+    };
+    let live = Gauge::<i64>::default();
+    live.set(i64::try_from(d.grants_live).unwrap_or(i64::MAX));
+    reg.register(
+        "dns_queries",
+        "DNS queries the proxy received, by transport",
+        queries,
+    );
+    reg.register(
+        "dns_refused",
+        "DNS queries the policy refused (answered NXDOMAIN), by reason: a block covers the name, a block covers a CNAME target, or nothing covers it under unlisted = \"refuse\"",
+        refused,
+    );
+    reg.register(
+        "dns_relayed",
+        "DNS answers relayed from an upstream",
+        counter(p.relayed),
+    );
+    reg.register(
+        "dns_grants",
+        "DNS answers whose addresses were granted to the asking cgroup",
+        counter(p.grants),
+    );
+    reg.register(
+        "dns_granted_addresses",
+        "Addresses written into the kernel grant map",
+        counter(k.written),
+    );
+    reg.register(
+        "dns_grant_failures",
+        "DNS answers whose grant could not be written (answered SERVFAIL)",
+        counter(p.grant_failures),
+    );
+    reg.register(
+        "dns_upstream_failures",
+        "DNS queries no upstream answered in time (answered SERVFAIL)",
+        counter(p.upstream_failures),
+    );
+    reg.register("dns_limits", "DNS proxy limits hit, by limit", limits);
+    reg.register(
+        "dns_grants_live",
+        "Unexpired grants in the kernel grant map (counted every few seconds)",
+        live,
+    );
+    reg.register(
+        "dns_steered",
+        "DNS queries of enforced sockets the kernel steered to the proxy",
+        counter(report.counters.dns_steered),
+    );
 }
 
 /// The metrics text for one report and its folded series.
@@ -172,6 +283,7 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
         "connect/sendmsg calls whose socket owner could not be recorded (owner map full)",
         owners_full,
     );
+    register_dns(&mut reg, report);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
@@ -428,6 +540,56 @@ mod tests {
 
     fn other(s: &MetricSeries) -> u64 {
         s.procs.iter().find(|p| p.0 == "other").unwrap().2
+    }
+
+    /// The DNS series are there with or without names in use, named as the README lists them.
+    #[test]
+    fn dns_series_are_always_rendered() {
+        let mut report = StatsReport::default();
+        let text = render(&report, &MetricSeries::default());
+        for line in [
+            "egress_dns_queries_total{transport=\"udp\"} 0",
+            "egress_dns_grants_live 0",
+            "egress_dns_steered_total 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        report.counters.dns_steered = 7;
+        report.dns = Some(crate::report::DnsStatus {
+            proxy_running: true,
+            grants_live: 3,
+            proxy: Some(crate::dns::DnsStats {
+                queries_tcp: 2,
+                refused_unlisted: 4,
+                grants: 5,
+                grant_failures: 1,
+                upstream_failures: 6,
+                limit_addresses: 8,
+                ..Default::default()
+            }),
+            sink: Some(crate::dns::grants::GrantCounters {
+                written: 9,
+                full: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let text = render(&report, &MetricSeries::default());
+        for line in [
+            "egress_dns_queries_total{transport=\"tcp\"} 2",
+            "egress_dns_refused_total{reason=\"unlisted\"} 4",
+            "egress_dns_refused_total{reason=\"blocked\"} 0",
+            "egress_dns_grants_total 5",
+            "egress_dns_granted_addresses_total 9",
+            "egress_dns_grant_failures_total 1",
+            "egress_dns_upstream_failures_total 6",
+            "egress_dns_limits_total{limit=\"addresses\"} 8",
+            "egress_dns_limits_total{limit=\"grant_map_full\"} 1",
+            "egress_dns_grants_live 3",
+            "egress_dns_steered_total 7",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

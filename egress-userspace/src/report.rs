@@ -1,9 +1,10 @@
 //! The typed reports egress gives about itself: what `egress stats` and `exec --report` show
 //! ([`StatsReport`]), what `egress status` shows ([`StatusReport`], from a running controller or
-//! from the pins alone). One shape shared by the controller that builds them, the control socket
-//! that carries them, the CLI that prints them, and the metrics exporter.
+//! from the pins alone), what `egress grants` lists ([`GrantRow`]), and the DNS proxy's part of
+//! status and stats ([`DnsStatus`]). One shape shared by the controller that builds them, the
+//! control socket that carries them, the CLI that prints them, and the metrics exporter.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,7 @@ use crate::{
         Counters, HOOKS, LinkStatus, OWNER_HOOKS, PinnedStatus, SOCK_CREATE_HOOK, SOCKOPT_HOOK,
         TC_PROGRAM,
     },
+    dns::{DnsStats, grants::GrantCounters},
 };
 
 /// What `egress stats` shows, and what `egress exec --report` writes.
@@ -35,6 +37,9 @@ pub struct StatsReport {
     /// Byte-budget blocks in force.
     #[serde(default)]
     pub blocks: Vec<BlockInfo>,
+    /// The DNS proxy, while the policy uses names (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dns: Option<DnsStatus>,
 }
 
 /// A byte-budget block in force.
@@ -60,6 +65,60 @@ pub struct StatusReport {
     /// Every pinned link and the program it runs (`null`: nothing is pinned).
     pub links: Option<Vec<LinkStatus>>,
     pub counters: Counters,
+    /// Names (issue 11): present when the policy in force uses them, or, without a controller,
+    /// when the pinned config still steers DNS.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The DNS proxy and the kernel's grants, in `egress status` and `egress stats`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DnsStatus {
+    /// A controller's proxy answers. False (read from the pins): the kernel still steers the
+    /// enforced processes' DNS to where the proxy listened, and nothing answers there, so names
+    /// do not resolve until a controller is back (address rules and live grants keep working).
+    pub proxy_running: bool,
+    /// Where the proxy listens (`127.0.0.153:53`, `[::1]:53`), as the kernel steers to it.
+    pub listen: Vec<String>,
+    /// Where it forwards (empty when read from the pins).
+    pub upstreams: Vec<String>,
+    /// Unexpired (cgroup, address) grants in the kernel map, and how many it holds at most.
+    pub grants_live: u64,
+    pub grants_capacity: u32,
+    /// DNS queries of enforced sockets the kernel steered to the proxy (`counters.dns_steered`).
+    pub steered: u64,
+    /// What the proxy did since it started (absent without a controller).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub proxy: Option<DnsStats>,
+    /// What the grant sink did since it started (absent without a controller).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sink: Option<GrantCounters>,
+}
+
+/// One row of `egress grants`: an address one cgroup may reach because it resolved a name a
+/// service covers (or, with `--all`, resolved a name nothing approves: `granted` false).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GrantRow {
+    /// The name asked. `null` when unknown: read from the pins without a controller, or granted
+    /// by an earlier controller (the kernel keeps grants across restarts, the names are not).
+    pub name: Option<String>,
+    pub address: IpAddr,
+    /// The cgroup2 inode of the process that asked, as events give it.
+    pub cgroup_id: u64,
+    /// Its path, when it could be found cheaply (`null` otherwise, e.g. the cgroup is gone).
+    pub cgroup_path: Option<String>,
+    /// The service whose ports and protocols the grant carries (`null`: not granted, or read
+    /// from the pins).
+    pub service: Option<String>,
+    /// A kernel grant exists: new connects from that cgroup to `address` are judged by
+    /// `service`. False only under `--all`.
+    pub granted: bool,
+    /// When it ends (RFC 3339, seconds), and in how many seconds (rounded up).
+    pub expires: String,
+    pub expires_in_secs: u64,
+    /// The process that asked (`null` when unknown, as for `name`).
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
 }
 
 /// Whether a controller runs.
@@ -130,7 +189,9 @@ impl StatusReport {
             config,
             counters,
             links,
+            grants_live,
         } = pinned;
+        let dns = DnsStatus::from_pins(&config, grants_live, counters.dns_steered);
         StatusReport {
             controller: ControllerInfo {
                 running: false,
@@ -164,7 +225,45 @@ impl StatusReport {
             attached: Attachment::new(state.cgroup, state.ifaces, Some(pin_dir)),
             links: Some(links),
             counters,
+            dns,
         }
+    }
+}
+
+impl DnsStatus {
+    /// What the pins say of names: present when the config in force steers DNS or grants are
+    /// live. No proxy answers without a controller.
+    fn from_pins(
+        config: &egress_common::Config,
+        grants_live: u64,
+        steered: u64,
+    ) -> Option<DnsStatus> {
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+        let steering = config.dns_flags & egress_common::DNS_STEER != 0;
+        if !steering && grants_live == 0 {
+            return None;
+        }
+        let mut listen = Vec::new();
+        if steering {
+            listen.push(
+                SocketAddr::from((Ipv4Addr::from(config.dns_v4), config.dns_port)).to_string(),
+            );
+            let v6 = Ipv6Addr::from(config.dns_v6);
+            // A v4-mapped address: no proxy of its own on ::1, IPv6 queries went to the IPv4 one.
+            if v6.to_ipv4_mapped().is_none() {
+                listen.push(SocketAddr::from((v6, config.dns_port6)).to_string());
+            }
+        }
+        Some(DnsStatus {
+            proxy_running: false,
+            listen,
+            upstreams: Vec::new(),
+            grants_live,
+            grants_capacity: crate::datapath::GRANT_CAPACITY,
+            steered,
+            proxy: None,
+            sink: None,
+        })
     }
 }
 
@@ -198,6 +297,7 @@ mod tests {
                 prog_id: 9,
                 attached: true,
             }],
+            grants_live: 0,
         }
     }
 
@@ -224,13 +324,97 @@ mod tests {
         assert_eq!(v["policy"]["hash"], "00ff");
         assert_eq!(v["policy"]["mode"], "audit");
         assert_eq!(v["policy"]["default"], "deny");
-        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 8);
+        // connect, sendmsg, recvmsg and getpeername (v4 and v6), sock_create, setsockopt,
+        // sock_release, sock_ops.
+        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 12);
         assert_eq!(v["attached"]["tc"]["ifaces"][0], "eth0");
         assert_eq!(v["attached"]["pinned"], "/sys/fs/bpf/egress");
         assert_eq!(v["links"][0]["prog_id"], 9);
         assert_eq!(v["counters"]["denied"], 5);
         assert_eq!(v["counters"]["budget_dropped"], 0);
-        let back: StatusReport = serde_json::from_value(v).unwrap();
+        let back: StatusReport = serde_json::from_value(v.clone()).unwrap();
         assert_eq!(back.controller.last_pid, Some(42));
+        // No names in use: no `dns` section at all.
+        assert!(v.get("dns").is_none(), "{v}");
+    }
+
+    /// Without a controller, a config that still steers DNS shows where to, that nothing
+    /// answers there, and the live grants.
+    #[test]
+    fn status_from_pins_shows_steering_without_a_proxy() {
+        let mut pinned = pinned_status();
+        pinned.config.dns_flags = egress_common::DNS_STEER | egress_common::DNS_GRANTS;
+        pinned.config.dns_v4 = [127, 0, 0, 153];
+        pinned.config.dns_port = 53;
+        pinned.config.dns_v6 = std::net::Ipv6Addr::LOCALHOST.octets();
+        pinned.config.dns_port6 = 53;
+        pinned.counters.dns_steered = 9;
+        pinned.grants_live = 2;
+        let v = serde_json::to_value(StatusReport::from_pins(pinned, "/sys/fs/bpf/egress".into()))
+            .unwrap();
+        assert_eq!(
+            v["dns"],
+            serde_json::json!({
+                "proxy_running": false,
+                "listen": ["127.0.0.153:53", "[::1]:53"],
+                "upstreams": [],
+                "grants_live": 2,
+                "grants_capacity": 131072,
+                "steered": 9
+            })
+        );
+    }
+
+    /// A running controller's `dns` section: every counter of the proxy and the sink by name.
+    #[test]
+    fn the_dns_section_has_the_documented_shape() {
+        let status = StatusReport {
+            dns: Some(DnsStatus {
+                proxy_running: true,
+                listen: vec!["127.0.0.153:53".into()],
+                upstreams: vec!["10.0.0.2:53".into()],
+                grants_live: 3,
+                grants_capacity: 131072,
+                steered: 12,
+                proxy: Some(DnsStats {
+                    queries_udp: 10,
+                    grants: 3,
+                    ..DnsStats::default()
+                }),
+                sink: Some(GrantCounters {
+                    written: 4,
+                    ..GrantCounters::default()
+                }),
+            }),
+            ..StatusReport::default()
+        };
+        let v = serde_json::to_value(&status).unwrap();
+        let d = &v["dns"];
+        assert_eq!(d["proxy_running"], true);
+        assert_eq!(d["upstreams"][0], "10.0.0.2:53");
+        assert_eq!(d["grants_live"], 3);
+        assert_eq!(d["steered"], 12);
+        assert_eq!(d["proxy"]["queries_udp"], 10);
+        assert_eq!(d["proxy"]["grants"], 3);
+        for counter in [
+            "queries_tcp",
+            "relayed",
+            "blocked",
+            "blocked_target",
+            "refused_unlisted",
+            "grant_failures",
+            "upstream_failures",
+            "limit_in_flight",
+            "limit_tcp_clients",
+            "limit_addresses",
+        ] {
+            assert_eq!(d["proxy"][counter], 0, "{counter} in {d}");
+        }
+        assert_eq!(
+            d["sink"],
+            serde_json::json!({"written": 4, "unknown_client": 0, "full": 0})
+        );
+        let back: StatusReport = serde_json::from_value(v).unwrap();
+        assert_eq!(back, status);
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::{PROTOCOL_VERSION, Request, RequestEnvelope, Response, ResponseEnvelope};
-use crate::report::{StatsReport, StatusReport};
+use crate::report::{GrantRow, StatsReport, StatusReport};
 
 /// Sends one request to a running controller. A refusal is an error carrying its reason.
 pub fn request(path: &Path, request: Request) -> anyhow::Result<Response> {
@@ -61,5 +61,13 @@ pub fn status(path: &Path) -> anyhow::Result<StatusReport> {
     match request(path, Request::Status)? {
         Response::Status(s) => Ok(*s),
         other => bail!("unexpected response to status: {other:?}"),
+    }
+}
+
+/// Live DNS grants; `all`: also the names resolved that nothing approves.
+pub fn grants(path: &Path, all: bool) -> anyhow::Result<Vec<GrantRow>> {
+    match request(path, Request::Grants { all })? {
+        Response::Grants(g) => Ok(g),
+        other => bail!("unexpected response to grants: {other:?}"),
     }
 }

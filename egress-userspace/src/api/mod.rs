@@ -8,12 +8,15 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{StatsReport, StatusReport};
+use crate::report::{GrantRow, StatsReport, StatusReport};
 
 pub const DEFAULT_SOCKET: &str = "/run/egress/control.sock";
 
-/// Bumped whenever a request or response changes shape. A peer speaking another version is
-/// refused with a message saying so, never misread.
+/// Bumped whenever a request or response changes shape incompatibly. A peer speaking another
+/// version is refused with a message saying so, never misread. Additions keep it: a new request
+/// (an older controller answers it with a refusal naming the unknown request) and a new field
+/// that may be absent (`#[serde(default)]`, so older peers' messages still read), so that the
+/// CLI of an upgraded package still talks to the controller it replaced until that restarts.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// What the CLI asks of the controller.
@@ -35,6 +38,11 @@ pub enum Request {
     Status,
     /// Exit the controller (`egress stop`, after it removed the pins).
     Stop,
+    /// Live DNS grants (`egress grants`); `all`: also the names resolved that nothing approves.
+    Grants {
+        #[serde(default)]
+        all: bool,
+    },
 }
 
 /// The controller's answer.
@@ -43,6 +51,7 @@ pub enum Request {
 pub enum Response {
     Stats(Box<StatsReport>),
     Status(Box<StatusReport>),
+    Grants(Vec<GrantRow>),
     /// Done; what was done, for people.
     Done(String),
     /// Not done, and why.
@@ -73,6 +82,7 @@ mod tests {
             Request::Stats,
             Request::Status,
             Request::Stop,
+            Request::Grants { all: true },
             Request::Unblock {
                 key: "process:7".into(),
             },
@@ -101,5 +111,15 @@ mod tests {
                 .response,
             r
         );
+    }
+
+    /// The wire form of the grants request, as an older or newer peer writes it.
+    #[test]
+    fn the_grants_request_reads_with_and_without_all() {
+        let e: RequestEnvelope =
+            serde_json::from_str(r#"{"version":1,"request":{"cmd":"grants"}}"#).unwrap();
+        assert_eq!(e.request, Request::Grants { all: false });
+        let text = serde_json::to_string(&Request::Grants { all: true }).unwrap();
+        assert_eq!(text, r#"{"cmd":"grants","all":true}"#);
     }
 }

@@ -1,9 +1,9 @@
-//! Human-readable views of a [`StatsReport`]: the `egress stats` table and the `egress top`
-//! frame.
+//! Human-readable views of the reports: the `egress stats` table, the `egress status` text, the
+//! `egress grants` table and the `egress top` frame.
 
 use std::fmt::Write as _;
 
-use crate::report::{StatsReport, StatusReport};
+use crate::report::{DnsStatus, GrantRow, StatsReport, StatusReport};
 
 /// "1.5 MB", "12 B": decimal units, as iftop and most dashboards show rates.
 pub fn human_bytes(n: f64) -> String {
@@ -148,6 +148,132 @@ pub fn status_text(s: &StatusReport) -> String {
         k.events_lost,
         k.owners_full
     );
+    if let Some(d) = &s.dns {
+        dns_text(&mut out, d);
+    }
+    out
+}
+
+/// The `dns` lines of `egress status`.
+fn dns_text(out: &mut String, d: &DnsStatus) {
+    let listen = if d.listen.is_empty() {
+        "-".to_string()
+    } else {
+        d.listen.join(", ")
+    };
+    if d.proxy_running {
+        let _ = writeln!(
+            out,
+            "dns: proxy on {listen}, upstreams {}; {} grants live (of {}); {} queries steered",
+            if d.upstreams.is_empty() {
+                "none (names do not resolve)".to_string()
+            } else {
+                d.upstreams.join(", ")
+            },
+            d.grants_live,
+            d.grants_capacity,
+            d.steered
+        );
+    } else if d.listen.is_empty() {
+        let _ = writeln!(
+            out,
+            "dns: not steered; {} grants live (of {})",
+            d.grants_live, d.grants_capacity
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "dns: steered to {listen}, but no proxy answers there (no controller): names do not resolve; {} grants live (of {}); {} queries steered",
+            d.grants_live, d.grants_capacity, d.steered
+        );
+    }
+    if let Some(p) = &d.proxy {
+        let _ = writeln!(
+            out,
+            "  proxy: {} queries ({} udp, {} tcp), {} relayed, {} refused ({} blocked, {} blocked by a CNAME target, {} unlisted), {} granted, {} grant failures, {} upstream failures, {} malformed",
+            p.queries_udp + p.queries_tcp,
+            p.queries_udp,
+            p.queries_tcp,
+            p.relayed,
+            p.blocked + p.blocked_target + p.refused_unlisted,
+            p.blocked,
+            p.blocked_target,
+            p.refused_unlisted,
+            p.grants,
+            p.grant_failures,
+            p.upstream_failures,
+            p.malformed
+        );
+        let _ = writeln!(
+            out,
+            "  limits hit: {} in flight, {} tcp clients, {} addresses per answer",
+            p.limit_in_flight, p.limit_tcp_clients, p.limit_addresses
+        );
+    }
+    if let Some(k) = &d.sink {
+        let _ = writeln!(
+            out,
+            "  grants: {} addresses written, {} grant map full, {} answers to sockets of no enforced process",
+            k.written, k.full, k.unknown_client
+        );
+    }
+}
+
+/// The `egress grants` table: one row per (cgroup, address), grouped by cgroup.
+pub fn grants_table(rows: &[GrantRow]) -> String {
+    if rows.is_empty() {
+        return "no live grants\n".to_string();
+    }
+    let dash = || "-".to_string();
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone().unwrap_or_else(dash),
+                r.address.to_string(),
+                match (&r.service, r.granted) {
+                    (Some(s), _) => s.clone(),
+                    (None, true) => dash(),
+                    (None, false) => "(not granted)".to_string(),
+                },
+                humantime::format_duration(std::time::Duration::from_secs(r.expires_in_secs))
+                    .to_string(),
+                r.pid.map_or_else(dash, |p| p.to_string()),
+                r.comm.clone().unwrap_or_else(dash),
+                match &r.cgroup_path {
+                    Some(p) => format!("{p} ({})", r.cgroup_id),
+                    None => r.cgroup_id.to_string(),
+                },
+            ]
+        })
+        .collect();
+    let head = [
+        "NAME",
+        "ADDRESS",
+        "SERVICE",
+        "EXPIRES IN",
+        "PID",
+        "COMM",
+        "CGROUP",
+    ];
+    let mut width = head.map(str::len);
+    for c in &cells {
+        for (w, v) in width.iter_mut().zip(c) {
+            *w = (*w).max(v.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in std::iter::once(head.map(String::from)).chain(cells) {
+        let mut l = String::new();
+        for (i, (v, w)) in line.iter().zip(width).enumerate() {
+            if i + 1 == line.len() {
+                l.push_str(v);
+            } else {
+                let _ = write!(l, "{v:<w$}  ");
+            }
+        }
+        let _ = writeln!(out, "{}", l.trim_end());
+    }
     out
 }
 
@@ -231,6 +357,80 @@ mod tests {
             }],
             ..StatsReport::default()
         }
+    }
+
+    #[test]
+    fn grants_table_lines_up_known_and_unknown_names() {
+        let row = |name: Option<&str>, addr: &str, service: Option<&str>, granted| GrantRow {
+            name: name.map(Into::into),
+            address: addr.parse().unwrap(),
+            cgroup_id: 5,
+            cgroup_path: Some("/sys/fs/cgroup/app".into()),
+            service: service.map(Into::into),
+            granted,
+            expires: "2027-01-15T08:05:00Z".into(),
+            expires_in_secs: 297,
+            pid: name.map(|_| 77),
+            comm: name.map(|_| "curl".into()),
+        };
+        let t = grants_table(&[
+            row(Some("api.example.test"), "198.18.0.2", Some("api"), true),
+            row(None, "2001:db8::7", None, true),
+            row(Some("other.example.test"), "198.18.0.4", None, false),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[0].starts_with("NAME"), "{t}");
+        assert!(
+            lines[1].contains("api.example.test")
+                && lines[1].contains("198.18.0.2")
+                && lines[1].contains("4m 57s")
+                && lines[1].contains("curl")
+                && lines[1].ends_with("/sys/fs/cgroup/app (5)"),
+            "{t}"
+        );
+        assert!(lines[2].starts_with("-  "), "{t}");
+        assert!(lines[3].contains("(not granted)"), "{t}");
+        // Columns line up: every row's address starts where the header's does.
+        let col = lines[0].find("ADDRESS").unwrap();
+        assert_eq!(lines[1].find("198.18.0.2"), Some(col), "{t}");
+        assert_eq!(grants_table(&[]), "no live grants\n");
+    }
+
+    #[test]
+    fn status_text_has_a_dns_section_when_names_are_in_use() {
+        let mut s = StatusReport::default();
+        assert!(!status_text(&s).contains("dns:"));
+        s.dns = Some(DnsStatus {
+            proxy_running: true,
+            listen: vec!["127.0.0.153:53".into(), "[::1]:53".into()],
+            upstreams: vec!["10.0.0.2:53".into()],
+            grants_live: 3,
+            grants_capacity: 131072,
+            steered: 12,
+            proxy: Some(crate::dns::DnsStats {
+                queries_udp: 10,
+                queries_tcp: 2,
+                blocked: 1,
+                ..Default::default()
+            }),
+            sink: Some(Default::default()),
+        });
+        let t = status_text(&s);
+        assert!(
+            t.contains("dns: proxy on 127.0.0.153:53, [::1]:53, upstreams 10.0.0.2:53; 3 grants live (of 131072); 12 queries steered"),
+            "{t}"
+        );
+        assert!(
+            t.contains("12 queries (10 udp, 2 tcp)") && t.contains("1 refused"),
+            "{t}"
+        );
+        s.dns.as_mut().unwrap().proxy_running = false;
+        assert!(
+            status_text(&s).contains("no proxy answers there"),
+            "{}",
+            status_text(&s)
+        );
     }
 
     #[test]

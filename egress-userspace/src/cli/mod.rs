@@ -173,6 +173,24 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Live DNS grants: which cgroup may reach which address because it resolved which name,
+    /// for which service, until when, and who asked. Without a controller, read from the pins:
+    /// addresses, cgroups and expiries (names and who asked are known only to a controller).
+    Grants {
+        /// Print a JSON array, one object per grant.
+        #[arg(long)]
+        json: bool,
+        /// Also list the names resolved that nothing approves (no grant: their connects are
+        /// judged by the address rules; deny events name them in `host`).
+        #[arg(long)]
+        all: bool,
+        /// Control socket of the running controller.
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Pin directory to read when no controller answers.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Live view of the processes sending the most, refreshed in place (q or Ctrl-C quits).
     Top {
         /// Control socket of the running controller.
@@ -212,6 +230,10 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Control socket of a running controller: for a name, also what it resolves to now in
+        /// the live grants (skipped when no controller answers there).
+        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
 }
 
@@ -404,6 +426,27 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Command::Grants {
+            json,
+            all,
+            socket,
+            pin_dir,
+        } => {
+            let (rows, from_pins) = live_grants(&socket, &pin_dir, all)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                if from_pins {
+                    println!(
+                        "no controller answers on {}: grants read from the pins under {} (names, services and who asked are known only to a running controller)",
+                        socket.display(),
+                        pin_dir.display()
+                    );
+                }
+                print!("{}", display::grants_table(&rows));
+            }
+            Ok(0)
+        }
         Command::Top {
             socket,
             interval,
@@ -419,12 +462,55 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             port,
             protocol,
             json,
+            socket,
         } => {
             match dest.parse::<IpAddr>() {
                 Ok(addr) => policy_cmds::explain(policy, addr, port, protocol.into(), json)?,
-                Err(_) => policy_cmds::explain_name(policy, &dest, json)?,
+                Err(_) => policy_cmds::explain_name(policy, &dest, json, &socket)?,
             }
             Ok(0)
+        }
+    }
+}
+
+/// The grants of the controller on `socket`, else (no controller answers there) of the pins
+/// under `pin_dir`, without names; true when read from the pins. A controller that answers with
+/// an error is an error (its pins would be no truer).
+fn live_grants(
+    socket: &std::path::Path,
+    pin_dir: &std::path::Path,
+    all: bool,
+) -> anyhow::Result<(Vec<crate::report::GrantRow>, bool)> {
+    use anyhow::Context as _;
+    match client::grants(socket, all) {
+        Ok(rows) => Ok((rows, false)),
+        Err(e) if std::os::unix::net::UnixStream::connect(socket).is_ok() => Err(e),
+        Err(e) => {
+            let pins = Pins::new(pin_dir);
+            let kernel = pins.grants().with_context(|| {
+                format!("no controller answers ({e:#}), and the pins cannot be read")
+            })?;
+            let mut rows = crate::dns::grants::grant_rows(
+                &kernel,
+                &[],
+                |_| None,
+                crate::sys::clock::boot_ns(),
+                std::time::SystemTime::now(),
+                all,
+            );
+            let state = pins.read_state().unwrap_or_default();
+            if let Some(root) = crate::sys::cgroup::find_cgroup2_root() {
+                let under = if state.cgroup.is_empty() {
+                    root.clone()
+                } else {
+                    PathBuf::from(&state.cgroup)
+                };
+                let mut paths = crate::sys::cgroup::CgroupPaths::new(&root, &under);
+                for r in &mut rows {
+                    r.cgroup_path = paths.path(r.cgroup_id, None);
+                }
+            }
+            Ok((rows, true))
         }
     }
 }

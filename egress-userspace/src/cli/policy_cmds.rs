@@ -1,8 +1,15 @@
 //! `egress check` and `egress explain`: the policy, read and judged without the kernel.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
-use crate::policy::{self, Protocol, explain as why};
+use crate::{
+    api::client,
+    policy::{self, Protocol, explain as why},
+    report::GrantRow,
+};
 
 /// Validates every file and prints a summary of each; 1 if any is invalid.
 pub fn check(files: &[PathBuf]) -> u8 {
@@ -111,7 +118,17 @@ pub fn explain(
 }
 
 /// `egress explain NAME`: which service or block covers a DNS name.
-pub fn explain_name(path: PathBuf, name: &str, json: bool) -> anyhow::Result<()> {
+/// `explain NAME --json`: the policy's explanation, and with a controller running, the name's
+/// live grants (`live`, absent without one).
+#[derive(serde::Serialize)]
+struct NameJson<'a> {
+    #[serde(flatten)]
+    explanation: &'a why::NameExplanation,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    live: Option<&'a [GrantRow]>,
+}
+
+pub fn explain_name(path: PathBuf, name: &str, json: bool, socket: &Path) -> anyhow::Result<()> {
     let (policy, _) = policy::load(Some(&path))?;
     let e = why::explain_name(&policy, name).map_err(|problem| {
         anyhow::anyhow!(
@@ -119,8 +136,19 @@ pub fn explain_name(path: PathBuf, name: &str, json: bool) -> anyhow::Result<()>
             name = name.escape_debug()
         )
     })?;
+    // What the running controller learned for the name, if one answers (the policy file given
+    // may not be the one in force: these are the controller's facts, not the file's).
+    let live: Option<Vec<GrantRow>> = client::grants(socket, true).ok().map(|rows| {
+        rows.into_iter()
+            .filter(|r| r.name.as_deref() == Some(e.name.as_str()))
+            .collect()
+    });
     if json {
-        println!("{}", serde_json::to_string(&e)?);
+        let out = NameJson {
+            explanation: &e,
+            live: live.as_deref(),
+        };
+        println!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     match (&e.rule_kind, &e.rule) {
@@ -134,6 +162,29 @@ pub fn explain_name(path: PathBuf, name: &str, json: bool) -> anyhow::Result<()>
             "  also covered by {} `{}` (line {}) through `{}`, on {} {}",
             r.rule_kind, r.rule, r.line, r.pattern, r.protocols, r.ports
         );
+    }
+    match live.as_deref() {
+        None => {}
+        Some([]) => println!("  now: the running controller holds no live answer for it"),
+        Some(rows) => {
+            println!("  now, in the running controller:");
+            for r in rows {
+                println!(
+                    "    {} for cgroup {} ({}, {} s left, asked by {} {})",
+                    r.address,
+                    r.cgroup_path
+                        .clone()
+                        .unwrap_or_else(|| r.cgroup_id.to_string()),
+                    match &r.service {
+                        Some(s) if r.granted => format!("granted by `{s}`"),
+                        _ => "resolved, not granted".to_string(),
+                    },
+                    r.expires_in_secs,
+                    r.comm.as_deref().unwrap_or("-"),
+                    r.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -246,6 +246,7 @@ impl Controller {
     /// Controller and enforcement state, for `egress status`.
     fn status(&self) -> anyhow::Result<StatusReport> {
         let p = &self.policy.policy;
+        let counters = self.dp.stats()?;
         Ok(StatusReport {
             controller: ControllerInfo {
                 running: true,
@@ -263,7 +264,11 @@ impl Controller {
             },
             attached: self.attachment(),
             links: self.target.pins.as_ref().map(Pins::link_statuses),
-            counters: self.dp.stats()?,
+            counters,
+            dns: self
+                .names
+                .as_ref()
+                .map(|n| n.status(counters.dns_steered, true)),
         })
     }
 
@@ -292,6 +297,10 @@ impl Controller {
             Request::Status => match self.status() {
                 Ok(s) => Response::Status(Box::new(s)),
                 Err(e) => Response::Refused(format!("reading the datapath: {e:#}")),
+            },
+            Request::Grants { all } => match self.grant_rows(all) {
+                Ok(rows) => Response::Grants(rows),
+                Err(e) => Response::Refused(format!("reading the grants: {e:#}")),
             },
             // Answered by the socket server from the published report.
             Request::Stats => Response::Stats(Box::new(StatsReport::clone(&self.stats.borrow()))),

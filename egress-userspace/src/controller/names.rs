@@ -16,12 +16,13 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::{
-    datapath::{Datapath, DnsMaps, DnsSteering},
+    datapath::{Datapath, DnsMaps, DnsSteering, GRANT_CAPACITY},
     dns::{
         DnsProxy, ProxyConfig, ProxyHandle, ProxyPolicy,
         grants::{KernelGrants, RefusedQuery},
     },
     policy::{Policy, Unlisted, compile::CompiledPolicy},
+    report::{DnsStatus, GrantRow},
     sys::sockdiag,
 };
 
@@ -47,6 +48,8 @@ pub struct Names {
     pub listen: Vec<SocketAddr>,
     /// What the kernel is told.
     steering: DnsSteering,
+    /// Where it forwards (the policy's, or the system's).
+    upstreams: Vec<SocketAddr>,
 }
 
 impl Names {
@@ -76,6 +79,7 @@ impl Names {
                 "no DNS upstream: [dns] upstream is empty and the system names none; every name fails to resolve"
             );
         }
+        let upstreams = proxy_policy.upstreams().to_vec();
         let proxy = DnsProxy::new(ProxyConfig::default(), proxy_policy, Arc::clone(&sink));
         let v4 = bind(&proxy, IpAddr::V4(LISTEN_V4))
             .await
@@ -109,13 +113,14 @@ impl Names {
             port6: v6_port,
             netns_cookie: sockdiag::netns_cookie().context("the network namespace's cookie")?,
         };
-        info!(listen = ?listen, upstreams = ?policy.dns.upstream.iter().map(|u| u.0).collect::<Vec<_>>(), "DNS proxy started");
+        info!(listen = ?listen, upstreams = ?upstreams, "DNS proxy started");
         Ok(Names {
             proxy,
             sink,
             _handles: handles,
             listen,
             steering,
+            upstreams,
         })
     }
 
@@ -126,9 +131,10 @@ impl Names {
     }
 
     /// A reload: the proxy and the sink follow the new policy.
-    pub fn set_policy(&self, policy: &Policy, compiled: &CompiledPolicy) -> anyhow::Result<()> {
+    pub fn set_policy(&mut self, policy: &Policy, compiled: &CompiledPolicy) -> anyhow::Result<()> {
         let proxy_policy =
             ProxyPolicy::with_system_resolvers(policy).context("finding the DNS upstreams")?;
+        self.upstreams = proxy_policy.upstreams().to_vec();
         self.sink.set_policy(compiled);
         self.proxy.set_policy(proxy_policy);
         Ok(())
@@ -147,6 +153,25 @@ impl Names {
 
     pub fn stats(&self) -> crate::dns::DnsStats {
         self.proxy.counters().snapshot()
+    }
+
+    /// The `dns` part of status (`grants_live` counted now) and of each tick's stats (as
+    /// counted at the last prune, a few seconds old at most: counting walks the whole map).
+    pub fn status(&self, steered: u64, count_now: bool) -> DnsStatus {
+        DnsStatus {
+            proxy_running: true,
+            listen: self.listen.iter().map(ToString::to_string).collect(),
+            upstreams: self.upstreams.iter().map(ToString::to_string).collect(),
+            grants_live: if count_now {
+                self.sink.live_now(crate::sys::clock::boot_ns())
+            } else {
+                self.sink.live_at_prune()
+            },
+            grants_capacity: GRANT_CAPACITY,
+            steered,
+            proxy: Some(self.stats()),
+            sink: Some(self.sink.counters()),
+        }
     }
 }
 
@@ -230,7 +255,7 @@ impl super::Controller {
                 self.events.set_hosts(Some(Arc::clone(&n.sink)));
                 self.names = Some(n);
             }
-            (Some(n), true) => {
+            (Some(mut n), true) => {
                 n.set_policy(&self.policy.policy, &self.policy.compiled)?;
                 // Started before the datapath on a restart: point the (adopted) steering at it.
                 n.steer(&mut self.dp)?;
@@ -243,6 +268,28 @@ impl super::Controller {
             }
         }
         Ok(())
+    }
+
+    /// The rows of `egress grants`, cgroups named. Without a proxy (the policy uses no names)
+    /// the kernel may still hold grants (adopted, not yet expired): listed without names.
+    pub(super) fn grant_rows(&self, all: bool) -> anyhow::Result<Vec<GrantRow>> {
+        let mut rows = match &self.names {
+            Some(n) => n.sink.rows(all),
+            None => crate::dns::grants::grant_rows(
+                &self.dp.grants()?,
+                &[],
+                |_| None,
+                crate::sys::clock::boot_ns(),
+                std::time::SystemTime::now(),
+                all,
+            ),
+        };
+        let mut paths =
+            crate::sys::cgroup::CgroupPaths::new(&self.target.root, &self.target.cgroup);
+        for r in &mut rows {
+            r.cgroup_path = paths.path(r.cgroup_id, r.pid);
+        }
+        Ok(rows)
     }
 
     /// Writes the `"dns"` events of refused queries and, now and then, removes expired grants.

@@ -174,15 +174,20 @@ impl Controller {
 
     /// Publishes a fresh report to the control socket and the metrics.
     fn publish(&mut self, wall: SystemTime) -> anyhow::Result<()> {
+        let counters = self.dp.stats()?;
         let report = StatsReport {
             generated_at: timestamp(wall),
             policy: self.policy.policy.source.clone(),
             mode: self.policy.policy.mode.to_string(),
             processes: self.acct.snapshot(),
-            counters: self.dp.stats()?,
+            counters,
             denies_by_rule: self.events.by_rule().clone(),
             alerts_by_rule: self.alerts_by_rule.clone(),
             blocks: self.blocks.report(),
+            dns: self
+                .names
+                .as_ref()
+                .map(|n| n.status(counters.dns_steered, false)),
         };
         if let Some(m) = &mut self.metrics {
             m.publish(&report);

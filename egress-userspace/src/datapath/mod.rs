@@ -96,6 +96,10 @@ fn wait_for_readers() {
 /// The maps the DNS proxy works with, see [`Datapath::dns_maps`].
 pub struct DnsMaps {
     pub grants: aya::maps::HashMap<MapData, egress_common::GrantKey, egress_common::GrantValue>,
+    /// `GRANTS` again, for reading (listing, counting, finding what expired) without holding
+    /// up the writer.
+    pub grants_read:
+        aya::maps::HashMap<MapData, egress_common::GrantKey, egress_common::GrantValue>,
     pub owners: aya::maps::HashMap<MapData, u64, egress_common::Owner>,
 }
 
@@ -114,6 +118,7 @@ impl DnsMaps {
         }
         Ok(DnsMaps {
             grants: open(pins, map_names::GRANTS)?,
+            grants_read: open(pins, map_names::GRANTS)?,
             owners: open(pins, map_names::SOCK_OWNERS)?,
         })
     }
@@ -463,6 +468,7 @@ impl Datapath {
         }
         Ok(DnsMaps {
             grants: reopen(self.maps.grants.map(), map_names::GRANTS)?,
+            grants_read: reopen(self.maps.grants.map(), map_names::GRANTS)?,
             owners: reopen(self.maps.owners.map(), map_names::SOCK_OWNERS)?,
         })
     }

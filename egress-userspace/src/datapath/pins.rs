@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use egress_common::{Config, map_names};
+use egress_common::{Config, GrantKey, GrantValue, map_names};
 use serde::{Deserialize, Serialize};
 
 use super::{Counters, DatapathError, bpfsys, maps};
@@ -307,12 +307,38 @@ impl Pins {
             Map::PerCpuArray,
         )?;
         let buffer = active.get(&0, 0)? & 1;
+        let now = crate::sys::clock::boot_ns();
         Ok(PinnedStatus {
             state: self.read_state().unwrap_or_default(),
             config: configs.get(&buffer, 0)?,
             counters: maps::sum_stats(&stats)?,
             links: self.link_statuses(),
+            // Status is about the rest too: a grant map that cannot be read counts none.
+            grants_live: self.grants().map_or(0, |g| {
+                g.iter().filter(|(_, v)| v.until_ns > now).count() as u64
+            }),
         })
+    }
+
+    /// Every entry of the pinned grant map (`GRANTS`), expired ones included: `egress grants`
+    /// without a controller. The kernel knows addresses, cgroups and expiries, not names.
+    pub fn grants(&self) -> anyhow::Result<Vec<(GrantKey, GrantValue)>> {
+        use aya::maps::{HashMap, Map};
+        if !self.adoptable() {
+            bail!(
+                "no controller is running and nothing is pinned under {}: egress is not enforcing",
+                self.dir.display()
+            );
+        }
+        let grants: HashMap<_, GrantKey, GrantValue> = maps::open_pinned(
+            &self.map(map_names::GRANTS),
+            map_names::GRANTS,
+            Map::HashMap,
+        )?;
+        Ok(grants
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(maps::err(map_names::GRANTS))?)
     }
 
     /// Detaches every pinned link and removes every pin and the state file: enforcement stops.
@@ -430,6 +456,8 @@ pub struct PinnedStatus {
     pub config: Config,
     pub counters: Counters,
     pub links: Vec<LinkStatus>,
+    /// Unexpired entries of the grant map.
+    pub grants_live: u64,
 }
 
 #[cfg(test)]

@@ -2,23 +2,28 @@
 //! its owner (`SOCK_OWNERS`, recorded by the hook that steered the query), and writes the
 //! answer's addresses into `GRANTS` for that owner's cgroup before the proxy replies. It also
 //! remembers, per cgroup and address, the name they were learned from: deny events carry it
-//! (`host`), and `egress grants` lists it.
+//! (`host`), and `egress grants` lists it ([`grant_rows`]: the kernel's entries, named from
+//! what was learned).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{Mutex, PoisonError, RwLock},
-    time::Duration,
+    sync::{
+        Mutex, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, SystemTime},
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use egress_common::{GRANT_SET_BASE, GrantKey, GrantValue, Owner};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ClientInfo, Grant, GrantError, GrantSink, Refusal, Transport};
 use crate::{
     datapath::DnsMaps,
     policy::compile::CompiledPolicy,
+    report::GrantRow,
     sys::{
         clock,
         sockdiag::{self, SockDiag},
@@ -52,7 +57,7 @@ pub struct RefusedQuery {
 }
 
 /// Counters of the sink.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantCounters {
     /// Addresses written into `GRANTS`.
     pub written: u64,
@@ -64,6 +69,10 @@ pub struct GrantCounters {
 
 pub struct KernelGrants {
     grants: Mutex<BpfHashMap<MapData, GrantKey, GrantValue>>,
+    /// The same map, read without taking `grants`' lock.
+    grants_read: BpfHashMap<MapData, GrantKey, GrantValue>,
+    /// Unexpired kernel grants at the last [`KernelGrants::prune`].
+    live: AtomicU64,
     owners: BpfHashMap<MapData, u64, Owner>,
     diag: Mutex<SockDiag>,
     /// The proxy's own addresses, by family: the other end of every client socket.
@@ -79,6 +88,8 @@ impl KernelGrants {
     pub fn new(maps: DnsMaps, policy: &CompiledPolicy) -> std::io::Result<KernelGrants> {
         let sink = KernelGrants {
             grants: Mutex::new(maps.grants),
+            grants_read: maps.grants_read,
+            live: AtomicU64::new(0),
             owners: maps.owners,
             diag: Mutex::new(SockDiag::open()?),
             listen: RwLock::new(Vec::new()),
@@ -137,24 +148,72 @@ impl KernelGrants {
             .collect()
     }
 
+    /// Every entry of the kernel map, expired ones included (an entry that cannot be read is
+    /// skipped: it may have just been deleted).
+    pub fn kernel_grants(&self) -> Vec<(GrantKey, GrantValue)> {
+        self.grants_read.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Unexpired kernel grants now (a walk of the map).
+    pub fn live_now(&self, now_ns: u64) -> u64 {
+        self.kernel_grants()
+            .iter()
+            .filter(|(_, v)| v.until_ns > now_ns)
+            .count() as u64
+    }
+
+    /// Unexpired kernel grants as of the last [`KernelGrants::prune`] (no walk: for every tick's
+    /// report).
+    pub fn live_at_prune(&self) -> u64 {
+        self.live.load(Relaxed)
+    }
+
     /// Forgets what ended before `now_ns`, in the kernel and here; returns how many kernel
     /// entries went.
     pub fn prune(&self, now_ns: u64) -> usize {
-        let mut grants = self.grants.lock().unwrap_or_else(PoisonError::into_inner);
-        let expired: Vec<GrantKey> = grants
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.until_ns <= now_ns)
-            .map(|(k, _)| k)
-            .collect();
-        for k in &expired {
-            let _ = grants.remove(k);
+        let (expired, live): (Vec<_>, Vec<_>) = self
+            .kernel_grants()
+            .into_iter()
+            .partition(|(_, v)| v.until_ns <= now_ns);
+        self.live.store(live.len() as u64, Relaxed);
+        if !expired.is_empty() {
+            let mut grants = self.grants.lock().unwrap_or_else(PoisonError::into_inner);
+            for (k, v) in &expired {
+                // Refreshed since it was read: keep it.
+                if grants.get(k, 0).is_ok_and(|now| now.until_ns == v.until_ns) {
+                    let _ = grants.remove(k);
+                }
+            }
         }
         self.learned
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, l| l.until_ns > now_ns);
         expired.len()
+    }
+
+    /// The service name of each grant slot of the policy in force.
+    fn slot_names(&self) -> HashMap<u32, String> {
+        self.services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The rows of `egress grants` (cgroup paths not filled in).
+    pub fn rows(&self, all: bool) -> Vec<GrantRow> {
+        let now = clock::boot_ns();
+        let slots = self.slot_names();
+        grant_rows(
+            &self.kernel_grants(),
+            &self.learned(),
+            |slot| slots.get(&slot).cloned(),
+            now,
+            SystemTime::now(),
+            all,
+        )
     }
 
     /// The owner of the socket a query came from.
@@ -225,6 +284,81 @@ impl KernelGrants {
     fn bump(&self, f: impl FnOnce(&mut GrantCounters)) {
         f(&mut self.counters.lock().unwrap_or_else(PoisonError::into_inner));
     }
+}
+
+/// The rows of `egress grants`: every unexpired kernel grant, named from what was learned (the
+/// name, who asked) when that is known, its service from its slot (`service_of`); with `all`,
+/// also the names resolved that nothing approved (`granted` false). Sorted by cgroup, name and
+/// address; `cgroup_path` is left for the caller. `now_ns` (CLOCK_BOOTTIME) and `wall` are the
+/// same instant.
+pub fn grant_rows(
+    kernel: &[(GrantKey, GrantValue)],
+    learned: &[((u64, IpAddr), Learned)],
+    service_of: impl Fn(u32) -> Option<String>,
+    now_ns: u64,
+    wall: SystemTime,
+    all: bool,
+) -> Vec<GrantRow> {
+    let expiry = |until_ns: u64| {
+        let left = Duration::from_nanos(until_ns.saturating_sub(now_ns));
+        (
+            humantime::format_rfc3339_seconds(wall + left).to_string(),
+            left.as_secs() + u64::from(left.subsec_nanos() > 0),
+        )
+    };
+    let learned_of: HashMap<(u64, IpAddr), &Learned> =
+        learned.iter().map(|(k, l)| (*k, l)).collect();
+    let mut rows = Vec::new();
+    let mut granted = HashSet::new();
+    for (k, v) in kernel.iter().filter(|(_, v)| v.until_ns > now_ns) {
+        let key = (k.cgroup_id, egress_common::user::ip_of(k.family, &k.addr));
+        granted.insert(key);
+        // A name learned without a grant is not what this grant is for.
+        let l = learned_of.get(&key).filter(|l| l.service.is_some());
+        let (expires, expires_in_secs) = expiry(v.until_ns);
+        rows.push(GrantRow {
+            name: l.map(|l| l.name.clone()),
+            address: key.1,
+            cgroup_id: key.0,
+            cgroup_path: None,
+            service: service_of(v.ruleset & !GRANT_SET_BASE)
+                .or_else(|| l.and_then(|l| l.service.clone())),
+            granted: true,
+            expires,
+            expires_in_secs,
+            pid: l.map(|l| l.pid),
+            comm: l.map(|l| l.comm.clone()),
+        });
+    }
+    if all {
+        for (key, l) in learned {
+            if l.service.is_some() || l.until_ns <= now_ns || granted.contains(key) {
+                continue;
+            }
+            let (expires, expires_in_secs) = expiry(l.until_ns);
+            rows.push(GrantRow {
+                name: Some(l.name.clone()),
+                address: key.1,
+                cgroup_id: key.0,
+                cgroup_path: None,
+                service: None,
+                granted: false,
+                expires,
+                expires_in_secs,
+                pid: Some(l.pid),
+                comm: Some(l.comm.clone()),
+            });
+        }
+    }
+    rows.sort_by(|a, b| {
+        (a.cgroup_id, &a.name, a.address, !a.granted).cmp(&(
+            b.cgroup_id,
+            &b.name,
+            b.address,
+            !b.granted,
+        ))
+    });
+    rows
 }
 
 fn key_of(cgroup_id: u64, addr: IpAddr) -> GrantKey {
@@ -310,4 +444,163 @@ impl GrantSink for KernelGrants {
 
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn learned(name: &str, service: Option<&str>, until_ns: u64) -> Learned {
+        Learned {
+            name: name.into(),
+            service: service.map(Into::into),
+            until_ns,
+            pid: 77,
+            comm: "curl".into(),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A kernel grant named from what was learned; one whose name is unknown (made by an earlier
+    /// controller); an expired one left out; an unapproved name only under `all`; and an
+    /// unapproved name that shadows a live grant never names it.
+    #[test]
+    fn rows_join_the_kernel_grants_with_what_was_learned() {
+        let now = 1000 * SEC;
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let kernel = [
+            (
+                key_of(5, ip("198.18.0.2")),
+                GrantValue {
+                    until_ns: now + 299 * SEC + 1,
+                    ruleset: GRANT_SET_BASE | 1,
+                    _pad: 0,
+                },
+            ),
+            (
+                key_of(5, ip("2001:db8::7")),
+                GrantValue {
+                    until_ns: now + 60 * SEC,
+                    ruleset: GRANT_SET_BASE | 9,
+                    _pad: 0,
+                },
+            ),
+            (
+                key_of(6, ip("198.18.0.3")),
+                GrantValue {
+                    until_ns: now + 30 * SEC,
+                    ruleset: GRANT_SET_BASE | 1,
+                    _pad: 0,
+                },
+            ),
+            (
+                key_of(5, ip("198.18.0.9")),
+                GrantValue {
+                    until_ns: now - SEC,
+                    ruleset: GRANT_SET_BASE | 1,
+                    _pad: 0,
+                },
+            ),
+        ];
+        let learned = [
+            (
+                (5, ip("198.18.0.2")),
+                learned("api.example.test", Some("api"), now + 299 * SEC + 1),
+            ),
+            // Resolved from an unapproved name after it was granted: not this grant's name.
+            (
+                (6, ip("198.18.0.3")),
+                learned("other.example.test", None, now + 40 * SEC),
+            ),
+            (
+                (5, ip("198.18.0.4")),
+                learned("other.example.test", None, now + 10 * SEC),
+            ),
+            (
+                (5, ip("198.18.0.5")),
+                learned("gone.example.test", None, now - SEC),
+            ),
+        ];
+        let service = |slot: u32| (slot == 1).then(|| "api".to_string());
+        let rows = grant_rows(&kernel, &learned, service, now, wall, false);
+        let brief: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.cgroup_id,
+                    r.name.as_deref(),
+                    r.address.to_string(),
+                    r.service.as_deref(),
+                    r.granted,
+                    r.expires_in_secs,
+                )
+            })
+            .collect();
+        assert_eq!(
+            brief,
+            [
+                (5, None, "2001:db8::7".into(), None, true, 60),
+                (
+                    5,
+                    Some("api.example.test"),
+                    "198.18.0.2".into(),
+                    Some("api"),
+                    true,
+                    300
+                ),
+                (6, None, "198.18.0.3".into(), Some("api"), true, 30),
+            ]
+        );
+        assert_eq!(rows[1].expires, "2027-01-15T08:04:59Z");
+        assert_eq!(
+            (rows[1].pid, rows[1].comm.as_deref()),
+            (Some(77), Some("curl"))
+        );
+        assert_eq!((rows[0].pid, rows[0].comm.as_deref()), (None, None));
+
+        let all = grant_rows(&kernel, &learned, service, now, wall, true);
+        assert_eq!(all.len(), 4);
+        let extra = all.iter().find(|r| !r.granted).unwrap();
+        assert_eq!(
+            (
+                extra.name.as_deref(),
+                extra.address,
+                extra.service.as_deref()
+            ),
+            (Some("other.example.test"), ip("198.18.0.4"), None)
+        );
+    }
+
+    /// `egress grants --json` is read by scripts: the row's keys stay as documented.
+    #[test]
+    fn a_row_has_the_documented_json_shape() {
+        let row = GrantRow {
+            name: Some("api.example.test".into()),
+            address: ip("198.18.0.2"),
+            cgroup_id: 5,
+            cgroup_path: Some("/sys/fs/cgroup/app".into()),
+            service: Some("api".into()),
+            granted: true,
+            expires: "2027-01-15T08:05:00Z".into(),
+            expires_in_secs: 300,
+            pid: Some(77),
+            comm: Some("curl".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&row).unwrap(),
+            serde_json::json!({
+                "name": "api.example.test", "address": "198.18.0.2", "cgroup_id": 5,
+                "cgroup_path": "/sys/fs/cgroup/app", "service": "api", "granted": true,
+                "expires": "2027-01-15T08:05:00Z", "expires_in_secs": 300, "pid": 77,
+                "comm": "curl"
+            })
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! The DNS proxy of approved services by name (issue 11): it answers the queries of enforced
 //! processes, and before it replies with the addresses of a name a service covers, it hands them
-//! to a [`GrantSink`] (the kernel grant map, once the datapath has one), so that the first
+//! to a [`GrantSink`] (the kernel grant map: [`grants::KernelGrants`]), so that the first
 //! connect after the answer already finds its grant.
 //!
 //! One home per concern:

@@ -92,6 +92,75 @@ pub fn id_and_level(root: &Path, path: &Path) -> anyhow::Result<(u64, u32)> {
     Ok((id, rel.components().count() as u32))
 }
 
+/// Directories a [`CgroupPaths`] walks at most: naming cgroups in a report must stay cheap on a
+/// host with very many.
+const WALK_LIMIT: usize = 4096;
+
+/// Finds the paths of cgroups by id, for reports (`egress grants`). Cheap ways first: the
+/// cgroup of a process known to have been in it (checked by inode), then one bounded walk of the
+/// enforced cgroup's subtree; a cgroup found by neither (gone, or past the walk's limit) has no
+/// path. Answers are kept for the life of the value (one report).
+pub struct CgroupPaths {
+    root: PathBuf,
+    under: PathBuf,
+    found: std::collections::HashMap<u64, PathBuf>,
+    walked: bool,
+}
+
+impl CgroupPaths {
+    /// `root` is the cgroup2 mount, `under` the enforced cgroup (the subtree walked).
+    pub fn new(root: &Path, under: &Path) -> CgroupPaths {
+        CgroupPaths {
+            root: root.to_path_buf(),
+            under: under.to_path_buf(),
+            found: std::collections::HashMap::new(),
+            walked: false,
+        }
+    }
+
+    /// The path of cgroup `id`; `pid`, a process that was in it.
+    pub fn path(&mut self, id: u64, pid: Option<u32>) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        if !self.found.contains_key(&id)
+            && let Some(rel) = pid.and_then(super::proc::cgroup_of)
+        {
+            let p = self.root.join(rel.trim_start_matches('/'));
+            if fs::metadata(&p).is_ok_and(|m| m.ino() == id) {
+                self.found.insert(id, p);
+            }
+        }
+        if !self.found.contains_key(&id) && !self.walked {
+            self.walked = true;
+            self.walk();
+        }
+        self.found.get(&id).map(|p| p.display().to_string())
+    }
+
+    fn walk(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut todo = vec![self.under.clone()];
+        let mut seen = 0;
+        while let Some(dir) = todo.pop() {
+            seen += 1;
+            if seen > WALK_LIMIT {
+                break;
+            }
+            if let Ok(m) = fs::metadata(&dir) {
+                self.found.entry(m.ino()).or_insert_with(|| dir.clone());
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            todo.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+}
+
 /// A child cgroup that we created, removed (after killing anything left in it) on drop.
 #[derive(Debug)]
 pub struct ChildCgroup {
@@ -217,6 +286,26 @@ pub fn join_in_child(fd: &OwnedFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The walk finds a directory below the enforced one by its inode (any directory has one:
+    /// a plain tree stands in for cgroup2), and nothing outside it.
+    #[test]
+    fn cgroup_paths_are_found_by_inode_below_the_enforced_cgroup() {
+        use std::os::unix::fs::MetadataExt as _;
+        let base = std::env::temp_dir().join(format!("egress-cgpaths-{}", std::process::id()));
+        let deep = base.join("enforced/a/b");
+        let outside = base.join("other");
+        fs::create_dir_all(&deep).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let mut paths = CgroupPaths::new(&base, &base.join("enforced"));
+        assert_eq!(
+            paths.path(ino(&deep), None),
+            Some(deep.display().to_string())
+        );
+        assert_eq!(paths.path(ino(&outside), None), None);
+        fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
