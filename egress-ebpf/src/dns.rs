@@ -98,8 +98,8 @@ pub fn steer_v4(
     Steer::Steered
 }
 
-/// connect6/sendmsg6 with an IPv6 destination (v4-mapped ones: `steer_v4`, rewritten to the
-/// mapped form of the proxy's IPv4 address by the caller's context).
+/// connect6/sendmsg6 with an IPv6 destination, steered to the proxy's IPv6 address; or, with
+/// `mapped`, a v4-mapped one, steered to the mapped form of the proxy's IPv4 address.
 #[inline(always)]
 pub fn steer_v6(
     ctx: &SockAddrContext,
@@ -107,8 +107,18 @@ pub fn steer_v6(
     addr: &[u8; 16],
     port: u16,
     proto: u8,
+    mapped: bool,
 ) -> Steer {
-    if cfg.dns_flags & DNS_STEER != 0 && *addr == cfg.dns_v6 && port == cfg.dns_port6 {
+    let (proxy, proxy_port) = if mapped {
+        let mut m = [0u8; 16];
+        m[10] = 0xff;
+        m[11] = 0xff;
+        m[12..].copy_from_slice(&cfg.dns_v4);
+        (m, cfg.dns_port)
+    } else {
+        (cfg.dns_v6, cfg.dns_port6)
+    };
+    if cfg.dns_flags & DNS_STEER != 0 && *addr == proxy && port == proxy_port {
         return Steer::Proxy;
     }
     if !steerable(ctx, cfg, port, proto) {
@@ -123,58 +133,14 @@ pub fn steer_v6(
             ..DnsOrig::default()
         },
     );
-    let w = |i: usize| {
-        u32::from_ne_bytes([
-            cfg.dns_v6[i],
-            cfg.dns_v6[i + 1],
-            cfg.dns_v6[i + 2],
-            cfg.dns_v6[i + 3],
-        ])
-    };
+    let w = |i: usize| u32::from_ne_bytes([proxy[i], proxy[i + 1], proxy[i + 2], proxy[i + 3]]);
     // SAFETY: user_ip6 words and user_port are writable in connect6 and sendmsg6.
     unsafe {
         (*ctx.sock_addr).user_ip6[0] = w(0);
         (*ctx.sock_addr).user_ip6[1] = w(4);
         (*ctx.sock_addr).user_ip6[2] = w(8);
         (*ctx.sock_addr).user_ip6[3] = w(12);
-        (*ctx.sock_addr).user_port = u32::from(cfg.dns_port6.to_be());
-    }
-    Steer::Steered
-}
-
-/// A v4-mapped destination on an AF_INET6 socket's connect6: steered to the mapped form of the
-/// proxy's IPv4 address.
-#[inline(always)]
-pub fn steer_v6_mapped(
-    ctx: &SockAddrContext,
-    cfg: &Config,
-    addr: &[u8; 16],
-    port: u16,
-    proto: u8,
-) -> Steer {
-    let v4 = [addr[12], addr[13], addr[14], addr[15]];
-    if cfg.dns_flags & DNS_STEER != 0 && v4 == cfg.dns_v4 && port == cfg.dns_port {
-        return Steer::Proxy;
-    }
-    if !steerable(ctx, cfg, port, proto) {
-        return Steer::No;
-    }
-    remember(
-        ctx,
-        DnsOrig {
-            family: 6,
-            port,
-            addr: *addr,
-            ..DnsOrig::default()
-        },
-    );
-    // SAFETY: as in `steer_v6`.
-    unsafe {
-        (*ctx.sock_addr).user_ip6[0] = 0;
-        (*ctx.sock_addr).user_ip6[1] = 0;
-        (*ctx.sock_addr).user_ip6[2] = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-        (*ctx.sock_addr).user_ip6[3] = u32::from_ne_bytes(cfg.dns_v4);
-        (*ctx.sock_addr).user_port = u32::from(cfg.dns_port.to_be());
+        (*ctx.sock_addr).user_port = u32::from(proxy_port.to_be());
     }
     Steer::Steered
 }

@@ -132,11 +132,7 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let cfg = policy::config();
     let v4 = v4_mapped(&addr);
     if !no_address(ctx) {
-        let steer = match v4 {
-            Some(_) => dns::steer_v6_mapped(ctx, &cfg, &addr, port, proto),
-            None => dns::steer_v6(ctx, &cfg, &addr, port, proto),
-        };
-        match steer {
+        match dns::steer_v6(ctx, &cfg, &addr, port, proto, v4.is_some()) {
             Steer::No => {}
             Steer::Proxy | Steer::Steered => return steered(ctx),
         }

@@ -108,27 +108,7 @@ impl Drop for Echo {
 /// `SO_NETNS_COOKIE` of namespace `ns`.
 fn netns_cookie(ns: &LoopNs) -> u64 {
     in_netns(ns, || {
-        use std::os::fd::AsRawFd as _;
-        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut cookie = 0u64;
-        let mut len = size_of::<u64>() as libc::socklen_t;
-        // SAFETY: getsockopt into a u64 of the size passed.
-        let rc = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "SO_NETNS_COOKIE: {}",
-            std::io::Error::last_os_error()
-        );
-        cookie
+        egress::sys::sockdiag::netns_cookie().expect("SO_NETNS_COOKIE")
     })
 }
 
