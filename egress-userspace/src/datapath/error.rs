@@ -25,6 +25,8 @@ pub enum DatapathError {
     Iface { iface: String, message: String },
     #[error("pinning: {0}")]
     Pin(String),
+    #[error("turning on the kernel's BPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+): {0}")]
+    Stats(#[source] aya::sys::SyscallError),
     #[error("tracepoint {0}")]
     Tracepoint(String),
     #[error(

@@ -1,8 +1,8 @@
 //! The only module that touches aya: loads the embedded eBPF object, takes typed handles on its
 //! maps (`maps`), writes a compiled policy into them, attaches the hooks to a cgroup, the fork
 //! tracker to its tracepoint (`fork`) and TC to interfaces, pins what must outlive the
-//! controller (`pins`), sets and lifts byte-budget blocks (`blocks`), and reads counters and the
-//! event ring (`ring`). Raw bpf(2) calls only where aya has no API (`bpfsys`).
+//! controller (`pins`), sets and lifts byte-budget blocks (`blocks`), and reads counters, the
+//! event ring (`ring`) and the kernel's run-time statistics of its programs. Raw bpf(2) calls only where aya has no API (`bpfsys`).
 
 mod blocks;
 mod bpfsys;
@@ -91,6 +91,22 @@ fn wait_for_readers() {
         }
     }
     std::thread::sleep(std::time::Duration::from_millis(50));
+}
+
+/// What the kernel counted for one program while run-time statistics were on (see
+/// [`enable_run_stats`]): how often it ran, and for how long in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub run_time: std::time::Duration,
+    pub run_count: u64,
+}
+
+/// Turns on the kernel's run-time statistics of every BPF program (`BPF_ENABLE_STATS`, what
+/// `sysctl kernel.bpf_stats_enabled=1` does) until the returned descriptor is closed, so that
+/// the host setting is never left on behind the caller. While on, each program run costs two
+/// clock reads more. For measurements ([`Datapath::run_stats`]), not for production.
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, DatapathError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(DatapathError::Stats)
 }
 
 /// The maps the DNS proxy works with, see [`Datapath::dns_maps`].
@@ -662,6 +678,21 @@ impl Datapath {
     /// The datapath's counters.
     pub fn stats(&self) -> Result<Counters, DatapathError> {
         maps::sum_stats(&self.maps.stats)
+    }
+
+    /// The kernel's run-time statistics of program `name` (one of [`HOOKS`], ...) since it was
+    /// loaded; they only grow while [`enable_run_stats`] holds them on.
+    pub fn run_stats(&self, name: &'static str) -> Result<RunStats, DatapathError> {
+        let info = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing(name))?
+            .info()
+            .map_err(prog_err(name))?;
+        Ok(RunStats {
+            run_time: info.run_time(),
+            run_count: info.run_count(),
+        })
     }
 }
 

@@ -7,12 +7,17 @@
 //!    rule per prefix), nftables (an interval set);
 //! 2. TC accounting cost: iperf3 TCP throughput and small-packet UDP rate over a veth pair;
 //! 3. policy apply time and kernel memory per rule;
-//! 4. the event path: denied connects per second with an event each, and events lost.
+//! 4. the event path: denied connects per second with an event each, and events lost;
+//! 5. DNS lookup latency through egress's proxy against the same lookup sent directly;
+//! 6. the connect decision with 100k live DNS grants against 100k approved CIDR prefixes, from
+//!    the kernel's own statistics of the program (5 and 6 in `names`).
 //!
 //! Namespaces, cgroups and the processes it starts come from the test harness (`egress_tests`),
 //! so that the bench cleans up exactly as the tests do. `egress-bench client …` is its own timing
 //! client, which it starts inside a namespace and a cgroup.
 //! (Over 500 lines: one benchmark harness, each measurement beside its baseline.)
+
+mod names;
 
 use std::{
     collections::BTreeMap,
@@ -30,9 +35,10 @@ use egress::{datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy
 use egress_tests::{ChildGuard, LoopNs, NetPair, TestCgroup, in_netns};
 use serde::{Deserialize, Serialize};
 
-/// The benchmarks behind `cargo xtask bench` (root; needs iproute2, iptables, nftables, iperf3):
-/// egress against a no-firewall baseline, iptables and nftables, in namespaces and cgroups of
-/// its own. Prints a table and writes results.json and results.md.
+/// The benchmarks behind `cargo xtask bench` (root; needs iproute2, iptables, nftables, iperf3,
+/// dnsmasq, and the `egress` binary beside this one): egress against a no-firewall baseline,
+/// iptables and nftables, in namespaces and cgroups of its own. Prints a table and writes
+/// results.json and results.md.
 #[derive(Parser, Debug)]
 #[command(name = "egress-bench", args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -60,6 +66,13 @@ enum Helper {
         addr: SocketAddr,
         /// Calls (milliseconds for deny-flood).
         iters: usize,
+        /// dns-udp: the name to look up.
+        #[arg(long, default_value = "bench.example.test")]
+        name: String,
+        /// udp-connect-many: how many of the bench's target addresses to connect to in turn
+        /// (ADDR gives the port).
+        #[arg(long, default_value_t = 1)]
+        targets: usize,
     },
 }
 
@@ -74,6 +87,10 @@ enum Mode {
     TcpConnect,
     /// UDP connects to a denied address, each with an event.
     DenyFlood,
+    /// DNS lookups (A record of --name), each from a new connected UDP socket, as glibc does.
+    DnsUdp,
+    /// connect() of one UDP socket to --targets addresses in turn, counting EPERM.
+    UdpConnectMany,
 }
 
 impl Mode {
@@ -86,11 +103,15 @@ impl Mode {
     }
 }
 
+/// What the client prints: the latency of its calls.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default)]
 struct Latency {
     p50_ns: f64,
     p99_ns: f64,
     mean_ns: f64,
+    /// Calls refused with EPERM (udp-connect-many counts them; the other modes fail instead).
+    #[serde(default)]
+    denied: u64,
 }
 
 fn percentiles(mut v: Vec<u64>) -> Latency {
@@ -100,13 +121,30 @@ fn percentiles(mut v: Vec<u64>) -> Latency {
         p50_ns: at(0.5),
         p99_ns: at(0.99),
         mean_ns: v.iter().sum::<u64>() as f64 / v.len() as f64,
+        denied: 0,
     }
 }
 
 /// `egress-bench client MODE ADDR ITERS`: times each call, prints a Latency as JSON.
-fn client(mode: Mode, addr: SocketAddr, iters: usize) -> anyhow::Result<()> {
+fn client(
+    mode: Mode,
+    addr: SocketAddr,
+    iters: usize,
+    name: &str,
+    targets: usize,
+) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(iters);
     match mode {
+        Mode::DnsUdp => samples = names::dns_client(addr, name, iters)?,
+        Mode::UdpConnectMany => {
+            let (times, denied) = names::connect_many(addr.port(), targets, iters)?;
+            let l = Latency {
+                denied,
+                ..percentiles(times)
+            };
+            println!("{}", serde_json::to_string(&l)?);
+            return Ok(());
+        }
         Mode::UdpConnect => {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             for _ in 0..iters / 10 {
@@ -211,25 +249,31 @@ fn time_client(
     Ok(serde_json::from_str(out.trim())?)
 }
 
-/// Deterministic, non-contiguous prefixes of mixed lengths (/16 to /32) outside 127/8.
-fn prefixes(n: usize) -> Vec<(u32, u8)> {
-    let mut out = Vec::with_capacity(n);
-    let mut seen = std::collections::HashSet::with_capacity(n);
+/// Deterministic, distinct, non-contiguous prefixes of mixed lengths (/16 to /32) outside 0/8
+/// and 127/8, always in the same order.
+fn prefix_stream() -> impl Iterator<Item = (u32, u8)> {
+    let mut seen = std::collections::HashSet::new();
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = [16u8, 20, 22, 24, 24, 24, 28, 32][(x >> 60) as usize % 8];
-        let mut addr = (x as u32) & (u32::MAX << (32 - len));
-        if addr >> 24 == 127 || addr >> 24 == 0 {
-            addr ^= 0x4000_0000;
+    std::iter::from_fn(move || {
+        loop {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = [16u8, 20, 22, 24, 24, 24, 28, 32][(x >> 60) as usize % 8];
+            let mut addr = (x as u32) & (u32::MAX << (32 - len));
+            if addr >> 24 == 127 || addr >> 24 == 0 {
+                addr ^= 0x4000_0000;
+            }
+            if seen.insert((addr, len)) {
+                return Some((addr, len));
+            }
         }
-        if seen.insert((addr, len)) {
-            out.push((addr, len));
-        }
-    }
-    out
+    })
+}
+
+/// The first `n` prefixes of [`prefix_stream`].
+fn prefixes(n: usize) -> Vec<(u32, u8)> {
+    prefix_stream().take(n).collect()
 }
 
 fn cidr((a, l): (u32, u8)) -> String {
@@ -623,6 +667,8 @@ struct Results {
     tc: Vec<TcRow>,
     apply: Vec<ApplyRow>,
     events: EventRow,
+    dns: names::DnsReport,
+    grants: names::GrantReport,
 }
 
 fn machine() -> (String, String, usize) {
@@ -711,20 +757,26 @@ fn markdown(r: &Results) -> String {
         "\n### 4. Event path\n\nDenied connects with an event each: {:.0}/s [{:.0}–{:.0}]; events received {}, lost (ring buffer full, counted by the datapath) {}.\n",
         e.denies_per_sec.median, e.denies_per_sec.min, e.denies_per_sec.max, e.events_received, e.events_lost
     ));
+    m.push_str(&names::markdown(&r.dns, &r.grants));
     m
 }
 
 fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
-    for tool in ["ip", "iptables-restore", "nft", "iperf3"] {
+    for tool in ["ip", "iptables-restore", "nft", "iperf3", "dnsmasq"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .output()
             .map(|o| !o.status.success())
             .unwrap_or(true)
         {
-            bail!("`{tool}` is missing (Debian packages: iproute2 iptables nftables iperf3)");
+            bail!(
+                "`{tool}` is missing (Debian packages: iproute2 iptables nftables iperf3 dnsmasq-base)"
+            );
         }
     }
+    // The DNS benchmark runs the controller; fail now (saying how to build it), not after
+    // minutes of the others.
+    egress_tests::bins::egress();
     let s = if quick {
         Settings {
             quick,
@@ -747,6 +799,8 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     let apply = apply_cost(&s)?;
     eprintln!("bench: event path");
     let events = event_path(&s)?;
+    let dns = names::dns_latency(&s)?;
+    let grants = names::grant_cost(&s)?;
     let results = Results {
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         kernel,
@@ -758,6 +812,8 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
         tc,
         apply,
         events,
+        dns,
+        grants,
     };
     fs::create_dir_all(&out_dir)?;
     fs::write(
@@ -777,7 +833,13 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.helper {
-        Some(Helper::Client { mode, addr, iters }) => client(mode, addr, iters),
+        Some(Helper::Client {
+            mode,
+            addr,
+            iters,
+            name,
+            targets,
+        }) => client(mode, addr, iters, &name, targets),
         None => bench(cli.quick, cli.out),
     };
     match r {
@@ -816,6 +878,37 @@ mod tests {
             Some(Helper::Client {
                 mode: Mode::DenyFlood,
                 iters: 1000,
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from([
+            "egress-bench",
+            "client",
+            "dns-udp",
+            "127.0.0.2:53",
+            "500",
+            "--name",
+            "other.example.test",
+        ])
+        .unwrap();
+        assert!(
+            matches!(&cli.helper, Some(Helper::Client { mode: Mode::DnsUdp, name, .. }) if name == "other.example.test")
+        );
+        let cli = Cli::try_parse_from([
+            "egress-bench",
+            "client",
+            Mode::UdpConnectMany.arg().as_str(),
+            "0.0.0.0:9",
+            "500",
+            "--targets",
+            "100000",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.helper,
+            Some(Helper::Client {
+                mode: Mode::UdpConnectMany,
+                targets: 100_000,
                 ..
             })
         ));
