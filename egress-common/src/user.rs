@@ -52,8 +52,9 @@ pub fn protocol_name(p: u8) -> String {
 
 /// The names events give to verdicts no policy rule made, whatever the policy: `default`,
 /// `loopback`, `source-route`, `sockets.raw`, `sockets.icmp`, `sockets.other`,
-/// `sockets.packet`, `owners-full`. Policies may not name a rule any of these.
-pub const BUILTIN_RULE_NAMES: [&str; 8] = [
+/// `sockets.packet`, `owners-full`; and `dns-over-tls`, the block a policy that uses names gets
+/// (see `CompiledPolicy::compile`). Policies may not name a rule any of these.
+pub const BUILTIN_RULE_NAMES: [&str; 9] = [
     "default",
     "loopback",
     "source-route",
@@ -62,6 +63,7 @@ pub const BUILTIN_RULE_NAMES: [&str; 8] = [
     "sockets.other",
     "sockets.packet",
     "owners-full",
+    "dns-over-tls",
 ];
 
 /// The name of a rule id no policy rule has (see [`BUILTIN_RULE_NAMES`]).

@@ -208,6 +208,46 @@ fn queries_are_steered_and_answers_show_the_server_asked() {
     assert_eq!(echo.answered.load(Ordering::Relaxed), 6);
 }
 
+/// A policy that uses names blocks DNS over TLS (port 853) even where its address rules
+/// approve it: names resolve through the proxy or not at all. Without names the policy decides.
+#[test]
+fn a_policy_with_names_blocks_dns_over_tls() {
+    let ns = LoopNs::new();
+    let base = "mode = \"enforce\"\nallow_loopback = false\n[[service]]\nname = \"lo\"\ndestinations = [\"127.0.0.0/8\"]\n";
+    let verdicts = |policy: &str| {
+        let cg = TestCgroup::new();
+        let compiled = CompiledPolicy::compile(&Policy::parse("t.toml", policy).unwrap()).unwrap();
+        let mut dp = load(compiled.clone(), &cg);
+        let mut ring = dp.take_events().unwrap();
+        let v: Vec<egress_tests::Verdict> = run(
+            &ns,
+            &cg,
+            &["tcp", "127.0.0.2:853", "udp-sendto", "127.0.0.2:853"],
+        )
+        .into_iter()
+        .map(|l| l.result)
+        .collect();
+        let mut rules = Vec::new();
+        while let Some(ev) = ring.try_next() {
+            rules.push(compiled.rule_name(ev.rule_id).to_string());
+        }
+        (v, rules)
+    };
+    assert_eq!(
+        verdicts(base),
+        (vec![Refused, Succeeded], vec![]),
+        "approved by address"
+    );
+    let with_names = format!("{base}[dns]\nunlisted = \"refuse\"\n");
+    assert_eq!(
+        verdicts(&with_names),
+        (
+            vec![Denied, Denied],
+            vec!["dns-over-tls".to_string(), "dns-over-tls".to_string()]
+        )
+    );
+}
+
 #[test]
 fn a_grant_approves_one_address_for_one_cgroup_with_the_services_ports_until_it_expires() {
     let ns = LoopNs::new();

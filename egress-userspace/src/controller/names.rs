@@ -21,7 +21,7 @@ use crate::{
         DnsProxy, ProxyConfig, ProxyHandle, ProxyPolicy,
         grants::{KernelGrants, RefusedQuery},
     },
-    policy::{Policy, Unlisted, compile::CompiledPolicy},
+    policy::{Policy, compile::CompiledPolicy},
     report::{DnsStatus, GrantRow},
     sys::sockdiag,
 };
@@ -34,9 +34,7 @@ pub const LISTEN_PORT: u16 = 53;
 /// Whether `policy` approves or blocks anything by name, or says how names resolve: then the
 /// proxy runs and DNS is steered to it.
 pub fn uses_names(policy: &Policy) -> bool {
-    policy.host_patterns() > 0
-        || !policy.dns.upstream.is_empty()
-        || policy.dns.unlisted == Unlisted::Refuse
+    policy.uses_names()
 }
 
 /// The running proxy and its sink.

@@ -392,6 +392,19 @@ fn compile_family<F: Family>(
 
 impl CompiledPolicy {
     pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
+        // A policy that uses names also blocks DNS over TLS (`Policy::enforced_rules`).
+        let written = policy;
+        let extended;
+        let policy: &Policy = match policy.enforced_rules() {
+            std::borrow::Cow::Borrowed(_) => policy,
+            std::borrow::Cow::Owned(rules) => {
+                extended = Policy {
+                    rules,
+                    ..policy.clone()
+                };
+                &extended
+            }
+        };
         let mut builder = SetBuilder {
             policy,
             by_rules: HashMap::new(),
@@ -439,8 +452,8 @@ impl CompiledPolicy {
             host_sets: host_sets(policy)?,
             rule_names,
             rule_kinds,
-            services: policy.services().count(),
-            blocks: policy.blocks().count(),
+            services: written.services().count(),
+            blocks: written.blocks().count(),
             alerts: policy.alerts.len(),
         })
     }

@@ -2029,9 +2029,23 @@ fn sample_addresses(p: &Policy, samples: &Samples) -> Vec<IpAddr> {
 
 /// The compiled policy: consistent tables, the same verdicts as [`reference`], `explain` and
 /// `rule_table` that agree with them, and no change against itself.
-fn check_compiled(p: &Policy, c: &CompiledPolicy, samples: &Samples) -> Result<(), TestCaseError> {
+fn check_compiled(
+    written: &Policy,
+    c: &CompiledPolicy,
+    samples: &Samples,
+) -> Result<(), TestCaseError> {
+    prop_assert_eq!(c.services + c.blocks, written.rules.len());
+    // The kernel's rules: the policy's own, and the DNS-over-TLS block of a policy with names.
+    let enforced = Policy {
+        rules: written.enforced_rules().into_owned(),
+        ..written.clone()
+    };
+    let p = &enforced;
+    prop_assert_eq!(
+        p.rules.len(),
+        written.rules.len() + usize::from(written.uses_names())
+    );
     prop_assert_eq!(c.rule_names.len(), 1 + p.rules.len() + p.alerts.len());
-    prop_assert_eq!(c.services + c.blocks, p.rules.len());
     for (i, a) in p.alerts.iter().enumerate() {
         prop_assert_eq!(c.rule_name(c.alert_rule_id(i)), a.name.as_str());
     }

@@ -123,7 +123,42 @@ impl Policy {
     pub fn host_patterns(&self) -> usize {
         self.rules.iter().map(|r| r.hosts.len()).sum()
     }
+
+    /// Whether the policy approves or blocks anything by name, or says how names resolve: then
+    /// the controller runs the DNS proxy and DNS is steered to it.
+    pub fn uses_names(&self) -> bool {
+        self.host_patterns() > 0
+            || !self.dns.upstream.is_empty()
+            || self.dns.unlisted == Unlisted::Refuse
+    }
+
+    /// The rules the kernel enforces: the policy's own and, when it uses names, the
+    /// `dns-over-tls` block (TCP and UDP port 853, everywhere), so that names resolve through the
+    /// proxy or not at all. It comes last: its rule id follows the policy's rules.
+    pub fn enforced_rules(&self) -> std::borrow::Cow<'_, [Rule]> {
+        if !self.uses_names() {
+            return std::borrow::Cow::Borrowed(&self.rules);
+        }
+        let mut rules = self.rules.clone();
+        rules.push(Rule {
+            kind: RuleKind::Block,
+            name: DOT_BLOCK.to_string(),
+            destinations: vec![
+                "0.0.0.0/0".parse().expect("a network"),
+                "::/0".parse().expect("a network"),
+            ],
+            hosts: Vec::new(),
+            ports: vec![PortRange::new(853, 853).expect("a port")],
+            protocols: vec![Protocol::Tcp, Protocol::Udp],
+            line: 0,
+        });
+        std::borrow::Cow::Owned(rules)
+    }
 }
+
+/// The name of the block of DNS over TLS that a policy using names gets (reserved: no policy
+/// rule may take it).
+pub const DOT_BLOCK: &str = "dns-over-tls";
 
 /// SHA-256 of the policy text, hex, first 16 digits.
 pub fn content_hash(text: &str) -> String {

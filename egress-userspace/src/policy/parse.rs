@@ -24,7 +24,7 @@ use super::{
 };
 
 /// Names that events use for verdicts no rule made; rules and alerts may not take them.
-const RESERVED_NAMES: [&str; 8] = egress_common::user::BUILTIN_RULE_NAMES;
+const RESERVED_NAMES: [&str; 9] = egress_common::user::BUILTIN_RULE_NAMES;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -572,9 +572,10 @@ destinations = ["203.0.113.0/24"]
     assert_eq!(hosts(&p.rules[1]), ["pastebin.com", "**.pastebin.com"]);
     assert_eq!(p.rules[1].destinations.len(), 1);
     assert_eq!(p.host_patterns(), 5);
-    // A rule of hosts only puts no prefix into the kernel's tries.
+    // A rule of hosts only puts no prefix into the kernel's tries; the two more are those of
+    // the DNS-over-TLS block every policy with names gets (0.0.0.0/0 and ::/0).
     let c = compile::CompiledPolicy::compile(&p).unwrap();
-    assert_eq!((c.services, c.blocks, c.prefix_count()), (1, 1, 1));
+    assert_eq!((c.services, c.blocks, c.prefix_count()), (1, 1, 3));
 }
 
 #[test]

@@ -522,3 +522,37 @@ fn icmp_is_approved_only_by_name_and_blocked_by_every_block() {
     // A block without protocols or ports covers ICMP too.
     assert_eq!(verdict(&c, "10.9.1.1", 0, IPPROTO_ICMP), v(false, "bad"));
 }
+
+#[test]
+fn a_policy_with_names_blocks_dns_over_tls_and_one_without_does_not() {
+    let base = "[[service]]\nname = \"all\"\ndestinations = [\"0.0.0.0/0\", \"::/0\"]\n";
+    let plain = compile(base);
+    assert_eq!(
+        verdict(&plain, "192.0.2.1", 853, IPPROTO_TCP),
+        v(true, "all")
+    );
+    let named = compile(&format!(
+        "{base}[[service]]\nname = \"gh\"\nhosts = [\"github.com\"]\nports = [443]\n"
+    ));
+    assert_eq!(
+        verdict(&named, "192.0.2.1", 853, IPPROTO_TCP),
+        v(false, "dns-over-tls")
+    );
+    assert_eq!(
+        verdict(&named, "2001:db8::1", 853, IPPROTO_UDP),
+        v(false, "dns-over-tls")
+    );
+    assert_eq!(
+        verdict(&named, "192.0.2.1", 443, IPPROTO_TCP),
+        v(true, "all")
+    );
+    // Counted as the policy wrote them: the synthesized block is not one of its rules.
+    assert_eq!((named.services, named.blocks), (2, 0));
+    // The name is reserved.
+    let e = Policy::parse(
+        "t.toml",
+        "[[block]]\nname = \"dns-over-tls\"\ndestinations = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("dns-over-tls"), "{e}");
+}
