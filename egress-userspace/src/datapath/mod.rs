@@ -213,6 +213,31 @@ fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Datap
     move |source| DatapathError::Program { name, source }
 }
 
+/// Loads program `name`, again when the kernel says EAGAIN: the verifier stops a long
+/// verification when a signal is pending for the loading thread, and asks to be called again.
+fn load_retrying(
+    name: &'static str,
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), DatapathError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(
+                    program = name,
+                    attempt,
+                    "verification interrupted; loading again"
+                );
+                attempt += 1;
+            }
+            r => return r.map_err(prog_err(name)),
+        }
+    }
+}
+
 /// Attaches cgroup program `$name` (of aya type `$ty`) to the open cgroup directory `$dir`:
 /// takes over the link a previous controller pinned, or attaches and (with pins) pins the link.
 /// A macro because aya's cgroup program types share these methods but no trait.
@@ -331,21 +356,21 @@ impl Datapath {
         };
         for name in HOOKS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            prog.load().map_err(prog_err(name))?;
+            load_retrying(name, || prog.load())?;
         }
         let sockopt: &mut CgroupSockopt = program(&mut ebpf, SOCKOPT_HOOK)?;
-        sockopt.load().map_err(prog_err(SOCKOPT_HOOK))?;
+        load_retrying(SOCKOPT_HOOK, || sockopt.load())?;
         let sock_create: &mut CgroupSock = program(&mut ebpf, SOCK_CREATE_HOOK)?;
-        sock_create.load().map_err(prog_err(SOCK_CREATE_HOOK))?;
+        load_retrying(SOCK_CREATE_HOOK, || sock_create.load())?;
         let [release, sock_ops] = OWNER_HOOKS;
         let prog: &mut CgroupSock = program(&mut ebpf, release)?;
-        prog.load().map_err(prog_err(release))?;
+        load_retrying(release, || prog.load())?;
         let prog: &mut SockOps = program(&mut ebpf, sock_ops)?;
-        prog.load().map_err(prog_err(sock_ops))?;
+        load_retrying(sock_ops, || prog.load())?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
-        tc.load().map_err(prog_err(TC_PROGRAM))?;
+        load_retrying(TC_PROGRAM, || tc.load())?;
         let tracker: &mut TracePoint = program(&mut ebpf, FORK_TRACKER)?;
-        tracker.load().map_err(prog_err(FORK_TRACKER))?;
+        load_retrying(FORK_TRACKER, || tracker.load())?;
         // Blocks set by an earlier controller keep counting towards `budget_blocks`.
         let blocked = if adopt {
             maps.blocked.keys().filter_map(Result::ok).collect()
