@@ -29,6 +29,21 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub fn start(ns: &LoopNs, listen: IpAddr, records: &[Record<'_>]) -> DnsServer {
+        DnsServer::spawn(ns, listen, records, None)
+    }
+
+    /// A caching stub in the path, as systemd-resolved's 127.0.0.53 is: it answers from
+    /// `upstream` (and its own `records`, none usually).
+    pub fn forwarder(ns: &LoopNs, listen: IpAddr, upstream: SocketAddr) -> DnsServer {
+        DnsServer::spawn(ns, listen, &[], Some(upstream))
+    }
+
+    fn spawn(
+        ns: &LoopNs,
+        listen: IpAddr,
+        records: &[Record<'_>],
+        upstream: Option<SocketAddr>,
+    ) -> DnsServer {
         let mut cmd = ns.cmd("dnsmasq");
         cmd.args([
             "--keep-in-foreground",
@@ -42,6 +57,9 @@ impl DnsServer {
             "--log-facility=-",
         ])
         .arg(format!("--listen-address={listen}"));
+        if let Some(u) = upstream {
+            cmd.arg(format!("--server={}#{}", u.ip(), u.port()));
+        }
         for r in records {
             match r {
                 Record::Addr(name, ip, ttl) => cmd.arg(format!("--host-record={name},{ip},{ttl}")),

@@ -649,3 +649,48 @@ fn grants_without_a_controller_or_pins_fail_clearly() {
         "{err}"
     );
 }
+
+/// A loopback stub resolver in the path (what systemd-resolved's 127.0.0.53 is): resolv.conf
+/// names only the stub, and the policy names no upstream, so the proxy takes the system's
+/// resolvers: the stub itself (no /run/systemd/resolve/resolv.conf here). The enforced process's
+/// query to the stub is steered to the proxy, whose own marked query reaches the stub, which
+/// asks the upstream: the name resolves, its grant works, nothing loops.
+#[test]
+fn a_loopback_stub_resolver_in_the_path() {
+    let w = world();
+    let _stub = DnsServer::forwarder(
+        &w.pair.a,
+        "127.0.0.53".parse().unwrap(),
+        "127.0.0.2:53".parse().unwrap(),
+    );
+    let _resolv = NetnsResolvConf::new(&w.pair.a, &["127.0.0.53".parse().unwrap()], "");
+    let policy = w.dir.file(
+        "p.toml",
+        &POLICY.replace("upstream = [\"127.0.0.2\"]\n", ""),
+    );
+    assert!(
+        !std::fs::read_to_string(&policy)
+            .unwrap()
+            .contains("upstream")
+    );
+    let out = EgressCmd::exec(&w.pair.a)
+        .netns_sysfs()
+        .policy(&policy)
+        .probe(["resolve", "api.example.test:443", "tcp", "198.18.0.4:443"])
+        .output();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<_> = lines(&out.stdout)
+        .into_iter()
+        .map(|l| (l.result, l.from))
+        .collect();
+    assert_eq!(
+        got,
+        [(Succeeded, Some("198.18.0.2".to_string())), (Denied, None)],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
