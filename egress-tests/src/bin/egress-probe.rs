@@ -895,17 +895,13 @@ fn raw_udp(addr: SocketAddr) -> io::Result<()> {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = libc::sendto(
+        sendto_and_close(
             fd,
-            pkt.as_ptr().cast(),
-            pkt.len(),
+            &pkt,
             0,
             (&sa as *const libc::sockaddr_in).cast(),
             size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if n < 0 { Err(err) } else { Ok(()) }
+        )
     }
 }
 
@@ -981,6 +977,26 @@ fn dns_exchange(addr: SocketAddr, how: DnsHow, timeout: Duration) -> io::Result<
     Ok(())
 }
 
+/// One sendto(2) of `buf` on `fd` to the address at `addr`, then close(2) of `fd`.
+///
+/// # Safety
+/// `fd` is an open socket the caller owns (closed here); `addr` points to `len` valid bytes.
+unsafe fn sendto_and_close(
+    fd: libc::c_int,
+    buf: &[u8],
+    flags: libc::c_int,
+    addr: *const libc::sockaddr,
+    len: libc::socklen_t,
+) -> io::Result<()> {
+    // SAFETY: as the caller promises; `buf` outlives the call.
+    unsafe {
+        let n = libc::sendto(fd, buf.as_ptr().cast(), buf.len(), flags, addr, len);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 { Err(err) } else { Ok(()) }
+    }
+}
+
 /// TCP Fast Open from the client side: `sendto(MSG_FASTOPEN)` connects and sends in one call
 /// (no connect(2) of its own).
 fn tcp_fastopen(addr: SocketAddr) -> io::Result<()> {
@@ -997,17 +1013,13 @@ fn tcp_fastopen(addr: SocketAddr) -> io::Result<()> {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = libc::sendto(
+        sendto_and_close(
             fd,
-            data.as_ptr().cast(),
-            data.len(),
+            data,
             libc::MSG_FASTOPEN,
             std::ptr::from_ref(&storage).cast(),
             len,
-        );
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if n < 0 { Err(err) } else { Ok(()) }
+        )
     }
 }
 
@@ -1219,17 +1231,13 @@ fn packet_udp(addr: SocketAddr, how: &str) -> io::Result<()> {
         sll.sll_ifindex = ifindex;
         sll.sll_halen = 6;
         sll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        let n = libc::sendto(
+        sendto_and_close(
             fd,
-            frame.as_ptr().cast(),
-            frame.len(),
+            &frame,
             0,
             (&sll as *const libc::sockaddr_ll).cast(),
             size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        );
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if n < 0 { Err(err) } else { Ok(()) }
+        )
     }
 }
 
