@@ -621,3 +621,28 @@ fn exec_does_not_pass_inherited_ip_sockets_to_the_command() {
         "nothing from the command reached the blocked host"
     );
 }
+
+/// An `exec` killed during its start leaves only its cgroup (nothing pinned yet): the next
+/// `exec` removes it once its creator is gone, as it does the pins of one killed later.
+#[test]
+fn the_next_exec_removes_the_empty_cgroup_of_an_exec_killed_at_start() {
+    let ns = LoopNs::new();
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let root = egress::sys::cgroup::cgroup2_root().expect("cgroup2");
+    let left = root.join(format!("egress-exec-{dead}-0"));
+    std::fs::create_dir(&left).unwrap();
+    struct Rmdir(std::path::PathBuf);
+    impl Drop for Rmdir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _guard = Rmdir(left.clone());
+    EgressCmd::exec(&ns).command(["true"]).success();
+    assert!(!left.exists(), "{} is still there", left.display());
+}

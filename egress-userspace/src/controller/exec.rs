@@ -37,27 +37,47 @@ fn exec_pin_dir(cgroup: &Path) -> PathBuf {
 /// whatever its command left behind stays enforced. Once that cgroup is empty (and its exec is
 /// gone), the pins and the cgroup are removed here, by the next exec.
 fn remove_stale(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(EXEC_PINS) else {
+    if let Ok(entries) = std::fs::read_dir(EXEC_PINS) {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ChildCgroup::creator(&name, EXEC_PREFIX).is_some_and(|p| Procfs.alive(p)) {
+                continue;
+            }
+            let cgroup = root.join(&name);
+            if cgroup::populated(&cgroup) {
+                continue;
+            }
+            let pins = Pins::new(e.path());
+            match pins.remove_all() {
+                Ok(_) => {
+                    let _ = std::fs::remove_dir(&cgroup);
+                    tracing::info!(cgroup = %cgroup.display(), "removed what a dead egress exec left enforced");
+                }
+                Err(err) => {
+                    warn!(pins = %pins.dir.display(), error = %format!("{err:#}"), "could not remove a dead exec's pins")
+                }
+            }
+        }
+    }
+    // An exec killed before it pinned anything (during its start) leaves only its cgroup: empty,
+    // unenforced, its creator dead. Its pins, if any, were handled above.
+    let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
     for e in entries.filter_map(Result::ok) {
         let name = e.file_name().to_string_lossy().into_owned();
-        if ChildCgroup::creator(&name, EXEC_PREFIX).is_some_and(|p| Procfs.alive(p)) {
+        let Some(creator) = ChildCgroup::creator(&name, EXEC_PREFIX) else {
+            continue;
+        };
+        let cgroup = e.path();
+        if Procfs.alive(creator)
+            || cgroup::populated(&cgroup)
+            || Path::new(EXEC_PINS).join(&name).exists()
+        {
             continue;
         }
-        let cgroup = root.join(&name);
-        if cgroup::populated(&cgroup) {
-            continue;
-        }
-        let pins = Pins::new(e.path());
-        match pins.remove_all() {
-            Ok(_) => {
-                let _ = std::fs::remove_dir(&cgroup);
-                tracing::info!(cgroup = %cgroup.display(), "removed what a dead egress exec left enforced");
-            }
-            Err(err) => {
-                warn!(pins = %pins.dir.display(), error = %format!("{err:#}"), "could not remove a dead exec's pins")
-            }
+        if std::fs::remove_dir(&cgroup).is_ok() {
+            tracing::info!(cgroup = %cgroup.display(), "removed the empty cgroup of a dead egress exec");
         }
     }
 }
