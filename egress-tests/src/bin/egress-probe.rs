@@ -69,7 +69,7 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
                                   a TCP connect to the first address; \"from\" is that address.
                                   A name that does not resolve: EAI_NONAME, EAI_AGAIN or EAI_FAIL
   dns-query NAME SERVER:PORT      one DNS query (A, or AAAA for a name starting with \"v6.\") over
-                                  UDP to SERVER; \"from\" is the first address of the answer;
+                                  connected UDP to SERVER; \"from\" is the first address of the answer;
                                   NXDOMAIN, SERVFAIL, REFUSED: the rcode; NODATA: no address
   resolve-only NAME               getaddrinfo(NAME) only; \"from\" is the first address
   send-fd FD                      write one datagram/segment to inherited descriptor FD
@@ -1038,11 +1038,14 @@ fn dns_query(name: &str, server: SocketAddr, timeout: Duration) -> io::Result<st
     q.push(0);
     q.extend_from_slice(&qtype.to_be_bytes());
     q.extend_from_slice(&1u16.to_be_bytes());
+    // Connected, as resolvers do: a server that is not there answers ECONNREFUSED at once
+    // (an ICMP port unreachable), not after the timeout.
     let s = UdpSocket::bind(unspecified_for(&server))?;
     s.set_read_timeout(Some(timeout))?;
-    s.send_to(&q, server)?;
+    s.connect(server)?;
+    s.send(&q)?;
     let mut buf = [0u8; 1500];
-    let (n, _) = s.recv_from(&mut buf)?;
+    let n = s.recv(&mut buf)?;
     let m = &buf[..n];
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed answer");
     if m.len() < 12 || m[0..2] != id.to_be_bytes() {
