@@ -22,6 +22,7 @@ use egress_common::{
 use crate::{
     maps::{DNS_ORIG, GRANTS, RULESETS_0, RULESETS_1},
     policy::Decision,
+    sock_addr::user6,
 };
 
 /// What the hook does with a destination, before the policy.
@@ -110,11 +111,7 @@ pub fn steer_v6(
     mapped: bool,
 ) -> Steer {
     let (proxy, proxy_port) = if mapped {
-        let mut m = [0u8; 16];
-        m[10] = 0xff;
-        m[11] = 0xff;
-        m[12..].copy_from_slice(&cfg.dns_v4);
-        (m, cfg.dns_port)
+        (mapped_form(cfg.dns_v4), cfg.dns_port)
     } else {
         (cfg.dns_v6, cfg.dns_port6)
     };
@@ -133,16 +130,37 @@ pub fn steer_v6(
             ..DnsOrig::default()
         },
     );
-    let w = |i: usize| u32::from_ne_bytes([proxy[i], proxy[i + 1], proxy[i + 2], proxy[i + 3]]);
-    // SAFETY: user_ip6 words and user_port are writable in connect6 and sendmsg6.
+    // SAFETY: user_ip6 and user_port are writable in connect6 and sendmsg6.
+    unsafe { set_user6(ctx, &proxy, proxy_port) };
+    Steer::Steered
+}
+
+/// `::ffff:a.b.c.d`, the v4-mapped form of an IPv4 address.
+#[inline(always)]
+fn mapped_form(v4: [u8; 4]) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[10] = 0xff;
+    m[11] = 0xff;
+    m[12..].copy_from_slice(&v4);
+    m
+}
+
+/// Writes `addr` and `port` (host order) into the context's IPv6 address and port.
+///
+/// # Safety
+/// A sock_addr context of an AF_INET6 hook where they are writable (connect6, sendmsg6,
+/// recvmsg6, getpeername6).
+#[inline(always)]
+unsafe fn set_user6(ctx: &SockAddrContext, addr: &[u8; 16], port: u16) {
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    // SAFETY: as the caller promises; one 4-byte store per word.
     unsafe {
         (*ctx.sock_addr).user_ip6[0] = w(0);
         (*ctx.sock_addr).user_ip6[1] = w(4);
         (*ctx.sock_addr).user_ip6[2] = w(8);
         (*ctx.sock_addr).user_ip6[3] = w(12);
-        (*ctx.sock_addr).user_port = u32::from(proxy_port.to_be());
+        (*ctx.sock_addr).user_port = u32::from(port.to_be());
     }
-    Steer::Steered
 }
 
 /// recvmsg4/getpeername4: an address that is the proxy's becomes the server the socket asked.
@@ -178,29 +196,13 @@ pub fn restore_v6(ctx: &SockAddrContext) -> i32 {
     if cfg.dns_flags & DNS_STEER == 0 {
         return 1;
     }
-    // SAFETY: as in `restore_v4`, word by word.
+    // SAFETY: the recvmsg6/getpeername6 context, whose address and port are readable and
+    // writable.
     unsafe {
-        let ip6 = &(*ctx.sock_addr).user_ip6;
-        let (w0, w1, w2, w3) = (ip6[0], ip6[1], ip6[2], ip6[3]);
+        let addr = user6(ctx);
         let port = u16::from_be((*ctx.sock_addr).user_port as u16);
-        let word = |i: usize| {
-            u32::from_ne_bytes([
-                cfg.dns_v6[i],
-                cfg.dns_v6[i + 1],
-                cfg.dns_v6[i + 2],
-                cfg.dns_v6[i + 3],
-            ])
-        };
-        let is_v6 = port == cfg.dns_port6
-            && w0 == word(0)
-            && w1 == word(4)
-            && w2 == word(8)
-            && w3 == word(12);
-        let is_mapped = port == cfg.dns_port
-            && w0 == 0
-            && w1 == 0
-            && w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff])
-            && w3 == u32::from_ne_bytes(cfg.dns_v4);
+        let is_v6 = port == cfg.dns_port6 && addr == cfg.dns_v6;
+        let is_mapped = port == cfg.dns_port && addr == mapped_form(cfg.dns_v4);
         if !is_v6 && !is_mapped {
             return 1;
         }
@@ -208,12 +210,7 @@ pub fn restore_v6(ctx: &SockAddrContext) -> i32 {
         if let Some(o) = DNS_ORIG.get(cookie)
             && o.family == 6
         {
-            let a = o.addr;
-            (*ctx.sock_addr).user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-            (*ctx.sock_addr).user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-            (*ctx.sock_addr).user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-            (*ctx.sock_addr).user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-            (*ctx.sock_addr).user_port = u32::from(o.port.to_be());
+            set_user6(ctx, &o.addr, o.port);
         }
     }
     1

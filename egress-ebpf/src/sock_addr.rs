@@ -82,6 +82,24 @@ fn peer_v6(ctx: &SockAddrContext) -> ([u8; 16], u16) {
     }
 }
 
+/// The context's IPv6 address, as bytes.
+///
+/// # Safety
+/// A sock_addr context of an AF_INET6 hook.
+#[inline(always)]
+pub(crate) unsafe fn user6(ctx: &SockAddrContext) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    // SAFETY: as the caller promises; one 4-byte load per word.
+    unsafe {
+        let ip6 = &(*ctx.sock_addr).user_ip6;
+        a[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
+        a[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
+        a[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
+        a[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
+    }
+    a
+}
+
 pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let (addr, port) = if no_address(ctx) {
         peer_v4(ctx)
@@ -120,13 +138,8 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let (addr, port) = if no_address(ctx) {
         peer_v6(ctx)
     } else {
-        let mut addr = [0u8; 16];
-        let ip6 = unsafe { &(*ctx.sock_addr).user_ip6 };
-        addr[0..4].copy_from_slice(&ip6[0].to_ne_bytes());
-        addr[4..8].copy_from_slice(&ip6[1].to_ne_bytes());
-        addr[8..12].copy_from_slice(&ip6[2].to_ne_bytes());
-        addr[12..16].copy_from_slice(&ip6[3].to_ne_bytes());
-        (addr, port_of(ctx))
+        // SAFETY: the context of an AF_INET6 hook.
+        (unsafe { user6(ctx) }, port_of(ctx))
     };
     let proto = protocol_of(ctx);
     let cfg = policy::config();

@@ -139,7 +139,7 @@ impl Controller {
         // first, on the pinned maps, so that names resolve again before the programs are loaded
         // and verified (seconds). Nothing in the kernel changes until the datapath is loaded.
         let early_names = match (&target.pins, plan.fresh_loaded()) {
-            (Some(p), Some(l)) if p.adoptable() && names::uses_names(&l.policy) => {
+            (Some(p), Some(l)) if p.adoptable() && l.policy.uses_names() => {
                 match crate::datapath::DnsMaps::from_pins(p) {
                     Ok(maps) => names::Names::spawn(maps, &l.policy, &l.compiled).await.ok(),
                     Err(_) => None,

@@ -31,12 +31,6 @@ pub const LISTEN_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 153);
 /// The port it tries first, on both addresses.
 pub const LISTEN_PORT: u16 = 53;
 
-/// Whether `policy` approves or blocks anything by name, or says how names resolve: then the
-/// proxy runs and DNS is steered to it.
-pub fn uses_names(policy: &Policy) -> bool {
-    policy.uses_names()
-}
-
 /// The running proxy and its sink.
 pub struct Names {
     proxy: Arc<DnsProxy<Arc<KernelGrants>>>,
@@ -244,7 +238,7 @@ impl super::Controller {
     /// in the policy, steering is off (also when adopted pins say otherwise: their proxy died
     /// with its controller).
     pub(super) async fn follow_names(&mut self) -> anyhow::Result<()> {
-        let wants = uses_names(&self.policy.policy);
+        let wants = self.policy.policy.uses_names();
         match (self.names.take(), wants) {
             (None, false) => self.dp.set_dns(None)?,
             (None, true) => {

@@ -124,20 +124,23 @@ impl DnsMaps {
     /// starts its DNS proxy first, so that names resolve again at once). Fails when they are
     /// missing or of another layout.
     pub fn from_pins(pins: &Pins) -> Result<DnsMaps, DatapathError> {
-        use aya::maps::Map;
-        fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
-            pins: &Pins,
-            name: &'static str,
-        ) -> Result<T, DatapathError> {
-            let data = MapData::from_pin(pins.map(name)).map_err(maps::err(name))?;
-            T::try_from(Map::from_map_data(data).map_err(maps::err(name))?).map_err(maps::err(name))
-        }
+        let open = |name| MapData::from_pin(pins.map(name));
         Ok(DnsMaps {
-            grants: open(pins, map_names::GRANTS)?,
-            grants_read: open(pins, map_names::GRANTS)?,
-            owners: open(pins, map_names::SOCK_OWNERS)?,
+            grants: typed_map(open(map_names::GRANTS), map_names::GRANTS)?,
+            grants_read: typed_map(open(map_names::GRANTS), map_names::GRANTS)?,
+            owners: typed_map(open(map_names::SOCK_OWNERS), map_names::SOCK_OWNERS)?,
         })
     }
+}
+
+/// Map `name`, opened as `data`, as the typed handle `T` (its key and value sizes checked).
+fn typed_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    data: Result<MapData, aya::maps::MapError>,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let data = data.map_err(maps::err(name))?;
+    let map = aya::maps::Map::from_map_data(data).map_err(maps::err(name))?;
+    T::try_from(map).map_err(maps::err(name))
 }
 
 /// Where the DNS proxy listens, for [`Datapath::set_dns`].
@@ -497,20 +500,13 @@ impl Datapath {
     /// Handles of their own on the maps the DNS proxy needs (`GRANTS` to write, `SOCK_OWNERS`
     /// to find who asked), for the proxy's tasks: the same kernel maps, opened again by id.
     pub fn dns_maps(&self) -> Result<DnsMaps, DatapathError> {
-        use aya::maps::{IterableMap as _, Map};
-        fn reopen<T: TryFrom<Map, Error = aya::maps::MapError>>(
-            data: &MapData,
-            name: &'static str,
-        ) -> Result<T, DatapathError> {
-            let id = data.info().map_err(maps::err(name))?.id();
-            let again = MapData::from_id(id).map_err(maps::err(name))?;
-            T::try_from(Map::from_map_data(again).map_err(maps::err(name))?)
-                .map_err(maps::err(name))
-        }
+        use aya::maps::IterableMap as _;
+        let reopen = |data: &MapData| data.info().and_then(|i| MapData::from_id(i.id()));
+        let (grants, owners) = (self.maps.grants.map(), self.maps.owners.map());
         Ok(DnsMaps {
-            grants: reopen(self.maps.grants.map(), map_names::GRANTS)?,
-            grants_read: reopen(self.maps.grants.map(), map_names::GRANTS)?,
-            owners: reopen(self.maps.owners.map(), map_names::SOCK_OWNERS)?,
+            grants: typed_map(reopen(grants), map_names::GRANTS)?,
+            grants_read: typed_map(reopen(grants), map_names::GRANTS)?,
+            owners: typed_map(reopen(owners), map_names::SOCK_OWNERS)?,
         })
     }
 
