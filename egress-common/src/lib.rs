@@ -73,13 +73,24 @@ pub struct PortRule {
     pub proto_mask: u8,
     /// `ACTION_ALLOW` or `ACTION_BLOCK`.
     pub action: u8,
-    pub _pad: [u8; 2],
+    /// The protocol bits the TC program matches on: `proto_mask` for an enforced rule that
+    /// applies to everyone, 0 for a scoped or per-entry audit rule. TC judges packets without
+    /// knowing who sent them (unattributed traffic, ping echoes), so only those rules can decide
+    /// there; reading this byte instead of `proto_mask` costs TC no instruction.
+    pub tc_mask: u8,
+    /// `RULE_F_*` bits.
+    pub flags: u8,
     /// Index of the deciding service/block in the controller's rule table (never `RULE_DEFAULT`).
     pub rule_id: u32,
-    /// Reserved, always 0: keeps the layout (and room for a later field) without a rule ever
-    /// being matched on it. `first_match` does not read it.
-    pub _reserved: u32,
+    /// Who the rule applies to: 0 everyone, else a scope id (1..`MAX_SCOPES`): the rule matches
+    /// only callers whose [`ScopeBits`] have that bit.
+    pub scope: u32,
 }
+
+/// `PortRule::flags`: the entry is in audit mode (`mode = "audit"`): a block reports the calls it
+/// would refuse and refuses none; a scoped service reports the callers its scope would refuse
+/// and lets them through.
+pub const RULE_F_AUDIT: u8 = 1 << 0;
 const _: () = assert!(size_of::<PortRule>() == 16);
 
 /// The rules that apply to every destination inside one policy prefix. Block rules come first, so
@@ -162,8 +173,14 @@ pub struct Config {
     pub dns_netns_cookie: u64,
     /// The proxy's IPv6 address.
     pub dns_v6: [u8; 16],
+    /// Which selector keys the policy's scopes use (bits `1 << SCOPE_KEY_*`); 0: no rule is
+    /// scoped, and the hooks resolve no scope.
+    pub scope_keys: u32,
+    /// The cgroup levels (bit n: level n, the root is 0) at which the policy's `cgroups`
+    /// selectors sit: the hooks look up the caller's ancestor at each.
+    pub scope_cg_levels: u32,
 }
-const _: () = assert!(size_of::<Config>() == 128);
+const _: () = assert!(size_of::<Config>() == 136);
 
 /// `Config::dns_flags`: DNS queries (TCP/UDP port 53) of enforced sockets are steered to the
 /// proxy, and answers appear to come from the server the process asked.
@@ -416,26 +433,261 @@ pub struct Event {
 }
 const _: () = assert!(size_of::<Event>() == 80);
 
-impl RuleSet {
-    /// The first rule matching `port`/`ipproto`, exactly as the kernel scans it. Shared by the
-    /// datapath and by `egress explain`, so both decide with the same code.
+/// What the scan of a [`RuleSet`] found for one call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Match {
+    /// The deciding rule: an enforced rule that matches and applies to the caller, or an
+    /// in-scope audit service. `None`: nothing decided; the default verdict applies.
+    pub rule: Option<PortRule>,
+    /// The first in-scope audit block the scan passed over (0: none): it would have refused the
+    /// call.
+    pub audit_block: u32,
+    /// The first audit service whose scope leaves the caller out (0: none): enforced, the call
+    /// would have fallen through it.
+    pub audit_pass: u32,
+}
+
+/// A verdict from a [`Match`] and the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub allow: bool,
+    /// The deciding rule, or `RULE_DEFAULT`.
+    pub rule_id: u32,
+    /// An audit-mode entry that would have refused this allowed call (reported as an audit
+    /// event), else 0. Never set on a refusal: the call is refused anyway.
+    pub audit_rule: u32,
+}
+
+impl Match {
+    /// The verdict: the deciding rule's action, else the default. An audit service that left the
+    /// caller out lets through what the default would refuse (`rule_id` stays `RULE_DEFAULT`, so
+    /// a DNS grant may still decide). Any audit entry the allowed call would have been refused
+    /// by is named in `audit_rule`.
     #[inline(always)]
-    pub fn first_match(&self, port: u16, ipproto: u8) -> Option<&PortRule> {
+    pub fn verdict(&self, default_allow: bool) -> Verdict {
+        match self.rule {
+            Some(r) if r.action == ACTION_BLOCK => Verdict {
+                allow: false,
+                rule_id: r.rule_id,
+                audit_rule: 0,
+            },
+            Some(r) => Verdict {
+                allow: true,
+                rule_id: r.rule_id,
+                audit_rule: self.audit_block,
+            },
+            None if default_allow => Verdict {
+                allow: true,
+                rule_id: RULE_DEFAULT,
+                audit_rule: self.audit_block,
+            },
+            None => Verdict {
+                allow: self.audit_pass != 0,
+                rule_id: RULE_DEFAULT,
+                audit_rule: if self.audit_block != 0 {
+                    self.audit_block
+                } else {
+                    self.audit_pass
+                },
+            },
+        }
+    }
+}
+
+impl RuleSet {
+    /// The scan of the rule set, exactly as the kernel does it. Shared by the datapath and by
+    /// `egress explain`, so both decide with the same code.
+    ///
+    /// `TC = true` is the TC program's scan: it matches on `tc_mask` and nothing else (scoped and
+    /// audit rules never match there; the caller is unknown), the same instruction count as an
+    /// unscoped scan. `TC = false` is the hooks' scan: a rule matches when its protocol bit and
+    /// port range fit and the caller is in its scope (`scopes`); an audit block that matches is
+    /// noted and the scan goes on; an audit service out of scope is noted as the refusal its
+    /// scope would cause and the scan goes on; an in-scope audit service allows.
+    #[inline(always)]
+    pub fn first_match<const TC: bool>(&self, port: u16, ipproto: u8, scopes: &ScopeBits) -> Match {
         let bit = proto_bit(ipproto);
         let len = self.len as usize;
+        let mut m = Match::default();
         let mut i = 0;
         while i < MAX_PORT_RULES {
             if i >= len {
                 break;
             }
             let r = &self.rules[i];
-            if r.proto_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
-                return Some(r);
+            if TC {
+                if r.tc_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
+                    m.rule = Some(*r);
+                    return m;
+                }
+            } else if r.proto_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
+                let inside = r.scope == 0 || scopes.has(r.scope);
+                let audit = r.flags & RULE_F_AUDIT != 0;
+                if inside && (!audit || r.action != ACTION_BLOCK) {
+                    m.rule = Some(*r);
+                    return m;
+                }
+                if inside && m.audit_block == 0 {
+                    m.audit_block = r.rule_id;
+                } else if !inside && audit && r.action != ACTION_BLOCK && m.audit_pass == 0 {
+                    m.audit_pass = r.rule_id;
+                }
             }
             i += 1;
         }
-        None
+        m
     }
+}
+
+/// How many scopes a policy may have (ids 1..MAX_SCOPES; 0 is "everyone").
+pub const MAX_SCOPES: usize = 256;
+
+/// A set of scope ids: bit `s` is set when the caller satisfies every selector key of scope `s`.
+/// Bit 0 (everyone) is always set in a resolved set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopeBits {
+    pub w: [u64; 4],
+}
+const _: () = assert!(size_of::<ScopeBits>() == MAX_SCOPES / 8);
+
+impl ScopeBits {
+    /// Every scope.
+    pub const ALL: ScopeBits = ScopeBits { w: [u64::MAX; 4] };
+    /// Only scope 0 (everyone): the set of a caller no scope takes in.
+    pub const EVERYONE: ScopeBits = ScopeBits { w: [1, 0, 0, 0] };
+
+    /// Whether scope `id` is in the set (ids wrap at `MAX_SCOPES`; the mask keeps the index in
+    /// bounds for the verifier).
+    #[inline(always)]
+    pub fn has(&self, id: u32) -> bool {
+        (self.w[((id >> 6) & 3) as usize] >> (id & 63)) & 1 != 0
+    }
+
+    #[inline(always)]
+    pub fn set(&mut self, id: u32) {
+        self.w[((id >> 6) & 3) as usize] |= 1 << (id & 63);
+    }
+
+    #[inline(always)]
+    pub fn and(&mut self, o: &ScopeBits) {
+        self.w[0] &= o.w[0];
+        self.w[1] &= o.w[1];
+        self.w[2] &= o.w[2];
+        self.w[3] &= o.w[3];
+    }
+
+    #[inline(always)]
+    pub fn or(&mut self, o: &ScopeBits) {
+        self.w[0] |= o.w[0];
+        self.w[1] |= o.w[1];
+        self.w[2] |= o.w[2];
+        self.w[3] |= o.w[3];
+    }
+}
+
+/// Identity of an executable file: the device of its file system (the kernel's encoding,
+/// `major << 20 | minor`, as `super_block.s_dev` holds it) and its inode number. A hard link is
+/// the same identity; a copy is another.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExeKey {
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<ExeKey>() == 16);
+
+/// Value of `PROCS`: what a process runs, recorded by the exec tracker when it execs (copied to
+/// the processes it forks).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcIdentity {
+    pub exe: ExeKey,
+}
+const _: () = assert!(size_of::<ProcIdentity>() == 16);
+
+/// The selector keys (`Config::scope_keys` bits, and indices of a buffer's defaults in
+/// `SCOPE_DEF`: `buffer * SCOPE_KEYS + key`).
+pub const SCOPE_KEY_EXE: u32 = 0;
+pub const SCOPE_KEY_UID: u32 = 1;
+pub const SCOPE_KEY_GID: u32 = 2;
+pub const SCOPE_KEY_CGROUP: u32 = 3;
+pub const SCOPE_KEYS: u32 = 4;
+
+/// Where a caller's scopes are looked up: the kernel's `SCOPE_*` maps, or the compiled tables
+/// (`egress explain`). Each per-key table maps one value of that key to the scopes it admits:
+/// those it is named in, and (for exe, uid and gid) those that do not constrain the key. A value
+/// not in the table admits the key's default: the scopes that do not constrain it.
+pub trait ScopeTables {
+    fn exe(&self, k: &ExeKey) -> Option<ScopeBits>;
+    fn uid(&self, uid: u32) -> Option<ScopeBits>;
+    fn gid(&self, gid: u32) -> Option<ScopeBits>;
+    /// Only the scopes that name this cgroup (or, through the caller's ancestors, a cgroup above
+    /// it); the defaults are ORed in by [`resolve_scopes`].
+    fn cgroup(&self, id: u64) -> Option<ScopeBits>;
+    /// `SCOPE_KEY_*`.
+    fn default_of(&self, key: u32) -> ScopeBits;
+}
+
+/// Who is calling, as the hooks see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub exe: ExeKey,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The scopes a caller is in: the AND over the selector keys the policy uses (`keys`, bits
+/// `1 << SCOPE_KEY_*`) of the scopes each key admits. For cgroups, `ancestor(level)` is the id of
+/// the caller's cgroup's ancestor at that level (the cgroup itself at its own level; 0 below
+/// it), for every level set in `cg_levels` (the levels the policy's cgroups sit at). Bit 0 is
+/// always set. One implementation for the kernel and `explain`.
+#[inline(always)]
+pub fn resolve_scopes<T: ScopeTables, A: Fn(u32) -> u64>(
+    t: &T,
+    keys: u32,
+    cg_levels: u32,
+    caller: &Caller,
+    ancestor: A,
+) -> ScopeBits {
+    let mut bits = ScopeBits::ALL;
+    if keys & (1 << SCOPE_KEY_EXE) != 0 {
+        match t.exe(&caller.exe) {
+            Some(b) => bits.and(&b),
+            None => bits.and(&t.default_of(SCOPE_KEY_EXE)),
+        }
+    }
+    if keys & (1 << SCOPE_KEY_UID) != 0 {
+        match t.uid(caller.uid) {
+            Some(b) => bits.and(&b),
+            None => bits.and(&t.default_of(SCOPE_KEY_UID)),
+        }
+    }
+    if keys & (1 << SCOPE_KEY_GID) != 0 {
+        match t.gid(caller.gid) {
+            Some(b) => bits.and(&b),
+            None => bits.and(&t.default_of(SCOPE_KEY_GID)),
+        }
+    }
+    if keys & (1 << SCOPE_KEY_CGROUP) != 0 {
+        let mut cg = t.default_of(SCOPE_KEY_CGROUP);
+        let mut level = 1u32;
+        while level < 32 {
+            if cg_levels & (1 << level) != 0 {
+                let id = ancestor(level);
+                if id != 0
+                    && let Some(b) = t.cgroup(id)
+                {
+                    cg.or(&b);
+                }
+            }
+            level += 1;
+        }
+        bits.and(&cg);
+    }
+    bits.w[0] |= 1;
+    bits
 }
 
 /// Loopback for `allow_loopback`: 127.0.0.0/8, and 0.0.0.0 (connecting to it reaches this host).

@@ -15,13 +15,13 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    ACTION_BLOCK, Config, DNS_GRANTS, DNS_PORT, DNS_STEER, DNS_UPSTREAM_MARK, DnsOrig, GrantKey,
-    IPPROTO_TCP, IPPROTO_UDP,
+    Config, DNS_GRANTS, DNS_PORT, DNS_STEER, DNS_UPSTREAM_MARK, DnsOrig, GrantKey,
+    IPPROTO_TCP, IPPROTO_UDP, ScopeBits,
 };
 
 use crate::{
     maps::{DNS_ORIG, GRANTS, RULESETS_0, RULESETS_1},
-    policy::Decision,
+    policy::{self, Decision},
     sock_addr::user6,
 };
 
@@ -227,6 +227,7 @@ pub fn grant(
     addr: &[u8; 16],
     port: u16,
     proto: u8,
+    scopes: &ScopeBits,
 ) -> Option<Decision> {
     if cfg.dns_flags & DNS_GRANTS == 0 {
         return None;
@@ -246,9 +247,11 @@ pub fn grant(
     } else {
         unsafe { RULESETS_1.get(g.ruleset) }
     }?;
-    let r = set.first_match(port, proto)?;
-    Some(Decision {
-        allow: r.action != ACTION_BLOCK,
-        rule_id: r.rule_id,
-    })
+    let m = set.first_match::<false>(port, proto, scopes);
+    // A grant decides only through a rule of its service that applies to the caller (or, for
+    // an audit service, one whose scope leaves the caller out: let through and reported).
+    if m.rule.is_none() && m.audit_pass == 0 {
+        return None;
+    }
+    Some(policy::verdict(m, cfg))
 }

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    ACTION_BLOCK, BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
-    PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, embedded_v4, is_loopback_v4, is_loopback_v6,
+    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
+    Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{
@@ -16,6 +16,21 @@ use crate::maps::{
 pub struct Decision {
     pub allow: bool,
     pub rule_id: u32,
+    /// An audit-mode entry this allowed call would have been refused by (reported as an audit
+    /// event), else 0.
+    pub audit_rule: u32,
+}
+
+impl Decision {
+    /// A decision no audit entry is involved in.
+    #[inline(always)]
+    pub fn plain(allow: bool, rule_id: u32) -> Decision {
+        Decision {
+            allow,
+            rule_id,
+            audit_rule: 0,
+        }
+    }
 }
 
 /// The config of the buffer in force. `ACTIVE` is read once; everything after uses that buffer.
@@ -38,12 +53,15 @@ pub fn config() -> Config {
 }
 
 #[inline(always)]
-pub fn decide_v4(cfg: &Config, addr: [u8; 4], port: u16, ipproto: u8) -> Decision {
+pub fn decide_v4<const TC: bool>(
+    cfg: &Config,
+    addr: [u8; 4],
+    port: u16,
+    ipproto: u8,
+    scopes: &ScopeBits,
+) -> Decision {
     if cfg.allow_loopback != 0 && is_loopback_v4(&addr) {
-        return Decision {
-            allow: true,
-            rule_id: RULE_LOOPBACK,
-        };
+        return Decision::plain(true, RULE_LOOPBACK);
     }
     let key = Key::new(32, addr);
     let hit = if cfg.buffer == 0 {
@@ -51,16 +69,19 @@ pub fn decide_v4(cfg: &Config, addr: [u8; 4], port: u16, ipproto: u8) -> Decisio
     } else {
         POLICY_V4_1.get(&key)
     };
-    decide_set(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto)
+    decide_set::<TC>(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto, scopes)
 }
 
 #[inline(always)]
-pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decision {
+pub fn decide_v6<const TC: bool>(
+    cfg: &Config,
+    addr: [u8; 16],
+    port: u16,
+    ipproto: u8,
+    scopes: &ScopeBits,
+) -> Decision {
     if cfg.allow_loopback != 0 && is_loopback_v6(&addr) {
-        return Decision {
-            allow: true,
-            rule_id: RULE_LOOPBACK,
-        };
+        return Decision::plain(true, RULE_LOOPBACK);
     }
     let key = Key::new(128, addr);
     let hit = if cfg.buffer == 0 {
@@ -68,13 +89,13 @@ pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decisi
     } else {
         POLICY_V6_1.get(&key)
     };
-    let d = decide_set(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto);
+    let d = decide_set::<TC>(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto, scopes);
     // An address that carries an IPv4 address (NAT64, 6to4, v4-compatible) must be allowed as
     // that IPv4 address too: a translator would deliver it there.
     if d.allow
         && let Some(v4) = embedded_v4(&addr, cfg)
     {
-        let d4 = decide_v4(cfg, v4, port, ipproto);
+        let d4 = decide_v4::<TC>(cfg, v4, port, ipproto, scopes);
         if !d4.allow {
             return d4;
         }
@@ -85,11 +106,14 @@ pub fn decide_v6(cfg: &Config, addr: [u8; 16], port: u16, ipproto: u8) -> Decisi
 /// First matching rule of the prefix's rule set decides (blocks are stored first). No prefix, or
 /// no matching rule: the default verdict.
 #[inline(always)]
-fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decision {
-    let default = Decision {
-        allow: cfg.default_verdict != 0,
-        rule_id: RULE_DEFAULT,
-    };
+fn decide_set<const TC: bool>(
+    cfg: &Config,
+    set: Option<u32>,
+    port: u16,
+    ipproto: u8,
+    scopes: &ScopeBits,
+) -> Decision {
+    let default = Decision::plain(cfg.default_verdict != 0, RULE_DEFAULT);
     let Some(idx) = set else { return default };
     let found = if cfg.buffer == 0 {
         unsafe { RULESETS_0.get(idx) }
@@ -97,12 +121,17 @@ fn decide_set(cfg: &Config, set: Option<u32>, port: u16, ipproto: u8) -> Decisio
         unsafe { RULESETS_1.get(idx) }
     };
     let Some(set) = found else { return default };
-    match set.first_match(port, ipproto) {
-        Some(r) => Decision {
-            allow: r.action != ACTION_BLOCK,
-            rule_id: r.rule_id,
-        },
-        None => default,
+    verdict(set.first_match::<TC>(port, ipproto, scopes), cfg)
+}
+
+/// The decision of a scan, with the policy's default.
+#[inline(always)]
+pub fn verdict(m: Match, cfg: &Config) -> Decision {
+    let v = m.verdict(cfg.default_verdict != 0);
+    Decision {
+        allow: v.allow,
+        rule_id: v.rule_id,
+        audit_rule: v.audit_rule,
     }
 }
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, MODE_AUDIT, RULE_DEFAULT, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
+    Config, MODE_AUDIT, RULE_DEFAULT, ScopeBits, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
     STAT_OWNERS_FULL, v4_mapped,
 };
 
@@ -118,7 +118,7 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
             Steer::Proxy | Steer::Steered => return steered(ctx),
         }
     }
-    let d = policy::decide_v4(&cfg, addr, port, proto);
+    let d = policy::decide_v4::<false>(&cfg, addr, port, proto, &ScopeBits::EVERYONE);
     let mut full = [0u8; 16];
     full[..4].copy_from_slice(&addr);
     let d = with_grant(&cfg, d, 4, &full, port, proto);
@@ -155,11 +155,11 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
         Some(v4) => {
             let mut full = [0u8; 16];
             full[..4].copy_from_slice(&v4);
-            let d = policy::decide_v4(&cfg, v4, port, proto);
+            let d = policy::decide_v4::<false>(&cfg, v4, port, proto, &ScopeBits::EVERYONE);
             (with_grant(&cfg, d, 4, &full, port, proto), 1)
         }
         None => {
-            let d = policy::decide_v6(&cfg, addr, port, proto);
+            let d = policy::decide_v6::<false>(&cfg, addr, port, proto, &ScopeBits::EVERYONE);
             (with_grant(&cfg, d, 6, &addr, port, proto), 0)
         }
     };
@@ -194,7 +194,7 @@ fn with_grant(
         return d;
     }
     let cgroup = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
-    match dns::grant(cfg, cgroup, family, addr, port, proto) {
+    match dns::grant(cfg, cgroup, family, addr, port, proto, &ScopeBits::EVERYONE) {
         Some(g) => g,
         None => d,
     }
@@ -220,10 +220,7 @@ fn finish(
         let (jfamily, jaddr) = judged(family, v4_mapped, &addr);
         let uid = bpf_get_current_uid_gid() as u32;
         match policy::caller_budget_block(cfg, tgid, uid, jfamily, &jaddr) {
-            Some(rule_id) => Decision {
-                allow: false,
-                rule_id,
-            },
+            Some(rule_id) => Decision::plain(false, rule_id),
             None => d,
         }
     } else {
@@ -238,10 +235,7 @@ fn finish(
         return VERDICT_ALLOW;
     } else {
         count(STAT_OWNERS_FULL);
-        Decision {
-            allow: false,
-            rule_id: RULE_OWNERS_FULL,
-        }
+        Decision::plain(false, RULE_OWNERS_FULL)
     };
     let audit = cfg.mode == MODE_AUDIT;
     report::refused(

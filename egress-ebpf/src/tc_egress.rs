@@ -23,7 +23,7 @@ use aya_ebpf::{
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOCKETS,
-    RULE_SOURCE_ROUTE, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP, SOCKETS_PACKET,
+    RULE_SOURCE_ROUTE, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP, SOCKETS_PACKET, ScopeBits,
     STAT_BUDGET_DROPPED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS,
     STAT_TC_AUDITED, STAT_TC_DROPPED, TGID_UNATTRIBUTED,
 };
@@ -309,14 +309,15 @@ fn refuse(
 #[inline(always)]
 fn decide(cfg: &egress_common::Config, p: &Parsed) -> policy::Decision {
     if p.family == 4 {
-        policy::decide_v4(
+        policy::decide_v4::<true>(
             cfg,
             [p.addr[0], p.addr[1], p.addr[2], p.addr[3]],
             p.port,
             p.protocol,
+            &ScopeBits::EVERYONE,
         )
     } else {
-        policy::decide_v6(cfg, p.addr, p.port, p.protocol)
+        policy::decide_v6::<true>(cfg, p.addr, p.port, p.protocol, &ScopeBits::EVERYONE)
     }
 }
 

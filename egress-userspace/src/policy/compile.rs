@@ -60,6 +60,8 @@ pub struct CompiledPolicy {
     pub rule_names: Vec<String>,
     /// Kind of each rule by `rule_id` (index 0 unused).
     pub rule_kinds: Vec<Option<RuleKind>>,
+    /// Who scoped entries apply to (`PortRule::scope` ids index into these tables).
+    pub scopes: super::scopes::CompiledScopes,
     pub services: usize,
     pub blocks: usize,
     pub alerts: usize,
@@ -206,9 +208,10 @@ fn port_rules(rule: &Rule, id: u32) -> Vec<PortRule> {
         port_hi,
         proto_mask,
         action,
-        _pad: [0; 2],
+        tc_mask: proto_mask,
+        flags: 0,
         rule_id: id,
-        _reserved: 0,
+        scope: 0,
     };
     let mut entries = Vec::new();
     if rule.ports.is_empty() {
@@ -452,6 +455,7 @@ impl CompiledPolicy {
             host_sets: host_sets(policy)?,
             rule_names,
             rule_kinds,
+            scopes: super::scopes::CompiledScopes::default(),
             services: written.services().count(),
             blocks: written.blocks().count(),
             alerts: policy.alerts.len(),
@@ -541,7 +545,10 @@ impl CompiledPolicy {
                 carried_v4: None,
             };
         };
-        match self.rulesets[set as usize].first_match(port, ipproto) {
+        match self.rulesets[set as usize]
+            .first_match::<false>(port, ipproto, &egress_common::ScopeBits::EVERYONE)
+            .rule
+        {
             Some(r) => Evaluation {
                 allow: r.action != ACTION_BLOCK,
                 rule_id: r.rule_id,

@@ -29,6 +29,7 @@ pub mod explain;
 pub mod hosts;
 pub mod names;
 mod parse;
+pub mod scopes;
 mod types;
 
 pub use dns::{DnsSettings, Unlisted, Upstream};

@@ -388,7 +388,7 @@ ports = [22]
     assert_eq!(set.len, 2);
     assert_eq!(set.rules[0].action, ACTION_BLOCK);
     assert_eq!(set.rules[1].action, ACTION_ALLOW);
-    assert_eq!(set.rules[0]._reserved, 0);
+    assert_eq!(set.rules[0].scope, 0);
 }
 
 #[test]
