@@ -434,11 +434,16 @@ pub struct Event {
 const _: () = assert!(size_of::<Event>() == 80);
 
 /// What the scan of a [`RuleSet`] found for one call.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Match {
-    /// The deciding rule: an enforced rule that matches and applies to the caller, or an
-    /// in-scope audit service. `None`: nothing decided; the default verdict applies.
-    pub rule: Option<PortRule>,
+    /// The `rule_id` of the deciding rule (an enforced rule that matches and applies to the
+    /// caller, or an in-scope audit service); `RULE_DEFAULT` (0, never a rule's id): nothing
+    /// decided, the default verdict applies.
+    pub rule_id: u32,
+    /// Whether the deciding rule blocks.
+    pub block: bool,
+    pub _pad: [u8; 3],
     /// The first in-scope audit block the scan passed over (0: none): it would have refused the
     /// call.
     pub audit_block: u32,
@@ -446,6 +451,7 @@ pub struct Match {
     /// would have fallen through it.
     pub audit_pass: u32,
 }
+const _: () = assert!(size_of::<Match>() == 16);
 
 /// A verdict from a [`Match`] and the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -465,23 +471,20 @@ impl Match {
     /// by is named in `audit_rule`.
     #[inline(always)]
     pub fn verdict(&self, default_allow: bool) -> Verdict {
-        match self.rule {
-            Some(r) if r.action == ACTION_BLOCK => Verdict {
-                allow: false,
-                rule_id: r.rule_id,
-                audit_rule: 0,
-            },
-            Some(r) => Verdict {
-                allow: true,
-                rule_id: r.rule_id,
-                audit_rule: self.audit_block,
-            },
-            None if default_allow => Verdict {
+        if self.rule_id != RULE_DEFAULT {
+            return Verdict {
+                allow: !self.block,
+                rule_id: self.rule_id,
+                audit_rule: if self.block { 0 } else { self.audit_block },
+            };
+        }
+        match default_allow {
+            true => Verdict {
                 allow: true,
                 rule_id: RULE_DEFAULT,
                 audit_rule: self.audit_block,
             },
-            None => Verdict {
+            false => Verdict {
                 allow: self.audit_pass != 0,
                 rule_id: RULE_DEFAULT,
                 audit_rule: if self.audit_block != 0 {
@@ -498,44 +501,90 @@ impl RuleSet {
     /// The scan of the rule set, exactly as the kernel does it. Shared by the datapath and by
     /// `egress explain`, so both decide with the same code.
     ///
-    /// `TC = true` is the TC program's scan: it matches on `tc_mask` and nothing else (scoped and
-    /// audit rules never match there; the caller is unknown), the same instruction count as an
-    /// unscoped scan. `TC = false` is the hooks' scan: a rule matches when its protocol bit and
-    /// port range fit and the caller is in its scope (`scopes`); an audit block that matches is
-    /// noted and the scan goes on; an audit service out of scope is noted as the refusal its
-    /// scope would cause and the scan goes on; an in-scope audit service allows.
+    /// `TC = true` is the TC program's scan ([`RuleSet::first_match_tc`]): `tc_mask` alone, so
+    /// scoped and audit rules never match there (TC cannot tell who sent a packet). `TC = false`
+    /// is the hooks' scan ([`RuleSet::scan_into`]): a rule matches when its protocol bit and
+    /// port range fit and the caller is in its scope (`scopes`); an in-scope audit block that
+    /// matches is noted and the scan goes on; an audit service whose scope leaves the caller out
+    /// is noted as the refusal its scope would cause and the scan goes on; an in-scope audit
+    /// service allows. [`Match::verdict`] turns the result into the verdict.
     #[inline(always)]
     pub fn first_match<const TC: bool>(&self, port: u16, ipproto: u8, scopes: &ScopeBits) -> Match {
+        let mut m = Match::default();
+        if TC {
+            if let Some((rule_id, block)) = self.first_match_tc(port, ipproto) {
+                m.rule_id = rule_id;
+                m.block = block;
+            }
+        } else {
+            self.scan_into(port, ipproto, scopes, &mut m);
+        }
+        m
+    }
+
+    /// [`RuleSet::first_match`] into `m` (which must start as `Match::default()`): the datapath
+    /// passes a per-CPU scratch value. The audit notes are written and read through `m` with
+    /// volatile accesses, never kept in registers across rules: the verifier does not track
+    /// memory of a map value, so a noted and an unnoted walk of the same rule converge and are
+    /// verified once (notes in registers made the hooks' verification several times larger).
+    #[inline(always)]
+    pub fn scan_into(&self, port: u16, ipproto: u8, scopes: &ScopeBits, m: &mut Match) {
         let bit = proto_bit(ipproto);
         let len = self.len as usize;
-        let mut m = Match::default();
         let mut i = 0;
         while i < MAX_PORT_RULES {
             if i >= len {
                 break;
             }
             let r = &self.rules[i];
-            if TC {
-                if r.tc_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
-                    m.rule = Some(*r);
-                    return m;
-                }
-            } else if r.proto_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
-                let inside = r.scope == 0 || scopes.has(r.scope);
+            if r.proto_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
+                let block = r.action == ACTION_BLOCK;
                 let audit = r.flags & RULE_F_AUDIT != 0;
-                if inside && (!audit || r.action != ACTION_BLOCK) {
-                    m.rule = Some(*r);
-                    return m;
+                let inside = r.scope == 0 || scopes.has(r.scope);
+                if inside && !(audit && block) {
+                    m.rule_id = r.rule_id;
+                    m.block = block;
+                    return;
                 }
-                if inside && m.audit_block == 0 {
-                    m.audit_block = r.rule_id;
-                } else if !inside && audit && r.action != ACTION_BLOCK && m.audit_pass == 0 {
-                    m.audit_pass = r.rule_id;
+                // An in-scope audit block, or an audit service leaving the caller out: noted.
+                if audit && inside == block {
+                    // SAFETY: `m` is a valid, exclusive reference.
+                    unsafe {
+                        let slot = if block {
+                            core::ptr::addr_of_mut!(m.audit_block)
+                        } else {
+                            core::ptr::addr_of_mut!(m.audit_pass)
+                        };
+                        if core::ptr::read_volatile(slot) == 0 {
+                            core::ptr::write_volatile(slot, r.rule_id);
+                        }
+                    }
                 }
             }
             i += 1;
         }
-        m
+    }
+
+    /// The TC program's scan: the first rule whose `tc_mask` has the protocol's bit and whose
+    /// port range holds `port` (scoped and audit rules have no `tc_mask`: TC cannot tell who
+    /// sent a packet). `(rule_id, blocks)`. The unscoped scan as it always was: TC's
+    /// verification budget is spent.
+    #[inline(always)]
+    pub fn first_match_tc(&self, port: u16, ipproto: u8) -> Option<(u32, bool)> {
+        let bit = proto_bit(ipproto);
+        let len = self.len as usize;
+        let mut i = 0;
+        while i < MAX_PORT_RULES {
+            if i >= len {
+                break;
+            }
+            let r = &self.rules[i];
+            if r.tc_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
+                return Some((r.rule_id, r.action == ACTION_BLOCK));
+            }
+            i += 1;
+        }
+        None
     }
 }
 
@@ -620,14 +669,14 @@ pub const SCOPE_KEYS: u32 = 4;
 /// those it is named in, and (for exe, uid and gid) those that do not constrain the key. A value
 /// not in the table admits the key's default: the scopes that do not constrain it.
 pub trait ScopeTables {
-    fn exe(&self, k: &ExeKey) -> Option<ScopeBits>;
-    fn uid(&self, uid: u32) -> Option<ScopeBits>;
-    fn gid(&self, gid: u32) -> Option<ScopeBits>;
+    fn exe(&self, k: &ExeKey) -> Option<&ScopeBits>;
+    fn uid(&self, uid: u32) -> Option<&ScopeBits>;
+    fn gid(&self, gid: u32) -> Option<&ScopeBits>;
     /// Only the scopes that name this cgroup (or, through the caller's ancestors, a cgroup above
     /// it); the defaults are ORed in by [`resolve_scopes`].
-    fn cgroup(&self, id: u64) -> Option<ScopeBits>;
-    /// `SCOPE_KEY_*`.
-    fn default_of(&self, key: u32) -> ScopeBits;
+    fn cgroup(&self, id: u64) -> Option<&ScopeBits>;
+    /// `SCOPE_KEY_*`. `None` (a table that was never written) admits nobody.
+    fn default_of(&self, key: u32) -> Option<&ScopeBits>;
 }
 
 /// Who is calling, as the hooks see it.
@@ -653,25 +702,19 @@ pub fn resolve_scopes<T: ScopeTables, A: Fn(u32) -> u64>(
 ) -> ScopeBits {
     let mut bits = ScopeBits::ALL;
     if keys & (1 << SCOPE_KEY_EXE) != 0 {
-        match t.exe(&caller.exe) {
-            Some(b) => bits.and(&b),
-            None => bits.and(&t.default_of(SCOPE_KEY_EXE)),
-        }
+        admit(&mut bits, t.exe(&caller.exe), t.default_of(SCOPE_KEY_EXE));
     }
     if keys & (1 << SCOPE_KEY_UID) != 0 {
-        match t.uid(caller.uid) {
-            Some(b) => bits.and(&b),
-            None => bits.and(&t.default_of(SCOPE_KEY_UID)),
-        }
+        admit(&mut bits, t.uid(caller.uid), t.default_of(SCOPE_KEY_UID));
     }
     if keys & (1 << SCOPE_KEY_GID) != 0 {
-        match t.gid(caller.gid) {
-            Some(b) => bits.and(&b),
-            None => bits.and(&t.default_of(SCOPE_KEY_GID)),
-        }
+        admit(&mut bits, t.gid(caller.gid), t.default_of(SCOPE_KEY_GID));
     }
     if keys & (1 << SCOPE_KEY_CGROUP) != 0 {
-        let mut cg = t.default_of(SCOPE_KEY_CGROUP);
+        let mut cg = ScopeBits::default();
+        if let Some(d) = t.default_of(SCOPE_KEY_CGROUP) {
+            cg.or(d);
+        }
         let mut level = 1u32;
         while level < 32 {
             if cg_levels & (1 << level) != 0 {
@@ -679,7 +722,7 @@ pub fn resolve_scopes<T: ScopeTables, A: Fn(u32) -> u64>(
                 if id != 0
                     && let Some(b) = t.cgroup(id)
                 {
-                    cg.or(&b);
+                    cg.or(b);
                 }
             }
             level += 1;
@@ -688,6 +731,16 @@ pub fn resolve_scopes<T: ScopeTables, A: Fn(u32) -> u64>(
     }
     bits.w[0] |= 1;
     bits
+}
+
+/// `bits &= found`, or the key's default when the value is not in its table (nothing when
+/// neither is there).
+#[inline(always)]
+fn admit(bits: &mut ScopeBits, found: Option<&ScopeBits>, default: Option<&ScopeBits>) {
+    match found.or(default) {
+        Some(b) => bits.and(b),
+        None => *bits = ScopeBits::default(),
+    }
 }
 
 /// Loopback for `allow_loopback`: 127.0.0.0/8, and 0.0.0.0 (connecting to it reaches this host).

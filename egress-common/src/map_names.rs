@@ -25,8 +25,21 @@ pub const BLOCK_TREE: &str = "BLOCK_TREE";
 pub const GRANTS: &str = "GRANTS";
 pub const DNS_ORIG: &str = "DNS_ORIG";
 
+/// Process -> executable identity.
+pub const PROCS: &str = "PROCS";
+/// Scope tables of buffer 0 and 1, by selector key.
+pub const SCOPE_EXE: [&str; 2] = ["SCOPE_EXE_0", "SCOPE_EXE_1"];
+pub const SCOPE_UID: [&str; 2] = ["SCOPE_UID_0", "SCOPE_UID_1"];
+pub const SCOPE_GID: [&str; 2] = ["SCOPE_GID_0", "SCOPE_GID_1"];
+pub const SCOPE_CG: [&str; 2] = ["SCOPE_CG_0", "SCOPE_CG_1"];
+/// The scope tables' defaults.
+pub const SCOPE_DEF: &str = "SCOPE_DEF";
+
+/// Per-CPU scratch of the rule scan.
+pub const SCAN: &str = "SCAN";
+
 /// Every map of the object.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 29] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -45,4 +58,15 @@ pub const ALL: [&str; 18] = [
     BLOCK_TREE,
     GRANTS,
     DNS_ORIG,
+    PROCS,
+    SCOPE_EXE[0],
+    SCOPE_EXE[1],
+    SCOPE_UID[0],
+    SCOPE_UID[1],
+    SCOPE_GID[0],
+    SCOPE_GID[1],
+    SCOPE_CG[0],
+    SCOPE_CG[1],
+    SCOPE_DEF,
+    SCAN,
 ];

@@ -23,6 +23,9 @@ unsafe impl aya::Pod for BlockValue {}
 unsafe impl aya::Pod for GrantKey {}
 unsafe impl aya::Pod for GrantValue {}
 unsafe impl aya::Pod for DnsOrig {}
+unsafe impl aya::Pod for ScopeBits {}
+unsafe impl aya::Pod for ExeKey {}
+unsafe impl aya::Pod for ProcIdentity {}
 
 /// The address in a `family` (4 or 6) + 16-byte record field.
 pub fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {

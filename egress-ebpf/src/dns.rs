@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, DNS_GRANTS, DNS_PORT, DNS_STEER, DNS_UPSTREAM_MARK, DnsOrig, GrantKey,
-    IPPROTO_TCP, IPPROTO_UDP, ScopeBits,
+    Config, DNS_GRANTS, DNS_PORT, DNS_STEER, DNS_UPSTREAM_MARK, DnsOrig, GrantKey, IPPROTO_TCP,
+    IPPROTO_UDP, ScopeBits,
 };
 
 use crate::{
@@ -247,10 +247,17 @@ pub fn grant(
     } else {
         unsafe { RULESETS_1.get(g.ruleset) }
     }?;
-    let m = set.first_match::<false>(port, proto, scopes);
+    let Some(m) = crate::maps::SCAN.get_ptr_mut(0) else {
+        return None;
+    };
+    // SAFETY: this CPU's slot (see `policy::decide_set`).
+    let m = unsafe { &mut *m };
+    *m = egress_common::Match::default();
+    set.scan_into(port, proto, scopes, m);
+    let m = *m;
     // A grant decides only through a rule of its service that applies to the caller (or, for
     // an audit service, one whose scope leaves the caller out: let through and reported).
-    if m.rule.is_none() && m.audit_pass == 0 {
+    if m.rule_id == egress_common::RULE_DEFAULT && m.audit_pass == 0 {
         return None;
     }
     Some(policy::verdict(m, cfg))

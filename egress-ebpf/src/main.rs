@@ -8,20 +8,26 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod dns;
+mod exec;
 mod fork;
 mod maps;
 mod owners;
 mod policy;
 mod report;
+mod scope;
 mod sock_addr;
 mod sock_create;
 mod sockopt;
 mod tc_egress;
 
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, sock_ops, tracepoint},
+    macros::{
+        cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, raw_tracepoint, sock_ops,
+        tracepoint,
+    },
     programs::{
-        SockAddrContext, SockContext, SockOpsContext, SockoptContext, TcContext, TracePointContext,
+        RawTracePointContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+        TcContext, TracePointContext,
     },
 };
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
@@ -104,6 +110,13 @@ pub fn setsockopt(ctx: SockoptContext) -> i32 {
 #[tracepoint]
 pub fn track_fork(ctx: TracePointContext) -> u32 {
     fork::task_newtask(&ctx)
+}
+
+/// Every exec on the host (`sched_process_exec`): records what the process now runs, for the
+/// `executables` selectors.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn track_exec(ctx: RawTracePointContext) -> i32 {
+    exec::sched_process_exec(&ctx)
 }
 
 /// TC egress: byte accounting per owner and destination; drops unattributed traffic to blocked

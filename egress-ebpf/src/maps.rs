@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, DnsOrig, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
-    PrefixValue, RuleSet, STAT_COUNT,
+    BlockKey, BlockValue, Config, DnsOrig, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Match,
+    Owner, PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
 };
 
 // The policy is double-buffered so that a reload is atomic: the controller fills the inactive
@@ -122,3 +122,54 @@ pub static GRANTS: HashMap<GrantKey, GrantValue> = HashMap::with_max_entries(1, 
 /// show the proxy's address (the resolver retries), never lets anything through.
 #[map]
 pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(16_384, 0);
+
+/// Process (tgid) -> the identity (device, inode) of the file it runs. Written by the exec
+/// tracker (`exec.rs`) at every exec, copied to a forked child by the fork tracker (or deleted
+/// there when the creator has none, so a reused pid never inherits a stale identity), seeded by
+/// the controller at start from /proc (without overwriting what the kernel wrote). Read by the
+/// connect/sendmsg hooks when the policy scopes entries by executable. LRU: an evicted process
+/// is read from `current->mm->exe_file` instead, never mistaken for another.
+#[map]
+pub static PROCS: LruHashMap<u32, ProcIdentity> = LruHashMap::with_max_entries(65_536, 0);
+
+// Scope tables, double-buffered like the policy (`_0`/`_1` by `Config::buffer`): one value of a
+// selector key -> the scopes it admits (see `egress_common::ScopeTables`). Written by the
+// controller (compile step), read by the connect/sendmsg hooks. No preallocation.
+
+/// Executable identity -> scopes.
+#[map]
+pub static SCOPE_EXE_0: HashMap<ExeKey, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+#[map]
+pub static SCOPE_EXE_1: HashMap<ExeKey, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+/// Real uid -> scopes.
+#[map]
+pub static SCOPE_UID_0: HashMap<u32, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+#[map]
+pub static SCOPE_UID_1: HashMap<u32, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+/// Real gid -> scopes.
+#[map]
+pub static SCOPE_GID_0: HashMap<u32, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+#[map]
+pub static SCOPE_GID_1: HashMap<u32, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+/// cgroup id -> the scopes naming that cgroup (and so everything below it).
+#[map]
+pub static SCOPE_CG_0: HashMap<u64, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+#[map]
+pub static SCOPE_CG_1: HashMap<u64, ScopeBits> =
+    HashMap::with_max_entries(65_536, BPF_F_NO_PREALLOC);
+/// Per buffer and key (`buffer * SCOPE_KEYS + SCOPE_KEY_*`): the scopes a value missing from
+/// the key's table admits.
+#[map]
+pub static SCOPE_DEF: Array<ScopeBits> = Array::with_max_entries(8, 0);
+
+/// Scratch for one rule scan's result and audit notes (`RuleSet::scan_into`), per CPU: kept in
+/// map memory so that the verifier walks a scan with and without notes once.
+#[map]
+pub static SCAN: PerCpuArray<Match> = PerCpuArray::with_max_entries(1, 0);

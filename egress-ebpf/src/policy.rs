@@ -3,13 +3,13 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
-    Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
+    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config, Match, PrefixValue,
+    RULE_DEFAULT, RULE_LOOPBACK, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{
     ACTIVE, BLOCK_TREE, BLOCKED, CONFIG, POLICY_V4_0, POLICY_V4_1, POLICY_V6_0, POLICY_V6_1,
-    RULESETS_0, RULESETS_1,
+    RULESETS_0, RULESETS_1, SCAN,
 };
 
 /// The outcome of a policy lookup.
@@ -69,7 +69,13 @@ pub fn decide_v4<const TC: bool>(
     } else {
         POLICY_V4_1.get(&key)
     };
-    decide_set::<TC>(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto, scopes)
+    decide_set::<TC>(
+        cfg,
+        hit.map(|v: &PrefixValue| v.ruleset),
+        port,
+        ipproto,
+        scopes,
+    )
 }
 
 #[inline(always)]
@@ -89,7 +95,13 @@ pub fn decide_v6<const TC: bool>(
     } else {
         POLICY_V6_1.get(&key)
     };
-    let d = decide_set::<TC>(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto, scopes);
+    let d = decide_set::<TC>(
+        cfg,
+        hit.map(|v: &PrefixValue| v.ruleset),
+        port,
+        ipproto,
+        scopes,
+    );
     // An address that carries an IPv4 address (NAT64, 6to4, v4-compatible) must be allowed as
     // that IPv4 address too: a translator would deliver it there.
     if d.allow
@@ -121,7 +133,22 @@ fn decide_set<const TC: bool>(
         unsafe { RULESETS_1.get(idx) }
     };
     let Some(set) = found else { return default };
-    verdict(set.first_match::<TC>(port, ipproto, scopes), cfg)
+    if TC {
+        return match set.first_match_tc(port, ipproto) {
+            Some((rule_id, block)) => Decision::plain(!block, rule_id),
+            None => default,
+        };
+    }
+    // The scan's audit notes live in a per-CPU scratch value, not in registers (see
+    // `RuleSet::scan_into`).
+    let Some(m) = SCAN.get_ptr_mut(0) else {
+        return default;
+    };
+    // SAFETY: this CPU's slot; programs do not migrate while they run.
+    let m = unsafe { &mut *m };
+    *m = Match::default();
+    set.scan_into(port, ipproto, scopes, m);
+    verdict(*m, cfg)
 }
 
 /// The decision of a scan, with the policy's default.

@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, MODE_AUDIT, RULE_DEFAULT, ScopeBits, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
-    STAT_OWNERS_FULL, v4_mapped,
+    Config, MODE_AUDIT, RULE_DEFAULT, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
+    STAT_OWNERS_FULL, ScopeBits, v4_mapped,
 };
 
 use crate::{
@@ -21,6 +21,7 @@ use crate::{
     owners,
     policy::{self, Decision},
     report::{self, Refusal},
+    scope,
 };
 
 const AF_INET6: u32 = 10;
@@ -118,10 +119,11 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
             Steer::Proxy | Steer::Steered => return steered(ctx),
         }
     }
-    let d = policy::decide_v4::<false>(&cfg, addr, port, proto, &ScopeBits::EVERYONE);
+    let scopes = scope::caller(&cfg);
+    let d = policy::decide_v4::<false>(&cfg, addr, port, proto, &scopes);
     let mut full = [0u8; 16];
     full[..4].copy_from_slice(&addr);
-    let d = with_grant(&cfg, d, 4, &full, port, proto);
+    let d = with_grant(&cfg, d, 4, &full, port, proto, &scopes);
     // An AF_INET6 socket sending to ::ffff:a.b.c.d reaches sendmsg4 with the IPv4 address: report
     // it as the process gave it.
     if inet6 {
@@ -150,17 +152,18 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
             Steer::Proxy | Steer::Steered => return steered(ctx),
         }
     }
+    let scopes = scope::caller(&cfg);
     // ::ffff:a.b.c.d reaches the IPv4 address a.b.c.d: judge it exactly as IPv4.
     let (d, mapped) = match v4 {
         Some(v4) => {
             let mut full = [0u8; 16];
             full[..4].copy_from_slice(&v4);
-            let d = policy::decide_v4::<false>(&cfg, v4, port, proto, &ScopeBits::EVERYONE);
-            (with_grant(&cfg, d, 4, &full, port, proto), 1)
+            let d = policy::decide_v4::<false>(&cfg, v4, port, proto, &scopes);
+            (with_grant(&cfg, d, 4, &full, port, proto, &scopes), 1)
         }
         None => {
-            let d = policy::decide_v6::<false>(&cfg, addr, port, proto, &ScopeBits::EVERYONE);
-            (with_grant(&cfg, d, 6, &addr, port, proto), 0)
+            let d = policy::decide_v6::<false>(&cfg, addr, port, proto, &scopes);
+            (with_grant(&cfg, d, 6, &addr, port, proto, &scopes), 0)
         }
     };
     finish(ctx, &cfg, d, hook, 6, mapped, addr, port, proto)
@@ -182,6 +185,7 @@ fn steered(ctx: &SockAddrContext) -> i32 {
 /// Where the address rules reached the default verdict, a grant of this cgroup for this
 /// address (learned from a DNS answer) decides.
 #[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "flat hot-path helper, inlined")]
 fn with_grant(
     cfg: &Config,
     d: Decision,
@@ -189,12 +193,18 @@ fn with_grant(
     addr: &[u8; 16],
     port: u16,
     proto: u8,
+    scopes: &ScopeBits,
 ) -> Decision {
     if d.rule_id != RULE_DEFAULT {
         return d;
     }
     let cgroup = unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() };
-    match dns::grant(cfg, cgroup, family, addr, port, proto, &ScopeBits::EVERYONE) {
+    match dns::grant(cfg, cgroup, family, addr, port, proto, scopes) {
+        // An audit entry the address rules passed over still names the call if it is allowed.
+        Some(g) if g.audit_rule == 0 && g.allow => Decision {
+            audit_rule: d.audit_rule,
+            ..g
+        },
         Some(g) => g,
         None => d,
     }
@@ -228,32 +238,42 @@ fn finish(
     };
     // An allowed call whose owner cannot be recorded (`SOCK_OWNERS` full) is refused: its
     // packets would go unattributed and escape per-process budgets and alerts. Fail closed.
-    let d = if !d.allow {
+    let d = if !d.allow || owners::record(ctx) {
         d
-    } else if owners::record(ctx) {
-        count(STAT_ALLOWED);
-        return VERDICT_ALLOW;
     } else {
         count(STAT_OWNERS_FULL);
         Decision::plain(false, RULE_OWNERS_FULL)
     };
-    let audit = cfg.mode == MODE_AUDIT;
-    report::refused(
-        Refusal {
-            rule_id: d.rule_id,
-            hook,
-            family,
-            protocol: proto,
-            port,
-            addr,
-            v4_mapped,
-            sock_type: 0,
-        },
-        audit,
-        cfg.generation,
-    );
+    let mode_audit = cfg.mode == MODE_AUDIT;
+    // One report at most: the refusal, or, for an allowed call an audit entry would have
+    // refused, that entry as audited. (One call site: the event is built once on the stack.)
+    let (report, rule_id, as_audit) = if d.allow {
+        (d.audit_rule != 0, d.audit_rule, true)
+    } else {
+        (true, d.rule_id, mode_audit)
+    };
+    if report {
+        report::refused(
+            Refusal {
+                rule_id,
+                hook,
+                family,
+                protocol: proto,
+                port,
+                addr,
+                v4_mapped,
+                sock_type: 0,
+            },
+            as_audit,
+            cfg.generation,
+        );
+    }
+    if d.allow {
+        count(STAT_ALLOWED);
+        return VERDICT_ALLOW;
+    }
     // The verdict never depends on whether the event could be sent.
-    if audit {
+    if mode_audit {
         // Audit lets the call through: its owner is recorded if it can be (counted once if not).
         if d.rule_id != RULE_OWNERS_FULL && !owners::record(ctx) {
             count(STAT_OWNERS_FULL);

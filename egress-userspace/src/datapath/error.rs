@@ -29,6 +29,9 @@ pub enum DatapathError {
     Stats(#[source] aya::sys::SyscallError),
     #[error("tracepoint {0}")]
     Tracepoint(String),
+    /// The kernel's BTF is missing or lacks a member the exec tracker reads.
+    #[error("kernel BTF: {0}")]
+    Btf(String),
     #[error(
         "policy too large: {v4} IPv4 and {v6} IPv6 prefixes, {rulesets} rule sets (at most 4194304 prefixes per family and 65536 rule sets)"
     )]

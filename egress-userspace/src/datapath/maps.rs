@@ -10,14 +10,14 @@ use aya::{
     },
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue, Owner,
-    PrefixValue, RuleSet, map_names,
+    BlockKey, BlockValue, Config, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue,
+    Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS, ScopeBits, map_names,
 };
 
 use serde::{Deserialize, Serialize};
 
 use super::{DatapathError, pins::MapShape};
-use crate::policy::compile::CompiledPolicy;
+use crate::policy::{compile::CompiledPolicy, scopes::CompiledScopes};
 
 /// The datapath's counters (`STATS`), summed over all CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +53,10 @@ pub(super) struct PolicyBuffer {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
     rulesets: HashMap<MapData, u32, RuleSet>,
+    scope_exe: HashMap<MapData, ExeKey, ScopeBits>,
+    scope_uid: HashMap<MapData, u32, ScopeBits>,
+    scope_gid: HashMap<MapData, u32, ScopeBits>,
+    scope_cg: HashMap<MapData, u64, ScopeBits>,
 }
 
 /// Every map of the datapath.
@@ -73,6 +77,10 @@ pub(super) struct Maps {
     pub block_tree: HashMap<MapData, u32, u32>,
     /// DNS grants: (cgroup, address) -> (until, service rule set).
     pub grants: HashMap<MapData, GrantKey, GrantValue>,
+    /// Process -> executable identity (exec tracker, seeded at start).
+    pub procs: HashMap<MapData, u32, ProcIdentity>,
+    /// The scope tables' defaults, per buffer and key.
+    pub scope_def: Array<MapData, ScopeBits>,
     /// Taken by [`super::Datapath::take_events`].
     pub events: Option<RingBuf<MapData>>,
 }
@@ -98,6 +106,10 @@ impl Maps {
                 v4: take(ebpf, map_names::POLICY_V4[n])?,
                 v6: take(ebpf, map_names::POLICY_V6[n])?,
                 rulesets: take(ebpf, map_names::RULESETS[n])?,
+                scope_exe: take(ebpf, map_names::SCOPE_EXE[n])?,
+                scope_uid: take(ebpf, map_names::SCOPE_UID[n])?,
+                scope_gid: take(ebpf, map_names::SCOPE_GID[n])?,
+                scope_cg: take(ebpf, map_names::SCOPE_CG[n])?,
             })
         };
         let buffers = [buffer(0)?, buffer(1)?];
@@ -113,6 +125,8 @@ impl Maps {
             blocked: take(ebpf, map_names::BLOCKED)?,
             block_tree: take(ebpf, map_names::BLOCK_TREE)?,
             grants: take(ebpf, map_names::GRANTS)?,
+            procs: take(ebpf, map_names::PROCS)?,
+            scope_def: take(ebpf, map_names::SCOPE_DEF)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
         })
     }
@@ -187,7 +201,29 @@ impl Maps {
             .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
         fill_trie(&mut b.v4, map_names::POLICY_V4[buf as usize], v4)?;
         fill_trie(&mut b.v6, map_names::POLICY_V6[buf as usize], v6)?;
+        self.write_scopes(buf, &policy.scopes)?;
+        let config = Config {
+            scope_keys: policy.scopes.keys,
+            scope_cg_levels: policy.scopes.cg_levels,
+            ..config
+        };
         self.set_config(buf, config)
+    }
+
+    /// Fills the scope tables of buffer `buf` (cleared first) and its defaults.
+    fn write_scopes(&mut self, buf: u32, s: &CompiledScopes) -> Result<(), DatapathError> {
+        let i = buf as usize;
+        let b = &mut self.buffers[i];
+        refill(&mut b.scope_exe, map_names::SCOPE_EXE[i], &s.exe)?;
+        refill(&mut b.scope_uid, map_names::SCOPE_UID[i], &s.uid)?;
+        refill(&mut b.scope_gid, map_names::SCOPE_GID[i], &s.gid)?;
+        refill(&mut b.scope_cg, map_names::SCOPE_CG[i], &s.cgroup)?;
+        for (key, bits) in s.defaults.iter().enumerate() {
+            self.scope_def
+                .set(buf * SCOPE_KEYS + key as u32, *bits, 0)
+                .map_err(err(map_names::SCOPE_DEF))?;
+        }
+        Ok(())
     }
 
     /// Kernel memory charged to the IPv4 (`family` 4) or IPv6 trie of buffer `buf`.
@@ -251,6 +287,22 @@ pub(super) fn sum_stats(stats: &PerCpuArray<MapData, u64>) -> Result<Counters, D
         dns_steered: sum(STAT_DNS_STEERED)?,
         owners_full: sum(STAT_OWNERS_FULL)?,
     })
+}
+
+/// Empties a hash map and writes `entries` into it.
+fn refill<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, ScopeBits>,
+    name: &'static str,
+    entries: &std::collections::BTreeMap<K, ScopeBits>,
+) -> Result<(), DatapathError> {
+    let old: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in &old {
+        let _ = map.remove(k);
+    }
+    for (k, v) in entries {
+        map.insert(k, v, 0).map_err(err(name))?;
+    }
+    Ok(())
 }
 
 /// Opens a pinned map as its typed handle (`egress status` without a controller).

@@ -7,6 +7,7 @@
 mod blocks;
 mod bpfsys;
 mod error;
+mod exec;
 mod fork;
 mod links;
 mod maps;
@@ -19,8 +20,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, SchedClassifier, SockOps,
-        TcAttachType, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, RawTracePoint,
+        SchedClassifier, SockOps, TcAttachType, TracePoint,
     },
     util::KernelVersion,
 };
@@ -65,6 +66,10 @@ pub const OWNER_HOOKS: [&str; 2] = ["sock_release", "sock_ops"];
 pub const TC_PROGRAM: &str = "tc_egress";
 /// The fork tracker (tracepoint `task/task_newtask`).
 pub const FORK_TRACKER: &str = "track_fork";
+/// The exec tracker (raw tracepoint `sched_process_exec`).
+pub const EXEC_TRACKER: &str = "track_exec";
+
+pub use self::exec::{exe_key_of, kernel_dev};
 
 /// Prefixes one policy buffer can hold, per address family. The tries allocate per entry, so the
 /// ceiling costs nothing until used.
@@ -99,6 +104,9 @@ fn wait_for_readers() {
 pub struct RunStats {
     pub run_time: std::time::Duration,
     pub run_count: u64,
+    /// Instructions the verifier processed to load the program (its verification cost; the
+    /// kernel refuses a program at 1,000,000).
+    pub verified_insns: u32,
 }
 
 /// Turns on the kernel's run-time statistics of every BPF program (`BPF_ENABLE_STATS`, what
@@ -302,8 +310,10 @@ impl Datapath {
         // Before anything is loaded: a kernel whose tracepoint record we cannot read is refused
         // here, never guessed at.
         let newtask = fork::NewTaskLayout::read()?;
+        let exe_offsets = exec::ExeOffsets::read()?;
         let mut loader = EbpfLoader::new();
         newtask.set_globals(&mut loader);
+        exe_offsets.set_globals(&mut loader);
         for name in map_names::POLICY_V4.iter().chain(&map_names::POLICY_V6) {
             loader.map_max_entries(name, POLICY_CAPACITY);
         }
@@ -374,6 +384,8 @@ impl Datapath {
         load_retrying(TC_PROGRAM, || tc.load())?;
         let tracker: &mut TracePoint = program(&mut ebpf, FORK_TRACKER)?;
         load_retrying(FORK_TRACKER, || tracker.load())?;
+        let exec: &mut RawTracePoint = program(&mut ebpf, EXEC_TRACKER)?;
+        load_retrying(EXEC_TRACKER, || exec.load())?;
         // Blocks set by an earlier controller keep counting towards `budget_blocks`.
         let blocked = if adopt {
             maps.blocked.keys().filter_map(Result::ok).collect()
@@ -560,7 +572,13 @@ impl Datapath {
     /// `Single` (flags 0). A link a previous controller pinned gets our program in place instead.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), DatapathError> {
         if !self.fork_tracked {
+            // The exec tracker first, then the fork tracker (which copies its entries), then the
+            // processes already running: no process is ever without an identity once the hooks
+            // that read it are attached.
+            self.attach_exec_tracker()?;
             self.attach_fork_tracker()?;
+            let seeded = self.seed_procs();
+            tracing::debug!(seeded, "recorded the executables of running processes");
             self.fork_tracked = true;
         }
         let dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
@@ -713,6 +731,7 @@ impl Datapath {
         Ok(RunStats {
             run_time: info.run_time(),
             run_count: info.run_count(),
+            verified_insns: info.verified_instruction_count().unwrap_or(0),
         })
     }
 }

@@ -545,12 +545,14 @@ impl CompiledPolicy {
                 carried_v4: None,
             };
         };
-        match self.rulesets[set as usize]
-            .first_match::<false>(port, ipproto, &egress_common::ScopeBits::EVERYONE)
-            .rule
-        {
+        let m = self.rulesets[set as usize].first_match::<false>(
+            port,
+            ipproto,
+            &egress_common::ScopeBits::EVERYONE,
+        );
+        match (m.rule_id != RULE_DEFAULT).then_some(m) {
             Some(r) => Evaluation {
-                allow: r.action != ACTION_BLOCK,
+                allow: !r.block,
                 rule_id: r.rule_id,
                 reason: Reason::Rule {
                     prefix,

@@ -33,20 +33,20 @@ pub struct CompiledScopes {
 }
 
 impl ScopeTables for CompiledScopes {
-    fn exe(&self, k: &ExeKey) -> Option<ScopeBits> {
-        self.exe.get(k).copied()
+    fn exe(&self, k: &ExeKey) -> Option<&ScopeBits> {
+        self.exe.get(k)
     }
-    fn uid(&self, uid: u32) -> Option<ScopeBits> {
-        self.uid.get(&uid).copied()
+    fn uid(&self, uid: u32) -> Option<&ScopeBits> {
+        self.uid.get(&uid)
     }
-    fn gid(&self, gid: u32) -> Option<ScopeBits> {
-        self.gid.get(&gid).copied()
+    fn gid(&self, gid: u32) -> Option<&ScopeBits> {
+        self.gid.get(&gid)
     }
-    fn cgroup(&self, id: u64) -> Option<ScopeBits> {
-        self.cgroup.get(&id).copied()
+    fn cgroup(&self, id: u64) -> Option<&ScopeBits> {
+        self.cgroup.get(&id)
     }
-    fn default_of(&self, key: u32) -> ScopeBits {
-        self.defaults[(key & 3) as usize]
+    fn default_of(&self, key: u32) -> Option<&ScopeBits> {
+        self.defaults.get(key as usize)
     }
 }
 
