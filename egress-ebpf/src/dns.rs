@@ -15,8 +15,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, DNS_GRANTS, DNS_PORT, DNS_STEER, DNS_UPSTREAM_MARK, DnsOrig, GrantKey,
-    IPPROTO_TCP, IPPROTO_UDP, ScopeBits,
+    Config, DNS_GRANTS, DNS_PORT, DNS_STEER, DNS_UPSTREAM_MARK, DnsOrig, GrantKey, IPPROTO_TCP,
+    IPPROTO_UDP, ScopeBits,
 };
 
 use crate::{

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
 use egress_common::{
-    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
-    Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
+    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config, Match, PrefixValue,
+    RULE_DEFAULT, RULE_LOOPBACK, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
 };
 
 use crate::maps::{
@@ -69,7 +69,13 @@ pub fn decide_v4<const TC: bool>(
     } else {
         POLICY_V4_1.get(&key)
     };
-    decide_set::<TC>(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto, scopes)
+    decide_set::<TC>(
+        cfg,
+        hit.map(|v: &PrefixValue| v.ruleset),
+        port,
+        ipproto,
+        scopes,
+    )
 }
 
 #[inline(always)]
@@ -89,7 +95,13 @@ pub fn decide_v6<const TC: bool>(
     } else {
         POLICY_V6_1.get(&key)
     };
-    let d = decide_set::<TC>(cfg, hit.map(|v: &PrefixValue| v.ruleset), port, ipproto, scopes);
+    let d = decide_set::<TC>(
+        cfg,
+        hit.map(|v: &PrefixValue| v.ruleset),
+        port,
+        ipproto,
+        scopes,
+    );
     // An address that carries an IPv4 address (NAT64, 6to4, v4-compatible) must be allowed as
     // that IPv4 address too: a translator would deliver it there.
     if d.allow

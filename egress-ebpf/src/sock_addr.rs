@@ -11,8 +11,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, MODE_AUDIT, RULE_DEFAULT, ScopeBits, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
-    STAT_OWNERS_FULL, v4_mapped,
+    Config, MODE_AUDIT, RULE_DEFAULT, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
+    STAT_OWNERS_FULL, ScopeBits, v4_mapped,
 };
 
 use crate::{

@@ -23,8 +23,8 @@ use egress_common::user::builtin_rule_name;
 use egress_common::{
     ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, GRANT_SET_BASE,
     MAX_NAT64_PREFIXES, MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_PORTLESS, PROTO_TCP, PROTO_UDP, PortRule, RULE_F_AUDIT, RuleSet, SOCK_ALLOW,
-    SOCK_AUDIT, SOCK_DENY, SOCK_POLICY,
+    PROTO_PORTLESS, PROTO_TCP, PROTO_UDP, PortRule, RULE_F_AUDIT, RuleSet, SOCK_ALLOW, SOCK_AUDIT,
+    SOCK_DENY, SOCK_POLICY,
 };
 use ipnetwork::IpNetwork;
 
@@ -522,5 +522,7 @@ fn nat64_table(prefixes: &[Ipv6Addr]) -> [[u8; 12]; MAX_NAT64_PREFIXES] {
     table
 }
 
+#[cfg(test)]
+mod scope_tests;
 #[cfg(test)]
 mod tests;

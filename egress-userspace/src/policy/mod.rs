@@ -200,4 +200,6 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<(Policy, compile::CompiledPol
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
+mod scope_tests;
+#[cfg(test)]
 mod tests;

@@ -259,33 +259,63 @@ mod tests {
         assert_eq!(host.user("root"), Ok(0));
         assert_eq!(host.group("root"), Ok(0));
         assert!(
-            host.user("no-such-user-egress-test").unwrap_err().contains("no user"),
+            host.user("no-such-user-egress-test")
+                .unwrap_err()
+                .contains("no user"),
             "unknown user"
         );
         let env = Path::new("/usr/bin/env");
-        let key = host.executable(env).unwrap_or_else(|e| panic!("/usr/bin/env: {e}"));
+        let key = host
+            .executable(env)
+            .unwrap_or_else(|e| panic!("/usr/bin/env: {e}"));
         let m = std::fs::metadata(env).unwrap();
         assert_eq!(key.ino, m.ino());
         assert_eq!(key, exe_key(env).unwrap());
-        assert!(host.executable(Path::new("/etc/passwd")).unwrap_err().contains("not executable"));
-        assert!(host.executable(Path::new("/usr/bin")).unwrap_err().contains("regular file"));
-        assert!(host.executable(Path::new("/no/such/file")).unwrap_err().contains("cannot stat"));
+        assert!(
+            host.executable(Path::new("/etc/passwd"))
+                .unwrap_err()
+                .contains("not executable")
+        );
+        assert!(
+            host.executable(Path::new("/usr/bin"))
+                .unwrap_err()
+                .contains("regular file")
+        );
+        assert!(
+            host.executable(Path::new("/no/such/file"))
+                .unwrap_err()
+                .contains("cannot stat")
+        );
         let Some(root) = crate::sys::cgroup::find_cgroup2_root() else {
             panic!("this host has no cgroup2 hierarchy");
         };
-        // Some directory below the root, whatever this host calls it.
-        let child = std::fs::read_dir(&root)
-            .unwrap()
-            .filter_map(Result::ok)
-            .find(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .expect("a cgroup below the root");
-        let name = child.file_name().into_string().unwrap();
+        // A cgroup of our own, two levels deep, removed however the test ends.
+        struct Dirs(Vec<PathBuf>);
+        impl Drop for Dirs {
+            fn drop(&mut self) {
+                for d in self.0.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+        }
+        let top = format!("egress-resolve-test-{}", std::process::id());
+        let name = format!("{top}/inner");
+        let dirs = Dirs(vec![root.join(&top), root.join(&name)]);
+        for d in &dirs.0 {
+            std::fs::create_dir(d)
+                .unwrap_or_else(|e| panic!("creating cgroup {} (needs root): {e}", d.display()));
+        }
         let id = host.cgroup(&name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(id, std::fs::metadata(child.path()).unwrap().ino());
+        assert_eq!(id, std::fs::metadata(&dirs.0[1]).unwrap().ino());
         let ancestors = cgroup_ancestors(&root, Path::new(&name)).unwrap();
-        assert_eq!(ancestors.len(), 2);
-        assert_eq!(ancestors[1], id);
-        assert_eq!(cgroup_ancestors(&root, &child.path()).unwrap(), ancestors);
-        assert!(host.cgroup("no-such-cgroup-egress-test").unwrap_err().contains("no such cgroup"));
+        assert_eq!(ancestors.len(), 3);
+        assert_eq!(ancestors[2], id);
+        assert_eq!(ancestors[1], host.cgroup(&top).unwrap());
+        assert_eq!(cgroup_ancestors(&root, &dirs.0[1]).unwrap(), ancestors);
+        assert!(
+            host.cgroup("no-such-cgroup-egress-test")
+                .unwrap_err()
+                .contains("no such cgroup")
+        );
     }
 }

@@ -126,7 +126,9 @@ fn principal_id(
 ) -> Result<u32, CompileError> {
     match &w.value {
         Principal::Id(id) => Ok(*id),
-        Principal::Name(n) => lookup(n).map_err(|m| value_error(file, w, format!("{noun} `{n}`: {m}"))),
+        Principal::Name(n) => {
+            lookup(n).map_err(|m| value_error(file, w, format!("{noun} `{n}`: {m}")))
+        }
     }
 }
 
@@ -170,19 +172,21 @@ pub fn compile_scopes(
         }
         let mut t = Tuple::default();
         for w in &sel.executables {
-            let key = resolver.executable(&w.value).map_err(|m| {
-                value_error(file, w, format!("`{}` {m}", w.value.display()))
-            })?;
+            let key = resolver
+                .executable(&w.value)
+                .map_err(|m| value_error(file, w, format!("`{}` {m}", w.value.display())))?;
             t.exes.insert(key);
             if !out.exe_paths.iter().any(|(p, _)| *p == w.value) {
                 out.exe_paths.push((w.value.clone(), key));
             }
         }
         for w in &sel.users {
-            t.uids.insert(principal_id(file, w, "user", |n| resolver.user(n))?);
+            t.uids
+                .insert(principal_id(file, w, "user", |n| resolver.user(n))?);
         }
         for w in &sel.groups {
-            t.gids.insert(principal_id(file, w, "group", |n| resolver.group(n))?);
+            t.gids
+                .insert(principal_id(file, w, "group", |n| resolver.group(n))?);
         }
         for w in &sel.cgroups {
             let id = resolver
@@ -223,7 +227,12 @@ pub fn compile_scopes(
 /// The per-key tables and defaults of `tuples` (scope id = index + 1).
 fn fill_tables(out: &mut CompiledScopes, tuples: &[Tuple]) {
     let ids = || (1u32..).zip(tuples);
-    for key in [SCOPE_KEY_EXE, SCOPE_KEY_UID, SCOPE_KEY_GID, SCOPE_KEY_CGROUP] {
+    for key in [
+        SCOPE_KEY_EXE,
+        SCOPE_KEY_UID,
+        SCOPE_KEY_GID,
+        SCOPE_KEY_CGROUP,
+    ] {
         let mut free = ScopeBits::EVERYONE;
         for (id, t) in ids() {
             if t.constrains(key) {
@@ -242,13 +251,25 @@ fn fill_tables(out: &mut CompiledScopes, tuples: &[Tuple]) {
     };
     for (id, t) in ids() {
         for k in &t.exes {
-            with(out.defaults[SCOPE_KEY_EXE as usize], id, out.exe.entry(*k).or_default());
+            with(
+                out.defaults[SCOPE_KEY_EXE as usize],
+                id,
+                out.exe.entry(*k).or_default(),
+            );
         }
         for u in &t.uids {
-            with(out.defaults[SCOPE_KEY_UID as usize], id, out.uid.entry(*u).or_default());
+            with(
+                out.defaults[SCOPE_KEY_UID as usize],
+                id,
+                out.uid.entry(*u).or_default(),
+            );
         }
         for g in &t.gids {
-            with(out.defaults[SCOPE_KEY_GID as usize], id, out.gid.entry(*g).or_default());
+            with(
+                out.defaults[SCOPE_KEY_GID as usize],
+                id,
+                out.gid.entry(*g).or_default(),
+            );
         }
         for c in &t.cgroups {
             out.cgroup.entry(*c).or_default().set(id);
@@ -269,7 +290,11 @@ pub fn scoped_names(rules: &[Rule]) -> Vec<String> {
         .map(|r| {
             format!(
                 "{} `{}`",
-                if r.kind == RuleKind::Block { "block" } else { "service" },
+                if r.kind == RuleKind::Block {
+                    "block"
+                } else {
+                    "service"
+                },
                 r.name
             )
         })

@@ -207,7 +207,8 @@ fn value(kind: Kind, raw: &RawValue) -> Result<Value, String> {
 
 /// A cgroup path relative to the cgroup2 root, normalized: components joined by one `/`.
 fn cgroup_path(s: &str) -> Result<String, String> {
-    const EXPECTED: &str = "expected a path relative to the cgroup2 root, such as \"system.slice/backup.service\"";
+    const EXPECTED: &str =
+        "expected a path relative to the cgroup2 root, such as \"system.slice/backup.service\"";
     if s.starts_with('/') {
         return Err(format!(
             "`{s}` is absolute: {EXPECTED} (the root is found in /proc/mounts; it is not written)"
@@ -286,8 +287,7 @@ impl Sets {
             for (name, list) in table {
                 let field = format!("{}.{name}", kind.sets_key());
                 let offset = list.span().start;
-                if name.is_empty() || name.starts_with('*') || name.contains(char::is_whitespace)
-                {
+                if name.is_empty() || name.starts_with('*') || name.contains(char::is_whitespace) {
                     return Err(src.error(
                         offset,
                         field,
@@ -318,7 +318,8 @@ impl Sets {
                             ),
                         ));
                     }
-                    let value = value(kind, v.get_ref()).map_err(|m| src.error(at, field.clone(), m))?;
+                    let value =
+                        value(kind, v.get_ref()).map_err(|m| src.error(at, field.clone(), m))?;
                     values.push(written(src, at, &field, value));
                 }
                 by_kind[index(kind)].insert(
@@ -364,7 +365,8 @@ impl Sets {
         for v in list.into_inner() {
             let at = v.span().start;
             let Some(name) = reference(v.get_ref()) else {
-                let value = value(kind, v.get_ref()).map_err(|m| src.error(at, field.clone(), m))?;
+                let value =
+                    value(kind, v.get_ref()).map_err(|m| src.error(at, field.clone(), m))?;
                 push(written(src, at, &field, value));
                 continue;
             };
