@@ -122,6 +122,11 @@ pub fn explain_as(
         (false, Mode::Enforce) => "denied (EPERM)",
         (false, Mode::Audit) => "allowed (audit mode: would deny, an audit event is logged)",
     };
+    let reason = if compiled.scopes.keys != 0 && !matches!(ev.reason, Reason::Loopback) {
+        format!("{reason} (scoped entries apply only to callers in their scope)")
+    } else {
+        reason
+    };
     let reason = match ev.carried_v4 {
         Some(v4) => format!(
             "{reason}; it carries the IPv4 address {v4} (NAT64, 6to4 or v4-compatible), which is judged too: both must be allowed"
