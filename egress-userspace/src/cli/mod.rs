@@ -71,7 +71,9 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
         /// Reload when the policy file changes (edits, renames, and the symlink swap Kubernetes
-        /// does for ConfigMaps). SIGHUP and `egress reload` reload too.
+        /// does for ConfigMaps), and when an executable a scoped entry names is replaced (a
+        /// package upgrade). SIGHUP and `egress reload` reload too. (Cgroups scoped entries name
+        /// are followed with or without it.)
         #[arg(long)]
         watch: bool,
         /// bpffs directory where programs' links and maps are pinned, so that enforcement
@@ -234,6 +236,9 @@ enum Command {
         /// the live grants (skipped when no controller answers there).
         #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Who calls: see `CallerArgs`. Without any, a caller in none of the policy's scopes.
+        #[command(flatten)]
+        caller: policy_cmds::CallerArgs,
     },
 }
 
@@ -463,9 +468,12 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             protocol,
             json,
             socket,
+            caller,
         } => {
             match dest.parse::<IpAddr>() {
-                Ok(addr) => policy_cmds::explain(policy, addr, port, protocol.into(), json)?,
+                Ok(addr) => {
+                    policy_cmds::explain(policy, addr, port, protocol.into(), json, &caller)?
+                }
                 Err(_) => policy_cmds::explain_name(policy, &dest, json, &socket)?,
             }
             Ok(0)

@@ -5,37 +5,119 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use egress_common::{Caller, ExeKey, ScopeBits};
+
 use crate::{
     api::client,
-    policy::{self, Protocol, explain as why},
+    policy::{
+        self, Protocol,
+        compile::CompiledPolicy,
+        explain as why,
+        resolve::{self, HostResolver, Resolver as _},
+        scopes::scoped_names,
+    },
     report::GrantRow,
 };
+
+/// `egress explain`'s caller: who the scoped entries (`executables`, `users`, `groups`,
+/// `cgroups`) are judged against. A key not given is a value no scope names.
+#[derive(clap::Args, Debug, Default)]
+pub struct CallerArgs {
+    /// The caller's executable: its identity (device, inode) is what is matched.
+    #[arg(long, value_name = "PATH")]
+    exe: Option<PathBuf>,
+    /// The caller's (real) user, a name or a uid.
+    #[arg(long, value_name = "NAME|UID")]
+    user: Option<String>,
+    /// The caller's (real, primary) group, a name or a gid.
+    #[arg(long, value_name = "NAME|GID")]
+    group: Option<String>,
+    /// The caller's cgroup: relative to the cgroup2 root, or absolute under it.
+    #[arg(long, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+}
+
+impl CallerArgs {
+    fn given(&self) -> bool {
+        self.exe.is_some() || self.user.is_some() || self.group.is_some() || self.cgroup.is_some()
+    }
+
+    /// The scopes of this caller under `compiled`, with the same resolution as the hooks.
+    fn scopes(&self, compiled: &CompiledPolicy) -> anyhow::Result<ScopeBits> {
+        if !self.given() {
+            return Ok(ScopeBits::EVERYONE);
+        }
+        let host = HostResolver::default();
+        let id = |v: &Option<String>, lookup: &dyn Fn(&str) -> Result<u32, String>, flag: &str| {
+            match v {
+                None => Ok(u32::MAX),
+                Some(s) => match s.parse::<u32>() {
+                    Ok(n) => Ok(n),
+                    Err(_) => lookup(s).map_err(|m| anyhow::anyhow!("--{flag} {s}: {m}")),
+                },
+            }
+        };
+        let caller = Caller {
+            exe: match &self.exe {
+                Some(p) => resolve::exe_key(p)
+                    .map_err(|m| anyhow::anyhow!("--exe {}: {m}", p.display()))?,
+                None => ExeKey::default(),
+            },
+            uid: id(&self.user, &|n| host.user(n), "user")?,
+            gid: id(&self.group, &|n| host.group(n), "group")?,
+        };
+        let ancestors = match &self.cgroup {
+            Some(p) => {
+                let root = crate::sys::cgroup::find_cgroup2_root()
+                    .ok_or_else(|| anyhow::anyhow!("--cgroup: no cgroup2 hierarchy is mounted"))?;
+                resolve::cgroup_ancestors(&root, p)
+                    .map_err(|m| anyhow::anyhow!("--cgroup {}: {m}", p.display()))?
+            }
+            None => Vec::new(),
+        };
+        Ok(compiled.scopes.resolve(&caller, &ancestors))
+    }
+}
 
 /// Validates every file and prints a summary of each; 1 if any is invalid.
 pub fn check(files: &[PathBuf]) -> u8 {
     let mut failed = 0;
     for f in files {
         match policy::load(Some(f)) {
-            Ok((p, c)) => println!(
-                "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets, {} host patterns; dns: {}",
-                f.display(),
-                p.mode,
-                p.default,
-                if p.allow_loopback {
-                    "allowed"
-                } else {
-                    "judged"
-                },
-                c.services,
-                c.blocks,
-                c.alerts,
-                c.prefix_count(),
-                c.v4.len(),
-                c.v6.len(),
-                c.rulesets.len(),
-                p.host_patterns(),
-                p.dns,
-            ),
+            Ok((p, c)) => {
+                for w in &p.warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets, {} host patterns; dns: {}",
+                    f.display(),
+                    p.mode,
+                    p.default,
+                    if p.allow_loopback {
+                        "allowed"
+                    } else {
+                        "judged"
+                    },
+                    c.services,
+                    c.blocks,
+                    c.alerts,
+                    c.prefix_count(),
+                    c.v4.len(),
+                    c.v6.len(),
+                    c.rulesets.len(),
+                    p.host_patterns(),
+                    p.dns,
+                );
+                if c.scopes.keys != 0 {
+                    println!(
+                        "  scopes: {} executables, {} users, {} groups, {} cgroups named",
+                        c.scopes.exe_paths.len(),
+                        c.scopes.uid.len(),
+                        c.scopes.gid.len(),
+                        c.scopes.cgroup_paths.len(),
+                    );
+                }
+            }
             Err(e) => {
                 failed += 1;
                 eprintln!("{e:#}");
@@ -51,8 +133,11 @@ pub fn explain(
     port: Option<u16>,
     protocol: Protocol,
     json: bool,
+    caller: &CallerArgs,
 ) -> anyhow::Result<()> {
     let (policy, compiled) = policy::load(Some(&path))?;
+    let scopes = caller.scopes(&compiled)?;
+    let scoped = scoped_names(&policy.rules);
     let port_given = port.is_some();
     // Without --port: the verdict holds for every port when every port boundary of the matching
     // rule set gives the same answer.
@@ -73,16 +158,25 @@ pub fn explain(
     };
     let all: Vec<_> = ports
         .iter()
-        .map(|&p| why::explain(&policy, &compiled, dest, p, protocol))
+        .map(|&p| why::explain_as(&policy, &compiled, dest, p, protocol, &scopes))
         .collect();
-    let uniform = all
-        .iter()
-        .all(|e| e.verdict == all[0].verdict && e.rule == all[0].rule);
+    let uniform = all.iter().all(|e| {
+        e.verdict == all[0].verdict && e.rule == all[0].rule && e.audit_entry == all[0].audit_entry
+    });
+    let note = (!scoped.is_empty() && !caller.given()).then(|| {
+        format!(
+            "the policy has scoped entries ({}): this is the verdict for a caller in none of their scopes; give --exe, --user, --group or --cgroup to judge a caller",
+            scoped.join(", ")
+        )
+    });
     if json {
         if uniform {
             let mut v = serde_json::to_value(&all[0])?;
             if !port_given {
                 v["port"] = serde_json::Value::String("any".into());
+            }
+            if let Some(n) = &note {
+                v["note"] = serde_json::Value::String(n.clone());
             }
             println!("{v}");
         } else {
@@ -108,11 +202,19 @@ pub fn explain(
             println!("  judged as {} (v4-mapped)", e.judged_as);
         }
         println!("  {}", e.reason);
+        if let Some(a) = &e.audit_entry {
+            println!(
+                "  audit: `{a}` (mode = \"audit\") would refuse this call; it is reported as an audit event"
+            );
+        }
     } else {
         println!("{dest}/{protocol}: the verdict depends on the port (give --port N)");
         for line in why::rule_table(&compiled, dest) {
             println!("{line}");
         }
+    }
+    if let Some(n) = note {
+        println!("  note: {n}");
     }
     Ok(())
 }

@@ -326,6 +326,7 @@ fn stand_in(record: Option<&State>, config: &Config) -> Policy {
         alerts: Vec::new(),
         dns: Default::default(),
         hash: record.map(|r| r.policy_hash.clone()).unwrap_or_default(),
+        warnings: Vec::new(),
     }
 }
 

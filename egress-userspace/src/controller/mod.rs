@@ -6,7 +6,7 @@
 //! - `blocks.rs`: byte-budget blocks set, adopted, expired and lifted in the kernel, and the
 //!   processes they cover;
 //! - `reload.rs`: atomic policy reloads (`egress reload`, SIGHUP, `--watch`) and the state kept
-//!   beside the pins;
+//!   beside the pins; `scopes.rs`: following the executables and cgroups scoped entries name;
 //! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
 //!   kernel holds unless told);
 //! - `run.rs` and `exec.rs`: the two commands' event loops; `signals.rs`: forwarding signals to
@@ -20,6 +20,7 @@ mod exec;
 mod names;
 mod reload;
 mod run;
+mod scopes;
 mod signals;
 mod tick;
 
@@ -113,6 +114,8 @@ pub struct Controller {
     started: Instant,
     /// `egress stop` asked the controller to exit.
     stop_requested: bool,
+    /// What the scope watch last warned about (logged once, not every second).
+    scope_warned: Option<String>,
     /// The DNS proxy, while the policy uses names.
     names: Option<names::Names>,
     /// Ticks so far.
@@ -215,6 +218,7 @@ impl Controller {
             metrics,
             started: Instant::now(),
             stop_requested: false,
+            scope_warned: None,
             names: early_names,
             ticks: 0,
         };

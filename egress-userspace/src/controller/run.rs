@@ -115,7 +115,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 };
                 info!("SIGHUP reload: {}", text.lines().next().unwrap_or(""));
             }
-            _ = watch.tick(), if opts.watch => ctl.watch_tick().await,
+            _ = watch.tick() => {
+                if opts.watch {
+                    ctl.watch_tick().await;
+                }
+                // Cgroups named by scopes are followed always, executables with --watch.
+                ctl.scope_tick(opts.watch).await;
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

@@ -1,6 +1,7 @@
-//! The pure compile step: a validated [`Policy`] to the exact entries written into the kernel
-//! maps, and [`CompiledPolicy::evaluate`], which decides from those entries with the datapath's
-//! own algorithm (`egress explain` uses it; a kernel test checks that both agree).
+//! The compile step: a validated [`Policy`] to the exact entries written into the kernel maps
+//! (pure, but for resolving selectors through a [`Resolver`]), and (`evaluate`)
+//! [`CompiledPolicy::evaluate_as`], which decides from those entries with the datapath's own
+//! algorithm (`egress explain` uses it; a kernel test checks that both agree).
 //!
 //! An LPM trie returns only the longest matching prefix, but a destination is subject to every
 //! rule whose network contains it. Those networks are nested, so they are exactly the rules of
@@ -9,7 +10,8 @@
 //! block rules come first: the first matching rule decides, so a block wins over any service
 //! whatever the prefix lengths.
 //!
-//! (Just over 500 lines: the compile step and the decision it must agree with, kept together.)
+//! Scoped entries (`scopes`) get a scope id in their port rules; TC, which cannot see who sends
+//! a packet, never matches them (`tc_mask` 0).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,25 +23,53 @@ use egress_common::user::builtin_rule_name;
 use egress_common::{
     ACTION_ALLOW, ACTION_BLOCK, Config, DEFAULT_ALLOW, DEFAULT_DENY, GRANT_SET_BASE,
     MAX_NAT64_PREFIXES, MAX_PORT_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_PORTLESS, PROTO_TCP, PROTO_UDP, PortRule, RULE_DEFAULT, RULE_LOOPBACK, RuleSet,
-    SOCK_ALLOW, SOCK_AUDIT, SOCK_DENY, SOCK_POLICY, embedded_v4, is_loopback_v4, is_loopback_v6,
-    v4_mapped,
+    PROTO_PORTLESS, PROTO_TCP, PROTO_UDP, PortRule, RULE_F_AUDIT, RuleSet, SOCK_ALLOW, SOCK_AUDIT,
+    SOCK_DENY, SOCK_POLICY,
 };
 use ipnetwork::IpNetwork;
 
 use super::{
-    DefaultVerdict, Mode, Policy, PortRange, Protocol, Rule, RuleKind, SocketRule, error::one_line,
+    DefaultVerdict, Mode, Policy, PortRange, Protocol, Rule, RuleKind, SocketRule,
+    error::one_line,
+    resolve::{HostResolver, Resolver},
+    scopes::compile_scopes,
 };
 
-/// A policy that cannot be represented in the kernel maps.
+mod evaluate;
+pub use evaluate::{Evaluation, Reason};
+
+/// A policy that cannot be represented in the kernel maps, or whose selectors do not resolve on
+/// this host. Shown as `file:line: destination PREFIX: message` for a destination's problem,
+/// `file:line[:column]: FIELD: message` for a rule's (`service[2].users`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: destination {prefix}: {message}")]
+#[error("{file}:{line}{}: {}: {message}", column_text(*column), place(prefix, field))]
 pub struct CompileError {
     pub file: String,
-    /// Line of the most specific rule involved.
+    /// Line of the most specific rule involved, or of the selector value.
     pub line: usize,
+    /// Column of the selector value (0: the error is about a whole rule or destination).
+    pub column: usize,
+    /// The destination involved (or `hosts`); empty for an error about a field.
     pub prefix: String,
+    /// The field involved (`service[2].users`, `user_sets.humans`); empty for a destination's.
+    pub field: String,
     pub message: String,
+}
+
+fn column_text(column: usize) -> String {
+    if column == 0 {
+        String::new()
+    } else {
+        format!(":{column}")
+    }
+}
+
+fn place(prefix: &str, field: &str) -> String {
+    if field.is_empty() {
+        format!("destination {prefix}")
+    } else {
+        field.to_string()
+    }
 }
 
 /// Everything the kernel maps hold for one policy.
@@ -65,34 +95,6 @@ pub struct CompiledPolicy {
     pub services: usize,
     pub blocks: usize,
     pub alerts: usize,
-}
-
-/// What decided a verdict.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reason {
-    /// `allow_loopback` short-cut.
-    Loopback,
-    /// The policy prefix that matched, and the rule of its set that matched.
-    Rule { prefix: IpNetwork, rule_id: u32 },
-    /// A policy prefix matched but none of its rules fits the port/protocol.
-    DefaultInPrefix { prefix: IpNetwork },
-    /// No policy prefix contains the destination.
-    Default,
-}
-
-/// A verdict, as the kernel would give it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evaluation {
-    /// The policy's decision (before audit mode turns a deny into an allowed call).
-    pub allow: bool,
-    /// `rule_id` as events report it.
-    pub rule_id: u32,
-    pub reason: Reason,
-    /// The address whose rule decided (the IPv4 address of a v4-mapped destination, or the
-    /// IPv4 address an IPv6 destination carries when that is what denied it).
-    pub judged: IpAddr,
-    /// The IPv4 address an IPv6 destination carries (NAT64, 6to4, v4-compatible), judged too.
-    pub carried_v4: Option<Ipv4Addr>,
 }
 
 /// Protocol bits a rule covers: those with ports (TCP, UDP), and those without (ICMP, and for
@@ -195,23 +197,27 @@ impl Family for u128 {
     }
 }
 
-/// The port rules of one service or block (`id` its rule id): its ports and protocols.
-fn port_rules(rule: &Rule, id: u32) -> Vec<PortRule> {
+/// The port rules of one service or block (`id` its rule id, `scope` its scope id, 0 for
+/// everyone): its ports and protocols. TC matches on `tc_mask`, and it cannot tell who sent a
+/// packet: so only an entry for everyone that refuses or allows for real has one; a scoped entry,
+/// or an audit block (which must refuse nothing), is invisible there.
+fn port_rules(rule: &Rule, id: u32, scope: u32) -> Vec<PortRule> {
     let (ported, portless) = proto_masks(rule.kind, &rule.protocols, &rule.ports);
     let action = if rule.kind == RuleKind::Block {
         ACTION_BLOCK
     } else {
         ACTION_ALLOW
     };
+    let at_tc = scope == 0 && !(rule.audit && rule.kind == RuleKind::Block);
     let rule_of = |port_lo, port_hi, proto_mask| PortRule {
         port_lo,
         port_hi,
         proto_mask,
         action,
-        tc_mask: proto_mask,
-        flags: 0,
+        tc_mask: if at_tc { proto_mask } else { 0 },
+        flags: if rule.audit { RULE_F_AUDIT } else { 0 },
         rule_id: id,
-        scope: 0,
+        scope,
     };
     let mut entries = Vec::new();
     if rule.ports.is_empty() {
@@ -244,8 +250,10 @@ pub fn host_slot(name: &str) -> u32 {
     h & !GRANT_SET_BASE
 }
 
-/// The rule sets of the services that name `hosts`, by slot.
-fn host_sets(policy: &Policy) -> Result<Vec<HostSet>, CompileError> {
+/// The rule sets of the services that name `hosts`, by slot (`scope_of[i]`: the scope id of
+/// rule `i`). Their port rules carry the scope, flags and TC mask of the service: the scope is
+/// enforced at the connect, by the hooks' scan of the grant's set.
+fn host_sets(policy: &Policy, scope_of: &[u32]) -> Result<Vec<HostSet>, CompileError> {
     let mut out: Vec<HostSet> = Vec::new();
     for (i, rule) in policy.rules.iter().enumerate() {
         if rule.kind != RuleKind::Service || rule.hosts.is_empty() {
@@ -257,6 +265,8 @@ fn host_sets(policy: &Policy) -> Result<Vec<HostSet>, CompileError> {
             return Err(CompileError {
                 file: policy.source.clone(),
                 line: rule.line,
+                column: 0,
+                field: String::new(),
                 prefix: "hosts".into(),
                 message: format!(
                     "services {} and {} share a grant slot (a hash of the name): rename one",
@@ -265,7 +275,7 @@ fn host_sets(policy: &Policy) -> Result<Vec<HostSet>, CompileError> {
                 ),
             });
         }
-        let entries = port_rules(rule, id);
+        let entries = port_rules(rule, id, scope_of[i]);
         let mut set = RuleSet {
             len: entries.len().min(MAX_PORT_RULES) as u32,
             ..RuleSet::default()
@@ -274,6 +284,8 @@ fn host_sets(policy: &Policy) -> Result<Vec<HostSet>, CompileError> {
             return Err(CompileError {
                 file: policy.source.clone(),
                 line: rule.line,
+                column: 0,
+                field: String::new(),
                 prefix: "hosts".into(),
                 message: format!(
                     "service {} needs {} port ranges; at most {MAX_PORT_RULES} fit",
@@ -304,6 +316,8 @@ pub struct HostSet {
 /// Rule sets, shared between prefixes with the same applicable rules.
 struct SetBuilder<'p> {
     policy: &'p Policy,
+    /// The scope id of each rule, by index.
+    scope_of: &'p [u32],
     by_rules: HashMap<Vec<u32>, u32>,
     sets: Vec<RuleSet>,
 }
@@ -320,7 +334,7 @@ impl SetBuilder<'_> {
             for &id in &rules {
                 let rule = &self.policy.rules[(id - 1) as usize];
                 if rule.kind == want {
-                    entries.extend(port_rules(rule, id));
+                    entries.extend(port_rules(rule, id, self.scope_of[(id - 1) as usize]));
                 }
             }
         }
@@ -335,6 +349,8 @@ impl SetBuilder<'_> {
             return Err(CompileError {
                 file: self.policy.source.clone(),
                 line,
+                column: 0,
+                field: String::new(),
                 prefix: format!("{}/{}", prefix.ip(), prefix.prefix()),
                 message: format!(
                     "the rules covering it ({}) need {} port ranges; at most {MAX_PORT_RULES} fit one destination. Merge port lists into ranges or split overlapping rules",
@@ -394,7 +410,17 @@ fn compile_family<F: Family>(
 }
 
 impl CompiledPolicy {
+    /// Compiles `policy`, resolving its selectors on this host ([`HostResolver`]).
     pub fn compile(policy: &Policy) -> Result<CompiledPolicy, CompileError> {
+        Self::compile_with(policy, &HostResolver::default())
+    }
+
+    /// Compiles `policy`, resolving its selectors (user and group names, executables, cgroups)
+    /// with `resolver`. Pure but for what `resolver` reads.
+    pub fn compile_with(
+        policy: &Policy,
+        resolver: &dyn Resolver,
+    ) -> Result<CompiledPolicy, CompileError> {
         // A policy that uses names also blocks DNS over TLS (`Policy::enforced_rules`).
         let written = policy;
         let extended;
@@ -408,8 +434,10 @@ impl CompiledPolicy {
                 &extended
             }
         };
+        let (scope_of, scopes) = compile_scopes(&policy.source, &policy.rules, resolver)?;
         let mut builder = SetBuilder {
             policy,
+            scope_of: &scope_of,
             by_rules: HashMap::new(),
             sets: Vec::new(),
         };
@@ -447,15 +475,17 @@ impl CompiledPolicy {
                     sock_rule(policy.sockets.other),
                     sock_rule(policy.sockets.packet),
                 ],
+                scope_keys: scopes.keys,
+                scope_cg_levels: scopes.cg_levels,
                 ..Config::default()
             },
             v4,
             v6,
             rulesets: builder.sets,
-            host_sets: host_sets(policy)?,
+            host_sets: host_sets(policy, &scope_of)?,
             rule_names,
             rule_kinds,
-            scopes: super::scopes::CompiledScopes::default(),
+            scopes,
             services: written.services().count(),
             blocks: written.blocks().count(),
             alerts: policy.alerts.len(),
@@ -480,108 +510,6 @@ impl CompiledPolicy {
     pub fn prefix_count(&self) -> usize {
         self.v4.len() + self.v6.len()
     }
-
-    /// Decides like the datapath: loopback short-cut, v4-mapped to IPv4, longest-prefix match,
-    /// then the first matching rule of that prefix's set (`RuleSet::first_match`), else the
-    /// default. An IPv6 destination that carries an IPv4 address (NAT64, 6to4,
-    /// v4-compatible: `egress_common::embedded_v4`) must be allowed as that IPv4 address too.
-    /// `ipproto` is the IP protocol number (6 TCP, 17 UDP).
-    pub fn evaluate(&self, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation {
-        let as_given = self.evaluate_one(dst, port, ipproto);
-        let IpAddr::V6(v6) = as_given.judged else {
-            return as_given;
-        };
-        if as_given.reason == Reason::Loopback {
-            return as_given;
-        }
-        let Some(v4) = embedded_v4(&v6.octets(), &self.config) else {
-            return as_given;
-        };
-        let carried = Ipv4Addr::from(v4);
-        let as_v4 = self.evaluate_one(IpAddr::V4(carried), port, ipproto);
-        let decided = if as_given.allow && !as_v4.allow {
-            as_v4
-        } else {
-            as_given
-        };
-        Evaluation {
-            carried_v4: Some(carried),
-            ..decided
-        }
-    }
-
-    fn evaluate_one(&self, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation {
-        let judged = match dst {
-            IpAddr::V6(v6) => match v4_mapped(&v6.octets()) {
-                Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
-                None => dst,
-            },
-            IpAddr::V4(_) => dst,
-        };
-        let loopback = match judged {
-            IpAddr::V4(a) => is_loopback_v4(&a.octets()),
-            IpAddr::V6(a) => is_loopback_v6(&a.octets()),
-        };
-        if self.config.allow_loopback != 0 && loopback {
-            return Evaluation {
-                allow: true,
-                rule_id: RULE_LOOPBACK,
-                reason: Reason::Loopback,
-                judged,
-                carried_v4: None,
-            };
-        }
-        let hit = match judged {
-            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
-            IpAddr::V6(a) => lpm(&self.v6, u128::from(a)),
-        };
-        let default_allow = self.config.default_verdict == DEFAULT_ALLOW;
-        let Some((prefix, set)) = hit else {
-            return Evaluation {
-                allow: default_allow,
-                rule_id: RULE_DEFAULT,
-                reason: Reason::Default,
-                judged,
-                carried_v4: None,
-            };
-        };
-        let m = self.rulesets[set as usize].first_match::<false>(
-            port,
-            ipproto,
-            &egress_common::ScopeBits::EVERYONE,
-        );
-        match (m.rule_id != RULE_DEFAULT).then_some(m) {
-            Some(r) => Evaluation {
-                allow: !r.block,
-                rule_id: r.rule_id,
-                reason: Reason::Rule {
-                    prefix,
-                    rule_id: r.rule_id,
-                },
-                judged,
-                carried_v4: None,
-            },
-            None => Evaluation {
-                allow: default_allow,
-                rule_id: RULE_DEFAULT,
-                reason: Reason::DefaultInPrefix { prefix },
-                judged,
-                carried_v4: None,
-            },
-        }
-    }
-
-    /// The rule set of the longest policy prefix containing `dst` (v4-mapped judged as IPv4).
-    pub fn matching_set(&self, dst: IpAddr) -> Option<(IpNetwork, &RuleSet)> {
-        let hit = match dst {
-            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
-            IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) => lpm(&self.v4, u32::from(v4)),
-                None => lpm(&self.v6, u128::from(a)),
-            },
-        };
-        hit.map(|(p, s)| (p, &self.rulesets[s as usize]))
-    }
 }
 
 /// The `nat64_prefixes` as the kernel's `Config::nat64` holds them (parsing allows at most
@@ -594,15 +522,7 @@ fn nat64_table(prefixes: &[Ipv6Addr]) -> [[u8; 12]; MAX_NAT64_PREFIXES] {
     table
 }
 
-/// Longest-prefix match over compiled entries.
-fn lpm<F: Family>(entries: &BTreeMap<(F, u8), u32>, addr: F) -> Option<(IpNetwork, u32)> {
-    (0..=F::BITS).rev().find_map(|len| {
-        let net = F::masked(addr, len);
-        entries
-            .get(&(net, len))
-            .map(|&set| (F::to_ipnet(net, len), set))
-    })
-}
-
+#[cfg(test)]
+mod scope_tests;
 #[cfg(test)]
 mod tests;

@@ -107,6 +107,11 @@ impl Source<'_> {
         line_col(self.text, offset).0
     }
 
+    /// The 1-based line and column of a byte offset.
+    pub(super) fn line_col(&self, offset: usize) -> (usize, usize) {
+        line_col(self.text, offset)
+    }
+
     /// A TOML syntax error: the document could not be read into tables at all.
     pub(super) fn syntax(&self, e: &toml::de::Error) -> PolicyError {
         self.toml(e, WHOLE_FILE.to_string())

@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use egress_common::{ACTION_BLOCK, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP};
+use egress_common::{
+    ACTION_BLOCK, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, ScopeBits,
+};
 use serde::Serialize;
 
 use super::{
@@ -35,8 +37,13 @@ pub struct Explanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub carries_ipv4: Option<String>,
     pub reason: String,
+    /// The entry in `mode = "audit"` that would refuse this allowed call (an `"audit"` event
+    /// names it), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_entry: Option<String>,
 }
 
+/// The verdict for a caller in no scope ([`ScopeBits::EVERYONE`]).
 pub fn explain(
     policy: &Policy,
     compiled: &CompiledPolicy,
@@ -44,8 +51,20 @@ pub fn explain(
     port: u16,
     protocol: Protocol,
 ) -> Explanation {
+    explain_as(policy, compiled, dst, port, protocol, &ScopeBits::EVERYONE)
+}
+
+/// The verdict for a caller in `scopes` (`CompiledScopes::resolve`), as the hooks decide it.
+pub fn explain_as(
+    policy: &Policy,
+    compiled: &CompiledPolicy,
+    dst: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    scopes: &ScopeBits,
+) -> Explanation {
     let ipproto = protocol.ipproto();
-    let ev = compiled.evaluate(dst, port, ipproto);
+    let ev = compiled.evaluate_as(dst, port, ipproto, scopes);
     let rule = compiled.rule_name(ev.rule_id).to_string();
     let (rule_kind, prefix, reason) = match &ev.reason {
         Reason::Loopback => (
@@ -96,9 +115,17 @@ pub fn explain(
         ),
     };
     let effect = match (ev.allow, policy.mode) {
+        (true, _) if ev.audit_rule != 0 => {
+            "allowed (an entry in audit mode would refuse it: an audit event is logged)"
+        }
         (true, _) => "allowed",
         (false, Mode::Enforce) => "denied (EPERM)",
         (false, Mode::Audit) => "allowed (audit mode: would deny, an audit event is logged)",
+    };
+    let reason = if compiled.scopes.keys != 0 && !matches!(ev.reason, Reason::Loopback) {
+        format!("{reason} (scoped entries apply only to callers in their scope)")
+    } else {
+        reason
     };
     let reason = match ev.carried_v4 {
         Some(v4) => format!(
@@ -118,6 +145,7 @@ pub fn explain(
         rule_kind,
         prefix,
         reason,
+        audit_entry: (ev.audit_rule != 0).then(|| compiled.rule_name(ev.audit_rule).to_string()),
     }
 }
 

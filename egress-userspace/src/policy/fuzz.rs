@@ -1896,6 +1896,7 @@ fn reference_one(p: &Policy, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation 
         reason,
         judged,
         carried_v4: None,
+        audit_rule: 0,
     };
     if p.allow_loopback && (judged.is_loopback() || judged.is_unspecified()) {
         return verdict(true, egress_common::RULE_LOOPBACK, Reason::Loopback);

@@ -7,6 +7,9 @@
 //!   [`Destination`]) and how each is read from TOML;
 //! - `parse`: TOML text to a validated [`Policy`] ([`Policy::parse`]);
 //! - `error`: [`PolicyError`], and how a place in the text becomes file:line:column and field;
+//! - [`selectors`]: who an entry applies to (`executables`, `users`, `groups`, `cgroups`) and
+//!   the named sets they reference; [`resolve`]: those values on this host (NSS, stat, the
+//!   cgroup2 hierarchy), behind a trait; [`scopes`]: the scope tables they compile to;
 //! - [`hosts`]: `hosts` name patterns; [`names`]: the name matcher (which service or block covers
 //!   a DNS name); [`dns`]: the `[dns]` table;
 //! - [`alert`]: `[[alert]]` tables; [`compile`]: the kernel map entries; [`diff`]: what a reload
@@ -29,12 +32,15 @@ pub mod explain;
 pub mod hosts;
 pub mod names;
 mod parse;
+pub mod resolve;
 pub mod scopes;
+pub mod selectors;
 mod types;
 
 pub use dns::{DnsSettings, Unlisted, Upstream};
 pub use error::PolicyError;
 pub use hosts::HostPattern;
+pub use selectors::{Principal, Selectors, Written};
 pub use types::{DefaultVerdict, Destination, Mode, PortRange, Protocol, SocketRule, Sockets};
 
 /// The policy embedded in the binary, used when `--policy` is not given.
@@ -74,6 +80,11 @@ pub struct Rule {
     pub protocols: Vec<Protocol>,
     /// 1-based line of the rule's table in its file.
     pub line: usize,
+    /// Who the rule applies to (all empty: everyone), as written, sets expanded.
+    pub selectors: Selectors,
+    /// `mode = "audit"` on the entry: a block reports the calls it would refuse and refuses
+    /// none; a scoped service lets the callers its scope leaves out through, and reports them.
+    pub audit: bool,
 }
 
 /// A validated policy.
@@ -96,6 +107,9 @@ pub struct Policy {
     pub dns: DnsSettings,
     /// SHA-256 of the policy text (hex, first 16 digits): identifies what is applied.
     pub hash: String,
+    /// What is legal but probably a mistake (an unused set), as `file:line:column: field:
+    /// message` lines: `egress check` prints them, loading logs them.
+    pub warnings: Vec<String>,
 }
 
 impl Policy {
@@ -152,6 +166,8 @@ impl Policy {
             ports: vec![PortRange::new(853, 853).expect("a port")],
             protocols: vec![Protocol::Tcp, Protocol::Udp],
             line: 0,
+            selectors: Selectors::default(),
+            audit: false,
         });
         std::borrow::Cow::Owned(rules)
     }
@@ -183,5 +199,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<(Policy, compile::CompiledPol
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod scope_tests;
 #[cfg(test)]
 mod tests;

@@ -326,6 +326,8 @@ hosts = ["api.pastebin.com"]
                     ports: Vec::new(),
                     protocols: Vec::new(),
                     line: i + 1,
+                    selectors: Default::default(),
+                    audit: false,
                 }
             })
             .collect();

@@ -1,10 +1,10 @@
 //! Policy text to a validated [`Policy`]: the TOML schema as written (`Raw*`), deserialized with
 //! the deserializer's path tracked, then the checks serde cannot make (unique and unreserved
-//! names, non-empty lists, `destinations` or `hosts` in every rule, alerts' references and
-//! actions, `[dns]`), in file order.
+//! names, non-empty lists, `destinations` or `hosts` in every rule, selectors and the sets they
+//! reference (`selectors`), alerts' references and actions, `[dns]`), in file order.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv6Addr,
 };
 
@@ -21,6 +21,7 @@ use super::{
     content_hash,
     dns::{RawDns, dns},
     error::{Entry, Source, Table},
+    selectors::{RawList, RawSets, Sets},
 };
 
 /// Names that events use for verdicts no rule made; rules and alerts may not take them.
@@ -47,6 +48,16 @@ struct RawPolicy {
     alert: Vec<Spanned<RawAlert>>,
     #[serde(default)]
     dns: Option<RawDns>,
+    // The named sets (`selectors`). Not flattened: serde's `flatten` does not combine with
+    // `deny_unknown_fields`.
+    #[serde(default)]
+    executable_sets: BTreeMap<String, RawList>,
+    #[serde(default)]
+    user_sets: BTreeMap<String, RawList>,
+    #[serde(default)]
+    group_sets: BTreeMap<String, RawList>,
+    #[serde(default)]
+    cgroup_sets: BTreeMap<String, RawList>,
 }
 
 fn yes() -> bool {
@@ -74,6 +85,17 @@ struct RawRule {
     ports: Option<Spanned<Vec<PortRange>>>,
     #[serde(default)]
     protocols: Option<Spanned<Vec<Protocol>>>,
+    #[serde(default)]
+    executables: Option<RawList>,
+    #[serde(default)]
+    users: Option<RawList>,
+    #[serde(default)]
+    groups: Option<RawList>,
+    #[serde(default)]
+    cgroups: Option<RawList>,
+    /// Per entry: `"audit"` reports what the entry would refuse and refuses nothing.
+    #[serde(default)]
+    mode: Option<Mode>,
 }
 
 impl From<RuleKind> for Table {
@@ -93,6 +115,15 @@ impl Policy {
         let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| src.serde(&e))?;
 
         let mut names = Names::default();
+        let mut sets = Sets::new(
+            src,
+            RawSets {
+                executable_sets: raw.executable_sets,
+                user_sets: raw.user_sets,
+                group_sets: raw.group_sets,
+                cgroup_sets: raw.cgroup_sets,
+            },
+        )?;
         // Validate in file order, so that a duplicate is reported where it is, not where the name
         // was first used; services are then put first, blocks second (a stable sort).
         let mut tables: Vec<(RuleKind, usize, Spanned<RawRule>)> = raw
@@ -115,7 +146,7 @@ impl Policy {
                     table: kind.into(),
                     index,
                 };
-                rule(src, &mut names, kind, entry, r)
+                rule(src, &mut names, &mut sets, kind, entry, r)
             })
             .collect::<Result<Vec<_>, _>>()?;
         rules.sort_by_key(|r| r.kind == RuleKind::Block);
@@ -157,6 +188,7 @@ impl Policy {
             alerts,
             dns,
             hash: content_hash(text),
+            warnings: sets.unused(src),
         })
     }
 }
@@ -280,6 +312,7 @@ fn non_empty<T>(
 fn rule(
     src: Source<'_>,
     names: &mut Names,
+    sets: &mut Sets,
     kind: RuleKind,
     entry: Entry,
     table: Spanned<RawRule>,
@@ -359,6 +392,7 @@ fn rule(
             "icmp has no ports: expected \"tcp\" or \"udp\" in `protocols`, or no `ports`".into(),
         ));
     }
+    let selectors = sets.selectors(src, entry, [r.executables, r.users, r.groups, r.cgroups])?;
     Ok(Rule {
         kind,
         name,
@@ -367,6 +401,8 @@ fn rule(
         ports,
         protocols,
         line,
+        selectors,
+        audit: r.mode == Some(Mode::Audit),
     })
 }
 

@@ -1,0 +1,165 @@
+//! The decision from the compiled entries, with the datapath's own algorithm (`egress explain`
+//! and the accounting use it; a kernel test checks that both agree): loopback short-cut,
+//! v4-mapped to IPv4, longest-prefix match, the shared scan `RuleSet::first_match::<false>` with
+//! the caller's scopes, and `Match::verdict` with the default.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use egress_common::{
+    DEFAULT_ALLOW, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, ScopeBits, embedded_v4, is_loopback_v4,
+    is_loopback_v6, v4_mapped,
+};
+use ipnetwork::IpNetwork;
+
+use super::{CompiledPolicy, Family};
+
+/// What decided a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// `allow_loopback` short-cut.
+    Loopback,
+    /// The policy prefix that matched, and the rule of its set that matched.
+    Rule { prefix: IpNetwork, rule_id: u32 },
+    /// A policy prefix matched but none of its rules fits the port/protocol (and the caller).
+    DefaultInPrefix { prefix: IpNetwork },
+    /// No policy prefix contains the destination.
+    Default,
+}
+
+/// A verdict, as the kernel would give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    /// The policy's decision (before audit mode turns a deny into an allowed call).
+    pub allow: bool,
+    /// `rule_id` as events report it.
+    pub rule_id: u32,
+    pub reason: Reason,
+    /// The address whose rule decided (the IPv4 address of a v4-mapped destination, or the
+    /// IPv4 address an IPv6 destination carries when that is what denied it).
+    pub judged: IpAddr,
+    /// The IPv4 address an IPv6 destination carries (NAT64, 6to4, v4-compatible), judged too.
+    pub carried_v4: Option<Ipv4Addr>,
+    /// An entry in `mode = "audit"` that would have refused this allowed call (the kernel
+    /// reports it as an `"audit"` event), else 0 (`Verdict::audit_rule`).
+    pub audit_rule: u32,
+}
+
+impl CompiledPolicy {
+    /// Decides like the datapath for a caller in no scope ([`ScopeBits::EVERYONE`]): see
+    /// [`CompiledPolicy::evaluate_as`].
+    pub fn evaluate(&self, dst: IpAddr, port: u16, ipproto: u8) -> Evaluation {
+        self.evaluate_as(dst, port, ipproto, &ScopeBits::EVERYONE)
+    }
+
+    /// Decides like the datapath's hooks for a caller in `scopes` (`CompiledScopes::resolve`):
+    /// loopback short-cut, v4-mapped to IPv4, longest-prefix match, then the scan of that
+    /// prefix's set (`RuleSet::first_match::<false>`) and its verdict with the default
+    /// (`Match::verdict`). An IPv6 destination that carries an IPv4 address (NAT64, 6to4,
+    /// v4-compatible: `egress_common::embedded_v4`) must be allowed as that IPv4 address too.
+    /// `ipproto` is the IP protocol number (6 TCP, 17 UDP).
+    pub fn evaluate_as(
+        &self,
+        dst: IpAddr,
+        port: u16,
+        ipproto: u8,
+        scopes: &ScopeBits,
+    ) -> Evaluation {
+        let as_given = self.evaluate_one(dst, port, ipproto, scopes);
+        let IpAddr::V6(v6) = as_given.judged else {
+            return as_given;
+        };
+        if as_given.reason == Reason::Loopback {
+            return as_given;
+        }
+        let Some(v4) = embedded_v4(&v6.octets(), &self.config) else {
+            return as_given;
+        };
+        let carried = Ipv4Addr::from(v4);
+        let as_v4 = self.evaluate_one(IpAddr::V4(carried), port, ipproto, scopes);
+        // As `decide_v6`: the IPv4 decision replaces an allowed IPv6 one only when it refuses.
+        let decided = if as_given.allow && !as_v4.allow {
+            as_v4
+        } else {
+            as_given
+        };
+        Evaluation {
+            carried_v4: Some(carried),
+            ..decided
+        }
+    }
+
+    fn evaluate_one(&self, dst: IpAddr, port: u16, ipproto: u8, scopes: &ScopeBits) -> Evaluation {
+        let judged = match dst {
+            IpAddr::V6(v6) => match v4_mapped(&v6.octets()) {
+                Some(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+                None => dst,
+            },
+            IpAddr::V4(_) => dst,
+        };
+        let loopback = match judged {
+            IpAddr::V4(a) => is_loopback_v4(&a.octets()),
+            IpAddr::V6(a) => is_loopback_v6(&a.octets()),
+        };
+        let plain = |allow, rule_id, reason| Evaluation {
+            allow,
+            rule_id,
+            reason,
+            judged,
+            carried_v4: None,
+            audit_rule: 0,
+        };
+        if self.config.allow_loopback != 0 && loopback {
+            return plain(true, RULE_LOOPBACK, Reason::Loopback);
+        }
+        let hit = match judged {
+            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => lpm(&self.v6, u128::from(a)),
+        };
+        let default_allow = self.config.default_verdict == DEFAULT_ALLOW;
+        let Some((prefix, set)) = hit else {
+            return plain(default_allow, RULE_DEFAULT, Reason::Default);
+        };
+        let m = self.rulesets[set as usize].first_match::<false>(port, ipproto, scopes);
+        let v = m.verdict(default_allow);
+        Evaluation {
+            allow: v.allow,
+            rule_id: v.rule_id,
+            reason: if m.rule_id != RULE_DEFAULT {
+                Reason::Rule {
+                    prefix,
+                    rule_id: m.rule_id,
+                }
+            } else {
+                Reason::DefaultInPrefix { prefix }
+            },
+            judged,
+            carried_v4: None,
+            audit_rule: v.audit_rule,
+        }
+    }
+
+    /// The rule set of the longest policy prefix containing `dst` (v4-mapped judged as IPv4).
+    pub fn matching_set(&self, dst: IpAddr) -> Option<(IpNetwork, &RuleSet)> {
+        let hit = match dst {
+            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => lpm(&self.v4, u32::from(v4)),
+                None => lpm(&self.v6, u128::from(a)),
+            },
+        };
+        hit.map(|(p, s)| (p, &self.rulesets[s as usize]))
+    }
+}
+
+/// Longest-prefix match over compiled entries.
+fn lpm<F: Family>(entries: &BTreeMap<(F, u8), u32>, addr: F) -> Option<(IpNetwork, u32)> {
+    (0..=F::BITS).rev().find_map(|len| {
+        let net = F::masked(addr, len);
+        entries
+            .get(&(net, len))
+            .map(|&set| (F::to_ipnet(net, len), set))
+    })
+}
