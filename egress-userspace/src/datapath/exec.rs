@@ -4,7 +4,7 @@
 //! refused by name, never guessed at. Its link is pinned like the fork tracker's. At start the
 //! controller seeds `PROCS` with the processes already running.
 
-use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
+use std::fs;
 
 use aya::{
     EbpfLoader,
@@ -12,9 +12,10 @@ use aya::{
     programs::RawTracePoint,
 };
 use btfparse::{Offset, Readable, TypeInformation};
-use egress_common::{ExeKey, ProcIdentity};
+use egress_common::ProcIdentity;
 
 use super::{Datapath, DatapathError, EXEC_TRACKER, links::pin_link, program};
+use crate::policy::resolve::exe_key;
 
 /// Where the kernel publishes its own BTF.
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -96,24 +97,6 @@ impl ExeOffsets {
     }
 }
 
-/// The identity of the file at `path` as the kernel's exec tracker records it: the device in
-/// the kernel's encoding (`major << 20 | minor`, `super_block.s_dev`) and the inode number.
-pub fn exe_key_of(path: &Path) -> std::io::Result<ExeKey> {
-    let m = fs::metadata(path)?;
-    Ok(ExeKey {
-        dev: kernel_dev(m.dev()),
-        _pad: 0,
-        ino: m.ino(),
-    })
-}
-
-/// A `st_dev` (glibc's encoding) in the kernel's internal encoding.
-pub fn kernel_dev(d: u64) -> u32 {
-    let major = ((d >> 8) & 0xfff) | ((d >> 32) & !0xfff);
-    let minor = (d & 0xff) | ((d >> 12) & !0xff);
-    ((major << 20) | (minor & 0xf_ffff)) as u32
-}
-
 impl Datapath {
     /// Attaches the exec tracker (see [`Datapath::attach_fork_tracker`] for the pinned case:
     /// ours is attached first, then its pin replaces the old one, so no exec is missed).
@@ -159,7 +142,7 @@ fn seed(procs: &mut HashMap<MapData, u32, ProcIdentity>) -> usize {
         else {
             continue;
         };
-        let Ok(exe) = exe_key_of(&entry.path().join("exe")) else {
+        let Ok(exe) = exe_key(&entry.path().join("exe")) else {
             continue;
         };
         if procs
@@ -197,20 +180,10 @@ mod tests {
     }
 
     #[test]
-    fn device_numbers_convert_to_the_kernel_encoding() {
-        // 254:0 (a virtio disk): glibc 0xfe00, kernel 0x0fe00000.
-        assert_eq!(kernel_dev(0xfe00), 0x0fe0_0000);
-        // 8:1.
-        assert_eq!(kernel_dev(0x0801), (8 << 20) | 1);
-        // major 259, minor 300: glibc puts the minor's high bits at 20..
-        let glibc = ((300u64 & 0xff) | ((259 & 0xfff) << 8)) | ((300u64 & !0xff) << 12);
-        assert_eq!(kernel_dev(glibc), (259 << 20) | 300);
-    }
-
-    #[test]
-    fn this_binary_has_an_identity_matching_stat() {
+    fn seeding_records_this_process_as_stat_sees_its_executable() {
+        use std::os::unix::fs::MetadataExt as _;
         let me = std::env::current_exe().unwrap();
-        let k = exe_key_of(&me).unwrap();
+        let k = exe_key(std::path::Path::new("/proc/self/exe")).unwrap();
         assert_eq!(k.ino, fs::metadata(&me).unwrap().ino());
     }
 }

@@ -69,8 +69,6 @@ pub const FORK_TRACKER: &str = "track_fork";
 /// The exec tracker (raw tracepoint `sched_process_exec`).
 pub const EXEC_TRACKER: &str = "track_exec";
 
-pub use self::exec::{exe_key_of, kernel_dev};
-
 /// Prefixes one policy buffer can hold, per address family. The tries allocate per entry, so the
 /// ceiling costs nothing until used.
 pub const POLICY_CAPACITY: u32 = 1 << 22;
