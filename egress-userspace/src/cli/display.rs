@@ -337,6 +337,7 @@ mod tests {
                 exe: "/usr/bin/curl".into(),
                 cmdline: "curl -T big".into(),
                 uid: Some(0),
+                gid: Some(0),
                 ppid: Some(1),
                 cgroup_id: 1,
                 unattributed: false,
