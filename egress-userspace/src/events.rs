@@ -297,6 +297,14 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         }
     }
 
+    /// Takes the executables the accounting read (tgid, start time, path): a process that sent
+    /// bytes and then exited right after a deny is still named.
+    pub fn learn_exes<'a>(&mut self, known: impl Iterator<Item = (u32, u64, Option<&'a str>)>) {
+        for (tgid, start, exe) in known {
+            self.exes.learn(tgid, start, exe);
+        }
+    }
+
     /// Forgets the executables of processes that have exited (and reads again those of the
     /// live ones, which may have executed another program). Called once a second.
     pub fn prune_exes(&mut self) {

@@ -297,6 +297,14 @@ impl Accounting {
             .unwrap_or_default()
     }
 
+    /// The live processes read from /proc: tgid, start time and executable.
+    pub fn identities(&self) -> impl Iterator<Item = (u32, u64, Option<&str>)> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.alive)
+            .filter_map(|(&tgid, p)| Some((tgid, p.info.start_time?, p.info.exe.as_deref())))
+    }
+
     /// Every process, highest rate first (then most bytes).
     pub fn snapshot(&self) -> Vec<ProcTotals> {
         let mut out: Vec<ProcTotals> = self

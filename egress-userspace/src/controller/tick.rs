@@ -67,6 +67,7 @@ impl Controller {
         let owner_comm = |tgid: u32| owners.get_or_init(|| dp.owner_comms()).get(&tgid).cloned();
         let outcome = self.acct.tick(&flows, now, &Procfs, &owner_comm);
         self.dp.remove_flows(&outcome.prune);
+        self.events.learn_exes(self.acct.identities());
         Ok(outcome.deltas)
     }
 

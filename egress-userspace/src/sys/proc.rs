@@ -197,6 +197,29 @@ impl ExeCache {
         read.exe
     }
 
+    /// Takes what another reader of /proc (the accounting) learned about a live process: an
+    /// event it sends after exiting too fast to be read here is still named. An entry of the
+    /// same process is kept as it is.
+    pub fn learn(&mut self, tgid: u32, start_time: u64, exe: Option<&str>) {
+        if tgid == 0
+            || self
+                .entries
+                .get(&tgid)
+                .is_some_and(|e| e.start_time == start_time)
+        {
+            return;
+        }
+        if self.entries.len() < self.capacity || self.entries.contains_key(&tgid) {
+            self.entries.insert(
+                tgid,
+                CachedExe {
+                    start_time,
+                    exe: exe.map(str::to_string),
+                },
+            );
+        }
+    }
+
     /// Drops the entries of processes that have exited (or whose pid another process holds now),
     /// and reads again the executable of those that live: a process that executed another
     /// program is named by it from then on.
@@ -371,6 +394,22 @@ mod exe_cache_tests {
         // The new process's own events name it.
         assert_eq!(c.resolve(&procs, 9, 301 * TICK), some("/usr/bin/other"));
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn what_the_accounting_learned_names_a_process_that_exited_unread() {
+        let procs = Fake::default();
+        let mut c = ExeCache::new(TICK, 16);
+        c.learn(5, 100, Some("/usr/bin/curl"));
+        // Gone before the event was drained: named all the same.
+        assert_eq!(c.resolve(&procs, 5, 120 * TICK), some("/usr/bin/curl"));
+        // Learned again for the same process: kept; for a later one in the pid: replaced.
+        c.learn(5, 100, Some("/other"));
+        assert_eq!(c.resolve(&procs, 5, 121 * TICK), some("/usr/bin/curl"));
+        c.learn(5, 300, Some("/usr/bin/rsync"));
+        assert_eq!(c.resolve(&procs, 5, 301 * TICK), some("/usr/bin/rsync"));
+        // An event older than the process now known: not named by it.
+        assert_eq!(c.resolve(&procs, 5, 200 * TICK), None);
     }
 
     #[test]
