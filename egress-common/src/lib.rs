@@ -356,8 +356,11 @@ pub struct Owner {
     pub cgroup_id: u64,
     pub tgid: u32,
     pub pid: u32,
+    /// Real uid of the recording task (low half of `bpf_get_current_uid_gid`).
     pub uid: u32,
-    pub _pad: u32,
+    /// Real gid of the recording task (high half of `bpf_get_current_uid_gid`). It takes the
+    /// place of what was padding, so the layout (and a pinned map's value size) is unchanged.
+    pub gid: u32,
     pub comm: [u8; 16],
 }
 const _: () = assert!(size_of::<Owner>() == 40);

@@ -49,12 +49,13 @@ pub fn record(ctx: &SockAddrContext) -> bool {
     {
         return true;
     }
+    let uid_gid = bpf_get_current_uid_gid();
     let owner = Owner {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid,
         pid: pid_tgid as u32,
-        uid: bpf_get_current_uid_gid() as u32,
-        _pad: 0,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
     };
     // The name outlives the sockets, for reports on processes that exit between two readings.

@@ -1,8 +1,17 @@
 //! The event stream: every JSON line egress writes (deny/audit events decoded from the
 //! datapath's ring, and the controller's own `reload`, `block` and `unblock` events; alerts are
 //! `crate::alerts::AlertEvent`), and the pump that drains the ring into a writer.
+//!
+//! The kernel records the sender's tgid, not its executable: the pump names it from
+//! `/proc/PID/exe` through an [`ExeCache`], which keeps each process's executable with its start
+//! time, so an event drained after its process exited is still named, and never by a later
+//! process that took the pid.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use egress_common::{
     EVENT_AUDIT, Event, HOOK_SOCK_CREATE,
@@ -11,7 +20,14 @@ use egress_common::{
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::{datapath::AsyncEventRing, policy::compile::CompiledPolicy, sys::clock};
+use crate::{
+    datapath::AsyncEventRing,
+    policy::compile::CompiledPolicy,
+    sys::{
+        clock,
+        proc::{ExeCache, Procfs},
+    },
+};
 
 /// One event as written to the JSON stream.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -25,6 +41,11 @@ pub struct JsonEvent {
     /// Thread id.
     pub tid: u32,
     pub comm: String,
+    /// The full path of the process's executable (a ` (deleted)` suffix kept as the kernel
+    /// gives it); absent when it could not be read (the process was gone before the controller
+    /// looked, or the event has no process: `"hook": "tc"`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub exe: Option<String>,
     pub uid: u32,
     pub gid: u32,
     pub cgroup_id: u64,
@@ -73,6 +94,7 @@ impl JsonEvent {
             pid: ev.tgid,
             tid: ev.pid,
             comm: comm_str(&ev.comm),
+            exe: None,
             uid: ev.uid,
             gid: ev.gid,
             cgroup_id: ev.cgroup_id,
@@ -180,6 +202,8 @@ pub struct EventStream<W> {
     pending: bool,
     /// Names learned through the DNS proxy, for `host`.
     hosts: Option<Arc<crate::dns::grants::KernelGrants>>,
+    /// The senders' executables, for `exe`.
+    exes: ExeCache,
 }
 
 /// Records written per [`EventStream::drain`] call.
@@ -202,6 +226,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             by_rule: BTreeMap::new(),
             pending: false,
             hosts: None,
+            exes: ExeCache::default(),
         };
         stream.set_names(generation, names, hash);
         stream
@@ -223,8 +248,15 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         let mut buf = Vec::new();
         let mut n = 0;
         self.pending = false;
+        // One look at /proc per sender per batch: a flood of denies from one process reads it
+        // once.
+        let mut exes: HashMap<u32, Option<String>> = HashMap::new();
         while let Some(ev) = self.ring.try_next() {
             let mut json = self.to_json(&ev);
+            json.exe = exes
+                .entry(ev.tgid)
+                .or_insert_with(|| self.exes.resolve(&Procfs, ev.tgid, ev.ts_ns))
+                .clone();
             if let Some(hosts) = &self.hosts
                 && ev.hook != HOOK_SOCK_CREATE
             {
@@ -263,6 +295,20 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             Some(g) => JsonEvent::decode(ev, g.names.name(ev.rule_id), &g.hash),
             None => JsonEvent::decode(ev, RuleNames::Ids.name(ev.rule_id), ""),
         }
+    }
+
+    /// Takes the executables the accounting read (tgid, start time, path): a process that sent
+    /// bytes and then exited right after a deny is still named.
+    pub fn learn_exes<'a>(&mut self, known: impl Iterator<Item = (u32, u64, Option<&'a str>)>) {
+        for (tgid, start, exe) in known {
+            self.exes.learn(tgid, start, exe);
+        }
+    }
+
+    /// Forgets the executables of processes that have exited (and reads again those of the
+    /// live ones, which may have executed another program). Called once a second.
+    pub fn prune_exes(&mut self) {
+        self.exes.prune(&Procfs);
     }
 
     /// Where deny events find the name their destination was learned from (`host`).
@@ -331,5 +377,66 @@ mod tests {
             CompiledPolicy::compile(&Policy::embedded_default()).unwrap(),
         ));
         assert_eq!(known.name(1), "ping");
+    }
+
+    fn raw_event() -> Event {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[203, 0, 113, 9]);
+        Event {
+            ts_ns: 1,
+            cgroup_id: 44,
+            pid: 7721,
+            tgid: 7720,
+            uid: 1000,
+            gid: 1001,
+            rule_id: egress_common::RULE_DEFAULT,
+            port: 443,
+            hook: egress_common::HOOK_CONNECT4,
+            family: 4,
+            protocol: 6,
+            addr,
+            comm,
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn deny_events_carry_gid_and_exe_when_known_and_every_field_they_had() {
+        let mut json = JsonEvent::decode(&raw_event(), "default".into(), "abc");
+        let v = serde_json::to_value(&json).unwrap();
+        assert_eq!(v["gid"], 1001);
+        assert_eq!(v["uid"], 1000);
+        assert!(v.get("exe").is_none(), "absent when unknown: {v}");
+        for field in [
+            "ts",
+            "event",
+            "pid",
+            "tid",
+            "comm",
+            "uid",
+            "gid",
+            "cgroup_id",
+            "hook",
+            "family",
+            "protocol",
+            "dst",
+            "port",
+            "v4_mapped",
+            "rule",
+            "generation",
+            "policy_hash",
+        ] {
+            assert!(v.get(field).is_some(), "{field} missing from {v}");
+        }
+        json.exe = Some("/usr/bin/curl".into());
+        let line = serde_json::to_string(&json).unwrap();
+        assert!(
+            line.contains(r#""comm":"curl","exe":"/usr/bin/curl","uid":1000,"gid":1001"#),
+            "{line}"
+        );
+        let back: JsonEvent = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, json);
     }
 }

@@ -518,6 +518,7 @@ mod tests {
             exe: String::new(),
             cmdline: String::new(),
             uid: None,
+            gid: None,
             ppid: None,
             cgroup_id: 0,
             unattributed: pid == 0,

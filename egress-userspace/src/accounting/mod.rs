@@ -5,8 +5,10 @@
 //! and notices processes that have exited. Their flow keys are returned so that the controller
 //! deletes them from the kernel map (keeping it bounded); their totals stay in the table for
 //! [`Accounting::retention`], so a short-lived upload still shows.
-//! Process details (exe, cmdline, uid) come from /proc while the process lives, through the
-//! [`ProcSource`] trait so that this module is unit-tested without a kernel.
+//! Process details (exe, cmdline, uid, gid) come from /proc while the process lives, through the
+//! [`ProcSource`] trait so that this module is unit-tested without a kernel. They are read once,
+//! when a process is first seen, and kept with its start time: a pid that another process holds
+//! now (the kernel reuses pids) starts a new entry instead of inheriting the old one's name.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -40,9 +42,14 @@ pub struct ProcTotals {
     /// 0 for the unattributed owner.
     pub pid: u32,
     pub comm: String,
+    /// The full path of the executable (a ` (deleted)` suffix kept as the kernel gives it);
+    /// empty when it could not be read (the process exited before the controller looked).
     pub exe: String,
     pub cmdline: String,
     pub uid: Option<u32>,
+    /// Real gid.
+    #[serde(default)]
+    pub gid: Option<u32>,
     pub ppid: Option<u32>,
     pub cgroup_id: u64,
     /// Traffic whose socket had no recorded owner.
@@ -155,6 +162,10 @@ impl Accounting {
         owner_comm: &dyn Fn(u32) -> Option<String>,
     ) -> TickOutcome {
         let mut deltas = Vec::new();
+        // Start times read this tick: one /proc read per process at most.
+        let mut starts: HashMap<u32, Option<u64>> = HashMap::new();
+        let mut start_of =
+            |tgid: u32| *starts.entry(tgid).or_insert_with(|| procs.start_time(tgid));
         for (key, value) in flows {
             let (prev, idle) = self.last.get(key).copied().unwrap_or_default();
             // A counter below its last value was deleted and recreated: all of it is new.
@@ -173,10 +184,12 @@ impl Accounting {
             }
             self.last.insert(*key, (*value, 0));
             deltas.push((*key, delta));
-            // A pid seen again after its process exited belongs to a new process now.
+            // A pid seen again after its process exited, or held by a process that started
+            // later, belongs to a new process now.
             if key.tgid != TGID_UNATTRIBUTED
-                && self.procs.get(&key.tgid).is_some_and(|p| !p.alive)
-                && procs.alive(key.tgid)
+                && let Some(p) = self.procs.get(&key.tgid)
+                && let Some(start) = start_of(key.tgid)
+                && (!p.alive || p.info.start_time.is_some_and(|s| s != start))
             {
                 self.procs.remove(&key.tgid);
             }
@@ -191,7 +204,10 @@ impl Accounting {
                     )
                 } else {
                     match procs.info(key.tgid) {
-                        Some(i) => (i, procs.alive(key.tgid)),
+                        Some(i) => {
+                            let alive = start_of(key.tgid).is_some();
+                            (i, alive)
+                        }
                         None => (
                             ProcInfo {
                                 comm: owner_comm(key.tgid).unwrap_or_default(),
@@ -229,9 +245,16 @@ impl Accounting {
         for (&tgid, st) in self.procs.iter_mut() {
             st.counter.close_tick(dt);
             st.dests.values_mut().for_each(|c| c.close_tick(dt));
-            if st.alive && tgid != TGID_UNATTRIBUTED && !procs.alive(tgid) {
-                st.alive = false;
-                st.exited_at = Some(now);
+            if st.alive && tgid != TGID_UNATTRIBUTED {
+                let same = match (start_of(tgid), st.info.start_time) {
+                    (None, _) => false,
+                    (Some(now), Some(then)) => now == then,
+                    (Some(_), None) => true,
+                };
+                if !same {
+                    st.alive = false;
+                    st.exited_at = Some(now);
+                }
             }
         }
 
@@ -274,6 +297,14 @@ impl Accounting {
             .unwrap_or_default()
     }
 
+    /// The live processes read from /proc: tgid, start time and executable.
+    pub fn identities(&self) -> impl Iterator<Item = (u32, u64, Option<&str>)> {
+        self.procs
+            .iter()
+            .filter(|(_, p)| p.alive)
+            .filter_map(|(&tgid, p)| Some((tgid, p.info.start_time?, p.info.exe.as_deref())))
+    }
+
     /// Every process, highest rate first (then most bytes).
     pub fn snapshot(&self) -> Vec<ProcTotals> {
         let mut out: Vec<ProcTotals> = self
@@ -297,9 +328,10 @@ impl Accounting {
                 ProcTotals {
                     pid: tgid,
                     comm: st.info.comm.clone(),
-                    exe: st.info.exe.clone(),
+                    exe: st.info.exe.clone().unwrap_or_default(),
                     cmdline: st.info.cmdline.clone(),
                     uid: st.info.uid,
+                    gid: st.info.gid,
                     ppid: st.info.ppid,
                     cgroup_id: st.cgroup_id,
                     unattributed: tgid == TGID_UNATTRIBUTED,

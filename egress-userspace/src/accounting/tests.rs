@@ -1,32 +1,54 @@
-use std::{cell::RefCell, collections::HashSet};
+use std::cell::RefCell;
 
 use super::*;
+use crate::sys::proc::ExeRead;
 
+/// Live processes by tgid, with their start times.
 #[derive(Default)]
 struct FakeProcs {
-    alive: RefCell<HashSet<u32>>,
+    alive: RefCell<HashMap<u32, u64>>,
 }
 
 impl FakeProcs {
+    /// Processes that all started at tick 1.
     fn with(pids: &[u32]) -> FakeProcs {
         FakeProcs {
-            alive: RefCell::new(pids.iter().copied().collect()),
+            alive: RefCell::new(pids.iter().map(|&p| (p, 1)).collect()),
         }
+    }
+}
+
+/// The executable of process `tgid` started at `start`.
+fn exe_of(tgid: u32, start: u64) -> String {
+    if start == 1 {
+        format!("/usr/bin/proc{tgid}")
+    } else {
+        format!("/usr/bin/proc{tgid}-{start}")
     }
 }
 
 impl ProcSource for FakeProcs {
     fn info(&self, tgid: u32) -> Option<ProcInfo> {
-        self.alive.borrow().contains(&tgid).then(|| ProcInfo {
+        let start = *self.alive.borrow().get(&tgid)?;
+        Some(ProcInfo {
             comm: format!("proc{tgid}"),
-            exe: format!("/usr/bin/proc{tgid}"),
+            exe: Some(exe_of(tgid, start)),
             cmdline: format!("proc{tgid} --upload"),
             uid: Some(1000),
+            gid: Some(100),
             ppid: Some(1),
+            start_time: Some(start),
         })
     }
-    fn alive(&self, tgid: u32) -> bool {
-        self.alive.borrow().contains(&tgid)
+    fn start_time(&self, tgid: u32) -> Option<u64> {
+        self.alive.borrow().get(&tgid).copied()
+    }
+    fn exe(&self, tgid: u32) -> Option<ExeRead> {
+        let start = *self.alive.borrow().get(&tgid)?;
+        Some(ExeRead {
+            start_time: start,
+            exe: Some(exe_of(tgid, start)),
+        })
     }
 }
 
@@ -84,6 +106,7 @@ fn cumulative_counters_become_totals_per_process_and_destination() {
     assert_eq!((p10.bytes, p10.packets), (55_000, 35));
     assert_eq!(p10.comm, "proc10");
     assert_eq!(p10.exe, "/usr/bin/proc10");
+    assert_eq!((p10.uid, p10.gid), (Some(1000), Some(100)));
     assert_eq!(p10.cmdline, "proc10 --upload");
     assert_eq!(p10.destinations.len(), 2);
     assert_eq!(
@@ -241,7 +264,7 @@ fn a_reused_pid_is_a_new_process() {
     acct.tick(&[], t0 + Duration::from_secs(1), &procs, &no_owner);
     assert!(!acct.snapshot()[0].alive);
     // The pid comes back: another process.
-    procs.alive.borrow_mut().insert(8);
+    procs.alive.borrow_mut().insert(8, 2);
     acct.tick(
         &[(key(8, 3, 80), val(1, 50))],
         t0 + Duration::from_secs(2),
@@ -252,6 +275,55 @@ fn a_reused_pid_is_a_new_process() {
     assert_eq!(snap.len(), 1);
     assert!(snap[0].alive);
     assert_eq!(snap[0].bytes, 50, "the new process starts from zero");
+    assert_eq!(
+        snap[0].exe, "/usr/bin/proc8-2",
+        "and is named by its own executable"
+    );
+}
+
+#[test]
+fn a_pid_reused_between_two_readings_is_a_new_process() {
+    // Process 8 exits and its pid goes to another process before any reading saw it gone: the
+    // start time tells them apart.
+    let procs = FakeProcs::with(&[8]);
+    let mut acct = Accounting::new();
+    let t0 = Instant::now();
+    acct.tick(&[(key(8, 2, 443), val(1, 1_000))], t0, &procs, &no_owner);
+    procs.alive.borrow_mut().insert(8, 500);
+    acct.tick(
+        &[(key(8, 3, 80), val(1, 50))],
+        t0 + Duration::from_secs(1),
+        &procs,
+        &no_owner,
+    );
+    let snap = acct.snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(
+        (snap[0].bytes, snap[0].exe.as_str(), snap[0].alive),
+        (50, "/usr/bin/proc8-500", true)
+    );
+    // Seen at the end of a reading with no traffic: the old process is marked exited.
+    let procs = FakeProcs::with(&[9]);
+    let mut acct = Accounting::new();
+    acct.tick(&[(key(9, 2, 443), val(1, 1_000))], t0, &procs, &no_owner);
+    procs.alive.borrow_mut().insert(9, 700);
+    let out = acct.tick(&[], t0 + Duration::from_secs(1), &procs, &no_owner);
+    assert!(!acct.snapshot()[0].alive);
+    assert_eq!(out.prune, vec![key(9, 2, 443)], "its counters are final");
+}
+
+#[test]
+fn a_process_gone_before_it_was_read_has_no_executable() {
+    let procs = FakeProcs::with(&[]);
+    let mut acct = Accounting::new();
+    acct.tick(
+        &[(key(77, 2, 443), val(1, 100))],
+        Instant::now(),
+        &procs,
+        &|_| Some("curl".into()),
+    );
+    let p = &acct.snapshot()[0];
+    assert_eq!((p.comm.as_str(), p.exe.as_str(), p.gid), ("curl", "", None));
 }
 
 #[test]

@@ -1,6 +1,12 @@
 //! High-volume transfer detection: sliding-window byte counts per alert key, de-duplicated
 //! firings with the evidence a responder needs. Pure: fed with per-tick flow deltas, it knows
 //! nothing of the kernel (the controller applies `block` actions and delivers the events).
+//!
+//! `per = "executable"` counts every process running one executable together, keyed by the
+//! executable's full path as the accounting read it from `/proc/PID/exe`. A process whose
+//! executable could not be read (it exited before the controller looked) is counted under its
+//! process name instead, as `executable:comm:NAME`: its bytes still count towards an alert, but
+//! a name is not an identity (any process can take any name), so such a key is never blocked.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -82,7 +88,7 @@ impl SlidingWindow {
 }
 
 /// What an alert counts traffic by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AlertKey {
     Process(u32),
     Destination(IpAddr),
@@ -90,6 +96,37 @@ pub enum AlertKey {
     /// Every process of one uid.
     User(u32),
     Cgroup(u64),
+    /// Every process running one executable.
+    Executable(ExeName),
+}
+
+/// How `per = "executable"` names the processes it counts together.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ExeName {
+    /// The executable's full path (always starts with `/`).
+    Path(String),
+    /// The process name of processes whose executable could not be read.
+    Comm(String),
+}
+
+impl ExeName {
+    /// The executable path, when the key has one (a name-only key cannot be blocked).
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            ExeName::Path(p) => Some(p),
+            ExeName::Comm(_) => None,
+        }
+    }
+
+    /// The `per = "executable"` name of a process: its executable, else its process name; None
+    /// when neither is known.
+    pub fn of(info: &ProcInfo) -> Option<ExeName> {
+        match &info.exe {
+            Some(exe) if !exe.is_empty() => Some(ExeName::Path(exe.clone())),
+            _ if !info.comm.is_empty() => Some(ExeName::Comm(info.comm.clone())),
+            _ => None,
+        }
+    }
 }
 
 impl AlertKey {
@@ -101,12 +138,14 @@ impl AlertKey {
             AlertKey::ProcessDestination(p, d) => format!("process_destination:{p}->{d}"),
             AlertKey::User(u) => format!("user:{u}"),
             AlertKey::Cgroup(c) => format!("cgroup:{c}"),
+            AlertKey::Executable(ExeName::Path(p)) => format!("executable:{p}"),
+            AlertKey::Executable(ExeName::Comm(c)) => format!("executable:comm:{c}"),
         }
     }
 
     /// Parses the text form; a bare number is a process.
     pub fn parse(s: &str) -> Result<AlertKey, String> {
-        let expected = "expected process:PID, process_destination:PID->ADDR, user:UID, destination:ADDR or cgroup:ID";
+        let expected = "expected process:PID, process_destination:PID->ADDR, user:UID, executable:PATH, destination:ADDR or cgroup:ID";
         let bad = || format!("`{s}` is not an alert key: {expected}");
         if let Ok(pid) = s.parse::<u32>() {
             return Ok(AlertKey::Process(pid));
@@ -117,6 +156,15 @@ impl AlertKey {
             "destination" => rest.parse().map(AlertKey::Destination).map_err(|_| bad()),
             "cgroup" => rest.parse().map(AlertKey::Cgroup).map_err(|_| bad()),
             "user" => rest.parse().map(AlertKey::User).map_err(|_| bad()),
+            "executable" => match rest.strip_prefix("comm:") {
+                Some(comm) if !comm.is_empty() => {
+                    Ok(AlertKey::Executable(ExeName::Comm(comm.into())))
+                }
+                None if rest.starts_with('/') => {
+                    Ok(AlertKey::Executable(ExeName::Path(rest.into())))
+                }
+                _ => Err(bad()),
+            },
             "process_destination" => {
                 let (p, d) = rest.split_once("->").ok_or_else(bad)?;
                 Ok(AlertKey::ProcessDestination(
@@ -167,9 +215,16 @@ pub struct AlertEvent {
     pub pid: Option<u32>,
     pub ppid: Option<u32>,
     pub comm: String,
+    /// The process's executable (full path); empty when it could not be read.
     pub exe: String,
     pub cmdline: String,
     pub uid: Option<u32>,
+    /// The name of `uid` (NSS), when it has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user: Option<String>,
+    /// The process's real gid.
+    #[serde(default)]
+    pub gid: Option<u32>,
     pub cgroup_id: u64,
     pub cgroup_path: String,
     pub top_destinations: Vec<TopDestination>,
@@ -180,6 +235,10 @@ pub struct AlertEvent {
     /// End of the block (`action = "block"`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub blocked_until: Option<String>,
+    /// For `per = "executable"` blocks: the processes running the executable that were
+    /// blocked (each as `process:PID`, with what it forks afterwards).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub blocked_pids: Vec<u32>,
 }
 
 /// A flow's policy verdict, as the alert filters need it.
@@ -299,21 +358,30 @@ impl AlertEngine {
                         // A process whose user nobody knows cannot be counted for one.
                         None => continue,
                     },
+                    AlertPer::Executable if key.tgid != TGID_UNATTRIBUTED => {
+                        match ExeName::of(&info(key.tgid)) {
+                            Some(name) => AlertKey::Executable(name),
+                            None => continue,
+                        }
+                    }
                     AlertPer::Destination => AlertKey::Destination(dst),
                     AlertPer::Cgroup => AlertKey::Cgroup(key.cgroup_id),
                     // Unattributed traffic has no process to alert on or block.
                     _ => continue,
                 };
-                let st = self.states.entry((i, akey)).or_insert_with(|| KeyState {
-                    window: SlidingWindow::new(alert.window),
-                    dests: HashMap::new(),
-                    by_tgid: HashMap::new(),
-                    cgroup_id: key.cgroup_id,
-                    first_seen: wall,
-                    first_seen_mono: now,
-                    last_seen: wall,
-                    last_seen_mono: now,
-                });
+                let st = self
+                    .states
+                    .entry((i, akey.clone()))
+                    .or_insert_with(|| KeyState {
+                        window: SlidingWindow::new(alert.window),
+                        dests: HashMap::new(),
+                        by_tgid: HashMap::new(),
+                        cgroup_id: key.cgroup_id,
+                        first_seen: wall,
+                        first_seen_mono: now,
+                        last_seen: wall,
+                        last_seen_mono: now,
+                    });
                 if st.window.sum(t) == 0 {
                     // The window had emptied: a new episode starts.
                     st.first_seen = wall;
@@ -337,7 +405,7 @@ impl AlertEngine {
         let mut out = Vec::new();
         for (i, akey) in touched {
             let alert = &self.alerts[i];
-            let Some(st) = self.states.get_mut(&(i, akey)) else {
+            let Some(st) = self.states.get_mut(&(i, akey.clone())) else {
                 continue;
             };
             let in_window = st.window.sum(t);
@@ -346,12 +414,12 @@ impl AlertEngine {
             }
             if self
                 .last_fired
-                .get(&(i, akey))
+                .get(&(i, akey.clone()))
                 .is_some_and(|&last| now.duration_since(last) < alert.cooldown)
             {
                 continue;
             }
-            self.last_fired.insert((i, akey), now);
+            self.last_fired.insert((i, akey.clone()), now);
             let pid = akey
                 .tgid()
                 .or_else(|| st.by_tgid.iter().max_by_key(|(_, b)| **b).map(|(p, _)| *p));
@@ -389,9 +457,11 @@ impl AlertEngine {
                 pid,
                 ppid: pinfo.ppid,
                 comm: pinfo.comm,
-                exe: pinfo.exe,
+                exe: pinfo.exe.unwrap_or_default(),
                 cmdline: pinfo.cmdline,
                 uid: pinfo.uid,
+                user: None,
+                gid: pinfo.gid,
                 cgroup_id: st.cgroup_id,
                 cgroup_path: String::new(),
                 top_destinations: top,
@@ -400,6 +470,7 @@ impl AlertEngine {
                 action: alert.action,
                 blocked_until: block_for
                     .map(|d| humantime::format_rfc3339_nanos(wall + d).to_string()),
+                blocked_pids: Vec::new(),
             };
             out.push(Firing {
                 alert_index: i,

@@ -35,13 +35,32 @@ fn any_verdict(_: &FlowKey) -> FlowVerdict {
     }
 }
 
+/// Processes: 500-599 run /usr/bin/rsync (uid 1000 for even pids, 1001 for odd ones); 900-999
+/// exited before their executable was read; every other pid runs its own /bin/pPID as root.
 fn info(pid: u32) -> ProcInfo {
-    ProcInfo {
-        comm: format!("p{pid}"),
-        exe: format!("/bin/p{pid}"),
-        cmdline: format!("p{pid} -x"),
-        uid: Some(0),
-        ppid: Some(1),
+    match pid {
+        500..=599 => ProcInfo {
+            comm: "rsync".into(),
+            exe: Some("/usr/bin/rsync".into()),
+            cmdline: "rsync -a /data remote:".into(),
+            uid: Some(1000 + pid % 2),
+            gid: Some(100),
+            ppid: Some(1),
+            start_time: Some(1),
+        },
+        900..=999 => ProcInfo {
+            comm: "ghost".into(),
+            ..ProcInfo::default()
+        },
+        _ => ProcInfo {
+            comm: format!("p{pid}"),
+            exe: Some(format!("/bin/p{pid}")),
+            cmdline: format!("p{pid} -x"),
+            uid: Some(0),
+            gid: Some(0),
+            ppid: Some(1),
+            start_time: Some(1),
+        },
     }
 }
 
@@ -286,8 +305,18 @@ fn keys_round_trip_through_text() {
         AlertKey::ProcessDestination(3, "198.18.0.2".parse().unwrap()),
         AlertKey::Cgroup(77),
         AlertKey::User(1001),
+        AlertKey::Executable(ExeName::Path("/usr/bin/rsync".into())),
+        AlertKey::Executable(ExeName::Path("/opt/a b/app (deleted)".into())),
+        AlertKey::Executable(ExeName::Comm("ghost".into())),
     ] {
         assert_eq!(AlertKey::parse(&k.text()), Ok(k));
+    }
+    assert_eq!(
+        AlertKey::parse("executable:/usr/bin/rsync").map(|k| k.text()),
+        Ok("executable:/usr/bin/rsync".into())
+    );
+    for bad in ["executable:rsync", "executable:comm:", "executable:"] {
+        assert!(AlertKey::parse(bad).is_err(), "{bad}");
     }
     assert_eq!(AlertKey::parse("1234"), Ok(AlertKey::Process(1234)));
     assert!(
@@ -322,4 +351,116 @@ fn per_user_sums_every_process_of_the_user_so_forking_does_not_dodge_it() {
     assert_eq!(f[0].event.key, "user:0");
     assert_eq!(f[0].block_for, Some(Duration::from_secs(60)));
     assert_eq!(f[0].event.action, AlertAction::Block);
+}
+
+const PER_EXE: &str = "[[alert]]\nname = \"exe-budget\"\nbytes = \"1MB\"\nwindow = \"10s\"\nper = \"executable\"\naction = \"block\"\ncooldown = \"1m\"\n";
+
+#[test]
+fn per_executable_sums_every_process_running_it_and_nothing_else() {
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
+    let mut e = AlertEngine::new(alerts(PER_EXE), clock.start);
+    // Three rsync processes (two users), each under the budget, together over it; another
+    // program sending as much is counted on its own.
+    let f = run(
+        &mut e,
+        &clock,
+        0.0,
+        &[
+            (flow(501, 2, 873), bytes(300_000)),
+            (flow(502, 2, 873), bytes(500_000)),
+            (flow(503, 3, 873), bytes(300_000)),
+            (flow(42, 2, 443), bytes(900_000)),
+            (flow(TGID_UNATTRIBUTED, 2, 443), bytes(900_000)),
+        ],
+    );
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        f[0].key,
+        AlertKey::Executable(ExeName::Path("/usr/bin/rsync".into()))
+    );
+    let ev = &f[0].event;
+    assert_eq!(
+        (ev.key.as_str(), ev.per.as_str(), ev.exe.as_str()),
+        ("executable:/usr/bin/rsync", "executable", "/usr/bin/rsync")
+    );
+    assert_eq!(ev.bytes_in_window, 1_100_000);
+    assert_eq!(
+        (ev.pid, ev.uid, ev.gid),
+        (Some(502), Some(1000), Some(100)),
+        "the process that sent most"
+    );
+    assert_eq!(f[0].block_for, Some(Duration::from_secs(60)));
+    assert!(ev.blocked_pids.is_empty(), "filled by the controller");
+}
+
+#[test]
+fn per_executable_groups_processes_whose_executable_is_unknown_by_name() {
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
+    let mut e = AlertEngine::new(alerts(PER_EXE), clock.start);
+    let f = run(
+        &mut e,
+        &clock,
+        0.0,
+        &[
+            (flow(901, 2, 443), bytes(600_000)),
+            (flow(902, 2, 443), bytes(600_000)),
+        ],
+    );
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].event.key, "executable:comm:ghost");
+    assert_eq!(
+        (f[0].event.exe.as_str(), f[0].event.comm.as_str()),
+        ("", "ghost")
+    );
+    let AlertKey::Executable(name) = &f[0].key else {
+        panic!("{:?}", f[0].key)
+    };
+    assert_eq!(
+        name.path(),
+        None,
+        "a name-only key has no executable to block"
+    );
+}
+
+#[test]
+fn per_user_keys_each_uid_apart() {
+    let clock = Clock {
+        start: Instant::now(),
+        wall: SystemTime::now(),
+    };
+    let text =
+        "[[alert]]\nname = \"user-budget\"\nbytes = \"1MB\"\nwindow = \"10s\"\nper = \"user\"\n";
+    let mut e = AlertEngine::new(alerts(text), clock.start);
+    // rsync 501 and 503 run as uid 1001, 502 as uid 1000.
+    let f = run(
+        &mut e,
+        &clock,
+        0.0,
+        &[
+            (flow(501, 2, 873), bytes(600_000)),
+            (flow(503, 2, 873), bytes(600_000)),
+            (flow(502, 2, 873), bytes(900_000)),
+        ],
+    );
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].key, AlertKey::User(1001));
+    let ev = &f[0].event;
+    assert_eq!(
+        (ev.key.as_str(), ev.uid, ev.bytes_in_window),
+        ("user:1001", Some(1001), 1_200_000)
+    );
+    assert_eq!(ev.exe, "/usr/bin/rsync");
+    let json = serde_json::to_value(ev).unwrap();
+    assert_eq!(json["gid"], 100);
+    assert!(
+        json.get("user").is_none(),
+        "the controller names the user: {json}"
+    );
+    assert!(json.get("blocked_pids").is_none(), "{json}");
 }

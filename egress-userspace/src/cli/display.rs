@@ -30,6 +30,19 @@ fn pid_text(p: &crate::accounting::ProcTotals) -> String {
     }
 }
 
+/// An executable path in at most `n` characters, cut on the left so that the file name shows:
+/// `…/libexec/app`. "-" when unknown.
+fn exe_text(exe: &str, n: usize) -> String {
+    let len = exe.chars().count();
+    if exe.is_empty() {
+        "-".to_string()
+    } else if len <= n {
+        exe.to_string()
+    } else {
+        "…".to_string() + &exe.chars().skip(len + 1 - n).collect::<String>()
+    }
+}
+
 fn trunc(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
@@ -72,7 +85,7 @@ pub fn stats_table(r: &StatsReport) -> String {
             format!("{}/s", human_bytes(p.rate_bps)),
             human_bytes(p.bytes as f64),
             p.packets,
-            p.exe,
+            exe_text(&p.exe, usize::MAX),
             if p.alive { "" } else { " (exited)" }
         );
         for d in &p.destinations {
@@ -277,6 +290,9 @@ pub fn grants_table(rows: &[GrantRow]) -> String {
     out
 }
 
+/// Width of the executable column of `egress top`.
+const TOP_EXE_WIDTH: usize = 24;
+
 /// One `egress top` frame for a terminal of `rows` x `cols`: processes by rate, each with its top
 /// three destinations.
 pub fn top_frame(r: &StatsReport, rows: usize, cols: usize) -> Vec<String> {
@@ -290,8 +306,8 @@ pub fn top_frame(r: &StatsReport, rows: usize, cols: usize) -> Vec<String> {
         r.counters.denied
     ));
     lines.push(format!(
-        "{:>8} {:<16} {:>12} {:>12}  TOP DESTINATIONS",
-        "PID", "COMM", "RATE", "TOTAL"
+        "{:>8} {:<16} {:>12} {:>12}  {:<TOP_EXE_WIDTH$}  TOP DESTINATIONS",
+        "PID", "COMM", "RATE", "TOTAL", "EXE"
     ));
     for p in &r.processes {
         if lines.len() >= rows.saturating_sub(1) {
@@ -310,11 +326,12 @@ pub fn top_frame(r: &StatsReport, rows: usize, cols: usize) -> Vec<String> {
             })
             .collect();
         lines.push(format!(
-            "{:>8} {:<16} {:>12} {:>12}  {}",
+            "{:>8} {:<16} {:>12} {:>12}  {:<TOP_EXE_WIDTH$}  {}",
             pid_text(p),
             trunc(&p.comm, 16),
             format!("{}/s", human_bytes(p.rate_bps)),
             human_bytes(p.bytes as f64),
+            exe_text(&p.exe, TOP_EXE_WIDTH),
             dests.join(", ")
         ));
     }
@@ -337,6 +354,7 @@ mod tests {
                 exe: "/usr/bin/curl".into(),
                 cmdline: "curl -T big".into(),
                 uid: Some(0),
+                gid: Some(0),
                 ppid: Some(1),
                 cgroup_id: 1,
                 unattributed: false,
@@ -434,6 +452,18 @@ mod tests {
     }
 
     #[test]
+    fn long_executables_keep_their_file_name() {
+        assert_eq!(exe_text("", 10), "-");
+        assert_eq!(exe_text("/usr/bin/curl", 24), "/usr/bin/curl");
+        let cut = exe_text("/usr/lib/jvm/java-21/bin/java (deleted)", 24);
+        assert_eq!(cut.chars().count(), 24);
+        assert!(
+            cut.starts_with('…') && cut.ends_with("bin/java (deleted)"),
+            "{cut}"
+        );
+    }
+
+    #[test]
     fn human_units() {
         assert_eq!(human_bytes(12.0), "12 B");
         assert_eq!(human_bytes(1_500_000.0), "1.5 MB");
@@ -447,13 +477,18 @@ mod tests {
             t.contains("curl") && t.contains("1.2 MB/s") && t.contains("-> 198.18.0.2:443/tcp"),
             "{t}"
         );
+        assert!(t.contains("EXE") && t.contains("  /usr/bin/curl"), "{t}");
         let f = top_frame(&report(), 10, 200);
+        assert!(f[1].contains("EXE"), "{f:?}");
         assert!(
             f[2].contains("42")
                 && f[2].contains("curl")
+                && f[2].contains("/usr/bin/curl")
                 && f[2].contains("198.18.0.2:443/tcp 1.2 MB/s"),
             "{f:?}"
         );
+        // The columns line up with the header.
+        assert_eq!(f[1].find("TOP DESTINATIONS"), f[2].find("198.18.0.2"));
         let narrow = top_frame(&report(), 2, 20);
         assert_eq!(narrow.len(), 2);
         assert!(narrow.iter().all(|l| l.chars().count() <= 20));

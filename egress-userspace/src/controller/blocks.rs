@@ -6,16 +6,22 @@
 //! process) while the block goes on for its descendants. Every tick prunes the tree of
 //! processes that have exited, for the same reason.
 //!
+//! A `per = "executable"` block is a process block on each process running the executable in
+//! the enforced cgroup when the alert fires (never the controller itself): each is reported,
+//! expires and is lifted as a block of its own (`process:PID`). Processes that start the
+//! executable later are not covered; if they go on, the alert fires again after its cooldown.
+//!
 //! Blocks a previous controller left in the pinned maps are adopted at start: reported, expired
 //! and lifted like this controller's own. Every change is an event.
 
 use std::{
     collections::{HashMap, HashSet},
+    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
 use egress_common::{BLOCK_SCOPE_PROCESS, BlockKey, BlockValue};
-use tracing::info;
+use tracing::{error, info};
 
 use super::Controller;
 use crate::{
@@ -43,6 +49,9 @@ struct ActiveBlock {
     descendants: usize,
     /// The blocked process has exited; the block goes on for its descendants.
     process_exited: bool,
+    /// The executable key whose alert set this process block (`egress unblock
+    /// executable:PATH` lifts them all).
+    origin: Option<AlertKey>,
 }
 
 /// The blocks in force: set by this controller, or adopted from the pins.
@@ -65,15 +74,21 @@ impl Blocks {
     }
 }
 
-/// The kernel key that blocks `key`; None for keys that cannot be blocked (destinations,
-/// cgroups).
-fn block_key(key: AlertKey) -> Option<BlockKey> {
-    match key {
+/// The kernel key that blocks `key`; None for keys that cannot be blocked by one kernel key
+/// (destinations, cgroups; executables are blocked process by process).
+fn block_key(key: &AlertKey) -> Option<BlockKey> {
+    match *key {
         AlertKey::Process(p) => Some(BlockKey::process(p, None)),
         AlertKey::ProcessDestination(p, d) => Some(BlockKey::process(p, Some(d))),
         AlertKey::User(u) => Some(BlockKey::user(u)),
         _ => None,
     }
+}
+
+/// Whether a process in cgroup `rel` (relative to the cgroup2 `root`, as /proc/PID/cgroup
+/// gives it) is at or below the enforced cgroup `enforced`.
+fn enforced_cgroup(root: &Path, enforced: &Path, rel: &str) -> bool {
+    root.join(rel.trim_start_matches('/')).starts_with(enforced)
 }
 
 /// The alert key a kernel block key (either scope) stands for.
@@ -124,33 +139,62 @@ impl BlockEvent {
 }
 
 impl Controller {
-    /// Blocks `key` (a process, a process towards one destination, or a user) in the kernel for
-    /// `dur`, reporting alert `alert_index`. Destination and cgroup keys cannot be blocked: false.
+    /// Blocks `key` in the kernel for `dur`, reporting alert `alert_index`: a process, a
+    /// process towards one destination, a user, or every process of the enforced cgroup running
+    /// an executable (each as a process block). Returns the keys blocked (the processes, for an
+    /// executable); none for keys that cannot be blocked (destinations, cgroups, executables
+    /// known only by a process name) or when the kernel refused.
     pub(super) fn set_block(
         &mut self,
-        key: AlertKey,
+        key: &AlertKey,
         rule: &str,
         alert_index: usize,
         dur: Duration,
-    ) -> anyhow::Result<bool> {
-        let Some(bk) = block_key(key) else {
-            return Ok(false);
+    ) -> Vec<AlertKey> {
+        let keys = match key {
+            AlertKey::Executable(name) => name.path().map_or_else(Vec::new, |exe| {
+                let me = std::process::id();
+                proc::running(exe)
+                    .into_iter()
+                    .filter(|&pid| pid != me)
+                    .filter(|&pid| {
+                        proc::cgroup_of(pid).is_some_and(|rel| {
+                            enforced_cgroup(&self.target.root, &self.target.cgroup, &rel)
+                        })
+                    })
+                    .map(AlertKey::Process)
+                    .collect()
+            }),
+            k => vec![k.clone()],
         };
         let rule_id = self.policy.compiled.alert_rule_id(alert_index);
-        self.dp
-            .block(bk, clock::boot_ns() + dur.as_nanos() as u64, rule_id)?;
-        self.blocks.0.insert(
-            key,
-            ActiveBlock {
-                key: bk,
-                rule: rule.to_string(),
-                until: Instant::now() + dur,
-                until_wall: SystemTime::now() + dur,
-                descendants: 0,
-                process_exited: false,
-            },
-        );
-        Ok(true)
+        let mut blocked = Vec::new();
+        for k in keys {
+            let Some(bk) = block_key(&k) else {
+                continue;
+            };
+            if let Err(e) = self
+                .dp
+                .block(bk, clock::boot_ns() + dur.as_nanos() as u64, rule_id)
+            {
+                error!(key = %k.text(), error = %format!("{e:#}"), "could not block");
+                continue;
+            }
+            self.blocks.0.insert(
+                k.clone(),
+                ActiveBlock {
+                    key: bk,
+                    rule: rule.to_string(),
+                    until: Instant::now() + dur,
+                    until_wall: SystemTime::now() + dur,
+                    descendants: 0,
+                    process_exited: false,
+                    origin: matches!(key, AlertKey::Executable(_)).then(|| key.clone()),
+                },
+            );
+            blocked.push(k);
+        }
+        blocked
     }
 
     /// Takes over the blocks a previous controller left in the pinned maps, named by the
@@ -185,6 +229,7 @@ impl Controller {
                     // Only the descendants twin is left: the process exited under the last
                     // controller.
                     process_exited: !own,
+                    origin: None,
                 },
             );
         }
@@ -230,9 +275,9 @@ impl Controller {
                 live.get(&b.key.tgid).copied().unwrap_or(0)
             };
             if b.until <= now {
-                due.push((*k, "cooldown ended"));
+                due.push((k.clone(), "cooldown ended"));
             } else if b.process_exited && b.descendants == 0 {
-                due.push((*k, "process exited"));
+                due.push((k.clone(), "process exited"));
             }
         }
         for (k, reason) in due {
@@ -259,6 +304,33 @@ impl Controller {
             Ok(k) => k,
             Err(e) => return Response::Refused(e),
         };
+        if matches!(key, AlertKey::Executable(_)) {
+            let of_exe: Vec<AlertKey> = self
+                .blocks
+                .0
+                .iter()
+                .filter(|(_, b)| b.origin.as_ref() == Some(&key))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut lifted = Vec::new();
+            for k in of_exe {
+                match self.lift(&k, "egress unblock").await {
+                    Ok(true) => lifted.push(k.text()),
+                    Ok(false) => {}
+                    Err(e) => {
+                        return Response::Refused(format!(
+                            "lifting the block on {}: {e:#}",
+                            k.text()
+                        ));
+                    }
+                }
+            }
+            return if lifted.is_empty() {
+                Response::Refused(format!("no byte-budget block on {}", key.text()))
+            } else {
+                Response::Done(format!("unblocked {} ({})", key.text(), lifted.join(", ")))
+            };
+        }
         match self.lift(&key, "egress unblock").await {
             Ok(true) => Response::Done(format!("unblocked {}", key.text())),
             Ok(false) => Response::Refused(format!("no byte-budget block on {}", key.text())),
@@ -280,7 +352,7 @@ mod tests {
             AlertKey::User(1000),
         ];
         for k in keys {
-            let bk = block_key(k).expect("blockable");
+            let bk = block_key(&k).expect("blockable");
             assert_eq!(alert_key(&bk), k);
             let desc = bk.in_scope(egress_common::BLOCK_SCOPE_DESCENDANTS);
             assert_eq!(
@@ -290,10 +362,28 @@ mod tests {
             );
         }
         assert_eq!(
-            block_key(AlertKey::Destination("198.18.0.2".parse().unwrap())),
+            block_key(&AlertKey::Destination("198.18.0.2".parse().unwrap())),
             None
         );
-        assert_eq!(block_key(AlertKey::Cgroup(7)), None);
+        assert_eq!(block_key(&AlertKey::Cgroup(7)), None);
+        assert_eq!(
+            block_key(&AlertKey::Executable(crate::alerts::ExeName::Path(
+                "/usr/bin/curl".into()
+            ))),
+            None,
+            "an executable is blocked process by process"
+        );
+    }
+
+    #[test]
+    fn executable_blocks_cover_the_enforced_cgroup_only() {
+        let root = Path::new("/sys/fs/cgroup");
+        let exec = Path::new("/sys/fs/cgroup/egress.slice/exec-7");
+        assert!(enforced_cgroup(root, root, "/user.slice/x.scope"));
+        assert!(enforced_cgroup(root, exec, "/egress.slice/exec-7"));
+        assert!(enforced_cgroup(root, exec, "/egress.slice/exec-7/sub"));
+        assert!(!enforced_cgroup(root, exec, "/egress.slice/exec-70"));
+        assert!(!enforced_cgroup(root, exec, "/user.slice/x.scope"));
     }
 
     #[test]

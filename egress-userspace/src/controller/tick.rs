@@ -14,18 +14,21 @@ use tracing::{error, info, warn};
 
 use super::Controller;
 use crate::{
-    alerts::{Firing, FlowVerdict},
+    alerts::{AlertKey, Firing, FlowVerdict},
     events::timestamp,
     policy::{RuleKind, alert::AlertAction},
     report::StatsReport,
     sys::{
-        iface,
+        iface, nss,
         proc::{self, ProcSource as _, Procfs},
     },
 };
 
 /// Ticks (of 250 ms) between two looks at the interfaces.
 const IFACE_POLL_TICKS: u32 = 4;
+
+/// Ticks between two prunings of the event stream's executables (of processes that exited).
+const EXE_PRUNE_TICKS: u32 = 4;
 
 impl Controller {
     /// A tick whose failure is logged: accounting and alerting must never take enforcement down.
@@ -46,6 +49,9 @@ impl Controller {
         }
         self.expire_blocks(now).await?;
         self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks.is_multiple_of(EXE_PRUNE_TICKS) {
+            self.events.prune_exes();
+        }
         self.names_tick(self.ticks).await;
         self.follow_interfaces();
         self.publish(wall)
@@ -61,6 +67,7 @@ impl Controller {
         let owner_comm = |tgid: u32| owners.get_or_init(|| dp.owner_comms()).get(&tgid).cloned();
         let outcome = self.acct.tick(&flows, now, &Procfs, &owner_comm);
         self.dp.remove_flows(&outcome.prune);
+        self.events.learn_exes(self.acct.identities());
         Ok(outcome.deltas)
     }
 
@@ -102,15 +109,15 @@ impl Controller {
     /// Delivers one alert: sets its block (if it has one), writes the event, sends the webhook.
     async fn fire(&mut self, mut f: Firing) -> anyhow::Result<()> {
         f.event.cgroup_path = self.cgroup_path_of(f.event.pid);
+        f.event.user = f.event.uid.and_then(nss::user_name);
         *self.alerts_by_rule.entry(f.event.rule.clone()).or_default() += 1;
+        let mut blocked = Vec::new();
         if let Some(dur) = f.block_for {
-            let blocked = self
-                .set_block(f.key, &f.event.rule, f.alert_index, dur)
-                .unwrap_or_else(|e| {
-                    error!(key = %f.event.key, error = %format!("{e:#}"), "could not block");
-                    false
-                });
-            if !blocked {
+            blocked = self.set_block(&f.key, &f.event.rule, f.alert_index, dur);
+            if matches!(f.key, AlertKey::Executable(_)) {
+                f.event.blocked_pids = blocked.iter().filter_map(AlertKey::tgid).collect();
+            }
+            if blocked.is_empty() {
                 // The alert still goes out, saying what happened; enforcement of everything
                 // else goes on.
                 warn!(key = %f.event.key, "byte budget exceeded but not blocked: alerting only");
@@ -124,8 +131,10 @@ impl Controller {
             w.send(serde_json::to_vec(&f.event)?);
         }
         if f.event.action == AlertAction::Block {
-            self.report_block(&f.event.key, &f.event.rule, f.event.blocked_until.clone())
-                .await;
+            for key in &blocked {
+                self.report_block(&key.text(), &f.event.rule, f.event.blocked_until.clone())
+                    .await;
+            }
         }
         Ok(())
     }

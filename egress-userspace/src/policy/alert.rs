@@ -6,7 +6,9 @@
 //! bytes = "100MiB"          # KB, KiB, MB, MiB, GB, GiB (and B, TB, TiB); a bare integer is bytes
 //! window = "5m"             # sliding window: s, m, h
 //! per = "process"           # "process" | "destination" | "process_destination" | "cgroup"
-//! action = "alert"          # "alert" | "block"
+//!                           # | "user" | "executable"
+//! action = "alert"          # "alert" | "block" (per = process, process_destination, user or
+//!                           # executable)
 //! cooldown = "10m"          # no repeat alert per key within it; for "block", how long it lasts
 //! services = ["corp-proxy"] # only count traffic that these services or blocks decide
 //! destinations = ["10.0.0.0/8"]          # only count traffic to these networks
@@ -158,6 +160,9 @@ pub enum AlertPer {
     Cgroup,
     /// Every process of one user (uid), together, whoever started it.
     User,
+    /// Every process running one executable (its full path), together. A block covers each
+    /// process running it when the alert fires (and what they fork afterwards).
+    Executable,
 }
 
 impl AlertPer {
@@ -168,7 +173,20 @@ impl AlertPer {
             AlertPer::ProcessDestination => "process_destination",
             AlertPer::Cgroup => "cgroup",
             AlertPer::User => "user",
+            AlertPer::Executable => "executable",
         }
+    }
+
+    /// Whether `action = "block"` can apply: the key names processes (a process, a user, or
+    /// the processes running an executable), not a destination or a cgroup.
+    pub fn blockable(&self) -> bool {
+        matches!(
+            self,
+            AlertPer::Process
+                | AlertPer::ProcessDestination
+                | AlertPer::User
+                | AlertPer::Executable
+        )
     }
 }
 

@@ -66,7 +66,6 @@ use proptest::{
 use super::{
     Destination, HostPattern, Policy, PolicyError, Protocol, Rule, RuleKind,
     alert::AlertAction,
-    alert::AlertPer,
     compile::{CompileError, CompiledPolicy, Evaluation, Reason},
     content_hash, diff,
     dns::MAX_UPSTREAMS,
@@ -975,13 +974,22 @@ fn duration(wild: Wild) -> BoxedStrategy<String> {
 
 /// `per` and `action` of an alert: `None` is an absent key.
 fn per_action(wild: Wild) -> BoxedStrategy<(Option<String>, Option<String>)> {
-    const PERS: &[&str] = &["process", "destination", "process_destination", "cgroup"];
+    const PERS: &[&str] = &[
+        "process",
+        "destination",
+        "process_destination",
+        "cgroup",
+        "user",
+        "executable",
+    ];
     let q = |s: &str| Some(quoted(s));
     let valid = prop_oneof![
         (option::of(select(PERS)), option::of(Just("alert")))
             .prop_map(move |(per, action)| (per.and_then(q), action.and_then(q))),
         (
-            option::of(select(&["process", "process_destination"][..])),
+            option::of(select(
+                &["process", "process_destination", "user", "executable"][..]
+            )),
             Just("block")
         )
             .prop_map(move |(per, action)| (per.and_then(q), q(action))),
@@ -1788,10 +1796,7 @@ fn check_policy(text: &str, p: &Policy) -> Result<(), TestCaseError> {
             prop_assert!(rule_names.contains(&s.as_str()), "alert names {:?}", s);
         }
         if a.action == AlertAction::Block {
-            prop_assert!(matches!(
-                a.per,
-                AlertPer::Process | AlertPer::ProcessDestination | AlertPer::User
-            ));
+            prop_assert!(a.per.blockable());
         }
         for d in a.destinations.iter().chain(&a.exclude_destinations) {
             check_destination(d)?;

@@ -17,7 +17,7 @@ use toml::Spanned;
 use super::{
     DefaultVerdict, Destination, HostPattern, Mode, Policy, PolicyError, PortRange, Protocol, Rule,
     RuleKind, SocketRule, Sockets,
-    alert::{Alert, AlertAction, AlertPer, RawAlert},
+    alert::{Alert, AlertAction, RawAlert},
     content_hash,
     dns::{RawDns, dns},
     error::{Entry, Source, Table},
@@ -439,17 +439,12 @@ fn alert(
         Some(s) => (*s.get_ref(), s.span().start),
         None => (AlertAction::Alert, table_start),
     };
-    if action == AlertAction::Block
-        && !matches!(
-            a.per,
-            AlertPer::Process | AlertPer::ProcessDestination | AlertPer::User
-        )
-    {
+    if action == AlertAction::Block && !a.per.blockable() {
         return Err(src.error(
             action_at,
             entry.field("action"),
             format!(
-                "action = \"block\" cannot apply per = \"{}\": expected per = \"process\", \"process_destination\" or \"user\"",
+                "action = \"block\" cannot apply per = \"{}\": expected per = \"process\", \"process_destination\", \"user\" or \"executable\"",
                 a.per.as_str()
             ),
         ));
