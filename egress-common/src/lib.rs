@@ -525,47 +525,59 @@ impl RuleSet {
         m
     }
 
-    /// [`RuleSet::first_match`] into `m` (which must start as `Match::default()`): the datapath
-    /// passes a per-CPU scratch value. The audit notes are written and read through `m` with
-    /// volatile accesses, never kept in registers across rules: the verifier does not track
-    /// memory of a map value, so a noted and an unnoted walk of the same rule converge and are
-    /// verified once (notes in registers made the hooks' verification several times larger).
+    /// [`RuleSet::first_match`] into `m` (which must start as `Match::default()`): every rule
+    /// in order through [`RuleSet::scan_step`] until one decides. The datapath runs the same
+    /// steps under `bpf_loop`, whose callback the verifier walks once instead of once per rule.
     #[inline(always)]
     pub fn scan_into(&self, port: u16, ipproto: u8, scopes: &ScopeBits, m: &mut Match) {
         let bit = proto_bit(ipproto);
-        let len = self.len as usize;
         let mut i = 0;
-        while i < MAX_PORT_RULES {
-            if i >= len {
-                break;
-            }
-            let r = &self.rules[i];
-            if r.proto_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi {
-                let block = r.action == ACTION_BLOCK;
-                let audit = r.flags & RULE_F_AUDIT != 0;
-                let inside = r.scope == 0 || scopes.has(r.scope);
-                if inside && !(audit && block) {
-                    m.rule_id = r.rule_id;
-                    m.block = block;
-                    return;
-                }
-                // An in-scope audit block, or an audit service leaving the caller out: noted.
-                if audit && inside == block {
-                    // SAFETY: `m` is a valid, exclusive reference.
-                    unsafe {
-                        let slot = if block {
-                            core::ptr::addr_of_mut!(m.audit_block)
-                        } else {
-                            core::ptr::addr_of_mut!(m.audit_pass)
-                        };
-                        if core::ptr::read_volatile(slot) == 0 {
-                            core::ptr::write_volatile(slot, r.rule_id);
-                        }
-                    }
-                }
+        while i < MAX_PORT_RULES && i < self.len as usize {
+            if self.scan_step(i, port, bit, scopes, m) {
+                return;
             }
             i += 1;
         }
+    }
+
+    /// Rule `i` of the scan (`bit` the protocol's `PROTO_*` bit): true when it decides (`m`
+    /// then names it). A rule matches when its protocol bit and port range fit and the caller is
+    /// in its scope; an enforced match or an in-scope audit service decides; an in-scope audit
+    /// block, or an audit service whose scope leaves the caller out, is noted in `m` (the first
+    /// of each) and the scan goes on.
+    #[inline(always)]
+    pub fn scan_step(
+        &self,
+        i: usize,
+        port: u16,
+        bit: u8,
+        scopes: &ScopeBits,
+        m: &mut Match,
+    ) -> bool {
+        let Some(r) = self.rules.get(i) else {
+            return true;
+        };
+        if r.proto_mask & bit == 0 || r.port_lo > port || port > r.port_hi {
+            return false;
+        }
+        let block = r.action == ACTION_BLOCK;
+        let audit = r.flags & RULE_F_AUDIT != 0;
+        let inside = r.scope == 0 || scopes.has(r.scope);
+        if inside && !(audit && block) {
+            m.rule_id = r.rule_id;
+            m.block = block;
+            return true;
+        }
+        if audit && inside == block {
+            if block {
+                if m.audit_block == 0 {
+                    m.audit_block = r.rule_id;
+                }
+            } else if m.audit_pass == 0 {
+                m.audit_pass = r.rule_id;
+            }
+        }
+        false
     }
 
     /// The TC program's scan: the first rule whose `tc_mask` has the protocol's bit and whose

@@ -247,14 +247,7 @@ pub fn grant(
     } else {
         unsafe { RULESETS_1.get(g.ruleset) }
     }?;
-    let Some(m) = crate::maps::SCAN.get_ptr_mut(0) else {
-        return None;
-    };
-    // SAFETY: this CPU's slot (see `policy::decide_set`).
-    let m = unsafe { &mut *m };
-    *m = egress_common::Match::default();
-    set.scan_into(port, proto, scopes, m);
-    let m = *m;
+    let m = policy::scan(set, port, proto, scopes);
     // A grant decides only through a rule of its service that applies to the caller (or, for
     // an audit service, one whose scope leaves the caller out: let through and reported).
     if m.rule_id == egress_common::RULE_DEFAULT && m.audit_pass == 0 {

@@ -1,10 +1,16 @@
 //! Policy lookups shared by every hook: loopback short-cut, LPM trie, then the first matching
 //! port rule (`RuleSet::first_match`, the same code `egress explain` runs).
 
-use aya_ebpf::{helpers::bpf_ktime_get_boot_ns, maps::lpm_trie::Key};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_boot_ns, bpf_loop},
+    maps::lpm_trie::Key,
+};
 use egress_common::{
-    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config, Match, PrefixValue,
-    RULE_DEFAULT, RULE_LOOPBACK, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
+    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config, MAX_PORT_RULES,
+    Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, ScopeBits, embedded_v4,
+    is_loopback_v4, is_loopback_v6, proto_bit,
 };
 
 use crate::maps::{
@@ -139,16 +145,61 @@ fn decide_set<const TC: bool>(
             None => default,
         };
     }
-    // The scan's audit notes live in a per-CPU scratch value, not in registers (see
-    // `RuleSet::scan_into`).
+    verdict(scan(set, port, ipproto, scopes), cfg)
+}
+
+/// What the scan's `bpf_loop` callback works on (on the caller's stack).
+#[repr(C)]
+struct ScanCtx {
+    set: *const RuleSet,
+    scopes: *const ScopeBits,
+    m: *mut Match,
+    port: u16,
+    bit: u8,
+    _pad: [u8; 5],
+}
+
+/// One rule of the scan, as a `bpf_loop` callback: 1 stops the loop.
+#[inline(never)]
+extern "C" fn scan_callback(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `ScanCtx` `scan` passed, alive for the whole loop; its pointers are
+    // a map value and the caller's stack.
+    let c = unsafe { &*(ctx as *const ScanCtx) };
+    let (set, scopes, m) = unsafe { (&*c.set, &*c.scopes, &mut *c.m) };
+    i64::from(set.scan_step(i as usize, c.port, c.bit, scopes, m))
+}
+
+/// `RuleSet::first_match` for the hooks: the same steps (`RuleSet::scan_step`), driven by
+/// `bpf_loop` so that the verifier walks one rule, not 64, per call site (an unrolled scan with
+/// scopes and audit notes tripled the hooks' verification). The result lives in a per-CPU
+/// scratch value.
+#[inline(always)]
+pub fn scan(set: &RuleSet, port: u16, ipproto: u8, scopes: &ScopeBits) -> Match {
     let Some(m) = SCAN.get_ptr_mut(0) else {
-        return default;
+        return Match::default();
     };
     // SAFETY: this CPU's slot; programs do not migrate while they run.
-    let m = unsafe { &mut *m };
-    *m = Match::default();
-    set.scan_into(port, ipproto, scopes, m);
-    verdict(*m, cfg)
+    unsafe { *m = Match::default() };
+    let mut ctx = ScanCtx {
+        set,
+        scopes,
+        m,
+        port,
+        bit: proto_bit(ipproto),
+        _pad: [0; 5],
+    };
+    let n = (set.len as usize).min(MAX_PORT_RULES) as u32;
+    // SAFETY: a static callback and a context on this stack, as bpf_loop requires. Should the
+    // helper fail, `m` says nothing decided: the default verdict (fail-closed under deny).
+    unsafe {
+        bpf_loop(
+            n,
+            scan_callback as *mut c_void,
+            &mut ctx as *mut ScanCtx as *mut c_void,
+            0,
+        );
+        *m
+    }
 }
 
 /// The decision of a scan, with the policy's default.
