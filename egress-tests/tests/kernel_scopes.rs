@@ -650,3 +650,79 @@ mode = "audit"
         let _ = std::fs::remove_dir(d);
     }
 }
+
+#[test]
+fn every_selector_kind_judges_processes_started_before_the_policy() {
+    // Each caller is in one scope, started and waiting before the datapath is loaded, then
+    // released: by executable (seeded from /proc), by user, by group, by cgroup; and one caller
+    // in none of them.
+    let dir = TempDir::new("scope-before-all");
+    let probe = world_probe(&dir);
+    let approved = dir.join("approved");
+    std::fs::copy(&probe, &approved).unwrap();
+    let cg = TestCgroup::new();
+    let root = egress::sys::cgroup::cgroup2_root().unwrap();
+    let inside = cg.path().join("inside");
+    std::fs::create_dir_all(&inside).unwrap();
+    let text = format!(
+        "default = \"deny\"\nallow_loopback = false\n\
+         [[service]]\nname = \"e\"\ndestinations = [\"127.0.0.2\"]\nports = [80]\nprotocols = [\"tcp\"]\nexecutables = [\"{}\"]\n\
+         [[service]]\nname = \"u\"\ndestinations = [\"127.0.0.3\"]\nports = [80]\nprotocols = [\"tcp\"]\nusers = [65534]\n\
+         [[service]]\nname = \"g\"\ndestinations = [\"127.0.0.4\"]\nports = [80]\nprotocols = [\"tcp\"]\ngroups = [4242]\n\
+         [[service]]\nname = \"c\"\ndestinations = [\"127.0.0.5\"]\nports = [80]\nprotocols = [\"tcp\"]\ncgroups = [\"{}\"]\n",
+        approved.display(),
+        inside.strip_prefix(&root).unwrap().display()
+    );
+    let go = dir.join("go");
+    let calls = |cmd: &mut Command| {
+        cmd.args(["wait-file", go.to_str().unwrap()]);
+        for i in 2..=5 {
+            cmd.args(["tcp", &format!("127.0.0.{i}:80")]);
+        }
+    };
+    let start = |exe: &Path, uid: Option<u32>, gid: u32, place: &Path| {
+        let mut cmd = Command::new(exe);
+        calls(&mut cmd);
+        if let Some(u) = uid {
+            cmd.uid(u);
+        }
+        cmd.gid(gid);
+        let fd: std::os::fd::OwnedFd = std::fs::File::options()
+            .write(true)
+            .open(place.join("cgroup.procs"))
+            .unwrap()
+            .into();
+        // SAFETY: one write(2) on an fd opened before fork.
+        unsafe { cmd.pre_exec(move || egress::sys::cgroup::join_in_child(&fd)) };
+        ChildGuard::spawn(&mut cmd)
+    };
+    let by_exe = start(&approved, None, 0, cg.path());
+    let by_user = start(&probe, Some(65534), 65534, cg.path());
+    let by_group = start(&probe, None, 4242, cg.path());
+    let by_cgroup = start(&probe, None, 0, &inside);
+    let nobody = start(&probe, None, 0, cg.path());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let c = CompiledPolicy::compile(&Policy::parse("before.toml", &text).unwrap())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut dp = load(&c);
+    dp.attach(cg.path()).unwrap();
+    std::fs::write(&go, "").unwrap();
+    let got = |p: ChildGuard| {
+        let v = verdicts(&p.output().stdout);
+        v[v.len().saturating_sub(4)..].to_vec()
+    };
+    assert_eq!(
+        got(by_exe),
+        [Refused, Denied, Denied, Denied],
+        "by executable"
+    );
+    assert_eq!(got(by_user), [Denied, Refused, Denied, Denied], "by user");
+    assert_eq!(got(by_group), [Denied, Denied, Refused, Denied], "by group");
+    assert_eq!(
+        got(by_cgroup),
+        [Denied, Denied, Denied, Refused],
+        "by cgroup"
+    );
+    assert_eq!(got(nobody), [Denied, Denied, Denied, Denied], "in no scope");
+    let _ = std::fs::remove_dir(&inside);
+}
