@@ -87,11 +87,11 @@ pub fn sched_process_exec(ctx: &RawTracePointContext) -> i32 {
         Some(exe) => ProcIdentity { exe },
         // Unreadable: the entry must not keep the previous image's identity.
         None => {
-            let _ = PROCS.remove(&tgid);
+            let _ = PROCS.remove(tgid);
             return 0;
         }
     };
-    let _ = PROCS.insert(&tgid, &identity, 0);
+    let _ = PROCS.insert(tgid, identity, 0);
     0
 }
 
@@ -100,7 +100,7 @@ pub fn sched_process_exec(ctx: &RawTracePointContext) -> i32 {
 #[inline(always)]
 pub fn current_exe() -> ExeKey {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(p) = unsafe { PROCS.get(&tgid) } {
+    if let Some(p) = unsafe { PROCS.get(tgid) } {
         return p.exe;
     }
     if global(&EXE_OFFSETS_SET) == 0 {

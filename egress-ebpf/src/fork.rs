@@ -49,12 +49,12 @@ pub fn task_newtask(ctx: &TracePointContext) -> u32 {
     let creator = (bpf_get_current_pid_tgid() >> 32) as u32;
     // The child runs what its creator runs until it execs (`exec.rs`). With no entry to copy,
     // any entry left under the child's pid by an earlier process goes.
-    match unsafe { PROCS.get(&creator) }.copied() {
+    match unsafe { PROCS.get(creator) }.copied() {
         Some(identity) => {
-            let _ = PROCS.insert(&child, &identity, 0);
+            let _ = PROCS.insert(child, identity, 0);
         }
         None => {
-            let _ = PROCS.remove(&child);
+            let _ = PROCS.remove(child);
         }
     }
     // In a map that is empty unless a block is in force, one lookup decides.

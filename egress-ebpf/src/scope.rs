@@ -24,39 +24,35 @@ struct Tables {
 impl ScopeTables for Tables {
     #[inline(always)]
     fn exe(&self, k: &ExeKey) -> Option<&ScopeBits> {
-        let v = if self.buffer == 0 {
+        if self.buffer == 0 {
             unsafe { SCOPE_EXE_0.get(k) }
         } else {
             unsafe { SCOPE_EXE_1.get(k) }
-        };
-        v
+        }
     }
     #[inline(always)]
     fn uid(&self, uid: u32) -> Option<&ScopeBits> {
-        let v = if self.buffer == 0 {
-            unsafe { SCOPE_UID_0.get(&uid) }
+        if self.buffer == 0 {
+            unsafe { SCOPE_UID_0.get(uid) }
         } else {
-            unsafe { SCOPE_UID_1.get(&uid) }
-        };
-        v
+            unsafe { SCOPE_UID_1.get(uid) }
+        }
     }
     #[inline(always)]
     fn gid(&self, gid: u32) -> Option<&ScopeBits> {
-        let v = if self.buffer == 0 {
-            unsafe { SCOPE_GID_0.get(&gid) }
+        if self.buffer == 0 {
+            unsafe { SCOPE_GID_0.get(gid) }
         } else {
-            unsafe { SCOPE_GID_1.get(&gid) }
-        };
-        v
+            unsafe { SCOPE_GID_1.get(gid) }
+        }
     }
     #[inline(always)]
     fn cgroup(&self, id: u64) -> Option<&ScopeBits> {
-        let v = if self.buffer == 0 {
-            unsafe { SCOPE_CG_0.get(&id) }
+        if self.buffer == 0 {
+            unsafe { SCOPE_CG_0.get(id) }
         } else {
-            unsafe { SCOPE_CG_1.get(&id) }
-        };
-        v
+            unsafe { SCOPE_CG_1.get(id) }
+        }
     }
     #[inline(always)]
     fn default_of(&self, key: u32) -> Option<&ScopeBits> {

@@ -185,7 +185,6 @@ fn steered(ctx: &SockAddrContext) -> i32 {
 /// Where the address rules reached the default verdict, a grant of this cgroup for this
 /// address (learned from a DNS answer) decides.
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "flat hot-path helper, inlined")]
 fn with_grant(
     cfg: &Config,
     d: Decision,
