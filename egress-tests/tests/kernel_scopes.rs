@@ -99,6 +99,66 @@ fn load(c: &CompiledPolicy) -> Datapath {
     Datapath::load(c).unwrap_or_else(|e| panic!("loading the datapath must work as root: {e}"))
 }
 
+/// `text` compiled, with rule `name` put in scope 1 (audit with `audit`), which constrains
+/// `key` only.
+fn scoped(text: &str, name: &str, audit: bool, key: u32) -> CompiledPolicy {
+    let mut c = compile(text);
+    scope_rule(&mut c, name, audit);
+    c.scopes = one_key_scope(key);
+    c
+}
+
+/// As [`scoped`], scope 1 being the callers running `exe`.
+fn exe_scoped(text: &str, name: &str, audit: bool, exe: &Path) -> CompiledPolicy {
+    let mut c = scoped(text, name, audit, SCOPE_KEY_EXE);
+    c.scopes.exe.insert(exe_key(exe).unwrap(), bits(&[0, 1]));
+    c
+}
+
+/// A test cgroup with `c` loaded and attached to it.
+fn enforced(c: &CompiledPolicy) -> (TestCgroup, Datapath) {
+    let cg = TestCgroup::new();
+    let mut dp = load(c);
+    dp.attach(cg.path()).unwrap();
+    (cg, dp)
+}
+
+/// Every event in the ring so far.
+fn events(ring: &mut egress::datapath::EventRing, c: &CompiledPolicy) -> Vec<JsonEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.try_next() {
+        out.push(JsonEvent::from_raw(&item, c, ""));
+    }
+    out
+}
+
+/// Starts `exe ARGS` as `uid`/`gid` (when given) in the cgroup directory `place`, joined between
+/// fork and exec.
+fn spawn_as(
+    exe: &Path,
+    args: &[&str],
+    uid: Option<u32>,
+    gid: Option<u32>,
+    place: &Path,
+) -> ChildGuard {
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    if let Some(u) = uid {
+        cmd.uid(u);
+    }
+    if let Some(g) = gid {
+        cmd.gid(g);
+    }
+    let fd: std::os::fd::OwnedFd = std::fs::File::options()
+        .write(true)
+        .open(place.join("cgroup.procs"))
+        .unwrap()
+        .into();
+    // SAFETY: one write(2) on an fd opened before fork.
+    unsafe { cmd.pre_exec(move || egress::sys::cgroup::join_in_child(&fd)) };
+    ChildGuard::spawn(&mut cmd)
+}
+
 /// Copies the probe to `dir/name` (another inode: another executable identity).
 fn probe_copy(dir: &TempDir, name: &str) -> PathBuf {
     let p = dir.join(name);
@@ -106,20 +166,22 @@ fn probe_copy(dir: &TempDir, name: &str) -> PathBuf {
     p
 }
 
-/// Runs `exe` (a probe) in `cg` with `calls`; `setup` may set uid/gid.
-fn run(
+/// Runs `exe` (a probe) in `cg` with `calls`, as `uid`/`gid` when given; the verdicts.
+fn run_as(
     exe: &Path,
-    cg: &TestCgroup,
+    place: &Path,
     calls: &[&str],
-    setup: impl FnOnce(&mut Command),
+    uid: Option<u32>,
+    gid: Option<u32>,
 ) -> Vec<Verdict> {
-    let mut cmd = Command::new(exe);
-    cmd.args(calls);
-    setup(&mut cmd);
-    cg.join_on_exec(&mut cmd);
-    let out = ChildGuard::spawn(&mut cmd).output();
+    let out = spawn_as(exe, calls, uid, gid, place).output();
     assert!(out.status.success(), "{} failed: {out:?}", exe.display());
     verdicts(&out.stdout)
+}
+
+/// Runs `exe` (a probe) in `cg` with `calls`.
+fn run(exe: &Path, cg: &TestCgroup, calls: &[&str]) -> Vec<Verdict> {
+    run_as(exe, cg.path(), calls, None, None)
 }
 
 const TO_SCOPED: [&str; 2] = ["tcp", "127.0.0.2:80"];
@@ -131,28 +193,21 @@ fn an_executable_selector_admits_the_file_and_its_hard_links_not_its_copies() {
     let link = dir.join("approved-link");
     std::fs::hard_link(&approved, &link).unwrap();
     let copy = probe_copy(&dir, "copy");
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", false);
-    c.scopes = one_key_scope(SCOPE_KEY_EXE);
-    c.scopes
-        .exe
-        .insert(exe_key(&approved).unwrap(), bits(&[0, 1]));
-    let cg = TestCgroup::new();
-    let mut dp = load(&c);
-    dp.attach(cg.path()).unwrap();
+    let c = exe_scoped(POLICY, "scoped", false, &approved);
+    let (cg, _dp) = enforced(&c);
     let calls = ["tcp", "127.0.0.2:80", "tcp", "127.0.0.3:80"];
-    assert_eq!(run(&approved, &cg, &calls, |_| {}), [Refused, Refused]);
+    assert_eq!(run(&approved, &cg, &calls), [Refused, Refused]);
     assert_eq!(
-        run(&link, &cg, &calls, |_| {}),
+        run(&link, &cg, &calls),
         [Refused, Refused],
         "a hard link is the same file"
     );
     assert_eq!(
-        run(&copy, &cg, &calls, |_| {}),
+        run(&copy, &cg, &calls),
         [Denied, Refused],
         "a copy is another file"
     );
-    assert_eq!(run(&bins::probe(), &cg, &calls, |_| {}), [Denied, Refused]);
+    assert_eq!(run(&bins::probe(), &cg, &calls), [Denied, Refused]);
 }
 
 #[test]
@@ -162,17 +217,10 @@ fn the_first_connect_after_exec_is_judged_as_the_new_program_a_thousand_times() 
     let dir = TempDir::new("scope-exec-loop");
     let approved = probe_copy(&dir, "approved");
     let copy = probe_copy(&dir, "copy");
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", false);
-    c.scopes = one_key_scope(SCOPE_KEY_EXE);
-    c.scopes
-        .exe
-        .insert(exe_key(&approved).unwrap(), bits(&[0, 1]));
+    let mut c = exe_scoped(POLICY, "scoped", false, &approved);
     let me = exe_key(&std::env::current_exe().unwrap()).unwrap();
     c.scopes.exe.insert(me, bits(&[0, 1]));
-    let cg = TestCgroup::new();
-    let mut dp = load(&c);
-    dp.attach(cg.path()).unwrap();
+    let (cg, _dp) = enforced(&c);
     let (mut allowed, mut denied) = (0, 0);
     for i in 0..1000 {
         let (exe, want) = if i % 2 == 0 {
@@ -180,7 +228,7 @@ fn the_first_connect_after_exec_is_judged_as_the_new_program_a_thousand_times() 
         } else {
             (&copy, Denied)
         };
-        let got = run(exe, &cg, &TO_SCOPED, |_| {});
+        let got = run(exe, &cg, &TO_SCOPED);
         assert_eq!(
             got,
             std::slice::from_ref(&want),
@@ -209,21 +257,15 @@ fn world_probe(dir: &TempDir) -> PathBuf {
 fn a_user_selector_admits_that_uid_only() {
     let dir = TempDir::new("scope-uid");
     let probe = world_probe(&dir);
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", false);
-    c.scopes = one_key_scope(SCOPE_KEY_UID);
+    let mut c = scoped(POLICY, "scoped", false, SCOPE_KEY_UID);
     c.scopes.uid.insert(65534, bits(&[0, 1]));
-    let cg = TestCgroup::new();
-    let mut dp = load(&c);
-    dp.attach(cg.path()).unwrap();
+    let (cg, _dp) = enforced(&c);
     assert_eq!(
-        run(&probe, &cg, &TO_SCOPED, |cmd| {
-            cmd.uid(65534).gid(65534);
-        }),
+        run_as(&probe, cg.path(), &TO_SCOPED, Some(65534), Some(65534)),
         [Refused]
     );
     assert_eq!(
-        run(&probe, &cg, &TO_SCOPED, |_| {}),
+        run(&probe, &cg, &TO_SCOPED),
         [Denied],
         "root is not uid 65534"
     );
@@ -233,23 +275,15 @@ fn a_user_selector_admits_that_uid_only() {
 fn a_group_selector_admits_that_primary_gid_only() {
     let dir = TempDir::new("scope-gid");
     let probe = world_probe(&dir);
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", false);
-    c.scopes = one_key_scope(SCOPE_KEY_GID);
+    let mut c = scoped(POLICY, "scoped", false, SCOPE_KEY_GID);
     c.scopes.gid.insert(4242, bits(&[0, 1]));
-    let cg = TestCgroup::new();
-    let mut dp = load(&c);
-    dp.attach(cg.path()).unwrap();
+    let (cg, _dp) = enforced(&c);
     assert_eq!(
-        run(&probe, &cg, &TO_SCOPED, |cmd| {
-            cmd.gid(4242);
-        }),
+        run_as(&probe, cg.path(), &TO_SCOPED, None, Some(4242)),
         [Refused]
     );
     assert_eq!(
-        run(&probe, &cg, &TO_SCOPED, |cmd| {
-            cmd.gid(4243);
-        }),
+        run_as(&probe, cg.path(), &TO_SCOPED, None, Some(4243)),
         [Denied]
     );
 }
@@ -269,9 +303,7 @@ fn a_cgroup_selector_admits_that_cgroup_and_everything_below_it() {
     for d in [&inside, &deeper, &outside] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", false);
-    c.scopes = one_key_scope(SCOPE_KEY_CGROUP);
+    let mut c = scoped(POLICY, "scoped", false, SCOPE_KEY_CGROUP);
     let id = std::fs::metadata(&inside).unwrap().ino();
     c.scopes.cgroup.insert(id, bits(&[1]));
     c.scopes.cg_levels = 1 << level_of(&inside);
@@ -293,38 +325,6 @@ fn a_cgroup_selector_admits_that_cgroup_and_everything_below_it() {
 }
 
 #[test]
-fn processes_started_before_the_policy_are_judged_by_what_they_run() {
-    // Started (and waiting) before the datapath is loaded: the exec tracker never saw their
-    // exec; the start-up seeding from /proc, or the direct read of mm->exe_file, must.
-    let dir = TempDir::new("scope-before");
-    let approved = probe_copy(&dir, "approved");
-    let copy = probe_copy(&dir, "copy");
-    let go = dir.join("go");
-    let cg = TestCgroup::new();
-    let spawn = |exe: &Path| {
-        let mut cmd = Command::new(exe);
-        cmd.args(["wait-file", go.to_str().unwrap(), "tcp", "127.0.0.2:80"]);
-        cg.join_on_exec(&mut cmd);
-        ChildGuard::spawn(&mut cmd)
-    };
-    let a = spawn(&approved);
-    let b = spawn(&copy);
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", false);
-    c.scopes = one_key_scope(SCOPE_KEY_EXE);
-    c.scopes
-        .exe
-        .insert(exe_key(&approved).unwrap(), bits(&[0, 1]));
-    let mut dp = load(&c);
-    dp.attach(cg.path()).unwrap();
-    std::fs::write(&go, "").unwrap();
-    let last = |p: ChildGuard| verdicts(&p.output().stdout).last().cloned();
-    assert_eq!(last(a), Some(Refused));
-    assert_eq!(last(b), Some(Denied));
-}
-
-#[test]
 fn a_scoped_block_in_audit_mode_reports_and_passes_and_out_of_scope_it_is_silent() {
     let dir = TempDir::new("scope-audit");
     let approved = probe_copy(&dir, "in-scope");
@@ -333,27 +333,19 @@ fn a_scoped_block_in_audit_mode_reports_and_passes_and_out_of_scope_it_is_silent
         "[[block]]",
         "[[service]]\nname = \"all-4\"\ndestinations = [\"127.0.0.4\"]\nports = [80]\nprotocols = [\"tcp\"]\n\n[[block]]",
     );
-    let mut c = compile(&text);
-    scope_rule(&mut c, "scoped-block", true);
-    c.scopes = one_key_scope(SCOPE_KEY_EXE);
-    c.scopes
-        .exe
-        .insert(exe_key(&approved).unwrap(), bits(&[0, 1]));
+    let c = exe_scoped(&text, "scoped-block", true, &approved);
     let cg = TestCgroup::new();
     let mut dp = load(&c);
     let mut ring = dp.take_events().unwrap();
     dp.attach(cg.path()).unwrap();
     let to_block = ["tcp", "127.0.0.4:80"];
     assert_eq!(
-        run(&approved, &cg, &to_block, |_| {}),
+        run(&approved, &cg, &to_block),
         [Refused],
         "audit blocks nothing"
     );
-    assert_eq!(run(&other, &cg, &to_block, |_| {}), [Refused]);
-    let mut events = Vec::new();
-    while let Some(item) = ring.try_next() {
-        events.push(JsonEvent::from_raw(&item, &c, ""));
-    }
+    assert_eq!(run(&other, &cg, &to_block), [Refused]);
+    let events = events(&mut ring, &c);
     assert_eq!(
         events.len(),
         1,
@@ -363,15 +355,10 @@ fn a_scoped_block_in_audit_mode_reports_and_passes_and_out_of_scope_it_is_silent
     assert_eq!(events[0].rule, "scoped-block");
     assert_eq!(events[0].dst, "127.0.0.4");
     // Enforced, the same block refuses the in-scope caller only.
-    let mut c = compile(&text);
-    scope_rule(&mut c, "scoped-block", false);
-    c.scopes = one_key_scope(SCOPE_KEY_EXE);
-    c.scopes
-        .exe
-        .insert(exe_key(&approved).unwrap(), bits(&[0, 1]));
+    let c = exe_scoped(&text, "scoped-block", false, &approved);
     dp.reload(&c).unwrap();
-    assert_eq!(run(&approved, &cg, &to_block, |_| {}), [Denied]);
-    assert_eq!(run(&other, &cg, &to_block, |_| {}), [Refused]);
+    assert_eq!(run(&approved, &cg, &to_block), [Denied]);
+    assert_eq!(run(&other, &cg, &to_block), [Refused]);
 }
 
 #[test]
@@ -379,26 +366,18 @@ fn an_audit_service_lets_out_of_scope_callers_through_and_reports_them() {
     let dir = TempDir::new("scope-audit-svc");
     let approved = probe_copy(&dir, "in-scope");
     let other = probe_copy(&dir, "other");
-    let mut c = compile(POLICY);
-    scope_rule(&mut c, "scoped", true);
-    c.scopes = one_key_scope(SCOPE_KEY_EXE);
-    c.scopes
-        .exe
-        .insert(exe_key(&approved).unwrap(), bits(&[0, 1]));
+    let c = exe_scoped(POLICY, "scoped", true, &approved);
     let cg = TestCgroup::new();
     let mut dp = load(&c);
     let mut ring = dp.take_events().unwrap();
     dp.attach(cg.path()).unwrap();
-    assert_eq!(run(&approved, &cg, &TO_SCOPED, |_| {}), [Refused]);
+    assert_eq!(run(&approved, &cg, &TO_SCOPED), [Refused]);
     assert_eq!(
-        run(&other, &cg, &TO_SCOPED, |_| {}),
+        run(&other, &cg, &TO_SCOPED),
         [Refused],
         "audit refuses nothing"
     );
-    let mut events = Vec::new();
-    while let Some(item) = ring.try_next() {
-        events.push(JsonEvent::from_raw(&item, &c, ""));
-    }
+    let events = events(&mut ring, &c);
     assert_eq!(events.len(), 1, "{events:#?}");
     assert_eq!(
         (events[0].event.as_str(), events[0].rule.as_str()),
@@ -412,9 +391,7 @@ fn a_policy_without_scopes_resolves_nothing_and_an_unknown_identity_matches_no_s
     let mut c = compile(POLICY);
     scope_rule(&mut c, "scoped", false);
     c.scopes = CompiledScopes::default();
-    let cg = TestCgroup::new();
-    let mut dp = load(&c);
-    dp.attach(cg.path()).unwrap();
+    let (cg, _dp) = enforced(&c);
     assert_eq!(
         egress_tests::probe(&cg, &[("tcp", "127.0.0.2:80")]),
         [Denied]
@@ -577,24 +554,8 @@ mode = "audit"
     for exe in [&approved, &other] {
         for (uid, gid) in [(0u32, 0u32), (65534, 65534), (0, 4242), (65534, 4242)] {
             for place in [&inside, &outside] {
-                let got = {
-                    let mut cmd = Command::new(exe);
-                    cmd.args(&calls);
-                    if uid != 0 {
-                        cmd.uid(uid);
-                    }
-                    cmd.gid(gid);
-                    let fd: std::os::fd::OwnedFd = std::fs::File::options()
-                        .write(true)
-                        .open(place.join("cgroup.procs"))
-                        .unwrap()
-                        .into();
-                    // SAFETY: one write(2) on an fd opened before fork.
-                    unsafe { cmd.pre_exec(move || egress::sys::cgroup::join_in_child(&fd)) };
-                    let out = ChildGuard::spawn(&mut cmd).output();
-                    assert!(out.status.success(), "{out:?}");
-                    verdicts(&out.stdout)
-                };
+                let uid_opt = (uid != 0).then_some(uid);
+                let got = run_as(exe, place, &calls, uid_opt, Some(gid));
                 let caller = egress_common::Caller {
                     exe: exe_key(exe).unwrap(),
                     uid,
@@ -678,27 +639,13 @@ fn every_selector_kind_judges_processes_started_before_the_policy() {
         inside.strip_prefix(&root).unwrap().display()
     );
     let go = dir.join("go");
-    let calls = |cmd: &mut Command| {
-        cmd.args(["wait-file", go.to_str().unwrap()]);
-        for i in 2..=5 {
-            cmd.args(["tcp", &format!("127.0.0.{i}:80")]);
-        }
-    };
+    let mut calls = vec!["wait-file", go.to_str().unwrap()];
+    let dsts: Vec<String> = (2..=5).map(|i| format!("127.0.0.{i}:80")).collect();
+    for d in &dsts {
+        calls.extend(["tcp", d.as_str()]);
+    }
     let start = |exe: &Path, uid: Option<u32>, gid: u32, place: &Path| {
-        let mut cmd = Command::new(exe);
-        calls(&mut cmd);
-        if let Some(u) = uid {
-            cmd.uid(u);
-        }
-        cmd.gid(gid);
-        let fd: std::os::fd::OwnedFd = std::fs::File::options()
-            .write(true)
-            .open(place.join("cgroup.procs"))
-            .unwrap()
-            .into();
-        // SAFETY: one write(2) on an fd opened before fork.
-        unsafe { cmd.pre_exec(move || egress::sys::cgroup::join_in_child(&fd)) };
-        ChildGuard::spawn(&mut cmd)
+        spawn_as(exe, &calls, uid, Some(gid), place)
     };
     let by_exe = start(&approved, None, 0, cg.path());
     let by_user = start(&probe, Some(65534), 65534, cg.path());
