@@ -487,8 +487,14 @@ impl Match {
                 rule_id: RULE_DEFAULT,
                 audit_rule: self.audit_block,
             },
+            // Refused by the default, unless an audit service's scope is what refused it.
+            false if self.audit_pass == 0 => Verdict {
+                allow: false,
+                rule_id: RULE_DEFAULT,
+                audit_rule: 0,
+            },
             false => Verdict {
-                allow: self.audit_pass != 0,
+                allow: true,
                 rule_id: RULE_DEFAULT,
                 audit_rule: if self.audit_block != 0 {
                     self.audit_block

@@ -357,7 +357,10 @@ fn evaluate_as_decides_like_the_kernel_on_a_grid() {
                     // What the entry does, written out.
                     let (allow, rule_id, audit_rule) = match (block, audit, inside) {
                         (true, false, true) => (false, 1, 0),
-                        (true, true, true) => (default_allow, RULE_DEFAULT, 1),
+                        // An audit block reports only a call that is let through.
+                        (true, true, true) => {
+                            (default_allow, RULE_DEFAULT, u32::from(default_allow))
+                        }
                         (false, _, true) => (true, 1, 0),
                         (false, true, false) if !default_allow => (true, RULE_DEFAULT, 1),
                         _ => (default_allow, RULE_DEFAULT, 0),
