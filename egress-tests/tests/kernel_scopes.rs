@@ -181,7 +181,12 @@ fn the_first_connect_after_exec_is_judged_as_the_new_program_a_thousand_times() 
             (&copy, Denied)
         };
         let got = run(exe, &cg, &TO_SCOPED, |_| {});
-        assert_eq!(got, [want.clone()], "round {i}: {}", exe.display());
+        assert_eq!(
+            got,
+            std::slice::from_ref(&want),
+            "round {i}: {}",
+            exe.display()
+        );
         if want == Refused {
             allowed += 1;
         } else {
@@ -273,11 +278,10 @@ fn a_cgroup_selector_admits_that_cgroup_and_everything_below_it() {
     let mut dp = load(&c);
     dp.attach(cg.path()).unwrap();
     let run_in = |dir: &Path| {
-        let out = egress_tests::Probe::new()
+        egress_tests::Probe::new()
             .cgroup(dir)
             .args(TO_SCOPED)
-            .verdicts();
-        out
+            .verdicts()
     };
     assert_eq!(run_in(&inside), [Refused]);
     assert_eq!(run_in(&deeper), [Refused], "below the named cgroup");
