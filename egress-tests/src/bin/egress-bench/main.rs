@@ -10,7 +10,9 @@
 //! 4. the event path: denied connects per second with an event each, and events lost;
 //! 5. DNS lookup latency through egress's proxy against the same lookup sent directly;
 //! 6. the connect decision with 100k live DNS grants against 100k approved CIDR prefixes, from
-//!    the kernel's own statistics of the program (5 and 6 in `names`).
+//!    the kernel's own statistics of the program (5 and 6 in `names`);
+//! 7. the decision with 1,000 scoped services over 100k prefixes against the same policy
+//!    unscoped, from the same statistics (`scopes`).
 //!
 //! Namespaces, cgroups and the processes it starts come from the test harness (`egress_tests`),
 //! so that the bench cleans up exactly as the tests do. `egress-bench client …` is its own timing
@@ -18,6 +20,7 @@
 //! (Over 500 lines: one benchmark harness, each measurement beside its baseline.)
 
 mod names;
+mod scopes;
 
 use std::{
     collections::BTreeMap,
@@ -48,6 +51,10 @@ struct Cli {
     /// Directory for results.json and results.md.
     #[arg(long, value_name = "DIR", default_value = "target/bench")]
     out: PathBuf,
+    /// Run one section alone and write SECTION.json and SECTION.md instead (for re-measuring a
+    /// section without the whole bench).
+    #[arg(long, value_enum, value_name = "SECTION")]
+    only: Option<Section>,
     #[command(subcommand)]
     helper: Option<Helper>,
 }
@@ -69,11 +76,18 @@ enum Helper {
         /// dns-udp: the name to look up.
         #[arg(long, default_value = "bench.example.test")]
         name: String,
-        /// udp-connect-many: how many of the bench's target addresses to connect to in turn
+        /// udp-connect-many, udp-sendto-many: how many of the bench's target addresses to connect to in turn
         /// (ADDR gives the port).
         #[arg(long, default_value_t = 1)]
         targets: usize,
     },
+}
+
+/// A section that can run alone (`--only`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    /// 7: scoped services against the same policy unscoped.
+    Scopes,
 }
 
 /// The calls the client times.
@@ -91,6 +105,8 @@ enum Mode {
     DnsUdp,
     /// connect() of one UDP socket to --targets addresses in turn, counting EPERM.
     UdpConnectMany,
+    /// sendto() from one unconnected UDP socket to --targets addresses in turn, counting EPERM.
+    UdpSendtoMany,
 }
 
 impl Mode {
@@ -136,8 +152,12 @@ fn client(
     let mut samples = Vec::with_capacity(iters);
     match mode {
         Mode::DnsUdp => samples = names::dns_client(addr, name, iters)?,
-        Mode::UdpConnectMany => {
-            let (times, denied) = names::connect_many(addr.port(), targets, iters)?;
+        Mode::UdpConnectMany | Mode::UdpSendtoMany => {
+            let (times, denied) = if mode == Mode::UdpConnectMany {
+                names::connect_many(addr.port(), targets, iters)?
+            } else {
+                scopes::sendto_many(addr.port(), targets, iters)?
+            };
             let l = Latency {
                 denied,
                 ..percentiles(times)
@@ -669,6 +689,7 @@ struct Results {
     events: EventRow,
     dns: names::DnsReport,
     grants: names::GrantReport,
+    scopes: scopes::ScopeReport,
 }
 
 fn machine() -> (String, String, usize) {
@@ -758,7 +779,56 @@ fn markdown(r: &Results) -> String {
         e.denies_per_sec.median, e.denies_per_sec.min, e.denies_per_sec.max, e.events_received, e.events_lost
     ));
     m.push_str(&names::markdown(&r.dns, &r.grants));
+    m.push_str(&scopes::markdown(&r.scopes));
     m
+}
+
+/// `--only scopes`: section 7 alone, into scopes.json and scopes.md.
+fn scopes_alone(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
+    let s = settings(quick);
+    let (kernel, cpu, cores) = machine();
+    let report = scopes::scope_cost(&s)?;
+    let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let md = format!(
+        "Run {when} on Linux {kernel}, {cpu} ({cores} cores){}. Medians of {} runs, [min–max] in brackets.\n{}",
+        if quick { ", quick mode" } else { "" },
+        s.reps,
+        scopes::markdown(&report)
+    );
+    fs::create_dir_all(&out_dir)?;
+    fs::write(
+        out_dir.join("scopes.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "when": when, "kernel": kernel, "cpu": cpu, "cores": cores, "quick": quick,
+            "scopes": report,
+        }))?,
+    )?;
+    fs::write(out_dir.join("scopes.md"), &md)?;
+    println!("{md}");
+    println!(
+        "(written to {}/scopes.json and scopes.md)",
+        out_dir.display()
+    );
+    Ok(())
+}
+
+/// The sizes, runs and iterations of a full or a quick run.
+fn settings(quick: bool) -> Settings {
+    if quick {
+        Settings {
+            quick,
+            reps: 3,
+            iters: 20_000,
+            sizes: vec![1_000, 10_000],
+        }
+    } else {
+        Settings {
+            quick,
+            reps: 5,
+            iters: 100_000,
+            sizes: vec![1_000, 10_000, 100_000, 1_000_000],
+        }
+    }
 }
 
 fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
@@ -777,21 +847,7 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     // The DNS benchmark runs the controller; fail now (saying how to build it), not after
     // minutes of the others.
     egress_tests::bins::egress();
-    let s = if quick {
-        Settings {
-            quick,
-            reps: 3,
-            iters: 20_000,
-            sizes: vec![1_000, 10_000],
-        }
-    } else {
-        Settings {
-            quick,
-            reps: 5,
-            iters: 100_000,
-            sizes: vec![1_000, 10_000, 100_000, 1_000_000],
-        }
-    };
+    let s = settings(quick);
     let (kernel, cpu, cores) = machine();
     let decision = decision_cost(&s)?;
     eprintln!("bench: TC accounting");
@@ -801,6 +857,7 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     let events = event_path(&s)?;
     let dns = names::dns_latency(&s)?;
     let grants = names::grant_cost(&s)?;
+    let scopes = scopes::scope_cost(&s)?;
     let results = Results {
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         kernel,
@@ -814,6 +871,7 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
         events,
         dns,
         grants,
+        scopes,
     };
     fs::create_dir_all(&out_dir)?;
     fs::write(
@@ -840,7 +898,10 @@ fn main() -> ExitCode {
             name,
             targets,
         }) => client(mode, addr, iters, &name, targets),
-        None => bench(cli.quick, cli.out),
+        None => match cli.only {
+            Some(Section::Scopes) => scopes_alone(cli.quick, cli.out),
+            None => bench(cli.quick, cli.out),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -865,6 +926,27 @@ mod tests {
     fn xtask_and_client_command_lines_parse() {
         let cli = Cli::try_parse_from(["egress-bench", "--out", "/tmp/b", "--quick"]).unwrap();
         assert!(cli.quick && cli.out == std::path::Path::new("/tmp/b") && cli.helper.is_none());
+        assert_eq!(cli.only, None);
+        let cli = Cli::try_parse_from(["egress-bench", "--only", "scopes"]).unwrap();
+        assert_eq!(cli.only, Some(Section::Scopes));
+        let cli = Cli::try_parse_from([
+            "egress-bench",
+            "client",
+            "udp-sendto-many",
+            "0.0.0.0:9",
+            "500",
+            "--targets",
+            "1000",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.helper,
+            Some(Helper::Client {
+                mode: Mode::UdpSendtoMany,
+                targets: 1_000,
+                ..
+            })
+        ));
         let cli = Cli::try_parse_from([
             "egress-bench",
             "client",
