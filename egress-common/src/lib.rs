@@ -456,6 +456,40 @@ pub struct Match {
 }
 const _: () = assert!(size_of::<Match>() == 16);
 
+/// [`RuleSet::scan_step`]'s classes of a rule.
+pub const STEP_NONE: u8 = 0;
+pub const STEP_DECIDES: u8 = 1;
+pub const STEP_AUDIT_BLOCK: u8 = 2;
+pub const STEP_AUDIT_PASS: u8 = 3;
+
+impl Match {
+    /// Takes rule `r`, of class `step`, into the match: true when it decides (the scan stops).
+    /// Only the first audit block and the first audit pass are kept.
+    #[inline(always)]
+    pub fn take(&mut self, r: &PortRule, step: u8) -> bool {
+        match step {
+            STEP_DECIDES => {
+                self.rule_id = r.rule_id;
+                self.block = r.action == ACTION_BLOCK;
+                true
+            }
+            STEP_AUDIT_BLOCK => {
+                if self.audit_block == 0 {
+                    self.audit_block = r.rule_id;
+                }
+                false
+            }
+            STEP_AUDIT_PASS => {
+                if self.audit_pass == 0 {
+                    self.audit_pass = r.rule_id;
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A verdict from a [`Match`] and the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Verdict {
@@ -532,58 +566,42 @@ impl RuleSet {
     }
 
     /// [`RuleSet::first_match`] into `m` (which must start as `Match::default()`): every rule
-    /// in order through [`RuleSet::scan_step`] until one decides. The datapath runs the same
-    /// steps under `bpf_loop`, whose callback the verifier walks once instead of once per rule.
+    /// in order, classified by [`RuleSet::scan_step`] and taken into `m` by [`Match::take`],
+    /// until one decides. The datapath runs the same steps under `bpf_loop`.
     #[inline(always)]
     pub fn scan_into(&self, port: u16, ipproto: u8, scopes: &ScopeBits, m: &mut Match) {
         let bit = proto_bit(ipproto);
         let mut i = 0;
         while i < MAX_PORT_RULES && i < self.len as usize {
-            if self.scan_step(i, port, bit, scopes, m) {
+            if m.take(&self.rules[i], self.scan_step(i, port, bit, scopes)) {
                 return;
             }
             i += 1;
         }
     }
 
-    /// Rule `i` of the scan (`bit` the protocol's `PROTO_*` bit): true when it decides (`m`
-    /// then names it). A rule matches when its protocol bit and port range fit and the caller is
-    /// in its scope; an enforced match or an in-scope audit service decides; an in-scope audit
-    /// block, or an audit service whose scope leaves the caller out, is noted in `m` (the first
-    /// of each) and the scan goes on.
+    /// What rule `i` is to this call (`bit` the protocol's `PROTO_*` bit): `STEP_NONE` (it does
+    /// not match: its protocol, port range or scope leaves the call out), `STEP_DECIDES` (an
+    /// enforced match, or an in-scope audit service), `STEP_AUDIT_BLOCK` (an in-scope audit
+    /// block: noted, the scan goes on) or `STEP_AUDIT_PASS` (an audit service whose scope leaves
+    /// the caller out: noted, the scan goes on). Reads nothing but the rule and the caller.
     #[inline(always)]
-    pub fn scan_step(
-        &self,
-        i: usize,
-        port: u16,
-        bit: u8,
-        scopes: &ScopeBits,
-        m: &mut Match,
-    ) -> bool {
+    pub fn scan_step(&self, i: usize, port: u16, bit: u8, scopes: &ScopeBits) -> u8 {
         let Some(r) = self.rules.get(i) else {
-            return true;
+            return STEP_NONE;
         };
         if r.proto_mask & bit == 0 || r.port_lo > port || port > r.port_hi {
-            return false;
+            return STEP_NONE;
         }
         let block = r.action == ACTION_BLOCK;
         let audit = r.flags & RULE_F_AUDIT != 0;
         let inside = r.scope == 0 || scopes.has(r.scope);
-        if inside && !(audit && block) {
-            m.rule_id = r.rule_id;
-            m.block = block;
-            return true;
+        match (inside, audit, block) {
+            (true, true, true) => STEP_AUDIT_BLOCK,
+            (true, _, _) => STEP_DECIDES,
+            (false, true, false) => STEP_AUDIT_PASS,
+            (false, _, _) => STEP_NONE,
         }
-        if audit && inside == block {
-            if block {
-                if m.audit_block == 0 {
-                    m.audit_block = r.rule_id;
-                }
-            } else if m.audit_pass == 0 {
-                m.audit_pass = r.rule_id;
-            }
-        }
-        false
     }
 
     /// The TC program's scan: the first rule whose `tc_mask` has the protocol's bit and whose
@@ -723,13 +741,13 @@ pub fn resolve_scopes<T: ScopeTables, A: Fn(u32) -> u64>(
 ) -> ScopeBits {
     let mut bits = ScopeBits::ALL;
     if keys & (1 << SCOPE_KEY_EXE) != 0 {
-        admit(&mut bits, t.exe(&caller.exe), t.default_of(SCOPE_KEY_EXE));
+        admit(&mut bits, t.exe(&caller.exe), t, SCOPE_KEY_EXE);
     }
     if keys & (1 << SCOPE_KEY_UID) != 0 {
-        admit(&mut bits, t.uid(caller.uid), t.default_of(SCOPE_KEY_UID));
+        admit(&mut bits, t.uid(caller.uid), t, SCOPE_KEY_UID);
     }
     if keys & (1 << SCOPE_KEY_GID) != 0 {
-        admit(&mut bits, t.gid(caller.gid), t.default_of(SCOPE_KEY_GID));
+        admit(&mut bits, t.gid(caller.gid), t, SCOPE_KEY_GID);
     }
     if keys & (1 << SCOPE_KEY_CGROUP) != 0 {
         let mut cg = ScopeBits::default();
@@ -754,11 +772,11 @@ pub fn resolve_scopes<T: ScopeTables, A: Fn(u32) -> u64>(
     bits
 }
 
-/// `bits &= found`, or the key's default when the value is not in its table (nothing when
-/// neither is there).
+/// `bits &= found`, or the key's default when the value is not in its table (looked up only
+/// then; nothing when neither is there).
 #[inline(always)]
-fn admit(bits: &mut ScopeBits, found: Option<&ScopeBits>, default: Option<&ScopeBits>) {
-    match found.or(default) {
+fn admit<T: ScopeTables>(bits: &mut ScopeBits, found: Option<&ScopeBits>, t: &T, key: u32) {
+    match found.or_else(|| t.default_of(key)) {
         Some(b) => bits.and(b),
         None => *bits = ScopeBits::default(),
     }

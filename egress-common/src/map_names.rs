@@ -35,11 +35,8 @@ pub const SCOPE_CG: [&str; 2] = ["SCOPE_CG_0", "SCOPE_CG_1"];
 /// The scope tables' defaults.
 pub const SCOPE_DEF: &str = "SCOPE_DEF";
 
-/// Per-CPU scratch of the rule scan.
-pub const SCAN: &str = "SCAN";
-
 /// Every map of the object.
-pub const ALL: [&str; 29] = [
+pub const ALL: [&str; 28] = [
     POLICY_V4[0],
     POLICY_V4[1],
     POLICY_V6[0],
@@ -68,5 +65,4 @@ pub const ALL: [&str; 29] = [
     SCOPE_CG[0],
     SCOPE_CG[1],
     SCOPE_DEF,
-    SCAN,
 ];

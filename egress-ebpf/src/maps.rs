@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, DnsOrig, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Match,
-    Owner, PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
+    BlockKey, BlockValue, Config, DnsOrig, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
+    PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
 };
 
 // The policy is double-buffered so that a reload is atomic: the controller fills the inactive
@@ -168,8 +168,3 @@ pub static SCOPE_CG_1: HashMap<u64, ScopeBits> =
 /// the key's table admits.
 #[map]
 pub static SCOPE_DEF: Array<ScopeBits> = Array::with_max_entries(8, 0);
-
-/// Scratch for one rule scan's result and audit notes (`RuleSet::scan_into`), per CPU: kept in
-/// map memory so that the verifier walks a scan with and without notes once.
-#[map]
-pub static SCAN: PerCpuArray<Match> = PerCpuArray::with_max_entries(1, 0);

@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use egress_common::{
     BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config, MAX_PORT_RULES,
-    Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, ScopeBits, embedded_v4,
-    is_loopback_v4, is_loopback_v6, proto_bit,
+    Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, STEP_AUDIT_BLOCK, STEP_AUDIT_PASS,
+    STEP_DECIDES, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6, proto_bit,
 };
 
 use crate::maps::{
     ACTIVE, BLOCK_TREE, BLOCKED, CONFIG, POLICY_V4_0, POLICY_V4_1, POLICY_V6_0, POLICY_V6_1,
-    RULESETS_0, RULESETS_1, SCAN,
+    RULESETS_0, RULESETS_1,
 };
 
 /// The outcome of a policy lookup.
@@ -148,58 +148,97 @@ fn decide_set<const TC: bool>(
     verdict(scan(set, port, ipproto, scopes), cfg)
 }
 
-/// What the scan's `bpf_loop` callback works on (on the caller's stack).
+/// What the scan's `bpf_loop` callback reads (on the caller's stack; it writes nothing).
 #[repr(C)]
 struct ScanCtx {
     set: *const RuleSet,
     scopes: *const ScopeBits,
-    m: *mut Match,
+    /// The rule the loop's index 0 is.
+    start: u32,
     port: u16,
     bit: u8,
-    _pad: [u8; 5],
+    /// What was noted so far: bit 0 an audit block, bit 1 an audit pass (`Match::take` keeps
+    /// only the first of each, so the loop need not stop at another).
+    noted: u8,
 }
 
-/// One rule of the scan, as a `bpf_loop` callback: 1 stops the loop.
+/// One rule of the scan, as a `bpf_loop` callback: 1 (stop) at a rule the scan must take.
 #[inline(never)]
 extern "C" fn scan_callback(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `ScanCtx` `scan` passed, alive for the whole loop; its pointers are
     // a map value and the caller's stack.
     let c = unsafe { &*(ctx as *const ScanCtx) };
-    let (set, scopes, m) = unsafe { (&*c.set, &*c.scopes, &mut *c.m) };
-    i64::from(set.scan_step(i as usize, c.port, c.bit, scopes, m))
+    let (set, scopes) = unsafe { (&*c.set, &*c.scopes) };
+    let step = set.scan_step(c.start as usize + i as usize, c.port, c.bit, scopes);
+    i64::from(stops(step, c.noted))
 }
 
-/// `RuleSet::first_match` for the hooks: the same steps (`RuleSet::scan_step`), driven by
-/// `bpf_loop` so that the verifier walks one rule, not 64, per call site (an unrolled scan with
-/// scopes and audit notes tripled the hooks' verification). The result lives in a per-CPU
-/// scratch value.
+/// Whether the scan stops at a rule of class `step`: at the deciding rule, and at an audit
+/// note of a kind not noted yet.
+#[inline(always)]
+fn stops(step: u8, noted: u8) -> bool {
+    match step {
+        STEP_DECIDES => true,
+        STEP_AUDIT_BLOCK => noted & 1 == 0,
+        STEP_AUDIT_PASS => noted & 2 == 0,
+        _ => false,
+    }
+}
+
+/// `RuleSet::first_match` for the hooks: the same steps (`RuleSet::scan_step`, `Match::take`),
+/// with the rules walked by `bpf_loop`, so that the verifier walks one rule, not 64, per call
+/// site (an unrolled scan with scopes and audit notes tripled the hooks' verification). The
+/// callback only reads: it stops the loop at the next rule to take, which this frame takes,
+/// then goes on after it (at most three loops: an audit block, an audit pass, the decision).
+/// Nothing is written outside this frame, so nothing is shared with a task that preempts this
+/// one.
 #[inline(always)]
 pub fn scan(set: &RuleSet, port: u16, ipproto: u8, scopes: &ScopeBits) -> Match {
-    let Some(m) = SCAN.get_ptr_mut(0) else {
-        return Match::default();
-    };
-    // SAFETY: this CPU's slot; programs do not migrate while they run.
-    unsafe { *m = Match::default() };
+    let mut m = Match::default();
+    let len = (set.len as usize).min(MAX_PORT_RULES) as u32;
     let mut ctx = ScanCtx {
         set,
         scopes,
-        m,
+        start: 0,
         port,
         bit: proto_bit(ipproto),
-        _pad: [0; 5],
+        noted: 0,
     };
-    let n = (set.len as usize).min(MAX_PORT_RULES) as u32;
-    // SAFETY: a static callback and a context on this stack, as bpf_loop requires. Should the
-    // helper fail, `m` says nothing decided: the default verdict (fail-closed under deny).
-    unsafe {
-        bpf_loop(
-            n,
-            scan_callback as *mut c_void,
-            &mut ctx as *mut ScanCtx as *mut c_void,
-            0,
-        );
-        *m
+    let mut round = 0;
+    while round < 3 {
+        if ctx.start >= len {
+            break;
+        }
+        // SAFETY: a static callback and a context on this stack, as bpf_loop requires.
+        let done = unsafe {
+            bpf_loop(
+                len - ctx.start,
+                scan_callback as *mut c_void,
+                &mut ctx as *mut ScanCtx as *mut c_void,
+                0,
+            )
+        };
+        // The loop ran `done` rules: the last is where it stopped, if it stopped. A failing
+        // helper (negative) takes nothing: the default verdict (fail-closed under deny).
+        if done <= 0 {
+            break;
+        }
+        let at = ctx.start as usize + done as usize - 1;
+        let Some(r) = set.rules.get(at) else {
+            break;
+        };
+        let step = set.scan_step(at, port, ctx.bit, scopes);
+        if !stops(step, ctx.noted) {
+            break;
+        }
+        if m.take(r, step) {
+            break;
+        }
+        ctx.noted = u8::from(m.audit_block != 0) | (u8::from(m.audit_pass != 0) << 1);
+        ctx.start = at as u32 + 1;
+        round += 1;
     }
+    m
 }
 
 /// The decision of a scan, with the policy's default.

@@ -417,10 +417,13 @@ fn verification_cost_of_every_program_stays_within_its_budget() {
     ]) {
         let n = dp.run_stats(name).unwrap().verified_insns;
         report.push(format!("{name}: {n}"));
-        // Measured on 6.18 with scopes: connect4 494k, connect6 577k, tc_egress 468k. The
-        // ceilings leave room, and catch a change that doubles a walk.
+        // Measured on 6.18 with scopes (the hooks' scan under bpf_loop, its callback only
+        // reading; see egress-ebpf policy.rs `scan`): connect4 389k, connect6 204k, tc_egress
+        // 468k (before scopes: 163k, 158k, 621k; an unrolled scan with scopes and audit notes
+        // in registers took the hooks to 494k-950k). The ceilings leave room, and catch a change
+        // that doubles a walk.
         let ceiling = if egress::datapath::HOOKS[..4].contains(name) {
-            700_000
+            600_000
         } else {
             900_000
         };
@@ -532,6 +535,20 @@ ports = [80]
 protocols = ["tcp"]
 cgroups = ["{inside_rel}"]
 mode = "audit"
+
+[[block]]
+name = "audit-block-10"
+destinations = ["127.0.0.10"]
+executables = ["{approved}"]
+mode = "audit"
+
+[[service]]
+name = "audit-svc-10"
+destinations = ["127.0.0.10"]
+ports = [80]
+protocols = ["tcp"]
+cgroups = ["{inside_rel}"]
+mode = "audit"
 "#,
         approved = approved.display()
     );
@@ -540,7 +557,7 @@ mode = "audit"
     let mut dp = load(&c);
     let mut ring = dp.take_events().unwrap();
     dp.attach(cg.path()).unwrap();
-    let dsts: Vec<String> = (2..=9).map(|i| format!("127.0.0.{i}")).collect();
+    let dsts: Vec<String> = (2..=10).map(|i| format!("127.0.0.{i}")).collect();
     let mut calls = Vec::new();
     for d in &dsts {
         calls.push("tcp".to_string());
@@ -588,9 +605,10 @@ mode = "audit"
         }
     }
     assert_eq!(cells, 2 * 4 * 2 * dsts.len());
-    // Each scoped destination splits the callers (the audit ones, .7 and .9, refuse no one).
+    // Each scoped destination splits the callers (the audit ones, .7, .9 and .10 (an audit
+    // block and an audit service in one rule set: two notes), refuse no one).
     for (i, (d, (allowed, denied))) in dsts.iter().zip(&outcomes).enumerate() {
-        if d.ends_with(".7") || d.ends_with(".9") {
+        if d.ends_with(".7") || d.ends_with(".9") || d.ends_with(".10") {
             assert_eq!(*denied, 0, "{d}");
         } else {
             assert!(
@@ -605,7 +623,7 @@ mode = "audit"
     while let Some(item) = ring.try_next() {
         let ev = JsonEvent::from_raw(&item, &c, "");
         if ev.event == "audit" {
-            assert!(ev.rule == "audit-block" || ev.rule == "audit-svc", "{ev:?}");
+            assert!(ev.rule.starts_with("audit-"), "{ev:?}");
             audits += 1;
         }
     }
