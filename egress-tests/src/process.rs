@@ -75,12 +75,23 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Spawns `cmd` with stdout and stderr piped (and collected); panics when it cannot start.
+    ///
+    /// An executable the test has just written (a copy of the probe) can fail to start with
+    /// `ETXTBSY` for a moment: a child another test thread forked meanwhile still holds the
+    /// written file's descriptor until it execs. That is retried, for up to a second.
     pub fn spawn(cmd: &mut Command) -> ChildGuard {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("spawning {cmd:?}: {e}"),
+            }
+        };
         let stdout = child.stdout.take().map(Captured::new);
         let stderr = child.stderr.take().map(Captured::new);
         ChildGuard {
