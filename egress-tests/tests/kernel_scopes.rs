@@ -695,3 +695,67 @@ fn every_selector_kind_judges_processes_started_before_the_policy() {
     assert_eq!(got(nobody), [Denied, Denied, Denied, Denied], "in no scope");
     let _ = std::fs::remove_dir(&inside);
 }
+
+#[test]
+fn pod_selectors_follow_pods_as_their_cgroups_come_and_go_without_a_reload() {
+    // Two kubelet-shaped pod cgroups under the test cgroup, each with a container cgroup. The
+    // policy approves 127.0.0.2:80 for pods labelled app=api in namespace payments; which pods
+    // those are is only known at run time: the controller writes their pod-level cgroups into
+    // the scope table in force (`Datapath::set_cgroup_scopes`).
+    let cg = TestCgroup::new();
+    let root = egress::sys::cgroup::cgroup2_root().unwrap();
+    let pod = |name: &str| {
+        let p = cg.path().join("kubepods.slice").join(name);
+        std::fs::create_dir_all(p.join("cri-containerd-0123.scope")).unwrap();
+        p
+    };
+    let api = pod("kubepods-podaaaa.slice");
+    let db = pod("kubepods-podbbbb.slice");
+    let text = POLICY.replace(
+        "[[service]]\nname = \"open\"",
+        "pods = { namespace = \"payments\", labels = { app = \"api\" } }\n\n[[service]]\nname = \"open\"",
+    );
+    let c = compile(&text);
+    assert_eq!(c.scopes.pod_scopes.len(), 1);
+    let mut dp = load(&c);
+    dp.attach(cg.path()).unwrap();
+    let in_container = |p: &Path| {
+        run_as(
+            &bins::probe(),
+            &p.join("cri-containerd-0123.scope"),
+            &TO_SCOPED,
+            None,
+            None,
+        )
+    };
+    assert_eq!(in_container(&api), [Denied], "no pod known yet");
+    let labels = |app: &str| -> std::collections::BTreeMap<String, String> {
+        [("app".to_string(), app.to_string())].into()
+    };
+    let (api_labels, db_labels) = (labels("api"), labels("db"));
+    let level = |p: &Path| p.strip_prefix(&root).unwrap().components().count() as u32;
+    let id = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let known = |pods: &[(&Path, &std::collections::BTreeMap<String, String>)]| {
+        let (entries, levels) = c
+            .scopes
+            .pod_entries(pods.iter().map(|(p, l)| ("payments", *l, id(p), level(p))));
+        c.scopes.with_pods(&entries, levels)
+    };
+    dp.set_cgroup_scopes(&known(&[(&api, &api_labels), (&db, &db_labels)]))
+        .unwrap();
+    assert_eq!(in_container(&api), [Refused], "the api pod, once known");
+    assert_eq!(in_container(&db), [Denied], "another pod");
+    assert_eq!(
+        run(&bins::probe(), &cg, &TO_SCOPED),
+        [Denied],
+        "outside any pod"
+    );
+    // The pod goes (or its labels change): out of scope at once.
+    dp.set_cgroup_scopes(&known(&[(&db, &db_labels)])).unwrap();
+    assert_eq!(in_container(&api), [Denied], "the api pod, once gone");
+    for p in [&api, &db] {
+        let _ = std::fs::remove_dir(p.join("cri-containerd-0123.scope"));
+        let _ = std::fs::remove_dir(p);
+    }
+    let _ = std::fs::remove_dir(cg.path().join("kubepods.slice"));
+}

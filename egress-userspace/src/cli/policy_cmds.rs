@@ -33,13 +33,27 @@ pub struct CallerArgs {
     #[arg(long, value_name = "NAME|GID")]
     group: Option<String>,
     /// The caller's cgroup: relative to the cgroup2 root, or absolute under it.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "pod_namespace")]
     cgroup: Option<PathBuf>,
+    /// The caller is in a pod of this namespace (for `pods` selectors; with `--pod-label`).
+    #[arg(long = "pod-namespace", value_name = "NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// A label of the caller's pod, `KEY=VALUE` (repeatable).
+    #[arg(
+        long = "pod-label",
+        value_name = "KEY=VALUE",
+        requires = "pod_namespace"
+    )]
+    pod_labels: Vec<String>,
 }
 
 impl CallerArgs {
     fn given(&self) -> bool {
-        self.exe.is_some() || self.user.is_some() || self.group.is_some() || self.cgroup.is_some()
+        self.exe.is_some()
+            || self.user.is_some()
+            || self.group.is_some()
+            || self.cgroup.is_some()
+            || self.pod_namespace.is_some()
     }
 
     /// The scopes of this caller under `compiled`, with the same resolution as the hooks.
@@ -75,7 +89,25 @@ impl CallerArgs {
             }
             None => Vec::new(),
         };
-        Ok(compiled.scopes.resolve(&caller, &ancestors))
+        let Some(namespace) = &self.pod_namespace else {
+            return Ok(compiled.scopes.resolve(&caller, &ancestors));
+        };
+        // A pod as the controller sees one: its pod-level cgroup (a stand-in id, at level 1)
+        // joins the cgroup table with the scopes its namespace and labels select.
+        let mut labels = std::collections::BTreeMap::new();
+        for l in &self.pod_labels {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--pod-label {l}: expected KEY=VALUE"))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        const POD_CGROUP: u64 = u64::MAX - 1;
+        let (entries, levels) =
+            compiled
+                .scopes
+                .pod_entries([(namespace.as_str(), &labels, POD_CGROUP, 1)]);
+        let scopes = compiled.scopes.with_pods(&entries, levels);
+        Ok(scopes.resolve(&caller, &[0, POD_CGROUP]))
     }
 }
 

@@ -210,6 +210,32 @@ impl Maps {
         self.set_config(buf, config)
     }
 
+    /// Makes the `SCOPE_CG` table of buffer `buf` hold exactly `table`, in place: new and
+    /// changed entries first, then the ones gone, each write atomic for a reader (for the
+    /// buffer in force: the cgroups of pods that come and go).
+    pub fn update_cgroup_scopes(
+        &mut self,
+        buf: u32,
+        table: &std::collections::BTreeMap<u64, ScopeBits>,
+    ) -> Result<(), DatapathError> {
+        let name = map_names::SCOPE_CG[buf as usize];
+        let map = &mut self.buffers[buf as usize].scope_cg;
+        for (k, v) in table {
+            if map.get(k, 0).ok().as_ref() != Some(v) {
+                map.insert(k, v, 0).map_err(err(name))?;
+            }
+        }
+        let gone: Vec<u64> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !table.contains_key(k))
+            .collect();
+        for k in &gone {
+            let _ = map.remove(k);
+        }
+        Ok(())
+    }
+
     /// Fills the scope tables of buffer `buf` (cleared first) and its defaults.
     fn write_scopes(&mut self, buf: u32, s: &CompiledScopes) -> Result<(), DatapathError> {
         let i = buf as usize;

@@ -449,6 +449,21 @@ impl Datapath {
         self.config.generation
     }
 
+    /// Brings the scope tables in force up to date with `scopes` (the compiled tables with the
+    /// pods of the moment, `CompiledScopes::with_pods`): the buffer in force's `SCOPE_CG` and
+    /// its cgroup levels, without a reload. A pod's cgroup becomes in scope for its selectors
+    /// from here on; one gone leaves them.
+    pub fn set_cgroup_scopes(
+        &mut self,
+        scopes: &crate::policy::scopes::CompiledScopes,
+    ) -> Result<(), DatapathError> {
+        self.active = self.maps.active()?;
+        // Levels first (a level with no entry yet costs a lookup, nothing else), then entries.
+        self.config.scope_cg_levels = scopes.cg_levels;
+        self.maps.set_config(self.active, self.config)?;
+        self.maps.update_cgroup_scopes(self.active, &scopes.cgroup)
+    }
+
     /// The config in force: generation, mode, default verdict, loopback.
     pub fn config(&self) -> Config {
         self.config

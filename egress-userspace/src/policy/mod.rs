@@ -32,6 +32,7 @@ pub mod explain;
 pub mod hosts;
 pub mod names;
 mod parse;
+pub mod pods;
 pub mod resolve;
 pub mod scopes;
 pub mod selectors;

@@ -93,6 +93,9 @@ struct RawRule {
     groups: Option<RawList>,
     #[serde(default)]
     cgroups: Option<RawList>,
+    /// Pod selectors (`pods`): one table or a list of tables.
+    #[serde(default)]
+    pods: Option<Spanned<super::pods::RawPods>>,
     /// Per entry: `"audit"` reports what the entry would refuse and refuses nothing.
     #[serde(default)]
     mode: Option<Mode>,
@@ -392,7 +395,9 @@ fn rule(
             "icmp has no ports: expected \"tcp\" or \"udp\" in `protocols`, or no `ports`".into(),
         ));
     }
-    let selectors = sets.selectors(src, entry, [r.executables, r.users, r.groups, r.cgroups])?;
+    let mut selectors =
+        sets.selectors(src, entry, [r.executables, r.users, r.groups, r.cgroups])?;
+    selectors.pods = super::pods::pod_selectors(src, entry, r.pods)?;
     Ok(Rule {
         kind,
         name,

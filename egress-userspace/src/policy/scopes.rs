@@ -21,7 +21,7 @@ use egress_common::{
 
 use super::{
     Principal, Protocol, Rule, RuleKind, Written, compile::CompileError, error::one_line,
-    resolve::Resolver,
+    pods::PodSelector, resolve::Resolver,
 };
 
 /// The scope tables of one policy: what the `SCOPE_EXE`, `SCOPE_UID`, `SCOPE_GID`, `SCOPE_CG`
@@ -45,6 +45,10 @@ pub struct CompiledScopes {
     pub exe_paths: Vec<(PathBuf, ExeKey)>,
     /// The cgroups the policy names (relative to the cgroup2 root), with their ids.
     pub cgroup_paths: Vec<(String, u64)>,
+    /// The scopes that select pods (`pods`), with their selectors (any matches): the pod-level
+    /// cgroups of the matching pods join the `cgroup` table as pods come and go
+    /// ([`CompiledScopes::pod_entries`]). Until then no pod is in them.
+    pub pod_scopes: Vec<(u32, Vec<PodSelector>)>,
 }
 
 impl ScopeTables for CompiledScopes {
@@ -66,6 +70,42 @@ impl ScopeTables for CompiledScopes {
 }
 
 impl CompiledScopes {
+    /// The `cgroup` table entries and cgroup levels of the pods `pods` (namespace, labels, the
+    /// pod-level cgroup's id and level): each matching pod's cgroup admits the scopes whose
+    /// selectors it matches. Pure: the controller feeds it from the pod watch.
+    pub fn pod_entries<'a>(
+        &self,
+        pods: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>, u64, u32)>,
+    ) -> (BTreeMap<u64, ScopeBits>, u32) {
+        let mut entries: BTreeMap<u64, ScopeBits> = BTreeMap::new();
+        let mut levels = 0u32;
+        if self.pod_scopes.is_empty() {
+            return (entries, levels);
+        }
+        for (namespace, labels, cgroup, level) in pods {
+            for (id, selectors) in &self.pod_scopes {
+                if selectors.iter().any(|s| s.matches(namespace, labels)) {
+                    entries.entry(cgroup).or_default().set(*id);
+                    if (1..32).contains(&level) {
+                        levels |= 1 << level;
+                    }
+                }
+            }
+        }
+        (entries, levels)
+    }
+
+    /// These tables with the pods' entries (from [`CompiledScopes::pod_entries`]) added: what
+    /// a buffer is filled with while pods are known.
+    pub fn with_pods(&self, entries: &BTreeMap<u64, ScopeBits>, levels: u32) -> CompiledScopes {
+        let mut out = self.clone();
+        for (cgroup, bits) in entries {
+            out.cgroup.entry(*cgroup).or_default().or(bits);
+        }
+        out.cg_levels |= levels;
+        out
+    }
+
     /// The scopes `caller` is in; `ancestors[level]` is its cgroup's ancestor at each level
     /// (index 0 the root).
     pub fn resolve(&self, caller: &Caller, ancestors: &[u64]) -> ScopeBits {
@@ -83,6 +123,7 @@ struct Tuple {
     uids: BTreeSet<u32>,
     gids: BTreeSet<u32>,
     cgroups: BTreeSet<u64>,
+    pods: BTreeSet<PodSelector>,
 }
 
 impl Tuple {
@@ -92,7 +133,7 @@ impl Tuple {
             SCOPE_KEY_EXE => !self.exes.is_empty(),
             SCOPE_KEY_UID => !self.uids.is_empty(),
             SCOPE_KEY_GID => !self.gids.is_empty(),
-            _ => !self.cgroups.is_empty(),
+            _ => !self.cgroups.is_empty() || !self.pods.is_empty(),
         }
     }
 }
@@ -170,7 +211,17 @@ pub fn compile_scopes(
                 ),
             ));
         }
-        let mut t = Tuple::default();
+        if let (Some(c), false) = (sel.cgroups.first(), sel.pods.is_empty()) {
+            return Err(value_error(
+                file,
+                c,
+                "an entry names either `cgroups` or `pods`, not both: a pod is a cgroup, and both would have to hold at once (split the entry)".into(),
+            ));
+        }
+        let mut t = Tuple {
+            pods: sel.pods.iter().map(|w| w.value.clone()).collect(),
+            ..Tuple::default()
+        };
         for w in &sel.executables {
             let key = resolver
                 .executable(&w.value)
@@ -221,6 +272,11 @@ pub fn compile_scopes(
         scope_of.push(id);
     }
     fill_tables(&mut out, &tuples);
+    out.pod_scopes = (1u32..)
+        .zip(&tuples)
+        .filter(|(_, t)| !t.pods.is_empty())
+        .map(|(id, t)| (id, t.pods.iter().cloned().collect()))
+        .collect();
     Ok((scope_of, out))
 }
 

@@ -66,6 +66,9 @@ pub struct Selectors {
     /// Paths relative to the cgroup2 root, normalized (`system.slice/backup.service`): that
     /// cgroup and everything below it.
     pub cgroups: Vec<Written<String>>,
+    /// Pod selectors (`pods`): the pod-level cgroups of the pods on this node that match one,
+    /// followed as pods come and go.
+    pub pods: Vec<Written<super::pods::PodSelector>>,
 }
 
 impl Selectors {
@@ -75,6 +78,7 @@ impl Selectors {
             && self.users.is_empty()
             && self.groups.is_empty()
             && self.cgroups.is_empty()
+            && self.pods.is_empty()
     }
 }
 
