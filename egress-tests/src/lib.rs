@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod controller;
 pub mod dns;
 pub mod events;
+pub mod kubeapi;
 pub mod netns;
 pub mod probe;
 pub mod process;

@@ -69,6 +69,10 @@ pub struct JsonEvent {
     /// The name this cgroup learned `dst` from through the DNS proxy, when it did.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub host: Option<String>,
+    /// The pod, container and node of the sender's cgroup, when it is a known pod's (absent
+    /// otherwise).
+    #[serde(flatten, default)]
+    pub pod: crate::kube::PodMeta,
     /// Policy generation in force.
     pub generation: u32,
     /// Content hash of that policy (see `egress status`).
@@ -112,6 +116,7 @@ impl JsonEvent {
             v4_mapped: ev.v4_mapped != 0,
             rule,
             host: None,
+            pod: crate::kube::PodMeta::default(),
             policy_hash: policy_hash.to_string(),
             generation: ev.generation,
         }
@@ -204,6 +209,8 @@ pub struct EventStream<W> {
     hosts: Option<Arc<crate::dns::grants::KernelGrants>>,
     /// The senders' executables, for `exe`.
     exes: ExeCache,
+    /// This node's pods, for `namespace`, `pod`, `container`, `node`.
+    pods: Option<crate::kube::Pods>,
 }
 
 /// Records written per [`EventStream::drain`] call.
@@ -227,6 +234,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             pending: false,
             hosts: None,
             exes: ExeCache::default(),
+            pods: None,
         };
         stream.set_names(generation, names, hash);
         stream
@@ -251,8 +259,13 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         // One look at /proc per sender per batch: a flood of denies from one process reads it
         // once.
         let mut exes: HashMap<u32, Option<String>> = HashMap::new();
+        let pods = self.pods.clone();
+        let index = pods.as_ref().map(crate::kube::Pods::read);
         while let Some(ev) = self.ring.try_next() {
             let mut json = self.to_json(&ev);
+            if let Some(index) = &index {
+                json.pod = crate::kube::PodMeta::of(index, ev.cgroup_id).unwrap_or_default();
+            }
             json.exe = exes
                 .entry(ev.tgid)
                 .or_insert_with(|| self.exes.resolve(&Procfs, ev.tgid, ev.ts_ns))
@@ -279,6 +292,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
                 break;
             }
         }
+        drop(index);
         if !buf.is_empty() {
             self.out.write_all(&buf).await?;
             self.out.flush().await?;
@@ -314,6 +328,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// Where deny events find the name their destination was learned from (`host`).
     pub fn set_hosts(&mut self, hosts: Option<Arc<crate::dns::grants::KernelGrants>>) {
         self.hosts = hosts;
+    }
+
+    /// Where deny events find the pod of their cgroup (`--kubernetes`).
+    pub fn set_pods(&mut self, pods: Option<crate::kube::Pods>) {
+        self.pods = pods;
     }
 
     /// Names the rules of events of a new policy generation (after a reload).

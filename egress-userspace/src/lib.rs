@@ -8,7 +8,8 @@
 //! control socket), `webhook`. The `controller` runs `run` and `exec` on top of all of it;
 //! `sys` is the host (cgroup2, interfaces, /proc, the boot clock). `dns` is the DNS proxy of
 //! approved names: it matches queries with `policy::names` and hands the addresses it learns to a
-//! grant sink before it replies.
+//! grant sink before it replies. `kube` is pod awareness on Kubernetes nodes: this node's pods
+//! from the API server, and which pod a cgroup belongs to, for the reports.
 
 pub mod accounting;
 pub mod alerts;
@@ -18,6 +19,7 @@ pub mod controller;
 pub mod datapath;
 pub mod dns;
 pub mod events;
+pub mod kube;
 pub mod metrics;
 pub mod policy;
 pub mod report;

@@ -284,6 +284,7 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
         owners_full,
     );
     register_dns(&mut reg, report);
+    crate::kube::register_metrics(&mut reg, &report.pods);
     let mut out = String::new();
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
@@ -521,6 +522,7 @@ mod tests {
             gid: None,
             ppid: None,
             cgroup_id: 0,
+            pod: Default::default(),
             unattributed: pid == 0,
             alive: true,
             bytes,

@@ -40,6 +40,10 @@ pub struct StatsReport {
     /// The DNS proxy, while the policy uses names (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dns: Option<DnsStatus>,
+    /// Bytes sent per pod of this node, pods that still exist only (`--kubernetes`; absent
+    /// otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub pods: Vec<crate::kube::PodTotals>,
 }
 
 /// A byte-budget block in force.

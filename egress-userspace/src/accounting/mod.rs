@@ -52,6 +52,10 @@ pub struct ProcTotals {
     pub gid: Option<u32>,
     pub ppid: Option<u32>,
     pub cgroup_id: u64,
+    /// The pod, container and node of `cgroup_id`, when it is a known pod's (filled in by the
+    /// controller; absent otherwise).
+    #[serde(flatten, default)]
+    pub pod: crate::kube::PodMeta,
     /// Traffic whose socket had no recorded owner.
     pub unattributed: bool,
     pub alive: bool,
@@ -334,6 +338,7 @@ impl Accounting {
                     gid: st.info.gid,
                     ppid: st.info.ppid,
                     cgroup_id: st.cgroup_id,
+                    pod: crate::kube::PodMeta::default(),
                     unattributed: tgid == TGID_UNATTRIBUTED,
                     alive: st.alive,
                     bytes: st.counter.total.bytes,

@@ -227,6 +227,10 @@ pub struct AlertEvent {
     pub gid: Option<u32>,
     pub cgroup_id: u64,
     pub cgroup_path: String,
+    /// The pod, container and node of `cgroup_id`, when it is a known pod's (filled in by the
+    /// controller; absent otherwise).
+    #[serde(flatten, default)]
+    pub pod: crate::kube::PodMeta,
     pub top_destinations: Vec<TopDestination>,
     pub first_seen: String,
     pub last_seen: String,
@@ -464,6 +468,7 @@ impl AlertEngine {
                 gid: pinfo.gid,
                 cgroup_id: st.cgroup_id,
                 cgroup_path: String::new(),
+                pod: crate::kube::PodMeta::default(),
                 top_destinations: top,
                 first_seen: humantime::format_rfc3339_nanos(st.first_seen).to_string(),
                 last_seen: humantime::format_rfc3339_nanos(st.last_seen).to_string(),

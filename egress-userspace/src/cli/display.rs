@@ -32,6 +32,17 @@ fn pid_text(p: &crate::accounting::ProcTotals) -> String {
 
 /// An executable path in at most `n` characters, cut on the left so that the file name shows:
 /// `…/libexec/app`. "-" when unknown.
+/// ` [namespace/pod/container]` when the process is a pod's, else nothing.
+fn pod_text(p: &crate::accounting::ProcTotals) -> String {
+    match (&p.pod.namespace, &p.pod.pod) {
+        (Some(ns), Some(pod)) => match &p.pod.container {
+            Some(c) => format!(" [{ns}/{pod}/{c}]"),
+            None => format!(" [{ns}/{pod}]"),
+        },
+        _ => String::new(),
+    }
+}
+
 fn exe_text(exe: &str, n: usize) -> String {
     let len = exe.chars().count();
     if exe.is_empty() {
@@ -79,13 +90,14 @@ pub fn stats_table(r: &StatsReport) -> String {
     for p in &r.processes {
         let _ = writeln!(
             out,
-            "{:>8} {:<16} {:>12} {:>12} {:>10}  {}{}",
+            "{:>8} {:<16} {:>12} {:>12} {:>10}  {}{}{}",
             pid_text(p),
             trunc(&p.comm, 16),
             format!("{}/s", human_bytes(p.rate_bps)),
             human_bytes(p.bytes as f64),
             p.packets,
             exe_text(&p.exe, usize::MAX),
+            pod_text(p),
             if p.alive { "" } else { " (exited)" }
         );
         for d in &p.destinations {
@@ -331,7 +343,12 @@ pub fn top_frame(r: &StatsReport, rows: usize, cols: usize) -> Vec<String> {
             trunc(&p.comm, 16),
             format!("{}/s", human_bytes(p.rate_bps)),
             human_bytes(p.bytes as f64),
-            exe_text(&p.exe, TOP_EXE_WIDTH),
+            // A pod's process is named by its pod: the column is narrow, and on a node that is
+            // what tells processes apart.
+            match pod_text(p).trim() {
+                "" => exe_text(&p.exe, TOP_EXE_WIDTH),
+                pod => exe_text(pod.trim_matches(['[', ']']), TOP_EXE_WIDTH),
+            },
             dests.join(", ")
         ));
     }
@@ -357,6 +374,7 @@ mod tests {
                 gid: Some(0),
                 ppid: Some(1),
                 cgroup_id: 1,
+                pod: Default::default(),
                 unattributed: false,
                 alive: true,
                 bytes: 2_500_000,

@@ -90,6 +90,8 @@ enum Command {
         /// Over pinned enforcement the pinned size is kept; another size needs `egress stop`.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         owners_capacity: Option<u32>,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -254,6 +256,58 @@ struct AlertArgs {
     spool: PathBuf,
 }
 
+/// Pod awareness on a Kubernetes node.
+#[derive(clap::Args, Debug)]
+struct KubeArgs {
+    /// Watch this node's Pods on the Kubernetes API server and name the pod, container, namespace
+    /// and node of events, stats rows, alerts and metrics. On by default when
+    /// KUBERNETES_SERVICE_HOST is set (in a pod). Enforcement never depends on it.
+    #[arg(long, overrides_with = "no_kubernetes")]
+    kubernetes: bool,
+    /// No pod awareness, even in a pod.
+    #[arg(long)]
+    no_kubernetes: bool,
+    /// This node's name, for the field selector spec.nodeName. Default: $NODE_NAME (set it from
+    /// the downward API, `fieldRef: spec.nodeName`).
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Read the API server's address and credentials from this kubeconfig. Default: in-cluster
+    /// (the service account's token and CA), else $KUBECONFIG or ~/.kube/config.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Talk to the API server at URL with no credentials (tests, `kubectl proxy`).
+    #[arg(long, value_name = "URL", conflicts_with = "kubeconfig")]
+    kube_server: Option<String>,
+    /// The kubelet's pod cgroup root, relative to the cgroup2 root (kubepods.slice, kubepods,
+    /// kubelet.slice/kubelet-kubepods.slice). Default: the first of those that exists.
+    #[arg(long, value_name = "DIR")]
+    kubernetes_cgroup_root: Option<PathBuf>,
+}
+
+impl KubeArgs {
+    /// The pod awareness asked for, or None.
+    fn options(self) -> anyhow::Result<Option<crate::kube::KubeOptions>> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty());
+        if self.no_kubernetes || !(self.kubernetes || in_pod) {
+            return Ok(None);
+        }
+        let node = match self.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+            Some(n) if !n.is_empty() => n,
+            _ => anyhow::bail!(
+                "pod awareness needs this node's name: --node-name NAME, or NODE_NAME from the downward API (fieldRef: spec.nodeName); --no-kubernetes turns it off"
+            ),
+        };
+        Ok(Some(crate::kube::KubeOptions {
+            node,
+            api: crate::kube::watch::ApiSource {
+                kubeconfig: self.kubeconfig,
+                server: self.kube_server,
+            },
+            cgroup_root: self.kubernetes_cgroup_root,
+        }))
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum ProtocolArg {
     Tcp,
@@ -320,6 +374,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             pin_dir,
             ephemeral,
             owners_capacity,
+            kube,
         } => {
             let common = Options {
                 policy,
@@ -329,6 +384,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 spool: alerting.spool,
                 metrics,
                 owners_capacity,
+                kube: kube.options()?,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -357,6 +413,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 spool: alerting.spool,
                 metrics: None,
                 owners_capacity,
+                kube: None,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,

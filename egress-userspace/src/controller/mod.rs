@@ -73,6 +73,8 @@ pub struct Options {
     /// Capacity of the socket-owner map (None: the default for fresh maps, the pinned map's
     /// when adopting).
     pub owners_capacity: Option<u32>,
+    /// Pod awareness (`run --kubernetes`).
+    pub kube: Option<crate::kube::KubeOptions>,
 }
 
 /// Where a controller enforces.
@@ -120,6 +122,10 @@ pub struct Controller {
     names: Option<names::Names>,
     /// Ticks so far.
     ticks: u32,
+    /// This node's pods (`--kubernetes`).
+    pods: Option<crate::kube::Pods>,
+    /// Bytes per pod, for `stats` and the metrics.
+    pod_acct: crate::kube::PodAccounting,
 }
 
 impl Controller {
@@ -150,6 +156,12 @@ impl Controller {
             }
             _ => None,
         };
+        // Started first and in the background: the pod list arrives while the datapath loads,
+        // and enforcement never waits for (or depends on) the API server.
+        let pods = opts
+            .kube
+            .as_ref()
+            .map(|k| crate::kube::Pods::spawn(k, &target.root));
         let (mut dp, adopted) = match &target.pins {
             Some(p) => Datapath::load_pinned(plan.fresh(), p, opts.owners_capacity)
                 .context("loading the datapath")?,
@@ -170,13 +182,14 @@ impl Controller {
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;
         // Events the adopted generation decided while no controller ran are named by its policy
         // (registered before any switch), never by the one this controller brings.
-        let events = EventStream::new(
+        let mut events = EventStream::new(
             ring,
             dp.generation(),
             in_force.rule_names(),
             in_force.policy.hash.clone(),
             sink,
         );
+        events.set_pods(pods.clone());
         // Below the root, TC only touches the sockets of that cgroup's processes.
         if target.cgroup != target.root {
             let (id, level) = cgroup::id_and_level(&target.root, &target.cgroup)?;
@@ -221,6 +234,8 @@ impl Controller {
             scope_warned: None,
             names: early_names,
             ticks: 0,
+            pods,
+            pod_acct: crate::kube::PodAccounting::default(),
         };
         if adopted {
             info!(

@@ -68,6 +68,9 @@ impl Controller {
         let outcome = self.acct.tick(&flows, now, &Procfs, &owner_comm);
         self.dp.remove_flows(&outcome.prune);
         self.events.learn_exes(self.acct.identities());
+        if let Some(pods) = &self.pods {
+            self.pod_acct.add(&pods.read(), &outcome.deltas);
+        }
         Ok(outcome.deltas)
     }
 
@@ -109,6 +112,9 @@ impl Controller {
     /// Delivers one alert: sets its block (if it has one), writes the event, sends the webhook.
     async fn fire(&mut self, mut f: Firing) -> anyhow::Result<()> {
         f.event.cgroup_path = self.cgroup_path_of(f.event.pid);
+        if let Some(pods) = &self.pods {
+            f.event.pod = pods.meta(f.event.cgroup_id).unwrap_or_default();
+        }
         f.event.user = f.event.uid.and_then(nss::user_name);
         *self.alerts_by_rule.entry(f.event.rule.clone()).or_default() += 1;
         let mut blocked = Vec::new();
@@ -184,11 +190,23 @@ impl Controller {
     /// Publishes a fresh report to the control socket and the metrics.
     fn publish(&mut self, wall: SystemTime) -> anyhow::Result<()> {
         let counters = self.dp.stats()?;
+        let mut processes = self.acct.snapshot();
+        let mut pods = Vec::new();
+        if let Some(p) = &self.pods {
+            let index = p.read();
+            for proc in &mut processes {
+                if proc.cgroup_id != 0 {
+                    proc.pod = crate::kube::PodMeta::of(&index, proc.cgroup_id).unwrap_or_default();
+                }
+            }
+            pods = self.pod_acct.snapshot(&index);
+        }
         let report = StatsReport {
             generated_at: timestamp(wall),
             policy: self.policy.policy.source.clone(),
             mode: self.policy.policy.mode.to_string(),
-            processes: self.acct.snapshot(),
+            processes,
+            pods,
             counters,
             denies_by_rule: self.events.by_rule().clone(),
             alerts_by_rule: self.alerts_by_rule.clone(),
