@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     api::{self, Request, client},
-    controller::{self, ExecOptions, Options, RunOptions},
+    controller::{self, DnsListen, ExecOptions, Options, RunOptions},
     datapath::pins::{self, Pins},
     policy::Protocol,
     report::StatusReport,
@@ -90,6 +90,14 @@ enum Command {
         /// Over pinned enforcement the pinned size is kept; another size needs `egress stop`.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         owners_capacity: Option<u32>,
+        /// Where the DNS proxy listens while the policy uses names: ADDR or ADDR:PORT ([ADDR]:PORT
+        /// for IPv6), one IPv4 and at most one IPv6 (repeat the flag). Without a port: 53, or a
+        /// free port when 53 is taken. Default: 127.0.0.153 and ::1, reached from this network
+        /// namespace only. On addresses other than loopback (a node address every pod routes
+        /// to), the DNS of sockets in every network namespace is steered there (those of other
+        /// namespaces get answers, but no grants yet: see README, Names).
+        #[arg(long = "dns-listen", value_name = "ADDR[:PORT]")]
+        dns_listen: Vec<String>,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -320,6 +328,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             pin_dir,
             ephemeral,
             owners_capacity,
+            dns_listen,
         } => {
             let common = Options {
                 policy,
@@ -329,6 +338,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 spool: alerting.spool,
                 metrics,
                 owners_capacity,
+                dns_listen: DnsListen::parse(&dns_listen).map_err(anyhow::Error::msg)?,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -357,6 +367,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 spool: alerting.spool,
                 metrics: None,
                 owners_capacity,
+                dns_listen: DnsListen::default(),
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,
