@@ -415,3 +415,67 @@ impl super::Controller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DnsListen;
+
+    fn parse(v: &[&str]) -> Result<DnsListen, String> {
+        DnsListen::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn no_flag_is_loopback_on_port_53_with_fallback_in_this_namespace_only() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d, DnsListen::default());
+        assert_eq!(d.v4.to_string(), "127.0.0.153:53");
+        assert_eq!(d.v6.unwrap().to_string(), "[::1]:53");
+        assert!(!d.explicit);
+        assert!(!d.reaches_other_namespaces());
+    }
+
+    #[test]
+    fn addresses_with_and_without_ports_one_per_family() {
+        let d = parse(&["169.254.20.10"]).unwrap();
+        assert_eq!(d.v4.to_string(), "169.254.20.10:53");
+        assert_eq!(d.v6, None);
+        assert_eq!(d.port_given, (false, false));
+        assert!(d.explicit && d.reaches_other_namespaces());
+
+        let d = parse(&["[fd00::53]:5353", "10.0.0.1:5300"]).unwrap();
+        assert_eq!(d.v4.to_string(), "10.0.0.1:5300");
+        assert_eq!(d.v6.unwrap().to_string(), "[fd00::53]:5353");
+        assert_eq!(d.port_given, (true, true));
+        assert!(d.reaches_other_namespaces());
+
+        let d = parse(&["127.0.0.154:5353", "fd00::53"]).unwrap();
+        assert_eq!(d.v6.unwrap().to_string(), "[fd00::53]:53");
+        assert_eq!(d.port_given, (true, false));
+        // One loopback address: only this namespace reaches it.
+        assert!(!d.reaches_other_namespaces());
+        let d = parse(&["10.0.0.1", "::1"]).unwrap();
+        assert!(!d.reaches_other_namespaces());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_value() {
+        for (v, says) in [
+            (
+                &["nope"][..],
+                "--dns-listen nope: expected ADDR or ADDR:PORT",
+            ),
+            (&["0.0.0.0"][..], "not 0.0.0.0"),
+            (&["[::]:53", "10.0.0.1"][..], "not ::"),
+            (&["224.0.0.1"][..], "not 224.0.0.1"),
+            (
+                &["10.0.0.1", "10.0.0.2"][..],
+                "--dns-listen 10.0.0.2: one IPv4 and one IPv6",
+            ),
+            (&["fd00::53"][..], "an IPv4 address is needed"),
+            (&["10.0.0.1:99999"][..], "expected ADDR or ADDR:PORT"),
+        ] {
+            let e = parse(v).unwrap_err();
+            assert!(e.contains(says), "{v:?}: {e}");
+        }
+    }
+}
