@@ -72,7 +72,7 @@ pub fn count(ctx: &SkBuffContext) -> i32 {
     // Every segment after the first repeats the IP and transport headers (what the kernel's
     // `qdisc_pkt_len_init` adds into `wire_len` at TC), and each has its link-layer header.
     let headers = len.saturating_sub(p.payload);
-    let extra = if segs > 1 { segs - 1 } else { 0 };
+    let extra = segs.saturating_sub(1);
     let bytes = len as u64 + l2 as u64 + extra as u64 * (headers as u64 + l2 as u64);
     let key = FlowKey {
         cgroup_id: owner.cgroup_id,
