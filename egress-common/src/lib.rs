@@ -169,7 +169,9 @@ pub struct Config {
     /// The port of the proxy's IPv6 address (host order).
     pub dns_port6: u16,
     /// Network namespace (`bpf_get_netns_cookie`) the proxy listens in: only sockets of that
-    /// namespace are steered to it (elsewhere its loopback address is another host's).
+    /// namespace are steered to it (elsewhere its loopback address is another host's). 0: the
+    /// proxy listens on addresses other namespaces reach (not loopback): sockets of every
+    /// namespace are steered.
     pub dns_netns_cookie: u64,
     /// The proxy's IPv6 address.
     pub dns_v6: [u8; 16],

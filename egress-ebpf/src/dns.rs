@@ -4,8 +4,9 @@
 //! cgroup are approved for that cgroup only (`grant`, after the address rules).
 //!
 //! Not steered: the proxy's own upstream sockets (`DNS_UPSTREAM_MARK`), sockets of another
-//! network namespace (the proxy's loopback address is not theirs), and connected sockets
-//! sending with no address (their peer was steered at connect).
+//! network namespace when the proxy listens on loopback (its loopback address is not theirs;
+//! `dns_netns_cookie` 0 says it listens on an address every namespace reaches), and connected
+//! sockets sending with no address (their peer was steered at connect).
 
 use core::ptr::{addr_of, read_volatile};
 
@@ -51,8 +52,10 @@ fn steerable(ctx: &SockAddrContext, cfg: &Config, port: u16, proto: u8) -> bool 
     if mark == DNS_UPSTREAM_MARK {
         return false;
     }
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    netns == cfg.dns_netns_cookie
+    // 0: the proxy listens on an address other namespaces reach (a node address): every
+    // namespace is steered to it.
+    cfg.dns_netns_cookie == 0
+        || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.dns_netns_cookie
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! egress datapath: thin entry points only. The decision lives in `sock_addr.rs` (reading the
 //! hook context, emitting events) and `policy.rs` (map lookups); `fork.rs` follows what blocked
-//! processes create; socket owners (recorded, forgotten) in `owners.rs`; DNS steering and grants
+//! processes create; socket owners (recorded, forgotten) in `owners.rs`; byte accounting in `skb_egress.rs`
+//! (sockets with an owner) and `tc_egress.rs` (the rest); DNS steering and grants
 //! in `dns.rs`; every map is in `maps.rs`.
 // Host builds (`cargo clippy --workspace`, `cargo test --workspace`) compile this crate as an
 // empty program; only the bpfel build carries the hooks' sections into the object.
@@ -15,6 +16,7 @@ mod owners;
 mod policy;
 mod report;
 mod scope;
+mod skb_egress;
 mod sock_addr;
 mod sock_create;
 mod sockopt;
@@ -22,12 +24,12 @@ mod tc_egress;
 
 use aya_ebpf::{
     macros::{
-        cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, raw_tracepoint, sock_ops,
-        tracepoint,
+        cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, classifier, raw_tracepoint,
+        sock_ops, tracepoint,
     },
     programs::{
-        RawTracePointContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
-        TcContext, TracePointContext,
+        RawTracePointContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext,
+        SockoptContext, TcContext, TracePointContext,
     },
 };
 use egress_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
@@ -119,8 +121,15 @@ pub fn track_exec(ctx: RawTracePointContext) -> i32 {
     exec::sched_process_exec(&ctx)
 }
 
-/// TC egress: byte accounting per owner and destination; drops unattributed traffic to blocked
-/// destinations.
+/// Every IP packet a socket of the cgroup sends, in its own network namespace: byte accounting per
+/// owner and destination. Never drops.
+#[cgroup_skb(egress)]
+pub fn skb_egress(ctx: SkBuffContext) -> i32 {
+    skb_egress::count(&ctx)
+}
+
+/// TC egress: byte accounting of packets without a recorded owner; budget drops; drops
+/// unattributed traffic to blocked destinations.
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
     tc_egress::classify(&ctx)

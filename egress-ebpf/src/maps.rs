@@ -58,7 +58,8 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 /// Socket cookie -> owner (process, user, cgroup, comm). Written by the connect/sendmsg hooks for
-/// every allowed call, read by TC to attribute packets sent in softirq context, deleted when the
+/// every allowed call, read by the `cgroup_skb/egress` program and TC to attribute packets (sent
+/// in softirq context, or in another network namespace), deleted when the
 /// socket is done (`sock_release`; TCP at `TCP_CLOSE`, from `sock_ops`): see `owners.rs`.
 /// Not LRU: a flood of short-lived sockets must never evict a live socket's owner. When it is
 /// full, a connect/sendmsg that needs a new entry is refused in enforce mode (`owners-full`,
@@ -75,14 +76,16 @@ pub static SOCK_OWNERS: HashMap<u64, Owner> = HashMap::with_max_entries(131_072,
 #[map]
 pub static PROC_COMMS: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(16_384, 0);
 
-/// Per-CPU packet and byte counters per (owner, destination). Written by TC, read (and pruned of
-/// exited owners) by the controller. Not LRU: when it is full, new flows are counted in
+/// Per-CPU packet and byte counters per (owner, destination). Written by the `cgroup_skb/egress`
+/// program (packets of sockets with a recorded owner) and by TC (the rest: each packet is counted
+/// by exactly one of them), read (and pruned of exited owners) by the controller. Not LRU: when it is full, new flows are counted in
 /// `STAT_FLOWS_FULL_*` instead of evicting someone else's counts.
 #[map]
 pub static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65_536, 0);
 
 /// ifindex -> link-layer header length, for interfaces without an Ethernet header (tun,
-/// wireguard: 0). Written by the controller at attach time; missing means Ethernet (14).
+/// wireguard: 0). Written by the controller at attach time; missing means Ethernet (14). Read by
+/// TC and the `cgroup_skb/egress` program.
 #[map]
 pub static IFACE_L2: HashMap<u32, u32> = HashMap::with_max_entries(256, 0);
 

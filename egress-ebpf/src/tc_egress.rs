@@ -1,11 +1,13 @@
-//! TC egress: per-owner byte accounting, and the second line of enforcement for traffic that
-//! never passed the connect/sendmsg hooks (raw sockets, sockets older than the controller).
+//! TC egress: byte accounting of what no cgroup program sees, budget drops, and the second line
+//! of enforcement for traffic that never passed the connect/sendmsg hooks (raw sockets, sockets
+//! older than the controller).
 //!
 //! The owner of a packet is looked up by socket cookie in `SOCK_OWNERS` (recorded by the cgroup
 //! hooks): packets often leave in softirq context, where the current task is someone else.
-//! Packets without a recorded owner are counted under `TGID_UNATTRIBUTED`; they are dropped only
-//! when an explicit `[[block]]` covers their destination (never for the default verdict, which
-//! would cut replies of accepted connections).
+//! Packets with an owner are counted by the `cgroup_skb/egress` program (`skb_egress.rs`), not
+//! here, so nothing is counted twice. Packets without a recorded owner are counted here under
+//! `TGID_UNATTRIBUTED`; they are dropped only when an explicit `[[block]]` covers their
+//! destination (never for the default verdict, which would cut replies of accepted connections).
 //!
 //! Return values: `TC_ACT_UNSPEC` (-1, "next": lets other TCX programs and filters run) to pass,
 //! `TC_ACT_SHOT` to drop.
@@ -18,7 +20,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    programs::TcContext,
+    programs::{TcContext, sk_buff::SkBuff},
 };
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_ICMP, IPPROTO_ICMPV6,
@@ -45,18 +47,18 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 /// What the parser found in a packet.
 #[derive(Clone, Copy)]
-struct Parsed {
-    family: u8,
-    protocol: u8,
-    port: u16,
-    addr: [u8; 16],
+pub(crate) struct Parsed {
+    pub family: u8,
+    pub protocol: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
     /// Transport payload length.
-    payload: u32,
+    pub payload: u32,
     /// The packet carries a source route (IPv4 LSRR/SSRR option) or an IPv6 routing header:
     /// where it goes is not the destination a hook judged.
-    routed: bool,
+    pub routed: bool,
     /// An ICMP or ICMPv6 echo request: what a ping socket sends.
-    echo_request: bool,
+    pub echo_request: bool,
 }
 
 impl Parsed {
@@ -158,6 +160,13 @@ pub fn classify(ctx: &TcContext) -> i32 {
         }
     }
 
+    // The packets of a socket with a recorded owner were counted by `cgroup_skb/egress`
+    // (`skb_egress.rs`), which sees them in the sender's own network namespace, before NAT and
+    // veths: TC counts the rest (no owner: forwarded, raw, AF_PACKET, sockets older than the
+    // controller), and the echo requests it judges (the cgroup program leaves those to it).
+    if owner.is_some() && !judge_echo {
+        return TC_ACT_UNSPEC;
+    }
     let wire = unsafe { (*skb).wire_len };
     let bytes = if wire != 0 { wire } else { ctx.len() } as u64;
     let key = FlowKey {
@@ -176,7 +185,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn account(key: &FlowKey, bytes: u64, payload: u64) {
+pub(crate) fn account(key: &FlowKey, bytes: u64, payload: u64) {
     if let Some(v) = FLOWS.get_ptr_mut(key) {
         add(v, bytes, payload);
         return;
@@ -232,6 +241,13 @@ fn parse(ctx: &TcContext) -> Option<Parsed> {
     } else {
         u16::from_be(unsafe { (*skb).protocol } as u16)
     };
+    parse_ip(&ctx.skb, proto, l2)
+}
+
+/// Parses the IP packet (EtherType `proto`) that starts at `l2` in `skb`: TC's frames (after
+/// their link-layer header) and, from offset 0, what the `cgroup_skb` program sees.
+#[inline(always)]
+pub(crate) fn parse_ip(ctx: &SkBuff, proto: u16, l2: usize) -> Option<Parsed> {
     let len = ctx.len();
     let mut addr = [0u8; 16];
     // `l3_end`: first byte after the IP header. `has_l4`: false for a non-first IPv4 fragment,
@@ -326,7 +342,7 @@ fn decide(cfg: &egress_common::Config, p: &Parsed) -> policy::Decision {
 /// the verifier's work small; a byte of another option's data that happens to read 0x83 or 0x89
 /// makes a false positive, which only ever drops (options are all but unused on TCP/UDP/ICMP).
 #[inline(always)]
-fn ipv4_source_routed(ctx: &TcContext, off: usize, len: usize) -> bool {
+fn ipv4_source_routed(ctx: &SkBuff, off: usize, len: usize) -> bool {
     const MAX_OPTIONS: usize = 40;
     let mut buf = [0u8; MAX_OPTIONS];
     if len == 0 || len > MAX_OPTIONS {
@@ -336,7 +352,7 @@ fn ipv4_source_routed(ctx: &TcContext, off: usize, len: usize) -> bool {
     // non-zero lower bound the verifier needs.
     let rc = unsafe {
         aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.as_ptr(),
+            ctx.skb.cast(),
             off as u32,
             buf.as_mut_ptr().cast(),
             len as u32,
@@ -378,7 +394,7 @@ struct Ipv6Walk {
 
 /// Walks IPv6 extension headers from `off` to the transport header.
 #[inline(always)]
-fn skip_ipv6_extensions(ctx: &TcContext, mut next: u8, mut off: usize) -> Option<Ipv6Walk> {
+fn skip_ipv6_extensions(ctx: &SkBuff, mut next: u8, mut off: usize) -> Option<Ipv6Walk> {
     let mut routed = false;
     let mut i = 0;
     while i < MAX_IPV6_EXT {

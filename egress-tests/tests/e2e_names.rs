@@ -694,3 +694,75 @@ fn a_loopback_stub_resolver_in_the_path() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A pod's view of `--dns-listen` on a node address: the controller (and its proxy) in namespace
+/// b, listening on b's veth address; the process in namespace a and the enforced cgroup. Its
+/// query to a server that does not exist is steered across the veth and answered (the answer
+/// shows the server asked). The proxy finds the asking socket with sock_diag in its own
+/// namespace, which does not see namespace a: no grant, so the connect to the answer is denied
+/// (what README's Names section says of other namespaces).
+#[test]
+fn a_proxy_on_a_non_loopback_address_answers_other_namespaces_without_grants() {
+    let pair = NetPair::new();
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let _dns = DnsServer::start(
+        &pair.b,
+        ip("127.0.0.2"),
+        &[Record::Addr("api.example.test", ip("198.18.0.2"), 300)],
+    );
+    let _sink = TcpSink::start(&pair.b, (std::net::Ipv4Addr::new(198, 18, 0, 2), 443));
+    let dir = TempDir::new("e2e-names-listen");
+    let cg = TestCgroup::new();
+    let policy = dir.file("p.toml", POLICY);
+    let c = EgressCmd::run(&pair.b, cg.path(), &dir)
+        .policy(&policy)
+        .args(["--dns-listen", "198.18.0.2"])
+        .start();
+    let got: Vec<_> = Probe::new()
+        .netns(&pair.a)
+        .cgroup(&cg)
+        .opt("--timeout", "2")
+        .args([
+            "dns-query",
+            "api.example.test",
+            "10.53.0.1:53",
+            "tcp",
+            "198.18.0.2:443",
+        ])
+        .run()
+        .into_iter()
+        .map(|l| (l.result, l.from))
+        .collect();
+    assert_eq!(
+        got,
+        [(Succeeded, Some("198.18.0.2".to_string())), (Denied, None)],
+        "steered across the veth and answered; no grant"
+    );
+    let s = c.status().unwrap();
+    assert_eq!(s["dns"]["listen"][0], "198.18.0.2:53", "{s}");
+    assert!(s["dns"]["steered"].as_u64().unwrap() >= 1, "{s}");
+    assert!(
+        s["dns"]["sink"]["unknown_client"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
+}
+
+/// `--dns-listen` values are checked before anything is loaded.
+#[test]
+fn a_bad_dns_listen_address_is_refused_before_anything_is_loaded() {
+    let pair = NetPair::new();
+    let dir = TempDir::new("e2e-names-listen-bad");
+    let cg = TestCgroup::new();
+    let policy = dir.file("p.toml", POLICY);
+    let mut c = EgressCmd::run(&pair.a, cg.path(), &dir)
+        .policy(&policy)
+        .args(["--dns-listen", "0.0.0.0"])
+        .spawn();
+    let status = c.wait_exit("egress run with --dns-listen 0.0.0.0");
+    assert!(!status.success());
+    assert!(
+        c.stderr_text().contains("--dns-listen 0.0.0.0"),
+        "{}",
+        c.stderr_text()
+    );
+}

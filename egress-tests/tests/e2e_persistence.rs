@@ -38,8 +38,9 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
 
     let mut first = pinned(&a).start();
     let before = first.status().unwrap();
-    // 8 sock_addr hooks, sock_create, setsockopt, sock_release, sock_ops, the fork and exec trackers.
-    assert_eq!(before["links"].as_array().unwrap().len(), 14, "{before}");
+    // 8 sock_addr hooks, sock_create, setsockopt, sock_release, sock_ops, skb_egress, the fork
+    // and exec trackers.
+    assert_eq!(before["links"].as_array().unwrap().len(), 15, "{before}");
     let storm = Probe::new().storm(&cg, "127.0.0.2:8000", "127.0.0.3:8000", 60_000);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -72,7 +73,7 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
         after["policy"]["generation"], 2,
         "the changed policy was reloaded: {after}"
     );
-    assert_eq!(after["links"].as_array().unwrap().len(), 14, "{after}");
+    assert_eq!(after["links"].as_array().unwrap().len(), 15, "{after}");
     let (old_ids, new_ids) = (prog_ids(&before), prog_ids(&after));
     assert!(
         old_ids.iter().zip(&new_ids).all(|(o, n)| o != n && *n != 0),

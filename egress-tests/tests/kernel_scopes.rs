@@ -412,6 +412,7 @@ fn verification_cost_of_every_program_stays_within_its_budget() {
     let mut report = Vec::new();
     for name in egress::datapath::HOOKS.iter().chain(&[
         egress::datapath::TC_PROGRAM,
+        egress::datapath::ACCOUNTING_HOOK,
         egress::datapath::EXEC_TRACKER,
         egress::datapath::FORK_TRACKER,
     ]) {

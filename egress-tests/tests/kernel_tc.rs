@@ -1,10 +1,15 @@
 //! Real-kernel tests of the TC egress program: two network namespaces joined by a veth pair, a
-//! server in one, a client (in a test cgroup) in the other. Byte counts, attribution, the
-//! unattributed owner, and the second line of enforcement for raw sockets.
+//! server in one, a client (in a test cgroup) in the other. Byte counts (by the cgroup_skb
+//! program, with and without TC on the veth, never twice), attribution, the unattributed owner,
+//! and the second line of enforcement for raw sockets.
 
 use std::{thread, time::Duration};
 
-use egress::{datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy};
+use egress::{
+    datapath::{ACCOUNTING_HOOK, Datapath, TC_PROGRAM},
+    policy::Policy,
+    policy::compile::CompiledPolicy,
+};
 use egress_common::{FlowValue, HOOK_TC, IPPROTO_TCP, IPPROTO_UDP, TGID_UNATTRIBUTED};
 use egress_tests::{
     NetPair, Probe, TcpSink, TestCgroup, UdpSink,
@@ -68,27 +73,33 @@ fn flows_of(dp: &Datapath, tgid: u32, port: u16, proto: u8) -> FlowValue {
     total
 }
 
-#[test]
-fn tcp_and_udp_bytes_are_attributed_and_accurate() {
-    let pair = NetPair::new();
-    let cg = TestCgroup::new();
-    let dp = load_attached(&pair, &cg);
-    let tcp_got = TcpSink::start(&pair.b, (ADDR_B, 5001));
-    let udp_got = UdpSink::start(&pair.b, (ADDR_B, 5002));
+/// A 16 MiB TCP upload to port `tcp_port` and 500 UDP datagrams of 1200 bytes to `udp_port`,
+/// from a process in namespace a and the test cgroup, to sinks in namespace b: each counted once,
+/// under the sender's pid, payload within 1% (TCP) and exact (UDP), wire bytes exact for UDP
+/// (Ethernet 14 + IPv4 20 + UDP 8 per datagram), nothing of it unattributed. Returns the pid.
+fn upload_is_counted_once(
+    pair: &NetPair,
+    cg: &TestCgroup,
+    dp: &Datapath,
+    ports: (u16, u16),
+) -> u32 {
+    let (tcp_port, udp_port) = ports;
+    let tcp_got = TcpSink::start(&pair.b, (ADDR_B, tcp_port));
+    let udp_got = UdpSink::start(&pair.b, (ADDR_B, udp_port));
 
     const TCP_BYTES: u64 = 16 * 1024 * 1024;
     const UDP_COUNT: u64 = 500;
     const UDP_SIZE: u64 = 1200;
     let retrans_before = pair.a.tcp_retransmitted_segments();
     let (r, pid) = probe_in_a(
-        &pair,
-        &cg,
+        pair,
+        cg,
         &[
             "tcp-send",
-            "198.18.0.2:5001",
+            &format!("198.18.0.2:{tcp_port}"),
             &TCP_BYTES.to_string(),
             "udp-send",
-            "198.18.0.2:5002",
+            &format!("198.18.0.2:{udp_port}"),
             &UDP_COUNT.to_string(),
             &UDP_SIZE.to_string(),
         ],
@@ -98,7 +109,7 @@ fn tcp_and_udp_bytes_are_attributed_and_accurate() {
     // The receiver may drop datagrams when its buffer overflows; what left the client is counted.
     wait_for("the UDP sink", DELIVERY, || udp_got.bytes() > 0);
 
-    let tcp = flows_of(&dp, pid, 5001, IPPROTO_TCP);
+    let tcp = flows_of(dp, pid, tcp_port, IPPROTO_TCP);
     let retransmitted = pair.a.tcp_retransmitted_segments() - retrans_before;
     assert!(
         payload_accounts_for(tcp.payload, TCP_BYTES, retransmitted),
@@ -109,16 +120,67 @@ fn tcp_and_udp_bytes_are_attributed_and_accurate() {
         tcp.bytes > tcp.payload,
         "wire bytes include headers: {tcp:?}"
     );
-    let udp = flows_of(&dp, pid, 5002, IPPROTO_UDP);
+    // Headers of every segment: at least 14 + 20 + 20 bytes per segment of at most 1460 bytes
+    // (the MSS on a 1500-byte MTU).
+    assert!(
+        tcp.bytes >= tcp.payload + tcp.payload / 1500 * 54,
+        "wire bytes count the headers of every GSO segment: {tcp:?}"
+    );
+    let udp = flows_of(dp, pid, udp_port, IPPROTO_UDP);
     assert_eq!(udp.payload, UDP_COUNT * UDP_SIZE, "{udp:?}");
     assert_eq!(udp.packets, UDP_COUNT);
-    // Ethernet 14 + IPv4 20 + UDP 8 per datagram.
     assert_eq!(udp.bytes, UDP_COUNT * (UDP_SIZE + 42));
     // Nothing of this was unattributed.
-    assert_eq!(
-        flows_of(&dp, TGID_UNATTRIBUTED, 5001, IPPROTO_TCP).payload,
-        0
+    for (port, proto) in [(tcp_port, IPPROTO_TCP), (udp_port, IPPROTO_UDP)] {
+        assert_eq!(
+            flows_of(dp, TGID_UNATTRIBUTED, port, proto),
+            FlowValue::default()
+        );
+    }
+    pid
+}
+
+/// TC on the sender's veth and the cgroup_skb program both see every packet (the kernel's run
+/// counts say so); each packet is counted once.
+#[test]
+fn tcp_and_udp_bytes_are_attributed_and_accurate() {
+    let pair = NetPair::new();
+    let cg = TestCgroup::new();
+    let dp = load_attached(&pair, &cg);
+    let _stats = egress::datapath::enable_run_stats().unwrap();
+    let stats = || {
+        [ACCOUNTING_HOOK, TC_PROGRAM].map(|p| {
+            let s = dp.run_stats(p).unwrap();
+            (s.run_count, s.run_time)
+        })
+    };
+    let before = stats();
+    upload_is_counted_once(&pair, &cg, &dp, (5001, 5002));
+    let after = stats();
+    let ran = (after[0].0 - before[0].0, after[1].0 - before[1].0);
+    // The kernel's own measure of each program's cost per packet (skb), for the record.
+    for (i, name) in [ACCOUNTING_HOOK, TC_PROGRAM].iter().enumerate() {
+        let runs = after[i].0 - before[i].0;
+        let ns = (after[i].1 - before[i].1).as_nanos() as u64 / runs.max(1);
+        eprintln!("{name}: {runs} runs, {ns} ns per run");
+    }
+    assert!(
+        ran.0 >= 500 && ran.1 >= 500,
+        "both programs saw the upload (runs of skb_egress, tc_egress): {ran:?}"
     );
+}
+
+/// A pod's view: a process in its own network namespace and cgroup sends through a veth, and
+/// no TC program is attached anywhere. The cgroup_skb program attributes every byte to it.
+#[test]
+fn a_process_in_its_own_namespace_is_counted_without_tc() {
+    let pair = NetPair::new();
+    let cg = TestCgroup::new();
+    let p = Policy::parse("t.toml", POLICY).unwrap();
+    let mut dp =
+        Datapath::load(&CompiledPolicy::compile(&p).unwrap()).expect("loading the datapath (root)");
+    dp.attach(cg.path()).unwrap();
+    upload_is_counted_once(&pair, &cg, &dp, (5003, 5004));
 }
 
 #[test]

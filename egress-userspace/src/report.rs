@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     accounting::ProcTotals,
     datapath::{
-        Counters, HOOKS, LinkStatus, OWNER_HOOKS, PinnedStatus, SOCK_CREATE_HOOK, SOCKOPT_HOOK,
-        TC_PROGRAM,
+        ACCOUNTING_HOOK, Counters, HOOKS, LinkStatus, OWNER_HOOKS, PinnedStatus, SOCK_CREATE_HOOK,
+        SOCKOPT_HOOK, TC_PROGRAM,
     },
     dns::{DnsStats, grants::GrantCounters},
 };
@@ -174,6 +174,7 @@ impl Attachment {
                 .iter()
                 .chain([&SOCK_CREATE_HOOK, &SOCKOPT_HOOK])
                 .chain(&OWNER_HOOKS)
+                .chain([&ACCOUNTING_HOOK])
                 .map(|h| h.to_string())
                 .collect(),
             tc: TcAttachment {
@@ -329,8 +330,8 @@ mod tests {
         assert_eq!(v["policy"]["mode"], "audit");
         assert_eq!(v["policy"]["default"], "deny");
         // connect, sendmsg, recvmsg and getpeername (v4 and v6), sock_create, setsockopt,
-        // sock_release, sock_ops.
-        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 12);
+        // sock_release, sock_ops, skb_egress.
+        assert_eq!(v["attached"]["hooks"].as_array().unwrap().len(), 13);
         assert_eq!(v["attached"]["tc"]["ifaces"][0], "eth0");
         assert_eq!(v["attached"]["pinned"], "/sys/fs/bpf/egress");
         assert_eq!(v["links"][0]["prog_id"], 9);

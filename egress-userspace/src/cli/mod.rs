@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     api::{self, Request, client},
-    controller::{self, ExecOptions, Options, RunOptions},
+    controller::{self, DnsListen, ExecOptions, Options, RunOptions},
     datapath::pins::{self, Pins},
     policy::Protocol,
     report::StatusReport,
@@ -92,6 +92,14 @@ enum Command {
         owners_capacity: Option<u32>,
         #[command(flatten)]
         kube: KubeArgs,
+        /// Where the DNS proxy listens while the policy uses names: ADDR or ADDR:PORT ([ADDR]:PORT
+        /// for IPv6), one IPv4 and at most one IPv6 (repeat the flag). Without a port: 53, or a
+        /// free port when 53 is taken. Default: 127.0.0.153 and ::1, reached from this network
+        /// namespace only. On addresses other than loopback (a node address every pod routes
+        /// to), the DNS of sockets in every network namespace is steered there (those of other
+        /// namespaces get answers, but no grants yet: see README, Names).
+        #[arg(long = "dns-listen", value_name = "ADDR[:PORT]")]
+        dns_listen: Vec<String>,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -375,6 +383,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             ephemeral,
             owners_capacity,
             kube,
+            dns_listen,
         } => {
             let common = Options {
                 policy,
@@ -385,6 +394,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 metrics,
                 owners_capacity,
                 kube: kube.options()?,
+                dns_listen: DnsListen::parse(&dns_listen).map_err(anyhow::Error::msg)?,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -414,6 +424,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 metrics: None,
                 owners_capacity,
                 kube: None,
+                dns_listen: DnsListen::default(),
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,

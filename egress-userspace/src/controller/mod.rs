@@ -38,6 +38,7 @@ use tracing::{error, info, warn};
 use self::{adopt::Plan, blocks::Blocks, reload::PolicyInForce};
 pub use self::{
     exec::{ExecOptions, exec},
+    names::DnsListen,
     run::{RunOptions, run},
 };
 use crate::{
@@ -75,6 +76,8 @@ pub struct Options {
     pub owners_capacity: Option<u32>,
     /// Pod awareness (`run --kubernetes`).
     pub kube: Option<crate::kube::KubeOptions>,
+    /// Where the DNS proxy listens, while the policy uses names.
+    pub dns_listen: names::DnsListen,
 }
 
 /// Where a controller enforces.
@@ -120,6 +123,8 @@ pub struct Controller {
     scope_warned: Option<String>,
     /// The DNS proxy, while the policy uses names.
     names: Option<names::Names>,
+    /// Where it listens.
+    dns_listen: names::DnsListen,
     /// Ticks so far.
     ticks: u32,
     /// This node's pods (`--kubernetes`).
@@ -150,7 +155,9 @@ impl Controller {
         let early_names = match (&target.pins, plan.fresh_loaded()) {
             (Some(p), Some(l)) if p.adoptable() && l.policy.uses_names() => {
                 match crate::datapath::DnsMaps::from_pins(p) {
-                    Ok(maps) => names::Names::spawn(maps, &l.policy, &l.compiled).await.ok(),
+                    Ok(maps) => names::Names::spawn(maps, &l.policy, &l.compiled, &opts.dns_listen)
+                        .await
+                        .ok(),
                     Err(_) => None,
                 }
             }
@@ -233,6 +240,7 @@ impl Controller {
             stop_requested: false,
             scope_warned: None,
             names: early_names,
+            dns_listen: opts.dns_listen.clone(),
             ticks: 0,
             pods,
             pod_acct: crate::kube::PodAccounting::default(),

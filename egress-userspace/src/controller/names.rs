@@ -2,10 +2,19 @@
 //! (`hosts` anywhere, or a `[dns]` table that says something), the kernel steers the enforced
 //! processes' queries to it, and its grants go into the kernel before each answer.
 //!
-//! Where it listens: `127.0.0.153:53` and `[::1]:53` (a port below 1024, so that no
-//! unprivileged process can take it while the controller restarts), each falling back to a free
-//! port when 53 is taken there (a local resolver on `::1`). A restarted controller binds the same
-//! addresses again and points the kernel at them; the grants are pinned and survive it.
+//! Where it listens ([`DnsListen`], `egress run --dns-listen`): by default `127.0.0.153:53` and
+//! `[::1]:53` (a port below 1024, so that no unprivileged process can take it while the
+//! controller restarts), each falling back to a free port when 53 is taken there (a local
+//! resolver on `::1`). A restarted controller binds the same addresses again and points the
+//! kernel at them; the grants are pinned and survive it.
+//!
+//! On loopback the proxy is reachable from its own network namespace only, so only sockets of
+//! that namespace are steered. On addresses that are all other than loopback (a node address
+//! that every pod routes to, such as a link-local 169.254.x.y on the node), sockets of every
+//! namespace are steered to it. Their queries are answered; but the proxy finds the asking
+//! socket with sock_diag in its own namespace, which does not see sockets of other namespaces:
+//! such a query gets its answer and no grant (`sink.unknown_client`), so names approve nothing
+//! for processes in other network namespaces yet (their address rules apply as always).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -31,6 +40,91 @@ pub const LISTEN_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 153);
 /// The port it tries first, on both addresses.
 pub const LISTEN_PORT: u16 = 53;
 
+/// Where the proxy listens: one IPv4 address (queries to IPv4 servers are steered there, and to
+/// IPv6 servers too when there is no IPv6 one, for dual-stack sockets) and at most one IPv6
+/// address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsListen {
+    pub v4: SocketAddr,
+    pub v6: Option<SocketAddr>,
+    /// Given on the command line: a failure to bind is an error, and a port given is kept (no
+    /// free-port fallback).
+    pub explicit: bool,
+    /// Whether each address was given with its port (v4, v6); without one, 53 is tried, then a
+    /// free port.
+    port_given: (bool, bool),
+}
+
+impl Default for DnsListen {
+    /// `127.0.0.153:53` and `[::1]:53`, each on a free port when 53 is taken; no `::1` is no
+    /// error.
+    fn default() -> Self {
+        DnsListen {
+            v4: SocketAddr::new(IpAddr::V4(LISTEN_V4), LISTEN_PORT),
+            v6: Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                LISTEN_PORT,
+            )),
+            explicit: false,
+            port_given: (false, false),
+        }
+    }
+}
+
+impl DnsListen {
+    /// From `--dns-listen` values (`ADDR` or `ADDR:PORT`, `[V6]:PORT`), at most one of each
+    /// family and an IPv4 one among them; none: the default.
+    pub fn parse(values: &[String]) -> Result<DnsListen, String> {
+        if values.is_empty() {
+            return Ok(DnsListen::default());
+        }
+        let (mut v4, mut v6) = (None, None);
+        for v in values {
+            let (addr, port_given) = match v.parse::<SocketAddr>() {
+                Ok(a) => (a, true),
+                Err(_) => match v.parse::<IpAddr>() {
+                    Ok(ip) => (SocketAddr::new(ip, LISTEN_PORT), false),
+                    Err(_) => {
+                        return Err(format!(
+                            "--dns-listen {v}: expected ADDR or ADDR:PORT (IPv6 as [ADDR]:PORT)"
+                        ));
+                    }
+                },
+            };
+            let ip = addr.ip();
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(format!(
+                    "--dns-listen {v}: queries are steered to this address: give one address of this host, not {ip}"
+                ));
+            }
+            let slot = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+            if slot.is_some() {
+                return Err(format!(
+                    "--dns-listen {v}: one IPv4 and one IPv6 address at most"
+                ));
+            }
+            *slot = Some((addr, port_given));
+        }
+        let Some((v4, v4_port)) = v4 else {
+            return Err(
+                "--dns-listen: an IPv4 address is needed (queries to IPv4 servers are steered there)"
+                    .into(),
+            );
+        };
+        Ok(DnsListen {
+            v4,
+            v6: v6.map(|(a, _)| a),
+            explicit: true,
+            port_given: (v4_port, v6.is_some_and(|(_, p)| p)),
+        })
+    }
+
+    /// Whether sockets of other network namespaces can reach the proxy: no address is loopback.
+    pub fn reaches_other_namespaces(&self) -> bool {
+        !self.v4.ip().is_loopback() && !self.v6.is_some_and(|a| a.ip().is_loopback())
+    }
+}
+
 /// The running proxy and its sink.
 pub struct Names {
     proxy: Arc<DnsProxy<Arc<KernelGrants>>>,
@@ -50,8 +144,9 @@ impl Names {
         dp: &mut Datapath,
         policy: &Policy,
         compiled: &CompiledPolicy,
+        listen: &DnsListen,
     ) -> anyhow::Result<Names> {
-        let names = Names::spawn(dp.dns_maps()?, policy, compiled).await?;
+        let names = Names::spawn(dp.dns_maps()?, policy, compiled, listen).await?;
         names.steer(dp)?;
         Ok(names)
     }
@@ -62,6 +157,7 @@ impl Names {
         maps: DnsMaps,
         policy: &Policy,
         compiled: &CompiledPolicy,
+        at: &DnsListen,
     ) -> anyhow::Result<Names> {
         let sink = Arc::new(KernelGrants::new(maps, compiled).context("opening sock_diag")?);
         let proxy_policy =
@@ -73,23 +169,32 @@ impl Names {
         }
         let upstreams = proxy_policy.upstreams().to_vec();
         let proxy = DnsProxy::new(ProxyConfig::default(), proxy_policy, Arc::clone(&sink));
-        let v4 = bind(&proxy, IpAddr::V4(LISTEN_V4))
+        let v4 = bind(&proxy, at.v4, at.port_given.0)
             .await
-            .context("starting the DNS proxy on 127.0.0.153")?;
-        let v6 = match bind(&proxy, IpAddr::V6(Ipv6Addr::LOCALHOST)).await {
-            Ok(h) => Some(h),
-            Err(e) => {
-                warn!(error = %e, "no DNS proxy on ::1: IPv6 servers are steered to the IPv4 proxy (dual-stack sockets only)");
-                None
-            }
+            .with_context(|| format!("starting the DNS proxy on {}", at.v4))?;
+        let v6 = match at.v6 {
+            None => None,
+            Some(addr) => match bind(&proxy, addr, at.port_given.1).await {
+                Ok(h) => Some(h),
+                Err(e) if at.explicit => {
+                    return Err(e).with_context(|| format!("starting the DNS proxy on {addr}"));
+                }
+                Err(e) => {
+                    warn!(error = %e, "no DNS proxy on ::1: IPv6 servers are steered to the IPv4 proxy (dual-stack sockets only)");
+                    None
+                }
+            },
         };
         let v4_addr = v4.local_addr;
+        let IpAddr::V4(v4_ip) = v4_addr.ip() else {
+            unreachable!("bound on an IPv4 address")
+        };
         let (v6_ip, v6_port) = match &v6 {
             Some(h) => match h.local_addr.ip() {
                 IpAddr::V6(ip) => (ip, h.local_addr.port()),
-                IpAddr::V4(_) => unreachable!("bound on ::1"),
+                IpAddr::V4(_) => unreachable!("bound on an IPv6 address"),
             },
-            None => (LISTEN_V4.to_ipv6_mapped(), v4_addr.port()),
+            None => (v4_ip.to_ipv6_mapped(), v4_addr.port()),
         };
         let mut listen = vec![v4_addr];
         let mut handles = vec![v4];
@@ -99,11 +204,16 @@ impl Names {
         }
         sink.set_listen(listen.clone());
         let steering = DnsSteering {
-            v4: LISTEN_V4,
+            v4: v4_ip,
             port: v4_addr.port(),
             v6: v6_ip,
             port6: v6_port,
-            netns_cookie: sockdiag::netns_cookie().context("the network namespace's cookie")?,
+            // On loopback, its own namespace only; elsewhere, every namespace (0).
+            netns_cookie: if at.reaches_other_namespaces() {
+                0
+            } else {
+                sockdiag::netns_cookie().context("the network namespace's cookie")?
+            },
         };
         info!(listen = ?listen, upstreams = ?upstreams, "DNS proxy started");
         Ok(Names {
@@ -167,14 +277,16 @@ impl Names {
     }
 }
 
-/// The proxy on `ip`, port 53, or a free port when 53 is taken there.
+/// The proxy on `addr`; when its port was not given and is taken there, on a free port.
 async fn bind(
     proxy: &Arc<DnsProxy<Arc<KernelGrants>>>,
-    ip: IpAddr,
+    addr: SocketAddr,
+    port_given: bool,
 ) -> std::io::Result<ProxyHandle> {
-    match proxy.start(SocketAddr::new(ip, LISTEN_PORT)).await {
+    let ip = addr.ip();
+    match proxy.start(addr).await {
         Ok(h) => Ok(h),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !port_given => {
             warn!(%ip, "port 53 is taken: the DNS proxy listens on a free port there");
             proxy.start(SocketAddr::new(ip, 0)).await
         }
@@ -242,8 +354,13 @@ impl super::Controller {
         match (self.names.take(), wants) {
             (None, false) => self.dp.set_dns(None)?,
             (None, true) => {
-                let n =
-                    Names::start(&mut self.dp, &self.policy.policy, &self.policy.compiled).await?;
+                let n = Names::start(
+                    &mut self.dp,
+                    &self.policy.policy,
+                    &self.policy.compiled,
+                    &self.dns_listen,
+                )
+                .await?;
                 self.events.set_hosts(Some(Arc::clone(&n.sink)));
                 self.names = Some(n);
             }
@@ -295,6 +412,70 @@ impl super::Controller {
             let compiled = Arc::clone(&self.policy.compiled);
             let event = DnsEvent::of(&q, |id| compiled.rule_name(id).to_string());
             self.emit(&event).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DnsListen;
+
+    fn parse(v: &[&str]) -> Result<DnsListen, String> {
+        DnsListen::parse(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn no_flag_is_loopback_on_port_53_with_fallback_in_this_namespace_only() {
+        let d = parse(&[]).unwrap();
+        assert_eq!(d, DnsListen::default());
+        assert_eq!(d.v4.to_string(), "127.0.0.153:53");
+        assert_eq!(d.v6.unwrap().to_string(), "[::1]:53");
+        assert!(!d.explicit);
+        assert!(!d.reaches_other_namespaces());
+    }
+
+    #[test]
+    fn addresses_with_and_without_ports_one_per_family() {
+        let d = parse(&["169.254.20.10"]).unwrap();
+        assert_eq!(d.v4.to_string(), "169.254.20.10:53");
+        assert_eq!(d.v6, None);
+        assert_eq!(d.port_given, (false, false));
+        assert!(d.explicit && d.reaches_other_namespaces());
+
+        let d = parse(&["[fd00::53]:5353", "10.0.0.1:5300"]).unwrap();
+        assert_eq!(d.v4.to_string(), "10.0.0.1:5300");
+        assert_eq!(d.v6.unwrap().to_string(), "[fd00::53]:5353");
+        assert_eq!(d.port_given, (true, true));
+        assert!(d.reaches_other_namespaces());
+
+        let d = parse(&["127.0.0.154:5353", "fd00::53"]).unwrap();
+        assert_eq!(d.v6.unwrap().to_string(), "[fd00::53]:53");
+        assert_eq!(d.port_given, (true, false));
+        // One loopback address: only this namespace reaches it.
+        assert!(!d.reaches_other_namespaces());
+        let d = parse(&["10.0.0.1", "::1"]).unwrap();
+        assert!(!d.reaches_other_namespaces());
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_value() {
+        for (v, says) in [
+            (
+                &["nope"][..],
+                "--dns-listen nope: expected ADDR or ADDR:PORT",
+            ),
+            (&["0.0.0.0"][..], "not 0.0.0.0"),
+            (&["[::]:53", "10.0.0.1"][..], "not ::"),
+            (&["224.0.0.1"][..], "not 224.0.0.1"),
+            (
+                &["10.0.0.1", "10.0.0.2"][..],
+                "--dns-listen 10.0.0.2: one IPv4 and one IPv6",
+            ),
+            (&["fd00::53"][..], "an IPv4 address is needed"),
+            (&["10.0.0.1:99999"][..], "expected ADDR or ADDR:PORT"),
+        ] {
+            let e = parse(v).unwrap_err();
+            assert!(e.contains(says), "{v:?}: {e}");
         }
     }
 }

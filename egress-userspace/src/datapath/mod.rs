@@ -20,8 +20,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::MapData,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, RawTracePoint,
-        SchedClassifier, SockOps, TcAttachType, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, RawTracePoint, SchedClassifier, SockOps, TcAttachType, TracePoint,
     },
     util::KernelVersion,
 };
@@ -62,6 +62,9 @@ pub const SOCK_CREATE_HOOK: &str = "sock_create";
 /// `sock_ops` (TCP sockets, at TCP_CLOSE). Attached before the hooks that record owners, so
 /// that no owner is ever recorded without them in place.
 pub const OWNER_HOOKS: [&str; 2] = ["sock_release", "sock_ops"];
+/// The `cgroup_skb/egress` program: byte accounting of the packets of sockets with a recorded
+/// owner, in whatever network namespace they are (TC counts the rest).
+pub const ACCOUNTING_HOOK: &str = "skb_egress";
 /// The TC egress classifier.
 pub const TC_PROGRAM: &str = "tc_egress";
 /// The fork tracker (tracepoint `task/task_newtask`).
@@ -251,13 +254,16 @@ fn load_retrying(
 /// takes over the link a previous controller pinned, or attaches and (with pins) pins the link.
 /// A macro because aya's cgroup program types share these methods but no trait.
 macro_rules! attach_cgroup_program {
-    ($self:ident, $ty:ty, $name:expr, $dir:expr) => {{
+    ($self:ident, $ty:ty, $name:expr, $dir:expr) => {
+        attach_cgroup_program!($self, $ty, $name, $dir, )
+    };
+    ($self:ident, $ty:ty, $name:expr, $dir:expr, $($attach_type:expr)?) => {{
         let name: &'static str = $name;
         let pinned = $self.pins.as_ref().map(|p| p.link(name));
         let prog: &mut $ty = program(&mut $self.ebpf, name)?;
         if !take_over(pinned.as_deref(), prog.fd().map_err(prog_err(name))?)? {
             let id = prog
-                .attach($dir, CgroupAttachMode::Single)
+                .attach($dir, $($attach_type,)? CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
             if let Some(path) = pinned {
                 pin_link(prog.take_link(id).map_err(prog_err(name))?, &path)?;
@@ -378,6 +384,8 @@ impl Datapath {
         load_retrying(release, || prog.load())?;
         let prog: &mut SockOps = program(&mut ebpf, sock_ops)?;
         load_retrying(sock_ops, || prog.load())?;
+        let skb: &mut CgroupSkb = program(&mut ebpf, ACCOUNTING_HOOK)?;
+        load_retrying(ACCOUNTING_HOOK, || skb.load())?;
         let tc: &mut SchedClassifier = program(&mut ebpf, TC_PROGRAM)?;
         load_retrying(TC_PROGRAM, || tc.load())?;
         let tracker: &mut TracePoint = program(&mut ebpf, FORK_TRACKER)?;
@@ -577,8 +585,8 @@ impl Datapath {
         self.write_configs()
     }
 
-    /// Attaches every cgroup hook (sock_release and sock_ops first, then sock_addr, sock_create,
-    /// setsockopt) to the cgroup2 directory `cgroup` through BPF links, and the fork tracker
+    /// Attaches every cgroup hook (sock_release and sock_ops first, then the cgroup_skb egress
+    /// accounting, sock_addr, sock_create, setsockopt) to the cgroup2 directory `cgroup` through BPF links, and the fork tracker
     /// (host-wide: what it records only matters for blocked processes, which are in the cgroup).
     /// A cgroup link always coexists with other programs there and in ancestor cgroups (every
     /// attached program must allow a call), and the kernel rejects attach flags on links, hence
@@ -601,6 +609,14 @@ impl Datapath {
         let [release, sock_ops] = OWNER_HOOKS;
         attach_cgroup_program!(self, CgroupSock, release, &dir);
         attach_cgroup_program!(self, SockOps, sock_ops, &dir);
+        // Accounting reads the owners: it starts with them, before the hooks that record them.
+        attach_cgroup_program!(
+            self,
+            CgroupSkb,
+            ACCOUNTING_HOOK,
+            &dir,
+            CgroupSkbAttachType::Egress
+        );
         for name in HOOKS {
             attach_cgroup_program!(self, CgroupSockAddr, name, &dir);
         }
