@@ -295,10 +295,6 @@ pub fn host_cgroup2_root(allow_non_host: bool) -> anyhow::Result<Cgroup2Root> {
 }
 
 /// The decision of [`host_cgroup2_root`] (pure: unit-tested), with the candidates passed over.
-#[expect(
-    clippy::type_complexity,
-    reason = "a private helper's pair; a struct would only name it"
-)]
 pub fn decide_root(
     sel: Selection,
     ns: CgroupNs,
