@@ -49,7 +49,8 @@ fn archive() -> PathBuf {
     a
 }
 
-/// podman with the test's own storage, runc, cgroupfs and file events (no systemd here).
+/// podman with the test's own storage and state (removed with its directory), runc, cgroupfs and
+/// file events (no systemd here).
 struct Podman {
     dir: TempDir,
 }
@@ -70,6 +71,9 @@ impl Podman {
             .arg(self.dir.join("root"))
             .arg("--runroot")
             .arg(self.dir.join("runroot"))
+            // libpod's own state too (default /run/libpod, shared by every podman here).
+            .arg("--tmpdir")
+            .arg(self.dir.join("tmp"))
             .args([
                 "--storage-driver",
                 "vfs",
@@ -95,7 +99,6 @@ impl Drop for Podman {
     fn drop(&mut self) {
         // Whatever is left (a failed test): removed with its storage.
         let _ = self.run(&["rm", "-a", "-f", "-t", "0"]);
-        let _ = self.run(&["system", "reset", "-f"]);
     }
 }
 
@@ -230,11 +233,14 @@ fn the_image_enforces_on_a_host_cgroup_from_its_own_cgroup_namespace() {
     );
 
     // Its own cgroup namespace, not the host's (seen from the host).
-    let pid = text(&podman.run(&["inspect", "-f", "{{.State.Pid}}", &name]));
-    let pid = pid.trim();
-    let ns_of = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).unwrap();
+    let out = podman.run(&["inspect", "-f", "{{.State.Pid}}", &name]);
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ns_of = |p: &str| {
+        std::fs::read_link(format!("/proc/{p}/ns/cgroup"))
+            .unwrap_or_else(|e| panic!("/proc/{p}/ns/cgroup: {e} ({})", text(&out)))
+    };
     assert_ne!(
-        ns_of(pid),
+        ns_of(&pid),
         ns_of("self"),
         "the container has a cgroup namespace of its own"
     );
@@ -331,5 +337,13 @@ fn the_image_refuses_a_cgroup_namespace_of_its_own() {
         t.contains("the host's cgroup2 hierarchy is not reachable"),
         "{t}"
     );
-    assert!(!pins.join("links").exists(), "nothing attached: {t}");
+    // The candidates passed over are named: the host's through /host/proc, and the cgroup2
+    // this container mounted itself (its own cgroup namespace's root).
+    assert!(t.contains("/host/proc/1/root/sys/fs/cgroup"), "{t}");
+    assert!(t.contains("a cgroup below the hierarchy's root"), "{t}");
+    // The pin directory is locked before the root is chosen; nothing was attached in it.
+    let links = std::fs::read_dir(pins.join("links"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(links, 0, "nothing attached: {t}");
 }

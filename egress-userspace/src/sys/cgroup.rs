@@ -273,7 +273,11 @@ pub fn host_cgroup2_root(allow_non_host: bool) -> anyhow::Result<Cgroup2Root> {
     let mut sel = select_root(&root_candidates(&mounts, hp), &probe);
     if sel.host.is_none() && sel.first.is_none() {
         mount_own()?;
-        sel = select_root(&[(PathBuf::from(OWN_MOUNT), RootSource::OwnMount)], &probe);
+        // The candidates passed over first stay named in the error.
+        let mut own = select_root(&[(PathBuf::from(OWN_MOUNT), RootSource::OwnMount)], &probe);
+        sel.rejected.append(&mut own.rejected);
+        own.rejected = sel.rejected;
+        sel = own;
     }
     let ns = cgroup_ns(Path::new("/proc/self/ns/cgroup"), &hp.join("1/ns/cgroup"));
     let decision = decide_root(sel, ns, allow_non_host, hp)?;
