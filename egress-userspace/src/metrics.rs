@@ -1,4 +1,5 @@
-//! Prometheus metrics on `--metrics ADDR` (`GET /metrics`, text format), built with
+//! Prometheus metrics on `--metrics ADDR` (`GET /metrics`, text format), and the probes
+//! `GET /healthz` (liveness) and `GET /readyz` (readiness: attached and the policy applied), built with
 //! prometheus-client from the controller's latest [`StatsReport`]: the controller hands each
 //! report to an [`Exporter`], which folds it into stable series and renders the text served. Label cardinality is bounded:
 //! the top processes and destinations by bytes get their own series, the rest is summed under
@@ -290,17 +291,59 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     out
 }
 
-/// Serves `GET /metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, text: watch::Receiver<String>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
+/// Binds the metrics server's socket (early: a taken port fails the start, before anything is
+/// attached).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding metrics on {addr}"))?;
-    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        .with_context(|| format!("binding metrics on {addr}"))
+}
+
+/// The answer to one request head: `GET /metrics` (the latest text), `GET /healthz` (200 while
+/// the process serves at all: the liveness probe), `GET /readyz` (200 once the programs are
+/// attached and the policy applied, 503 before and while stopping: the readiness probe).
+pub fn respond(request: &str, text: &str, ready: bool) -> String {
+    let path = request
+        .strip_prefix("GET ")
+        .and_then(|r| r.split([' ', '?']).next())
+        .unwrap_or("");
+    let (status, content_type, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            text.to_string(),
+        ),
+        "/healthz" => ("200 OK", "text/plain; charset=utf-8", "ok\n".into()),
+        "/readyz" if ready => ("200 OK", "text/plain; charset=utf-8", "ready\n".into()),
+        "/readyz" => (
+            "503 Service Unavailable",
+            "text/plain; charset=utf-8",
+            "not ready: the programs are not attached or the policy not applied yet\n".into(),
+        ),
+        _ => ("404 Not Found", "text/plain; charset=utf-8", String::new()),
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` (see [`respond`]) on `listener` until the
+/// task is dropped. `ready` is the controller's readiness, `text` the latest metrics.
+pub async fn serve(
+    listener: TcpListener,
+    text: watch::Receiver<String>,
+    ready: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics, probes on /healthz and /readyz");
+    }
     loop {
         let Ok((mut s, _)) = listener.accept().await else {
             continue;
         };
         let text = text.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 8192];
             let mut n = 0;
@@ -321,16 +364,7 @@ pub async fn serve(addr: SocketAddr, text: watch::Receiver<String>) -> anyhow::R
                 return;
             }
             let req = String::from_utf8_lossy(&buf[..n]);
-            let resp = if req.starts_with("GET /metrics ") || req.starts_with("GET /metrics?") {
-                let body = text.borrow().clone();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
+            let resp = respond(&req, &text.borrow(), *ready.borrow());
             let _ = s.write_all(resp.as_bytes()).await;
         });
     }
@@ -543,6 +577,63 @@ mod tests {
 
     fn other(s: &MetricSeries) -> u64 {
         s.procs.iter().find(|p| p.0 == "other").unwrap().2
+    }
+
+    #[test]
+    fn probes_answer_by_path_and_readiness() {
+        let status = |r: &str| r.lines().next().unwrap().to_string();
+        assert_eq!(
+            status(&respond("GET /healthz HTTP/1.1\r\n\r\n", "", false)),
+            "HTTP/1.1 200 OK"
+        );
+        assert_eq!(
+            status(&respond("GET /readyz HTTP/1.1\r\n\r\n", "", false)),
+            "HTTP/1.1 503 Service Unavailable"
+        );
+        assert_eq!(
+            status(&respond("GET /readyz?verbose HTTP/1.1\r\n\r\n", "", true)),
+            "HTTP/1.1 200 OK"
+        );
+        let m = respond("GET /metrics HTTP/1.1\r\n\r\n", "egress_x 1\n", false);
+        assert!(
+            m.starts_with("HTTP/1.1 200 OK") && m.ends_with("egress_x 1\n"),
+            "{m}"
+        );
+        assert_eq!(
+            status(&respond("GET /other HTTP/1.1\r\n\r\n", "", true)),
+            "HTTP/1.1 404 Not Found"
+        );
+        assert_eq!(
+            status(&respond("POST /readyz HTTP/1.1\r\n\r\n", "", true)),
+            "HTTP/1.1 404 Not Found"
+        );
+    }
+
+    /// Over a real socket: /readyz is 503 until readiness flips, /healthz 200 all along.
+    #[tokio::test]
+    async fn readiness_flips_over_http() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_text_tx, text) = watch::channel(String::new());
+        let (ready_tx, ready) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, text, ready));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out.lines().next().unwrap_or("").to_string()
+        };
+        assert_eq!(get("/healthz").await, "HTTP/1.1 200 OK");
+        assert_eq!(get("/readyz").await, "HTTP/1.1 503 Service Unavailable");
+        ready_tx.send_replace(true);
+        assert_eq!(get("/readyz").await, "HTTP/1.1 200 OK");
+        ready_tx.send_replace(false);
+        assert_eq!(get("/readyz").await, "HTTP/1.1 503 Service Unavailable");
+        server.abort();
     }
 
     /// The DNS series are there with or without names in use, named as the README lists them.

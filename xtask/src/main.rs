@@ -62,6 +62,15 @@ enum Task {
     },
     /// fmt --check and clippy -D warnings on the host crates and the eBPF crate.
     Lint,
+    /// Build the agent's OCI image with buildah: `FROM scratch`, one static (musl) `egress`
+    /// binary and nothing else (no shell, no /etc/passwd: policies name users and groups by
+    /// number). Written as an OCI archive to target/image/egress.oci.tar (needs buildah and
+    /// musl-tools from Debian; adds the rustup musl target when missing).
+    Image {
+        /// The image name and tag recorded in the archive.
+        #[arg(long, default_value = IMAGE_NAME)]
+        name: String,
+    },
     /// Benchmarks against a no-firewall baseline, iptables and nftables, in namespaces and
     /// cgroups of their own (root; needs iproute2, iptables, nftables, iperf3, dnsmasq). Prints a
     /// table and writes target/bench/results.json and results.md.
@@ -157,6 +166,17 @@ fn real_main() -> anyhow::Result<()> {
             }
             run(&mut cmd)
         }
+        Task::Image { name } => {
+            bootstrap()?;
+            let archive = image(&root, &name)?;
+            let size = std::fs::metadata(&archive)?.len();
+            println!(
+                "xtask: image {name} written to {} ({:.1} MiB)",
+                archive.display(),
+                size as f64 / (1024.0 * 1024.0)
+            );
+            Ok(())
+        }
         Task::Lint => {
             bootstrap()?;
             run(Command::new(cargo()).args(["fmt", "--all", "--check"]))?;
@@ -185,6 +205,100 @@ fn real_main() -> anyhow::Result<()> {
             ]))
         }
     }
+}
+
+/// The name the image is built and archived under.
+const IMAGE_NAME: &str = "localhost/egress:dev";
+/// The static target of the image's binary.
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// The image's build file: the binary alone, run as root (it loads eBPF). The policy comes from a
+/// mounted ConfigMap at /etc/egress/policy; without one the embedded audit default applies.
+const CONTAINERFILE: &str = "FROM scratch
+COPY egress /usr/bin/egress
+LABEL org.opencontainers.image.title=egress
+LABEL org.opencontainers.image.description=\"eBPF egress firewall node agent\"
+LABEL org.opencontainers.image.licenses=\"MIT OR Apache-2.0 (userspace), Dual MIT/GPL (eBPF)\"
+ENTRYPOINT [\"/usr/bin/egress\"]
+CMD [\"run\", \"--watch\", \"--host-proc\", \"/host/proc\"]
+";
+
+/// Builds the static binary, then the image in a buildah storage of target/image's own (nothing
+/// of the machine's container storage is touched), and writes it as an OCI archive.
+fn image(root: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    for tool in ["buildah", "musl-gcc"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("`{tool}` is missing: apt-get install buildah musl-tools");
+        }
+    }
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l.trim() == MUSL) {
+        eprintln!("xtask: adding the rustup target {MUSL}");
+        run(Command::new("rustup").args(["target", "add", MUSL]))?;
+    }
+    // ring's C code is compiled by musl-gcc; the musl target links statically by default.
+    run(Command::new(cargo())
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "egress-userspace",
+            "--bin",
+            "egress",
+            "--target",
+            MUSL,
+        ]))?;
+    let out = root.join("target/image");
+    let ctx = out.join("context");
+    let _ = std::fs::remove_dir_all(&ctx);
+    std::fs::create_dir_all(&ctx)?;
+    let bin = ctx.join("egress");
+    std::fs::copy(root.join("target").join(MUSL).join("release/egress"), &bin)?;
+    // Symbols are half the binary; the eBPF object embedded in it is data and stays whole.
+    if Command::new("strip").arg(&bin).status().is_err() {
+        eprintln!("xtask: no `strip`: the binary keeps its symbols");
+    }
+    let file = Command::new("file").arg(&bin).output();
+    if let Ok(f) = file {
+        let text = String::from_utf8_lossy(&f.stdout);
+        if text.contains("dynamically linked") {
+            bail!("the image's binary is not static: {text}");
+        }
+    }
+    std::fs::write(ctx.join("Containerfile"), CONTAINERFILE)?;
+    let storage = out.join("storage");
+    let buildah = |args: &[&str]| {
+        let mut c = Command::new("buildah");
+        c.arg("--root")
+            .arg(storage.join("root"))
+            .arg("--runroot")
+            .arg(storage.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args);
+        c
+    };
+    let ctx_s = ctx.to_str().context("a UTF-8 path")?;
+    run(&mut buildah(&[
+        "bud",
+        "--quiet",
+        "--timestamp",
+        "0",
+        "-f",
+        &format!("{ctx_s}/Containerfile"),
+        "-t",
+        name,
+        ctx_s,
+    ]))?;
+    let archive = out.join("egress.oci.tar");
+    let _ = std::fs::remove_file(&archive);
+    run(&mut buildah(&[
+        "push",
+        "--quiet",
+        name,
+        &format!("oci-archive:{}:{name}", archive.display()),
+    ]))?;
+    Ok(archive)
 }
 
 fn workspace_root() -> PathBuf {

@@ -31,6 +31,12 @@ struct Cli {
     /// Log format on stderr. The level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// Where the host's /proc is. In a container, mount the host's /proc there (a DaemonSet
+    /// mounts it at /host/proc): the host's cgroup2 hierarchy is then found through
+    /// DIR/1/root/sys/fs/cgroup when no cgroup2 mount visible here is the hierarchy's root, and
+    /// DIR/1/ns/cgroup tells whether this process shares the host's cgroup namespace.
+    #[arg(long, value_name = "DIR", default_value = crate::sys::cgroup::DEFAULT_HOST_PROC, global = true)]
+    host_proc: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,9 +57,17 @@ enum Command {
         /// policies/default.toml (audit mode).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// cgroup2 directory to attach to. Default: the cgroup2 root found in /proc/mounts.
+        /// cgroup2 directory to attach to. Default: the root of the host's cgroup2 hierarchy (a
+        /// cgroup2 mount in /proc/mounts that is the hierarchy's root, else
+        /// <host-proc>/1/root/sys/fs/cgroup). A cgroup namespace's root (inside a container) is
+        /// refused unless --allow-non-host-cgroup.
         #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
+        /// Enforce even when the host's cgroup2 hierarchy cannot be reached and only a cgroup
+        /// namespace's root is visible (a container without the host's /proc or cgroup2): only
+        /// that subtree is then covered.
+        #[arg(long)]
+        allow_non_host_cgroup: bool,
         /// Append JSON-lines events to FILE instead of stdout ("-" for stdout).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
@@ -67,7 +81,9 @@ enum Command {
         /// 0600).
         #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
-        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464.
+        /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464, with the probes
+        /// /healthz (200 while the process serves) and /readyz (200 once the programs are
+        /// attached and the policy applied; 503 before, and while stopping).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
         /// Reload when the policy file changes (edits, renames, and the symlink swap Kubernetes
@@ -143,6 +159,14 @@ enum Command {
         /// Control socket of the running controller.
         #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
         socket: PathBuf,
+    },
+    /// Mount bpffs at /sys/fs/bpf unless the pin directory is on one already, and create the pin
+    /// directory: what a DaemonSet's privileged init container runs (its mount propagates to the
+    /// host), so that the agent's pins outlive its container.
+    MountBpffs {
+        /// The pin directory `egress run` will use.
+        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Enforcement health, policy generation and hash, mode, counters, controller uptime. Works
     /// without a controller: it then reads the pins.
@@ -352,6 +376,7 @@ fn init_logging(format: LogFormat) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    crate::sys::cgroup::set_host_proc(cli.host_proc);
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -384,6 +409,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             owners_capacity,
             kube,
             dns_listen,
+            allow_non_host_cgroup,
         } => {
             let common = Options {
                 policy,
@@ -403,6 +429,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 socket,
                 pin_dir,
                 ephemeral,
+                allow_non_host_cgroup,
             }))?;
             Ok(0)
         }
@@ -444,6 +471,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 "{}",
                 client::done(&socket, Request::Reload { policy, dry_run })?
             );
+            Ok(0)
+        }
+        Command::MountBpffs { pin_dir } => {
+            Pins::new(&pin_dir).ensure()?;
+            println!("{} is on bpffs", pin_dir.display());
             Ok(0)
         }
         Command::Status {

@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub pin_dir: PathBuf,
     /// Pin nothing and detach on exit.
     pub ephemeral: bool,
+    /// Enforce on a cgroup namespace's root when the host's hierarchy is out of reach.
+    pub allow_non_host_cgroup: bool,
 }
 
 /// Refuses to adopt enforcement pinned for another cgroup.
@@ -57,13 +59,25 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let pins = (!opts.ephemeral).then(|| Pins::new(&opts.pin_dir));
     let _lock = pins.as_ref().map(Pins::lock).transpose()?;
-    let root = cgroup::cgroup2_root()?;
+    // The host's hierarchy, never a container's own cgroup namespace by accident.
+    let root = cgroup::host_cgroup2_root(opts.allow_non_host_cgroup)?.path;
     let cgroup = opts.cgroup.clone().unwrap_or_else(|| root.clone());
     if let Some(p) = &pins {
         check_pinned_cgroup(p, &cgroup)?;
     }
     // Bound before anything is attached: a second controller on this socket fails here.
     let listener = server::bind(&opts.socket)?;
+    // The metrics server is up before the datapath: /healthz answers at once, /readyz says 503
+    // until the programs are attached and the policy applied (Controller::start returned).
+    let (ready, ready_rx) = tokio::sync::watch::channel(false);
+    let (text_tx, text_rx) = tokio::sync::watch::channel(String::new());
+    let metrics = match opts.common.metrics {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr).await?;
+            Some(tokio::spawn(crate::metrics::serve(l, text_rx, ready_rx)))
+        }
+        None => None,
+    };
     let target = Target {
         root,
         cgroup,
@@ -75,10 +89,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Controller::start(&opts.common, target, Box::new(tokio::io::stdout())).await?;
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(16);
     let server = tokio::spawn(server::serve(listener, ctl.stats.subscribe(), cmd_tx));
-    let metrics = match (opts.common.metrics, metrics_text) {
-        (Some(addr), Some(text)) => Some(tokio::spawn(crate::metrics::serve(addr, text))),
-        _ => None,
-    };
+    let forward = metrics_text.map(|mut text| {
+        tokio::spawn(async move {
+            loop {
+                text_tx.send_replace(text.borrow_and_update().clone());
+                if text.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+    });
+    ready.send_replace(true);
     let p = &ctl.policy.policy;
     info!(
         policy = %p.source,
@@ -126,11 +147,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    ready.send_replace(false);
     ctl.finish().await?;
     let stats = ctl.dp.stats()?;
     server.abort();
     if let Some(m) = metrics {
         m.abort();
+    }
+    if let Some(f) = forward {
+        f.abort();
     }
     let _ = std::fs::remove_file(&opts.socket);
     let written = ctl.events.written();

@@ -53,6 +53,8 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
 fn ioctl(name: &str, request: libc::c_ulong) -> io::Result<libc::ifreq> {
     let sock = ioctl_socket()?;
     let mut req = ifreq(name)?;
+    // The request's type is c_ulong on glibc, c_int on musl (the image's static build).
+    let request = request as libc::Ioctl;
     // SAFETY: valid socket and ifreq for these SIOCGIF* requests.
     let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), request, &mut req) };
     if rc < 0 {
