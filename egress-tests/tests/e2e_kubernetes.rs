@@ -396,3 +396,106 @@ fn an_unreachable_api_server_never_stops_enforcement() {
     drop(run);
     drop(tree);
 }
+
+/// Pod selectors end to end: a service for pods labelled app=api in namespace payments. Pod a
+/// (app=api, payments) may connect, pod b (shop) may not; when the watch brings a new pod whose
+/// cgroup kubelet creates afterwards, it is in scope within the pod tick; relabelled out of the
+/// selector, or deleted, it is out at once. No reload happens on the way.
+#[test]
+fn pod_selectors_follow_the_pods_of_this_node() {
+    let ns = egress_tests::LoopNs::new();
+    let dir = TempDir::new("e2e-kube-sel");
+    let policy = dir.file(
+        "p.toml",
+        r#"
+default = "deny"
+allow_loopback = false
+[[service]]
+name = "api-pods"
+destinations = ["127.0.0.2"]
+ports = [80]
+protocols = ["tcp"]
+pods = { namespace = "payments", labels = { app = "api" } }
+"#,
+    );
+    let cg = TestCgroup::new();
+    let mut tree = KubeletTree::new(cg.path());
+    let a = tree.pod(UID_A, "besteffort", &[CID_A, CID_A2]);
+    let b = tree.pod(UID_B, "guaranteed", &[CID_B]);
+    let api = StubApi::start_in(&ns, vec![pod_a(), pod_b()]);
+    let kubepods = tree
+        .root
+        .strip_prefix(egress::sys::cgroup::cgroup2_root().unwrap())
+        .unwrap()
+        .to_path_buf();
+    let run = EgressCmd::run(&ns, cg.path(), &dir)
+        .policy(&policy)
+        .args([
+            "--kubernetes",
+            "--kube-server",
+            &api.url(),
+            "--node-name",
+            "n1",
+        ])
+        .arg("--kubernetes-cgroup-root")
+        .arg(&kubepods)
+        .start();
+    let connect = |cgroup: &std::path::Path| {
+        Probe::new()
+            .netns(&ns)
+            .cgroup(cgroup)
+            .call("tcp", "127.0.0.2:80")
+            .run()[0]
+            .result
+            .clone()
+    };
+    wait_for("pod a in its scope", Duration::from_secs(15), || {
+        connect(&a[0]) == Verdict::Refused
+    });
+    assert_eq!(
+        connect(&a[1]),
+        Verdict::Refused,
+        "every container of the pod"
+    );
+    assert_eq!(connect(&b[0]), Verdict::Denied, "another namespace");
+    assert_eq!(connect(cg.path()), Verdict::Denied, "outside any pod");
+    // A new pod of the selector arrives on the watch before kubelet makes its cgroup.
+    const UID_C: &str = "77777777-2d4e-4f60-8a7b-9c0d1e2f3a4b";
+    const CID_C: &str = "cccccccca0e5f6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1";
+    let pod_c = pod(
+        "payments",
+        "api-new01",
+        UID_C,
+        "n1",
+        "Burstable",
+        &[Container {
+            name: "app",
+            id: CID_C,
+        }],
+    );
+    api.event("ADDED", pod_c.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let c = tree.pod(UID_C, "burstable", &[CID_C]);
+    wait_for(
+        "the new pod in scope once its cgroup exists",
+        Duration::from_secs(2),
+        || connect(&c[0]) == Verdict::Refused,
+    );
+    // Relabelled out of the selector: out of scope.
+    let mut relabelled = pod_c.clone();
+    relabelled["metadata"]["labels"]["app"] = serde_json::json!("batch");
+    api.event("MODIFIED", relabelled.clone());
+    wait_for(
+        "the relabelled pod out of scope",
+        Duration::from_secs(2),
+        || connect(&c[0]) == Verdict::Denied,
+    );
+    // Pod a deleted: out of scope (its cgroup would go too; here it stays, still refused).
+    api.event("DELETED", pod_a());
+    wait_for(
+        "the deleted pod out of scope",
+        Duration::from_secs(2),
+        || connect(&a[0]) == Verdict::Denied,
+    );
+    assert_eq!(run.generation(), 1, "no reload on the way");
+}

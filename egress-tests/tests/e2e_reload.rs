@@ -245,3 +245,44 @@ fn a_hundred_thousand_prefixes_apply_in_under_a_second() {
         [Refused, Denied]
     );
 }
+
+/// The kubelet's ConfigMap update, step for step: the mounted directory holds `..<timestamp>/`
+/// directories, `..data` pointing at the current one, and `policy.toml -> ..data/policy.toml`.
+/// An update writes a new timestamped directory, points `..data_tmp` at it, renames it over
+/// `..data` (atomic) and removes the old directory. `--watch` on `policy.toml` follows it.
+#[test]
+fn watch_follows_a_configmap_update_as_the_kubelet_makes_it() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("reload-configmap");
+    let cg = TestCgroup::new();
+    let mount = dir.join("policy");
+    let write_version = |name: &str, text: &str| {
+        let d = mount.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("policy.toml"), text).unwrap();
+    };
+    std::fs::create_dir_all(&mount).unwrap();
+    write_version(
+        "..2026_11_27_06_00_00.000000001",
+        "allow_loopback = false\n",
+    );
+    std::os::unix::fs::symlink("..2026_11_27_06_00_00.000000001", mount.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/policy.toml", mount.join("policy.toml")).unwrap();
+    let current = mount.join("policy.toml");
+    let run = start(&ns, &dir, &cg, &current).arg("--watch").start();
+    assert_eq!(probe(&cg, &[("tcp", "127.0.0.5:80")]), [Denied]);
+    write_version(
+        "..2026_11_27_06_01_00.000000002",
+        "allow_loopback = false\n[[service]]\nname = \"from-configmap\"\ndestinations = [\"127.0.0.5\"]\n",
+    );
+    std::os::unix::fs::symlink("..2026_11_27_06_01_00.000000002", mount.join("..data_tmp"))
+        .unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    std::fs::remove_dir_all(mount.join("..2026_11_27_06_00_00.000000001")).unwrap();
+    wait_for(
+        "--watch to follow the ConfigMap update",
+        Duration::from_secs(5),
+        || probe(&cg, &[("tcp", "127.0.0.5:80")])[0] == Refused,
+    );
+    assert_eq!(run.generation(), 2);
+}

@@ -121,6 +121,8 @@ pub struct Controller {
     stop_requested: bool,
     /// What the scope watch last warned about (logged once, not every second).
     scope_warned: Option<String>,
+    /// The scope tables last written with this node's pods (pod selectors), if any.
+    pod_scopes_applied: Option<crate::policy::scopes::CompiledScopes>,
     /// The DNS proxy, while the policy uses names.
     names: Option<names::Names>,
     /// Where it listens.
@@ -239,6 +241,7 @@ impl Controller {
             started: Instant::now(),
             stop_requested: false,
             scope_warned: None,
+            pod_scopes_applied: None,
             names: early_names,
             dns_listen: opts.dns_listen.clone(),
             ticks: 0,

@@ -117,7 +117,15 @@ impl Controller {
         if dry_run {
             return Response::Done(change);
         }
-        let applied = match self.dp.reload(&compiled) {
+        // The pods of the moment join the tables written (pod selectors); the policy in force
+        // keeps the tables as compiled.
+        let mut compiled = compiled;
+        let with_pods = self.with_pods(&compiled.scopes);
+        let written_pods = (!compiled.scopes.pod_scopes.is_empty()).then(|| with_pods.clone());
+        let as_compiled = std::mem::replace(&mut compiled.scopes, with_pods);
+        let reloaded = self.dp.reload(&compiled);
+        compiled.scopes = as_compiled;
+        let applied = match reloaded {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "reload failed before the switch; the policy in force is unchanged");
@@ -125,6 +133,7 @@ impl Controller {
             }
         };
         adopt::warn_switch(&(&self.policy.policy).into(), &(&policy).into());
+        self.pod_scopes_applied = written_pods;
         let compiled = Arc::new(compiled);
         self.events
             .set_policy(applied.generation, compiled.clone(), policy.hash.clone());

@@ -118,6 +118,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     let mut ticker = tokio::time::interval(TICK);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut pod_tick = tokio::time::interval(super::scopes::POD_TICK);
+    pod_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pods_changed = ctl.pods.as_ref().map(|p| p.changed.clone());
     loop {
         tokio::select! {
             r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
@@ -143,6 +146,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 // Cgroups named by scopes are followed always, executables with --watch.
                 ctl.scope_tick(opts.watch).await;
             }
+            _ = pod_tick.tick() => ctl.pods_tick(),
+            r = async {
+                match pods_changed.as_mut() {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => match r {
+                Ok(()) => ctl.pods_tick(),
+                // The watch is gone: the tick alone follows the cgroups from here.
+                Err(_) => pods_changed = None,
+            },
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

@@ -10,7 +10,7 @@
 //! restarted unit would otherwise silently leave its scope); executables only with `--watch`
 //! (an upgrade changes what is approved; without `--watch` the operator reloads).
 
-use std::time::Duration;
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _, time::Duration};
 
 use tracing::{info, warn};
 
@@ -20,6 +20,7 @@ use crate::{
     policy::{
         compile::CompiledPolicy,
         resolve::{self, HostResolver, Resolver as _},
+        scopes::CompiledScopes,
     },
 };
 
@@ -130,3 +131,65 @@ impl Controller {
         }
     }
 }
+
+impl Controller {
+    /// `scopes` with the entries of this node's pods: each pod whose pod-level cgroup exists
+    /// now, matched against the policy's pod selectors (`CompiledScopes::pod_entries`). The
+    /// tables as compiled when the policy selects no pods or pod awareness is off.
+    pub(super) fn with_pods(&self, scopes: &CompiledScopes) -> CompiledScopes {
+        let Some(pods) = self.pods.as_ref().filter(|_| !scopes.pod_scopes.is_empty()) else {
+            return scopes.clone();
+        };
+        let index = pods.read();
+        let known: Vec<(String, BTreeMap<String, String>, u64, u32)> = index
+            .pods()
+            .filter_map(|p| {
+                let dir = index.pod_cgroup(&p.uid)?;
+                let id = std::fs::metadata(&dir).ok()?.ino();
+                let level = dir
+                    .strip_prefix(&self.target.root)
+                    .ok()?
+                    .components()
+                    .count() as u32;
+                Some((p.namespace.clone(), p.labels.clone(), id, level))
+            })
+            .collect();
+        drop(index);
+        let (entries, levels) = scopes.pod_entries(
+            known
+                .iter()
+                .map(|(ns, labels, id, level)| (ns.as_str(), labels, *id, *level)),
+        );
+        scopes.with_pods(&entries, levels)
+    }
+
+    /// Brings the scope tables in force up to date with this node's pods (their cgroups and
+    /// labels), without a reload: run when the pod watch changes something and every
+    /// `POD_TICK`, which catches a pod's cgroup that kubelet creates after the pod arrived.
+    pub(super) fn pods_tick(&mut self) {
+        if self.policy.compiled.scopes.pod_scopes.is_empty() {
+            return;
+        }
+        // Until the first list of this node's pods arrived, what is in force stays (after a
+        // restart, the pinned tables hold the previous controller's pods): writing an empty
+        // pod set would take every pod out of its scopes for that time.
+        if !self.pods.as_ref().is_some_and(|p| p.read().synced()) {
+            return;
+        }
+        let want = self.with_pods(&self.policy.compiled.scopes);
+        if self.pod_scopes_applied.as_ref() == Some(&want) {
+            return;
+        }
+        match self.dp.set_cgroup_scopes(&want) {
+            Ok(()) => {
+                tracing::debug!(cgroups = want.cgroup.len(), "pod scopes brought up to date");
+                self.pod_scopes_applied = Some(want);
+            }
+            Err(e) => warn!(error = %e, "updating the pod scopes failed; retried on the next tick"),
+        }
+    }
+}
+
+/// How often the pods' cgroups are looked for while the policy selects pods: the window in
+/// which a new pod's containers run out of its pod scopes (after kubelet made its cgroup).
+pub(super) const POD_TICK: Duration = Duration::from_millis(100);
