@@ -127,23 +127,79 @@ impl Drop for PinGuard {
 /// The `podman run` arguments of an agent container in `ns`, with its own cgroup namespace,
 /// the host's /proc at /host/proc, the host's bpffs, and `work` at /work.
 fn agent_args(ns: &LoopNs, work: &Path, name: &str, host_cgroup: bool) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--privileged",
-        "--cgroupns",
-        "private",
-        "--read-only",
-        "--ulimit",
-        "nofile=1024:20000",
-        "--ulimit",
-        "nproc=1024:1024",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    agent_args_as(ns, work, name, host_cgroup, true)
+}
+
+/// The capabilities the DaemonSet gives the agent container (its `securityContext`, after
+/// `drop: ["ALL"]`), read from deploy/kubernetes/daemonset.yaml: what the test runs with.
+fn daemonset_capabilities() -> Vec<String> {
+    let yaml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml"),
+    )
+    .expect("the DaemonSet manifest");
+    let mut caps = Vec::new();
+    let mut lines = yaml.lines().skip_while(|l| !l.contains("drop: [\"ALL\"]"));
+    lines.next();
+    for l in lines {
+        let t = l.trim();
+        if t.is_empty() || t.starts_with('#') || t == "add:" {
+            continue;
+        }
+        match t.strip_prefix("- ") {
+            Some(cap) => caps.push(cap.trim().to_string()),
+            None => break,
+        }
+    }
+    assert!(
+        caps.len() >= 3,
+        "capabilities read from the DaemonSet: {caps:?}"
+    );
+    caps
+}
+
+/// As [`agent_args`]; unprivileged: `--cap-drop all` and the DaemonSet's capabilities, with
+/// seccomp and AppArmor unconfined, as its `securityContext` says.
+fn agent_args_as(
+    ns: &LoopNs,
+    work: &Path,
+    name: &str,
+    host_cgroup: bool,
+    privileged: bool,
+) -> Vec<String> {
+    let mut a: Vec<String> = ["run", "-d", "--name", name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if privileged {
+        a.push("--privileged".into());
+    } else {
+        a.extend(["--cap-drop", "all"].map(String::from));
+        for cap in daemonset_capabilities() {
+            a.push("--cap-add".into());
+            a.push(cap);
+        }
+        a.extend(
+            [
+                "--security-opt",
+                "seccomp=unconfined",
+                "--security-opt",
+                "apparmor=unconfined",
+            ]
+            .map(String::from),
+        );
+    }
+    a.extend(
+        [
+            "--cgroupns",
+            "private",
+            "--read-only",
+            "--ulimit",
+            "nofile=1024:20000",
+            "--ulimit",
+            "nproc=1024:1024",
+        ]
+        .map(String::from),
+    );
     a.push(format!("--network=ns:{}", ns.path().display()));
     a.extend(["-v", "/proc:/host/proc:ro", "-v", "/sys/fs/bpf:/sys/fs/bpf"].map(String::from));
     a.push("-v".into());
@@ -157,6 +213,18 @@ fn agent_args(ns: &LoopNs, work: &Path, name: &str, host_cgroup: bool) -> Vec<St
 
 #[test]
 fn the_image_enforces_on_a_host_cgroup_from_its_own_cgroup_namespace() {
+    enforces_from_a_container(true);
+}
+
+/// The same, not privileged: only the capabilities the DaemonSet gives the agent (read from the
+/// manifest), seccomp and AppArmor unconfined. Shows the set is enough to load, attach, pin,
+/// enforce and serve.
+#[test]
+fn the_daemonsets_capability_set_is_enough_to_enforce() {
+    enforces_from_a_container(false);
+}
+
+fn enforces_from_a_container(privileged: bool) {
     let started = std::time::Instant::now();
     let podman = Podman::new();
     let ns = LoopNs::new();
@@ -176,8 +244,8 @@ fn the_image_enforces_on_a_host_cgroup_from_its_own_cgroup_namespace() {
     let in_container = Path::new("/host/sys/fs/cgroup")
         .join(host_root.strip_prefix(host_unified).unwrap())
         .join(rel);
-    let name = format!("egress-image-{}", std::process::id());
-    let mut args = agent_args(&ns, work.path(), &name, true);
+    let name = format!("egress-image-{}-{privileged}", std::process::id());
+    let mut args = agent_args_as(&ns, work.path(), &name, true, privileged);
     args.extend(
         [
             IMAGE,
