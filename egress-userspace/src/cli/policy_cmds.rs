@@ -120,6 +120,9 @@ pub fn check(files: &[PathBuf]) -> u8 {
                 for w in &p.warnings {
                     eprintln!("warning: {w}");
                 }
+                for w in c.scope_overlaps() {
+                    eprintln!("warning: {}: {w}", f.display());
+                }
                 println!(
                     "{}: ok: mode {}, default {}, loopback {}: {} services, {} blocks, {} alerts, {} prefixes ({} IPv4, {} IPv6), {} rule sets, {} host patterns; dns: {}",
                     f.display(),

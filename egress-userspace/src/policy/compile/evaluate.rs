@@ -163,3 +163,55 @@ fn lpm<F: Family>(entries: &BTreeMap<(F, u8), u32>, addr: F) -> Option<(IpNetwor
             .map(|&set| (F::to_ipnet(net, len), set))
     })
 }
+
+impl CompiledPolicy {
+    /// Where a scoped service does not narrow anything: a destination whose rule set lets an
+    /// *unscoped* enforced service approve the same ports and protocols for everyone, so the
+    /// callers outside the scoped service's scope get through anyway ("only restic may reach
+    /// S3" with another service covering S3 for all). One line per pair of services, naming a
+    /// destination prefix where they meet; `egress check` prints them as warnings.
+    pub fn scope_overlaps(&self) -> Vec<String> {
+        let mut found: BTreeMap<(u32, u32), IpNetwork> = BTreeMap::new();
+        let prefixes = self
+            .v4
+            .iter()
+            .map(|(&(n, l), &s)| (IpNetwork::new(IpAddr::V4(n.into()), l), s))
+            .chain(
+                self.v6
+                    .iter()
+                    .map(|(&(n, l), &s)| (IpNetwork::new(IpAddr::V6(n.into()), l), s)),
+            );
+        for (net, set) in prefixes {
+            let (Ok(net), Some(set)) = (net, self.rulesets.get(set as usize)) else {
+                continue;
+            };
+            let rules = &set.rules[..(set.len as usize).min(set.rules.len())];
+            // A scoped enforced service (an audit one narrows nothing yet), and an unscoped
+            // service of any mode (an unscoped audit service allows everyone too).
+            let allows = |r: &&egress_common::PortRule| r.action != egress_common::ACTION_BLOCK;
+            let narrows = |r: &&egress_common::PortRule| {
+                r.scope != 0 && r.flags & egress_common::RULE_F_AUDIT == 0
+            };
+            for s in rules.iter().filter(allows).filter(narrows) {
+                for u in rules.iter().filter(allows).filter(|r| r.scope == 0) {
+                    let meet = s.proto_mask & u.proto_mask != 0
+                        && s.port_lo <= u.port_hi
+                        && u.port_lo <= s.port_hi;
+                    if meet && s.rule_id != u.rule_id {
+                        found.entry((s.rule_id, u.rule_id)).or_insert(net);
+                    }
+                }
+            }
+        }
+        found
+            .into_iter()
+            .map(|((s, u), net)| {
+                format!(
+                    "service `{}` is scoped, but service `{}` approves the same ports for everyone at {net} (and maybe elsewhere): callers outside the scope get through it",
+                    self.rule_name(s),
+                    self.rule_name(u)
+                )
+            })
+            .collect()
+    }
+}

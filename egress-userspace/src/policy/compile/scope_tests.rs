@@ -437,3 +437,41 @@ executables = ["/usr/bin/curl"]
     let (_, set) = c.matching_set(dst).unwrap();
     assert_eq!(set.rules[0].action, ACTION_BLOCK);
 }
+
+#[test]
+fn check_warns_where_an_unscoped_service_undoes_a_scoped_one() {
+    let scoped = "default = \"deny\"\n[[service]]\nname = \"s3-for-restic\"\ndestinations = [\"192.0.2.0/24\"]\nports = [443]\nusers = [\"backup\"]\n";
+    assert!(fake(scoped).scope_overlaps().is_empty());
+    let undone = format!(
+        "{scoped}[[service]]\nname = \"web\"\ndestinations = [\"192.0.0.0/16\"]\nports = [\"80-443\"]\n"
+    );
+    let w = fake(&undone).scope_overlaps();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("`s3-for-restic` is scoped, but service `web`"),
+        "{w:?}"
+    );
+    assert!(w[0].contains("192.0.2.0/24"), "{w:?}");
+    // Other ports, or a block: nothing undone.
+    for other in [
+        "[[service]]\nname = \"web\"\ndestinations = [\"192.0.0.0/16\"]\nports = [80]\n",
+        "[[block]]\nname = \"web\"\ndestinations = [\"192.0.0.0/16\"]\nports = [443]\n",
+    ] {
+        assert!(
+            fake(&format!("{scoped}{other}"))
+                .scope_overlaps()
+                .is_empty(),
+            "{other}"
+        );
+    }
+    // An unscoped audit service allows everyone too; a scoped audit one narrows nothing yet.
+    let audit_open = format!(
+        "{scoped}[[service]]\nname = \"web\"\ndestinations = [\"192.0.0.0/16\"]\nports = [443]\nmode = \"audit\"\n"
+    );
+    assert_eq!(fake(&audit_open).scope_overlaps().len(), 1);
+    let audit_scoped = undone.replace(
+        "users = [\"backup\"]\n",
+        "users = [\"backup\"]\nmode = \"audit\"\n",
+    );
+    assert!(fake(&audit_scoped).scope_overlaps().is_empty());
+}
