@@ -368,6 +368,7 @@ fn an_unreachable_api_server_never_stops_enforcement() {
     let run = EgressCmd::run(&pair.a, cg.path(), &dir)
         .policy(&policy)
         .events(&events_file)
+        .args(["--metrics", "127.0.0.1:19466"])
         .args([
             "--kubernetes",
             "--kube-server",
@@ -393,6 +394,20 @@ fn an_unreachable_api_server_never_stops_enforcement() {
         run.status()
             .is_some_and(|s| s["controller"]["running"] == true)
     );
+    // Enforcing, but not ready: this node's pods were never listed (pod selectors would hold
+    // no pod), so a rolling update does not go on to the next node.
+    let code = |path: &str| {
+        let out = pair
+            .a
+            .cmd("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .arg(format!("http://127.0.0.1:19466{path}"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(code("/healthz"), "200");
+    assert_eq!(code("/readyz"), "503");
     drop(run);
     drop(tree);
 }

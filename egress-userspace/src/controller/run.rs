@@ -99,7 +99,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
         })
     });
-    ready.send_replace(true);
+    // Ready once the programs are attached and the policy applied; with pod awareness, also
+    // once the first list of this node's pods arrived (until then pod selectors hold no pod).
+    let pods_synced = |ctl: &Controller| ctl.pods.as_ref().is_none_or(|p| p.read().synced());
+    ready.send_replace(pods_synced(&ctl));
     let p = &ctl.policy.policy;
     info!(
         policy = %p.source,
@@ -146,7 +149,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 // Cgroups named by scopes are followed always, executables with --watch.
                 ctl.scope_tick(opts.watch).await;
             }
-            _ = pod_tick.tick() => ctl.pods_tick(),
+            _ = pod_tick.tick() => {
+                if !*ready.borrow() && pods_synced(&ctl) {
+                    info!("this node's pods listed: ready");
+                    ready.send_replace(true);
+                }
+                ctl.pods_tick();
+            }
             r = async {
                 match pods_changed.as_mut() {
                     Some(rx) => rx.changed().await,
