@@ -360,22 +360,27 @@ struct Settings {
     sizes: Vec<usize>,
 }
 
+/// The calls of section 1: name, client mode, destination, iterations (a divisor of
+/// `Settings::iters`). The sendto() client binds a UDP sink on its destination, and the TCP client
+/// a listener, so that no datagram draws an ICMP port-unreachable the firewalls would judge too.
+const CALLS: [(&str, Mode, &str, usize); 3] = [
+    ("udp connect()", Mode::UdpConnect, "127.0.0.2:9", 1),
+    ("udp sendto()", Mode::UdpSendto, "127.0.0.2:9", 1),
+    ("tcp connect()", Mode::TcpConnect, "127.0.0.2:8080", 10),
+];
+
+/// The programs whose kernel statistics section 1 reports. It drives IPv4 only, so connect6 and
+/// sendmsg6 never run there.
+const DECISION_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "skb_egress", "tc_egress"];
+
 fn measure_calls(
     ns: &LoopNs,
     cgroup: &TestCgroup,
     s: &Settings,
 ) -> anyhow::Result<Vec<(String, Stat, Stat)>> {
     let mut out = Vec::new();
-    for (call, addr, iters) in [
-        ("udp connect()", "127.0.0.2:9", s.iters),
-        ("udp sendto()", "127.0.0.2:9", s.iters),
-        ("tcp connect()", "127.0.0.2:8080", s.iters / 10),
-    ] {
-        let mode = match call {
-            "udp connect()" => Mode::UdpConnect,
-            "udp sendto()" => Mode::UdpSendto,
-            _ => Mode::TcpConnect,
-        };
+    for (call, mode, addr, div) in CALLS {
+        let iters = s.iters / div;
         let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for _ in 0..s.reps {
             let l = time_client(ns, cgroup, mode, addr, iters)?;
@@ -387,13 +392,106 @@ fn measure_calls(
     Ok(out)
 }
 
-fn decision_cost(s: &Settings) -> anyhow::Result<Vec<DecisionRow>> {
+/// What the kernel counted for one egress program over one client run of one call
+/// (`bpf_stats_enabled`): the program's own run time, free of the syscall around it.
+#[derive(Debug, Serialize, Default)]
+struct ProgramRow {
+    prefixes: usize,
+    call: String,
+    program: String,
+    /// Runs of the program over the client run (calls and warm-up calls; packets for
+    /// skb_egress and tc_egress, from both ends of a TCP connection).
+    runs: u64,
+    runs_per_call: f64,
+    /// `run_time_ns / run_cnt`.
+    ns_per_run: f64,
+}
+
+/// ICMP destination-unreachable messages the namespace sent (`/proc/net/snmp`, per namespace).
+fn icmp_unreachable_sent(ns: &LoopNs) -> anyhow::Result<u64> {
+    let snmp = sh(ns.cmd("cat").arg("/proc/net/snmp"))?;
+    out_dest_unreachs(&snmp).context("no Icmp OutDestUnreachs in /proc/net/snmp")
+}
+
+/// `Icmp: … OutDestUnreachs …` of a `/proc/net/snmp` text (a line of names, then one of values).
+fn out_dest_unreachs(snmp: &str) -> Option<u64> {
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next()?, icmp.next()?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutDestUnreachs")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// Section 1's kernel statistics for egress at `n` prefixes: with run-time statistics on (only
+/// here, so that they cost the wall-clock runs nothing) and the TC program on the namespace's
+/// loopback, one client run of each call; per program, the kernel's ns per run.
+fn program_stats(
+    ns: &LoopNs,
+    cg: &TestCgroup,
+    dp: &Datapath,
+    s: &Settings,
+    n: usize,
+) -> anyhow::Result<Vec<ProgramRow>> {
+    let _on = egress::datapath::enable_run_stats()?;
+    let read = || -> anyhow::Result<Vec<egress::datapath::RunStats>> {
+        DECISION_PROGRAMS
+            .iter()
+            .map(|p| Ok(dp.run_stats(p)?))
+            .collect()
+    };
+    let mut rows = Vec::new();
+    for (call, mode, addr, div) in CALLS {
+        let iters = s.iters / div;
+        let before = read()?;
+        time_client(ns, cg, mode, addr, iters)?;
+        let after = read()?;
+        let calls = (iters + iters / 10) as f64;
+        for ((prog, b), a) in DECISION_PROGRAMS.iter().zip(&before).zip(&after) {
+            let runs = a.run_count - b.run_count;
+            if runs == 0 {
+                continue;
+            }
+            rows.push(ProgramRow {
+                prefixes: n,
+                call: call.to_string(),
+                program: prog.to_string(),
+                runs,
+                runs_per_call: runs as f64 / calls,
+                ns_per_run: (a.run_time - b.run_time).as_nanos() as f64 / runs as f64,
+            });
+        }
+        let decided = if mode == Mode::UdpSendto {
+            "sendmsg4"
+        } else {
+            "connect4"
+        };
+        if !rows
+            .iter()
+            .any(|r| r.prefixes == n && r.call == call && r.program == decided)
+        {
+            bail!(
+                "the kernel counted no run of {decided} for {call} (are run-time statistics on?)"
+            );
+        }
+    }
+    Ok(rows)
+}
+
+/// Section 1: the wall-clock rows, the kernel's per-program rows, and the ICMP
+/// destination-unreachable messages sent in its namespace over the whole section (0 expected).
+type DecisionCost = (Vec<DecisionRow>, Vec<ProgramRow>, u64);
+
+fn decision_cost(s: &Settings) -> anyhow::Result<DecisionCost> {
     let ns = LoopNs::new();
     // Every client runs in an empty child cgroup of the root: the baseline and the netfilter
     // runs see no cgroup program at all (the bench's own cgroup may carry systemd's), egress only
     // its own.
     let plain = TestCgroup::with_prefix("egress-bench");
     let mut rows = Vec::new();
+    let mut programs = Vec::new();
+    let icmp_before = icmp_unreachable_sent(&ns)?;
     let mut baseline: BTreeMap<String, f64> = BTreeMap::new();
     for &n in &s.sizes {
         let pfx = prefixes(n);
@@ -428,6 +526,18 @@ fn decision_cost(s: &Settings) -> anyhow::Result<Vec<DecisionRow>> {
                     overhead_p50_ns: over,
                 });
             }
+            // Then the kernel's own figures, TC included (after the wall-clock runs, which it
+            // would otherwise slow down: egress does not attach TC to loopback).
+            let dp = in_netns(&ns, move || -> anyhow::Result<Datapath> {
+                dp.attach_tc(&["lo".to_string()])?;
+                Ok(dp)
+            })?;
+            let t = Instant::now();
+            programs.extend(program_stats(&ns, &cg, &dp, s, n)?);
+            eprintln!(
+                "bench: kernel statistics of the programs in {:.1?}",
+                t.elapsed()
+            );
             drop(dp);
         }
         // iptables: one DROP rule per prefix in OUTPUT (linear), only up to 10k.
@@ -499,7 +609,11 @@ fn decision_cost(s: &Settings) -> anyhow::Result<Vec<DecisionRow>> {
                 .args(["delete", "table", "inet", "egressbench"]))?;
         }
     }
-    Ok(rows)
+    let icmp = icmp_unreachable_sent(&ns)? - icmp_before;
+    if icmp > 0 {
+        eprintln!("bench: warning: {icmp} ICMP destination-unreachable messages in section 1");
+    }
+    Ok((rows, programs, icmp))
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -523,7 +637,22 @@ fn iperf(
     Ok(serde_json::from_str(&out)?)
 }
 
-fn tc_cost(s: &Settings) -> anyhow::Result<Vec<TcRow>> {
+/// The per-packet programs section 2 reports from the kernel's statistics.
+const TC_PROGRAMS: [&str; 2] = ["tc_egress", "skb_egress"];
+
+/// The kernel's statistics of one per-packet program over one iperf3 run of section 2.
+#[derive(Debug, Serialize, Default)]
+struct TcProgramRow {
+    test: String,
+    program: String,
+    /// Runs: packets leaving through the veth (tc_egress) or from the client's cgroup
+    /// (skb_egress), the iperf3 control connection included.
+    runs: u64,
+    /// `run_time_ns / run_cnt`.
+    ns_per_run: f64,
+}
+
+fn tc_cost(s: &Settings) -> anyhow::Result<(Vec<TcRow>, Vec<TcProgramRow>)> {
     let pair = NetPair::new();
     let a = &pair.a;
     let _server = ChildGuard::spawn(pair.b.cmd("iperf3").args([
@@ -563,6 +692,34 @@ fn tc_cost(s: &Settings) -> anyhow::Result<Vec<TcRow>> {
         tcp1.push(t);
         udp1.push(u);
     }
+    // The kernel's own figures per packet, in one more run of each with statistics on (only
+    // then: they cost each program run two clock reads).
+    let mut programs = Vec::new();
+    let t = Instant::now();
+    {
+        let _on = egress::datapath::enable_run_stats()?;
+        let udp_args = ["-u", "-l", "64", "-b", "0", "-t", secs];
+        let tests: [(&str, &[&str]); 2] = [
+            ("iperf3 TCP bulk", &["-t", secs]),
+            ("iperf3 UDP 64-byte", &udp_args),
+        ];
+        for (test, args) in tests {
+            let before = TC_PROGRAMS.map(|p| dp.run_stats(p));
+            iperf(a, &cg, args)?;
+            let after = TC_PROGRAMS.map(|p| dp.run_stats(p));
+            for ((prog, b), a) in TC_PROGRAMS.iter().zip(before).zip(after) {
+                let (b, a) = (b?, a?);
+                let runs = a.run_count - b.run_count;
+                programs.push(TcProgramRow {
+                    test: test.into(),
+                    program: prog.to_string(),
+                    runs,
+                    ns_per_run: (a.run_time - b.run_time).as_nanos() as f64 / runs.max(1) as f64,
+                });
+            }
+        }
+    }
+    eprintln!("bench: kernel statistics of TC in {:.1?}", t.elapsed());
     let counted = dp.flows()?.iter().map(|(_, v)| v.packets).sum::<u64>();
     eprintln!("bench: TC counted {counted} packets");
     let _ = dp.stats();
@@ -577,10 +734,13 @@ fn tc_cost(s: &Settings) -> anyhow::Result<Vec<TcRow>> {
             with_tc: b,
         }
     };
-    Ok(vec![
-        row("iperf3 TCP bulk (bits/s)", tcp0, tcp1),
-        row("iperf3 UDP 64-byte (packets/s)", udp0, udp1),
-    ])
+    Ok((
+        vec![
+            row("iperf3 TCP bulk (bits/s)", tcp0, tcp1),
+            row("iperf3 UDP 64-byte (packets/s)", udp0, udp1),
+        ],
+        programs,
+    ))
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -684,7 +844,13 @@ struct Results {
     quick: bool,
     command: String,
     decision: Vec<DecisionRow>,
+    /// Section 1 from the kernel's statistics of each egress program.
+    decision_programs: Vec<ProgramRow>,
+    /// ICMP destination-unreachable messages sent in section 1's namespace (0 expected).
+    decision_icmp_unreachable: u64,
     tc: Vec<TcRow>,
+    /// Section 2 from the kernel's statistics of the per-packet programs.
+    tc_programs: Vec<TcProgramRow>,
     apply: Vec<ApplyRow>,
     events: EventRow,
     dns: names::DnsReport,
@@ -718,6 +884,30 @@ fn ns(v: f64) -> String {
     }
 }
 
+/// Section 1's per-program table.
+fn programs_markdown(rows: &[ProgramRow], icmp: u64) -> String {
+    let mut m = String::from(
+        "\n#### 1b. Decision cost per program, from the kernel's statistics\n\n\
+         `run_time_ns / run_cnt` of each egress program (`bpf_stats_enabled`), one client run of \
+         each call per size, after the wall-clock runs above, with `tc_egress` attached to the \
+         namespace's loopback for this run only. skb_egress and tc_egress run per packet (a TCP \
+         connect and close is several packets from both ends, hence the runs per call); the section drives IPv4 only, so \
+         connect6 and sendmsg6 do not run. \
+         ICMP destination-unreachable messages sent in the section's namespace: ",
+    );
+    m.push_str(&format!(
+        "{icmp}{}.\n\n| prefixes | call | program | runs per call | ns per run |\n|---:|---|---|---:|---:|\n",
+        if icmp == 0 { "" } else { " (expected 0: extra packets were judged)" }
+    ));
+    for p in rows {
+        m.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.0} ns |\n",
+            p.prefixes, p.call, p.program, p.runs_per_call, p.ns_per_run
+        ));
+    }
+    m
+}
+
 fn markdown(r: &Results) -> String {
     let mut m = String::new();
     m.push_str(&format!(
@@ -747,6 +937,10 @@ fn markdown(r: &Results) -> String {
             }
         ));
     }
+    m.push_str(&programs_markdown(
+        &r.decision_programs,
+        r.decision_icmp_unreachable,
+    ));
     m.push_str("\n### 2. TC accounting cost (veth between two namespaces)\n\n| test | without TC | with TC | ratio |\n|---|---:|---:|---:|\n");
     for t in &r.tc {
         m.push_str(&format!(
@@ -759,6 +953,17 @@ fn markdown(r: &Results) -> String {
             t.with_tc.min,
             t.with_tc.max,
             t.ratio
+        ));
+    }
+    m.push_str(
+        "\nPer packet, from the kernel's statistics (`run_time_ns / run_cnt`, one more run of each \
+         with statistics on and TC attached; empty policy, cgroup hooks attached):\n\n\
+         | test | program | runs | ns per run |\n|---|---|---:|---:|\n",
+    );
+    for p in &r.tc_programs {
+        m.push_str(&format!(
+            "| {} | {} | {} | {:.0} ns |\n",
+            p.test, p.program, p.runs, p.ns_per_run
         ));
     }
     m.push_str("\n### 3. Policy apply time and kernel memory (IPv4 trie)\n\n| prefixes | apply (reload) | kernel memory | per rule |\n|---:|---:|---:|---:|\n");
@@ -849,9 +1054,9 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     egress_tests::bins::egress();
     let s = settings(quick);
     let (kernel, cpu, cores) = machine();
-    let decision = decision_cost(&s)?;
+    let (decision, decision_programs, decision_icmp_unreachable) = decision_cost(&s)?;
     eprintln!("bench: TC accounting");
-    let tc = tc_cost(&s)?;
+    let (tc, tc_programs) = tc_cost(&s)?;
     let apply = apply_cost(&s)?;
     eprintln!("bench: event path");
     let events = event_path(&s)?;
@@ -866,7 +1071,10 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
         quick,
         command: format!("cargo xtask bench{}", if quick { " --quick" } else { "" }),
         decision,
+        decision_programs,
+        decision_icmp_unreachable,
         tc,
+        tc_programs,
         apply,
         events,
         dns,
@@ -915,6 +1123,34 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn icmp_unreachables_are_read_from_snmp() {
+        let snmp = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Icmp: InMsgs InErrors OutMsgs OutDestUnreachs OutEchos\n\
+                    Icmp: 7 0 12 9 3\nIcmpMsg: OutType3\nIcmpMsg: 9\n";
+        assert_eq!(out_dest_unreachs(snmp), Some(9));
+        assert_eq!(out_dest_unreachs("Ip: A\nIp: 1\n"), None);
+    }
+
+    #[test]
+    fn the_program_table_lists_each_program_and_flags_icmp() {
+        let rows = [ProgramRow {
+            prefixes: 1_000,
+            call: "udp sendto()".into(),
+            program: "skb_egress".into(),
+            runs: 44_000,
+            runs_per_call: 2.0,
+            ns_per_run: 41.4,
+        }];
+        let m = programs_markdown(&rows, 0);
+        assert!(
+            m.contains("| 1000 | udp sendto() | skb_egress | 2.00 | 41 ns |"),
+            "{m}"
+        );
+        assert!(!m.contains("expected 0"));
+        assert!(programs_markdown(&rows, 3).contains("3 (expected 0"));
+    }
 
     #[test]
     fn the_cli_is_well_formed() {
