@@ -140,7 +140,7 @@ pub fn steer_v6(
 
 /// `::ffff:a.b.c.d`, the v4-mapped form of an IPv4 address.
 #[inline(always)]
-fn mapped_form(v4: [u8; 4]) -> [u8; 16] {
+pub(crate) fn mapped_form(v4: [u8; 4]) -> [u8; 16] {
     let mut m = [0u8; 16];
     m[10] = 0xff;
     m[11] = 0xff;
