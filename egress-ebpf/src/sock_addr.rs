@@ -127,7 +127,17 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     // An AF_INET6 socket sending to ::ffff:a.b.c.d reaches sendmsg4 with the IPv4 address: report
     // it as the process gave it.
     if inet6 {
-        return finish(ctx, &cfg, d, hook, 6, 1, dns::mapped_form(addr), port, proto);
+        return finish(
+            ctx,
+            &cfg,
+            d,
+            hook,
+            6,
+            1,
+            dns::mapped_form(addr),
+            port,
+            proto,
+        );
     }
     finish(ctx, &cfg, d, hook, 4, 0, full, port, proto)
 }
