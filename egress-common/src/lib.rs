@@ -153,7 +153,10 @@ pub struct Config {
     /// read `ACTIVE`, then `CONFIG[ACTIVE]`, then only that buffer's maps.
     pub buffer: u32,
     /// How many entries of `nat64` are in use.
-    pub nat64_count: u32,
+    pub nat64_count: u16,
+    /// `LOOKUP_*` bits: which structure IPv4 destinations are looked up in. (A u16 beside
+    /// `nat64_count`: the hooks copy `Config` onto a stack near its 512-byte limit.)
+    pub lookup: u16,
     /// The policy's own NAT64 /96 prefixes (`nat64_prefixes`), first 12 bytes each; the
     /// well-known `64:ff9b::/96` is always recognised and not listed here.
     pub nat64: [[u8; 12]; MAX_NAT64_PREFIXES],
@@ -183,6 +186,17 @@ pub struct Config {
     pub scope_cg_levels: u32,
 }
 const _: () = assert!(size_of::<Config>() == 136);
+
+impl Config {
+    /// The all-zero config: enforce, default deny, no loopback, buffer 0 (fail-closed).
+    // SAFETY: every field is an integer or an array of integers, for which zero is valid.
+    pub const ZERO: Config = unsafe { core::mem::zeroed() };
+}
+
+/// `Config::lookup`: IPv4 destinations are looked up in the buffer's range table
+/// (`DIR_V4_n`/`RANGES_V4_n`, [`ranges`]); without it, in its trie (`POLICY_V4_n`: a policy
+/// the range table has no room for). A table that reads as inconsistent fails closed.
+pub const LOOKUP_V4_RANGES: u16 = 1 << 0;
 
 /// `Config::dns_flags`: DNS queries (TCP/UDP port 53) of enforced sockets are steered to the
 /// proxy, and answers appear to come from the server the process asked.
@@ -820,6 +834,7 @@ pub fn v4_mapped(a: &[u8; 16]) -> Option<[u8; 4]> {
 }
 
 pub mod map_names;
+pub mod ranges;
 
 /// Whether the first 12 bytes of `a` are `prefix`.
 #[inline(always)]

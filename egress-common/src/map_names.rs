@@ -9,6 +9,10 @@
 pub const POLICY_V4: [&str; 2] = ["POLICY_V4_0", "POLICY_V4_1"];
 /// IPv6 policy tries of buffer 0 and 1.
 pub const POLICY_V6: [&str; 2] = ["POLICY_V6_0", "POLICY_V6_1"];
+/// IPv4 range tables of buffer 0 and 1 (`egress_common::ranges`): the chunk directory and
+/// the chunks' interval lists.
+pub const DIR_V4: [&str; 2] = ["DIR_V4_0", "DIR_V4_1"];
+pub const RANGES_V4: [&str; 2] = ["RANGES_V4_0", "RANGES_V4_1"];
 /// Rule sets of buffer 0 and 1.
 pub const RULESETS: [&str; 2] = ["RULESETS_0", "RULESETS_1"];
 pub const CONFIG: &str = "CONFIG";
@@ -36,9 +40,13 @@ pub const SCOPE_CG: [&str; 2] = ["SCOPE_CG_0", "SCOPE_CG_1"];
 pub const SCOPE_DEF: &str = "SCOPE_DEF";
 
 /// Every map of the object.
-pub const ALL: [&str; 28] = [
+pub const ALL: [&str; 32] = [
     POLICY_V4[0],
     POLICY_V4[1],
+    DIR_V4[0],
+    DIR_V4[1],
+    RANGES_V4[0],
+    RANGES_V4[1],
     POLICY_V6[0],
     POLICY_V6[1],
     RULESETS[0],

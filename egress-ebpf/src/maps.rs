@@ -4,13 +4,14 @@
 //! their `max_entries` at load time (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
     BlockKey, BlockValue, Config, DnsOrig, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
     PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
+    ranges::{RangeLine, V4_DIR_LINES},
 };
 
 // The policy is double-buffered so that a reload is atomic: the controller fills the inactive
@@ -24,6 +25,21 @@ use egress_common::{
 pub static POLICY_V4_0: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(1, 0);
 #[map]
 pub static POLICY_V4_1: LpmTrie<[u8; 4], PrefixValue> = LpmTrie::with_max_entries(1, 0);
+
+/// The IPv4 range table of buffer 0 and 1 (`egress_common::ranges`): the chunk directory
+/// (2^20 entries in 64-byte lines, 4 MiB) and the chunks' interval lists (`max_entries`
+/// entries of 8 bytes, set by the controller at load: `--prefix-capacity`). Written by the
+/// controller (the compile step's table, through mmap), read by every hook when the
+/// buffer's `Config::lookup` has `LOOKUP_V4_RANGES`. Plain ARRAYs: the verifier inlines their
+/// lookups (no helper call), and their cost does not depend on the policy's size.
+#[map]
+pub static DIR_V4_0: Array<RangeLine> = Array::with_max_entries(V4_DIR_LINES, BPF_F_MMAPABLE);
+#[map]
+pub static DIR_V4_1: Array<RangeLine> = Array::with_max_entries(V4_DIR_LINES, BPF_F_MMAPABLE);
+#[map]
+pub static RANGES_V4_0: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+pub static RANGES_V4_1: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// IPv6 policy prefixes -> rule set, buffer 0 and 1. Written by the controller, read by the
 /// hooks.

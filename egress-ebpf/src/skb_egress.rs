@@ -55,7 +55,7 @@ pub fn count(ctx: &SkBuffContext) -> i32 {
     };
     let cfg = policy::config();
     if cfg.mode != MODE_AUDIT
-        && (p.routed || policy::budget_block(&cfg, owner.tgid, p.family, &p.addr).is_some())
+        && (p.routed || policy::budget_block(cfg, owner.tgid, p.family, &p.addr).is_some())
     {
         return PASS;
     }

@@ -114,32 +114,22 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let cfg = policy::config();
     let inet6 = unsafe { (*ctx.sock_addr).family } == AF_INET6;
     if !no_address(ctx) {
-        match dns::steer_v4(ctx, &cfg, addr, port, proto, inet6) {
+        match dns::steer_v4(ctx, cfg, addr, port, proto, inet6) {
             Steer::No => {}
             Steer::Proxy | Steer::Steered => return steered(ctx),
         }
     }
-    let scopes = scope::caller(&cfg);
-    let d = policy::decide_v4::<false>(&cfg, addr, port, proto, &scopes);
+    let scopes = scope::caller(cfg);
+    let d = policy::decide_v4::<false>(cfg, addr, port, proto, &scopes);
     let mut full = [0u8; 16];
     full[..4].copy_from_slice(&addr);
-    let d = with_grant(&cfg, d, 4, &full, port, proto, &scopes);
+    let d = with_grant(cfg, d, 4, &full, port, proto, &scopes);
     // An AF_INET6 socket sending to ::ffff:a.b.c.d reaches sendmsg4 with the IPv4 address: report
     // it as the process gave it.
     if inet6 {
-        return finish(
-            ctx,
-            &cfg,
-            d,
-            hook,
-            6,
-            1,
-            dns::mapped_form(addr),
-            port,
-            proto,
-        );
+        return finish(ctx, cfg, d, hook, 6, 1, dns::mapped_form(addr), port, proto);
     }
-    finish(ctx, &cfg, d, hook, 4, 0, full, port, proto)
+    finish(ctx, cfg, d, hook, 4, 0, full, port, proto)
 }
 
 pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
@@ -153,26 +143,26 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let cfg = policy::config();
     let v4 = v4_mapped(&addr);
     if !no_address(ctx) {
-        match dns::steer_v6(ctx, &cfg, &addr, port, proto, v4.is_some()) {
+        match dns::steer_v6(ctx, cfg, &addr, port, proto, v4.is_some()) {
             Steer::No => {}
             Steer::Proxy | Steer::Steered => return steered(ctx),
         }
     }
-    let scopes = scope::caller(&cfg);
+    let scopes = scope::caller(cfg);
     // ::ffff:a.b.c.d reaches the IPv4 address a.b.c.d: judge it exactly as IPv4.
     let (d, mapped) = match v4 {
         Some(v4) => {
             let mut full = [0u8; 16];
             full[..4].copy_from_slice(&v4);
-            let d = policy::decide_v4::<false>(&cfg, v4, port, proto, &scopes);
-            (with_grant(&cfg, d, 4, &full, port, proto, &scopes), 1)
+            let d = policy::decide_v4::<false>(cfg, v4, port, proto, &scopes);
+            (with_grant(cfg, d, 4, &full, port, proto, &scopes), 1)
         }
         None => {
-            let d = policy::decide_v6::<false>(&cfg, addr, port, proto, &scopes);
-            (with_grant(&cfg, d, 6, &addr, port, proto, &scopes), 0)
+            let d = policy::decide_v6::<false>(cfg, addr, port, proto, &scopes);
+            (with_grant(cfg, d, 6, &addr, port, proto, &scopes), 0)
         }
     };
-    finish(ctx, &cfg, d, hook, 6, mapped, addr, port, proto)
+    finish(ctx, cfg, d, hook, 6, mapped, addr, port, proto)
 }
 
 /// A DNS query sent to the proxy (steered now, or connected to it before): allowed, and its

@@ -110,7 +110,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
                 None => Parsed::NONE,
             };
             let rule_id = RULE_SOCKETS + SOCKETS_PACKET as u32;
-            if refuse(&cfg, &p, rule_id, rule == SOCK_AUDIT, skb) {
+            if refuse(cfg, &p, rule_id, rule == SOCK_AUDIT, skb) {
                 return TC_ACT_SHOT;
             }
         }
@@ -126,7 +126,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
     };
     // Source routes and routing headers are refused at setsockopt; their cmsg forms (and sockets
     // from outside the cgroup) end here.
-    if p.routed && refuse(&cfg, &p, RULE_SOURCE_ROUTE, false, skb) {
+    if p.routed && refuse(cfg, &p, RULE_SOURCE_ROUTE, false, skb) {
         return TC_ACT_SHOT;
     }
 
@@ -139,7 +139,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
 
     // A process over its byte budget: its packets stop here, established connections included.
     if let Some(o) = owner
-        && policy::budget_block(&cfg, o.tgid, p.family, &p.addr).is_some()
+        && policy::budget_block(cfg, o.tgid, p.family, &p.addr).is_some()
         && cfg.mode != MODE_AUDIT
     {
         count(STAT_BUDGET_DROPPED);
@@ -153,9 +153,9 @@ pub fn classify(ctx: &TcContext) -> i32 {
     // never judged. One decision for both (the verifier's budget).
     let judge_echo = p.echo_request && cfg.sockets[SOCKETS_ICMP] == SOCK_POLICY;
     if judge_echo || owner.is_none() {
-        let d = decide(&cfg, &p);
+        let d = decide(cfg, &p);
         let explicit = d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK;
-        if !d.allow && (judge_echo || explicit) && refuse(&cfg, &p, d.rule_id, false, skb) {
+        if !d.allow && (judge_echo || explicit) && refuse(cfg, &p, d.rule_id, false, skb) {
             return TC_ACT_SHOT;
         }
     }

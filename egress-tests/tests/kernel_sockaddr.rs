@@ -723,3 +723,189 @@ fn a_user_block_refuses_every_process_of_that_user_only() {
     assert_eq!(as_user(Some(nobody)), [Denied], "the blocked user");
     assert_eq!(as_user(None), [Refused], "root is not blocked");
 }
+
+/// A policy of `n` nested prefixes inside 127.0.0.0/8 (a threat-feed mix of lengths: mostly
+/// /32 and /24, some /16–/31, a few shorter), each in one of five services and blocks with
+/// different ports; deterministic. Returns the policy text and every prefix (network, length).
+fn nested_policy(n: usize, seed: u64) -> (String, Vec<(u32, u8)>) {
+    let mut x = seed;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as u32
+    };
+    let mut prefixes = std::collections::BTreeSet::new();
+    while prefixes.len() < n {
+        let len = match next() % 100 {
+            0..=59 => 32,
+            60..=79 => 24,
+            80..=89 => 16 + (next() % 8) as u8,
+            90..=96 => 25 + (next() % 7) as u8,
+            _ => 9 + (next() % 7) as u8,
+        };
+        // Half of them packed into 127.1.0.0/16, so that chunks hold long, nested lists.
+        let addr = if next() % 2 == 0 {
+            0x7f01_0000 | (next() & 0xffff)
+        } else {
+            0x7f00_0000 | (next() & 0x00ff_ffff)
+        };
+        let mask = u32::MAX << (32 - len);
+        prefixes.insert((addr & mask, len));
+    }
+    let rules = [
+        (
+            "service",
+            "svc-https",
+            "ports = [443]\nprotocols = [\"udp\"]",
+        ),
+        (
+            "service",
+            "svc-dns",
+            "ports = [5353]\nprotocols = [\"udp\"]",
+        ),
+        ("block", "blk-https", "ports = [443]"),
+        ("service", "svc-all", ""),
+        ("block", "blk-all", ""),
+    ];
+    let mut members: Vec<Vec<String>> = vec![Vec::new(); rules.len()];
+    for (i, &(net, len)) in prefixes.iter().enumerate() {
+        let ip = std::net::Ipv4Addr::from(net);
+        members[(i * 7 + len as usize) % rules.len()].push(format!("\"{ip}/{len}\""));
+    }
+    let mut text = String::from("mode = \"enforce\"\ndefault = \"deny\"\nallow_loopback = false\n");
+    for ((kind, name, extra), dests) in rules.iter().zip(&members) {
+        if dests.is_empty() {
+            continue;
+        }
+        text.push_str(&format!(
+            "\n[[{kind}]]\nname = \"{name}\"\ndestinations = [{}]\n{extra}\n",
+            dests.join(", ")
+        ));
+    }
+    (text, prefixes.into_iter().collect())
+}
+
+/// Every prefix's first and last address and their outside neighbours (within 127/8, but its
+/// broadcast address), plus
+/// pseudo-random addresses of 127/8; each as IPv4 and, for a share, v4-mapped IPv6.
+fn edge_addresses(prefixes: &[(u32, u8)], seed: u64) -> Vec<IpAddr> {
+    let mut set = std::collections::BTreeSet::new();
+    for &(net, len) in prefixes {
+        let last = net | u32::MAX.checked_shr(u32::from(len)).unwrap_or(0);
+        for a in [net, last, net.wrapping_sub(1), last.wrapping_add(1)] {
+            // (127.255.255.255 is loopback's broadcast address: sendto says EACCES.)
+            if a >> 24 == 127 && a != 0x7fff_ffff {
+                set.insert(a);
+            }
+        }
+    }
+    let mut x = seed;
+    for _ in 0..200 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        set.insert(0x7f00_0000 | ((x >> 33) as u32 & 0x00ff_fffe));
+    }
+    set.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let v4 = std::net::Ipv4Addr::from(a);
+            if i % 5 == 0 {
+                IpAddr::V6(v4.to_ipv6_mapped())
+            } else {
+                IpAddr::V4(v4)
+            }
+        })
+        .collect()
+}
+
+/// The kernel's verdicts for unconnected UDP sends to `addrs` on ports 443 and 5353 against
+/// `compiled.evaluate` (what `egress explain` prints); returns how many were allowed.
+fn agree_on(cg: &TestCgroup, compiled: &CompiledPolicy, addrs: &[IpAddr]) -> usize {
+    let mut calls: Vec<(String, IpAddr, u16)> = Vec::new();
+    for &ip in addrs {
+        for port in [443u16, 5353] {
+            calls.push((SocketAddr::new(ip, port).to_string(), ip, port));
+        }
+    }
+    let args: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|(a, ..)| ("udp-sendto", a.as_str()))
+        .collect();
+    let results = probe(cg, &args);
+    let mut allowed = 0;
+    for ((addr, ip, port), got) in calls.iter().zip(&results) {
+        let want = compiled.evaluate(*ip, *port, IPPROTO_UDP);
+        assert_eq!(
+            got.passed(),
+            want.allow,
+            "udp-sendto {addr}: kernel said {got}, explain said {want:?}"
+        );
+        allowed += usize::from(want.allow);
+    }
+    assert!(
+        allowed > calls.len() / 10 && allowed < calls.len() * 9 / 10,
+        "the addresses exercise both verdicts ({allowed}/{})",
+        calls.len()
+    );
+    allowed
+}
+
+#[test]
+fn the_range_table_and_the_trie_agree_with_explain_at_every_prefix_edge() {
+    use egress::datapath::{Capacities, V4Lookup};
+    let (text, prefixes) = nested_policy(400, 0x5eed);
+    let p = Policy::parse("ranges.toml", &text).unwrap_or_else(|e| panic!("{e}"));
+    let big = CompiledPolicy::compile(&p).unwrap_or_else(|e| panic!("{e}"));
+    let table = big.v4_ranges().expect("the policy has a range table");
+    assert!(
+        table.range_entries() > 400,
+        "lists are long enough to search: {table:?}"
+    );
+    let addrs = edge_addresses(&prefixes, 7);
+    assert!(addrs.len() > 1000, "{} addresses", addrs.len());
+
+    // The range table: a datapath sized for the policy.
+    let cg = TestCgroup::new();
+    let mut dp = Datapath::load(&big)
+        .unwrap_or_else(|e| panic!("loading the datapath must work as root: {e}"));
+    dp.attach(cg.path()).unwrap();
+    let with_table = agree_on(&cg, &big, &addrs);
+    // Reloaded (the other buffer), the same answers.
+    let applied = dp.reload(&big).unwrap();
+    assert!(
+        matches!(applied.v4_lookup, V4Lookup::Ranges { .. }),
+        "{applied:?}"
+    );
+    assert_eq!(agree_on(&cg, &big, &addrs), with_table);
+    drop(dp);
+
+    // The trie: a datapath whose range table has no room for it falls back, and says so; a
+    // policy that fits goes back to the table.
+    let small_text = "mode = \"enforce\"\ndefault = \"deny\"\nallow_loopback = false\n[[service]]\nname = \"one\"\ndestinations = [\"127.0.0.1\"]\n";
+    let small = CompiledPolicy::compile(&Policy::parse("small.toml", small_text).unwrap()).unwrap();
+    let cg = TestCgroup::new();
+    let sizes = Capacities {
+        owners: None,
+        prefixes: Some(1),
+    };
+    let mut dp = Datapath::load_capacities(&small, sizes).expect("loading the datapath");
+    dp.attach(cg.path()).unwrap();
+    let applied = dp.reload(&big).unwrap();
+    match &applied.v4_lookup {
+        V4Lookup::Trie { why } => assert!(why.contains("--prefix-capacity"), "{why}"),
+        other => panic!("a table without room must fall back to the trie: {other:?}"),
+    }
+    assert_eq!(agree_on(&cg, &big, &addrs), with_table);
+    let applied = dp.reload(&small).unwrap();
+    assert!(
+        matches!(applied.v4_lookup, V4Lookup::Ranges { .. }),
+        "{applied:?}"
+    );
+    let r = probe(
+        &cg,
+        &[("udp-sendto", "127.0.0.1:9"), ("udp-sendto", "127.0.0.2:9")],
+    );
+    assert!(r[0].passed() && !r[1].passed(), "{r:?}");
+}

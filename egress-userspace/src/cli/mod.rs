@@ -106,6 +106,14 @@ enum Command {
         /// Over pinned enforcement the pinned size is kept; another size needs `egress stop`.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         owners_capacity: Option<u32>,
+        /// Room in the IPv4 range table (the lookup whose cost does not grow with the policy)
+        /// for N prefixes: at most 24 bytes each, in each of the two policy buffers, allocated
+        /// at start; the starting policy's own need, doubled, when that is more. A policy
+        /// reloaded later that does not fit is enforced through the kernel's LPM trie instead
+        /// (slower at large sizes; logged, and shown by `egress status`). Default: 262144.
+        /// Over pinned enforcement the pinned table's size is kept.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::datapath::MAX_PREFIX_CAPACITY)))]
+        prefix_capacity: Option<u32>,
         #[command(flatten)]
         kube: KubeArgs,
         /// Where the DNS proxy listens while the policy uses names: ADDR or ADDR:PORT ([ADDR]:PORT
@@ -142,6 +150,14 @@ enum Command {
         /// `owners-full`, counter `owners_full`) rather than go unattributed. Default: 131072.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         owners_capacity: Option<u32>,
+        /// Room in the IPv4 range table (the lookup whose cost does not grow with the policy)
+        /// for N prefixes: at most 24 bytes each, in each of the two policy buffers, allocated
+        /// at start; the starting policy's own need, doubled, when that is more. A policy
+        /// reloaded later that does not fit is enforced through the kernel's LPM trie instead
+        /// (slower at large sizes; logged, and shown by `egress status`). Default: 262144.
+        /// Over pinned enforcement the pinned table's size is kept.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::datapath::MAX_PREFIX_CAPACITY)))]
+        prefix_capacity: Option<u32>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -407,6 +423,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             pin_dir,
             ephemeral,
             owners_capacity,
+            prefix_capacity,
             kube,
             dns_listen,
             allow_non_host_cgroup,
@@ -419,6 +436,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 spool: alerting.spool,
                 metrics,
                 owners_capacity,
+                prefix_capacity,
                 kube: kube.options()?,
                 dns_listen: DnsListen::parse(&dns_listen).map_err(anyhow::Error::msg)?,
             };
@@ -441,6 +459,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             report,
             command,
             owners_capacity,
+            prefix_capacity,
         } => {
             let common = Options {
                 policy,
@@ -450,6 +469,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 spool: alerting.spool,
                 metrics: None,
                 owners_capacity,
+                prefix_capacity,
                 kube: None,
                 dns_listen: DnsListen::default(),
             };

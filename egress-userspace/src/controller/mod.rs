@@ -45,7 +45,7 @@ use crate::{
     accounting::Accounting,
     alerts::AlertEngine,
     api::{Request, Response},
-    datapath::{Datapath, OWNERS_CAPACITY, pins::Pins},
+    datapath::{Capacities, Datapath, pins::Pins},
     events::EventStream,
     metrics,
     report::{Attachment, ControllerInfo, PolicyInfo, StatsReport, StatusReport},
@@ -74,6 +74,8 @@ pub struct Options {
     /// Capacity of the socket-owner map (None: the default for fresh maps, the pinned map's
     /// when adopting).
     pub owners_capacity: Option<u32>,
+    /// IPv4 prefixes the range table has room for (None: the default, or what is pinned).
+    pub prefix_capacity: Option<u32>,
     /// Pod awareness (`run --kubernetes`).
     pub kube: Option<crate::kube::KubeOptions>,
     /// Where the DNS proxy listens, while the policy uses names.
@@ -171,14 +173,18 @@ impl Controller {
             .kube
             .as_ref()
             .map(|k| crate::kube::Pods::spawn(k, &target.root));
+        let sizes = Capacities {
+            owners: opts.owners_capacity,
+            prefixes: opts.prefix_capacity,
+        };
         let (mut dp, adopted) = match &target.pins {
-            Some(p) => Datapath::load_pinned(plan.fresh(), p, opts.owners_capacity)
-                .context("loading the datapath")?,
+            Some(p) => {
+                Datapath::load_pinned(plan.fresh(), p, sizes).context("loading the datapath")?
+            }
             None => {
                 let policy = plan.fresh().context("no policy to load")?;
-                let owners = opts.owners_capacity.unwrap_or(OWNERS_CAPACITY);
                 (
-                    Datapath::load_sized(policy, owners).context("loading the datapath")?,
+                    Datapath::load_capacities(policy, sizes).context("loading the datapath")?,
                     false,
                 )
             }

@@ -144,10 +144,16 @@ impl Controller {
         }
         let elapsed_ms = applied.elapsed.as_secs_f64() * 1000.0;
         info!(policy = %policy.source, generation = applied.generation, hash = %policy.hash, elapsed_ms, "policy applied");
-        let message = format!(
+        let mut message = format!(
             "applied generation {} (hash {}) from {} in {elapsed_ms:.1} ms\n{change}",
             applied.generation, policy.hash, policy.source,
         );
+        if let crate::datapath::V4Lookup::Trie { why } = &applied.v4_lookup {
+            warn!(policy = %policy.source, "IPv4 destinations are looked up in the LPM trie: {why}");
+            message.push_str(&format!(
+                "\nwarning: IPv4 destinations are looked up in the LPM trie (slower at large sizes): {why}"
+            ));
+        }
         let event = ReloadEvent {
             ts: timestamp(SystemTime::now()),
             event: "reload".into(),

@@ -11,13 +11,30 @@ use aya::{
 };
 use egress_common::{
     BlockKey, BlockValue, Config, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue,
-    Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS, ScopeBits, map_names,
+    LOOKUP_V4_RANGES, Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS, ScopeBits, map_names,
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{DatapathError, pins::MapShape};
-use crate::policy::{compile::CompiledPolicy, scopes::CompiledScopes};
+use super::{DatapathError, mapped::MappedArray, pins::MapShape};
+use crate::policy::{
+    compile::{CompiledPolicy, NoTable},
+    scopes::CompiledScopes,
+};
+
+/// Where a policy buffer's IPv4 destinations are looked up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum V4Lookup {
+    /// The range table: lookup cost independent of the number of prefixes.
+    Ranges {
+        /// `RANGES_V4` entries the policy fills, of `capacity`.
+        entries: usize,
+        capacity: usize,
+    },
+    /// The LPM trie (slower as it grows), and why the range table was not used.
+    Trie { why: String },
+}
 
 /// The datapath's counters (`STATS`), summed over all CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +68,9 @@ pub struct Counters {
 /// One of the two policy buffers: the tries and the rule sets they point into.
 pub(super) struct PolicyBuffer {
     v4: LpmTrie<MapData, [u8; 4], PrefixValue>,
+    /// The IPv4 range table (`DIR_V4_n`, `RANGES_V4_n`), mapped.
+    dir_v4: MappedArray,
+    ranges_v4: MappedArray,
     v6: LpmTrie<MapData, [u8; 16], PrefixValue>,
     rulesets: HashMap<MapData, u32, RuleSet>,
     scope_exe: HashMap<MapData, ExeKey, ScopeBits>,
@@ -99,11 +119,19 @@ fn take<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).map_err(err(name))
 }
 
+/// Takes ARRAY map `name` out of the object, mapped into this process.
+fn mapped(ebpf: &mut Ebpf, name: &'static str) -> Result<MappedArray, DatapathError> {
+    let map = ebpf.take_map(name).ok_or(DatapathError::Missing(name))?;
+    MappedArray::new(map, name)
+}
+
 impl Maps {
     pub fn take(ebpf: &mut Ebpf) -> Result<Maps, DatapathError> {
         let mut buffer = |n: usize| -> Result<PolicyBuffer, DatapathError> {
             Ok(PolicyBuffer {
                 v4: take(ebpf, map_names::POLICY_V4[n])?,
+                dir_v4: mapped(ebpf, map_names::DIR_V4[n])?,
+                ranges_v4: mapped(ebpf, map_names::RANGES_V4[n])?,
                 v6: take(ebpf, map_names::POLICY_V6[n])?,
                 rulesets: take(ebpf, map_names::RULESETS[n])?,
                 scope_exe: take(ebpf, map_names::SCOPE_EXE[n])?,
@@ -156,14 +184,16 @@ impl Maps {
     }
 
     /// Fills policy buffer `buf` with `policy`: clears what it held, writes the rule sets, then
-    /// the tries, then the buffer's config. The hooks never read this buffer until `ACTIVE`
-    /// points at it.
+    /// the IPv4 range table (or, for a policy it has no room for, the IPv4 trie), the IPv6
+    /// trie, the scope tables, then the buffer's config (which says which IPv4 structure to
+    /// read). The hooks never read this buffer until `ACTIVE` points at it. Returns which
+    /// structure IPv4 destinations are looked up in.
     pub fn write_buffer(
         &mut self,
         buf: u32,
         policy: &CompiledPolicy,
         config: Config,
-    ) -> Result<(), DatapathError> {
+    ) -> Result<V4Lookup, DatapathError> {
         let b = &mut self.buffers[buf as usize];
         // Tries first (they reference the rule sets), then the rule sets, are emptied.
         fill_trie(
@@ -191,23 +221,52 @@ impl Maps {
                 .insert(GRANT_SET_BASE | h.slot, h.set, 0)
                 .map_err(err(name))?;
         }
-        let v4 = policy
-            .v4
-            .iter()
-            .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
+        let lookup = match policy.v4_ranges() {
+            Ok(t) if t.range_entries() <= b.ranges_v4.entries() as usize => {
+                b.ranges_v4.write(t.range_bytes())?;
+                b.dir_v4.write(t.dir_bytes())?;
+                V4Lookup::Ranges {
+                    entries: t.range_entries(),
+                    capacity: b.ranges_v4.entries() as usize,
+                }
+            }
+            table => {
+                let v4 = policy
+                    .v4
+                    .iter()
+                    .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
+                fill_trie(&mut b.v4, map_names::POLICY_V4[buf as usize], v4)?;
+                V4Lookup::Trie {
+                    why: match table {
+                        Ok(t) => format!(
+                            "its range table needs {} entries, the kernel's has room for {} (restart with a larger --prefix-capacity)",
+                            t.range_entries(),
+                            b.ranges_v4.entries()
+                        ),
+                        Err(NoTable::TooManySets(n)) => {
+                            format!("it has more rule sets ({n}+) than the range table can name")
+                        }
+                    },
+                }
+            }
+        };
         let v6 = policy
             .v6
             .iter()
             .map(|(&(net, len), &set)| (Key::new(u32::from(len), net.to_be_bytes()), set));
-        fill_trie(&mut b.v4, map_names::POLICY_V4[buf as usize], v4)?;
         fill_trie(&mut b.v6, map_names::POLICY_V6[buf as usize], v6)?;
         self.write_scopes(buf, &policy.scopes)?;
         let config = Config {
             scope_keys: policy.scopes.keys,
             scope_cg_levels: policy.scopes.cg_levels,
+            lookup: match lookup {
+                V4Lookup::Ranges { .. } => LOOKUP_V4_RANGES,
+                V4Lookup::Trie { .. } => 0,
+            },
             ..config
         };
-        self.set_config(buf, config)
+        self.set_config(buf, config)?;
+        Ok(lookup)
     }
 
     /// Makes the `SCOPE_CG` table of buffer `buf` hold exactly `table`, in place: new and
@@ -252,12 +311,21 @@ impl Maps {
         Ok(())
     }
 
-    /// Kernel memory charged to the IPv4 (`family` 4) or IPv6 trie of buffer `buf`.
-    pub fn trie_memlock(&self, buf: u32, family: u8) -> Option<u64> {
+    /// Kernel memory charged to the IPv4 (`family` 4: range tables and tries) or IPv6 (tries)
+    /// lookup structures of both policy buffers: what holding a policy costs, double buffering
+    /// included.
+    pub fn lookup_memlock(&self, family: u8) -> Option<u64> {
         use aya::maps::IterableMap as _;
-        let b = &self.buffers[buf as usize];
-        let data = if family == 4 { b.v4.map() } else { b.v6.map() };
-        memlock(data)
+        let mut total = 0;
+        for b in &self.buffers {
+            if family == 4 {
+                total += memlock(b.v4.map())? + memlock(b.dir_v4.map())?;
+                total += memlock(b.ranges_v4.map())?;
+            } else {
+                total += memlock(b.v6.map())?;
+            }
+        }
+        Some(total)
     }
 }
 
@@ -346,6 +414,7 @@ pub(super) fn open_pinned<T: TryFrom<Map, Error = MapError>>(
 /// name.
 pub(super) fn expected_maps(
     owners: u32,
+    range_entries: u32,
 ) -> Result<std::collections::HashMap<String, MapShape>, DatapathError> {
     let obj = aya_obj::Object::parse(super::EBPF_OBJECT)
         .map_err(|e| DatapathError::Pin(format!("parsing the embedded object: {e}")))?;
@@ -364,6 +433,8 @@ pub(super) fn expected_maps(
                 super::GRANT_CAPACITY
             } else if name == map_names::SOCK_OWNERS {
                 owners
+            } else if map_names::RANGES_V4.contains(&name.as_str()) {
+                range_entries
             } else {
                 m.max_entries()
             };

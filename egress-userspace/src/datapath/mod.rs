@@ -10,6 +10,7 @@ mod error;
 mod exec;
 mod fork;
 mod links;
+mod mapped;
 mod maps;
 pub mod pins;
 mod ring;
@@ -29,7 +30,7 @@ use egress_common::{BlockKey, Config, FlowKey, FlowValue, map_names};
 
 pub use self::{
     error::DatapathError,
-    maps::Counters,
+    maps::{Counters, V4Lookup},
     pins::{LinkStatus, PinnedStatus, State},
     ring::{AsyncEventRing, EventRing},
 };
@@ -75,6 +76,39 @@ pub const EXEC_TRACKER: &str = "track_exec";
 /// Prefixes one policy buffer can hold, per address family. The tries allocate per entry, so the
 /// ceiling costs nothing until used.
 pub const POLICY_CAPACITY: u32 = 1 << 22;
+/// IPv4 prefixes the range table (`RANGES_V4_n`) has room for by default, whatever the policy
+/// (`--prefix-capacity`); the starting policy's own need, doubled, when larger. A policy loaded
+/// later that does not fit is looked up in the trie instead (slower, and said so).
+pub const PREFIX_CAPACITY: u32 = 1 << 18;
+/// The most `--prefix-capacity` can ask for (24 bytes of `RANGES_V4_n` each, per buffer).
+pub const MAX_PREFIX_CAPACITY: u32 = 1 << 25;
+
+/// `RANGES_V4_n` entries for `prefixes` IPv4 prefixes: a table has at most 3 entries per
+/// prefix (its two ends, and the head of a chunk it alone splits) plus one.
+pub fn range_entries_for(prefixes: u32) -> u32 {
+    3 * prefixes.min(MAX_PREFIX_CAPACITY) + 1
+}
+
+/// The `RANGES_V4_n` entries of a fresh datapath: `prefixes` (default [`PREFIX_CAPACITY`])
+/// worth, or twice what `policy` fills, whichever is more.
+fn range_entries(prefixes: Option<u32>, policy: Option<&CompiledPolicy>) -> u32 {
+    let asked = range_entries_for(prefixes.unwrap_or(PREFIX_CAPACITY));
+    let needed = policy
+        .and_then(|p| p.v4_ranges().ok())
+        .map_or(0, |t| t.range_entries() as u64 * 2);
+    let most = u64::from(range_entries_for(MAX_PREFIX_CAPACITY));
+    u64::from(asked).max(needed.min(most)) as u32
+}
+
+/// Capacities of the maps sized at load (None: the default, or what is pinned when adopting).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capacities {
+    /// Socket owners (`SOCK_OWNERS`): a pinned map of another size is refused.
+    pub owners: Option<u32>,
+    /// IPv4 prefixes the range table holds (`RANGES_V4_n`): a pinned table keeps its size.
+    pub prefixes: Option<u32>,
+}
+
 /// Distinct rule sets one policy buffer can hold.
 pub const RULESET_CAPACITY: u32 = 1 << 16;
 /// Live DNS grants ((cgroup, address) pairs) the kernel holds; the proxy answers SERVFAIL when
@@ -171,10 +205,12 @@ pub struct DnsSteering {
 pub const OWNERS_CAPACITY: u32 = 131_072;
 
 /// What a reload did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Applied {
     pub generation: u32,
     pub elapsed: std::time::Duration,
+    /// Where IPv4 destinations are looked up under this policy.
+    pub v4_lookup: V4Lookup,
 }
 
 /// A loaded (and, after [`Datapath::attach`], attached) datapath. Dropping it detaches every
@@ -282,7 +318,23 @@ impl Datapath {
 
     /// As [`Datapath::load`], with room for `owners` socket owners (see [`OWNERS_CAPACITY`]).
     pub fn load_sized(policy: &CompiledPolicy, owners: u32) -> Result<Datapath, DatapathError> {
-        Self::load_with(Some(policy), None, Some(owners)).map(|(dp, _)| dp)
+        let sizes = Capacities {
+            owners: Some(owners),
+            prefixes: None,
+        };
+        Self::load_capacities(policy, sizes)
+    }
+
+    /// As [`Datapath::load`], with the capacities `sizes`.
+    pub fn load_capacities(
+        policy: &CompiledPolicy,
+        sizes: Capacities,
+    ) -> Result<Datapath, DatapathError> {
+        let sizes = Capacities {
+            owners: Some(sizes.owners.unwrap_or(OWNERS_CAPACITY)),
+            ..sizes
+        };
+        Self::load_with(Some(policy), None, sizes).map(|(dp, _)| dp)
     }
 
     /// As [`Datapath::load`], with every map pinned under `pins` (reusing the pinned maps, and
@@ -298,16 +350,17 @@ impl Datapath {
     pub fn load_pinned(
         policy: Option<&CompiledPolicy>,
         pins: &Pins,
-        owners: Option<u32>,
+        sizes: Capacities,
     ) -> Result<(Datapath, bool), DatapathError> {
-        Self::load_with(policy, Some(pins), owners)
+        Self::load_with(policy, Some(pins), sizes)
     }
 
     fn load_with(
         policy: Option<&CompiledPolicy>,
         pins: Option<&Pins>,
-        owners: Option<u32>,
+        sizes: Capacities,
     ) -> Result<(Datapath, bool), DatapathError> {
+        let owners = sizes.owners;
         if let Some(policy) = policy {
             check_capacity(policy)?;
         }
@@ -327,6 +380,10 @@ impl Datapath {
         loader.map_max_entries(map_names::GRANTS, GRANT_CAPACITY);
         let owners_capacity = owners.unwrap_or(OWNERS_CAPACITY);
         loader.map_max_entries(map_names::SOCK_OWNERS, owners_capacity);
+        let range_entries = range_entries(sizes.prefixes, policy);
+        for name in map_names::RANGES_V4 {
+            loader.map_max_entries(name, range_entries);
+        }
         let mut adopt = false;
         if let Some(p) = pins {
             p.ensure()
@@ -345,11 +402,19 @@ impl Datapath {
                 // LRU `SOCK_OWNERS` of earlier versions is one: the kernel would let our programs
                 // use it, and it would go on evicting live owners instead of failing closed.)
                 // The owner map's capacity is adopted as pinned unless one is asked.
+                // So is the range table's: a policy it has no room for uses the trie.
                 let any_size: &[&str] = match owners {
-                    Some(_) => &[],
-                    None => &[map_names::SOCK_OWNERS],
+                    Some(_) => &map_names::RANGES_V4,
+                    None => &[
+                        map_names::SOCK_OWNERS,
+                        map_names::RANGES_V4[0],
+                        map_names::RANGES_V4[1],
+                    ],
                 };
-                p.check_maps(&maps::expected_maps(owners_capacity)?, any_size)?;
+                p.check_maps(
+                    &maps::expected_maps(owners_capacity, range_entries)?,
+                    any_size,
+                )?;
             } else {
                 // Maps without links are leftovers: start from fresh ones.
                 p.remove_maps();
@@ -366,9 +431,12 @@ impl Datapath {
                 (active, maps.config(active)?)
             }
             Some(policy) => {
-                maps.write_buffer(0, policy, policy.config)?;
+                let lookup = maps.write_buffer(0, policy, policy.config)?;
+                if let V4Lookup::Trie { why } = &lookup {
+                    tracing::warn!("IPv4 destinations are looked up in the trie: {why}");
+                }
                 maps.set_active(0)?;
-                (0, policy.config)
+                (0, maps.config(0)?)
             }
         };
         for name in HOOKS {
@@ -439,16 +507,14 @@ impl Datapath {
             generation: self.config.generation + 1,
             ..self.controller_fields(policy.config)
         };
-        self.maps.write_buffer(next, policy, config)?;
+        let v4_lookup = self.maps.write_buffer(next, policy, config)?;
         self.maps.set_active(next)?;
         self.active = next;
-        self.config = Config {
-            buffer: next,
-            ..config
-        };
+        self.config = self.maps.config(next)?;
         Ok(Applied {
             generation: config.generation,
             elapsed: start.elapsed(),
+            v4_lookup,
         })
     }
 
@@ -687,9 +753,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Kernel memory charged to the policy trie in force for `family` (4 or 6).
+    /// Kernel memory charged to the lookup structures of `family` (4 or 6), both policy buffers:
+    /// range tables and tries for IPv4, tries for IPv6.
     pub fn policy_memlock(&self, family: u8) -> Option<u64> {
-        self.maps.trie_memlock(self.active, family)
+        self.maps.lookup_memlock(family)
     }
 
     /// Every flow counter, summed over CPUs.
@@ -788,7 +855,7 @@ mod tests {
     fn a_pinned_lru_owner_map_does_not_fit_and_a_resized_one_only_when_allowed() {
         use aya_obj::generated::bpf_map_type::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LRU_HASH};
         use egress_common::map_names::SOCK_OWNERS;
-        let expected = super::maps::expected_maps(64).unwrap();
+        let expected = super::maps::expected_maps(64, 100).unwrap();
         let want = expected[SOCK_OWNERS];
         assert_eq!(want.map_type, BPF_MAP_TYPE_HASH as u32);
         assert_eq!(
@@ -808,7 +875,8 @@ mod tests {
         assert_eq!(bigger.fits(&want, false), Err("size"));
         assert_eq!(bigger.fits(&want, true), Ok(()));
         assert_eq!(
-            super::maps::expected_maps(super::OWNERS_CAPACITY).unwrap()[SOCK_OWNERS].max_entries,
+            super::maps::expected_maps(super::OWNERS_CAPACITY, 100).unwrap()[SOCK_OWNERS]
+                .max_entries,
             131_072
         );
     }

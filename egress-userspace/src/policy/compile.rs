@@ -36,7 +36,10 @@ use super::{
 };
 
 mod evaluate;
+mod ranges;
+
 pub use evaluate::{Evaluation, Reason};
+pub use ranges::{NoTable, RangeTableV4};
 
 /// A policy that cannot be represented in the kernel maps, or whose selectors do not resolve on
 /// this host. Shown as `file:line: destination PREFIX: message` for a destination's problem,
@@ -79,6 +82,9 @@ pub struct CompiledPolicy {
     pub config: Config,
     /// `(network, prefix length) -> rule set index`, for `POLICY_V4`.
     pub v4: BTreeMap<(u32, u8), u32>,
+    /// `v4` as the kernel's range table (`DIR_V4`/`RANGES_V4`), built on first use
+    /// ([`CompiledPolicy::v4_ranges`]).
+    v4_table: std::sync::OnceLock<Result<RangeTableV4, NoTable>>,
     /// `(network, prefix length) -> rule set index`, for `POLICY_V6`.
     pub v6: BTreeMap<(u128, u8), u32>,
     /// `RULESETS`, indexed by rule set index.
@@ -467,7 +473,7 @@ impl CompiledPolicy {
                 },
                 allow_loopback: policy.allow_loopback as u32,
                 generation: 1,
-                nat64_count: policy.nat64_prefixes.len() as u32,
+                nat64_count: policy.nat64_prefixes.len() as u16,
                 nat64: nat64_table(&policy.nat64_prefixes),
                 sockets: [
                     sock_rule(policy.sockets.raw),
@@ -480,6 +486,7 @@ impl CompiledPolicy {
                 ..Config::default()
             },
             v4,
+            v4_table: std::sync::OnceLock::new(),
             v6,
             rulesets: builder.sets,
             host_sets: host_sets(policy, &scope_of)?,
@@ -505,6 +512,15 @@ impl CompiledPolicy {
         self.rule_names
             .get(rule_id as usize)
             .map_or("unknown", String::as_str)
+    }
+
+    /// The IPv4 prefixes as the range table the hooks look destinations up in; why not, when
+    /// the policy cannot have one (its IPv4 prefixes then go into the trie).
+    pub fn v4_ranges(&self) -> Result<&RangeTableV4, NoTable> {
+        self.v4_table
+            .get_or_init(|| RangeTableV4::build(&self.v4))
+            .as_ref()
+            .map_err(|e| *e)
     }
 
     pub fn prefix_count(&self) -> usize {

@@ -115,7 +115,7 @@ impl CompiledPolicy {
             return plain(true, RULE_LOOPBACK, Reason::Loopback);
         }
         let hit = match judged {
-            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
+            IpAddr::V4(a) => self.v4_hit(u32::from(a)),
             IpAddr::V6(a) => lpm(&self.v6, u128::from(a)),
         };
         let default_allow = self.config.default_verdict == DEFAULT_ALLOW;
@@ -144,13 +144,30 @@ impl CompiledPolicy {
     /// The rule set of the longest policy prefix containing `dst` (v4-mapped judged as IPv4).
     pub fn matching_set(&self, dst: IpAddr) -> Option<(IpNetwork, &RuleSet)> {
         let hit = match dst {
-            IpAddr::V4(a) => lpm(&self.v4, u32::from(a)),
+            IpAddr::V4(a) => self.v4_hit(u32::from(a)),
             IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                Some(v4) => lpm(&self.v4, u32::from(v4)),
+                Some(v4) => self.v4_hit(u32::from(v4)),
                 None => lpm(&self.v6, u128::from(a)),
             },
         };
         hit.map(|(p, s)| (p, &self.rulesets[s as usize]))
+    }
+}
+
+impl CompiledPolicy {
+    /// The rule set an IPv4 destination gets, found as the kernel finds it: in the range table
+    /// when the policy has one (the same lookup code), else by longest-prefix match as the trie
+    /// does. The prefix named is the longest one containing `addr`.
+    fn v4_hit(&self, addr: u32) -> Option<(IpNetwork, u32)> {
+        let named = lpm(&self.v4, addr);
+        let Ok(table) = self.v4_ranges() else {
+            return named;
+        };
+        let set = table.lookup(addr);
+        debug_assert_eq!(set, named.map(|n| n.1), "range table and prefixes disagree");
+        let set = set?;
+        let prefix = named.map_or_else(|| u32::to_ipnet(0, 0), |n| n.0);
+        Some((prefix, set))
     }
 }
 
