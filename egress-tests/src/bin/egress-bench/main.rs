@@ -34,7 +34,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use egress::{datapath::Datapath, policy::Policy, policy::compile::CompiledPolicy};
+use egress::{
+    datapath::{Capacities, Datapath, V4Lookup},
+    policy::Policy,
+    policy::compile::CompiledPolicy,
+};
 use egress_tests::{ChildGuard, LoopNs, NetPair, TestCgroup, in_netns};
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +92,8 @@ enum Helper {
 enum Section {
     /// 7: scoped services against the same policy unscoped.
     Scopes,
+    /// 1–3: decision cost (wall clock and per program), TC cost, apply time and memory.
+    Lookup,
 }
 
 /// The calls the client times.
@@ -306,7 +312,7 @@ fn egress_policy(prefixes: &[(u32, u8)], default_allow: bool) -> anyhow::Result<
         if default_allow { "allow" } else { "deny" }
     );
     text.push_str(
-        "[[service]]\nname = \"bench-target\"\ndestinations = [\"127.0.0.2\", \"198.18.0.0/24\"]\n",
+        "[[service]]\nname = \"bench-target\"\ndestinations = [\"127.0.0.2\", \"198.18.0.0/24\", \"::1\"]\n",
     );
     if !prefixes.is_empty() {
         text.push_str("[[block]]\nname = \"bench-blocked\"\ndestinations = [");
@@ -363,15 +369,22 @@ struct Settings {
 /// The calls of section 1: name, client mode, destination, iterations (a divisor of
 /// `Settings::iters`). The sendto() client binds a UDP sink on its destination, and the TCP client
 /// a listener, so that no datagram draws an ICMP port-unreachable the firewalls would judge too.
-const CALLS: [(&str, Mode, &str, usize); 3] = [
+const CALLS: [(&str, Mode, &str, usize); 4] = [
     ("udp connect()", Mode::UdpConnect, "127.0.0.2:9", 1),
     ("udp sendto()", Mode::UdpSendto, "127.0.0.2:9", 1),
     ("tcp connect()", Mode::TcpConnect, "127.0.0.2:8080", 10),
+    ("udp sendto() ipv6", Mode::UdpSendto, "[::1]:9", 1),
 ];
 
-/// The programs whose kernel statistics section 1 reports. It drives IPv4 only, so connect6 and
-/// sendmsg6 never run there.
-const DECISION_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "skb_egress", "tc_egress"];
+/// The programs whose kernel statistics section 1 reports.
+const DECISION_PROGRAMS: [&str; 6] = [
+    "connect4",
+    "sendmsg4",
+    "connect6",
+    "sendmsg6",
+    "skb_egress",
+    "tc_egress",
+];
 
 fn measure_calls(
     ns: &LoopNs,
@@ -397,6 +410,8 @@ fn measure_calls(
 #[derive(Debug, Serialize, Default)]
 struct ProgramRow {
     prefixes: usize,
+    /// Where egress looked IPv4 destinations up: "range table" or "trie".
+    lookup: String,
     call: String,
     program: String,
     /// Runs of the program over the client run (calls and warm-up calls; packets for
@@ -433,6 +448,7 @@ fn program_stats(
     dp: &Datapath,
     s: &Settings,
     n: usize,
+    lookup: &str,
 ) -> anyhow::Result<Vec<ProgramRow>> {
     let _on = egress::datapath::enable_run_stats()?;
     let read = || -> anyhow::Result<Vec<egress::datapath::RunStats>> {
@@ -455,6 +471,7 @@ fn program_stats(
             }
             rows.push(ProgramRow {
                 prefixes: n,
+                lookup: lookup.to_string(),
                 call: call.to_string(),
                 program: prog.to_string(),
                 runs,
@@ -462,21 +479,36 @@ fn program_stats(
                 ns_per_run: (a.run_time - b.run_time).as_nanos() as f64 / runs as f64,
             });
         }
-        let decided = if mode == Mode::UdpSendto {
-            "sendmsg4"
-        } else {
-            "connect4"
+        let decided = match (mode == Mode::UdpSendto, addr.starts_with('[')) {
+            (true, false) => "sendmsg4",
+            (true, true) => "sendmsg6",
+            (false, false) => "connect4",
+            (false, true) => "connect6",
         };
-        if !rows
-            .iter()
-            .any(|r| r.prefixes == n && r.call == call && r.program == decided)
-        {
+        if !rows.iter().any(|r| {
+            r.prefixes == n && r.lookup == lookup && r.call == call && r.program == decided
+        }) {
             bail!(
                 "the kernel counted no run of {decided} for {call} (are run-time statistics on?)"
             );
         }
     }
     Ok(rows)
+}
+
+/// A datapath enforcing `compiled` with its IPv4 prefixes in the trie: a range table with room
+/// for nothing, then a reload.
+fn trie_datapath(compiled: &CompiledPolicy) -> anyhow::Result<Datapath> {
+    let sizes = Capacities {
+        owners: None,
+        prefixes: Some(1),
+    };
+    let mut dp = Datapath::load_capacities(&egress_policy(&[], false)?, sizes)?;
+    let applied = dp.reload(compiled)?;
+    if !matches!(applied.v4_lookup, V4Lookup::Trie { .. }) && !compiled.v4.is_empty() {
+        bail!("expected the trie, got {:?}", applied.v4_lookup);
+    }
+    Ok(dp)
 }
 
 /// Section 1: the wall-clock rows, the kernel's per-program rows, and the ICMP
@@ -533,7 +565,18 @@ fn decision_cost(s: &Settings) -> anyhow::Result<DecisionCost> {
                 Ok(dp)
             })?;
             let t = Instant::now();
-            programs.extend(program_stats(&ns, &cg, &dp, s, n)?);
+            programs.extend(program_stats(&ns, &cg, &dp, s, n, "range table")?);
+            drop(dp);
+            // The same policy looked up in the LPM trie (what egress did before the range
+            // table, and still does for a policy the table has no room for), same run.
+            let cg = TestCgroup::with_prefix("egress-bench");
+            let mut dp = trie_datapath(&compiled)?;
+            dp.attach(cg.path())?;
+            let dp = in_netns(&ns, move || -> anyhow::Result<Datapath> {
+                dp.attach_tc(&["lo".to_string()])?;
+                Ok(dp)
+            })?;
+            programs.extend(program_stats(&ns, &cg, &dp, s, n, "trie")?);
             eprintln!(
                 "bench: kernel statistics of the programs in {:.1?}",
                 t.elapsed()
@@ -762,13 +805,24 @@ fn apply_cost(s: &Settings) -> anyhow::Result<Vec<ApplyRow>> {
         eprintln!("bench: apply {n} prefixes");
         let big = egress_policy(&prefixes(n), false)?;
         let small = egress_policy(&[], false)?;
-        let mut dp = Datapath::load(&small)?;
+        // A range table with room for the big policy, as `--prefix-capacity N` makes it.
+        let sizes = Capacities {
+            owners: None,
+            prefixes: Some(n as u32),
+        };
+        let mut dp = Datapath::load_capacities(&small, sizes)?;
         let mut times = Vec::new();
         let mut mem = 0;
         for _ in 0..s.reps {
             // Apply the big policy, then the small one (so the next apply starts from a clean
             // buffer as a fresh reload would).
             let applied = dp.reload(&big)?;
+            if !matches!(applied.v4_lookup, V4Lookup::Ranges { .. }) {
+                bail!(
+                    "{n} prefixes: expected the range table, got {:?}",
+                    applied.v4_lookup
+                );
+            }
             times.push(applied.elapsed.as_secs_f64() * 1000.0);
             mem = dp.policy_memlock(4).unwrap_or(0);
             dp.reload(&small)?;
@@ -891,18 +945,20 @@ fn programs_markdown(rows: &[ProgramRow], icmp: u64) -> String {
          `run_time_ns / run_cnt` of each egress program (`bpf_stats_enabled`), one client run of \
          each call per size, after the wall-clock runs above, with `tc_egress` attached to the \
          namespace's loopback for this run only. skb_egress and tc_egress run per packet (a TCP \
-         connect and close is several packets from both ends, hence the runs per call); the section drives IPv4 only, so \
-         connect6 and sendmsg6 do not run. \
+         connect and close is several packets from both ends, hence the runs per call). Each size \
+         runs twice: with the IPv4 range table (what egress uses), then with the same policy in \
+         the LPM trie (its fallback). The prefixes are IPv4; the IPv6 call goes to `::1`, one \
+         prefix of the (small) IPv6 trie. \
          ICMP destination-unreachable messages sent in the section's namespace: ",
     );
     m.push_str(&format!(
-        "{icmp}{}.\n\n| prefixes | call | program | runs per call | ns per run |\n|---:|---|---|---:|---:|\n",
+        "{icmp}{}.\n\n| prefixes | IPv4 lookup | call | program | runs per call | ns per run |\n|---:|---|---|---|---:|---:|\n",
         if icmp == 0 { "" } else { " (expected 0: extra packets were judged)" }
     ));
     for p in rows {
         m.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.0} ns |\n",
-            p.prefixes, p.call, p.program, p.runs_per_call, p.ns_per_run
+            "| {} | {} | {} | {} | {:.2} | {:.0} ns |\n",
+            p.prefixes, p.lookup, p.call, p.program, p.runs_per_call, p.ns_per_run
         ));
     }
     m
@@ -966,7 +1022,7 @@ fn markdown(r: &Results) -> String {
             p.test, p.program, p.runs, p.ns_per_run
         ));
     }
-    m.push_str("\n### 3. Policy apply time and kernel memory (IPv4 trie)\n\n| prefixes | apply (reload) | kernel memory | per rule |\n|---:|---:|---:|---:|\n");
+    m.push_str("\n### 3. Policy apply time and kernel memory (IPv4 range table, `--prefix-capacity` = prefixes; memory of both policy buffers as allocated: `DIR` and `RANGES` arrays, and the empty tries)\n\n| prefixes | apply (reload) | kernel memory | per rule |\n|---:|---:|---:|---:|\n");
     for a in &r.apply {
         m.push_str(&format!(
             "| {} | {:.1} ms [{:.1}–{:.1}] | {:.1} MiB | {:.0} B |\n",
@@ -1036,7 +1092,9 @@ fn settings(quick: bool) -> Settings {
     }
 }
 
-fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
+/// The whole bench into results.json and results.md; `lookup_only`: sections 1–3 alone, into
+/// lookup.json and lookup.md.
+fn bench(quick: bool, out_dir: PathBuf, lookup_only: bool) -> anyhow::Result<()> {
     for tool in ["ip", "iptables-restore", "nft", "iperf3", "dnsmasq"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -1058,11 +1116,17 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     eprintln!("bench: TC accounting");
     let (tc, tc_programs) = tc_cost(&s)?;
     let apply = apply_cost(&s)?;
-    eprintln!("bench: event path");
-    let events = event_path(&s)?;
-    let dns = names::dns_latency(&s)?;
-    let grants = names::grant_cost(&s)?;
-    let scopes = scopes::scope_cost(&s)?;
+    let (events, dns, grants, scopes) = if lookup_only {
+        Default::default()
+    } else {
+        eprintln!("bench: event path");
+        (
+            event_path(&s)?,
+            names::dns_latency(&s)?,
+            names::grant_cost(&s)?,
+            scopes::scope_cost(&s)?,
+        )
+    };
     let results = Results {
         when: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         kernel,
@@ -1081,16 +1145,20 @@ fn bench(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
         grants,
         scopes,
     };
+    let name = if lookup_only { "lookup" } else { "results" };
     fs::create_dir_all(&out_dir)?;
     fs::write(
-        out_dir.join("results.json"),
+        out_dir.join(format!("{name}.json")),
         serde_json::to_string_pretty(&results)?,
     )?;
-    let md = markdown(&results);
-    fs::write(out_dir.join("results.md"), &md)?;
+    let mut md = markdown(&results);
+    if lookup_only && let Some(at) = md.find("\n### 4.") {
+        md.truncate(at + 1);
+    }
+    fs::write(out_dir.join(format!("{name}.md")), &md)?;
     println!("{md}");
     println!(
-        "(written to {}/results.json and results.md)",
+        "(written to {}/{name}.json and {name}.md)",
         out_dir.display()
     );
     Ok(())
@@ -1108,7 +1176,8 @@ fn main() -> ExitCode {
         }) => client(mode, addr, iters, &name, targets),
         None => match cli.only {
             Some(Section::Scopes) => scopes_alone(cli.quick, cli.out),
-            None => bench(cli.quick, cli.out),
+            Some(Section::Lookup) => bench(cli.quick, cli.out, true),
+            None => bench(cli.quick, cli.out, false),
         },
     };
     match r {
@@ -1137,6 +1206,7 @@ mod tests {
     fn the_program_table_lists_each_program_and_flags_icmp() {
         let rows = [ProgramRow {
             prefixes: 1_000,
+            lookup: "range table".into(),
             call: "udp sendto()".into(),
             program: "skb_egress".into(),
             runs: 44_000,
@@ -1145,7 +1215,7 @@ mod tests {
         }];
         let m = programs_markdown(&rows, 0);
         assert!(
-            m.contains("| 1000 | udp sendto() | skb_egress | 2.00 | 41 ns |"),
+            m.contains("| 1000 | range table | udp sendto() | skb_egress | 2.00 | 41 ns |"),
             "{m}"
         );
         assert!(!m.contains("expected 0"));
