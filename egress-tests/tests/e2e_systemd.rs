@@ -6,9 +6,13 @@
 //! STATUS= with the generation and hash, and watchdog pings while `$WATCHDOG_USEC` is set.
 
 use std::{
+    os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
+
+use egress_tests::{EgressCmd, LoopNs, TempDir, TestCgroup, Verdict::Denied, probe};
 
 /// The workspace root (this crate's parent).
 fn workspace() -> PathBuf {
@@ -89,4 +93,181 @@ fn the_unit_says_what_egress_relies_on() {
         settings.iter().any(|l| l.starts_with("WatchdogSec=")),
         "a watchdog"
     );
+}
+
+/// A policy that does not validate makes `egress run` exit 78 (EX_CONFIG) before anything is
+/// attached, as does a flag value clap rejects; the unit's RestartPreventExitStatus= names it.
+#[test]
+fn a_configuration_error_exits_78() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("systemd-exit");
+    let cg = TestCgroup::new();
+    let bad = dir.file(
+        "bad.toml",
+        "mode = \"enforce\"\n[[service]]\nname = \"x\"\nports = [\"not-a-port\"]\n",
+    );
+    let out = EgressCmd::run(&ns, cg.path(), &dir).policy(&bad).output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:"),
+        "the error names the file: {stderr}"
+    );
+    let out = EgressCmd::run(&ns, cg.path(), &dir)
+        .args(["--owners-capacity", "0"])
+        .output();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = EgressCmd::run(&ns, cg.path(), &dir)
+        .args(["--no-such-flag"])
+        .output();
+    assert_eq!(out.status.code(), Some(2), "a usage error stays 2");
+    // A missing policy file is a configuration error too.
+    let out = EgressCmd::run(&ns, cg.path(), &dir)
+        .policy(&dir.join("missing.toml"))
+        .output();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+/// Datagrams the controller sent to the test's `$NOTIFY_SOCKET`.
+struct Manager {
+    sock: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Manager {
+    fn bind(path: &Path) -> Manager {
+        let sock = UnixDatagram::bind(path).expect("binding the notify socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Manager {
+            sock,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads messages until one satisfies `f` (returned), or panics after 20 s.
+    fn until(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = vec![0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push(m.clone());
+                if f(&m) {
+                    return m;
+                }
+            }
+        }
+        panic!("no {what} within 20 s; seen: {:?}", self.seen);
+    }
+
+    /// The next message that is not a watchdog ping.
+    fn next(&mut self, what: &str) -> String {
+        self.until(what, |m| m != "WATCHDOG=1\n")
+    }
+}
+
+fn field<'a>(m: &'a str, key: &str) -> Option<&'a str> {
+    m.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The sd_notify protocol as `Type=notify-reload` needs it, over a socket the test listens on.
+#[test]
+fn the_service_manager_hears_ready_reloads_status_and_watchdog() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("systemd-notify");
+    let cg = TestCgroup::new();
+    let deny = dir.file("deny.toml", "allow_loopback = false\n");
+    let allow = dir.file(
+        "allow.toml",
+        "allow_loopback = false\n[[service]]\nname = \"ok\"\ndestinations = [\"127.0.0.4\"]\n",
+    );
+    let bad = dir.file("bad.toml", "mode = \"sometimes\"\n");
+    let mut manager = Manager::bind(&dir.join("notify.sock"));
+    let mut run = EgressCmd::run(&ns, cg.path(), &dir)
+        .policy(&deny)
+        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+        // 0.6 s: a ping every 0.3 s.
+        .env("WATCHDOG_USEC", "600000")
+        .spawn();
+
+    // READY=1 only once enforcing: the very next connect is judged by the policy.
+    let ready = manager.next("READY=1");
+    assert!(ready.starts_with("READY=1\n"), "the first message: {ready}");
+    let status = field(&ready, "STATUS").unwrap();
+    let hash = egress::policy::content_hash(&std::fs::read_to_string(&deny).unwrap());
+    assert!(
+        status.contains("generation 1") && status.contains(&hash),
+        "{status}"
+    );
+    assert_eq!(probe(&cg, &[("tcp", "127.0.0.4:80")]), [Denied]);
+
+    // Watchdog pings keep coming from the main loop.
+    for _ in 0..3 {
+        manager.until("WATCHDOG=1", |m| m == "WATCHDOG=1\n");
+    }
+
+    // egress reload (what ExecReload= runs): RELOADING=1 with the monotonic time, then READY=1
+    // with the new generation, before `egress reload` returns.
+    let before = monotonic_usec();
+    let out = run.reload(&allow);
+    assert!(out.status.success(), "{out:?}");
+    let reloading = manager.next("RELOADING=1");
+    assert!(reloading.starts_with("RELOADING=1\n"), "{reloading}");
+    let usec: u64 = field(&reloading, "MONOTONIC_USEC")
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("MONOTONIC_USEC in {reloading}"));
+    assert!(before <= usec && usec <= monotonic_usec(), "{usec}");
+    let ready = manager.next("READY=1 after the reload");
+    assert!(ready.starts_with("READY=1\n"), "{ready}");
+    assert!(
+        field(&ready, "STATUS").unwrap().contains("generation 2"),
+        "{ready}"
+    );
+
+    // A refused policy: `egress reload` fails (what makes `systemctl reload` fail), the manager
+    // still hears READY=1 (the old policy stays in force) and the status says so.
+    let out = run.reload(&bad);
+    assert!(!out.status.success(), "a bad policy must fail the reload");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad.toml"),
+        "{out:?}"
+    );
+    assert!(manager.next("RELOADING=1").starts_with("RELOADING=1\n"));
+    let ready = manager.next("READY=1 after the refusal");
+    let status = field(&ready, "STATUS").unwrap();
+    assert!(
+        status.contains("generation 2") && status.contains("refused"),
+        "{status}"
+    );
+
+    // SIGHUP (what Type=notify-reload sends): the same pair, generation 3.
+    run.signal(libc::SIGHUP);
+    assert!(manager.next("RELOADING=1").starts_with("RELOADING=1\n"));
+    let ready = manager.next("READY=1 after SIGHUP");
+    assert!(
+        field(&ready, "STATUS").unwrap().contains("generation 3"),
+        "{ready}"
+    );
+
+    // Stopping.
+    run.stop(libc::SIGTERM);
+    let stopping = manager.next("STOPPING=1");
+    assert!(stopping.starts_with("STOPPING=1\n"), "{stopping}");
+}
+
+fn monotonic_usec() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
 }
