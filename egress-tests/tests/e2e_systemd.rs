@@ -271,3 +271,103 @@ fn monotonic_usec() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
     t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
 }
+
+/// Under systemd (stderr is the stream `$JOURNAL_STREAM` names), logs go to the journal as
+/// native records with a priority per level. The journal here is the test's own datagram
+/// socket, mounted at /run/systemd/journal in a mount namespace of egress's own (nothing on the
+/// host changes; this machine runs no journald).
+#[test]
+fn logs_reach_the_journal_with_priorities() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("systemd-journal");
+    let cg = TestCgroup::new();
+    let policy = dir.file("p.toml", "allow_loopback = false\n");
+    let bad = dir.file("bad.toml", "mode = \"sometimes\"\n");
+    let journal_dir = dir.join("journal");
+    std::fs::create_dir_all(&journal_dir).unwrap();
+    let journal = UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let socket = dir.join("control.sock");
+    // unshare -m: a private mount namespace (util-linux makes its propagation private), where
+    // /run/systemd is a fresh tmpfs holding the test's journal; JOURNAL_STREAM is the pipe that
+    // stderr is, as systemd would set it.
+    let script = format!(
+        "mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && mount --bind {jd} /run/systemd/journal && JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2) exec nsenter --net={ns} -- {egress} run --ephemeral --cgroup {cg} --socket {sock} --policy {p}",
+        jd = journal_dir.display(),
+        ns = ns.path().display(),
+        egress = egress_tests::bins::egress().display(),
+        cg = cg.path().display(),
+        sock = socket.display(),
+        p = policy.display(),
+    );
+    let mut run = egress_tests::ChildGuard::spawn(
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .env("NO_COLOR", "1"),
+    );
+    type Record = std::collections::BTreeMap<String, String>;
+    let mut records: Vec<Record> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let mut read_until = |what: &str, records: &mut Vec<Record>, f: &dyn Fn(&Record) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = journal.recv(&mut buf) {
+                let r = journal_fields(&buf[..n]);
+                records.push(r.clone());
+                if f(&r) {
+                    return r;
+                }
+            }
+        }
+        panic!("no journal record {what} within 20 s; records: {records:?}");
+    };
+    let message = |r: &Record| r.get("MESSAGE").cloned().unwrap_or_default();
+    let enforcing = read_until("saying it enforces", &mut records, &|r| {
+        message(r).starts_with("enforcing")
+    });
+    assert_eq!(enforcing["PRIORITY"], "5", "INFO is notice: {enforcing:?}");
+    assert_eq!(enforcing["SYSLOG_IDENTIFIER"], "egress", "{enforcing:?}");
+    let out = Command::new(egress_tests::bins::egress())
+        .args(["reload", "--socket"])
+        .arg(&socket)
+        .arg("--policy")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let refused = read_until("for the refused reload", &mut records, &|r| {
+        message(r).starts_with("reload refused")
+    });
+    assert_eq!(refused["PRIORITY"], "4", "WARN is warning: {refused:?}");
+    assert!(
+        !run.stderr_text().contains("reload refused"),
+        "records go to the journal, not to stderr as text"
+    );
+    run.signal(libc::SIGTERM);
+    run.wait_within("egress after SIGTERM", Duration::from_secs(10));
+}
+
+/// The fields of one datagram of the journal's native protocol: `KEY=value\n`, or `KEY\n`, a
+/// little-endian u64 length, the value and `\n` (values that may hold newlines).
+fn journal_fields(mut d: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(nl) = d.iter().position(|&b| b == b'\n') {
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            d = &d[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &d[nl + 1..];
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            out.insert(key, String::from_utf8_lossy(&rest[8..8 + len]).into_owned());
+            d = &rest[8 + len + 1..];
+        }
+    }
+    out
+}
