@@ -1,4 +1,5 @@
-//! Prometheus metrics on `--metrics ADDR` (`GET /metrics`, text format), and the probes
+//! Prometheus metrics on `--metrics ADDR` (`GET /metrics`, OpenMetrics 1.0 text under its own
+//! content type; names follow Prometheus' naming guide: units and `_total`), and the probes
 //! `GET /healthz` (liveness) and `GET /readyz` (readiness: attached and the policy applied), built with
 //! prometheus-client from the controller's latest [`StatsReport`]: the controller hands each
 //! report to an [`Exporter`], which folds it into stable series and renders the text served. Label cardinality is bounded:
@@ -14,7 +15,7 @@ use anyhow::Context as _;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    registry::{Registry, Unit},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -47,11 +48,6 @@ struct DestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RuleLabels {
     rule: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VerdictLabels {
-    verdict: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,11 +103,6 @@ fn register_dns(reg: &mut Registry, report: &StatsReport) {
             })
             .inc_by(n);
     }
-    let counter = |n: u64| {
-        let c = Counter::<u64>::default();
-        c.inc_by(n);
-        c
-    };
     let live = Gauge::<i64>::default();
     live.set(i64::try_from(d.grants_live).unwrap_or(i64::MAX));
     reg.register(
@@ -162,22 +153,79 @@ fn register_dns(reg: &mut Registry, report: &StatsReport) {
     );
 }
 
-/// The metrics text for one report and its folded series.
-pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
+/// What the controller knows besides the stats report: the policy in force, how the last
+/// reload went, how full the bounded maps are and which links are attached.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ControllerMetrics {
+    pub generation: u32,
+    pub policy_hash: String,
+    pub mode: String,
+    pub last_reload_successful: bool,
+    /// Seconds since the epoch of the last successful apply (the start counts).
+    pub last_reload_success_secs: f64,
+    /// Bounded maps: name, entries, capacity (empty until first counted).
+    pub maps: Vec<crate::datapath::MapFill>,
+    /// Links: name (program, and interface for TC), attached.
+    pub links: Vec<(String, bool)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    verdict: String,
+    hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    control_protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    hash: String,
+    generation: String,
+    mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LinkLabels {
+    link: String,
+}
+
+fn counter(n: u64) -> Counter {
+    let c = Counter::<u64>::default();
+    c.inc_by(n);
+    c
+}
+
+fn gauge(n: u64) -> Gauge {
+    let g = Gauge::<i64>::default();
+    g.set(i64::try_from(n).unwrap_or(i64::MAX));
+    g
+}
+
+/// The deprecated names of the previous release, same values (see the README's metrics table):
+/// dashboards have one release to move to the new names.
+const DEPRECATED: &str = "DEPRECATED, removed in the next release: use";
+
+/// The metrics text (OpenMetrics 1.0) for one report, its folded series and the controller's
+/// state.
+pub fn render(report: &StatsReport, series: &MetricSeries, ctl: &ControllerMetrics) -> String {
     let mut reg = Registry::with_prefix("egress");
     let proc_bytes = Family::<ProcLabels, Counter>::default();
     let proc_packets = Family::<ProcLabels, Counter>::default();
     let proc_rate = Family::<ProcLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let dest_bytes = Family::<DestLabels, Counter>::default();
+    let rule_events = Family::<RuleLabels, Counter>::default();
     let denies = Family::<RuleLabels, Counter>::default();
-    let decisions = Family::<VerdictLabels, Counter>::default();
+    let decisions = Family::<DecisionLabels, Counter>::default();
     let alerts = Family::<RuleLabels, Counter>::default();
-    let budget_dropped = Counter::<u64>::default();
-    let events_lost = Counter::<u64>::default();
-    let tc_dropped = Counter::<u64>::default();
-    let flows_full = Counter::<u64>::default();
-    let tree_full = Counter::<u64>::default();
-    let owners_full = Counter::<u64>::default();
 
     for (pid, comm, bytes, packets, rate) in &series.procs {
         let labels = ProcLabels {
@@ -199,19 +247,24 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
         dest_bytes.get_or_create(&labels).inc_by(*bytes);
     }
     for (rule, n) in &report.denies_by_rule {
-        denies
-            .get_or_create(&RuleLabels { rule: rule.clone() })
-            .inc_by(*n);
+        let labels = RuleLabels { rule: rule.clone() };
+        rule_events.get_or_create(&labels).inc_by(*n);
+        denies.get_or_create(&labels).inc_by(*n);
     }
     let c = &report.counters;
-    for (verdict, n) in [
-        ("allowed", c.allowed),
-        ("denied", c.denied),
-        ("audited", c.audited),
+    // The kernel counts the cgroup hooks' verdicts (connect, sendmsg, sock_create, setsockopt)
+    // together, and TC's refusals apart; TC counts no "allow" (that would be every packet).
+    for (verdict, hook, n) in [
+        ("allow", "cgroup", c.allowed),
+        ("deny", "cgroup", c.denied),
+        ("audit", "cgroup", c.audited),
+        ("deny", "tc", c.tc_dropped),
+        ("audit", "tc", c.tc_audited),
     ] {
         decisions
-            .get_or_create(&VerdictLabels {
+            .get_or_create(&DecisionLabels {
                 verdict: verdict.into(),
+                hook: hook.into(),
             })
             .inc_by(n);
     }
@@ -220,34 +273,90 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
             .get_or_create(&RuleLabels { rule: rule.clone() })
             .inc_by(*n);
     }
-    budget_dropped.inc_by(c.budget_dropped);
-    events_lost.inc_by(c.events_lost);
-    tc_dropped.inc_by(c.tc_dropped);
-    flows_full.inc_by(c.flows_full_packets);
-    tree_full.inc_by(c.tree_full);
-    owners_full.inc_by(c.owners_full);
 
     reg.register(
-        "process_bytes",
+        "build",
+        "The egress binary: version, and the control socket's protocol version",
+        prometheus_client::metrics::info::Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION").into(),
+            control_protocol: crate::api::PROTOCOL_VERSION.to_string(),
+        }),
+    );
+    reg.register(
+        "policy",
+        "The policy in force: content hash, generation (1 at the first load, +1 per reload) and mode",
+        prometheus_client::metrics::info::Info::new(PolicyLabels {
+            hash: ctl.policy_hash.clone(),
+            generation: ctl.generation.to_string(),
+            mode: ctl.mode.clone(),
+        }),
+    );
+    reg.register(
+        "config_last_reload_successful",
+        "Whether the last reload applied its policy (1), or was refused and the previous policy stays (0)",
+        gauge(u64::from(ctl.last_reload_successful)),
+    );
+    let success = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    success.set(ctl.last_reload_success_secs);
+    reg.register_with_unit(
+        "config_last_reload_success_timestamp",
+        "When a policy was last applied successfully (at start, or by a reload), since the epoch",
+        Unit::Seconds,
+        success,
+    );
+    let map_entries = Family::<MapLabels, Gauge>::default();
+    let map_capacity = Family::<MapLabels, Gauge>::default();
+    for m in &ctl.maps {
+        let labels = MapLabels { map: m.map.into() };
+        map_entries.get_or_create(&labels).set(m.entries as i64);
+        map_capacity
+            .get_or_create(&labels)
+            .set(i64::from(m.capacity));
+    }
+    reg.register(
+        "map_entries",
+        "Entries in each bounded kernel map (flows, owners, blocks, block_tree, grants), counted every few seconds",
+        map_entries,
+    );
+    reg.register(
+        "map_max_entries",
+        "Capacity of each bounded kernel map: when entries reach it, see egress_flow_map_full_packets_total, egress_owners_full_total, egress_block_tree_full_total, egress_dns_limits_total{limit=\"grant_map_full\"}",
+        map_capacity,
+    );
+    let links = Family::<LinkLabels, Gauge>::default();
+    for (link, attached) in &ctl.links {
+        links
+            .get_or_create(&LinkLabels { link: link.clone() })
+            .set(i64::from(*attached));
+    }
+    reg.register(
+        "link_attached",
+        "Each link of the datapath (cgroup hooks, fork tracker, TC per interface): 1 while attached",
+        links,
+    );
+
+    reg.register_with_unit(
+        "process",
         "Bytes sent per process (wire bytes)",
+        Unit::Bytes,
         proc_bytes,
     );
     reg.register("process_packets", "Packets sent per process", proc_packets);
-    reg.register(
-        "process_rate_bytes_per_second",
-        "Smoothed send rate per process",
-        proc_rate,
-    );
-    reg.register(
-        "destination_bytes",
-        "Bytes sent per process and destination",
+    reg.register_with_unit(
+        "destination",
+        "Bytes sent per process and destination (wire bytes)",
+        Unit::Bytes,
         dest_bytes,
     );
-    reg.register("denies", "Deny and audit events by deciding rule", denies);
     reg.register(
         "decisions",
-        "connect/sendmsg decisions by verdict",
+        "Policy verdicts by verdict (allow, deny, audit) and hook: cgroup (connect, sendmsg, sock_create and setsockopt, counted together by the kernel) or tc (unattributed packets to blocked destinations; no allow counted)",
         decisions,
+    );
+    reg.register(
+        "rule_events",
+        "Deny and audit events received, by deciding rule (events lost to a full ring are in egress_events_lost_total, and counted in egress_decisions_total)",
+        rule_events,
     );
     reg.register(
         "alerts",
@@ -255,34 +364,55 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
         alerts,
     );
     reg.register(
-        "budget_dropped",
+        "budget_dropped_packets",
         "Packets dropped because their process is over a byte budget",
-        budget_dropped,
+        counter(c.budget_dropped),
     );
     reg.register(
         "events_lost",
         "Events dropped because the ring buffer was full",
-        events_lost,
+        counter(c.events_lost),
     );
     reg.register(
-        "tc_dropped",
-        "Packets dropped by the TC program",
-        tc_dropped,
+        "tc_dropped_packets",
+        "Packets the TC program dropped (unattributed traffic to blocked destinations)",
+        counter(c.tc_dropped),
     );
     reg.register(
         "flow_map_full_packets",
         "Packets not counted per flow because the flow map was full",
-        flows_full,
+        counter(c.flows_full_packets),
     );
     reg.register(
         "block_tree_full",
         "Processes created by blocked processes that the block could not follow (tree map full)",
-        tree_full,
+        counter(c.tree_full),
     );
     reg.register(
         "owners_full",
         "connect/sendmsg calls whose socket owner could not be recorded (owner map full)",
-        owners_full,
+        counter(c.owners_full),
+    );
+    // The previous release's names, for one release.
+    reg.register(
+        "process_rate_bytes_per_second",
+        format!("{DEPRECATED} rate(egress_process_bytes_total[1m])"),
+        proc_rate,
+    );
+    reg.register(
+        "denies",
+        format!("{DEPRECATED} egress_rule_events_total"),
+        denies,
+    );
+    reg.register(
+        "budget_dropped",
+        format!("{DEPRECATED} egress_budget_dropped_packets_total"),
+        counter(c.budget_dropped),
+    );
+    reg.register(
+        "tc_dropped",
+        format!("{DEPRECATED} egress_tc_dropped_packets_total"),
+        counter(c.tc_dropped),
     );
     register_dns(&mut reg, report);
     crate::kube::register_metrics(&mut reg, &report.pods);
@@ -290,6 +420,9 @@ pub fn render(report: &StatsReport, series: &MetricSeries) -> String {
     encode(&mut out, &reg).expect("writing to a String cannot fail");
     out
 }
+
+/// The content type of `/metrics`.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Binds the metrics server's socket (early: a taken port fails the start, before anything is
 /// attached).
@@ -308,11 +441,9 @@ pub fn respond(request: &str, text: &str, ready: bool) -> String {
         .and_then(|r| r.split([' ', '?']).next())
         .unwrap_or("");
     let (status, content_type, body) = match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            text.to_string(),
-        ),
+        // What the encoder writes (`# EOF`, info and unit metadata) is OpenMetrics text, not the
+        // 0.0.4 text format: say so, or a 0.0.4 parser would choke on the info type.
+        "/metrics" => ("200 OK", OPENMETRICS, text.to_string()),
         "/healthz" => ("200 OK", "text/plain; charset=utf-8", "ok\n".into()),
         "/readyz" if ready => ("200 OK", "text/plain; charset=utf-8", "ready\n".into()),
         "/readyz" => (
@@ -386,9 +517,9 @@ impl Exporter {
         (exporter, rx)
     }
 
-    pub fn publish(&mut self, report: &StatsReport) {
+    pub fn publish(&mut self, report: &StatsReport, ctl: &ControllerMetrics) {
         let series = self.folder.fold(&report.processes);
-        self.text.send_replace(render(report, &series));
+        self.text.send_replace(render(report, &series, ctl));
     }
 }
 
@@ -640,7 +771,11 @@ mod tests {
     #[test]
     fn dns_series_are_always_rendered() {
         let mut report = StatsReport::default();
-        let text = render(&report, &MetricSeries::default());
+        let text = render(
+            &report,
+            &MetricSeries::default(),
+            &ControllerMetrics::default(),
+        );
         for line in [
             "egress_dns_queries_total{transport=\"udp\"} 0",
             "egress_dns_grants_live 0",
@@ -668,7 +803,11 @@ mod tests {
             }),
             ..Default::default()
         });
-        let text = render(&report, &MetricSeries::default());
+        let text = render(
+            &report,
+            &MetricSeries::default(),
+            &ControllerMetrics::default(),
+        );
         for line in [
             "egress_dns_queries_total{transport=\"tcp\"} 2",
             "egress_dns_refused_total{reason=\"unlisted\"} 4",
@@ -684,6 +823,69 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
+    }
+
+    /// The names of the naming guide, the controller's own series, and the previous release's
+    /// names beside them.
+    #[test]
+    fn series_follow_the_naming_guide_and_keep_the_old_names() {
+        let mut report = StatsReport::default();
+        report.counters.allowed = 5;
+        report.counters.denied = 2;
+        report.counters.audited = 1;
+        report.counters.tc_dropped = 3;
+        report.denies_by_rule.insert("no-ssh".into(), 2);
+        let ctl = ControllerMetrics {
+            generation: 4,
+            policy_hash: "abcd".into(),
+            mode: "enforce".into(),
+            last_reload_successful: false,
+            last_reload_success_secs: 1_700_000_000.5,
+            maps: vec![crate::datapath::MapFill {
+                map: "owners",
+                entries: 12,
+                capacity: 131_072,
+            }],
+            links: vec![("connect4".into(), true), ("tc_egress-eth0".into(), false)],
+        };
+        let series = Folder::default().fold(&[proc(42, 1000)]);
+        let text = render(&report, &series, &ctl);
+        for line in [
+            "egress_decisions_total{verdict=\"allow\",hook=\"cgroup\"} 5",
+            "egress_decisions_total{verdict=\"deny\",hook=\"cgroup\"} 2",
+            "egress_decisions_total{verdict=\"audit\",hook=\"cgroup\"} 1",
+            "egress_decisions_total{verdict=\"deny\",hook=\"tc\"} 3",
+            "egress_rule_events_total{rule=\"no-ssh\"} 2",
+            "egress_tc_dropped_packets_total 3",
+            "egress_budget_dropped_packets_total 0",
+            "# UNIT egress_process_bytes bytes",
+            "egress_process_bytes_total{pid=\"42\",comm=\"p42\"} 1000",
+            "egress_destination_bytes_total{",
+            &format!(
+                "egress_build_info{{version=\"{}\",control_protocol=\"1\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "egress_policy_info{hash=\"abcd\",generation=\"4\",mode=\"enforce\"} 1",
+            "egress_config_last_reload_successful 0",
+            "egress_config_last_reload_success_timestamp_seconds 1700000000.5",
+            "egress_map_entries{map=\"owners\"} 12",
+            "egress_map_max_entries{map=\"owners\"} 131072",
+            "egress_link_attached{link=\"connect4\"} 1",
+            "egress_link_attached{link=\"tc_egress-eth0\"} 0",
+            // Deprecated for one release.
+            "egress_denies_total{rule=\"no-ssh\"} 2",
+            "egress_tc_dropped_total 3",
+            "egress_budget_dropped_total 0",
+            "egress_process_rate_bytes_per_second{pid=\"42\",comm=\"p42\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+        let m = respond("GET /metrics HTTP/1.1\r\n\r\n", &text, true);
+        assert!(
+            m.contains(&format!("Content-Type: {OPENMETRICS}\r\n")),
+            "{m}"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::{
     api::{self, Request, client},
     controller::{self, DnsListen, ExecOptions, Options, RunOptions},
     datapath::pins::{self, Pins},
+    exit,
     policy::Protocol,
     report::StatusReport,
     webhook,
@@ -377,6 +378,19 @@ impl From<ProtocolArg> for Protocol {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Under systemd (stderr is the journal, and the journal's socket answers): native journal
+    // records, each with its priority (ERROR 3, WARN 4, INFO 5, DEBUG 6, TRACE 7), so that
+    // `journalctl -p warning -u egress` selects by level. Else text or JSON lines on stderr.
+    if crate::sys::journal::stderr_is_journal()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        use tracing_subscriber::prelude::*;
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journal.with_syslog_identifier("egress".into()))
+            .init();
+        return;
+    }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -389,15 +403,22 @@ fn init_logging(format: LogFormat) {
 }
 
 /// The `egress` binary's entry point.
+/// Exit codes: see [`crate::exit`] (78 for a configuration error).
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(exit::code_of_clap(&e));
+        }
+    };
     init_logging(cli.log_format);
     crate::sys::cgroup::set_host_proc(cli.host_proc);
     match dispatch(cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("egress: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }
@@ -437,8 +458,11 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 metrics,
                 owners_capacity,
                 prefix_capacity,
-                kube: kube.options()?,
-                dns_listen: DnsListen::parse(&dns_listen).map_err(anyhow::Error::msg)?,
+                kube: kube
+                    .options()
+                    .map_err(|e| exit::ConfigError(format!("{e:#}")))?,
+                dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
+                notify: true,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -472,6 +496,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 prefix_capacity,
                 kube: None,
                 dns_listen: DnsListen::default(),
+                notify: false,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,

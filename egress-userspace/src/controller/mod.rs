@@ -49,7 +49,7 @@ use crate::{
     events::EventStream,
     metrics,
     report::{Attachment, ControllerInfo, PolicyInfo, StatsReport, StatusReport},
-    sys::{cgroup, iface},
+    sys::{cgroup, iface, notify::Notifier},
     webhook::Webhook,
 };
 
@@ -80,6 +80,9 @@ pub struct Options {
     pub kube: Option<crate::kube::KubeOptions>,
     /// Where the DNS proxy listens, while the policy uses names.
     pub dns_listen: names::DnsListen,
+    /// Speak the service manager's notification protocol when `$NOTIFY_SOCKET` is set (`run`):
+    /// RELOADING=1 / READY=1 around reloads, STATUS=, watchdog pings.
+    pub notify: bool,
 }
 
 /// Where a controller enforces.
@@ -135,6 +138,21 @@ pub struct Controller {
     pods: Option<crate::kube::Pods>,
     /// Bytes per pod, for `stats` and the metrics.
     pod_acct: crate::kube::PodAccounting,
+    /// The service manager (systemd), when one listens.
+    notifier: Notifier,
+    /// How the last reload went, for the metrics.
+    last_reload: LastReload,
+    /// How full the bounded maps were at the last count, and the links' state (metrics only).
+    map_fill: Vec<crate::datapath::MapFill>,
+}
+
+/// The outcome of the last reload (at start: the policy applied then), as Prometheus' own
+/// `*_config_last_reload_*` series say it.
+#[derive(Debug, Clone, Copy)]
+struct LastReload {
+    successful: bool,
+    /// When a policy was last applied successfully.
+    success_at: std::time::SystemTime,
 }
 
 impl Controller {
@@ -253,6 +271,16 @@ impl Controller {
             ticks: 0,
             pods,
             pod_acct: crate::kube::PodAccounting::default(),
+            notifier: if opts.notify {
+                Notifier::from_env()
+            } else {
+                Notifier::disabled()
+            },
+            last_reload: LastReload {
+                successful: true,
+                success_at: std::time::SystemTime::now(),
+            },
+            map_fill: Vec::new(),
         };
         if adopted {
             info!(
@@ -277,6 +305,22 @@ impl Controller {
         if let Err(e) = self.events.emit(event).await {
             error!(error = %format!("{e:#}"), "could not write an event");
         }
+    }
+
+    /// One line for the service manager's `STATUS=` (`systemctl status egress`).
+    fn status_line(&self) -> String {
+        let p = &self.policy.policy;
+        let mut line = format!(
+            "enforcing generation {} (hash {}) of {} in {} mode",
+            self.dp.generation(),
+            p.hash,
+            p.source,
+            p.mode
+        );
+        if !self.last_reload.successful {
+            line.push_str("; the last reload was refused (see the log)");
+        }
+        line
     }
 
     /// Controller and enforcement state, for `egress status`.

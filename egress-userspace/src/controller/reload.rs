@@ -77,8 +77,28 @@ impl PolicyInForce {
 impl Controller {
     /// Re-reads the policy (or switches to `path`) and applies it atomically, or with `dry_run`
     /// only describes the change. A policy that does not load is refused with its error and the
-    /// policy in force stays untouched.
+    /// policy in force stays untouched. The service manager hears RELOADING=1 before and READY=1
+    /// (with the new STATUS=) after, whichever way it went (SIGHUP, `egress reload`, `--watch`).
     pub(super) async fn reload(&mut self, path: Option<PathBuf>, dry_run: bool) -> Response {
+        if dry_run {
+            return self.load_and_apply(path, true).await;
+        }
+        self.notifier.reloading();
+        let response = self.load_and_apply(path, false).await;
+        match &response {
+            Response::Done(_) => {
+                self.last_reload = super::LastReload {
+                    successful: true,
+                    success_at: SystemTime::now(),
+                };
+            }
+            _ => self.last_reload.successful = false,
+        }
+        self.notifier.ready(&self.status_line());
+        response
+    }
+
+    async fn load_and_apply(&mut self, path: Option<PathBuf>, dry_run: bool) -> Response {
         let path = match (path, &self.policy.origin) {
             (Some(p), _) => Some(p),
             (None, Origin::File(p)) => Some(p.clone()),

@@ -103,6 +103,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // once the first list of this node's pods arrived (until then pod selectors hold no pod).
     let pods_synced = |ctl: &Controller| ctl.pods.as_ref().is_none_or(|p| p.read().synced());
     ready.send_replace(pods_synced(&ctl));
+    // The service manager's start job completes here (Type=notify / notify-reload): the
+    // programs are attached and the policy applied. (Pod awareness only delays /readyz.)
+    ctl.notifier.ready(&ctl.status_line());
     let p = &ctl.policy.policy;
     info!(
         policy = %p.source,
@@ -124,8 +127,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut pod_tick = tokio::time::interval(super::scopes::POD_TICK);
     pod_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pods_changed = ctl.pods.as_ref().map(|p| p.changed.clone());
+    // Pinged from this loop, between the events it serves: a loop that hangs stops pinging, and
+    // the service manager restarts the controller (enforcement stays pinned meanwhile).
+    let mut watchdog = ctl.notifier.watchdog().map(|every| {
+        let mut t = tokio::time::interval(every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     loop {
         tokio::select! {
+            _ = async {
+                match watchdog.as_mut() {
+                    Some(w) => { w.tick().await; }
+                    None => std::future::pending().await,
+                }
+            } => ctl.notifier.ping(),
             r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
             _ = ticker.tick() => ctl.tick().await,
             Some(cmd) = cmd_rx.recv() => {
@@ -171,6 +187,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
     }
     ready.send_replace(false);
+    ctl.notifier.stopping();
     ctl.finish().await?;
     let stats = ctl.dp.stats()?;
     server.abort();

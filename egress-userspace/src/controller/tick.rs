@@ -27,6 +27,10 @@ use crate::{
 /// Ticks (of 250 ms) between two looks at the interfaces.
 const IFACE_POLL_TICKS: u32 = 4;
 
+/// Ticks between two counts of the bounded maps' entries for the metrics (a walk of each map's
+/// keys, up to a few hundred thousand system calls when they are full).
+const MAP_FILL_TICKS: u32 = 20;
+
 /// Ticks between two prunings of the event stream's executables (of processes that exited).
 const EXE_PRUNE_TICKS: u32 = 4;
 
@@ -187,6 +191,44 @@ impl Controller {
         self.write_state();
     }
 
+    /// The metrics' view of the controller: policy, last reload, map fill (recounted every
+    /// [`MAP_FILL_TICKS`]), links.
+    fn controller_metrics(&mut self) -> crate::metrics::ControllerMetrics {
+        if self.map_fill.is_empty() || self.ticks.is_multiple_of(MAP_FILL_TICKS) {
+            self.map_fill = self.dp.map_fill();
+        }
+        let links = match &self.target.pins {
+            Some(p) => p
+                .link_statuses()
+                .into_iter()
+                .map(|l| (l.name, l.attached))
+                .collect(),
+            // Not pinned: what this controller attached (dropped only with it).
+            None => {
+                let a = self.attachment();
+                a.hooks
+                    .into_iter()
+                    .chain(a.tc.ifaces.iter().map(|i| format!("{}-{i}", a.tc.program)))
+                    .map(|l| (l, true))
+                    .collect()
+            }
+        };
+        let p = &self.policy.policy;
+        crate::metrics::ControllerMetrics {
+            generation: self.dp.generation(),
+            policy_hash: p.hash.clone(),
+            mode: p.mode.to_string(),
+            last_reload_successful: self.last_reload.successful,
+            last_reload_success_secs: self
+                .last_reload
+                .success_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            maps: self.map_fill.clone(),
+            links,
+        }
+    }
+
     /// Publishes a fresh report to the control socket and the metrics.
     fn publish(&mut self, wall: SystemTime) -> anyhow::Result<()> {
         let counters = self.dp.stats()?;
@@ -216,8 +258,11 @@ impl Controller {
                 .as_ref()
                 .map(|n| n.status(counters.dns_steered, false)),
         };
-        if let Some(m) = &mut self.metrics {
-            m.publish(&report);
+        if self.metrics.is_some() {
+            let ctl = self.controller_metrics();
+            if let Some(m) = &mut self.metrics {
+                m.publish(&report, &ctl);
+            }
         }
         self.stats.send_replace(Arc::new(report));
         Ok(())

@@ -204,6 +204,15 @@ pub struct DnsSteering {
 /// that need a new entry are refused in enforce mode (`owners-full`).
 pub const OWNERS_CAPACITY: u32 = 131_072;
 
+/// How full one bounded map is ([`Datapath::map_fill`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapFill {
+    /// `flows`, `owners`, `blocks`, `block_tree` or `grants`.
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
 /// What a reload did.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -799,6 +808,51 @@ impl Datapath {
     /// of the keys.
     pub fn owner_count(&self) -> usize {
         self.maps.owners.keys().filter_map(Result::ok).count()
+    }
+
+    /// How full the bounded maps are: entries (one walk of each map's keys) and capacity, for
+    /// the metrics. Flows, socket owners, byte-budget blocks, the processes blocks cover, and DNS
+    /// grants.
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        fn fill<K: aya::Pod, V, M: aya::maps::IterableMap<K, V>>(
+            name: &'static str,
+            m: &M,
+            keys: usize,
+        ) -> MapFill {
+            MapFill {
+                map: name,
+                entries: keys as u64,
+                capacity: m.map().info().map_or(0, |i| i.max_entries()),
+            }
+        }
+        let m = &self.maps;
+        vec![
+            fill(
+                "flows",
+                &m.flows,
+                m.flows.keys().filter_map(Result::ok).count(),
+            ),
+            fill(
+                "owners",
+                &m.owners,
+                m.owners.keys().filter_map(Result::ok).count(),
+            ),
+            fill(
+                "blocks",
+                &m.blocked,
+                m.blocked.keys().filter_map(Result::ok).count(),
+            ),
+            fill(
+                "block_tree",
+                &m.block_tree,
+                m.block_tree.keys().filter_map(Result::ok).count(),
+            ),
+            fill(
+                "grants",
+                &m.grants,
+                m.grants.keys().filter_map(Result::ok).count(),
+            ),
+        ]
     }
 
     /// Takes the event ring buffer (once).
