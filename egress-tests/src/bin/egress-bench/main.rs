@@ -156,6 +156,7 @@ fn client(
     targets: usize,
 ) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(iters);
+    let any = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
     match mode {
         Mode::DnsUdp => samples = names::dns_client(addr, name, iters)?,
         Mode::UdpConnectMany | Mode::UdpSendtoMany => {
@@ -172,7 +173,7 @@ fn client(
             return Ok(());
         }
         Mode::UdpConnect => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(any)?;
             for _ in 0..iters / 10 {
                 s.connect(addr)?;
             }
@@ -185,7 +186,7 @@ fn client(
         Mode::UdpSendto => {
             let sink = UdpSocket::bind(addr)?;
             sink.set_nonblocking(true)?;
-            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let s = UdpSocket::bind(any)?;
             let mut buf = [0u8; 64];
             for i in 0..iters + iters / 10 {
                 let t = Instant::now();
