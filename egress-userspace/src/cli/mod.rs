@@ -19,6 +19,7 @@ use crate::{
     api::{self, Request, client},
     controller::{self, DnsListen, ExecOptions, Options, RunOptions},
     datapath::pins::{self, Pins},
+    events::Format as EventsFormat,
     policy::Protocol,
     report::StatusReport,
     webhook,
@@ -68,9 +69,14 @@ enum Command {
         /// that subtree is then covered.
         #[arg(long)]
         allow_non_host_cgroup: bool,
-        /// Append JSON-lines events to FILE instead of stdout ("-" for stdout).
+        /// Append JSON-lines events to FILE instead of stdout ("-" for stdout). Created with mode
+        /// 0600; SIGUSR1 reopens it (logrotate without copytruncate).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        /// Event line format: `json` (egress's own fields) or `ecs` (Elastic Common Schema; see
+        /// docs/EVENTS.md).
+        #[arg(long, value_enum, value_name = "FORMAT", default_value_t = EventsFormat::Json)]
+        events_format: EventsFormat,
         /// Interface for the TC accounting program (repeatable). Default: every interface that
         /// is up, except loopback.
         #[arg(long = "iface", value_name = "IFACE")]
@@ -123,9 +129,14 @@ enum Command {
         /// Policy file. Default: the embedded policies/default.toml (audit mode).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// Append JSON-lines events to FILE instead of stderr ("-" for stderr).
+        /// Append JSON-lines events to FILE instead of stderr ("-" for stderr). Created with mode
+        /// 0600; SIGUSR1 reopens it.
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        /// Event line format: `json` (egress's own fields) or `ecs` (Elastic Common Schema; see
+        /// docs/EVENTS.md).
+        #[arg(long, value_enum, value_name = "FORMAT", default_value_t = EventsFormat::Json)]
+        events_format: EventsFormat,
         /// Interface for the TC accounting program (repeatable). Default: every interface that
         /// is up, except loopback. TC only touches the command's own traffic.
         #[arg(long = "iface", value_name = "IFACE")]
@@ -286,6 +297,62 @@ struct AlertArgs {
     /// Directory for alerts the webhook could not take yet.
     #[arg(long, value_name = "DIR", default_value = webhook::DEFAULT_SPOOL)]
     spool: PathBuf,
+    /// The shape of the webhook's requests: `generic` (egress's alert JSON, as before),
+    /// `alertmanager` (Alertmanager's v2 API; point --webhook at
+    /// http://alertmanager:9093/api/v2/alerts; alerts are resolved when their block is lifted or
+    /// their cooldown ends) or `slack` (an incoming webhook's `{"text": ...}`).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = webhook::Format::Generic, requires = "webhook")]
+    webhook_format: webhook::Format,
+    /// A header for every webhook request, "Name: value" (repeatable). The command line is
+    /// visible to every user of the host: put credentials in --webhook-header-file.
+    #[arg(long = "webhook-header", value_name = "NAME: VALUE", value_parser = webhook::config::parse_header, requires = "webhook")]
+    webhook_headers: Vec<webhook::Header>,
+    /// Headers for every webhook request, one "Name: value" per line (`#` comments), e.g.
+    /// `Authorization: Bearer ...`. Read once at start; the file must not be accessible to its
+    /// group or others (chmod 600).
+    #[arg(long, value_name = "FILE", requires = "webhook")]
+    webhook_header_file: Option<PathBuf>,
+    /// Sign every webhook request: header `X-Egress-Signature: sha256=<hex>`, the HMAC-SHA256 of
+    /// the body keyed with this file's content (one trailing newline removed). Read once at
+    /// start; the file must not be accessible to its group or others (chmod 600).
+    #[arg(long, value_name = "FILE", requires = "webhook")]
+    webhook_secret_file: Option<PathBuf>,
+    /// What the webhook gets, comma-separated: `alert` (alerts, and their resolutions where the
+    /// format has them) and `deny` (deny and audit events, batched: at most 100 per 5 s, what is
+    /// over is dropped and counted in the next batch's `dropped`).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "KINDS",
+        value_delimiter = ',',
+        default_value = "alert",
+        requires = "webhook"
+    )]
+    webhook_events: Vec<WebhookEvent>,
+}
+
+/// What `--webhook-events` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WebhookEvent {
+    Alert,
+    Deny,
+}
+
+impl AlertArgs {
+    /// The webhook asked for, or None.
+    fn config(self) -> Option<webhook::Config> {
+        let url = self.webhook?;
+        Some(webhook::Config {
+            url,
+            spool: self.spool,
+            format: self.webhook_format,
+            headers: self.webhook_headers,
+            header_file: self.webhook_header_file,
+            secret_file: self.webhook_secret_file,
+            alerts: self.webhook_events.contains(&WebhookEvent::Alert),
+            denies: self.webhook_events.contains(&WebhookEvent::Deny),
+        })
+    }
 }
 
 /// Pod awareness on a Kubernetes node.
@@ -399,6 +466,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             policy,
             cgroup,
             events,
+            events_format,
             ifaces,
             alerting,
             socket,
@@ -414,9 +482,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             let common = Options {
                 policy,
                 events,
+                events_format,
                 ifaces,
-                webhook: alerting.webhook,
-                spool: alerting.spool,
+                webhook: alerting.config(),
                 metrics,
                 owners_capacity,
                 kube: kube.options()?,
@@ -436,6 +504,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Exec {
             policy,
             events,
+            events_format,
             ifaces,
             alerting,
             report,
@@ -445,9 +514,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             let common = Options {
                 policy,
                 events,
+                events_format,
                 ifaces,
-                webhook: alerting.webhook,
-                spool: alerting.spool,
+                webhook: alerting.config(),
                 metrics: None,
                 owners_capacity,
                 kube: None,

@@ -65,10 +65,12 @@ pub struct Options {
     pub policy: Option<PathBuf>,
     /// Append events here instead of the command's default stream (`-`: the default).
     pub events: Option<PathBuf>,
+    /// How events are written.
+    pub events_format: crate::events::Format,
     /// Interfaces for TC (empty: every interface that is up but loopback and stacked devices).
     pub ifaces: Vec<String>,
-    pub webhook: Option<String>,
-    pub spool: PathBuf,
+    /// Where alerts (and deny events, if asked) are POSTed.
+    pub webhook: Option<crate::webhook::Config>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<std::net::SocketAddr>,
     /// Capacity of the socket-owner map (None: the default for fresh maps, the pinned map's
@@ -104,6 +106,11 @@ pub struct Controller {
     alerts: AlertEngine,
     alerts_by_rule: BTreeMap<String, u64>,
     webhook: Option<Webhook>,
+    /// Alerts sent to the webhook without a block, to resolve when their cooldown ends: (alert
+    /// rule, key) to (fired at, RFC 3339; cooldown end).
+    open_alerts: BTreeMap<(String, String), (String, Instant)>,
+    /// The events file (`--events FILE`), reopened on SIGUSR1.
+    events_path: Option<PathBuf>,
     blocks: Blocks,
     policy: PolicyInForce,
     target: Target,
@@ -189,6 +196,10 @@ impl Controller {
         let (in_force, switch_to) = plan.resolve(adopted, &dp.config())?;
         let ring = dp.take_events()?.watch()?;
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;
+        let webhook = match &opts.webhook {
+            Some(cfg) => Some(Webhook::start(cfg.clone()).context("starting the webhook")?),
+            None => None,
+        };
         // Events the adopted generation decided while no controller ran are named by its policy
         // (registered before any switch), never by the one this controller brings.
         let mut events = EventStream::new(
@@ -199,6 +210,8 @@ impl Controller {
             sink,
         );
         events.set_pods(pods.clone());
+        events.set_format(opts.events_format);
+        events.set_webhook(webhook.as_ref().and_then(Webhook::deny_feed));
         // Below the root, TC only touches the sockets of that cgroup's processes.
         if target.cgroup != target.root {
             let (id, level) = cgroup::id_and_level(&target.root, &target.cgroup)?;
@@ -207,10 +220,6 @@ impl Controller {
         dp.attach(&target.cgroup)
             .with_context(|| format!("attaching to cgroup {}", target.cgroup.display()))?;
         let ifaces = attach_tc(&mut dp, &opts.ifaces)?;
-        let webhook = match &opts.webhook {
-            Some(url) => Some(Webhook::start(url.clone(), opts.spool.clone())?),
-            None => None,
-        };
         let (metrics, metrics_text) = match opts.metrics {
             Some(_) => {
                 let (exporter, text) = metrics::Exporter::new();
@@ -231,6 +240,11 @@ impl Controller {
             acct,
             alerts_by_rule: BTreeMap::new(),
             webhook,
+            open_alerts: BTreeMap::new(),
+            events_path: opts
+                .events
+                .clone()
+                .filter(|p| p.as_path() != Path::new("-")),
             blocks: Blocks::default(),
             target,
             ifaces,
@@ -266,8 +280,27 @@ impl Controller {
         Ok((ctl, metrics_text))
     }
 
+    /// Reopens the events file (SIGUSR1): after logrotate renamed it, events go to a new file at
+    /// the same path (created 0600). Without `--events FILE` there is nothing to reopen. If the
+    /// file cannot be opened, events go on to the old one.
+    pub(super) async fn reopen_events(&mut self) {
+        let Some(path) = self.events_path.clone() else {
+            info!("SIGUSR1: events go to a stream, not a file: nothing to reopen");
+            return;
+        };
+        match crate::events::open_file(&path).await {
+            Ok(f) => match self.events.replace_out(Box::new(f)).await {
+                Ok(_old) => info!(events = %path.display(), "SIGUSR1: events file reopened"),
+                Err(e) => warn!(error = %e, "flushing the events file before reopening it"),
+            },
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "SIGUSR1: could not reopen the events file; events go on to the old one")
+            }
+        }
+    }
+
     /// Writes one of the controller's events; a failing sink is logged, never fatal.
-    async fn emit<T: serde::Serialize>(&mut self, event: &T) {
+    async fn emit<T: crate::events::EventLine>(&mut self, event: &T) {
         if let Err(e) = self.events.emit(event).await {
             error!(error = %format!("{e:#}"), "could not write an event");
         }
@@ -352,15 +385,7 @@ async fn event_sink(path: Option<&Path>, default: Sink) -> anyhow::Result<Sink> 
     match path {
         None => Ok(default),
         Some(p) if p == Path::new("-") => Ok(default),
-        Some(p) => {
-            let f = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .await
-                .with_context(|| format!("opening events file {}", p.display()))?;
-            Ok(Box::new(f))
-        }
+        Some(p) => Ok(Box::new(crate::events::open_file(p).await?)),
     }
 }
 
