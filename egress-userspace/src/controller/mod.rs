@@ -158,6 +158,12 @@ impl Controller {
         default_sink: Sink,
     ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
         let plan = Plan::new(opts.policy.as_deref(), target.pins.as_ref())?;
+        // Its secret and header files are read before anything in the kernel changes: a missing
+        // or unsafe one stops the start with nothing attached.
+        let webhook = match &opts.webhook {
+            Some(cfg) => Some(Webhook::start(cfg.clone()).context("starting the webhook")?),
+            None => None,
+        };
         // Restarting over pins whose steering points at the DNS proxy: the proxy comes back
         // first, on the pinned maps, so that names resolve again before the programs are loaded
         // and verified (seconds). Nothing in the kernel changes until the datapath is loaded.
@@ -196,10 +202,6 @@ impl Controller {
         let (in_force, switch_to) = plan.resolve(adopted, &dp.config())?;
         let ring = dp.take_events()?.watch()?;
         let sink = event_sink(opts.events.as_deref(), default_sink).await?;
-        let webhook = match &opts.webhook {
-            Some(cfg) => Some(Webhook::start(cfg.clone()).context("starting the webhook")?),
-            None => None,
-        };
         // Events the adopted generation decided while no controller ran are named by its policy
         // (registered before any switch), never by the one this controller brings.
         let mut events = EventStream::new(
