@@ -61,6 +61,8 @@ pub struct EgressCmd {
     no_pins: PathBuf,
     /// Descriptors `egress` inherits: (ours, the number it gets).
     pass_fds: Vec<(std::os::fd::OwnedFd, i32)>,
+    /// Environment variables `egress` gets besides ours.
+    env: Vec<(OsString, OsString)>,
 }
 
 impl EgressCmd {
@@ -77,6 +79,7 @@ impl EgressCmd {
             pins: None,
             no_pins,
             pass_fds: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -165,6 +168,12 @@ impl EgressCmd {
         self
     }
 
+    /// `egress` gets the environment variable `key` set to `value`.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// `egress` inherits `fd` as descriptor number `target` (not close-on-exec), the way a
     /// parent process leaks a socket to its children.
     pub fn pass_fd(mut self, fd: std::os::fd::OwnedFd, target: i32) -> Self {
@@ -209,6 +218,7 @@ impl EgressCmd {
         }
         // Text logs without colour codes, whatever the terminal.
         cmd.env("NO_COLOR", "1");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let fds: Vec<(i32, i32)> = self
             .pass_fds
             .iter()

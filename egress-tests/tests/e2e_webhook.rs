@@ -3,13 +3,14 @@
 //! (an array of alerts, labels a map of strings with `alertname`, RFC 3339 `startsAt`, and the
 //! same labels again with `endsAt` when the alert's cooldown ends), a Slack incoming webhook
 //! (`{"text": ...}` only), deny events batched in the generic format, the headers given and the
-//! HMAC-SHA256 signature (checked by the receiver with the secret), and secret files refused
-//! before anything is attached.
+//! HMAC-SHA256 signature (checked by the receiver with the secret), secret files refused
+//! before anything is attached, and an HTTPS receiver whose certificate comes from a CA only the
+//! system's store (here `SSL_CERT_FILE`) trusts.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use egress_tests::{
-    EgressCmd, HttpServer, NetPair, TcpSink, TempDir,
+    ChildGuard, EgressCmd, HttpServer, NetPair, TcpSink, TempDir,
     netns::{ADDR_B, VETH_A},
     probe::parse_calls,
     sinks::Request,
@@ -307,4 +308,162 @@ fn a_secret_file_that_is_missing_or_readable_by_others_is_refused() {
         );
         assert!(!Path::new(&ran).exists(), "the command never ran");
     }
+}
+
+/// Runs `openssl ARGS` in `dir`; panics when it fails.
+fn openssl(dir: &TempDir, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args(args)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA of the test's own (`ca.pem`), and a certificate it signed for 127.0.0.1 (`leaf.pem`,
+/// `leaf.key`).
+fn test_ca(dir: &TempDir) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=egress test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    dir.file(
+        "leaf.ext",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ],
+    );
+}
+
+/// An HTTPS server in Python on 127.0.0.1 (any port) that prints each POST body on a line.
+const HTTPS_RECEIVER: &str = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        sys.stdout.write(body.decode() + "\n")
+        sys.stdout.flush()
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+#[test]
+fn an_https_receiver_of_a_ca_in_the_system_store_is_trusted() {
+    let pair = NetPair::new();
+    let dir = TempDir::new("hook-tls");
+    let _sink = TcpSink::start(&pair.b, (ADDR_B, 5072));
+    test_ca(&dir);
+    let receiver = ChildGuard::spawn(
+        pair.a
+            .cmd("python3")
+            .args(["-c", HTTPS_RECEIVER])
+            .arg(dir.join("leaf.pem"))
+            .arg(dir.join("leaf.key")),
+    );
+    wait_for("the HTTPS receiver", Duration::from_secs(10), || {
+        !receiver.stdout_lines().is_empty()
+    });
+    let port = receiver.stdout_lines()[0].clone();
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let policy = dir.file(
+        "p.toml",
+        &policy("[[alert]]\nname = \"tls-upload\"\nbytes = \"1MiB\"\nwindow = \"30s\"\n"),
+    );
+    let spool = dir.join("spool");
+    let run = |ca: Option<&Path>| {
+        let mut cmd = EgressCmd::exec(&pair.a)
+            .iface(VETH_A)
+            .policy(&policy)
+            .args(["--spool", spool.to_str().unwrap(), "--webhook", &url]);
+        if let Some(ca) = ca {
+            cmd = cmd.env("SSL_CERT_FILE", ca);
+        }
+        cmd.probe(["tcp-send", "198.18.0.2:5072", "2097152", "sleep", "700"])
+            .success();
+    };
+    let alerts = || {
+        receiver
+            .stdout_lines()
+            .iter()
+            .skip(1)
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect::<Vec<_>>()
+    };
+    // The CA is in no store egress trusts: the alert is not delivered and waits in the spool.
+    run(None);
+    assert!(alerts().is_empty(), "{:?}", alerts());
+    // The host trusts it (the system's store, here through SSL_CERT_FILE): both get through.
+    run(Some(&dir.join("ca.pem")));
+    wait_for("both alerts over TLS", Duration::from_secs(10), || {
+        alerts().len() >= 2
+    });
+    assert!(
+        alerts().iter().all(|a| a["alert_rule"] == "tls-upload"),
+        "{:?}",
+        alerts()
+    );
 }
