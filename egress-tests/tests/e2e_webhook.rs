@@ -10,9 +10,9 @@
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use egress_tests::{
-    ChildGuard, EgressCmd, HttpServer, NetPair, TcpSink, TempDir,
+    ChildGuard, EgressCmd, HttpServer, NetPair, Probe, TcpSink, TempDir, TestCgroup,
     netns::{ADDR_B, VETH_A},
-    probe::parse_calls,
+    probe::{calls_so_far, parse_calls},
     sinks::Request,
     wait_for,
 };
@@ -174,6 +174,71 @@ fn alertmanager_gets_the_alert_signed_with_its_headers_and_then_its_resolution()
         resolved[0].1 <= std::time::SystemTime::now(),
         "resolved: endsAt is past"
     );
+}
+
+/// A block's alert stands until the block ends (`endsAt` = `blocked_until`), and `egress
+/// unblock` resolves it at once.
+#[test]
+fn alertmanager_gets_a_block_resolved_when_it_is_lifted() {
+    let pair = NetPair::new();
+    let dir = TempDir::new("hook-am-block");
+    let cg = TestCgroup::new();
+    let _sink = TcpSink::start(&pair.b, (ADDR_B, 5073));
+    let am = HttpServer::start(&pair.a, (std::net::Ipv4Addr::LOCALHOST, 0), b"");
+    let url = format!("http://{}/api/v2/alerts", am.addr());
+    let policy = dir.file(
+        "p.toml",
+        &policy("[[alert]]\nname = \"budget\"\nbytes = \"1MiB\"\nwindow = \"60s\"\naction = \"block\"\ncooldown = \"10m\"\n"),
+    );
+    let spool = dir.join("spool");
+    let run = EgressCmd::run(&pair.a, cg.path(), &dir)
+        .iface(VETH_A)
+        .policy(&policy)
+        .args(["--spool", spool.to_str().unwrap(), "--webhook", &url])
+        .args(["--webhook-format", "alertmanager"])
+        .start();
+    let mut probe = Probe::new()
+        .netns(&pair.a)
+        .cgroup(&cg)
+        .opt("--timeout", "3")
+        .opt("--rate", "20000000")
+        .args(["tcp-send", "198.18.0.2:5073", &(64u64 << 20).to_string()])
+        .args(["sleep", "3000"])
+        .spawn();
+    wait_for("the block's alert", Duration::from_secs(30), || {
+        !am.requests().is_empty()
+    });
+    let fired = check_alertmanager(&am.requests()[0]);
+    assert!(
+        fired[0].1 > std::time::SystemTime::now() + Duration::from_secs(300),
+        "it stands until the block ends, 10 minutes on"
+    );
+    let key = &fired[0].0["key"];
+    wait_for("the upload to be stopped", Duration::from_secs(30), || {
+        !calls_so_far(&probe).is_empty()
+    });
+    assert_eq!(*key, format!("process:{}", calls_so_far(&probe)[0].pid));
+    let out = run.ctl(&["unblock", key]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the resolution", Duration::from_secs(10), || {
+        am.requests().len() >= 2
+    });
+    let reqs = am.requests();
+    let resolved = check_alertmanager(&reqs[1]);
+    assert_eq!(resolved[0].0, fired[0].0, "the same labels");
+    assert!(resolved[0].1 <= std::time::SystemTime::now());
+    let body = reqs[1].json();
+    assert!(
+        body[0]["annotations"]["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("egress unblock")),
+        "{body}"
+    );
+    probe.wait();
 }
 
 #[test]
