@@ -247,15 +247,20 @@ fn slack_gets_text_messages_for_alerts_and_batched_denies() {
     let dir = TempDir::new("hook-slack");
     let _sink = TcpSink::start(&pair.b, (ADDR_B, 5071));
     let slack = HttpServer::start(&pair.a, (std::net::Ipv4Addr::LOCALHOST, 0), b"ok");
-    let url = format!("http://{}/services/T000/B000/XXXX", slack.addr());
+    // A Slack URL is a credential: from a private file, not the command line.
+    let url = private_file(
+        &dir,
+        "slack-url",
+        &format!("http://{}/services/T000/B000/XXXX\n", slack.addr()),
+    );
     let alert = "[[alert]]\nname = \"slack-upload\"\nbytes = \"1MiB\"\nwindow = \"30s\"\n";
     exec(
         &pair,
         &dir,
         &policy(alert),
         &[
-            "--webhook",
-            &url,
+            "--webhook-url-file",
+            url.to_str().unwrap(),
             "--webhook-format",
             "slack",
             "--webhook-events",
@@ -280,6 +285,11 @@ fn slack_gets_text_messages_for_alerts_and_batched_denies() {
         .requests()
         .iter()
         .map(|r| {
+            assert!(
+                r.head.starts_with("POST /services/T000/B000/XXXX "),
+                "{}",
+                r.head
+            );
             let v = r.json();
             let obj = v
                 .as_object()

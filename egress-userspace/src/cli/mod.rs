@@ -290,32 +290,41 @@ enum Command {
 /// Where alerts go besides the event stream.
 #[derive(clap::Args, Debug)]
 struct AlertArgs {
-    /// POST every alert as JSON to URL (retries with backoff; undelivered alerts are spooled
-    /// and sent when it is back).
-    #[arg(long, value_name = "URL")]
+    /// POST every alert as JSON (in --webhook-format) to URL (retries with backoff; undelivered
+    /// alerts are spooled and sent when it is back).
+    #[arg(long, value_name = "URL", group = "webhook_target")]
     webhook: Option<String>,
-    /// Directory for alerts the webhook could not take yet.
+    /// As --webhook, the URL read from FILE (once, at start; it must not be accessible to its
+    /// group or others): for URLs that are credentials, as a Slack incoming webhook's is.
+    #[arg(
+        long,
+        value_name = "FILE",
+        group = "webhook_target",
+        conflicts_with = "webhook"
+    )]
+    webhook_url_file: Option<PathBuf>,
+    /// Directory for alerts (and deny batches) the webhook could not take yet.
     #[arg(long, value_name = "DIR", default_value = webhook::DEFAULT_SPOOL)]
     spool: PathBuf,
     /// The shape of the webhook's requests: `generic` (egress's alert JSON, as before),
     /// `alertmanager` (Alertmanager's v2 API; point --webhook at
     /// http://alertmanager:9093/api/v2/alerts; alerts are resolved when their block is lifted or
     /// their cooldown ends) or `slack` (an incoming webhook's `{"text": ...}`).
-    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = webhook::Format::Generic, requires = "webhook")]
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = webhook::Format::Generic, requires = "webhook_target")]
     webhook_format: webhook::Format,
     /// A header for every webhook request, "Name: value" (repeatable). The command line is
     /// visible to every user of the host: put credentials in --webhook-header-file.
-    #[arg(long = "webhook-header", value_name = "NAME: VALUE", value_parser = webhook::config::parse_header, requires = "webhook")]
+    #[arg(long = "webhook-header", value_name = "NAME: VALUE", value_parser = webhook::config::parse_header, requires = "webhook_target")]
     webhook_headers: Vec<webhook::Header>,
     /// Headers for every webhook request, one "Name: value" per line (`#` comments), e.g.
     /// `Authorization: Bearer ...`. Read once at start; the file must not be accessible to its
     /// group or others (chmod 600).
-    #[arg(long, value_name = "FILE", requires = "webhook")]
+    #[arg(long, value_name = "FILE", requires = "webhook_target")]
     webhook_header_file: Option<PathBuf>,
     /// Sign every webhook request: header `X-Egress-Signature: sha256=<hex>`, the HMAC-SHA256 of
     /// the body keyed with this file's content (one trailing newline removed). Read once at
     /// start; the file must not be accessible to its group or others (chmod 600).
-    #[arg(long, value_name = "FILE", requires = "webhook")]
+    #[arg(long, value_name = "FILE", requires = "webhook_target")]
     webhook_secret_file: Option<PathBuf>,
     /// What the webhook gets, comma-separated: `alert` (alerts, and their resolutions where the
     /// format has them) and `deny` (deny and audit events, batched: at most 100 per 5 s, what is
@@ -341,7 +350,11 @@ enum WebhookEvent {
 impl AlertArgs {
     /// The webhook asked for, or None.
     fn config(self) -> Option<webhook::Config> {
-        let url = self.webhook?;
+        let url = match (self.webhook, self.webhook_url_file) {
+            (Some(url), _) => webhook::Url::Given(url),
+            (None, Some(file)) => webhook::Url::File(file),
+            (None, None) => return None,
+        };
         Some(webhook::Config {
             url,
             spool: self.spool,
@@ -689,5 +702,35 @@ fn live_grants(
             }
             Ok((rows, true))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(args.split_whitespace())
+    }
+
+    #[test]
+    fn webhook_options_need_a_webhook_and_take_one_url() {
+        let cli = parse("egress run --webhook http://x/ --webhook-format alertmanager --webhook-events alert,deny --webhook-header X-A:1").unwrap();
+        let Command::Run { alerting, .. } = cli.command else {
+            panic!("run")
+        };
+        let cfg = alerting.config().unwrap();
+        assert_eq!(cfg.format, webhook::Format::Alertmanager);
+        assert!(cfg.alerts && cfg.denies);
+        assert_eq!(cfg.headers.len(), 1);
+        assert!(parse("egress run --webhook-url-file /f --webhook-format slack").is_ok());
+        assert!(parse("egress exec --webhook-format slack -- true").is_err());
+        assert!(parse("egress run --webhook-secret-file /s").is_err());
+        assert!(parse("egress run --webhook http://x/ --webhook-url-file /f").is_err());
+        assert!(parse("egress run --webhook http://x/ --webhook-header nocolon").is_err());
+        let Command::Run { alerting, .. } = parse("egress run").unwrap().command else {
+            panic!("run")
+        };
+        assert!(alerting.config().is_none());
     }
 }

@@ -61,6 +61,22 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(key.as_bytes().to_vec())
 }
 
+/// The webhook's URL in `path` (`--webhook-url-file`): its one line, trimmed.
+pub fn read_url_file(path: &Path) -> anyhow::Result<String> {
+    let text = read_private(path, "webhook URL file")?;
+    let url = text.trim();
+    let parsed = reqwest::Url::parse(url)
+        .with_context(|| format!("the webhook URL file {} holds no URL", path.display()))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        bail!(
+            "the webhook URL file {} holds a {} URL: http or https expected",
+            path.display(),
+            parsed.scheme()
+        );
+    }
+    Ok(url.to_string())
+}
+
 /// The headers in `path`, one `Name: value` per line (blank lines and lines starting with `#`
 /// skipped).
 pub fn read_header_file(path: &Path) -> anyhow::Result<Vec<Header>> {
@@ -137,6 +153,21 @@ mod tests {
             e.contains("webhook secret file") && e.contains("nope"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn url_files_hold_one_http_url() {
+        let ok = temp("url", "https://hooks.slack.test/services/T/B/x\n", 0o600);
+        assert_eq!(
+            read_url_file(&ok).unwrap(),
+            "https://hooks.slack.test/services/T/B/x"
+        );
+        let bad = temp("url-bad", "not a url\n", 0o600);
+        assert!(read_url_file(&bad).is_err());
+        let ftp = temp("url-ftp", "ftp://x/\n", 0o600);
+        assert!(read_url_file(&ftp).is_err());
+        let open = temp("url-open", "https://x/\n", 0o640);
+        assert!(read_url_file(&open).is_err());
     }
 
     #[test]

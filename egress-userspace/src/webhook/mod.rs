@@ -43,10 +43,19 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// How often the spool is retried while it holds undelivered alerts (doubling up to this).
 const MAX_SPOOL_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Where the webhook is.
+#[derive(Debug, Clone)]
+pub enum Url {
+    /// `--webhook URL`.
+    Given(String),
+    /// `--webhook-url-file FILE`: read once at start, a private file.
+    File(PathBuf),
+}
+
 /// What the webhook sends, and how (`--webhook*`).
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub url: String,
+    pub url: Url,
     pub spool: PathBuf,
     pub format: Format,
     /// Extra headers, from the command line and the header file.
@@ -252,6 +261,10 @@ impl Webhook {
             .as_deref()
             .map(config::read_secret_file)
             .transpose()?;
+        let url = match &cfg.url {
+            Url::Given(u) => u.clone(),
+            Url::File(f) => config::read_url_file(f)?,
+        };
         let client = client()?;
         let spool = cfg.spool.clone();
         create_private_dir(&spool)
@@ -260,7 +273,7 @@ impl Webhook {
         let dir = spool.clone();
         let notify = wake.clone();
         let req = Request {
-            url: cfg.url.clone(),
+            url,
             format: cfg.format,
             headers,
             secret,
