@@ -129,7 +129,7 @@ fn descendants(tree: &[(u32, u32)]) -> HashMap<u32, usize> {
 
 impl BlockEvent {
     /// The event of `key` blocked or unblocked under alert `rule`; a process key names its
-    /// process (its executable read now, or `exe` when the caller knows it).
+    /// process, and `exe` its executable when the caller knows it.
     fn new(
         event: &str,
         key: &AlertKey,
@@ -149,7 +149,7 @@ impl BlockEvent {
             reason: reason.into(),
             until,
             pid,
-            exe: exe.or_else(|| pid.and_then(proc::exe_of)),
+            exe,
         }
     }
 }
@@ -262,6 +262,8 @@ impl Controller {
         until: Option<String>,
         exe: Option<String>,
     ) {
+        // Just blocked: the process is alive, its pid its own.
+        let exe = exe.or_else(|| key.tgid().and_then(proc::exe_of));
         let ev = BlockEvent::new("block", key, rule, "over budget", until, exe);
         self.emit(&ev).await;
     }
@@ -318,7 +320,11 @@ impl Controller {
         };
         self.dp.unblock(&b.key)?;
         info!(key = %key.text(), rule = %b.rule, reason, "byte-budget block lifted");
-        let ev = BlockEvent::new("unblock", key, &b.rule, reason, None, None);
+        // A process that exited may have left its pid to another: never named by that one.
+        let exe = (!b.process_exited)
+            .then(|| key.tgid().and_then(proc::exe_of))
+            .flatten();
+        let ev = BlockEvent::new("unblock", key, &b.rule, reason, None, exe);
         self.emit(&ev).await;
         // The alert ends with its last block (an executable's alert blocked several processes).
         let alert_key = b.origin.clone().unwrap_or_else(|| key.clone());
