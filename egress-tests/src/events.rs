@@ -6,10 +6,13 @@ use std::path::Path;
 
 use egress::{alerts::AlertEvent, events::JsonEvent, report::StatsReport};
 
-/// The fields every deny and audit event carries (the events contract of the README).
-pub const CONTRACT_FIELDS: [&str; 11] = [
+/// The fields every deny and audit event carries (the events contract of the README;
+/// `schema_version` and `hostname` are on every event of every kind).
+pub const CONTRACT_FIELDS: [&str; 13] = [
     "ts",
     "event",
+    "schema_version",
+    "hostname",
     "pid",
     "comm",
     "uid",

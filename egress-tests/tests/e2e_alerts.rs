@@ -81,6 +81,8 @@ fn twice_the_threshold_raises_exactly_one_alert_within_a_second() {
         (a.rule.as_str(), a.pid, a.comm.as_str()),
         ("bulk-upload", Some(pid), "egress-probe")
     );
+    assert_eq!(a.alert_rule, "bulk-upload", "the alert rule, named apart");
+    assert_eq!(a.meta.schema_version, 1);
     assert!(a.exe.ends_with("/egress-probe"), "{a:?}");
     assert_eq!(a.key, format!("process:{pid}"));
     assert!(a.bytes_in_window >= 2 << 20);

@@ -2,14 +2,23 @@
 //! datapath's ring, and the controller's own `reload`, `block` and `unblock` events; alerts are
 //! `crate::alerts::AlertEvent`), and the pump that drains the ring into a writer.
 //!
+//! Every event carries [`EventMeta`] (`schema_version`, `hostname`) and is written in the format
+//! asked for ([`Format`]): egress's own JSON lines, or Elastic Common Schema documents
+//! (`ecs.rs`, one [`EventLine::ecs`] per event kind). A field means one thing across kinds:
+//! `rule` is the policy's deciding rule in deny, audit and dns events; the alert rule of alert,
+//! block and unblock events is `alert_rule` (they keep `rule` too, as before).
+//!
 //! The kernel records the sender's tgid, not its executable: the pump names it from
 //! `/proc/PID/exe` through an [`ExeCache`], which keeps each process's executable with its start
 //! time, so an event drained after its process exited is still named, and never by a later
 //! process that took the pid.
 
+pub mod ecs;
+
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    path::Path,
+    sync::{Arc, OnceLock},
     time::SystemTime,
 };
 
@@ -29,6 +38,71 @@ use crate::{
     },
 };
 
+/// The version of the event schema, in every event as `schema_version`. Raised when a field
+/// changes meaning or goes away; fields are added without raising it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What every event carries besides its own fields: the schema it follows and the host it is
+/// about.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct EventMeta {
+    /// [`SCHEMA_VERSION`] (0 when read from a line written before it existed).
+    #[serde(default)]
+    pub schema_version: u32,
+    /// This host's name (`uname -n`, read once at start).
+    #[serde(default)]
+    pub hostname: String,
+}
+
+impl EventMeta {
+    /// The metadata of an event written now, on this host.
+    pub fn current() -> EventMeta {
+        EventMeta {
+            schema_version: SCHEMA_VERSION,
+            hostname: hostname().to_string(),
+        }
+    }
+}
+
+/// This host's name (the UTS namespace's, as `uname -n`), read once.
+pub fn hostname() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// How events are written (`--events-format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// egress's own JSON lines (the fields documented in the README).
+    #[default]
+    Json,
+    /// Elastic Common Schema documents, one per line (`@timestamp`, `event.*`, `process.*`,
+    /// `destination.*`, `rule.name`, `host.hostname`, ...), the egress line under `egress`.
+    Ecs,
+}
+
+/// An event egress writes: serialized as it is for [`Format::Json`], mapped by
+/// [`EventLine::ecs`] for [`Format::Ecs`].
+pub trait EventLine: Serialize {
+    /// The event as an Elastic Common Schema document.
+    fn ecs(&self) -> ecs::Document;
+}
+
+/// `event` as one line (newline included) in `format`.
+pub fn line<T: EventLine>(event: &T, format: Format) -> serde_json::Result<Vec<u8>> {
+    let mut buf = match format {
+        Format::Json => serde_json::to_vec(event)?,
+        Format::Ecs => serde_json::to_vec(&event.ecs())?,
+    };
+    buf.push(b'\n');
+    Ok(buf)
+}
+
 /// One event as written to the JSON stream.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct JsonEvent {
@@ -36,6 +110,8 @@ pub struct JsonEvent {
     pub ts: String,
     /// `"deny"`, or `"audit"` for a would-be deny in audit mode.
     pub event: String,
+    #[serde(flatten, default)]
+    pub meta: EventMeta,
     /// Process id (tgid).
     pub pid: u32,
     /// Thread id.
@@ -95,6 +171,7 @@ impl JsonEvent {
                 "deny"
             }
             .into(),
+            meta: EventMeta::current(),
             pid: ev.tgid,
             tid: ev.pid,
             comm: comm_str(&ev.comm),
@@ -139,6 +216,8 @@ pub struct ReloadEvent {
     pub ts: String,
     /// Always `"reload"`.
     pub event: String,
+    #[serde(flatten, default)]
+    pub meta: EventMeta,
     pub generation: u32,
     pub policy_hash: String,
     pub policy: String,
@@ -151,11 +230,23 @@ pub struct BlockEvent {
     pub ts: String,
     /// `"block"` or `"unblock"`.
     pub event: String,
+    #[serde(flatten, default)]
+    pub meta: EventMeta,
     pub key: String,
+    /// The alert rule that set the block (as `alert_rule`; kept for compatibility).
     pub rule: String,
+    /// The alert rule that set the block.
+    #[serde(default)]
+    pub alert_rule: String,
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub until: Option<String>,
+    /// The blocked process, for a process key.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pid: Option<u32>,
+    /// Its executable, when known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub exe: Option<String>,
 }
 
 /// The RFC 3339 form of `t`, nanoseconds, as every event's `ts`.
@@ -211,6 +302,23 @@ pub struct EventStream<W> {
     exes: ExeCache,
     /// This node's pods, for `namespace`, `pod`, `container`, `node`.
     pods: Option<crate::kube::Pods>,
+    /// How lines are written.
+    format: Format,
+    /// Deny and audit events also go to the webhook (`--webhook-events deny`).
+    webhook: Option<crate::webhook::DenyFeed>,
+}
+
+/// Opens the events file for appending, created owner-only (mode 0600: events carry command
+/// lines and destinations). An existing file keeps its mode (logrotate's `create` sets it).
+pub async fn open_file(path: &Path) -> anyhow::Result<tokio::fs::File> {
+    use anyhow::Context as _;
+    tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .with_context(|| format!("opening events file {}", path.display()))
 }
 
 /// Records written per [`EventStream::drain`] call.
@@ -235,6 +343,8 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             hosts: None,
             exes: ExeCache::default(),
             pods: None,
+            format: Format::Json,
+            webhook: None,
         };
         stream.set_names(generation, names, hash);
         stream
@@ -283,8 +393,10 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
                 json.host = hosts.host_of(ev.cgroup_id, judged);
             }
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
-            serde_json::to_writer(&mut buf, &json)?;
-            buf.push(b'\n');
+            buf.extend_from_slice(&line(&json, self.format)?);
+            if let Some(feed) = &self.webhook {
+                feed.offer(json);
+            }
             self.written += 1;
             n += 1;
             if n == DRAIN_BATCH {
@@ -350,12 +462,28 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     }
 
     /// Writes one of the controller's own events (alerts, blocks, reloads) to the same stream.
-    pub async fn emit<T: Serialize>(&mut self, event: &T) -> anyhow::Result<()> {
-        let mut line = serde_json::to_vec(event)?;
-        line.push(b'\n');
+    pub async fn emit<T: EventLine>(&mut self, event: &T) -> anyhow::Result<()> {
+        let line = line(event, self.format)?;
         self.out.write_all(&line).await?;
         self.out.flush().await?;
         Ok(())
+    }
+
+    /// Writes lines in `format` from now on.
+    pub fn set_format(&mut self, format: Format) {
+        self.format = format;
+    }
+
+    /// Also hands every deny and audit event to the webhook's deny batches.
+    pub fn set_webhook(&mut self, feed: Option<crate::webhook::DenyFeed>) {
+        self.webhook = feed;
+    }
+
+    /// Writes to `out` from now on (the events file reopened after a rotation); returns the old
+    /// writer, flushed. Nothing is buffered between lines, so no line is split across the two.
+    pub async fn replace_out(&mut self, out: W) -> std::io::Result<W> {
+        self.out.flush().await?;
+        Ok(std::mem::replace(&mut self.out, out))
     }
 
     /// Drains until the ring buffer is empty (at exit).
@@ -457,5 +585,31 @@ mod tests {
         );
         let back: JsonEvent = serde_json::from_str(&line).unwrap();
         assert_eq!(back, json);
+    }
+
+    #[test]
+    fn every_event_carries_its_schema_version_and_host() {
+        let v =
+            serde_json::to_value(JsonEvent::decode(&raw_event(), "default".into(), "abc")).unwrap();
+        assert_eq!(v["schema_version"], SCHEMA_VERSION);
+        assert_eq!(v["hostname"], hostname());
+        assert!(!hostname().is_empty());
+        // A line written before they existed still reads.
+        let old = r#"{"ts":"t","event":"deny","pid":1,"tid":1,"comm":"c","uid":0,"gid":0,"cgroup_id":1,"hook":"connect4","family":"ipv4","protocol":"tcp","dst":"192.0.2.1","port":1,"v4_mapped":false,"rule":"default","generation":1}"#;
+        let back: JsonEvent = serde_json::from_str(old).unwrap();
+        assert_eq!(back.meta, EventMeta::default());
+    }
+
+    #[test]
+    fn lines_are_written_in_the_format_asked_for() {
+        let ev = JsonEvent::decode(&raw_event(), "default".into(), "abc");
+        let json = line(&ev, Format::Json).unwrap();
+        assert_eq!(json.last(), Some(&b'\n'));
+        let back: JsonEvent = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, ev);
+        let ecs: serde_json::Value =
+            serde_json::from_slice(&line(&ev, Format::Ecs).unwrap()).unwrap();
+        assert_eq!(ecs["event"]["action"], "deny");
+        assert_eq!(ecs["egress"], serde_json::to_value(&ev).unwrap());
     }
 }

@@ -200,7 +200,13 @@ pub struct AlertEvent {
     pub ts: String,
     /// Always `"alert"`.
     pub event: String,
+    #[serde(flatten, default)]
+    pub meta: crate::events::EventMeta,
+    /// The alert rule (as `alert_rule`; kept for compatibility).
     pub rule: String,
+    /// The alert rule that fired (`[[alert]] name`).
+    #[serde(default)]
+    pub alert_rule: String,
     pub key: String,
     pub per: String,
     /// Payload bytes within the window when the alert fired.
@@ -450,7 +456,9 @@ impl AlertEngine {
             let event = AlertEvent {
                 ts: humantime::format_rfc3339_nanos(wall).to_string(),
                 event: "alert".into(),
+                meta: crate::events::EventMeta::current(),
                 rule: alert.name.clone(),
+                alert_rule: alert.name.clone(),
                 key: akey.text(),
                 per: alert.per.as_str().into(),
                 bytes_in_window: in_window,

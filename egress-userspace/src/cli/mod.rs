@@ -19,6 +19,7 @@ use crate::{
     api::{self, Request, client},
     controller::{self, DnsListen, ExecOptions, Options, RunOptions},
     datapath::pins::{self, Pins},
+    events::Format as EventsFormat,
     exit,
     policy::Protocol,
     report::StatusReport,
@@ -69,9 +70,14 @@ enum Command {
         /// that subtree is then covered.
         #[arg(long)]
         allow_non_host_cgroup: bool,
-        /// Append JSON-lines events to FILE instead of stdout ("-" for stdout).
+        /// Append JSON-lines events to FILE instead of stdout ("-" for stdout). Created with mode
+        /// 0600; SIGUSR1 reopens it (logrotate without copytruncate).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        /// Event line format: `json` (egress's own fields) or `ecs` (Elastic Common Schema; see
+        /// docs/EVENTS.md).
+        #[arg(long, value_enum, value_name = "FORMAT", default_value_t = EventsFormat::Json)]
+        events_format: EventsFormat,
         /// Interface for the TC accounting program (repeatable). Default: every interface that
         /// is up, except loopback.
         #[arg(long = "iface", value_name = "IFACE")]
@@ -132,9 +138,14 @@ enum Command {
         /// Policy file. Default: the embedded policies/default.toml (audit mode).
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
-        /// Append JSON-lines events to FILE instead of stderr ("-" for stderr).
+        /// Append JSON-lines events to FILE instead of stderr ("-" for stderr). Created with mode
+        /// 0600; SIGUSR1 reopens it.
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        /// Event line format: `json` (egress's own fields) or `ecs` (Elastic Common Schema; see
+        /// docs/EVENTS.md).
+        #[arg(long, value_enum, value_name = "FORMAT", default_value_t = EventsFormat::Json)]
+        events_format: EventsFormat,
         /// Interface for the TC accounting program (repeatable). Default: every interface that
         /// is up, except loopback. TC only touches the command's own traffic.
         #[arg(long = "iface", value_name = "IFACE")]
@@ -296,13 +307,82 @@ enum Command {
 /// Where alerts go besides the event stream.
 #[derive(clap::Args, Debug)]
 struct AlertArgs {
-    /// POST every alert as JSON to URL (retries with backoff; undelivered alerts are spooled
-    /// and sent when it is back).
-    #[arg(long, value_name = "URL")]
+    /// POST every alert as JSON (in --webhook-format) to URL (retries with backoff; undelivered
+    /// alerts are spooled and sent when it is back).
+    #[arg(long, value_name = "URL", group = "webhook_target")]
     webhook: Option<String>,
-    /// Directory for alerts the webhook could not take yet.
+    /// As --webhook, the URL read from FILE (once, at start; it must not be accessible to its
+    /// group or others): for URLs that are credentials, as a Slack incoming webhook's is.
+    #[arg(
+        long,
+        value_name = "FILE",
+        group = "webhook_target",
+        conflicts_with = "webhook"
+    )]
+    webhook_url_file: Option<PathBuf>,
+    /// Directory for alerts (and deny batches) the webhook could not take yet.
     #[arg(long, value_name = "DIR", default_value = webhook::DEFAULT_SPOOL)]
     spool: PathBuf,
+    /// The shape of the webhook's requests: `generic` (egress's alert JSON, as before),
+    /// `alertmanager` (Alertmanager's v2 API; point --webhook at
+    /// http://alertmanager:9093/api/v2/alerts; alerts are resolved when their block is lifted or
+    /// their cooldown ends) or `slack` (an incoming webhook's `{"text": ...}`).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = webhook::Format::Generic, requires = "webhook_target")]
+    webhook_format: webhook::Format,
+    /// A header for every webhook request, "Name: value" (repeatable). The command line is
+    /// visible to every user of the host: put credentials in --webhook-header-file.
+    #[arg(long = "webhook-header", value_name = "NAME: VALUE", value_parser = webhook::config::parse_header, requires = "webhook_target")]
+    webhook_headers: Vec<webhook::Header>,
+    /// Headers for every webhook request, one "Name: value" per line (`#` comments), e.g.
+    /// `Authorization: Bearer ...`. Read once at start; the file must not be accessible to its
+    /// group or others (chmod 600).
+    #[arg(long, value_name = "FILE", requires = "webhook_target")]
+    webhook_header_file: Option<PathBuf>,
+    /// Sign every webhook request: header `X-Egress-Signature: sha256=<hex>`, the HMAC-SHA256 of
+    /// the body keyed with this file's content (one trailing newline removed). Read once at
+    /// start; the file must not be accessible to its group or others (chmod 600).
+    #[arg(long, value_name = "FILE", requires = "webhook_target")]
+    webhook_secret_file: Option<PathBuf>,
+    /// What the webhook gets, comma-separated: `alert` (alerts, and their resolutions where the
+    /// format has them) and `deny` (deny and audit events, batched: at most 100 per 5 s, what is
+    /// over is dropped and counted in the next batch's `dropped`).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "KINDS",
+        value_delimiter = ',',
+        default_value = "alert",
+        requires = "webhook"
+    )]
+    webhook_events: Vec<WebhookEvent>,
+}
+
+/// What `--webhook-events` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WebhookEvent {
+    Alert,
+    Deny,
+}
+
+impl AlertArgs {
+    /// The webhook asked for, or None.
+    fn config(self) -> Option<webhook::Config> {
+        let url = match (self.webhook, self.webhook_url_file) {
+            (Some(url), _) => webhook::Url::Given(url),
+            (None, Some(file)) => webhook::Url::File(file),
+            (None, None) => return None,
+        };
+        Some(webhook::Config {
+            url,
+            spool: self.spool,
+            format: self.webhook_format,
+            headers: self.webhook_headers,
+            header_file: self.webhook_header_file,
+            secret_file: self.webhook_secret_file,
+            alerts: self.webhook_events.contains(&WebhookEvent::Alert),
+            denies: self.webhook_events.contains(&WebhookEvent::Deny),
+        })
+    }
 }
 
 /// Pod awareness on a Kubernetes node.
@@ -436,6 +516,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             policy,
             cgroup,
             events,
+            events_format,
             ifaces,
             alerting,
             socket,
@@ -452,9 +533,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             let common = Options {
                 policy,
                 events,
+                events_format,
                 ifaces,
-                webhook: alerting.webhook,
-                spool: alerting.spool,
+                webhook: alerting.config(),
                 metrics,
                 owners_capacity,
                 prefix_capacity,
@@ -478,6 +559,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Exec {
             policy,
             events,
+            events_format,
             ifaces,
             alerting,
             report,
@@ -488,9 +570,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             let common = Options {
                 policy,
                 events,
+                events_format,
                 ifaces,
-                webhook: alerting.webhook,
-                spool: alerting.spool,
+                webhook: alerting.config(),
                 metrics: None,
                 owners_capacity,
                 prefix_capacity,
@@ -665,5 +747,35 @@ fn live_grants(
             }
             Ok((rows, true))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(args.split_whitespace())
+    }
+
+    #[test]
+    fn webhook_options_need_a_webhook_and_take_one_url() {
+        let cli = parse("egress run --webhook http://x/ --webhook-format alertmanager --webhook-events alert,deny --webhook-header X-A:1").unwrap();
+        let Command::Run { alerting, .. } = cli.command else {
+            panic!("run")
+        };
+        let cfg = alerting.config().unwrap();
+        assert_eq!(cfg.format, webhook::Format::Alertmanager);
+        assert!(cfg.alerts && cfg.denies);
+        assert_eq!(cfg.headers.len(), 1);
+        assert!(parse("egress run --webhook-url-file /f --webhook-format slack").is_ok());
+        assert!(parse("egress exec --webhook-format slack -- true").is_err());
+        assert!(parse("egress run --webhook-secret-file /s").is_err());
+        assert!(parse("egress run --webhook http://x/ --webhook-url-file /f").is_err());
+        assert!(parse("egress run --webhook http://x/ --webhook-header nocolon").is_err());
+        let Command::Run { alerting, .. } = parse("egress run").unwrap().command else {
+            panic!("run")
+        };
+        assert!(alerting.config().is_none());
     }
 }

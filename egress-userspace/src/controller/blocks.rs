@@ -52,6 +52,8 @@ struct ActiveBlock {
     /// The executable key whose alert set this process block (`egress unblock
     /// executable:PATH` lifts them all).
     origin: Option<AlertKey>,
+    /// When its alert fired (RFC 3339), for the webhook's resolution; None when adopted.
+    fired_at: Option<String>,
 }
 
 /// The blocks in force: set by this controller, or adopted from the pins.
@@ -126,14 +128,28 @@ fn descendants(tree: &[(u32, u32)]) -> HashMap<u32, usize> {
 }
 
 impl BlockEvent {
-    fn new(event: &str, key: &str, rule: &str, reason: &str, until: Option<String>) -> BlockEvent {
+    /// The event of `key` blocked or unblocked under alert `rule`; a process key names its
+    /// process, and `exe` its executable when the caller knows it.
+    fn new(
+        event: &str,
+        key: &AlertKey,
+        rule: &str,
+        reason: &str,
+        until: Option<String>,
+        exe: Option<String>,
+    ) -> BlockEvent {
+        let pid = key.tgid();
         BlockEvent {
             ts: timestamp(SystemTime::now()),
             event: event.into(),
-            key: key.into(),
+            meta: crate::events::EventMeta::current(),
+            key: key.text(),
             rule: rule.into(),
+            alert_rule: rule.into(),
             reason: reason.into(),
             until,
+            pid,
+            exe,
         }
     }
 }
@@ -150,6 +166,7 @@ impl Controller {
         rule: &str,
         alert_index: usize,
         dur: Duration,
+        fired_at: &str,
     ) -> Vec<AlertKey> {
         let keys = match key {
             AlertKey::Executable(name) => name.path().map_or_else(Vec::new, |exe| {
@@ -190,6 +207,7 @@ impl Controller {
                     descendants: 0,
                     process_exited: false,
                     origin: matches!(key, AlertKey::Executable(_)).then(|| key.clone()),
+                    fired_at: Some(fired_at.to_string()),
                 },
             );
             blocked.push(k);
@@ -230,14 +248,23 @@ impl Controller {
                     // controller.
                     process_exited: !own,
                     origin: None,
+                    fired_at: None,
                 },
             );
         }
     }
 
-    /// Reports a block just set.
-    pub(super) async fn report_block(&mut self, key: &str, rule: &str, until: Option<String>) {
-        let ev = BlockEvent::new("block", key, rule, "over budget", until);
+    /// Reports a block just set (of a process running `exe`, when known).
+    pub(super) async fn report_block(
+        &mut self,
+        key: &AlertKey,
+        rule: &str,
+        until: Option<String>,
+        exe: Option<String>,
+    ) {
+        // Just blocked: the process is alive, its pid its own.
+        let exe = exe.or_else(|| key.tgid().and_then(proc::exe_of));
+        let ev = BlockEvent::new("block", key, rule, "over budget", until, exe);
         self.emit(&ev).await;
     }
 
@@ -293,8 +320,18 @@ impl Controller {
         };
         self.dp.unblock(&b.key)?;
         info!(key = %key.text(), rule = %b.rule, reason, "byte-budget block lifted");
-        let ev = BlockEvent::new("unblock", &key.text(), &b.rule, reason, None);
+        // A process that exited may have left its pid to another: never named by that one.
+        let exe = (!b.process_exited)
+            .then(|| key.tgid().and_then(proc::exe_of))
+            .flatten();
+        let ev = BlockEvent::new("unblock", key, &b.rule, reason, None, exe);
         self.emit(&ev).await;
+        // The alert ends with its last block (an executable's alert blocked several processes).
+        let alert_key = b.origin.clone().unwrap_or_else(|| key.clone());
+        let others = b.origin.is_some() && self.blocks.0.values().any(|o| o.origin == b.origin);
+        if !others {
+            self.resolve_alert(&b.rule, &alert_key.text(), reason, b.fired_at);
+        }
         Ok(true)
     }
 

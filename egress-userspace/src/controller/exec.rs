@@ -103,6 +103,8 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sigquit = signal(SignalKind::quit())?;
+    // Not forwarded: egress's own, as for `run` (reopen the events file).
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let root = cgroup::cgroup2_root()?;
     remove_stale(&root);
     let cg = ChildCgroup::create(&root, EXEC_PREFIX)?;
@@ -166,6 +168,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
             _ = sigquit.recv() => forward_from_terminal(pid, Signal::QUIT),
             _ = sigterm.recv() => forward(pid, Signal::TERM),
             _ = sighup.recv() => forward(pid, Signal::HUP),
+            _ = sigusr1.recv() => ctl.reopen_events().await,
         }
     };
     // The command's last events and counters may still be in the kernel.

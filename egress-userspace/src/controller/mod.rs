@@ -65,10 +65,12 @@ pub struct Options {
     pub policy: Option<PathBuf>,
     /// Append events here instead of the command's default stream (`-`: the default).
     pub events: Option<PathBuf>,
+    /// How events are written.
+    pub events_format: crate::events::Format,
     /// Interfaces for TC (empty: every interface that is up but loopback and stacked devices).
     pub ifaces: Vec<String>,
-    pub webhook: Option<String>,
-    pub spool: PathBuf,
+    /// Where alerts (and deny events, if asked) are POSTed.
+    pub webhook: Option<crate::webhook::Config>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<std::net::SocketAddr>,
     /// Capacity of the socket-owner map (None: the default for fresh maps, the pinned map's
@@ -109,6 +111,11 @@ pub struct Controller {
     alerts: AlertEngine,
     alerts_by_rule: BTreeMap<String, u64>,
     webhook: Option<Webhook>,
+    /// Alerts sent to the webhook without a block, to resolve when their cooldown ends: (alert
+    /// rule, key) to (fired at, RFC 3339; cooldown end).
+    open_alerts: BTreeMap<(String, String), (String, Instant)>,
+    /// The events file (`--events FILE`), reopened on SIGUSR1.
+    events_path: Option<PathBuf>,
     blocks: Blocks,
     policy: PolicyInForce,
     target: Target,
@@ -171,6 +178,12 @@ impl Controller {
         default_sink: Sink,
     ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
         let plan = Plan::new(opts.policy.as_deref(), target.pins.as_ref())?;
+        // Its secret and header files are read before anything in the kernel changes: a missing
+        // or unsafe one stops the start with nothing attached.
+        let webhook = match &opts.webhook {
+            Some(cfg) => Some(Webhook::start(cfg.clone()).context("starting the webhook")?),
+            None => None,
+        };
         // Restarting over pins whose steering points at the DNS proxy: the proxy comes back
         // first, on the pinned maps, so that names resolve again before the programs are loaded
         // and verified (seconds). Nothing in the kernel changes until the datapath is loaded.
@@ -223,6 +236,8 @@ impl Controller {
             sink,
         );
         events.set_pods(pods.clone());
+        events.set_format(opts.events_format);
+        events.set_webhook(webhook.as_ref().and_then(Webhook::deny_feed));
         // Below the root, TC only touches the sockets of that cgroup's processes.
         if target.cgroup != target.root {
             let (id, level) = cgroup::id_and_level(&target.root, &target.cgroup)?;
@@ -231,10 +246,6 @@ impl Controller {
         dp.attach(&target.cgroup)
             .with_context(|| format!("attaching to cgroup {}", target.cgroup.display()))?;
         let ifaces = attach_tc(&mut dp, &opts.ifaces)?;
-        let webhook = match &opts.webhook {
-            Some(url) => Some(Webhook::start(url.clone(), opts.spool.clone())?),
-            None => None,
-        };
         let (metrics, metrics_text) = match opts.metrics {
             Some(_) => {
                 let (exporter, text) = metrics::Exporter::new();
@@ -255,6 +266,11 @@ impl Controller {
             acct,
             alerts_by_rule: BTreeMap::new(),
             webhook,
+            open_alerts: BTreeMap::new(),
+            events_path: opts
+                .events
+                .clone()
+                .filter(|p| p.as_path() != Path::new("-")),
             blocks: Blocks::default(),
             target,
             ifaces,
@@ -300,8 +316,27 @@ impl Controller {
         Ok((ctl, metrics_text))
     }
 
+    /// Reopens the events file (SIGUSR1): after logrotate renamed it, events go to a new file at
+    /// the same path (created 0600). Without `--events FILE` there is nothing to reopen. If the
+    /// file cannot be opened, events go on to the old one.
+    pub(super) async fn reopen_events(&mut self) {
+        let Some(path) = self.events_path.clone() else {
+            info!("SIGUSR1: events go to a stream, not a file: nothing to reopen");
+            return;
+        };
+        match crate::events::open_file(&path).await {
+            Ok(f) => match self.events.replace_out(Box::new(f)).await {
+                Ok(_old) => info!(events = %path.display(), "SIGUSR1: events file reopened"),
+                Err(e) => warn!(error = %e, "flushing the events file before reopening it"),
+            },
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "SIGUSR1: could not reopen the events file; events go on to the old one")
+            }
+        }
+    }
+
     /// Writes one of the controller's events; a failing sink is logged, never fatal.
-    async fn emit<T: serde::Serialize>(&mut self, event: &T) {
+    async fn emit<T: crate::events::EventLine>(&mut self, event: &T) {
         if let Err(e) = self.events.emit(event).await {
             error!(error = %format!("{e:#}"), "could not write an event");
         }
@@ -402,15 +437,7 @@ async fn event_sink(path: Option<&Path>, default: Sink) -> anyhow::Result<Sink> 
     match path {
         None => Ok(default),
         Some(p) if p == Path::new("-") => Ok(default),
-        Some(p) => {
-            let f = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .await
-                .with_context(|| format!("opening events file {}", p.display()))?;
-            Ok(Box::new(f))
-        }
+        Some(p) => Ok(Box::new(crate::events::open_file(p).await?)),
     }
 }
 

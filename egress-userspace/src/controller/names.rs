@@ -300,6 +300,8 @@ async fn bind(
 pub struct DnsEvent {
     pub ts: String,
     pub event: String,
+    #[serde(flatten, default)]
+    pub meta: crate::events::EventMeta,
     /// The name asked.
     pub name: String,
     /// The query type (`A`, `AAAA`, `TXT`, ...).
@@ -312,6 +314,9 @@ pub struct DnsEvent {
     /// The asking process, when its socket is known (0 and empty otherwise).
     pub pid: u32,
     pub comm: String,
+    /// The asking process's executable, when known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub exe: Option<String>,
     pub uid: u32,
     pub cgroup_id: u64,
 }
@@ -330,15 +335,53 @@ impl DnsEvent {
         DnsEvent {
             ts: crate::events::timestamp(std::time::SystemTime::now()),
             event: "dns".into(),
+            meta: crate::events::EventMeta::current(),
             name: q.refusal.name.clone(),
             qtype: q.refusal.qtype.clone(),
             rule,
             target,
             pid: o.tgid,
             comm: egress_common::user::comm_str(&o.comm),
+            exe: (o.tgid != 0)
+                .then(|| crate::sys::proc::exe_of(o.tgid))
+                .flatten(),
             uid: o.uid,
             cgroup_id: o.cgroup_id,
         }
+    }
+}
+
+impl crate::events::EventLine for DnsEvent {
+    fn ecs(&self) -> crate::events::ecs::Document {
+        use crate::events::ecs::{Dns, DnsQuestion, Document, Rule, process, user};
+        let mut d = Document::new(self, &self.ts, &self.meta, "event", &self.event);
+        d.event.category = vec!["network"];
+        d.event.type_ = vec!["protocol", "denied"];
+        d.event.outcome = Some("failure");
+        d.message = format!(
+            "refused DNS query {} {} by rule {}",
+            self.qtype, self.name, self.rule
+        );
+        d.process = process(Some(self.pid), &self.comm, self.exe.as_deref(), None);
+        if self.pid != 0 {
+            d.user = Some(user(self.uid, None));
+        }
+        d.network = Some(crate::events::ecs::Network {
+            protocol: Some("dns".into()),
+            ..Default::default()
+        });
+        d.dns = Some(Dns {
+            question: DnsQuestion {
+                name: self.name.clone(),
+                type_: self.qtype.clone(),
+            },
+        });
+        d.rule = Some(Rule {
+            name: self.rule.clone(),
+            ruleset: None,
+            version: None,
+        });
+        d
     }
 }
 

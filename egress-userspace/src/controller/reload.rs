@@ -177,6 +177,7 @@ impl Controller {
         let event = ReloadEvent {
             ts: timestamp(SystemTime::now()),
             event: "reload".into(),
+            meta: crate::events::EventMeta::current(),
             generation: applied.generation,
             policy_hash: policy.hash.clone(),
             policy: policy.source.clone(),

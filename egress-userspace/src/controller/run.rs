@@ -57,6 +57,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // logrotate's postrotate: reopen the events file.
+    let mut sigusr1 = signal(SignalKind::user_defined1())?;
     let pins = (!opts.ephemeral).then(|| Pins::new(&opts.pin_dir));
     let _lock = pins.as_ref().map(Pins::lock).transpose()?;
     // The host's hierarchy, never a container's own cgroup namespace by accident.
@@ -182,6 +184,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 // The watch is gone: the tick alone follows the cgroups from here.
                 Err(_) => pods_changed = None,
             },
+            _ = sigusr1.recv() => ctl.reopen_events().await,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         }

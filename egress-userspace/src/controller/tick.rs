@@ -22,6 +22,7 @@ use crate::{
         iface, nss,
         proc::{self, ProcSource as _, Procfs},
     },
+    webhook::format::{FiredAlert, Outgoing, Resolution},
 };
 
 /// Ticks (of 250 ms) between two looks at the interfaces.
@@ -52,6 +53,7 @@ impl Controller {
             }
         }
         self.expire_blocks(now).await?;
+        self.expire_open_alerts(now);
         self.ticks = self.ticks.wrapping_add(1);
         if self.ticks.is_multiple_of(EXE_PRUNE_TICKS) {
             self.events.prune_exes();
@@ -123,7 +125,7 @@ impl Controller {
         *self.alerts_by_rule.entry(f.event.rule.clone()).or_default() += 1;
         let mut blocked = Vec::new();
         if let Some(dur) = f.block_for {
-            blocked = self.set_block(&f.key, &f.event.rule, f.alert_index, dur);
+            blocked = self.set_block(&f.key, &f.event.rule, f.alert_index, dur, &f.event.ts);
             if matches!(f.key, AlertKey::Executable(_)) {
                 f.event.blocked_pids = blocked.iter().filter_map(AlertKey::tgid).collect();
             }
@@ -138,15 +140,84 @@ impl Controller {
         warn!(rule = %f.event.rule, key = %f.event.key, bytes = f.event.bytes_in_window, action = ?f.event.action, "high-volume transfer alert");
         self.emit(&f.event).await;
         if let Some(w) = &self.webhook {
-            w.send(serde_json::to_vec(&f.event)?);
+            let cooldown = self
+                .policy
+                .policy
+                .alerts
+                .get(f.alert_index)
+                .map(|a| a.cooldown);
+            let ends_at = f
+                .event
+                .blocked_until
+                .clone()
+                .or_else(|| cooldown.map(|c| timestamp(SystemTime::now() + c)));
+            w.send(&Outgoing::Alert(FiredAlert {
+                alert: Box::new(f.event.clone()),
+                ends_at,
+            }));
+            // A block resolves when it is lifted; an alert alone when its cooldown ends.
+            if f.event.action == AlertAction::Alert
+                && w.sends_resolutions()
+                && let Some(c) = cooldown
+            {
+                self.open_alerts.insert(
+                    (f.event.alert_rule.clone(), f.event.key.clone()),
+                    (f.event.ts.clone(), Instant::now() + c),
+                );
+            }
         }
         if f.event.action == AlertAction::Block {
+            let exe = (!f.event.exe.is_empty()).then(|| f.event.exe.clone());
             for key in &blocked {
-                self.report_block(&key.text(), &f.event.rule, f.event.blocked_until.clone())
+                // The alert's process is known; the others of an executable run the same file.
+                let exe = match (&f.key, key.tgid() == f.event.pid) {
+                    (AlertKey::Executable(name), _) => name.path().map(str::to_string),
+                    (_, true) => exe.clone(),
+                    _ => None,
+                };
+                self.report_block(key, &f.event.rule, f.event.blocked_until.clone(), exe)
                     .await;
             }
         }
         Ok(())
+    }
+
+    /// Resolves the alerts whose cooldown ended (for the webhook).
+    fn expire_open_alerts(&mut self, now: Instant) {
+        let ended: Vec<(String, String)> = self
+            .open_alerts
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ended {
+            if let Some((fired_at, _)) = self.open_alerts.remove(&k) {
+                self.resolve_alert(&k.0, &k.1, "cooldown ended", Some(fired_at));
+            }
+        }
+    }
+
+    /// Tells the webhook that the alert `rule` on `key` ended (its block lifted, or its
+    /// cooldown over).
+    pub(super) fn resolve_alert(
+        &self,
+        rule: &str,
+        key: &str,
+        reason: &str,
+        fired_at: Option<String>,
+    ) {
+        if let Some(w) = &self.webhook
+            && w.sends_resolutions()
+        {
+            w.send(&Outgoing::Resolved(Resolution {
+                ts: timestamp(SystemTime::now()),
+                alert_rule: rule.to_string(),
+                key: key.to_string(),
+                hostname: crate::events::hostname().to_string(),
+                reason: reason.to_string(),
+                started_at: fired_at,
+            }));
+        }
     }
 
     /// The cgroup2 path of a process (alert evidence), under the root found at start.

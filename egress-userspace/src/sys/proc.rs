@@ -59,6 +59,11 @@ fn process(tgid: u32) -> Option<procfs::process::Process> {
     procfs::process::Process::new(i32::try_from(tgid).ok()?).ok()
 }
 
+/// The executable of the live process `tgid` (its full path), None when it cannot be read.
+pub fn exe_of(tgid: u32) -> Option<String> {
+    exe_path(&process(tgid)?)
+}
+
 fn exe_path(p: &procfs::process::Process) -> Option<String> {
     p.exe().ok().map(|e| e.display().to_string())
 }

@@ -156,7 +156,11 @@ fn client(
     targets: usize,
 ) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(iters);
-    let any = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+    let any = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    };
     match mode {
         Mode::DnsUdp => samples = names::dns_client(addr, name, iters)?,
         Mode::UdpConnectMany | Mode::UdpSendtoMany => {
