@@ -72,7 +72,7 @@ pub fn decide_v4<const TC: bool>(
         return Decision::plain(true, RULE_LOOPBACK);
     }
     let set = if cfg.lookup & LOOKUP_V4_RANGES != 0 {
-        match range_lookup(cfg.buffer, u32::from_be_bytes(addr)) {
+        match range_lookup::<TC>(cfg.buffer, u32::from_be_bytes(addr)) {
             HIT_NONE => None,
             HIT_BROKEN => return Decision::plain(false, RULE_DEFAULT),
             set => Some(set),
@@ -96,10 +96,10 @@ const HIT_BROKEN: u32 = u32::MAX - 1;
 /// The range table lookup of buffer `buffer` (`egress_common::ranges`): `DIR` and the list's
 /// head here, the binary search's halvings in a `bpf_loop` callback, so that the verifier walks
 /// one halving once, not twelve at every call site (unrolled, they cost connect4 200k
-/// instructions and TC 170k). One copy of each step per buffer, each over its own maps, so
+/// instructions and TC 170k; two inline halvings cost TC 195k, the hooks 1k). One copy of each step per buffer, each over its own maps, so
 /// that the verifier inlines every array lookup and never merges two maps' pointers.
 #[inline(always)]
-fn range_lookup(buffer: u32, addr: u32) -> u32 {
+fn range_lookup<const TC: bool>(buffer: u32, addr: u32) -> u32 {
     let start = if buffer == 0 {
         start_v4(&Ranges::<0>, addr)
     } else {
@@ -107,16 +107,30 @@ fn range_lookup(buffer: u32, addr: u32) -> u32 {
     };
     let hit = match start {
         Start::Done(hit) => hit,
-        Start::Search(s) => {
+        Start::Search(mut s) => {
+            // The hooks do the first two halvings inline (a chunk of up to four intervals, the
+            // common case, is done without the loop's indirect calls), the rest in the loop.
+            // TC, near its verification budget, loops from the start.
+            let more = if TC {
+                true
+            } else if buffer == 0 {
+                s.step(&Ranges::<0>) && s.step(&Ranges::<0>)
+            } else {
+                s.step(&Ranges::<1>) && s.step(&Ranges::<1>)
+            };
             let mut ctx = SearchCtx { s, buffer };
             // SAFETY: a static callback and a context on this stack, as bpf_loop requires.
-            let done = unsafe {
-                bpf_loop(
-                    SEARCH_STEPS,
-                    search_callback as *mut c_void,
-                    &mut ctx as *mut SearchCtx as *mut c_void,
-                    0,
-                )
+            let done = if more {
+                unsafe {
+                    bpf_loop(
+                        SEARCH_STEPS,
+                        search_callback as *mut c_void,
+                        &mut ctx as *mut SearchCtx as *mut c_void,
+                        0,
+                    )
+                }
+            } else {
+                0
             };
             if done < 0 {
                 RangeHit::Broken

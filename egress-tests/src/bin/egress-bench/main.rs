@@ -800,7 +800,9 @@ struct ApplyRow {
 }
 
 fn apply_cost(s: &Settings) -> anyhow::Result<Vec<ApplyRow>> {
-    let sizes: Vec<usize> = if s.quick {
+    let sizes: Vec<usize> = if std::env::var_os("EGRESS_BENCH_SIZES").is_some() {
+        s.sizes.clone()
+    } else if s.quick {
         vec![10_000, 100_000]
     } else {
         vec![10_000, 100_000, 1_000_000]
@@ -1078,9 +1080,10 @@ fn scopes_alone(quick: bool, out_dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sizes, runs and iterations of a full or a quick run.
+/// The sizes, runs and iterations of a full or a quick run. `EGRESS_BENCH_SIZES` (prefix
+/// counts, comma-separated) replaces the sizes of sections 1 and 3.
 fn settings(quick: bool) -> Settings {
-    if quick {
+    let mut s = if quick {
         Settings {
             quick,
             reps: 3,
@@ -1094,7 +1097,11 @@ fn settings(quick: bool) -> Settings {
             iters: 100_000,
             sizes: vec![1_000, 10_000, 100_000, 1_000_000],
         }
+    };
+    if let Ok(v) = std::env::var("EGRESS_BENCH_SIZES") {
+        s.sizes = v.split(',').filter_map(|n| n.trim().parse().ok()).collect();
     }
+    s
 }
 
 /// The whole bench into results.json and results.md; `lookup_only`: sections 1–3 alone, into
