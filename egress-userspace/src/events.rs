@@ -211,6 +211,8 @@ pub struct EventStream<W> {
     exes: ExeCache,
     /// This node's pods, for `namespace`, `pod`, `container`, `node`.
     pods: Option<crate::kube::Pods>,
+    /// Where `egress events` finds every line written (`run`; None: `exec`).
+    feed: Option<Arc<crate::feed::Feed>>,
 }
 
 /// Records written per [`EventStream::drain`] call.
@@ -235,6 +237,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             hosts: None,
             exes: ExeCache::default(),
             pods: None,
+            feed: None,
         };
         stream.set_names(generation, names, hash);
         stream
@@ -283,7 +286,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
                 json.host = hosts.host_of(ev.cgroup_id, judged);
             }
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
+            let start = buf.len();
             serde_json::to_writer(&mut buf, &json)?;
+            if let Some(feed) = &self.feed {
+                feed.publish(&buf[start..]);
+            }
             buf.push(b'\n');
             self.written += 1;
             n += 1;
@@ -335,6 +342,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         self.pods = pods;
     }
 
+    /// Where every line written is also published (`egress events`).
+    pub fn set_feed(&mut self, feed: Option<Arc<crate::feed::Feed>>) {
+        self.feed = feed;
+    }
+
     /// Names the rules of events of a new policy generation (after a reload).
     pub fn set_policy(&mut self, generation: u32, policy: Arc<CompiledPolicy>, hash: String) {
         self.set_names(generation, RuleNames::Policy(policy), hash);
@@ -352,6 +364,9 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// Writes one of the controller's own events (alerts, blocks, reloads) to the same stream.
     pub async fn emit<T: Serialize>(&mut self, event: &T) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(event)?;
+        if let Some(feed) = &self.feed {
+            feed.publish(&line);
+        }
         line.push(b'\n');
         self.out.write_all(&line).await?;
         self.out.flush().await?;
