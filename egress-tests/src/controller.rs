@@ -4,8 +4,9 @@
 //! --pin-dir` so that no link or pin is left behind.
 //!
 //! A test run never uses the controller's defaults that reach outside the test: it always has a
-//! control socket in the test's temporary directory, and is either `--ephemeral` or pinned in a
-//! directory of its own ([`pin_dir`]); `status` is pointed at that directory too.
+//! control socket in the test's temporary directory, is either `--ephemeral` or pinned in a
+//! directory of its own ([`pin_dir`]) (`status` is pointed at that directory too), and looks for
+//! its configured policy under the test's directory (`EGRESS_CONFIG_DIR`), never /etc/egress.
 
 use std::{
     ffi::OsString,
@@ -88,6 +89,10 @@ impl EgressCmd {
     pub fn run(ns: &LoopNs, cgroup: &Path, dir: &TempDir) -> EgressCmd {
         let mut c = EgressCmd::new(Sub::Run, ns, dir.join("no-pins"));
         c.socket = Some(dir.join("control.sock"));
+        // Never the host's /etc/egress: without --policy, a run reads the test's own (absent
+        // unless the test writes it; `.env` may point it elsewhere).
+        c.env
+            .push(("EGRESS_CONFIG_DIR".into(), dir.join("etc-egress").into()));
         c.opts.push("--cgroup".into());
         c.opts.push(cgroup.into());
         c

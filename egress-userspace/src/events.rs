@@ -306,6 +306,9 @@ pub struct EventStream<W> {
     format: Format,
     /// Deny and audit events also go to the webhook (`--webhook-events deny`).
     webhook: Option<crate::webhook::DenyFeed>,
+    /// Where `egress events` finds every event written, as native JSON lines whatever `format`
+    /// (`run`; None: `exec`).
+    feed: Option<Arc<crate::feed::Feed>>,
 }
 
 /// Opens the events file for appending, created owner-only (mode 0600: events carry command
@@ -345,6 +348,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             pods: None,
             format: Format::Json,
             webhook: None,
+            feed: None,
         };
         stream.set_names(generation, names, hash);
         stream
@@ -394,6 +398,9 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             }
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
             buf.extend_from_slice(&line(&json, self.format)?);
+            if let Some(feed) = &self.feed {
+                feed.publish(&serde_json::to_vec(&json)?);
+            }
             if let Some(feed) = &self.webhook {
                 feed.offer(json);
             }
@@ -447,6 +454,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
         self.pods = pods;
     }
 
+    /// Where every line written is also published (`egress events`).
+    pub fn set_feed(&mut self, feed: Option<Arc<crate::feed::Feed>>) {
+        self.feed = feed;
+    }
+
     /// Names the rules of events of a new policy generation (after a reload).
     pub fn set_policy(&mut self, generation: u32, policy: Arc<CompiledPolicy>, hash: String) {
         self.set_names(generation, RuleNames::Policy(policy), hash);
@@ -464,6 +476,9 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// Writes one of the controller's own events (alerts, blocks, reloads) to the same stream.
     pub async fn emit<T: EventLine>(&mut self, event: &T) -> anyhow::Result<()> {
         let line = line(event, self.format)?;
+        if let Some(feed) = &self.feed {
+            feed.publish(&serde_json::to_vec(event)?);
+        }
         self.out.write_all(&line).await?;
         self.out.flush().await?;
         Ok(())

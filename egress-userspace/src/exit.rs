@@ -21,8 +21,17 @@ pub const CONFIG: u8 = 78;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// A command line that parsed but does not make sense (e.g. an unknown `--filter` key): exits
+/// with [`USAGE`], as clap's own usage errors do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// The exit code of an error returned by a command.
 pub fn code_of(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<UsageError>()) {
+        return USAGE;
+    }
     let config = e
         .chain()
         .any(|c| c.is::<PolicyError>() || c.is::<CompileError>() || c.is::<ConfigError>());
@@ -52,6 +61,8 @@ mod tests {
         assert_eq!(code_of(&e), CONFIG);
         let e = anyhow::Error::new(ConfigError("two IPv4 addresses".into()));
         assert_eq!(code_of(&e), CONFIG);
+        let e = anyhow::Error::new(UsageError("--filter: unknown key `x`".into()));
+        assert_eq!(code_of(&e), USAGE);
         let e: anyhow::Result<()> = Err(anyhow::anyhow!("the kernel said no"));
         assert_eq!(code_of(&e.context("attaching").unwrap_err()), FAILURE);
     }

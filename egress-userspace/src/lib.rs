@@ -3,7 +3,7 @@
 //! Data flows one way, and the modules follow it:
 //! `policy` (TOML -> validated `Policy` -> pure `compile` to map entries; `diff`, `explain`) ->
 //! `datapath` (the only aya user: maps, programs, cgroup and TC attachments, pins, the event
-//! ring) -> `events` (JSON lines) / `accounting` (per-process totals) / `alerts` (sliding
+//! ring) -> `events` (JSON lines; `feed` keeps the recent ones and broadcasts them to `egress events`) / `accounting` (per-process totals) / `alerts` (sliding
 //! windows, byte budgets) -> `report` (typed stats and status) -> `cli`, `metrics`, `api` (the
 //! control socket), `webhook`. The `controller` runs `run` and `exec` on top of all of it;
 //! `sys` is the host (cgroup2, interfaces, /proc, the boot clock). `dns` is the DNS proxy of
@@ -20,6 +20,7 @@ pub mod datapath;
 pub mod dns;
 pub mod events;
 pub mod exit;
+pub mod feed;
 pub mod kube;
 pub mod metrics;
 pub mod policy;

@@ -60,6 +60,39 @@ pub struct BlockInfo {
     pub process_exited: bool,
 }
 
+/// What `egress reload` did, or with `--dry-run` would do (`-o json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReloadReport {
+    /// Only described, nothing applied.
+    pub dry_run: bool,
+    /// Whether enforcement changes (or would): mode, default, rules, alerts, prefixes, as the
+    /// message lists them. A new hash alone (comments, order) is no change. Absent when the
+    /// controller did not say (one older than this CLI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// For people: what was applied, and what changes.
+    pub message: String,
+}
+
+/// What `egress stop` did (`-o json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StopReport {
+    pub pin_dir: String,
+    /// The links detached.
+    pub links: Vec<String>,
+    /// How many map pins were removed.
+    pub maps: usize,
+    /// A running controller was told to exit.
+    pub controller_told: bool,
+}
+
+/// The answer of a command that only reports what was done (`unblock`, `mount-bpffs`) under
+/// `-o json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MessageReport {
+    pub message: String,
+}
+
 /// What `egress status` shows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StatusReport {

@@ -71,3 +71,93 @@ pub fn grants(path: &Path, all: bool) -> anyhow::Result<Vec<GrantRow>> {
         other => bail!("unexpected response to grants: {other:?}"),
     }
 }
+
+/// Reloads (or with `dry_run` describes a reload): what was done and whether enforcement
+/// changes. A controller older than the `detail` field answers `Done`: `changed` is then None.
+pub fn reload(
+    path: &Path,
+    policy: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<crate::report::ReloadReport> {
+    let request = Request::Reload {
+        policy,
+        dry_run,
+        detail: true,
+    };
+    match super::client::request(path, request)? {
+        Response::Reload(r) => Ok(r),
+        Response::Done(message) => Ok(crate::report::ReloadReport {
+            dry_run,
+            changed: None,
+            message,
+        }),
+        other => bail!("unexpected response to reload: {other:?}"),
+    }
+}
+
+/// The text of the policy in force.
+pub fn policy(path: &Path) -> anyhow::Result<super::PolicyText> {
+    match request(path, Request::Policy)? {
+        Response::Policy(p) => Ok(p),
+        other => bail!("unexpected response to policy: {other:?}"),
+    }
+}
+
+/// What an `events` stream brings.
+pub enum Streamed {
+    /// One event line.
+    Event(String),
+    /// This many events were lost: the follower fell behind.
+    Lagged(u64),
+}
+
+/// Streams the controller's events to `each` until the controller says it is done (without
+/// `follow`), `each` says stop (false), or the connection ends (an error while following: the
+/// controller went away).
+pub fn events(
+    path: &Path,
+    request: Request,
+    mut each: impl FnMut(Streamed) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to the controller at {} (is `egress run` running? are you root?)",
+            path.display()
+        )
+    })?;
+    let mut text = serde_json::to_vec(&RequestEnvelope {
+        version: PROTOCOL_VERSION,
+        request,
+    })?;
+    text.push(b'\n');
+    (&stream).write_all(&text)?;
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            bail!(
+                "the controller at {} closed the stream (it stopped)",
+                path.display()
+            );
+        }
+        let envelope: ResponseEnvelope =
+            serde_json::from_str(&line).with_context(|| format!("bad response: {line}"))?;
+        if envelope.version != PROTOCOL_VERSION {
+            bail!(
+                "the controller speaks protocol version {}, this egress speaks {PROTOCOL_VERSION}: use the egress binary of the running controller",
+                envelope.version
+            );
+        }
+        let more = match envelope.response {
+            Response::Event(e) => each(Streamed::Event(e))?,
+            Response::Lagged(n) => each(Streamed::Lagged(n))?,
+            Response::Done(_) => return Ok(()),
+            Response::Refused(why) => bail!("controller refused: {why}"),
+            other => bail!("unexpected response to events: {other:?}"),
+        };
+        if !more {
+            return Ok(());
+        }
+    }
+}

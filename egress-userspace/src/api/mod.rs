@@ -33,6 +33,10 @@ pub enum Request {
         policy: Option<String>,
         #[serde(default)]
         dry_run: bool,
+        /// Answer with [`Response::Reload`] (whether anything changes) rather than
+        /// [`Response::Done`]; an older controller ignores it and answers `Done`.
+        #[serde(default)]
+        detail: bool,
     },
     /// Controller and enforcement state (`egress status`).
     Status,
@@ -43,6 +47,23 @@ pub enum Request {
         #[serde(default)]
         all: bool,
     },
+    /// The events the controller keeps (`egress events`), answered by [`Response::Event`] lines
+    /// and a closing [`Response::Done`]; with `follow`, then every later one until the client
+    /// hangs up (and [`Response::Lagged`] when it fell behind), with no `Done`.
+    Events {
+        /// Also stream the events that come later.
+        #[serde(default)]
+        follow: bool,
+        /// Only events of the last this many milliseconds (with `follow`, the backlog is
+        /// sent only when this is given).
+        #[serde(default)]
+        since_ms: Option<u64>,
+        /// `KEY=VALUE` conditions, all of which must hold (see `crate::feed::EventFilter`).
+        #[serde(default)]
+        filter: Vec<String>,
+    },
+    /// The text of the policy in force (`egress explain` without `--policy`).
+    Policy,
 }
 
 /// The controller's answer.
@@ -54,8 +75,28 @@ pub enum Response {
     Grants(Vec<GrantRow>),
     /// Done; what was done, for people.
     Done(String),
+    /// One event line, as the events file has it (answers [`Request::Events`]).
+    Event(String),
+    /// This many events were dropped because the follower fell behind.
+    Lagged(u64),
+    /// The policy in force (answers [`Request::Policy`]).
+    Policy(PolicyText),
+    /// How a reload went or would go (answers [`Request::Reload`] with `detail`).
+    Reload(crate::report::ReloadReport),
     /// Not done, and why.
     Refused(String),
+}
+
+/// The policy in force as text: its files as they read when it was applied (one, or the
+/// fragments of a policy directory in the order they merge).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyText {
+    /// Where it comes from (a path, or the embedded default's name).
+    pub source: String,
+    /// Its content hash (as `egress status` shows it).
+    pub hash: String,
+    /// Each file's name and text.
+    pub files: Vec<crate::policy::Fragment>,
 }
 
 /// A request on the wire.
@@ -89,7 +130,14 @@ mod tests {
             Request::Reload {
                 policy: Some("/etc/egress/p.toml".into()),
                 dry_run: true,
+                detail: true,
             },
+            Request::Events {
+                follow: true,
+                since_ms: Some(300_000),
+                filter: vec!["pid=7".into(), "rule=default".into()],
+            },
+            Request::Policy,
         ] {
             let text = serde_json::to_string(&RequestEnvelope {
                 version: PROTOCOL_VERSION,
@@ -111,6 +159,35 @@ mod tests {
                 .response,
             r
         );
+    }
+
+    /// An older CLI's reload (no `detail`) still reads; an events request needs only its name.
+    #[test]
+    fn new_request_fields_may_be_absent() {
+        let e: RequestEnvelope =
+            serde_json::from_str(r#"{"version":1,"request":{"cmd":"reload","dry_run":true}}"#)
+                .unwrap();
+        assert_eq!(
+            e.request,
+            Request::Reload {
+                policy: None,
+                dry_run: true,
+                detail: false
+            }
+        );
+        let e: RequestEnvelope =
+            serde_json::from_str(r#"{"version":1,"request":{"cmd":"events"}}"#).unwrap();
+        assert_eq!(
+            e.request,
+            Request::Events {
+                follow: false,
+                since_ms: None,
+                filter: vec![]
+            }
+        );
+        let line = r#"{"event":"deny","pid":7}"#;
+        let text = serde_json::to_string(&Response::Event(line.into())).unwrap();
+        assert_eq!(text, r#"{"event":"{\"event\":\"deny\",\"pid\":7}"}"#);
     }
 
     /// The wire form of the grants request, as an older or newer peer writes it.

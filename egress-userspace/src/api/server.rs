@@ -1,7 +1,14 @@
 //! The controller's side of the control socket: binds it safely, answers `stats` from the latest
-//! published report, and hands every other request to the controller's loop.
+//! published report and `events` from the event feed (streamed by the connection's own task, so
+//! that a follower never holds up the controller), and hands every other request to the
+//! controller's loop.
 
-use std::{os::unix::fs::PermissionsExt as _, path::Path, sync::Arc};
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context as _, bail};
 use tokio::{
@@ -11,7 +18,10 @@ use tokio::{
 };
 
 use super::{PROTOCOL_VERSION, Request, RequestEnvelope, Response, ResponseEnvelope};
-use crate::report::StatsReport;
+use crate::{
+    feed::{EventFilter, Feed},
+    report::StatsReport,
+};
 
 /// A request the controller's loop must act on, with where to send the answer.
 pub struct Command {
@@ -44,23 +54,26 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The answer to one request line.
+/// The request of one line, or the refusal to answer it with.
+fn read_request(line: &str) -> Result<Request, Response> {
+    let envelope = serde_json::from_str::<RequestEnvelope>(line)
+        .map_err(|e| Response::Refused(format!("bad request: {e}")))?;
+    if envelope.version != PROTOCOL_VERSION {
+        return Err(Response::Refused(format!(
+            "protocol version {} is not spoken here (this controller speaks {PROTOCOL_VERSION}): use the egress binary of the running controller",
+            envelope.version
+        )));
+    }
+    Ok(envelope.request)
+}
+
+/// The answer to one request (but `events`).
 async fn answer(
-    line: &str,
+    request: Request,
     stats: &watch::Receiver<Arc<StatsReport>>,
     commands: &mpsc::Sender<Command>,
 ) -> Response {
-    let envelope = match serde_json::from_str::<RequestEnvelope>(line) {
-        Ok(e) => e,
-        Err(e) => return Response::Refused(format!("bad request: {e}")),
-    };
-    if envelope.version != PROTOCOL_VERSION {
-        return Response::Refused(format!(
-            "protocol version {} is not spoken here (this controller speaks {PROTOCOL_VERSION}): use the egress binary of the running controller",
-            envelope.version
-        ));
-    }
-    match envelope.request {
+    match request {
         Request::Stats => Response::Stats(Box::new(StatsReport::clone(&stats.borrow()))),
         request => {
             let (reply, answer) = oneshot::channel();
@@ -74,11 +87,90 @@ async fn answer(
     }
 }
 
+/// Writes one response line; false when the client is gone.
+async fn send<W: tokio::io::AsyncWrite + Unpin>(write: &mut W, response: Response) -> bool {
+    let envelope = ResponseEnvelope {
+        version: PROTOCOL_VERSION,
+        response,
+    };
+    let Ok(mut text) = serde_json::to_vec(&envelope) else {
+        return false;
+    };
+    text.push(b'\n');
+    write.write_all(&text).await.is_ok()
+}
+
+/// `egress events`: the kept events that pass the filter (those of the last `since_ms` when
+/// given), then `Done`; with `follow`, the backlog only when `since_ms` is given, then every
+/// later event until the client hangs up. A follower that falls behind is told how many it lost.
+async fn stream_events<R, W>(
+    feed: &Feed,
+    follow: bool,
+    since_ms: Option<u64>,
+    filter: &[String],
+    read: &mut R,
+    write: &mut W,
+) where
+    R: tokio::io::AsyncBufRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let filter = match EventFilter::parse(filter) {
+        Ok(f) => f,
+        Err(e) => {
+            send(write, Response::Refused(e.to_string())).await;
+            return;
+        }
+    };
+    let since = since_ms.map(|ms| SystemTime::now() - Duration::from_millis(ms));
+    let (backlog, mut live) = feed.subscribe();
+    let mut sent = 0usize;
+    if !follow || since.is_some() {
+        for item in backlog {
+            if since.is_none_or(|s| item.at >= s) && filter.matches_line(&item.line) {
+                if !send(write, Response::Event(item.line.to_string())).await {
+                    return;
+                }
+                sent += 1;
+            }
+        }
+    }
+    if !follow {
+        send(
+            write,
+            Response::Done(format!(
+                "{sent} events (the controller keeps the last {})",
+                crate::feed::RECENT
+            )),
+        )
+        .await;
+        return;
+    }
+    let mut rest = Vec::new();
+    loop {
+        tokio::select! {
+            r = live.recv() => {
+                let response = match r {
+                    Ok(item) if filter.matches_line(&item.line) => Response::Event(item.line.to_string()),
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Response::Lagged(n),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if !send(write, response).await {
+                    return;
+                }
+            }
+            // The client hung up (or wrote something: a follower only listens).
+            _ = read.read_until(b'\n', &mut rest) => return,
+        }
+    }
+}
+
 /// Serves requests until the task is dropped.
 pub async fn serve(
     listener: UnixListener,
     stats: watch::Receiver<Arc<StatsReport>>,
     commands: mpsc::Sender<Command>,
+    feed: Arc<Feed>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -86,20 +178,31 @@ pub async fn serve(
         };
         let stats = stats.clone();
         let commands = commands.clone();
+        let feed = feed.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut lines = tokio::io::BufReader::new(read.take(64 * 1024)).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let response = answer(&line, &stats, &commands).await;
-                let envelope = ResponseEnvelope {
-                    version: PROTOCOL_VERSION,
-                    response,
+            let mut read = tokio::io::BufReader::new(read.take(64 * 1024));
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match read.read_line(&mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let response = match read_request(&line) {
+                    Ok(Request::Events {
+                        follow,
+                        since_ms,
+                        filter,
+                    }) => {
+                        stream_events(&feed, follow, since_ms, &filter, &mut read, &mut write)
+                            .await;
+                        break;
+                    }
+                    Ok(request) => answer(request, &stats, &commands).await,
+                    Err(refusal) => refusal,
                 };
-                let Ok(mut text) = serde_json::to_vec(&envelope) else {
-                    break;
-                };
-                text.push(b'\n');
-                if write.write_all(&text).await.is_err() {
+                if !send(&mut write, response).await {
                     break;
                 }
             }

@@ -512,3 +512,86 @@ mod tests {
         assert!(narrow.iter().all(|l| l.chars().count() <= 20));
     }
 }
+
+/// One event line for people: time, kind, then what it is about. A deny or audit reads
+/// `TIME deny curl[7720] uid=1000 connect4 tcp 203.0.113.9:443 rule=default (exe /usr/bin/curl)`;
+/// other events list their fields as KEY=VALUE. A line that is not a JSON object is printed as
+/// it is.
+pub fn event_line(line: &str) -> String {
+    use std::fmt::Write as _;
+    let Ok(serde_json::Value::Object(v)) = serde_json::from_str::<serde_json::Value>(line) else {
+        return line.to_string();
+    };
+    let text = |k: &str| match v.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    };
+    let kind = text("event");
+    let mut out = format!("{} {kind:<6}", text("ts"));
+    if kind == "deny" || kind == "audit" {
+        let _ = write!(
+            out,
+            " {}[{}] uid={} {} {}",
+            text("comm"),
+            text("pid"),
+            text("uid"),
+            text("hook"),
+            text("protocol")
+        );
+        let dst = text("dst");
+        if dst.is_empty() {
+            let _ = write!(out, " socket={}", text("socket_type"));
+        } else if dst.contains(':') {
+            let _ = write!(out, " [{dst}]:{}", text("port"));
+        } else {
+            let _ = write!(out, " {dst}:{}", text("port"));
+        }
+        if v.contains_key("host") {
+            let _ = write!(out, " host={}", text("host"));
+        }
+        let _ = write!(out, " rule={}", text("rule"));
+        for k in ["namespace", "pod", "exe"] {
+            if v.contains_key(k) {
+                let _ = write!(out, " {k}={}", text(k));
+            }
+        }
+        return out;
+    }
+    for (k, value) in &v {
+        if k == "ts" || k == "event" {
+            continue;
+        }
+        match value {
+            serde_json::Value::String(s) => {
+                let _ = write!(out, " {k}={s}");
+            }
+            other => {
+                let _ = write!(out, " {k}={other}");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod event_line_tests {
+    use super::event_line;
+
+    #[test]
+    fn denies_read_as_one_line_and_other_events_as_fields() {
+        let deny = r#"{"ts":"2025-01-02T03:04:05Z","event":"deny","pid":7720,"tid":7720,"comm":"curl","exe":"/usr/bin/curl","uid":1000,"gid":1000,"cgroup_id":5,"hook":"connect4","family":"ipv4","protocol":"tcp","dst":"203.0.113.9","port":443,"v4_mapped":false,"rule":"default","generation":1,"policy_hash":"ab"}"#;
+        assert_eq!(
+            event_line(deny),
+            "2025-01-02T03:04:05Z deny   curl[7720] uid=1000 connect4 tcp 203.0.113.9:443 rule=default exe=/usr/bin/curl"
+        );
+        let reload = r#"{"ts":"T","event":"reload","generation":3,"policy":"p.toml"}"#;
+        let line = event_line(reload);
+        assert!(line.starts_with("T reload "), "{line}");
+        assert!(
+            line.contains(" generation=3") && line.contains(" policy=p.toml"),
+            "{line}"
+        );
+        assert_eq!(event_line("not json"), "not json");
+    }
+}

@@ -1,14 +1,16 @@
 //! The `egress` command line: clap definitions and dispatch (`mod.rs`), the policy commands
-//! `check` and `explain` (`policy_cmds.rs`), the `top` screen (`top.rs`) and every human-readable
-//! view of a report (`display.rs`). `--json` prints the typed reports as they are.
+//! `check` and `explain` (`policy_cmds.rs`), `events` (`events.rs`), the `top` screen (`top.rs`)
+//! and every human-readable view of a report (`display.rs`). `-o json` (or `--json`) prints the
+//! typed reports as they are.
 
 mod display;
+mod events;
 mod policy_cmds;
 mod top;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -22,7 +24,7 @@ use crate::{
     events::Format as EventsFormat,
     exit,
     policy::Protocol,
-    report::StatusReport,
+    report::{MessageReport, StatusReport, StopReport},
     webhook,
 };
 
@@ -39,8 +41,40 @@ struct Cli {
     /// DIR/1/ns/cgroup tells whether this process shares the host's cgroup namespace.
     #[arg(long, value_name = "DIR", default_value = crate::sys::cgroup::DEFAULT_HOST_PROC, global = true)]
     host_proc: PathBuf,
+    /// Control socket of the controller: where `run` serves it (root only, mode 0600), and
+    /// where the other commands find the running controller. Before or after the subcommand.
+    #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    /// bpffs directory where programs' links and maps are pinned, so that enforcement outlives
+    /// the controller: where `run` pins (bpffs is mounted at /sys/fs/bpf if absent), what `stop`
+    /// removes, and what `status` and `grants` read when no controller answers. Before or after
+    /// the subcommand.
+    #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR, global = true)]
+    pin_dir: PathBuf,
+    /// Output of the commands that print: `text` for people, `json` for programs (the typed
+    /// reports; JSON lines for `events`).
+    #[arg(short = 'o', long = "output", value_enum, value_name = "FORMAT", default_value_t = Output::Text, global = true)]
+    output: Output,
+    /// Same as `-o json`.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Where `run` looks for its policy when no --policy is given (policy.toml, or
+    /// policy.d/*.toml). Default: $EGRESS_CONFIG_DIR, else /etc/egress. (For tests.)
+    #[arg(long, value_name = "DIR", hide = true, global = true)]
+    config_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where `egress run` looks for its policy: `policy.toml`, or the fragments `policy.d/*.toml`.
+/// (Tests point `EGRESS_CONFIG_DIR` elsewhere.)
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/egress";
+
+/// `-o`: how the commands that print print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -54,10 +88,12 @@ enum Command {
     /// Enforce a policy on a cgroup (default: the whole host) until SIGINT/SIGTERM, writing deny,
     /// audit and alert events as JSON lines, and accounting egress bytes per process.
     Run {
-        /// Policy file. Default: the policy of the enforcement pinned under --pin-dir (kept as
+        /// Policy file, or a directory of *.toml fragments merged in file-name order. Default:
+        /// /etc/egress/policy.toml, else the fragments /etc/egress/policy.d/*.toml, when either
+        /// exists (not both); else the policy of the enforcement pinned under --pin-dir (kept as
         /// the kernel holds it if its file changed since); with nothing pinned, the embedded
-        /// policies/default.toml (audit mode).
-        #[arg(long, value_name = "FILE")]
+        /// policies/default.toml (audit mode), which is logged.
+        #[arg(long, value_name = "FILE|DIR")]
         policy: Option<PathBuf>,
         /// cgroup2 directory to attach to. Default: the root of the host's cgroup2 hierarchy (a
         /// cgroup2 mount in /proc/mounts that is the hierarchy's root, else
@@ -84,10 +120,6 @@ enum Command {
         ifaces: Vec<String>,
         #[command(flatten)]
         alerting: AlertArgs,
-        /// Control socket for `egress stats`, `egress top` and `egress unblock` (root only, mode
-        /// 0600).
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
         /// Serve Prometheus metrics on http://ADDR/metrics, e.g. 127.0.0.1:9464, with the probes
         /// /healthz (200 while the process serves) and /readyz (200 once the programs are
         /// attached and the policy applied; 503 before, and while stopping).
@@ -99,10 +131,6 @@ enum Command {
         /// are followed with or without it.)
         #[arg(long)]
         watch: bool,
-        /// bpffs directory where programs' links and maps are pinned, so that enforcement
-        /// outlives the controller (bpffs is mounted at /sys/fs/bpf if absent).
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
         /// Pin nothing: SIGINT/SIGTERM (or a crash) detaches everything.
         #[arg(long)]
         ephemeral: bool,
@@ -184,82 +212,42 @@ enum Command {
         /// Print what would change (rules and prefixes added and removed) without applying it.
         #[arg(long)]
         dry_run: bool,
-        /// Control socket of the running controller.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
+        /// With --dry-run: exit 1 when enforcement would change (what --dry-run lists), 0 when
+        /// it would not (as `git diff --exit-code`); a new hash alone (comments) is no change.
+        #[arg(long, requires = "dry_run")]
+        exit_code: bool,
     },
     /// Mount bpffs at /sys/fs/bpf unless the pin directory is on one already, and create the pin
     /// directory: what a DaemonSet's privileged init container runs (its mount propagates to the
     /// host), so that the agent's pins outlive its container.
-    MountBpffs {
-        /// The pin directory `egress run` will use.
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-    },
+    /// (The pin directory is --pin-dir, the one `egress run` will use.)
+    MountBpffs,
     /// Enforcement health, policy generation and hash, mode, counters, controller uptime. Works
     /// without a controller: it then reads the pins.
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Pin directory to read when no controller answers.
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Control socket of the running controller.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
+    Status,
     /// Turn egress off: detach every pinned program and remove every pin. The one way to stop
     /// enforcement; a controller still running is told to exit.
-    Stop {
-        /// Pin directory.
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Control socket of the running controller, if any.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
+    Stop,
     /// Lift a byte-budget block (`[[alert]] action = "block"`) before its cooldown ends.
     Unblock {
         /// The alert key, as events print it: process:PID, process_destination:PID->ADDR (a bare
         /// PID means process:PID).
         key: String,
-        /// Control socket of the running controller.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
     },
     /// Per-process egress totals (bytes, packets, rate, destinations) from the running controller.
-    Stats {
-        /// Print the full report as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Control socket of the running controller.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
+    Stats,
     /// Live DNS grants: which cgroup may reach which address because it resolved which name,
     /// for which service, until when, and who asked. Without a controller, read from the pins:
     /// addresses, cgroups and expiries (names and who asked are known only to a controller).
     Grants {
-        /// Print a JSON array, one object per grant.
-        #[arg(long)]
-        json: bool,
         /// Also list the names resolved that nothing approves (no grant: their connects are
         /// judged by the address rules; deny events name them in `host`).
         #[arg(long)]
         all: bool,
-        /// Control socket of the running controller.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// Pin directory to read when no controller answers.
-        #[arg(long, value_name = "DIR", default_value = pins::DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
     },
     /// Live view of the processes sending the most, refreshed in place (q or Ctrl-C quits).
+    /// With -o json: the stats report as a JSON line at each refresh.
     Top {
-        /// Control socket of the running controller.
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
         /// Seconds between refreshes.
         #[arg(long, default_value_t = 1.0)]
         interval: f64,
@@ -277,9 +265,10 @@ enum Command {
     /// entries the kernel gets; or, for a DNS name, which service or block covers it (from the
     /// same name matcher the DNS proxy uses).
     Explain {
-        /// Policy file.
-        #[arg(long, value_name = "FILE")]
-        policy: PathBuf,
+        /// Policy file or directory of fragments. Default: the policy in force in the running
+        /// controller (asked over --socket; an error when none answers).
+        #[arg(long, value_name = "FILE|DIR")]
+        policy: Option<PathBuf>,
         /// Destination address (IPv4 or IPv6, v4-mapped included), or a DNS name such as
         /// api.github.com.
         #[arg(value_name = "DEST|NAME")]
@@ -291,16 +280,29 @@ enum Command {
         /// Protocol.
         #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
         protocol: ProtocolArg,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Control socket of a running controller: for a name, also what it resolves to now in
-        /// the live grants (skipped when no controller answers there).
-        #[arg(long, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
-        socket: PathBuf,
         /// Who calls: see `CallerArgs`. Without any, a caller in none of the policy's scopes.
         #[command(flatten)]
         caller: policy_cmds::CallerArgs,
+    },
+    /// The events of the running controller (denies, audits, alerts, blocks, reloads), as the
+    /// events file has them (`-o json`: JSON lines) or one readable line each. Without --follow:
+    /// the recent ones the controller keeps (the last 1024), then exit. With --follow: every
+    /// later one as it happens, until interrupted (the recent ones first only with --since). A
+    /// follower too slow to keep up loses events and is told how many on stderr; the controller
+    /// never waits for it.
+    Events {
+        /// Keep streaming events as they happen.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only events of the last DURATION (`30s`, `5m`, `1h30m`), of those kept.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Only events matching KEY=VALUE[,KEY=VALUE...] (repeatable; every condition must
+        /// hold): pid=PID, rule=NAME (the deciding service or block), dst=ADDR or dst=CIDR,
+        /// host=NAME or host=*.SUFFIX (the name dst was learned from), event=KIND (deny, audit,
+        /// alert, block, unblock, reload). An unknown key is a usage error.
+        #[arg(long, value_name = "KEY=VALUE,...")]
+        filter: Vec<String>,
     },
 }
 
@@ -493,8 +495,8 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format);
-    crate::sys::cgroup::set_host_proc(cli.host_proc);
-    match dispatch(cli.command) {
+    crate::sys::cgroup::set_host_proc(cli.host_proc.clone());
+    match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("egress: error: {e:#}");
@@ -510,8 +512,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn dispatch(cmd: Command) -> anyhow::Result<u8> {
-    match cmd {
+fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    let Cli {
+        socket,
+        pin_dir,
+        config_dir,
+        command,
+        ..
+    } = cli;
+    let output = if cli.json { Output::Json } else { cli.output };
+    let config_dir = config_dir
+        .or_else(|| std::env::var_os("EGRESS_CONFIG_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR));
+    let json = output == Output::Json;
+    match command {
         Command::Run {
             policy,
             cgroup,
@@ -519,10 +533,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             events_format,
             ifaces,
             alerting,
-            socket,
             metrics,
             watch,
-            pin_dir,
             ephemeral,
             owners_capacity,
             prefix_capacity,
@@ -530,6 +542,10 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             dns_listen,
             allow_non_host_cgroup,
         } => {
+            let policy = match policy {
+                Some(p) => Some(p),
+                None => configured_policy(&config_dir, (!ephemeral).then_some(pin_dir.as_path()))?,
+            };
             let common = Options {
                 policy,
                 events,
@@ -549,8 +565,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
                 common,
                 watch,
                 cgroup,
-                socket,
-                pin_dir,
+                socket: socket.clone(),
+                pin_dir: pin_dir.clone(),
                 ephemeral,
                 allow_non_host_cgroup,
             }))?;
@@ -590,26 +606,41 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
         Command::Reload {
             policy,
             dry_run,
-            socket,
+            exit_code,
         } => {
             // The controller may run elsewhere in the filesystem: send an absolute path.
             let policy = policy.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
-            print!(
-                "{}",
-                client::done(&socket, Request::Reload { policy, dry_run })?
-            );
-            Ok(0)
+            let report = client::reload(&socket, policy, dry_run)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.message);
+            }
+            if !exit_code {
+                return Ok(exit::OK);
+            }
+            match report.changed {
+                Some(true) => Ok(exit::FAILURE),
+                Some(false) => Ok(exit::OK),
+                None => anyhow::bail!(
+                    "the running controller does not say whether anything would change (it is older than this egress): restart it for --exit-code"
+                ),
+            }
         }
-        Command::MountBpffs { pin_dir } => {
+        Command::MountBpffs => {
             Pins::new(&pin_dir).ensure()?;
-            println!("{} is on bpffs", pin_dir.display());
+            let message = format!("{} is on bpffs", pin_dir.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&MessageReport { message })?
+                );
+            } else {
+                println!("{message}");
+            }
             Ok(0)
         }
-        Command::Status {
-            json,
-            socket,
-            pin_dir,
-        } => {
+        Command::Status => {
             let status = match client::status(&socket) {
                 Ok(s) => s,
                 Err(_) => StatusReport::from_pins(
@@ -624,9 +655,19 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Stop { pin_dir, socket } => {
+        Command::Stop => {
             let removed = Pins::new(&pin_dir).remove_all()?;
             let told = client::request(&socket, Request::Stop).is_ok();
+            if json {
+                let report = StopReport {
+                    pin_dir: pin_dir.display().to_string(),
+                    links: removed.links,
+                    maps: removed.maps,
+                    controller_told: told,
+                };
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(0);
+            }
             let tail = if told {
                 "; the controller was told to exit"
             } else {
@@ -645,11 +686,19 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Unblock { key, socket } => {
-            println!("{}", client::done(&socket, Request::Unblock { key })?);
+        Command::Unblock { key } => {
+            let message = client::done(&socket, Request::Unblock { key })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&MessageReport { message })?
+                );
+            } else {
+                println!("{message}");
+            }
             Ok(0)
         }
-        Command::Stats { json, socket } => {
+        Command::Stats => {
             let report = client::stats(&socket)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -658,12 +707,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Grants {
-            json,
-            all,
-            socket,
-            pin_dir,
-        } => {
+        Command::Grants { all } => {
             let (rows, from_pins) = live_grants(&socket, &pin_dir, all)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -679,31 +723,80 @@ fn dispatch(cmd: Command) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Top {
-            socket,
-            interval,
-            once,
-        } => {
-            top::top(&socket, interval, once)?;
+        Command::Top { interval, once } => {
+            top::top(&socket, interval, once, json)?;
             Ok(0)
         }
-        Command::Check { files } => Ok(policy_cmds::check(&files)),
+        Command::Check { files } => Ok(policy_cmds::check(&files, json)),
         Command::Explain {
             policy,
             dest,
             port,
             protocol,
-            json,
-            socket,
             caller,
         } => {
+            let loaded = policy_cmds::load_policy(policy.as_deref(), &socket)?;
             match dest.parse::<IpAddr>() {
                 Ok(addr) => {
-                    policy_cmds::explain(policy, addr, port, protocol.into(), json, &caller)?
+                    policy_cmds::explain(loaded, addr, port, protocol.into(), json, &caller)?
                 }
-                Err(_) => policy_cmds::explain_name(policy, &dest, json, &socket)?,
+                Err(_) => policy_cmds::explain_name(loaded, &dest, json, &socket)?,
             }
             Ok(0)
+        }
+        Command::Events {
+            follow,
+            since,
+            filter,
+        } => {
+            events::events(&socket, follow, since, &filter, output)?;
+            Ok(0)
+        }
+    }
+}
+
+/// The policy `egress run` enforces when no --policy is given: `DIR/policy.toml`, else the
+/// fragments `DIR/policy.d/*.toml`, when either exists (both is a configuration error: which
+/// one is meant is not clear); else None (the pinned enforcement's policy, or the embedded
+/// default), which is logged.
+fn configured_policy(dir: &Path, pin_dir: Option<&Path>) -> anyhow::Result<Option<PathBuf>> {
+    let file = dir.join("policy.toml");
+    let fragments = dir.join("policy.d");
+    let has_fragments = fragments.is_dir()
+        && !crate::policy::fragments::toml_files(&fragments)
+            .map_err(|e| exit::ConfigError(format!("reading {}: {e}", fragments.display())))?
+            .is_empty();
+    match (file.exists(), has_fragments) {
+        (true, true) => Err(exit::ConfigError(format!(
+            "both {} and {}/*.toml exist: keep one (or give --policy)",
+            file.display(),
+            fragments.display()
+        ))
+        .into()),
+        (true, false) => {
+            tracing::info!(policy = %file.display(), "no --policy: enforcing the configured policy file");
+            Ok(Some(file))
+        }
+        (false, true) => {
+            tracing::info!(policy = %fragments.display(), "no --policy: enforcing the configured policy fragments, merged in file-name order");
+            Ok(Some(fragments))
+        }
+        (false, false) => {
+            let pinned = pin_dir.is_some_and(|d| Pins::new(d).adoptable());
+            if pinned {
+                tracing::info!(
+                    "no --policy, and neither {} nor {}/*.toml exists: keeping the policy of the pinned enforcement",
+                    file.display(),
+                    fragments.display()
+                );
+            } else {
+                tracing::info!(
+                    "no --policy, and neither {} nor {}/*.toml exists: enforcing the embedded default policy (policies/default.toml, audit mode)",
+                    file.display(),
+                    fragments.display()
+                );
+            }
+            Ok(None)
         }
     }
 }

@@ -111,9 +111,107 @@ impl CallerArgs {
     }
 }
 
-/// Validates every file and prints a summary of each; 1 if any is invalid.
-pub fn check(files: &[PathBuf]) -> u8 {
+/// The policy `explain` judges by: `path` (a file or a directory of fragments), else the one in
+/// force in the controller on `socket`.
+pub fn load_policy(
+    path: Option<&Path>,
+    socket: &Path,
+) -> anyhow::Result<(policy::Policy, CompiledPolicy)> {
+    use anyhow::Context as _;
+    if let Some(p) = path {
+        return policy::load(Some(p));
+    }
+    let text = client::policy(socket).with_context(|| {
+        format!(
+            "without --policy, explain asks the running controller on {} for its policy, and none answered: give --policy FILE, or --socket PATH",
+            socket.display()
+        )
+    })?;
+    let p = policy::Policy::from_fragments(&text.source, &text.files)
+        .context("reading the controller's policy")?;
+    let c =
+        CompiledPolicy::compile(&p).with_context(|| format!("compiling policy {}", p.source))?;
+    Ok((p, c))
+}
+
+/// One file's result under `check -o json`.
+#[derive(serde::Serialize)]
+struct CheckRow {
+    file: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<CheckSummary>,
+    warnings: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct CheckSummary {
+    mode: String,
+    default: String,
+    allow_loopback: bool,
+    services: usize,
+    blocks: usize,
+    alerts: usize,
+    prefixes: usize,
+    hash: String,
+}
+
+/// Validates every file (or directory of fragments) and prints a summary of each (with `json`,
+/// a JSON array of one object per file); 1 if any is invalid.
+pub fn check(files: &[PathBuf], json: bool) -> u8 {
     let mut failed = 0;
+    if json {
+        let rows: Vec<CheckRow> = files
+            .iter()
+            .map(|f| match policy::load(Some(f)) {
+                Ok((p, c)) => CheckRow {
+                    file: f.display().to_string(),
+                    ok: true,
+                    error: None,
+                    warnings: p
+                        .warnings
+                        .iter()
+                        .cloned()
+                        .chain(
+                            c.scope_overlaps()
+                                .iter()
+                                .map(|w| format!("{}: {w}", f.display())),
+                        )
+                        .collect(),
+                    summary: Some(CheckSummary {
+                        mode: p.mode.to_string(),
+                        default: p.default.to_string(),
+                        allow_loopback: p.allow_loopback,
+                        services: c.services,
+                        blocks: c.blocks,
+                        alerts: c.alerts,
+                        prefixes: c.prefix_count(),
+                        hash: p.hash.clone(),
+                    }),
+                },
+                Err(e) => {
+                    failed += 1;
+                    CheckRow {
+                        file: f.display().to_string(),
+                        ok: false,
+                        error: Some(format!("{e:#}")),
+                        summary: None,
+                        warnings: Vec::new(),
+                    }
+                }
+            })
+            .collect();
+        match serde_json::to_string_pretty(&rows) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("{e}");
+                return 1;
+            }
+        }
+        return u8::from(failed > 0);
+    }
     for f in files {
         match policy::load(Some(f)) {
             Ok((p, c)) => {
@@ -163,14 +261,13 @@ pub fn check(files: &[PathBuf]) -> u8 {
 }
 
 pub fn explain(
-    path: PathBuf,
+    (policy, compiled): (policy::Policy, CompiledPolicy),
     dest: IpAddr,
     port: Option<u16>,
     protocol: Protocol,
     json: bool,
     caller: &CallerArgs,
 ) -> anyhow::Result<()> {
-    let (policy, compiled) = policy::load(Some(&path))?;
     let scopes = caller.scopes(&compiled)?;
     let scoped = scoped_names(&policy.rules);
     let port_given = port.is_some();
@@ -265,8 +362,12 @@ struct NameJson<'a> {
     live: Option<&'a [GrantRow]>,
 }
 
-pub fn explain_name(path: PathBuf, name: &str, json: bool, socket: &Path) -> anyhow::Result<()> {
-    let (policy, _) = policy::load(Some(&path))?;
+pub fn explain_name(
+    (policy, _): (policy::Policy, CompiledPolicy),
+    name: &str,
+    json: bool,
+    socket: &Path,
+) -> anyhow::Result<()> {
     let e = why::explain_name(&policy, name).map_err(|problem| {
         anyhow::anyhow!(
             "`{name}` is neither an address nor a DNS name: it {problem}",

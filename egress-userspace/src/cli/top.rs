@@ -5,8 +5,9 @@ use std::{path::Path, time::Duration};
 use super::display;
 use crate::api::client;
 
-/// `egress top`: redraws in place on the alternate screen until q, Esc or Ctrl-C.
-pub fn top(socket: &Path, interval: f64, once: bool) -> anyhow::Result<()> {
+/// `egress top`: redraws in place on the alternate screen until q, Esc or Ctrl-C. With `json`:
+/// the stats report as one JSON line per refresh (one with `once`).
+pub fn top(socket: &Path, interval: f64, once: bool, json: bool) -> anyhow::Result<()> {
     use std::io::Write as _;
 
     use crossterm::{
@@ -14,6 +15,15 @@ pub fn top(socket: &Path, interval: f64, once: bool) -> anyhow::Result<()> {
         terminal::{self, ClearType},
     };
     let interval = Duration::from_secs_f64(interval.max(0.1));
+    if json {
+        loop {
+            println!("{}", serde_json::to_string(&client::stats(socket)?)?);
+            if once {
+                return Ok(());
+            }
+            std::thread::sleep(interval);
+        }
+    }
     if once || !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         let report = client::stats(socket)?;
         let (cols, rows) = terminal::size().unwrap_or((160, 50));

@@ -151,6 +151,8 @@ pub struct Controller {
     last_reload: LastReload,
     /// How full the bounded maps were at the last count, and the links' state (metrics only).
     map_fill: Vec<crate::datapath::MapFill>,
+    /// The recent events and their followers (`egress events`).
+    feed: Arc<crate::feed::Feed>,
 }
 
 /// The outcome of the last reload (at start: the policy applied then), as Prometheus' own
@@ -238,6 +240,8 @@ impl Controller {
         events.set_pods(pods.clone());
         events.set_format(opts.events_format);
         events.set_webhook(webhook.as_ref().and_then(Webhook::deny_feed));
+        let feed = crate::feed::Feed::new();
+        events.set_feed(Some(feed.clone()));
         // Below the root, TC only touches the sockets of that cgroup's processes.
         if target.cgroup != target.root {
             let (id, level) = cgroup::id_and_level(&target.root, &target.cgroup)?;
@@ -297,6 +301,7 @@ impl Controller {
                 success_at: std::time::SystemTime::now(),
             },
             map_fill: Vec::new(),
+            feed,
         };
         if adopted {
             info!(
@@ -402,8 +407,18 @@ impl Controller {
     async fn command(&mut self, request: Request) -> Response {
         match request {
             Request::Unblock { key } => self.unblock_request(&key).await,
-            Request::Reload { policy, dry_run } => {
-                self.reload(policy.map(PathBuf::from), dry_run).await
+            Request::Reload {
+                policy,
+                dry_run,
+                detail,
+            } => {
+                self.reload(policy.map(PathBuf::from), dry_run, detail)
+                    .await
+            }
+            Request::Policy => self.policy_text(),
+            // Streamed by the socket server from the feed.
+            Request::Events { .. } => {
+                Response::Refused("events are answered by the control socket's server".into())
             }
             Request::Stop => {
                 self.stop_requested = true;

@@ -15,11 +15,20 @@ use super::{
 };
 use crate::{
     alerts::AlertEngine,
-    api::Response,
+    api::{PolicyText, Response},
     datapath::State,
     events::{ReloadEvent, RuleNames, timestamp},
-    policy::{Policy, alert::alerts_differ, compile::CompiledPolicy, content_hash, diff},
+    policy::{Policy, alert::alerts_differ, compile::CompiledPolicy, diff},
+    report::ReloadReport,
 };
+
+/// A reload that went (or with `dry_run` would go) through.
+pub(super) struct Outcome {
+    /// Whether enforcement changes (a new hash alone is no change).
+    pub changed: bool,
+    /// For people: what was applied, and what changes.
+    pub message: String,
+}
 
 /// The policy a controller enforces.
 pub(super) struct PolicyInForce {
@@ -79,14 +88,31 @@ impl Controller {
     /// only describes the change. A policy that does not load is refused with its error and the
     /// policy in force stays untouched. The service manager hears RELOADING=1 before and READY=1
     /// (with the new STATUS=) after, whichever way it went (SIGHUP, `egress reload`, `--watch`).
-    pub(super) async fn reload(&mut self, path: Option<PathBuf>, dry_run: bool) -> Response {
+    ///
+    /// With `detail`, a reload that went (or would go) through is answered with
+    /// [`Response::Reload`], which says whether enforcement changes; else with `Done`.
+    pub(super) async fn reload(
+        &mut self,
+        path: Option<PathBuf>,
+        dry_run: bool,
+        detail: bool,
+    ) -> Response {
+        let answer = |r: Result<Outcome, String>| match r {
+            Ok(o) if detail => Response::Reload(ReloadReport {
+                dry_run,
+                changed: Some(o.changed),
+                message: o.message,
+            }),
+            Ok(o) => Response::Done(o.message),
+            Err(why) => Response::Refused(why),
+        };
         if dry_run {
-            return self.load_and_apply(path, true).await;
+            return answer(self.load_and_apply(path, true).await);
         }
         self.notifier.reloading();
-        let response = self.load_and_apply(path, false).await;
+        let response = answer(self.load_and_apply(path, false).await);
         match &response {
-            Response::Done(_) => {
+            Response::Done(_) | Response::Reload(_) => {
                 self.last_reload = super::LastReload {
                     successful: true,
                     success_at: SystemTime::now(),
@@ -98,7 +124,11 @@ impl Controller {
         response
     }
 
-    async fn load_and_apply(&mut self, path: Option<PathBuf>, dry_run: bool) -> Response {
+    async fn load_and_apply(
+        &mut self,
+        path: Option<PathBuf>,
+        dry_run: bool,
+    ) -> Result<Outcome, String> {
         let path = match (path, &self.policy.origin) {
             (Some(p), _) => Some(p),
             (None, Origin::File(p)) => Some(p.clone()),
@@ -107,21 +137,21 @@ impl Controller {
             (None, Origin::Unrecorded) => {
                 let why = "the policy in force was adopted with no record of its file: name one with --policy";
                 warn!("reload refused: {why}");
-                return Response::Refused(why.into());
+                return Err(why.into());
             }
         };
         match Loaded::load(path.as_deref()) {
             Ok(loaded) => self.apply(loaded, dry_run).await,
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "reload refused; the policy in force is unchanged");
-                Response::Refused(format!("{e:#}"))
+                Err(format!("{e:#}"))
             }
         }
     }
 
     /// Applies `new` atomically (or with `dry_run` only describes the change). A switch to
     /// another file, or to a weaker mode or default, is logged at WARN naming both policies.
-    pub(super) async fn apply(&mut self, new: Loaded, dry_run: bool) -> Response {
+    pub(super) async fn apply(&mut self, new: Loaded, dry_run: bool) -> Result<Outcome, String> {
         let Loaded {
             origin,
             policy,
@@ -129,13 +159,17 @@ impl Controller {
         } = new;
         let old = &self.policy;
         let mut change = diff::describe(&old.policy, &old.compiled, &policy, &compiled);
+        let changed = old.unknown.is_some() || change != diff::NO_CHANGE;
         if let Some(why) = &old.unknown {
             change = format!(
                 "the rules in force are not known to this controller ({why}); compared with none:\n{change}"
             );
         }
         if dry_run {
-            return Response::Done(change);
+            return Ok(Outcome {
+                changed,
+                message: change,
+            });
         }
         // The pods of the moment join the tables written (pod selectors); the policy in force
         // keeps the tables as compiled.
@@ -149,7 +183,7 @@ impl Controller {
             Ok(a) => a,
             Err(e) => {
                 warn!(error = %e, "reload failed before the switch; the policy in force is unchanged");
-                return Response::Refused(format!("applying {}: {e}", policy.source));
+                return Err(format!("applying {}: {e}", policy.source));
             }
         };
         adopt::warn_switch(&(&self.policy.policy).into(), &(&policy).into());
@@ -196,7 +230,54 @@ impl Controller {
         }
         self.write_state();
         self.emit(&event).await;
-        Response::Done(message)
+        Ok(Outcome { changed, message })
+    }
+
+    /// The text of the policy in force, for `egress explain` without `--policy`: its files as
+    /// they read now, refused when they no longer hash to the policy in force (edited since it
+    /// was applied) or when its rules are not known.
+    pub(super) fn policy_text(&self) -> Response {
+        let p = &self.policy;
+        if let Some(why) = &p.unknown {
+            return Response::Refused(format!(
+                "the rules in force are not known to this controller ({why}): give --policy"
+            ));
+        }
+        let files = match &p.origin {
+            Origin::Embedded => vec![crate::policy::Fragment {
+                file: crate::policy::DEFAULT_POLICY_NAME.into(),
+                text: crate::policy::DEFAULT_POLICY.into(),
+            }],
+            Origin::File(path) => match crate::policy::fragments::read(path) {
+                Ok(files) => files,
+                Err(e) => {
+                    return Response::Refused(format!(
+                        "the policy in force cannot be read back: {e}"
+                    ));
+                }
+            },
+            Origin::Unrecorded => {
+                return Response::Refused(
+                    "the policy in force was adopted with no record of its file: give --policy"
+                        .into(),
+                );
+            }
+        };
+        match crate::policy::fragments_hash(&files) {
+            Ok(hash) if hash == p.policy.hash => Response::Policy(PolicyText {
+                source: p.policy.source.clone(),
+                hash,
+                files,
+            }),
+            Ok(hash) => Response::Refused(format!(
+                "{} changed since it was applied (hash {} in force, {hash} now): `egress reload` applies it, or give --policy",
+                p.policy.source, p.policy.hash
+            )),
+            Err(e) => Response::Refused(format!(
+                "{} changed since it was applied and no longer loads ({e}): give --policy",
+                p.policy.source
+            )),
+        }
     }
 
     /// `--watch`: reloads when the policy file's content changes (edits, renames, and the
@@ -205,14 +286,17 @@ impl Controller {
         let Some(path) = self.policy.origin.file().map(Path::to_path_buf) else {
             return;
         };
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        // A file, or a policy directory's fragments (one added, removed or edited).
+        let Ok(hash) = crate::policy::fragments::read(&path)
+            .map_err(|_| ())
+            .and_then(|files| crate::policy::fragments_hash(&files).map_err(|_| ()))
+        else {
             return;
         };
-        let hash = content_hash(&text);
         if hash == self.policy.policy.hash || self.policy.bad_watch_hash.as_ref() == Some(&hash) {
             return;
         }
-        if let Response::Refused(_) = self.reload(Some(path), false).await {
+        if let Response::Refused(_) = self.reload(Some(path), false, false).await {
             self.policy.bad_watch_hash = Some(hash);
         }
     }
@@ -228,10 +312,8 @@ impl Controller {
             return Ok(());
         }
         match self.apply(requested, false).await {
-            Response::Refused(why) => {
-                anyhow::bail!("applying the policy over the adopted state: {why}")
-            }
-            _ => Ok(()),
+            Err(why) => anyhow::bail!("applying the policy over the adopted state: {why}"),
+            Ok(_) => Ok(()),
         }
     }
 

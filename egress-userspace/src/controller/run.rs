@@ -90,7 +90,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (mut ctl, metrics_text) =
         Controller::start(&opts.common, target, Box::new(tokio::io::stdout())).await?;
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(16);
-    let server = tokio::spawn(server::serve(listener, ctl.stats.subscribe(), cmd_tx));
+    let server = tokio::spawn(server::serve(
+        listener,
+        ctl.stats.subscribe(),
+        cmd_tx,
+        ctl.feed.clone(),
+    ));
     let forward = metrics_text.map(|mut text| {
         tokio::spawn(async move {
             loop {
@@ -154,7 +159,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             }
             _ = sighup.recv() => {
-                let text = match ctl.reload(None, false).await {
+                let text = match ctl.reload(None, false, false).await {
                     Response::Done(m) | Response::Refused(m) => m,
                     other => format!("{other:?}"),
                 };

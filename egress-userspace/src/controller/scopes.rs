@@ -15,13 +15,10 @@ use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _, time::Duration}
 use tracing::{info, warn};
 
 use super::{Controller, adopt::Loaded};
-use crate::{
-    api::Response,
-    policy::{
-        compile::CompiledPolicy,
-        resolve::{self, HostResolver, Resolver as _},
-        scopes::CompiledScopes,
-    },
+use crate::policy::{
+    compile::CompiledPolicy,
+    resolve::{self, HostResolver, Resolver as _},
+    scopes::CompiledScopes,
 };
 
 /// How often, and how long apart, a missing executable is looked for again before the policy
@@ -123,8 +120,8 @@ impl Controller {
             compiled,
         };
         match self.apply(loaded, false).await {
-            Response::Refused(m) => warn!(%why, error = %m, "re-resolving the scopes failed"),
-            _ => {
+            Err(m) => warn!(%why, error = %m, "re-resolving the scopes failed"),
+            Ok(_) => {
                 self.scope_warned = None;
                 info!(%why, "scopes resolved again and applied");
             }

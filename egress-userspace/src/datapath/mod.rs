@@ -238,6 +238,8 @@ pub struct Datapath {
     pins: Option<Pins>,
     /// The fork tracker is attached (once, whatever the number of cgroups attached to).
     fork_tracked: bool,
+    /// TC links this datapath owns (not pinned), for [`Datapath::detach_tc`].
+    tc_links: Vec<aya::programs::tc::SchedClassifierLinkId>,
 }
 
 fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
@@ -483,6 +485,7 @@ impl Datapath {
             blocked,
             pins: pins.cloned(),
             fork_tracked: false,
+            tc_links: Vec::new(),
         };
         Ok((dp, adopt))
     }
@@ -755,9 +758,20 @@ impl Datapath {
             let id = prog
                 .attach(iface, TcAttachType::Egress)
                 .map_err(prog_err(TC_PROGRAM))?;
-            if let Some(path) = pinned {
-                pin_link(prog.take_link(id).map_err(prog_err(TC_PROGRAM))?, &path)?;
+            match pinned {
+                Some(path) => pin_link(prog.take_link(id).map_err(prog_err(TC_PROGRAM))?, &path)?,
+                None => self.tc_links.push(id),
             }
+        }
+        Ok(())
+    }
+
+    /// Detaches the TC program from every interface [`Datapath::attach_tc`] attached it to
+    /// without pinning (the benchmark alternates runs with and without it).
+    pub fn detach_tc(&mut self) -> Result<(), DatapathError> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, TC_PROGRAM)?;
+        for id in self.tc_links.drain(..) {
+            prog.detach(id).map_err(prog_err(TC_PROGRAM))?;
         }
         Ok(())
     }
@@ -888,6 +902,40 @@ impl Datapath {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_range_table_is_sized_for_the_capacity_asked_or_twice_the_starting_policy() {
+        use super::{PREFIX_CAPACITY, range_entries, range_entries_for};
+        use crate::policy::{Policy, compile::CompiledPolicy};
+        assert_eq!(range_entries(None, None), 3 * PREFIX_CAPACITY + 1);
+        assert_eq!(range_entries(Some(10), None), 31);
+        // 2,000 disjoint /32s, one per chunk: a head and two edges each.
+        let dests: Vec<String> = (0..2000u32)
+            .map(|i| {
+                format!(
+                    "\"{}\"",
+                    std::net::Ipv4Addr::from(0x0a00_0000 + (i << 12) + 7)
+                )
+            })
+            .collect();
+        let text = format!(
+            "[[block]]\nname = \"b\"\ndestinations = [{}]\n",
+            dests.join(", ")
+        );
+        let c = CompiledPolicy::compile(&Policy::parse("t.toml", &text).unwrap()).unwrap();
+        let need = c.v4_ranges().unwrap().range_entries() as u32;
+        assert_eq!(
+            need,
+            3 * 2000,
+            "the bound of 3 entries per prefix is reached"
+        );
+        assert!(need <= range_entries_for(2000));
+        assert_eq!(range_entries(Some(10), Some(&c)), 2 * need);
+        assert_eq!(
+            range_entries(None, Some(&c)),
+            range_entries_for(PREFIX_CAPACITY)
+        );
+    }
+
     #[test]
     fn the_object_has_exactly_the_maps_egress_common_names() {
         let obj = aya_obj::Object::parse(super::EBPF_OBJECT).expect("parsing the embedded object");

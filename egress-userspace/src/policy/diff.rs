@@ -14,6 +14,9 @@ use super::{
     compile::CompiledPolicy,
 };
 
+/// What [`describe`] says when nothing changes.
+pub const NO_CHANGE: &str = "no change\n";
+
 /// How much of each list is printed before "… and N more".
 const SHOWN: usize = 20;
 
@@ -121,7 +124,7 @@ pub fn describe(
     list(&mut out, "prefixes added", &plus);
     list(&mut out, "prefixes removed", &minus);
     if out.is_empty() {
-        out.push_str("no change\n");
+        out.push_str(NO_CHANGE);
     }
     out
 }

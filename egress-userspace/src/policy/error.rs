@@ -41,6 +41,17 @@ impl PolicyError {
             message: format!("cannot read the policy file: {e}"),
         }
     }
+
+    /// An error about the file (or policy directory) as a whole.
+    pub(super) fn whole(file: &str, message: String) -> PolicyError {
+        PolicyError {
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            field: WHOLE_FILE.into(),
+            message,
+        }
+    }
 }
 
 /// The kinds of array-of-tables a policy has.
@@ -82,19 +93,45 @@ impl Entry {
     }
 }
 
-/// The policy text being parsed, to turn byte offsets into positioned errors.
+/// The policy text being parsed, to turn byte offsets into positioned errors: one file's, or
+/// the fragments of a policy directory merged (then every place is in its fragment's file).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Source<'a> {
     pub file: &'a str,
     pub text: &'a str,
+    pub merged: Option<&'a super::fragments::Merged<'a>>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    /// The text of one file.
+    pub(super) fn new(file: &'a str, text: &'a str) -> Self {
+        Source {
+            file,
+            text,
+            merged: None,
+        }
+    }
+
+    /// The file, line and column of a byte offset.
+    fn place(&self, offset: usize) -> (&'a str, usize, usize) {
+        match self.merged {
+            Some(m) => {
+                let (fragment, local) = m.locate(offset);
+                let (line, column) = line_col(&fragment.text, local);
+                (&fragment.file, line, column)
+            }
+            None => {
+                let (line, column) = line_col(self.text, offset);
+                (self.file, line, column)
+            }
+        }
+    }
+
     /// An error at a byte offset, about `field`.
     pub(super) fn error(&self, offset: usize, field: String, message: String) -> PolicyError {
-        let (line, column) = line_col(self.text, offset);
+        let (file, line, column) = self.place(offset);
         PolicyError {
-            file: self.file.to_string(),
+            file: file.to_string(),
             line,
             column,
             field: one_line(&field),
@@ -102,14 +139,24 @@ impl Source<'_> {
         }
     }
 
-    /// The 1-based line of a byte offset.
+    /// The 1-based line of a byte offset (in its fragment's file, for merged fragments).
     pub(super) fn line(&self, offset: usize) -> usize {
-        line_col(self.text, offset).0
+        self.place(offset).1
     }
 
     /// The 1-based line and column of a byte offset.
     pub(super) fn line_col(&self, offset: usize) -> (usize, usize) {
-        line_col(self.text, offset)
+        let (_, line, column) = self.place(offset);
+        (line, column)
+    }
+
+    /// A byte offset for people: `line 3`, or `line 3 of FILE` when fragments are merged.
+    pub(super) fn where_is(&self, offset: usize) -> String {
+        let (file, line, _) = self.place(offset);
+        match self.merged {
+            Some(_) => format!("line {line} of {file}"),
+            None => format!("line {line}"),
+        }
     }
 
     /// A TOML syntax error: the document could not be read into tables at all.

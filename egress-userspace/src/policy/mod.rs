@@ -29,6 +29,7 @@ pub mod diff;
 pub mod dns;
 mod error;
 pub mod explain;
+pub mod fragments;
 pub mod hosts;
 pub mod names;
 mod parse;
@@ -40,6 +41,7 @@ mod types;
 
 pub use dns::{DnsSettings, Unlisted, Upstream};
 pub use error::PolicyError;
+pub use fragments::Fragment;
 pub use hosts::HostPattern;
 pub use selectors::{Principal, Selectors, Written};
 pub use types::{DefaultVerdict, Destination, Mode, PortRange, Protocol, SocketRule, Sockets};
@@ -114,11 +116,36 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Reads and parses a policy file.
+    /// Reads and parses a policy file, or a policy directory: its `*.toml` fragments merged
+    /// in file-name order (see [`fragments`]).
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::unreadable(&file, &e))?;
-        Policy::parse(&file, &text)
+        let files = fragments::read(path)?;
+        Policy::from_fragments(&path.display().to_string(), &files)
+    }
+
+    /// Parses the files of one policy (one file, or the fragments of a directory in the order
+    /// they merge) as the policy `source`. Errors name the fragment's own file and line.
+    pub fn from_fragments(source: &str, files: &[Fragment]) -> Result<Policy, PolicyError> {
+        match files {
+            [] => Err(PolicyError::whole(
+                source,
+                "no policy file: expected at least one".into(),
+            )),
+            [one] => {
+                let mut p = Policy::parse(&one.file, &one.text)?;
+                p.source = source.to_string();
+                Ok(p)
+            }
+            many => {
+                let merged = fragments::merge(many)?;
+                let src = error::Source {
+                    file: source,
+                    text: &merged.text,
+                    merged: Some(&merged),
+                };
+                Policy::parse_source(source, src)
+            }
+        }
     }
 
     /// The embedded default policy.
@@ -183,6 +210,15 @@ pub fn content_hash(text: &str) -> String {
     use sha2::Digest as _;
     let digest = sha2::Sha256::digest(text.as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hash of a policy's files, as [`Policy::hash`] has it once parsed (a file's text, or the
+/// merged text of fragments).
+pub fn fragments_hash(files: &[Fragment]) -> Result<String, PolicyError> {
+    match files {
+        [one] => Ok(content_hash(&one.text)),
+        many => Ok(content_hash(&fragments::merge(many)?.text)),
+    }
 }
 
 /// Reads, validates and compiles a policy file, or the embedded default when `path` is `None`.

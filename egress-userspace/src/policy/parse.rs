@@ -113,7 +113,12 @@ impl From<RuleKind> for Table {
 impl Policy {
     /// Parses and validates policy text. `file` is used in error messages only.
     pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
-        let src = Source { file, text };
+        Policy::parse_source(file, Source::new(file, text))
+    }
+
+    /// Parses and validates `src` (one file's text, or merged fragments) as the policy `source`.
+    pub(super) fn parse_source(source: &str, src: Source<'_>) -> Result<Policy, PolicyError> {
+        let text = src.text;
         let de = toml::Deserializer::parse(text).map_err(|e| src.syntax(&e))?;
         let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| src.serde(&e))?;
 
@@ -181,7 +186,7 @@ impl Policy {
             None => Default::default(),
         };
         Ok(Policy {
-            source: file.to_string(),
+            source: source.to_string(),
             mode: raw.mode,
             default: raw.default,
             allow_loopback: raw.allow_loopback,
@@ -254,9 +259,9 @@ fn nat64_prefixes(
     Ok(out)
 }
 
-/// The names taken so far (services and blocks, then alerts), with the line each is on.
+/// The names taken so far (services and blocks, then alerts), with where each is (`line 3`).
 #[derive(Debug, Default)]
-struct Names(HashMap<String, usize>);
+struct Names(HashMap<String, String>);
 
 impl Names {
     /// Takes the name of a rule or alert: it must be non-empty, not reserved and not yet taken.
@@ -277,14 +282,14 @@ impl Names {
             } else {
                 format!("`{name}` is reserved for verdicts no rule makes: expected another name")
             })
-        } else if let Some(first_line) = self.0.get(&name) {
+        } else if let Some(first) = self.0.get(&name) {
             let across = if is_alert {
                 "services, blocks and alerts"
             } else {
                 "services and blocks"
             };
             Some(format!(
-                "duplicate name `{name}` (first used on line {first_line}): expected names unique across {across}"
+                "duplicate name `{name}` (first used on {first}): expected names unique across {across}"
             ))
         } else {
             None
@@ -292,7 +297,7 @@ impl Names {
         if let Some(message) = problem {
             return Err(src.error(at, entry.field("name"), message));
         }
-        self.0.insert(name.clone(), src.line(at));
+        self.0.insert(name.clone(), src.where_is(at));
         Ok(name)
     }
 }

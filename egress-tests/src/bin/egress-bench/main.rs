@@ -381,12 +381,15 @@ const CALLS: [(&str, Mode, &str, usize); 4] = [
     ("udp sendto() ipv6", Mode::UdpSendto, "[::1]:9", 1),
 ];
 
-/// The programs whose kernel statistics section 1 reports.
-const DECISION_PROGRAMS: [&str; 6] = [
+/// The programs whose kernel statistics section 1 reports. `recvmsg4` (the sink's receives of
+/// the UDP calls; it only restores a steered DNS answer's source) is the floor: what any
+/// program costs here, statistics included.
+const DECISION_PROGRAMS: [&str; 7] = [
     "connect4",
     "sendmsg4",
     "connect6",
     "sendmsg6",
+    "recvmsg4",
     "skb_egress",
     "tc_egress",
 ];
@@ -496,6 +499,104 @@ fn program_stats(
             bail!(
                 "the kernel counted no run of {decided} for {call} (are run-time statistics on?)"
             );
+        }
+    }
+    Ok(rows)
+}
+
+/// Section 1c: one row per size and lookup.
+#[derive(Debug, Serialize, Default)]
+struct SpreadRow {
+    prefixes: usize,
+    /// Distinct destinations the client connects to in turn.
+    targets: usize,
+    lookup: String,
+    /// `connect4` ns per run, median [min–max] over the runs.
+    kernel_ns: Stat,
+}
+
+/// Section 1c: the lookup across many destinations. The N prefixes approved (UDP port 9), one
+/// UDP socket connected to one address inside each of up to 200,000 of them in turn (cold
+/// caches, every part of the table), with the range table and with the trie alternating (two
+/// datapaths, each on its own cgroup), and a policy of no prefixes as the floor.
+fn lookup_spread(s: &Settings) -> anyhow::Result<Vec<SpreadRow>> {
+    let ns = LoopNs::new();
+    names::default_route(&ns);
+    let mut rows = Vec::new();
+    for &n in &s.sizes {
+        let t = names::targets(n);
+        let prefixes: Vec<(u32, u8)> = t.iter().map(|(p, _)| *p).collect();
+        let targets = t.len().min(200_000);
+        drop(t);
+        eprintln!("bench: lookup across {targets} destinations, {n} prefixes");
+        let mut text = String::from(
+            "mode = \"enforce\"\ndefault = \"deny\"\nallow_loopback = false\n[[service]]\nname = \"spread\"\nports = [9]\nprotocols = [\"udp\"]\ndestinations = [",
+        );
+        for (i, p) in prefixes.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push('"');
+            text.push_str(&cidr(*p));
+            text.push('"');
+        }
+        text.push_str("]\n");
+        let compiled = CompiledPolicy::compile(&Policy::parse("spread.toml", &text)?)?;
+        let floor = CompiledPolicy::compile(&Policy::parse(
+            "floor.toml",
+            "mode = \"enforce\"\ndefault = \"allow\"\nallow_loopback = false\n",
+        )?)?;
+        let sizes = Capacities {
+            owners: None,
+            prefixes: Some(n as u32),
+        };
+        let mut cases: Vec<(&str, Datapath, TestCgroup)> = vec![
+            (
+                "range table",
+                Datapath::load_capacities(&compiled, sizes)?,
+                TestCgroup::with_prefix("egress-bench"),
+            ),
+            (
+                "trie",
+                trie_datapath(&compiled)?,
+                TestCgroup::with_prefix("egress-bench"),
+            ),
+            (
+                "no prefixes (floor)",
+                Datapath::load(&floor)?,
+                TestCgroup::with_prefix("egress-bench"),
+            ),
+        ];
+        for (_, dp, cg) in &mut cases {
+            dp.attach(cg.path())?;
+        }
+        let _stats = egress::datapath::enable_run_stats()?;
+        let mut kernel = vec![Vec::new(); cases.len()];
+        let port = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 9)).to_string();
+        for _ in 0..s.reps {
+            for (i, (what, dp, cg)) in cases.iter().enumerate() {
+                let before = dp.run_stats("connect4")?;
+                let mut cmd = client_in(&ns, cg, Mode::UdpConnectMany, &port, 2 * targets);
+                cmd.args(["--targets", &targets.to_string()]);
+                let l: Latency = serde_json::from_str(sh(&mut cmd)?.trim())?;
+                let after = dp.run_stats("connect4")?;
+                if l.denied > 0 {
+                    bail!("{what}: {} of the approved connects were denied", l.denied);
+                }
+                let runs = after.run_count - before.run_count;
+                if runs < 2 * targets as u64 {
+                    bail!("{what}: the kernel counted {runs} runs of connect4");
+                }
+                kernel[i].push((after.run_time - before.run_time).as_nanos() as f64 / runs as f64);
+            }
+        }
+        for (i, (what, ..)) in cases.iter().enumerate() {
+            rows.push(SpreadRow {
+                prefixes: n,
+                targets,
+                lookup: what.to_string(),
+                kernel_ns: stat(kernel[i].clone()),
+            });
         }
     }
     Ok(rows)
@@ -671,6 +772,8 @@ struct TcRow {
     with_tc: Stat,
     /// with / without.
     ratio: f64,
+    /// with / without of each ABAB pair.
+    pair_ratios: Stat,
 }
 
 fn iperf(
@@ -722,24 +825,29 @@ fn tc_cost(s: &Settings) -> anyhow::Result<(Vec<TcRow>, Vec<TcProgramRow>)> {
     };
     let (mut tcp0, mut udp0, mut tcp1, mut udp1) = (vec![], vec![], vec![], vec![]);
     let cg = TestCgroup::with_prefix("egress-bench");
-    // The cgroup hooks are attached in both runs: the difference is the TC program alone.
+    // The cgroup hooks are attached in both runs: the difference is the TC program alone. Runs
+    // alternate without and with TC (ABAB...), so that drift over the section lands on both.
     let compiled = egress_policy(&[], true)?;
     let mut dp = Datapath::load(&compiled)?;
     dp.attach(cg.path())?;
-    for _ in 0..s.reps {
+    let rounds = if s.quick { s.reps } else { 2 * s.reps };
+    for _ in 0..rounds {
         let (t, u) = run(&cg)?;
         tcp0.push(t);
         udp0.push(u);
+        dp = in_netns(a, move || -> anyhow::Result<Datapath> {
+            dp.attach_tc(&[egress_tests::netns::VETH_A.to_string()])?;
+            Ok(dp)
+        })?;
+        let (t, u) = run(&cg)?;
+        tcp1.push(t);
+        udp1.push(u);
+        dp.detach_tc()?;
     }
     let dp = in_netns(a, move || -> anyhow::Result<Datapath> {
         dp.attach_tc(&[egress_tests::netns::VETH_A.to_string()])?;
         Ok(dp)
     })?;
-    for _ in 0..s.reps {
-        let (t, u) = run(&cg)?;
-        tcp1.push(t);
-        udp1.push(u);
-    }
     // The kernel's own figures per packet, in one more run of each with statistics on (only
     // then: they cost each program run two clock reads).
     let mut programs = Vec::new();
@@ -774,10 +882,14 @@ fn tc_cost(s: &Settings) -> anyhow::Result<(Vec<TcRow>, Vec<TcProgramRow>)> {
     drop(dp);
 
     let row = |test: &str, w0: Vec<f64>, w1: Vec<f64>| {
+        // Each pair (a run without, the next with) gives a ratio: their spread says how well
+        // the section resolves TC's cost.
+        let pairs: Vec<f64> = w0.iter().zip(&w1).map(|(a, b)| b / a).collect();
         let (a, b) = (stat(w0), stat(w1));
         TcRow {
             test: test.into(),
             ratio: b.median / a.median,
+            pair_ratios: stat(pairs),
             without_tc: a,
             with_tc: b,
         }
@@ -909,6 +1021,8 @@ struct Results {
     decision_programs: Vec<ProgramRow>,
     /// ICMP destination-unreachable messages sent in section 1's namespace (0 expected).
     decision_icmp_unreachable: u64,
+    /// Section 1c.
+    spread: Vec<SpreadRow>,
     tc: Vec<TcRow>,
     /// Section 2 from the kernel's statistics of the per-packet programs.
     tc_programs: Vec<TcProgramRow>,
@@ -1004,10 +1118,19 @@ fn markdown(r: &Results) -> String {
         &r.decision_programs,
         r.decision_icmp_unreachable,
     ));
-    m.push_str("\n### 2. TC accounting cost (veth between two namespaces)\n\n| test | without TC | with TC | ratio |\n|---|---:|---:|---:|\n");
+    m.push_str(
+        "\n#### 1c. The lookup across many destinations\n\nThe N prefixes approved (UDP port 9, default deny); one UDP socket connected in turn to one address inside each of up to 200,000 of them (twice round per run; a connect sends nothing), so each lookup lands somewhere else in the table. `connect4` ns per run (kernel statistics), median [min–max] over the runs; the three datapaths alternate within each run, each on its own cgroup. The floor is a policy with no prefixes (default allow): the hook without a lookup.\n\n| prefixes | destinations | IPv4 lookup | connect4 ns per run |\n|---:|---:|---|---:|\n",
+    );
+    for r in &r.spread {
+        m.push_str(&format!(
+            "| {} | {} | {} | {:.0} ns [{:.0}–{:.0}] |\n",
+            r.prefixes, r.targets, r.lookup, r.kernel_ns.median, r.kernel_ns.min, r.kernel_ns.max
+        ));
+    }
+    m.push_str("\n### 2. TC accounting cost (veth between two namespaces)\n\nRuns alternate without and with TC (ABAB); the last column is the ratio of each pair, median [min–max], and its spread is what the section can resolve.\n\n| test | without TC | with TC | ratio of medians | ratio per pair |\n|---|---:|---:|---:|---:|\n");
     for t in &r.tc {
         m.push_str(&format!(
-            "| {} | {:.3e} [{:.3e}–{:.3e}] | {:.3e} [{:.3e}–{:.3e}] | {:.3} |\n",
+            "| {} | {:.3e} [{:.3e}–{:.3e}] | {:.3e} [{:.3e}–{:.3e}] | {:.3} | {:.3} [{:.3}–{:.3}] |\n",
             t.test,
             t.without_tc.median,
             t.without_tc.min,
@@ -1015,7 +1138,10 @@ fn markdown(r: &Results) -> String {
             t.with_tc.median,
             t.with_tc.min,
             t.with_tc.max,
-            t.ratio
+            t.ratio,
+            t.pair_ratios.median,
+            t.pair_ratios.min,
+            t.pair_ratios.max
         ));
     }
     m.push_str(
@@ -1125,6 +1251,7 @@ fn bench(quick: bool, out_dir: PathBuf, lookup_only: bool) -> anyhow::Result<()>
     let s = settings(quick);
     let (kernel, cpu, cores) = machine();
     let (decision, decision_programs, decision_icmp_unreachable) = decision_cost(&s)?;
+    let spread = lookup_spread(&s)?;
     eprintln!("bench: TC accounting");
     let (tc, tc_programs) = tc_cost(&s)?;
     let apply = apply_cost(&s)?;
@@ -1149,6 +1276,7 @@ fn bench(quick: bool, out_dir: PathBuf, lookup_only: bool) -> anyhow::Result<()>
         decision,
         decision_programs,
         decision_icmp_unreachable,
+        spread,
         tc,
         tc_programs,
         apply,

@@ -45,7 +45,7 @@ const PORT: u16 = 9;
 
 /// A default route over loopback in `ns`, so that UDP connects to any address find a route
 /// (they send nothing; no dummy interface, whose module not every kernel has).
-fn default_route(ns: &LoopNs) {
+pub fn default_route(ns: &LoopNs) {
     ns.ip(&["route", "add", "default", "dev", "lo"]);
 }
 
