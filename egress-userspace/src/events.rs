@@ -324,8 +324,9 @@ pub async fn open_file(path: &Path) -> anyhow::Result<tokio::fs::File> {
         .with_context(|| format!("opening events file {}", path.display()))
 }
 
-/// Records written per [`EventStream::drain`] call.
-pub const DRAIN_BATCH: usize = 4096;
+/// Records written per [`EventStream::drain`] call: the most work the controller's loop does
+/// before it looks at a command again (a reload during a deny flood waits at most one batch).
+pub const DRAIN_BATCH: usize = 1024;
 
 impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// A stream whose events of `generation` are named by `names`, with `hash`.
@@ -397,10 +398,15 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
                 json.host = hosts.host_of(ev.cgroup_id, judged);
             }
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
-            buf.extend_from_slice(&line(&json, self.format)?);
+            let written = line(&json, self.format)?;
             if let Some(feed) = &self.feed {
-                feed.publish(&serde_json::to_vec(&json)?);
+                // The feed takes native JSON lines: the line written, unless it is ECS.
+                match self.format {
+                    Format::Json => feed.publish(&written[..written.len() - 1]),
+                    Format::Ecs => feed.publish(&serde_json::to_vec(&json)?),
+                }
             }
+            buf.extend_from_slice(&written);
             if let Some(feed) = &self.webhook {
                 feed.offer(json);
             }
@@ -477,7 +483,10 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     pub async fn emit<T: EventLine>(&mut self, event: &T) -> anyhow::Result<()> {
         let line = line(event, self.format)?;
         if let Some(feed) = &self.feed {
-            feed.publish(&serde_json::to_vec(event)?);
+            match self.format {
+                Format::Json => feed.publish(&line[..line.len() - 1]),
+                Format::Ecs => feed.publish(&serde_json::to_vec(event)?),
+            }
         }
         self.out.write_all(&line).await?;
         self.out.flush().await?;

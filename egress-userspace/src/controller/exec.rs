@@ -160,15 +160,17 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     let pid = child.id();
     let mut ticker = tokio::time::interval(TICK);
     let status = loop {
+        // Biased, events last: a flood of denies never delays a signal by more than one drain.
         tokio::select! {
+            biased;
             st = child.wait() => break st.context("waiting for the command")?,
-            r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
-            _ = ticker.tick() => ctl.tick().await,
             _ = sigint.recv() => forward_from_terminal(pid, Signal::INT),
             _ = sigquit.recv() => forward_from_terminal(pid, Signal::QUIT),
             _ = sigterm.recv() => forward(pid, Signal::TERM),
             _ = sighup.recv() => forward(pid, Signal::HUP),
             _ = sigusr1.recv() => ctl.reopen_events().await,
+            _ = ticker.tick() => ctl.tick().await,
+            r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
         }
     };
     // The command's last events and counters may still be in the kernel.

@@ -142,14 +142,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         t
     });
     loop {
+        // Biased, events last: a flood of denies (each drain takes up to DRAIN_BATCH of them)
+        // never delays a reload, a stop or a signal by more than one drain.
         tokio::select! {
+            biased;
             _ = async {
                 match watchdog.as_mut() {
                     Some(w) => { w.tick().await; }
                     None => std::future::pending().await,
                 }
             } => ctl.notifier.ping(),
-            r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
             _ = ticker.tick() => ctl.tick().await,
             Some(cmd) = cmd_rx.recv() => {
                 let response = ctl.command(cmd.request).await;
@@ -192,6 +194,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             _ = sigusr1.recv() => ctl.reopen_events().await,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
         }
     }
     ready.send_replace(false);
