@@ -3,16 +3,22 @@
 //! refused), report denies, and turn the decision into the hook's return value.
 //!
 //! Return values: 1 lets the call proceed, 0 makes it fail with EPERM.
+//!
+//! Every decision ends in `finish`, which also writes the one aya-log debug line per decision
+//! (off unless the controller runs with `--kernel-log`).
 
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ptr::{addr_of, read_volatile},
+};
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     programs::SockAddrContext,
 };
 use egress_common::{
-    Config, MODE_AUDIT, RULE_DEFAULT, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED,
-    STAT_OWNERS_FULL, ScopeBits, v4_mapped,
+    Config, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, MODE_AUDIT, RULE_DEFAULT,
+    RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits, v4_mapped,
 };
 
 use crate::{
@@ -263,12 +269,11 @@ fn finish(
             cfg.generation,
         );
     }
-    if d.allow {
+    // The verdict never depends on whether the event (or the log line) could be sent.
+    let verdict = if d.allow {
         count(STAT_ALLOWED);
-        return VERDICT_ALLOW;
-    }
-    // The verdict never depends on whether the event could be sent.
-    if mode_audit {
+        VERDICT_ALLOW
+    } else if mode_audit {
         // Audit lets the call through: its owner is recorded if it can be (counted once if not).
         if d.rule_id != RULE_OWNERS_FULL && !owners::record(ctx) {
             count(STAT_OWNERS_FULL);
@@ -276,6 +281,86 @@ fn finish(
         VERDICT_ALLOW
     } else {
         VERDICT_DENY
+    };
+    // The one kernel log line of a decision (`egress run --kernel-log`), last (fewest values
+    // live across the call: the hooks have little stack to spare), behind aya-log's level
+    // (`AYA_LOG_LEVEL`, read-only data the loader sets): off unless asked, and then the
+    // verifier sees the frozen value and drops the branch (one load and a jump per call).
+    if aya_log_ebpf::macro_support::level_enabled(aya_log_ebpf::macro_support::Level::Debug) {
+        let verdict_code = if d.allow {
+            LOG_ALLOW
+        } else if mode_audit {
+            LOG_AUDIT
+        } else {
+            LOG_DENY
+        };
+        let what = u64::from(hook)
+            | u64::from(verdict_code) << 8
+            | u64::from(family) << 16
+            | u64::from(proto) << 24
+            | u64::from(port) << 32;
+        let (hi, lo) = addr.split_at(8);
+        log_decision(
+            ctx,
+            what,
+            d.rule_id,
+            u64::from_ne_bytes(hi.try_into().unwrap_or_default()),
+            u64::from_ne_bytes(lo.try_into().unwrap_or_default()),
+        );
+    }
+    verdict
+}
+
+const LOG_DENY: u8 = 0;
+const LOG_ALLOW: u8 = 1;
+const LOG_AUDIT: u8 = 2;
+
+/// Writes the debug line of one decision. Not inlined: the verifier
+/// walks this body once per way into it, not once per path through the whole decision (inlined,
+/// the line took connect4 past the 1M-instruction limit).
+/// `what`: hook | verdict << 8 | family << 16 | protocol << 24 | port << 32; `hi`, `lo`: the
+/// address's bytes (in registers: a pointer to the caller's array cost it stack).
+#[inline(never)]
+fn log_decision(ctx: &SockAddrContext, what: u64, rule_id: u32, hi: u64, lo: u64) {
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&hi.to_ne_bytes());
+    addr[8..].copy_from_slice(&lo.to_ne_bytes());
+    let dst = if (what >> 16) as u8 == 4 {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(addr))
+    };
+    aya_log_ebpf::debug!(
+        ctx,
+        target: "egress_ebpf",
+        "{} rule={} dst={} port={} proto={} tgid={}",
+        hook_and_verdict(what as u8, (what >> 8) as u8),
+        rule_id,
+        dst,
+        (what >> 32) as u16,
+        (what >> 24) as u8,
+        (bpf_get_current_pid_tgid() >> 32) as u32
+    );
+}
+
+/// The hook's name and the verdict, for the log line (one argument: each costs the logging
+/// code stack, and the hooks have little to spare).
+#[inline(always)]
+fn hook_and_verdict(hook: u8, verdict: u8) -> &'static str {
+    match (hook, verdict) {
+        (HOOK_CONNECT4, LOG_ALLOW) => "connect4 allow",
+        (HOOK_CONNECT4, LOG_AUDIT) => "connect4 audit",
+        (HOOK_CONNECT4, _) => "connect4 deny",
+        (HOOK_CONNECT6, LOG_ALLOW) => "connect6 allow",
+        (HOOK_CONNECT6, LOG_AUDIT) => "connect6 audit",
+        (HOOK_CONNECT6, _) => "connect6 deny",
+        (HOOK_SENDMSG4, LOG_ALLOW) => "sendmsg4 allow",
+        (HOOK_SENDMSG4, LOG_AUDIT) => "sendmsg4 audit",
+        (HOOK_SENDMSG4, _) => "sendmsg4 deny",
+        (HOOK_SENDMSG6, LOG_ALLOW) => "sendmsg6 allow",
+        (HOOK_SENDMSG6, LOG_AUDIT) => "sendmsg6 audit",
+        (HOOK_SENDMSG6, _) => "sendmsg6 deny",
+        _ => "sock_addr",
     }
 }
 

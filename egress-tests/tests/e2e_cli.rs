@@ -646,3 +646,37 @@ fn the_next_exec_removes_the_empty_cgroup_of_an_exec_killed_at_start() {
     EgressCmd::exec(&ns).command(["true"]).success();
     assert!(!left.exists(), "{} is still there", left.display());
 }
+
+#[test]
+fn exec_kernel_log_writes_one_line_per_decision_and_nothing_without_it() {
+    // egress runs in a namespace of its own: its TC program never touches the host's interfaces.
+    let ns = LoopNs::new();
+    let dir = TempDir::new("e2e-kernel-log");
+    let policy = dir.file("p.toml", POLICY);
+    let run = |flag: bool| {
+        let mut cmd = EgressCmd::exec(&ns)
+            .policy(&policy)
+            .events(&dir.join("events.jsonl"))
+            .env("RUST_LOG", "info");
+        if flag {
+            cmd = cmd.arg("--kernel-log");
+        }
+        let out = cmd.probe(["udp-connect", "127.0.0.66:53"]).success();
+        assert_eq!(verdicts(&out.stdout), [Denied]);
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter(|l| l.contains("egress_ebpf"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let lines = run(true);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    for part in [
+        "DEBUG",
+        "connect4 deny rule=",
+        "dst=127.0.0.66 port=53 proto=17",
+    ] {
+        assert!(lines[0].contains(part), "{part:?} in {lines:?}");
+    }
+    assert_eq!(run(false), Vec::<String>::new());
+}

@@ -889,6 +889,7 @@ fn the_range_table_and_the_trie_agree_with_explain_at_every_prefix_edge() {
     let sizes = Capacities {
         owners: None,
         prefixes: Some(1),
+        kernel_log: false,
     };
     let mut dp = Datapath::load_capacities(&small, sizes).expect("loading the datapath");
     dp.attach(cg.path()).unwrap();

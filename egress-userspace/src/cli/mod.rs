@@ -159,6 +159,12 @@ enum Command {
         /// namespaces get answers, but no grants yet: see README, Names).
         #[arg(long = "dns-listen", value_name = "ADDR[:PORT]")]
         dns_listen: Vec<String>,
+        /// Troubleshooting: log one line per connect/sendmsg decision from the kernel (hook,
+        /// verdict, rule id, destination, port, protocol, process), at debug level under the
+        /// target `egress_ebpf` (as RUST_LOG=egress_ebpf=debug does). Chosen at start; off, the
+        /// kernel skips the logging code.
+        #[arg(long)]
+        kernel_log: bool,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -198,6 +204,10 @@ enum Command {
         /// Over pinned enforcement the pinned table's size is kept.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::datapath::MAX_PREFIX_CAPACITY)))]
         prefix_capacity: Option<u32>,
+        /// Troubleshooting: log one line per connect/sendmsg decision from the kernel (see `run
+        /// --kernel-log`).
+        #[arg(long)]
+        kernel_log: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -458,8 +468,27 @@ impl From<ProtocolArg> for Protocol {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Whether the kernel is to log its decisions: `--kernel-log`, or a log filter (RUST_LOG) that
+/// shows debug lines of `egress_ebpf`.
+fn kernel_log_wanted(flag: bool) -> bool {
+    flag || tracing::enabled!(
+        target: crate::datapath::kernel_log::TARGET,
+        tracing::Level::DEBUG
+    )
+}
+
+/// `kernel_log`: `--kernel-log` was given, whose lines are shown whatever RUST_LOG says.
+fn init_logging(format: LogFormat, kernel_log: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = if kernel_log {
+        filter.add_directive(
+            format!("{}=debug", crate::datapath::kernel_log::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        )
+    } else {
+        filter
+    };
     // Under systemd (stderr is the journal, and the journal's socket answers): native journal
     // records, each with its priority (ERROR 3, WARN 4, INFO 5, DEBUG 6, TRACE 7), so that
     // `journalctl -p warning -u egress` selects by level. Else text or JSON lines on stderr.
@@ -494,7 +523,17 @@ pub fn main() -> ExitCode {
             return ExitCode::from(exit::code_of_clap(&e));
         }
     };
-    init_logging(cli.log_format);
+    let kernel_log = matches!(
+        cli.command,
+        Command::Run {
+            kernel_log: true,
+            ..
+        } | Command::Exec {
+            kernel_log: true,
+            ..
+        }
+    );
+    init_logging(cli.log_format, kernel_log);
     crate::sys::cgroup::set_host_proc(cli.host_proc.clone());
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code),
@@ -541,6 +580,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             kube,
             dns_listen,
             allow_non_host_cgroup,
+            kernel_log,
         } => {
             let policy = match policy {
                 Some(p) => Some(p),
@@ -560,6 +600,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     .map_err(|e| exit::ConfigError(format!("{e:#}")))?,
                 dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
                 notify: true,
+                kernel_log: kernel_log_wanted(kernel_log),
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -582,6 +623,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             command,
             owners_capacity,
             prefix_capacity,
+            kernel_log,
         } => {
             let common = Options {
                 policy,
@@ -595,6 +637,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 kube: None,
                 dns_listen: DnsListen::default(),
                 notify: false,
+                kernel_log: kernel_log_wanted(kernel_log),
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,

@@ -85,6 +85,9 @@ pub struct Options {
     /// Speak the service manager's notification protocol when `$NOTIFY_SOCKET` is set (`run`):
     /// RELOADING=1 / READY=1 around reloads, STATUS=, watchdog pings.
     pub notify: bool,
+    /// The kernel's debug line per decision, forwarded to the log (target `egress_ebpf`, debug):
+    /// `--kernel-log`, or a RUST_LOG that enables it. Fixed at load.
+    pub kernel_log: bool,
 }
 
 /// Where a controller enforces.
@@ -209,6 +212,7 @@ impl Controller {
         let sizes = Capacities {
             owners: opts.owners_capacity,
             prefixes: opts.prefix_capacity,
+            kernel_log: opts.kernel_log,
         };
         let (mut dp, adopted) = match &target.pins {
             Some(p) => {
@@ -224,6 +228,14 @@ impl Controller {
         };
         if let Some(p) = &target.link_pins {
             dp.pin_links_under(p.clone())?;
+        }
+        // Read for as long as the runtime runs; the programs keep writing until detached.
+        if let Some(log) = dp.take_kernel_log() {
+            tokio::spawn(async move {
+                if let Err(e) = log.forward().await {
+                    tracing::warn!("reading the kernel's log ring stopped: {e}");
+                }
+            });
         }
         let (in_force, switch_to) = plan.resolve(adopted, &dp.config())?;
         let ring = dp.take_events()?.watch()?;

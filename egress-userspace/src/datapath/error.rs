@@ -27,6 +27,8 @@ pub enum DatapathError {
     Pin(String),
     #[error("turning on the kernel's BPF run-time statistics (BPF_ENABLE_STATS, Linux 5.8+): {0}")]
     Stats(#[source] aya::sys::SyscallError),
+    #[error("the kernel's log ring (aya-log): {0}")]
+    KernelLog(#[from] aya_log::Error),
     #[error("tracepoint {0}")]
     Tracepoint(String),
     /// The kernel's BTF is missing or lacks a member the exec tracker reads.

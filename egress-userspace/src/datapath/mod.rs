@@ -9,6 +9,7 @@ mod bpfsys;
 mod error;
 mod exec;
 mod fork;
+pub mod kernel_log;
 mod links;
 mod mapped;
 mod maps;
@@ -30,6 +31,7 @@ use egress_common::{BlockKey, Config, FlowKey, FlowValue, map_names};
 
 pub use self::{
     error::DatapathError,
+    kernel_log::KernelLog,
     maps::{Counters, V4Lookup},
     pins::{LinkStatus, PinnedStatus, State},
     ring::{AsyncEventRing, EventRing},
@@ -107,6 +109,10 @@ pub struct Capacities {
     pub owners: Option<u32>,
     /// IPv4 prefixes the range table holds (`RANGES_V4_n`): a pinned table keeps its size.
     pub prefixes: Option<u32>,
+    /// Not a capacity, but fixed at load like them: the sock_addr hooks write one debug line
+    /// per decision (see [`kernel_log`]; taken with [`Datapath::take_kernel_log`]). Off, the
+    /// verifier drops the logging code.
+    pub kernel_log: bool,
 }
 
 /// Distinct rule sets one policy buffer can hold.
@@ -240,6 +246,8 @@ pub struct Datapath {
     fork_tracked: bool,
     /// TC links this datapath owns (not pinned), for [`Datapath::detach_tc`].
     tc_links: Vec<aya::programs::tc::SchedClassifierLinkId>,
+    /// The reader of the kernel's log ring, until taken (loaded with `kernel_log` only).
+    kernel_log: Option<KernelLog>,
 }
 
 fn check_capacity(policy: &CompiledPolicy) -> Result<(), DatapathError> {
@@ -331,7 +339,7 @@ impl Datapath {
     pub fn load_sized(policy: &CompiledPolicy, owners: u32) -> Result<Datapath, DatapathError> {
         let sizes = Capacities {
             owners: Some(owners),
-            prefixes: None,
+            ..Capacities::default()
         };
         Self::load_capacities(policy, sizes)
     }
@@ -382,6 +390,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         newtask.set_globals(&mut loader);
         exe_offsets.set_globals(&mut loader);
+        kernel_log::set_level(&mut loader, sizes.kernel_log);
         for name in map_names::POLICY_V4.iter().chain(&map_names::POLICY_V6) {
             loader.map_max_entries(name, POLICY_CAPACITY);
         }
@@ -471,6 +480,12 @@ impl Datapath {
         load_retrying(FORK_TRACKER, || tracker.load())?;
         let exec: &mut RawTracePoint = program(&mut ebpf, EXEC_TRACKER)?;
         load_retrying(EXEC_TRACKER, || exec.load())?;
+        // After the programs hold the ring: taking it leaves them theirs.
+        let kernel_log = if sizes.kernel_log {
+            Some(KernelLog::take(&mut ebpf)?)
+        } else {
+            None
+        };
         // Blocks set by an earlier controller keep counting towards `budget_blocks`.
         let blocked = if adopt {
             maps.blocked.keys().filter_map(Result::ok).collect()
@@ -486,8 +501,16 @@ impl Datapath {
             pins: pins.cloned(),
             fork_tracked: false,
             tc_links: Vec::new(),
+            kernel_log,
         };
         Ok((dp, adopt))
+    }
+
+    /// The reader of the kernel's debug log, once (None: loaded without `kernel_log`). Keep it
+    /// while the programs run and drain it ([`KernelLog::forward`]); records it does not read
+    /// in time are dropped by the kernel when its ring is full, never the decisions.
+    pub fn take_kernel_log(&mut self) -> Option<KernelLog> {
+        self.kernel_log.take()
     }
 
     /// Pins the links of the attachments to come under `pins` (maps stay unpinned): enforcement
@@ -883,6 +906,17 @@ impl Datapath {
         maps::sum_stats(&self.maps.stats)
     }
 
+    /// The kernel's id of loaded program `name`.
+    pub fn program_id(&self, name: &'static str) -> Result<u32, DatapathError> {
+        let info = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::Missing(name))?
+            .info()
+            .map_err(prog_err(name))?;
+        Ok(info.id())
+    }
+
     /// The kernel's run-time statistics of program `name` (one of [`HOOKS`], ...) since it was
     /// loaded; they only grow while [`enable_run_stats`] holds them on.
     pub fn run_stats(&self, name: &'static str) -> Result<RunStats, DatapathError> {
@@ -944,6 +978,8 @@ mod tests {
             .keys()
             .map(String::as_str)
             .filter(|n| !n.starts_with('.'))
+            // aya-log's ring (`--kernel-log`): never pinned, a fresh one per load.
+            .filter(|&n| n != "AYA_LOGS")
             .collect();
         in_object.sort_unstable();
         let mut named = egress_common::map_names::ALL.to_vec();

@@ -549,6 +549,7 @@ fn lookup_spread(s: &Settings) -> anyhow::Result<Vec<SpreadRow>> {
         let sizes = Capacities {
             owners: None,
             prefixes: Some(n as u32),
+            kernel_log: false,
         };
         let mut cases: Vec<(&str, Datapath, TestCgroup)> = vec![
             (
@@ -608,6 +609,7 @@ fn trie_datapath(compiled: &CompiledPolicy) -> anyhow::Result<Datapath> {
     let sizes = Capacities {
         owners: None,
         prefixes: Some(1),
+        kernel_log: false,
     };
     let mut dp = Datapath::load_capacities(&egress_policy(&[], false)?, sizes)?;
     let applied = dp.reload(compiled)?;
@@ -928,6 +930,7 @@ fn apply_cost(s: &Settings) -> anyhow::Result<Vec<ApplyRow>> {
         let sizes = Capacities {
             owners: None,
             prefixes: Some(n as u32),
+            kernel_log: false,
         };
         let mut dp = Datapath::load_capacities(&small, sizes)?;
         let mut times = Vec::new();
