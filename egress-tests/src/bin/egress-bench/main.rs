@@ -381,15 +381,12 @@ const CALLS: [(&str, Mode, &str, usize); 4] = [
     ("udp sendto() ipv6", Mode::UdpSendto, "[::1]:9", 1),
 ];
 
-/// The programs whose kernel statistics section 1 reports. `recvmsg4` (the sink's receives of
-/// the UDP calls; it only restores a steered DNS answer's source) is the floor: what any
-/// program costs here, statistics included.
-const DECISION_PROGRAMS: [&str; 7] = [
+/// The programs whose kernel statistics section 1 reports (section 1c has the hook's floor).
+const DECISION_PROGRAMS: [&str; 6] = [
     "connect4",
     "sendmsg4",
     "connect6",
     "sendmsg6",
-    "recvmsg4",
     "skb_egress",
     "tc_egress",
 ];
