@@ -171,14 +171,49 @@ fn exec_removes_the_cgroup_even_with_leftover_processes() {
     let ns = LoopNs::new();
     // The command backgrounds a sleeper and exits; exec must kill it and remove the cgroup.
     let eg = EgressCmd::exec(&ns)
-        .command(["sh", "-c", "sleep 30 & exit 0"])
+        .command(["sh", "-c", "sleep 120 & exit 0"])
         .spawn();
     let pid = eg.pid();
     let start = Instant::now();
     let out = eg.output();
     assert!(out.status.success());
-    assert!(start.elapsed() < Duration::from_secs(10));
+    // Well below the sleeper's 120 s (it was killed, not waited for), loose enough for the
+    // program load on a loaded machine.
+    assert!(start.elapsed() < Duration::from_secs(60));
     assert!(exec_cgroups_of(pid).is_empty());
+}
+
+/// The command makes a cgroup of its own below the one exec made and moves a sleeper there:
+/// a cgroup with children cannot be removed (EBUSY), so exec must kill and remove the subtree,
+/// deepest first, and leak nothing.
+#[test]
+fn exec_removes_the_cgroups_its_command_made_below_its_own() {
+    let ns = LoopNs::new();
+    let root = egress::sys::cgroup::cgroup2_root().expect("cgroup2 must be available");
+    let script = r#"cg="$CGROOT$(sed -n 's/^0:://p' /proc/self/cgroup)"
+mkdir -p "$cg/made-by-cmd/deeper" || exit 3
+sleep 120 &
+echo $! > "$cg/made-by-cmd/deeper/cgroup.procs" || exit 4
+exit 0"#;
+    let eg = EgressCmd::exec(&ns)
+        .env("CGROOT", root.display().to_string())
+        .command(["sh", "-c", script])
+        .spawn();
+    let pid = eg.pid();
+    let start = Instant::now();
+    let out = eg.output();
+    assert!(
+        out.status.success(),
+        "exec: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert!(
+        exec_cgroups_of(pid).is_empty(),
+        "exec left {:?}",
+        exec_cgroups_of(pid)
+    );
 }
 
 #[test]

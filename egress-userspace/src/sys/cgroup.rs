@@ -491,10 +491,27 @@ impl ChildCgroup {
                         && Instant::now() < deadline =>
                 {
                     kill_all(&self.path);
+                    remove_descendants(&self.path);
                     thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Removes the cgroups below `path`, deepest first (a cgroup with children cannot be removed:
+/// EBUSY). Their processes must be gone already (`cgroup.kill` covers the whole subtree);
+/// failures are left to the caller's retry.
+fn remove_descendants(path: &Path) {
+    let Ok(entries) = fs::read_dir(path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let child = entry.path();
+            remove_descendants(&child);
+            let _ = fs::remove_dir(&child);
         }
     }
 }
