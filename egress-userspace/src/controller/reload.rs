@@ -228,6 +228,7 @@ impl Controller {
         if let Err(e) = self.follow_names().await {
             warn!(error = %format!("{e:#}"), "the DNS proxy could not follow the new policy");
         }
+        self.follow_feeds();
         self.write_state();
         self.emit(&event).await;
         Ok(Outcome { changed, message })
@@ -268,6 +269,7 @@ impl Controller {
                 source: p.policy.source.clone(),
                 hash,
                 files,
+                feed_cache: super::feeds::store().cache,
             }),
             Ok(hash) => Response::Refused(format!(
                 "{} changed since it was applied (hash {} in force, {hash} now): `egress reload` applies it, or give --policy",

@@ -101,6 +101,8 @@ pub struct CompiledPolicy {
     pub services: usize,
     pub blocks: usize,
     pub alerts: usize,
+    /// The feeds of blocklists' rules, by rule id (which entry matched, for events).
+    pub feeds: BTreeMap<u32, std::sync::Arc<super::feeds::FeedInfo>>,
 }
 
 /// Protocol bits a rule covers: those with ports (TCP, UDP), and those without (ICMP, and for
@@ -496,6 +498,12 @@ impl CompiledPolicy {
             services: written.services().count(),
             blocks: written.blocks().count(),
             alerts: policy.alerts.len(),
+            feeds: policy
+                .rules
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.feed.clone().map(|f| (i as u32 + 1, f)))
+                .collect(),
         })
     }
 
@@ -521,6 +529,13 @@ impl CompiledPolicy {
             .get_or_init(|| RangeTableV4::build(&self.v4))
             .as_ref()
             .map_err(|e| *e)
+    }
+
+    /// For a blocklist's rule: the feed entry that holds `dst` (`203.0.113.0/24`) and its label
+    /// (a Spamhaus id), as events and `explain` report them.
+    pub fn feed_entry(&self, rule_id: u32, dst: IpAddr) -> Option<(String, Option<String>)> {
+        let (net, label) = self.feeds.get(&rule_id)?.entry_of(dst)?;
+        Some((net.to_string(), label.map(str::to_string)))
     }
 
     pub fn prefix_count(&self) -> usize {
