@@ -166,8 +166,8 @@ fn policy_keys_parse_with_relative_files_and_errors_name_the_field() {
     assert!(bad("file = \"a\"\nformat = \"netset\"\nrefresh = \"1h\"").contains("blocklist[1].refresh: a `file` feed"));
     assert!(bad("url = \"https://x.example/a\"\nformat = \"netset\"\nrefresh = \"500ms\"").contains("blocklist[1].refresh: "));
     assert!(bad("file = \"a\"\nformat = \"hosts\"\nports = [443]").contains("blocklist[1].ports: a `hosts` feed"));
-    assert!(bad("file = \"a\"\nformat = \"netset\"\ncolour = 1").contains("blocklist[1]: unknown field `colour`"));
-    assert!(bad("name = \"x\"").contains("duplicate name `x`") || bad("file = \"a\"\nformat = \"netset\"").is_empty());
+    let e = bad("file = \"a\"\nformat = \"netset\"\ncolour = 1");
+    assert!(e.starts_with("p.toml:9:1: blocklist[1].colour: unknown field `colour`"), "{e}");
     let dup = "[[block]]\nname = \"x\"\ndestinations = [\"192.0.2.1\"]\n[[blocklist]]\nname = \"x\"\nfile = \"a\"\nformat = \"netset\"\n";
     assert!(Policy::parse("p.toml", dup).unwrap_err().to_string().contains("p.toml:5:8: blocklist[1].name: duplicate name `x`"));
     let url = Policy::parse("p.toml", "[[blocklist]]\nname = \"u\"\nurl = \"http://127.0.0.1:8080/drop.txt\"\nformat = \"spamhaus-drop\"\nrefresh = \"30s\"\n").unwrap();
