@@ -70,7 +70,7 @@ fn feed_files_in_each_format_block_real_connections_and_name_the_entry() {
                 ("tcp", "127.0.2.9:81"),
                 ("tcp", "127.0.0.3:80"),
                 ("tcp", "127.0.0.4:80"),
-                ("udp", "127.0.1.77:53"),
+                ("udp-sendto", "127.0.1.77:53"),
             ]
         ),
         [Denied, Denied, Denied, Refused, Denied, Refused, Denied],
