@@ -314,3 +314,82 @@ fn a_url_feed_never_fetched_starts_empty_and_is_enforced_once_its_server_answers
     let f = status_feed(&run, "late");
     assert_eq!((f["entries"].as_u64(), f["last_error"].as_str()), (Some(1), None), "{f}");
 }
+
+/// A `hosts` feed blocks names at the DNS proxy, over a service that approves them: the names
+/// do not resolve, the `dns` events name the blocklist and the entry, and other names of the
+/// service still work. (The world of `e2e_names.rs`: dnsmasq on 127.0.0.2 in namespace a, the
+/// servers in namespace b, resolv.conf pointing nowhere: only the steering answers.)
+#[test]
+fn a_hosts_feed_blocks_names_through_the_dns_proxy() {
+    use egress_tests::{
+        NetPair, TcpSink,
+        Verdict::{Other, Succeeded},
+        dns::{DnsServer, NetnsResolvConf, Record},
+        probe::parse_calls,
+    };
+    let pair = NetPair::new();
+    let _sink = TcpSink::start(&pair.b, (std::net::Ipv4Addr::new(198, 18, 0, 2), 443));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let _dns = DnsServer::start(
+        &pair.a,
+        ip("127.0.0.2"),
+        &[
+            Record::Addr("good.example.test", ip("198.18.0.2"), 300),
+            Record::Addr("bad.example.test", ip("198.18.0.2"), 300),
+            Record::Addr("evil.example.test", ip("198.18.0.2"), 300),
+        ],
+    );
+    let _resolv = NetnsResolvConf::new(&pair.a, &[ip("10.53.0.1")], "timeout:2 attempts:1");
+    let dir = TempDir::new("feeds-hosts");
+    dir.file(
+        "names.txt",
+        "# a hosts file\n127.0.0.1 localhost\n0.0.0.0 evil.example.test\nbad.example.test\n",
+    );
+    let policy = dir.file(
+        "p.toml",
+        "allow_loopback = false\n[dns]\nupstream = [\"127.0.0.2\"]\n[[service]]\nname = \"api\"\nhosts = [\"**.example.test\"]\nports = [443]\n[[blocklist]]\nname = \"bad-names\"\nfile = \"names.txt\"\nformat = \"hosts\"\n",
+    );
+    let events_path = dir.join("events.jsonl");
+    let out = EgressCmd::exec(&pair.a)
+        .netns_sysfs()
+        .policy(&policy)
+        .events(&events_path)
+        .args(["--feed-cache", dir.join("cache").to_str().unwrap()])
+        .probe([
+            "resolve",
+            "good.example.test:443",
+            "resolve",
+            "bad.example.test:443",
+            "resolve",
+            "evil.example.test:443",
+        ])
+        .output();
+    assert!(
+        out.status.success(),
+        "egress exec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<_> = parse_calls(&out.stdout)
+        .into_iter()
+        .map(|l| l.result)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            Succeeded,
+            Other("EAI_NONAME".into()),
+            Other("EAI_NONAME".into())
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dns = events::of_kind(&events_path, "dns");
+    for name in ["bad.example.test", "evil.example.test"] {
+        let e = dns
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no dns event for {name}: {dns:#?}"));
+        assert_eq!(e["rule"], "bad-names", "{e}");
+        assert_eq!(e["feed_entry"], name, "{e}");
+    }
+}
