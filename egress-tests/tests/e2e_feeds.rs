@@ -393,3 +393,107 @@ fn a_hosts_feed_blocks_names_through_the_dns_proxy() {
         assert_eq!(e["feed_entry"], name, "{e}");
     }
 }
+
+fn openssl(dir: &TempDir, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir.path())
+        .args(args)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An HTTPS file server in Python on 127.0.0.1:PORT serving the current directory.
+const HTTPS_FILES: &str = r#"
+import http.server, ssl, sys, functools
+H = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[4])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = ctx.wrap_socket(server.socket, server_side=True)
+print("up", flush=True)
+server.serve_forever()
+"#;
+
+/// A feed over HTTPS from a server whose CA only `SSL_CERT_FILE` names: refused without it (the
+/// blocklist stays empty and says why), fetched and enforced with it.
+#[test]
+fn an_https_feed_is_trusted_through_ssl_cert_file() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("feeds-tls");
+    let cg = TestCgroup::new();
+    openssl(
+        &dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=egress feed test CA", "-addext",
+            "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr",
+            "-subj", "/CN=127.0.0.1",
+        ],
+    );
+    dir.file(
+        "leaf.ext",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    );
+    openssl(
+        &dir,
+        &[
+            "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext",
+        ],
+    );
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("drop.txt"), "127.0.2.0/24 ; SBL7\n").unwrap();
+    let server = ChildGuard::spawn(
+        ns.cmd("python3")
+            .args(["-c", HTTPS_FILES])
+            .arg(dir.join("leaf.pem"))
+            .arg(dir.join("leaf.key"))
+            .arg(&www)
+            .arg("8933"),
+    );
+    wait_for("the HTTPS server", Duration::from_secs(10), || {
+        !server.stdout_lines().is_empty()
+    });
+    let policy = dir.file(
+        "p.toml",
+        &format!(
+            "{BASE}\n[[blocklist]]\nname = \"tls\"\nurl = \"https://127.0.0.1:8933/drop.txt\"\nformat = \"spamhaus-drop\"\nrefresh = \"1h\"\n"
+        ),
+    );
+    let run = |ca: Option<&Path>, cache: &str| {
+        let mut cmd = EgressCmd::run(&ns, cg.path(), &dir)
+            .policy(&policy)
+            .args(["--feed-cache", dir.join(cache).to_str().unwrap()]);
+        if let Some(ca) = ca {
+            cmd = cmd.env("SSL_CERT_FILE", ca);
+        }
+        cmd.start()
+    };
+    {
+        let untrusted = run(None, "cache-a");
+        assert_eq!(probe(&cg, &[("tcp", "127.0.2.1:80")]), [Refused]);
+        let f = status_feed(&untrusted, "tls");
+        assert_eq!(f["entries"].as_u64(), Some(0), "{f}");
+        wait_for("the failed fetch reported", Duration::from_secs(20), || {
+            status_feed(&untrusted, "tls")["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("fetching"))
+        });
+    }
+    let trusted = run(Some(&dir.join("ca.pem")), "cache-b");
+    assert_eq!(probe(&cg, &[("tcp", "127.0.2.1:80")]), [Denied]);
+    let f = status_feed(&trusted, "tls");
+    assert_eq!((f["entries"].as_u64(), f["last_error"].as_str()), (Some(1), None), "{f}");
+}
