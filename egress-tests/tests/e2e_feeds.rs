@@ -497,3 +497,41 @@ fn an_https_feed_is_trusted_through_ssl_cert_file() {
     let f = status_feed(&trusted, "tls");
     assert_eq!((f["entries"].as_u64(), f["last_error"].as_str()), (Some(1), None), "{f}");
 }
+
+/// Pinned enforcement outlives its controller; a feed file that changed meanwhile is not taken
+/// for the one the kernel holds: the restarted controller applies the new entries at once.
+#[test]
+fn a_restart_over_pins_applies_a_feed_that_changed_while_no_controller_ran() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("feeds-pins");
+    let cg = TestCgroup::new();
+    let pins = egress_tests::controller::pin_dir();
+    let netset = dir.file("f.netset", "127.0.0.2\n");
+    let policy = dir.file(
+        "p.toml",
+        &format!("{BASE}\n[[blocklist]]\nname = \"f\"\nfile = \"f.netset\"\nformat = \"netset\"\n"),
+    );
+    let pinned = || {
+        EgressCmd::run(&ns, cg.path(), &dir)
+            .pinned(&pins)
+            .policy(&policy)
+            .args(["--feed-cache", dir.join("cache").to_str().unwrap()])
+    };
+    let mut first = pinned().start();
+    assert_eq!(
+        probe(&cg, &[("tcp", "127.0.0.2:80"), ("tcp", "127.0.0.6:80")]),
+        [Denied, Refused]
+    );
+    first.kill_9();
+    std::fs::write(&netset, "127.0.0.6\n").unwrap();
+    // Still the old entries: the kernel enforces what was applied.
+    assert_eq!(probe(&cg, &[("tcp", "127.0.0.2:80")]), [Denied]);
+    let second = pinned().start();
+    assert_eq!(
+        probe(&cg, &[("tcp", "127.0.0.2:80"), ("tcp", "127.0.0.6:80")]),
+        [Refused, Denied],
+        "the new copy is applied over the adopted pins"
+    );
+    assert_eq!(second.generation(), 2);
+    drop(first);
+}

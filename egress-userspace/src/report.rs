@@ -322,6 +322,7 @@ mod tests {
                 ifaces: vec!["eth0".into()],
                 policy: "/etc/egress/policy.toml".into(),
                 policy_hash: "00ff".into(),
+                feeds_hash: String::new(),
                 generation: 3,
                 controller_pid: 42,
                 ..State::default()

@@ -209,6 +209,13 @@ fn read_back(r: &State) -> Result<Loaded, String> {
             loaded.policy.source, r.policy_hash, loaded.policy.hash
         ));
     }
+    // Its blocklists' feeds too: the kernel holds the entries of then, not of now.
+    if loaded.policy.feeds_hash != r.feeds_hash {
+        return Err(format!(
+            "the blocklists of {} have changed since it was applied (feeds hash {} then, {} now)",
+            loaded.policy.source, r.feeds_hash, loaded.policy.feeds_hash
+        ));
+    }
     Ok(loaded)
 }
 
@@ -326,6 +333,7 @@ fn stand_in(record: Option<&State>, config: &Config) -> Policy {
         alerts: Vec::new(),
         blocklists: Vec::new(),
         feeds: Vec::new(),
+        feeds_hash: String::new(),
         dns: Default::default(),
         hash: record.map(|r| r.policy_hash.clone()).unwrap_or_default(),
         warnings: Vec::new(),

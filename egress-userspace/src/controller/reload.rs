@@ -310,6 +310,7 @@ impl Controller {
         if p.unknown.is_none()
             && p.origin == requested.origin
             && p.policy.hash == requested.policy.hash
+            && p.policy.feeds_hash == requested.policy.feeds_hash
         {
             return Ok(());
         }
@@ -330,6 +331,7 @@ impl Controller {
             policy: policy.source.clone(),
             policy_path: self.policy.origin.file().map(Path::to_path_buf),
             policy_hash: policy.hash.clone(),
+            feeds_hash: policy.feeds_hash.clone(),
             generation: self.dp.generation(),
             applied_at: humantime::format_rfc3339_seconds(self.policy.applied_at).to_string(),
             mode: policy.mode.to_string(),

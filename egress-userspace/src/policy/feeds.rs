@@ -491,6 +491,36 @@ pub fn rule(b: &Blocklist, read: &FeedEntries) -> Rule {
     }
 }
 
+/// A digest of the entries of the blocklists' rules (empty when there is none): what a
+/// restarted controller compares to know the kernel holds the feeds it reads now.
+pub fn entries_hash(rules: &[Rule]) -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    let mut any = false;
+    for r in rules.iter().filter(|r| r.feed.is_some()) {
+        any = true;
+        h.update(r.name.as_bytes());
+        h.update([0]);
+        for d in &r.destinations {
+            let n = d.network();
+            match n.ip() {
+                IpAddr::V4(a) => h.update(a.octets()),
+                IpAddr::V6(a) => h.update(a.octets()),
+            }
+            h.update([n.prefix(), 0xff]);
+        }
+        for p in &r.hosts {
+            h.update(p.to_string().as_bytes());
+            h.update([0]);
+        }
+        h.update([0xfe]);
+    }
+    if !any {
+        return String::new();
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 /// How a blocklist's copy in force was read, for `egress status` and `egress check`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FeedStatus {

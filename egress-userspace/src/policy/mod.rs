@@ -115,6 +115,9 @@ pub struct Policy {
     pub blocklists: Vec<feeds::Blocklist>,
     /// How each blocklist's copy in force was read (empty until [`Policy::with_feeds`]).
     pub feeds: Vec<feeds::FeedStatus>,
+    /// SHA-256 (16 hex digits) of the entries the feeds hold (empty: no blocklist): with
+    /// [`Policy::hash`], identifies what is applied.
+    pub feeds_hash: String,
     /// `[dns]`: the DNS proxy's upstreams, grant TTL bounds and what it does with unlisted names.
     pub dns: DnsSettings,
     /// SHA-256 of the policy text (hex, first 16 digits): identifies what is applied.
@@ -189,6 +192,7 @@ impl Policy {
             self.rules.push(feeds::rule(b, &loaded.entries));
             self.feeds.push(loaded.status);
         }
+        self.feeds_hash = feeds::entries_hash(&self.rules);
         Ok(self)
     }
 

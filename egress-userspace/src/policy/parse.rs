@@ -234,6 +234,7 @@ impl Policy {
             alerts,
             blocklists,
             feeds: Vec::new(),
+            feeds_hash: String::new(),
             dns,
             hash: content_hash(text),
             warnings: sets.unused(src),
