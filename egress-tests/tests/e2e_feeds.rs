@@ -122,8 +122,18 @@ fn feed_files_in_each_format_block_real_connections_and_name_the_entry() {
     assert_eq!(e["feed_label"], "SBL42", "{e}");
     // Status lists the feeds, with the rejected line.
     let f = status_feed(&run, "level1");
-    assert_eq!((f["entries"].as_u64(), f["rejected"].as_u64()), (Some(2), Some(1)), "{f}");
-    assert!(f["first_rejects"][0].as_str().unwrap().starts_with("line 4:"), "{f}");
+    assert_eq!(
+        (f["entries"].as_u64(), f["rejected"].as_u64()),
+        (Some(2), Some(1)),
+        "{f}"
+    );
+    assert!(
+        f["first_rejects"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("line 4:"),
+        "{f}"
+    );
     assert!(f["last_success"].is_string(), "{f}");
     let text = Command::new(bins::egress())
         .args(["status", "--socket"])
@@ -312,7 +322,11 @@ fn a_url_feed_never_fetched_starts_empty_and_is_enforced_once_its_server_answers
         probe(&cg, &[("tcp", "127.0.0.7:80")]) == [Denied]
     });
     let f = status_feed(&run, "late");
-    assert_eq!((f["entries"].as_u64(), f["last_error"].as_str()), (Some(1), None), "{f}");
+    assert_eq!(
+        (f["entries"].as_u64(), f["last_error"].as_str()),
+        (Some(1), None),
+        "{f}"
+    );
 }
 
 /// A `hosts` feed blocks names at the DNS proxy, over a service that approves them: the names
@@ -429,16 +443,38 @@ fn an_https_feed_is_trusted_through_ssl_cert_file() {
     openssl(
         &dir,
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-            "ca.pem", "-days", "2", "-subj", "/CN=egress feed test CA", "-addext",
-            "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=egress feed test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
     openssl(
         &dir,
         &[
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr",
-            "-subj", "/CN=127.0.0.1",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
         ],
     );
     dir.file(
@@ -448,8 +484,21 @@ fn an_https_feed_is_trusted_through_ssl_cert_file() {
     openssl(
         &dir,
         &[
-            "x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "leaf.pem", "-days", "2", "-extfile", "leaf.ext",
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
         ],
     );
     let www = dir.join("www");
@@ -495,7 +544,11 @@ fn an_https_feed_is_trusted_through_ssl_cert_file() {
     let trusted = run(Some(&dir.join("ca.pem")), "cache-b");
     assert_eq!(probe(&cg, &[("tcp", "127.0.2.1:80")]), [Denied]);
     let f = status_feed(&trusted, "tls");
-    assert_eq!((f["entries"].as_u64(), f["last_error"].as_str()), (Some(1), None), "{f}");
+    assert_eq!(
+        (f["entries"].as_u64(), f["last_error"].as_str()),
+        (Some(1), None),
+        "{f}"
+    );
 }
 
 /// Pinned enforcement outlives its controller; a feed file that changed meanwhile is not taken

@@ -141,8 +141,7 @@ impl Fetchers {
                 let mut s = s.clone();
                 if let Some(f) = state.get(&s.name) {
                     if let Some(at) = f.last_success {
-                        s.last_success =
-                            Some(humantime::format_rfc3339_seconds(at).to_string());
+                        s.last_success = Some(humantime::format_rfc3339_seconds(at).to_string());
                     }
                     if f.last_success.is_some() || f.last_error.is_some() {
                         s.last_error = f.last_error.clone();
@@ -219,7 +218,9 @@ async fn fetch_once(client: &reqwest::Client, b: &Blocklist) -> Result<bool, Str
         let b = b.clone();
         move || -> Result<(String, bool), String> {
             let cached = store.cached(&b);
-            let last_good = cached.as_ref().map(|(t, _)| feeds::parse(b.format, t).len());
+            let last_good = cached
+                .as_ref()
+                .map(|(t, _)| feeds::parse(b.format, t).len());
             let read = feeds::parse(b.format, &text);
             feeds::check_copy(&text, &read, last_good)
                 .map_err(|why| format!("{url}: {why}; the last good copy stays", url = b.source))?;
@@ -289,8 +290,15 @@ async fn fetch_loop(
 /// at `path` that have no cached copy yet, so that the start enforces them when their server
 /// answers. Failures are logged; the start goes on.
 pub(super) async fn prefetch(path: &std::path::Path) {
-    let Ok(policy) = Policy::load(path) else {
+    // Most policies have no blocklist: they are not parsed twice (a large one takes a while).
+    let Ok(files) = crate::policy::fragments::read(path) else {
         return; // The load proper reports the error.
+    };
+    if !files.iter().any(|f| f.text.contains("blocklist")) {
+        return;
+    }
+    let Ok(policy) = Policy::from_fragments(&path.display().to_string(), &files) else {
+        return;
     };
     let store = store();
     let missing: Vec<Blocklist> = policy
@@ -466,7 +474,9 @@ impl Controller {
                 );
                 self.feed_event(why, "updated", None).await;
             }
-            Err(e) => warn!(error = %e, "applying the new blocklist copy failed; the policy in force is unchanged"),
+            Err(e) => {
+                warn!(error = %e, "applying the new blocklist copy failed; the policy in force is unchanged")
+            }
         }
     }
 

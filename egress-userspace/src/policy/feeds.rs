@@ -246,10 +246,7 @@ pub fn parse(format: FeedFormat, text: &str) -> FeedEntries {
                 {
                     out.reject(
                         n,
-                        format!(
-                            "`{}`: expected one address or CIDR a line",
-                            quote(line)
-                        ),
+                        format!("`{}`: expected one address or CIDR a line", quote(line)),
                     );
                     continue;
                 }
@@ -518,7 +515,11 @@ pub fn entries_hash(rules: &[Rule]) -> String {
     if !any {
         return String::new();
     }
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// How a blocklist's copy in force was read, for `egress status` and `egress check`.
@@ -605,7 +606,13 @@ impl FeedStore {
         let safe: String = b
             .name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .take(64)
             .collect();
         let key = super::content_hash(&format!("{}\n{}", b.format, b.source));
@@ -745,7 +752,11 @@ pub fn matching_net(nets: &[Destination], dst: IpAddr) -> Option<Destination> {
             0
         } else {
             let host = u32::from(max - len);
-            if host >= 128 { 0 } else { bits & (u128::MAX << host) }
+            if host >= 128 {
+                0
+            } else {
+                bits & (u128::MAX << host)
+            }
         };
         let key = (v6, masked, len);
         if let Ok(i) = nets.binary_search_by_key(&key, |d| {

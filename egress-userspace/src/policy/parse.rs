@@ -18,10 +18,10 @@ use super::{
     DefaultVerdict, Destination, HostPattern, Mode, Policy, PolicyError, PortRange, Protocol, Rule,
     RuleKind, SocketRule, Sockets,
     alert::{Alert, AlertAction, HumanDuration, RawAlert},
-    feeds::{self, Blocklist, FeedFormat, FeedSource},
     content_hash,
     dns::{RawDns, dns},
     error::{Entry, Source, Table},
+    feeds::{self, Blocklist, FeedFormat, FeedSource},
     selectors::{RawList, RawSets, Sets},
 };
 
@@ -490,11 +490,7 @@ fn blocklist(
             let at = f.span().start;
             let f = f.into_inner();
             if f.trim().is_empty() {
-                return Err(src.error(
-                    at,
-                    entry.field("file"),
-                    "expected a file path".into(),
-                ));
+                return Err(src.error(at, entry.field("file"), "expected a file path".into()));
             }
             let path = std::path::PathBuf::from(&f);
             let path = if path.is_relative() {
@@ -513,7 +509,10 @@ fn blocklist(
                 .strip_prefix("https://")
                 .or_else(|| u.strip_prefix("http://"));
             match rest {
-                Some(r) if !r.is_empty() && !r.starts_with('/') && !u.chars().any(char::is_whitespace) => {}
+                Some(r)
+                    if !r.is_empty()
+                        && !r.starts_with('/')
+                        && !u.chars().any(char::is_whitespace) => {}
                 _ => {
                     return Err(src.error(
                         at,
@@ -549,10 +548,7 @@ fn blocklist(
         (None, _) => feeds::DEFAULT_REFRESH,
     };
     let ports_at = b.ports.as_ref().map_or(0, |p| p.span().start);
-    let ports = b
-        .ports
-        .map(|p| p.into_inner())
-        .unwrap_or_default();
+    let ports = b.ports.map(|p| p.into_inner()).unwrap_or_default();
     let mut protocols = b
         .protocols
         .map(|p| {
@@ -576,7 +572,11 @@ fn blocklist(
         ));
     }
     if b.format == FeedFormat::Hosts && (!ports.is_empty() || !protocols.is_empty()) {
-        let at = if ports.is_empty() { table_start } else { ports_at };
+        let at = if ports.is_empty() {
+            table_start
+        } else {
+            ports_at
+        };
         return Err(src.error(
             at,
             entry.field("ports"),

@@ -35,7 +35,10 @@ fn netset_rejects_bad_lines_with_their_numbers_and_counts_duplicates() {
     assert_eq!(read.nets.len(), 6);
     let lines: Vec<usize> = read.first_rejects.iter().map(|r| r.line).collect();
     assert_eq!(lines, [2, 4, 5, 6, 7]);
-    assert!(read.rejects_text().starts_with("5 lines rejected (line 2: `not-an-address`"));
+    assert!(
+        read.rejects_text()
+            .starts_with("5 lines rejected (line 2: `not-an-address`")
+    );
     // More entries than rejects: the copy is acceptable.
     assert_eq!(check_copy(text, &read, None), Ok(()));
 }
@@ -44,7 +47,10 @@ fn netset_rejects_bad_lines_with_their_numbers_and_counts_duplicates() {
 fn spamhaus_drop_keeps_the_sbl_id_as_label() {
     let text = "; Spamhaus DROP List 2024/01/01\n; Last-Modified: x\n1.10.16.0/20 ; SBL256894\n2.56.192.0/22 ; SBL459831\n5.0.0.0/33 ; SBL1\n223.254.0.0/16\n";
     let read = parse(FeedFormat::SpamhausDrop, text);
-    assert_eq!(nets(&read), ["1.10.16.0/20", "2.56.192.0/22", "223.254.0.0/16"]);
+    assert_eq!(
+        nets(&read),
+        ["1.10.16.0/20", "2.56.192.0/22", "223.254.0.0/16"]
+    );
     assert_eq!(read.rejected, 1);
     assert_eq!(read.first_rejects[0].line, 5);
     let d: Destination = "1.10.16.0/20".parse().unwrap();
@@ -98,7 +104,11 @@ fn a_copy_that_is_not_a_feed_is_refused_as_a_whole() {
     );
     let empty = "# nothing today\n";
     let read = parse(FeedFormat::Netset, empty);
-    assert_eq!(check_copy(empty, &read, None), Ok(()), "empty, nothing before");
+    assert_eq!(
+        check_copy(empty, &read, None),
+        Ok(()),
+        "empty, nothing before"
+    );
     assert!(
         check_copy(empty, &read, Some(3))
             .unwrap_err()
@@ -113,7 +123,8 @@ fn the_most_specific_entry_is_the_one_reported() {
         FeedFormat::Netset,
         "10.0.0.0/8\n10.1.0.0/16\n10.1.2.3\n2001:db8::/32\n2001:db8:1::/48\n",
     );
-    let at = |s: &str| matching_net(&read.nets, s.parse::<IpAddr>().unwrap()).map(|d| d.to_string());
+    let at =
+        |s: &str| matching_net(&read.nets, s.parse::<IpAddr>().unwrap()).map(|d| d.to_string());
     assert_eq!(at("10.1.2.3").as_deref(), Some("10.1.2.3/32"));
     assert_eq!(at("10.1.2.4").as_deref(), Some("10.1.0.0/16"));
     assert_eq!(at("10.200.0.1").as_deref(), Some("10.0.0.0/8"));
@@ -147,29 +158,62 @@ fn policy_with(dir: &Path, table: &str) -> Policy {
 #[test]
 fn policy_keys_parse_with_relative_files_and_errors_name_the_field() {
     let dir = temp_dir("keys");
-    let p = policy_with(&dir, "file = \"feeds/x.netset\"\nformat = \"netset\"\nports = [443]\nprotocols = [\"tcp\"]");
+    let p = policy_with(
+        &dir,
+        "file = \"feeds/x.netset\"\nformat = \"netset\"\nports = [443]\nprotocols = [\"tcp\"]",
+    );
     let b = &p.blocklists[0];
     assert_eq!(b.source, FeedSource::File(dir.join("feeds/x.netset")));
     assert_eq!(b.ports.len(), 1);
     assert_eq!(b.line, 7);
     let bad = |table: &str| {
-        let text = format!("[[block]]\nname = \"x\"\ndestinations = [\"192.0.2.1\"]\n\n[[blocklist]]\nname = \"bad\"\n{table}\n");
+        let text = format!(
+            "[[block]]\nname = \"x\"\ndestinations = [\"192.0.2.1\"]\n\n[[blocklist]]\nname = \"bad\"\n{table}\n"
+        );
         Policy::parse("p.toml", &text).unwrap_err().to_string()
     };
     assert_eq!(
         bad("format = \"netset\""),
         "p.toml:5:1: blocklist[1]: missing `file` or `url`: expected where the feed is read from"
     );
-    assert!(bad("file = \"a\"\nurl = \"https://x.example/a\"\nformat = \"netset\"").starts_with("p.toml:8:7: blocklist[1].url: both"));
-    assert!(bad("url = \"ftp://x.example/a\"\nformat = \"netset\"").starts_with("p.toml:7:7: blocklist[1].url: `ftp://x.example/a` is not"));
-    assert!(bad("file = \"a\"\nformat = \"csv\"").starts_with("p.toml:8:10: blocklist[1].format: unknown variant `csv`"), "{}", bad("file = \"a\"\nformat = \"csv\""));
-    assert!(bad("file = \"a\"\nformat = \"netset\"\nrefresh = \"1h\"").contains("blocklist[1].refresh: a `file` feed"));
-    assert!(bad("url = \"https://x.example/a\"\nformat = \"netset\"\nrefresh = \"500ms\"").contains("blocklist[1].refresh: "));
-    assert!(bad("file = \"a\"\nformat = \"hosts\"\nports = [443]").contains("blocklist[1].ports: a `hosts` feed"));
+    assert!(
+        bad("file = \"a\"\nurl = \"https://x.example/a\"\nformat = \"netset\"")
+            .starts_with("p.toml:8:7: blocklist[1].url: both")
+    );
+    assert!(
+        bad("url = \"ftp://x.example/a\"\nformat = \"netset\"")
+            .starts_with("p.toml:7:7: blocklist[1].url: `ftp://x.example/a` is not")
+    );
+    assert!(
+        bad("file = \"a\"\nformat = \"csv\"")
+            .starts_with("p.toml:8:10: blocklist[1].format: unknown variant `csv`"),
+        "{}",
+        bad("file = \"a\"\nformat = \"csv\"")
+    );
+    assert!(
+        bad("file = \"a\"\nformat = \"netset\"\nrefresh = \"1h\"")
+            .contains("blocklist[1].refresh: a `file` feed")
+    );
+    assert!(
+        bad("url = \"https://x.example/a\"\nformat = \"netset\"\nrefresh = \"500ms\"")
+            .contains("blocklist[1].refresh: ")
+    );
+    assert!(
+        bad("file = \"a\"\nformat = \"hosts\"\nports = [443]")
+            .contains("blocklist[1].ports: a `hosts` feed")
+    );
     let e = bad("file = \"a\"\nformat = \"netset\"\ncolour = 1");
-    assert!(e.starts_with("p.toml:9:1: blocklist[1].colour: unknown field `colour`"), "{e}");
+    assert!(
+        e.starts_with("p.toml:9:1: blocklist[1].colour: unknown field `colour`"),
+        "{e}"
+    );
     let dup = "[[block]]\nname = \"x\"\ndestinations = [\"192.0.2.1\"]\n[[blocklist]]\nname = \"x\"\nfile = \"a\"\nformat = \"netset\"\n";
-    assert!(Policy::parse("p.toml", dup).unwrap_err().to_string().contains("p.toml:5:8: blocklist[1].name: duplicate name `x`"));
+    assert!(
+        Policy::parse("p.toml", dup)
+            .unwrap_err()
+            .to_string()
+            .contains("p.toml:5:8: blocklist[1].name: duplicate name `x`")
+    );
     let url = Policy::parse("p.toml", "[[blocklist]]\nname = \"u\"\nurl = \"http://127.0.0.1:8080/drop.txt\"\nformat = \"spamhaus-drop\"\nrefresh = \"30s\"\n").unwrap();
     assert_eq!(url.blocklists[0].refresh, Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&dir);
@@ -178,8 +222,15 @@ fn policy_keys_parse_with_relative_files_and_errors_name_the_field() {
 #[test]
 fn a_feed_is_a_block_that_beats_services_and_keeps_its_ports() {
     let dir = temp_dir("compile");
-    std::fs::write(dir.join("f.netset"), "203.0.113.0/24\n198.51.100.7\n2001:db8:bad::/48\n").unwrap();
-    let p = policy_with(&dir, "file = \"f.netset\"\nformat = \"netset\"\nports = [443]");
+    std::fs::write(
+        dir.join("f.netset"),
+        "203.0.113.0/24\n198.51.100.7\n2001:db8:bad::/48\n",
+    )
+    .unwrap();
+    let p = policy_with(
+        &dir,
+        "file = \"f.netset\"\nformat = \"netset\"\nports = [443]",
+    );
     let p = p.with_feeds(&FeedStore::default()).unwrap();
     assert_eq!(p.feeds[0].entries, 3);
     let c = CompiledPolicy::compile(&p).unwrap();
@@ -192,8 +243,16 @@ fn a_feed_is_a_block_that_beats_services_and_keeps_its_ports() {
         );
         (e.allow, c.rule_name(e.rule_id).to_string())
     };
-    assert_eq!(verdict("203.0.113.9", 443), (false, "bad".into()), "feed beats the service");
-    assert_eq!(verdict("203.0.113.9", 80), (true, "web".into()), "feed only for its ports");
+    assert_eq!(
+        verdict("203.0.113.9", 443),
+        (false, "bad".into()),
+        "feed beats the service"
+    );
+    assert_eq!(
+        verdict("203.0.113.9", 80),
+        (true, "web".into()),
+        "feed only for its ports"
+    );
     assert_eq!(verdict("198.51.100.7", 443), (false, "bad".into()));
     assert_eq!(verdict("198.51.100.8", 443), (true, "web".into()));
     assert_eq!(verdict("2001:db8:bad::1", 443), (false, "bad".into()));
@@ -213,7 +272,10 @@ fn a_bad_file_keeps_the_last_good_copy_and_none_at_all_is_an_error() {
     let p = policy_with(&dir, "file = \"f.netset\"\nformat = \"netset\"");
     // No file, no cache: the policy cannot load, and says which feed and file.
     let e = p.clone().with_feeds(&store).unwrap_err().to_string();
-    assert!(e.contains("policy.toml:7: blocklist bad: cannot read"), "{e}");
+    assert!(
+        e.contains("policy.toml:7: blocklist bad: cannot read"),
+        "{e}"
+    );
     assert!(e.contains("no last good copy"), "{e}");
     std::fs::write(&feed, "192.0.2.1\n192.0.2.2\n").unwrap();
     let good = p.clone().with_feeds(&store).unwrap();
@@ -224,8 +286,18 @@ fn a_bad_file_keeps_the_last_good_copy_and_none_at_all_is_an_error() {
     let kept = p.clone().with_feeds(&store).unwrap();
     assert_eq!(kept.feeds[0].entries, 2);
     assert!(kept.feeds[0].from_cache);
-    assert!(kept.feeds[0].last_error.as_deref().unwrap().contains("HTML"));
-    assert!(kept.warnings.iter().any(|w| w.contains("the last good copy is used")));
+    assert!(
+        kept.feeds[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("HTML")
+    );
+    assert!(
+        kept.warnings
+            .iter()
+            .any(|w| w.contains("the last good copy is used"))
+    );
     // Emptied: refused too.
     std::fs::write(&feed, "# empty\n").unwrap();
     assert_eq!(p.clone().with_feeds(&store).unwrap().feeds[0].entries, 2);
@@ -234,7 +306,11 @@ fn a_bad_file_keeps_the_last_good_copy_and_none_at_all_is_an_error() {
     assert_eq!(p.clone().with_feeds(&store).unwrap().feeds[0].entries, 2);
     // Without a cache (`egress check`), a bad copy is an error.
     std::fs::write(&feed, "<html>oops</html>\n").unwrap();
-    let e = p.clone().with_feeds(&FeedStore::default()).unwrap_err().to_string();
+    let e = p
+        .clone()
+        .with_feeds(&FeedStore::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("HTML"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -246,7 +322,13 @@ fn a_url_feed_loads_from_its_cache_or_empty() {
     let p = policy_with(&dir, "url = \"http://127.0.0.1:1/f\"\nformat = \"netset\"");
     let none = p.clone().with_feeds(&store).unwrap();
     assert_eq!(none.feeds[0].entries, 0);
-    assert!(none.feeds[0].last_error.as_deref().unwrap().contains("never fetched"));
+    assert!(
+        none.feeds[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("never fetched")
+    );
     store.store(&p.blocklists[0], "192.0.2.5\n").unwrap();
     let cached = p.with_feeds(&store).unwrap();
     assert_eq!(cached.feeds[0].entries, 1);
