@@ -588,3 +588,81 @@ fn a_restart_over_pins_applies_a_feed_that_changed_while_no_controller_ran() {
     assert_eq!(second.generation(), 2);
     drop(first);
 }
+
+/// A feed of 1,000,000 entries (the size): read, compiled and applied by a reload, then
+/// enforced. Prints the times (in a release build: `cargo test --release`); the bounds are loose
+/// enough for a debug build on a loaded machine.
+#[test]
+fn a_million_entry_feed_applies_and_is_enforced() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("feeds-1m");
+    let cg = TestCgroup::new();
+    let mut text = String::with_capacity(16 << 20);
+    // 1M /32s spread over 11.0.0.0/8 and 12.0.0.0/8 (every fourth address), and 127.0.0.9.
+    for i in 0..999_999u32 {
+        let a = 0x0b00_0000u32 + i * 4;
+        text.push_str(&std::net::Ipv4Addr::from(a).to_string());
+        text.push('\n');
+    }
+    text.push_str("127.0.0.9\n");
+    dir.file("big.netset", &text);
+    let small = dir.file("small.toml", BASE);
+    let big = dir.file(
+        "big.toml",
+        &format!(
+            "{BASE}\n[[blocklist]]\nname = \"big\"\nfile = \"big.netset\"\nformat = \"netset\"\n"
+        ),
+    );
+    let t = std::time::Instant::now();
+    let out = Command::new(bins::egress())
+        .arg("check")
+        .arg(&big)
+        .output()
+        .unwrap();
+    let check = t.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    let run = EgressCmd::run(&ns, cg.path(), &dir)
+        .policy(&small)
+        .events(&dir.join("events.jsonl"))
+        .args(["--feed-cache", dir.join("cache").to_str().unwrap()])
+        .args(["--prefix-capacity", "2097152"])
+        .start();
+    let t = std::time::Instant::now();
+    let out = run.reload(&big);
+    let reload = t.elapsed();
+    assert!(out.status.success(), "{out:?}");
+    let message = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !message.contains("LPM trie"),
+        "the range table holds it: {message}"
+    );
+    let reloads = events::of_kind(&dir.join("events.jsonl"), "reload");
+    let applied_ms = reloads
+        .last()
+        .and_then(|r| r["elapsed_ms"].as_f64())
+        .unwrap_or_else(|| panic!("no elapsed_ms in {reloads:?}"));
+    eprintln!(
+        "1M-entry feed: egress check {check:?}; reload (read, compile, apply) {reload:?}, of which kernel apply {applied_ms:.1} ms"
+    );
+    assert_eq!(
+        probe(&cg, &[("tcp", "127.0.0.9:80"), ("tcp", "127.0.0.4:80"),]),
+        [Denied, Refused]
+    );
+    assert_eq!(
+        status_feed(&run, "big")["entries"].as_u64(),
+        Some(1_000_000)
+    );
+    assert!(reload < Duration::from_secs(120), "{reload:?}");
+    // A reload with the same feed: nothing changes, and it says so quickly.
+    let t = std::time::Instant::now();
+    let out = run.ctl(&["reload", "--dry-run"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no change"),
+        "{out:?}"
+    );
+    eprintln!(
+        "1M-entry feed: dry-run reload with no change {:?}",
+        t.elapsed()
+    );
+}
