@@ -145,6 +145,12 @@ pub struct JsonEvent {
     /// The name this cgroup learned `dst` from through the DNS proxy, when it did.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub host: Option<String>,
+    /// When `rule` is a `[[blocklist]]`: the feed entry that holds `dst` (`203.0.113.0/24`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub feed_entry: Option<String>,
+    /// That entry's label in the feed (a Spamhaus DROP id, `SBL123`), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub feed_label: Option<String>,
     /// The pod, container and node of the sender's cgroup, when it is a known pod's (absent
     /// otherwise).
     #[serde(flatten, default)]
@@ -159,7 +165,20 @@ pub struct JsonEvent {
 impl JsonEvent {
     /// The event `ev`, its rule named from `policy` (the policy of its generation).
     pub fn from_raw(ev: &Event, policy: &CompiledPolicy, policy_hash: &str) -> JsonEvent {
-        Self::decode(ev, policy.rule_name(ev.rule_id).to_string(), policy_hash)
+        let mut json = Self::decode(ev, policy.rule_name(ev.rule_id).to_string(), policy_hash);
+        json.name_feed_entry(ev, policy);
+        json
+    }
+
+    /// When a blocklist decided: the feed entry that holds the destination, and its label.
+    fn name_feed_entry(&mut self, ev: &Event, policy: &CompiledPolicy) {
+        if ev.hook == HOOK_SOCK_CREATE || policy.feeds.is_empty() {
+            return;
+        }
+        if let Some((entry, label)) = policy.feed_entry(ev.rule_id, ev.dst()) {
+            self.feed_entry = Some(entry);
+            self.feed_label = label;
+        }
     }
 
     fn decode(ev: &Event, rule: String, policy_hash: &str) -> JsonEvent {
@@ -193,6 +212,8 @@ impl JsonEvent {
             v4_mapped: ev.v4_mapped != 0,
             rule,
             host: None,
+            feed_entry: None,
+            feed_label: None,
             pod: crate::kube::PodMeta::default(),
             policy_hash: policy_hash.to_string(),
             generation: ev.generation,
@@ -431,7 +452,13 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// policy would put a wrong rule and hash on it.
     fn to_json(&self, ev: &Event) -> JsonEvent {
         match self.generations.get(&ev.generation) {
-            Some(g) => JsonEvent::decode(ev, g.names.name(ev.rule_id), &g.hash),
+            Some(g) => {
+                let mut json = JsonEvent::decode(ev, g.names.name(ev.rule_id), &g.hash);
+                if let RuleNames::Policy(p) = &g.names {
+                    json.name_feed_entry(ev, p);
+                }
+                json
+            }
             None => JsonEvent::decode(ev, RuleNames::Ids.name(ev.rule_id), ""),
         }
     }

@@ -106,6 +106,10 @@ pub struct StatusReport {
     /// when the pinned config still steers DNS.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dns: Option<DnsStatus>,
+    /// The policy's `[[blocklist]]` feeds: the copy in force of each, and how its last read or
+    /// fetch went (absent: the policy has none, or no controller runs).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub feeds: Vec<crate::policy::feeds::FeedStatus>,
 }
 
 /// The DNS proxy and the kernel's grants, in `egress status` and `egress stats`.
@@ -264,6 +268,7 @@ impl StatusReport {
             links: Some(links),
             counters,
             dns,
+            feeds: Vec::new(),
         }
     }
 }
@@ -317,6 +322,7 @@ mod tests {
                 ifaces: vec!["eth0".into()],
                 policy: "/etc/egress/policy.toml".into(),
                 policy_hash: "00ff".into(),
+                feeds_hash: String::new(),
                 generation: 3,
                 controller_pid: 42,
                 ..State::default()

@@ -11,15 +11,30 @@ use anyhow::{Context as _, bail};
 use super::{PROTOCOL_VERSION, Request, RequestEnvelope, Response, ResponseEnvelope};
 use crate::report::{GrantRow, StatsReport, StatusReport};
 
+/// How long a request waits for its answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reload waits: reading, compiling and applying a policy with large blocklists
+/// (a million entries) takes seconds, more on a loaded host.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Sends one request to a running controller. A refusal is an error carrying its reason.
 pub fn request(path: &Path, request: Request) -> anyhow::Result<Response> {
+    request_within(path, request, ANSWER_TIMEOUT)
+}
+
+/// As [`request`], waiting at most `timeout` for the answer.
+pub fn request_within(
+    path: &Path,
+    request: Request,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
     let stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
             "connecting to the controller at {} (is `egress run` running? are you root?)",
             path.display()
         )
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut text = serde_json::to_vec(&RequestEnvelope {
         version: PROTOCOL_VERSION,
         request,
@@ -27,7 +42,16 @@ pub fn request(path: &Path, request: Request) -> anyhow::Result<Response> {
     text.push(b'\n');
     (&stream).write_all(&text)?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
+                "the controller at {} did not answer within {} s",
+                path.display(),
+                timeout.as_secs()
+            ),
+            _ => anyhow::Error::new(e).context("reading the controller's answer"),
+        })?;
     let envelope: ResponseEnvelope =
         serde_json::from_str(&line).with_context(|| format!("bad response: {line}"))?;
     if envelope.version != PROTOCOL_VERSION {
@@ -84,7 +108,7 @@ pub fn reload(
         dry_run,
         detail: true,
     };
-    match super::client::request(path, request)? {
+    match super::client::request_within(path, request, RELOAD_TIMEOUT)? {
         Response::Reload(r) => Ok(r),
         Response::Done(message) => Ok(crate::report::ReloadReport {
             dry_run,

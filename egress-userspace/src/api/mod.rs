@@ -97,6 +97,10 @@ pub struct PolicyText {
     pub hash: String,
     /// Each file's name and text.
     pub files: Vec<crate::policy::Fragment>,
+    /// Where the controller keeps the last good copies of its blocklists' feeds (`url` feeds
+    /// are read from there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed_cache: Option<std::path::PathBuf>,
 }
 
 /// A request on the wire.

@@ -176,7 +176,43 @@ pub fn status_text(s: &StatusReport) -> String {
     if let Some(d) = &s.dns {
         dns_text(&mut out, d);
     }
+    for f in &s.feeds {
+        feed_text(&mut out, f, std::time::SystemTime::now());
+    }
     out
+}
+
+/// One `blocklist` line of `egress status` (and one more for its last error).
+fn feed_text(out: &mut String, f: &crate::policy::feeds::FeedStatus, now: std::time::SystemTime) {
+    let age = f
+        .last_success
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .map(|at| {
+            let secs = now.duration_since(at).unwrap_or_default().as_secs();
+            format!(
+                "last good copy {} ago",
+                humantime::format_duration(std::time::Duration::from_secs(secs))
+            )
+        })
+        .unwrap_or_else(|| "no good copy yet".into());
+    let _ = writeln!(
+        out,
+        "blocklist {} ({}, {}): {} entries, {} lines rejected, {age}{}",
+        f.name,
+        f.format,
+        f.source,
+        f.entries,
+        f.rejected,
+        if f.from_cache {
+            " (the cached copy: the source failed)"
+        } else {
+            ""
+        }
+    );
+    if let Some(e) = &f.last_error {
+        let _ = writeln!(out, "  last error: {e}");
+    }
 }
 
 /// The `dns` lines of `egress status`.

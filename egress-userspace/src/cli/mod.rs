@@ -165,6 +165,10 @@ enum Command {
         /// kernel skips the logging code.
         #[arg(long)]
         kernel_log: bool,
+        /// Where the last good copy of every `[[blocklist]]` feed is kept: used when a feed
+        /// cannot be fetched or read, and at start before a `url` feed's first fetch.
+        #[arg(long, value_name = "DIR", default_value = crate::policy::feeds::DEFAULT_CACHE_DIR)]
+        feed_cache: PathBuf,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -208,6 +212,10 @@ enum Command {
         /// --kernel-log`).
         #[arg(long)]
         kernel_log: bool,
+        /// Where the last good copy of every `[[blocklist]]` feed is kept: used when a feed
+        /// cannot be fetched or read, and at start before a `url` feed's first fetch.
+        #[arg(long, value_name = "DIR", default_value = crate::policy::feeds::DEFAULT_CACHE_DIR)]
+        feed_cache: PathBuf,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -581,6 +589,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             dns_listen,
             allow_non_host_cgroup,
             kernel_log,
+            feed_cache,
         } => {
             let policy = match policy {
                 Some(p) => Some(p),
@@ -601,6 +610,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
                 notify: true,
                 kernel_log: kernel_log_wanted(kernel_log),
+                feed_cache,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -624,6 +634,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             owners_capacity,
             prefix_capacity,
             kernel_log,
+            feed_cache,
         } => {
             let common = Options {
                 policy,
@@ -638,6 +649,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 dns_listen: DnsListen::default(),
                 notify: false,
                 kernel_log: kernel_log_wanted(kernel_log),
+                feed_cache,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,

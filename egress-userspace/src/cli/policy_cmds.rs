@@ -128,7 +128,9 @@ pub fn load_policy(
         )
     })?;
     let p = policy::Policy::from_fragments(&text.source, &text.files)
-        .context("reading the controller's policy")?;
+        .context("reading the controller's policy")?
+        .with_feeds(&policy::feeds::FeedStore::reader(text.feed_cache.clone()))
+        .context("reading the controller's blocklists")?;
     let c =
         CompiledPolicy::compile(&p).with_context(|| format!("compiling policy {}", p.source))?;
     Ok((p, c))
@@ -156,6 +158,9 @@ struct CheckSummary {
     alerts: usize,
     prefixes: usize,
     hash: String,
+    /// The `[[blocklist]]` feeds as read.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    feeds: Vec<policy::feeds::FeedStatus>,
 }
 
 /// Validates every file (or directory of fragments) and prints a summary of each (with `json`,
@@ -189,6 +194,7 @@ pub fn check(files: &[PathBuf], json: bool) -> u8 {
                         alerts: c.alerts,
                         prefixes: c.prefix_count(),
                         hash: p.hash.clone(),
+                        feeds: p.feeds.clone(),
                     }),
                 },
                 Err(e) => {
@@ -241,6 +247,19 @@ pub fn check(files: &[PathBuf], json: bool) -> u8 {
                     p.host_patterns(),
                     p.dns,
                 );
+                for b in &p.feeds {
+                    println!(
+                        "  blocklist {} ({}, {}): {} entries, {} lines rejected{}",
+                        b.name,
+                        b.format,
+                        b.source,
+                        b.entries,
+                        b.rejected,
+                        b.last_error
+                            .as_ref()
+                            .map_or(String::new(), |e| format!(" ({e})"))
+                    );
+                }
                 if c.scopes.keys != 0 {
                     println!(
                         "  scopes: {} executables, {} users, {} groups, {} cgroups named",

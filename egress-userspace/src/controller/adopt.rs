@@ -146,7 +146,7 @@ impl Loaded {
     /// Reads, validates and compiles `path` (made absolute), or the embedded default.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Loaded> {
         let path = path.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
-        let (policy, compiled) = crate::policy::load(path.as_deref())?;
+        let (policy, compiled) = crate::policy::load_with(path.as_deref(), &super::feeds::store())?;
         let origin = path.map_or(Origin::Embedded, Origin::File);
         Ok(Loaded {
             origin,
@@ -207,6 +207,13 @@ fn read_back(r: &State) -> Result<Loaded, String> {
         return Err(format!(
             "{} has changed since it was applied (hash {} then, {} now)",
             loaded.policy.source, r.policy_hash, loaded.policy.hash
+        ));
+    }
+    // Its blocklists' feeds too: the kernel holds the entries of then, not of now.
+    if loaded.policy.feeds_hash != r.feeds_hash {
+        return Err(format!(
+            "the blocklists of {} have changed since it was applied (feeds hash {} then, {} now)",
+            loaded.policy.source, r.feeds_hash, loaded.policy.feeds_hash
         ));
     }
     Ok(loaded)
@@ -324,6 +331,9 @@ fn stand_in(record: Option<&State>, config: &Config) -> Policy {
         },
         rules: Vec::new(),
         alerts: Vec::new(),
+        blocklists: Vec::new(),
+        feeds: Vec::new(),
+        feeds_hash: String::new(),
         dns: Default::default(),
         hash: record.map(|r| r.policy_hash.clone()).unwrap_or_default(),
         warnings: Vec::new(),

@@ -158,6 +158,7 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         }
     };
     let pid = child.id();
+    let mut feed_news = ctl.take_feed_news();
     let mut ticker = tokio::time::interval(TICK);
     let status = loop {
         // Biased, events last: a flood of denies never delays a signal by more than one drain.
@@ -169,6 +170,12 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
             _ = sigterm.recv() => forward(pid, Signal::TERM),
             _ = sighup.recv() => forward(pid, Signal::HUP),
             _ = sigusr1.recv() => ctl.reopen_events().await,
+            Some(news) = async {
+                match feed_news.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => ctl.feed_news(news).await,
             _ = ticker.tick() => ctl.tick().await,
             r = ctl.events.readable() => { r?; ctl.events.drain().await?; }
         }

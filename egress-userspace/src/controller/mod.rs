@@ -17,6 +17,7 @@
 mod adopt;
 mod blocks;
 mod exec;
+mod feeds;
 mod names;
 mod reload;
 mod run;
@@ -88,6 +89,8 @@ pub struct Options {
     /// The kernel's debug line per decision, forwarded to the log (target `egress_ebpf`, debug):
     /// `--kernel-log`, or a RUST_LOG that enables it. Fixed at load.
     pub kernel_log: bool,
+    /// Where the last good copy of every blocklist's feed is kept (`--feed-cache`).
+    pub feed_cache: PathBuf,
 }
 
 /// Where a controller enforces.
@@ -132,6 +135,12 @@ pub struct Controller {
     stats: watch::Sender<Arc<StatsReport>>,
     metrics: Option<metrics::Exporter>,
     started: Instant,
+    /// The fetchers of the policy's `url` feeds.
+    fetchers: feeds::Fetchers,
+    /// What they report, until the event loop takes it ([`Controller::take_feed_news`]).
+    feed_news: Option<tokio::sync::mpsc::Receiver<feeds::FeedNews>>,
+    /// The `file` feeds' sizes and times as the policy in force read them (`--watch`).
+    feed_stamps: Vec<Option<(u64, std::time::SystemTime)>>,
     /// `egress stop` asked the controller to exit.
     stop_requested: bool,
     /// What the scope watch last warned about (logged once, not every second).
@@ -182,6 +191,12 @@ impl Controller {
         target: Target,
         default_sink: Sink,
     ) -> anyhow::Result<(Controller, Option<watch::Receiver<String>>)> {
+        // Every policy this controller loads reads its blocklists through this cache; a `url`
+        // feed with no copy yet gets one chance to be fetched before the first load.
+        feeds::set_cache(opts.feed_cache.clone());
+        if let Some(p) = &opts.policy {
+            feeds::prefetch(p).await;
+        }
         let plan = Plan::new(opts.policy.as_deref(), target.pins.as_ref())?;
         // Its secret and header files are read before anything in the kernel changes: a missing
         // or unsafe one stops the start with nothing attached.
@@ -269,6 +284,7 @@ impl Controller {
             }
             None => (None, None),
         };
+        let (fetchers, feed_news) = feeds::Fetchers::new();
         let mut acct = Accounting::new();
         if adopted {
             // The pinned counters' history is not new traffic (nor a reason to alert).
@@ -314,6 +330,9 @@ impl Controller {
             },
             map_fill: Vec::new(),
             feed,
+            fetchers,
+            feed_news: Some(feed_news),
+            feed_stamps: Vec::new(),
         };
         if adopted {
             info!(
@@ -329,8 +348,26 @@ impl Controller {
             ctl.apply_over_adopted(requested).await?;
         }
         ctl.follow_names().await?;
+        ctl.follow_feeds();
         ctl.write_state();
         Ok((ctl, metrics_text))
+    }
+
+    /// Fetches the `url` feeds of the policy in force, follows its `file` feeds, and says which
+    /// blocklists have no copy at all.
+    fn follow_feeds(&mut self) {
+        self.fetchers.follow(&self.policy.policy);
+        self.feed_stamps = feeds::file_stamps(&self.policy.policy);
+        for w in &self.policy.policy.warnings {
+            if w.contains(": blocklist ") {
+                warn!("{w}");
+            }
+        }
+    }
+
+    /// The fetchers' reports, for the event loop (once).
+    fn take_feed_news(&mut self) -> Option<tokio::sync::mpsc::Receiver<feeds::FeedNews>> {
+        self.feed_news.take()
     }
 
     /// Reopens the events file (SIGUSR1): after logrotate renamed it, events go to a new file at
@@ -401,6 +438,7 @@ impl Controller {
                 .names
                 .as_ref()
                 .map(|n| n.status(counters.dns_steered, true)),
+            feeds: self.feed_statuses(),
         })
     }
 

@@ -311,6 +311,10 @@ pub struct DnsEvent {
     /// For a block that covers a CNAME target of the answer: that target.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
+    /// When `rule` is a `[[blocklist]]` of names: the feed's entry that covers the name (or the
+    /// target).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub feed_entry: Option<String>,
     /// The asking process, when its socket is known (0 and empty otherwise).
     pub pid: u32,
     pub comm: String,
@@ -322,14 +326,22 @@ pub struct DnsEvent {
 }
 
 impl DnsEvent {
-    fn of(q: &RefusedQuery, rule_name: impl Fn(u32) -> String) -> DnsEvent {
+    fn of(q: &RefusedQuery, policy: &crate::policy::compile::CompiledPolicy) -> DnsEvent {
         use crate::dns::RefusalReason;
-        let (rule, target) = match &q.refusal.reason {
-            RefusalReason::Blocked { rule_id } => (rule_name(*rule_id), None),
-            RefusalReason::BlockedTarget { rule_id, target } => {
-                (rule_name(*rule_id), Some(target.clone()))
-            }
-            RefusalReason::Unlisted => ("unlisted".to_string(), None),
+        let rule_name = |id: u32| policy.rule_name(id).to_string();
+        let feed_entry = |id: u32, name: &str| policy.feeds.get(&id)?.host_entry_of(name);
+        let (rule, target, feed_entry) = match &q.refusal.reason {
+            RefusalReason::Blocked { rule_id } => (
+                rule_name(*rule_id),
+                None,
+                feed_entry(*rule_id, &q.refusal.name),
+            ),
+            RefusalReason::BlockedTarget { rule_id, target } => (
+                rule_name(*rule_id),
+                Some(target.clone()),
+                feed_entry(*rule_id, target),
+            ),
+            RefusalReason::Unlisted => ("unlisted".to_string(), None, None),
         };
         let o = q.owner.unwrap_or_default();
         DnsEvent {
@@ -340,6 +352,7 @@ impl DnsEvent {
             qtype: q.refusal.qtype.clone(),
             rule,
             target,
+            feed_entry,
             pid: o.tgid,
             comm: egress_common::user::comm_str(&o.comm),
             exe: (o.tgid != 0)
@@ -453,7 +466,7 @@ impl super::Controller {
         }
         for q in refused {
             let compiled = Arc::clone(&self.policy.compiled);
-            let event = DnsEvent::of(&q, |id| compiled.rule_name(id).to_string());
+            let event = DnsEvent::of(&q, &compiled);
             self.emit(&event).await;
         }
     }

@@ -228,6 +228,7 @@ impl Controller {
         if let Err(e) = self.follow_names().await {
             warn!(error = %format!("{e:#}"), "the DNS proxy could not follow the new policy");
         }
+        self.follow_feeds();
         self.write_state();
         self.emit(&event).await;
         Ok(Outcome { changed, message })
@@ -268,6 +269,7 @@ impl Controller {
                 source: p.policy.source.clone(),
                 hash,
                 files,
+                feed_cache: super::feeds::store().cache,
             }),
             Ok(hash) => Response::Refused(format!(
                 "{} changed since it was applied (hash {} in force, {hash} now): `egress reload` applies it, or give --policy",
@@ -308,6 +310,7 @@ impl Controller {
         if p.unknown.is_none()
             && p.origin == requested.origin
             && p.policy.hash == requested.policy.hash
+            && p.policy.feeds_hash == requested.policy.feeds_hash
         {
             return Ok(());
         }
@@ -328,6 +331,7 @@ impl Controller {
             policy: policy.source.clone(),
             policy_path: self.policy.origin.file().map(Path::to_path_buf),
             policy_hash: policy.hash.clone(),
+            feeds_hash: policy.feeds_hash.clone(),
             generation: self.dp.generation(),
             applied_at: humantime::format_rfc3339_seconds(self.policy.applied_at).to_string(),
             mode: policy.mode.to_string(),

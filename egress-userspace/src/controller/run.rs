@@ -129,6 +129,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             None => "enforcing (ephemeral); SIGINT or SIGTERM detaches".to_string(),
         }
     );
+    let mut feed_news = ctl.take_feed_news();
     let mut ticker = tokio::time::interval(TICK);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut pod_tick = tokio::time::interval(super::scopes::POD_TICK);
@@ -167,9 +168,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 };
                 info!("SIGHUP reload: {}", text.lines().next().unwrap_or(""));
             }
+            Some(news) = async {
+                match feed_news.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => ctl.feed_news(news).await,
             _ = watch.tick() => {
                 if opts.watch {
                     ctl.watch_tick().await;
+                    ctl.watch_feeds().await;
                 }
                 // Cgroups named by scopes are followed always, executables with --watch.
                 ctl.scope_tick(opts.watch).await;

@@ -42,6 +42,10 @@ pub struct State {
     pub policy_path: Option<PathBuf>,
     /// Content hash of the policy of `generation` (empty: unknown).
     pub policy_hash: String,
+    /// Hash of the entries its blocklists' feeds had when it was applied (empty: none, or a
+    /// state written before blocklists existed).
+    #[serde(default)]
+    pub feeds_hash: String,
     pub generation: u32,
     pub applied_at: String,
     pub mode: String,
@@ -470,6 +474,7 @@ mod tests {
             policy: "/etc/egress/policy.toml".into(),
             policy_path: Some("/etc/egress/policy.toml".into()),
             policy_hash: "00ff00ff00ff00ff".into(),
+            feeds_hash: String::new(),
             generation: 7,
             mode: "enforce".into(),
             ..State::default()

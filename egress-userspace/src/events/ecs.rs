@@ -304,7 +304,7 @@ impl EventLine for JsonEvent {
             format!("{}:{} ({})", self.dst, self.port, self.protocol)
         };
         d.message = format!(
-            "{} {} (pid {}) to {target} by rule {}",
+            "{} {} (pid {}) to {target} by rule {}{}",
             if deny { "denied" } else { "audit: would deny" },
             if self.comm.is_empty() {
                 "-"
@@ -312,7 +312,10 @@ impl EventLine for JsonEvent {
                 &self.comm
             },
             self.pid,
-            self.rule
+            self.rule,
+            self.feed_entry
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (feed entry {e})"))
         );
         d.process = process(Some(self.pid), &self.comm, self.exe.as_deref(), None).map(|mut p| {
             p.thread = Some(Thread { id: self.tid });

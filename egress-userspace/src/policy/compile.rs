@@ -101,6 +101,8 @@ pub struct CompiledPolicy {
     pub services: usize,
     pub blocks: usize,
     pub alerts: usize,
+    /// The feeds of blocklists' rules, by rule id (which entry matched, for events).
+    pub feeds: BTreeMap<u32, std::sync::Arc<super::feeds::FeedInfo>>,
 }
 
 /// Protocol bits a rule covers: those with ports (TCP, UDP), and those without (ICMP, and for
@@ -330,14 +332,14 @@ struct SetBuilder<'p> {
 
 impl SetBuilder<'_> {
     /// The rule set index for a list of applicable rule ids (sorted, deduplicated).
-    fn intern(&mut self, rules: Vec<u32>, prefix: IpNetwork) -> Result<u32, CompileError> {
-        if let Some(&idx) = self.by_rules.get(&rules) {
+    fn intern(&mut self, rules: &[u32], prefix: IpNetwork) -> Result<u32, CompileError> {
+        if let Some(&idx) = self.by_rules.get(rules) {
             return Ok(idx);
         }
         let mut entries: Vec<PortRule> = Vec::new();
         // Blocks first: the first match decides, so a block beats every service.
         for want in [RuleKind::Block, RuleKind::Service] {
-            for &id in &rules {
+            for &id in rules {
                 let rule = &self.policy.rules[(id - 1) as usize];
                 if rule.kind == want {
                     entries.extend(port_rules(rule, id, self.scope_of[(id - 1) as usize]));
@@ -372,31 +374,37 @@ impl SetBuilder<'_> {
         set.rules[..entries.len()].copy_from_slice(&entries);
         let idx = self.sets.len() as u32;
         self.sets.push(set);
-        self.by_rules.insert(rules, idx);
+        self.by_rules.insert(rules.to_vec(), idx);
         Ok(idx)
     }
 }
 
 /// Folds ancestors' rules into every prefix of one family. Returns `(net, len) -> set index`.
+/// Linear after one sort, with one allocation per prefix: a blocklist of 1M entries compiles in
+/// a fraction of a second.
 fn compile_family<F: Family>(
     policy: &Policy,
     builder: &mut SetBuilder<'_>,
 ) -> Result<BTreeMap<(F, u8), u32>, CompileError> {
-    // (net, len) -> rule ids naming exactly this prefix. BTreeMap order (net, then len) puts
-    // every prefix after all prefixes that contain it.
-    let mut own: BTreeMap<(F, u8), Vec<u32>> = BTreeMap::new();
+    // ((net, len), rule id) for every destination of every rule. Sorted, each prefix comes
+    // after all prefixes that contain it (net, then len), its rule ids in order.
+    let mut own: Vec<((F, u8), u32)> = Vec::new();
     for (i, rule) in policy.rules.iter().enumerate() {
         for d in &rule.destinations {
             let net = d.network();
             if let Some(n) = F::network(net) {
-                own.entry((n, net.prefix())).or_default().push(i as u32 + 1);
+                own.push(((n, net.prefix()), i as u32 + 1));
             }
         }
     }
+    own.sort_unstable();
     let mut out = BTreeMap::new();
-    // Stack of open ancestors: (net, len, index into `own` order) with their rule lists.
+    // Stack of open ancestors: (net, len) with their rule lists.
     let mut stack: Vec<(F, u8, Vec<u32>)> = Vec::new();
-    for ((net, len), ids) in own {
+    let mut start = 0;
+    while start < own.len() {
+        let (net, len) = own[start].0;
+        let end = start + own[start..].partition_point(|(k, _)| *k == (net, len));
         while let Some((anet, alen, _)) = stack.last() {
             if F::contains(*anet, *alen, net) && *alen <= len {
                 break;
@@ -404,13 +412,14 @@ fn compile_family<F: Family>(
             stack.pop();
         }
         let mut applicable: Vec<u32> = stack.last().map(|(_, _, r)| r.clone()).unwrap_or_default();
-        applicable.extend(ids);
+        applicable.extend(own[start..end].iter().map(|(_, id)| *id));
         applicable.sort_unstable();
         applicable.dedup();
-        let set = builder.intern(applicable.clone(), F::to_ipnet(net, len))?;
+        let set = builder.intern(&applicable, F::to_ipnet(net, len))?;
         out.insert((net, len), set);
         debug_assert!(len <= F::BITS);
         stack.push((net, len, applicable));
+        start = end;
     }
     Ok(out)
 }
@@ -496,6 +505,12 @@ impl CompiledPolicy {
             services: written.services().count(),
             blocks: written.blocks().count(),
             alerts: policy.alerts.len(),
+            feeds: policy
+                .rules
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.feed.clone().map(|f| (i as u32 + 1, f)))
+                .collect(),
         })
     }
 
@@ -521,6 +536,13 @@ impl CompiledPolicy {
             .get_or_init(|| RangeTableV4::build(&self.v4))
             .as_ref()
             .map_err(|e| *e)
+    }
+
+    /// For a blocklist's rule: the feed entry that holds `dst` (`203.0.113.0/24`) and its label
+    /// (a Spamhaus id), as events and `explain` report them.
+    pub fn feed_entry(&self, rule_id: u32, dst: IpAddr) -> Option<(String, Option<String>)> {
+        let (net, label) = self.feeds.get(&rule_id)?.entry_of(dst)?;
+        Some((net.to_string(), label.map(str::to_string)))
     }
 
     pub fn prefix_count(&self) -> usize {

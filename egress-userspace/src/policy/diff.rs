@@ -3,7 +3,7 @@
 //! it; a real reload logs its summary.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     slice,
 };
@@ -28,26 +28,51 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         && a.protocols == b.protocols
 }
 
-fn prefixes(c: &CompiledPolicy) -> BTreeSet<String> {
-    let v4 =
-        c.v4.keys()
-            .map(|&(n, l)| format!("{}/{l}", std::net::Ipv4Addr::from(n)));
-    let v6 =
-        c.v6.keys()
-            .map(|&(n, l)| format!("{}/{l}", std::net::Ipv6Addr::from(n)));
-    v4.chain(v6).collect()
+/// The keys of `after` not in `before` (both sorted maps), by a merge: linear, and nothing is
+/// formatted but what is shown (a reload of a 1M-entry feed diffs in milliseconds).
+fn added_keys<K: Ord + Copy, V>(before: &BTreeMap<K, V>, after: &BTreeMap<K, V>) -> Vec<K> {
+    let mut out = Vec::new();
+    let mut b = before.keys().peekable();
+    for k in after.keys() {
+        while b.next_if(|x| *x < k).is_some() {}
+        if b.peek() != Some(&k) {
+            out.push(*k);
+        }
+    }
+    out
+}
+
+/// The prefixes of `after` not in `before`: how many, and the first [`SHOWN`] as text.
+fn prefixes_added(before: &CompiledPolicy, after: &CompiledPolicy) -> (usize, Vec<String>) {
+    let v4 = added_keys(&before.v4, &after.v4);
+    let v6 = added_keys(&before.v6, &after.v6);
+    let shown = v4
+        .iter()
+        .map(|&(n, l)| format!("{}/{l}", std::net::Ipv4Addr::from(n)))
+        .chain(
+            v6.iter()
+                .map(|&(n, l)| format!("{}/{l}", std::net::Ipv6Addr::from(n))),
+        )
+        .take(SHOWN)
+        .collect();
+    (v4.len() + v6.len(), shown)
 }
 
 fn list(out: &mut String, title: &str, items: &[String]) {
-    if items.is_empty() {
+    list_of(out, title, items.len(), items);
+}
+
+/// `total` items, of which `items` are the first (at least [`SHOWN`] of them, when there are).
+fn list_of(out: &mut String, title: &str, total: usize, items: &[String]) {
+    if total == 0 {
         return;
     }
-    let _ = writeln!(out, "{title} ({}):", items.len());
+    let _ = writeln!(out, "{title} ({total}):");
     for i in items.iter().take(SHOWN) {
         let _ = writeln!(out, "  {i}");
     }
-    if items.len() > SHOWN {
-        let _ = writeln!(out, "  … and {} more", items.len() - SHOWN);
+    if total > SHOWN {
+        let _ = writeln!(out, "  … and {} more", total - SHOWN);
     }
 }
 
@@ -118,11 +143,10 @@ pub fn describe(
     list(&mut out, "added", &added);
     list(&mut out, "removed", &removed);
     list(&mut out, "changed", &changed);
-    let (before, after) = (prefixes(old_c), prefixes(new_c));
-    let plus: Vec<String> = after.difference(&before).cloned().collect();
-    let minus: Vec<String> = before.difference(&after).cloned().collect();
-    list(&mut out, "prefixes added", &plus);
-    list(&mut out, "prefixes removed", &minus);
+    let (plus, plus_shown) = prefixes_added(old_c, new_c);
+    let (minus, minus_shown) = prefixes_added(new_c, old_c);
+    list_of(&mut out, "prefixes added", plus, &plus_shown);
+    list_of(&mut out, "prefixes removed", minus, &minus_shown);
     if out.is_empty() {
         out.push_str(NO_CHANGE);
     }

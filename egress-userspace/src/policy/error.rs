@@ -60,6 +60,7 @@ pub(super) enum Table {
     Service,
     Block,
     Alert,
+    Blocklist,
 }
 
 impl Table {
@@ -69,6 +70,7 @@ impl Table {
             Table::Service => "service",
             Table::Block => "block",
             Table::Alert => "alert",
+            Table::Blocklist => "blocklist",
         }
     }
 }
@@ -137,6 +139,11 @@ impl<'a> Source<'a> {
             field: one_line(&field),
             message: one_line(&message),
         }
+    }
+
+    /// The file a byte offset is in (its fragment's, for merged fragments).
+    pub(super) fn file_of(&self, offset: usize) -> &'a str {
+        self.place(offset).0
     }
 
     /// The 1-based line of a byte offset (in its fragment's file, for merged fragments).

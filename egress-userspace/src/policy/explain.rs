@@ -41,6 +41,15 @@ pub struct Explanation {
     /// names it), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_entry: Option<String>,
+    /// When a `[[blocklist]]` decides: the feed's source (file or URL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feed: Option<String>,
+    /// When a `[[blocklist]]` decides: the feed entry that holds the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feed_entry: Option<String>,
+    /// The entry's label in the feed (a Spamhaus DROP id), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feed_label: Option<String>,
 }
 
 /// The verdict for a caller in no scope ([`ScopeBits::EVERYONE`]).
@@ -77,6 +86,10 @@ pub fn explain_as(
                 .map_or("rule", |k| k.as_str())
                 .to_string();
             let r = &policy.rules[(*rule_id - 1) as usize];
+            let kind = match &r.feed {
+                Some(_) => "blocklist".to_string(),
+                None => kind,
+            };
             let why = format!(
                 "{} `{}` (line {}) covers {}/{} on {} {}",
                 kind,
@@ -133,7 +146,31 @@ pub fn explain_as(
         ),
         None => reason,
     };
+    let feed = match &ev.reason {
+        Reason::Rule { rule_id, .. } => compiled
+            .feeds
+            .get(rule_id)
+            .map(|f| (f.source.clone(), compiled.feed_entry(*rule_id, ev.judged))),
+        _ => None,
+    };
+    let (feed, feed_entry, feed_label) = match feed {
+        Some((source, Some((entry, label)))) => (Some(source), Some(entry), label),
+        Some((source, None)) => (Some(source), None, None),
+        None => (None, None, None),
+    };
+    let reason = match (&feed, &feed_entry) {
+        (Some(source), Some(entry)) => format!(
+            "{reason}; feed {source} lists {entry}{}",
+            feed_label
+                .as_ref()
+                .map_or(String::new(), |l| format!(" ({l})"))
+        ),
+        _ => reason,
+    };
     Explanation {
+        feed,
+        feed_entry,
+        feed_label,
         carries_ipv4: ev.carried_v4.map(|v| v.to_string()),
         dst: dst.to_string(),
         judged_as: ev.judged.to_string(),

@@ -29,6 +29,7 @@ pub mod diff;
 pub mod dns;
 mod error;
 pub mod explain;
+pub mod feeds;
 pub mod fragments;
 pub mod hosts;
 pub mod names;
@@ -88,6 +89,9 @@ pub struct Rule {
     /// `mode = "audit"` on the entry: a block reports the calls it would refuse and refuses
     /// none; a scoped service lets the callers its scope leaves out through, and reports them.
     pub audit: bool,
+    /// For the block a `[[blocklist]]` makes: its feed (which entry matched, for events and
+    /// `explain`).
+    pub feed: Option<std::sync::Arc<feeds::FeedInfo>>,
 }
 
 /// A validated policy.
@@ -106,6 +110,14 @@ pub struct Policy {
     pub rules: Vec<Rule>,
     /// `[[alert]]` tables, in file order.
     pub alerts: Vec<alert::Alert>,
+    /// `[[blocklist]]` tables, in file order. Their entries join `rules` (as blocks, after the
+    /// policy's own) once read ([`Policy::with_feeds`]).
+    pub blocklists: Vec<feeds::Blocklist>,
+    /// How each blocklist's copy in force was read (empty until [`Policy::with_feeds`]).
+    pub feeds: Vec<feeds::FeedStatus>,
+    /// SHA-256 (16 hex digits) of the entries the feeds hold (empty: no blocklist): with
+    /// [`Policy::hash`], identifies what is applied.
+    pub feeds_hash: String,
     /// `[dns]`: the DNS proxy's upstreams, grant TTL bounds and what it does with unlisted names.
     pub dns: DnsSettings,
     /// SHA-256 of the policy text (hex, first 16 digits): identifies what is applied.
@@ -146,6 +158,42 @@ impl Policy {
                 Policy::parse_source(source, src)
             }
         }
+    }
+
+    /// Reads the blocklists' feeds (files, cached copies) from `store` and adds a block per
+    /// blocklist after the policy's own rules. A `file` feed with no good copy at all is an
+    /// error naming the policy file, line and feed; rejected lines and fallbacks to the cached
+    /// copy are reported in [`Policy::feeds`] and [`Policy::warnings`].
+    pub fn with_feeds(mut self, store: &feeds::FeedStore) -> Result<Policy, feeds::FeedError> {
+        for b in &self.blocklists {
+            let loaded = store.load(b)?;
+            if loaded.entries.rejected > 0 {
+                self.warnings.push(format!(
+                    "{}:{}: blocklist {}: {}",
+                    b.file,
+                    b.line,
+                    b.name,
+                    loaded.entries.rejects_text()
+                ));
+            }
+            if let Some(e) = &loaded.status.last_error {
+                self.warnings.push(format!(
+                    "{}:{}: blocklist {}: {e}{}",
+                    b.file,
+                    b.line,
+                    b.name,
+                    if loaded.status.from_cache {
+                        "; the last good copy is used"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            self.rules.push(feeds::rule(b, &loaded.entries));
+            self.feeds.push(loaded.status);
+        }
+        self.feeds_hash = feeds::entries_hash(&self.rules);
+        Ok(self)
     }
 
     /// The embedded default policy.
@@ -196,6 +244,7 @@ impl Policy {
             line: 0,
             selectors: Selectors::default(),
             audit: false,
+            feed: None,
         });
         std::borrow::Cow::Owned(rules)
     }
@@ -223,12 +272,23 @@ pub fn fragments_hash(files: &[Fragment]) -> Result<String, PolicyError> {
 
 /// Reads, validates and compiles a policy file, or the embedded default when `path` is `None`.
 /// Errors carry the file:line:column: field: message text.
+/// Blocklists' `file` feeds are read as they are; `url` feeds from the controller's default
+/// cache of last good copies, when it exists ([`feeds::FeedStore::default_reader`]).
 pub fn load(path: Option<&Path>) -> anyhow::Result<(Policy, compile::CompiledPolicy)> {
+    load_with(path, &feeds::FeedStore::default_reader())
+}
+
+/// As [`load`], the blocklists' feeds read from `store`.
+pub fn load_with(
+    path: Option<&Path>,
+    store: &feeds::FeedStore,
+) -> anyhow::Result<(Policy, compile::CompiledPolicy)> {
     use anyhow::Context as _;
     let policy = match path {
         Some(p) => Policy::load(p)?,
         None => Policy::embedded_default(),
     };
+    let policy = policy.with_feeds(store)?;
     let compiled = compile::CompiledPolicy::compile(&policy)
         .with_context(|| format!("compiling policy {}", policy.source))?;
     Ok((policy, compiled))

@@ -328,6 +328,7 @@ hosts = ["api.pastebin.com"]
                     line: i + 1,
                     selectors: Default::default(),
                     audit: false,
+                    feed: None,
                 }
             })
             .collect();

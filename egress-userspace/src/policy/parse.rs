@@ -17,10 +17,11 @@ use toml::Spanned;
 use super::{
     DefaultVerdict, Destination, HostPattern, Mode, Policy, PolicyError, PortRange, Protocol, Rule,
     RuleKind, SocketRule, Sockets,
-    alert::{Alert, AlertAction, RawAlert},
+    alert::{Alert, AlertAction, HumanDuration, RawAlert},
     content_hash,
     dns::{RawDns, dns},
     error::{Entry, Source, Table},
+    feeds::{self, Blocklist, FeedFormat, FeedSource},
     selectors::{RawList, RawSets, Sets},
 };
 
@@ -46,6 +47,8 @@ struct RawPolicy {
     block: Vec<Spanned<RawRule>>,
     #[serde(default)]
     alert: Vec<Spanned<RawAlert>>,
+    #[serde(default)]
+    blocklist: Vec<Spanned<RawBlocklist>>,
     #[serde(default)]
     dns: Option<RawDns>,
     // The named sets (`selectors`). Not flattened: serde's `flatten` does not combine with
@@ -99,6 +102,24 @@ struct RawRule {
     /// Per entry: `"audit"` reports what the entry would refuse and refuses nothing.
     #[serde(default)]
     mode: Option<Mode>,
+}
+
+/// One `[[blocklist]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlocklist {
+    name: Spanned<String>,
+    #[serde(default)]
+    file: Option<Spanned<String>>,
+    #[serde(default)]
+    url: Option<Spanned<String>>,
+    format: FeedFormat,
+    #[serde(default)]
+    refresh: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    ports: Option<Spanned<Vec<PortRange>>>,
+    #[serde(default)]
+    protocols: Option<Spanned<Vec<Protocol>>>,
 }
 
 impl From<RuleKind> for Table {
@@ -159,7 +180,24 @@ impl Policy {
             .collect::<Result<Vec<_>, _>>()?;
         rules.sort_by_key(|r| r.kind == RuleKind::Block);
 
-        let rule_names: HashSet<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+        let blocklists = raw
+            .blocklist
+            .into_iter()
+            .enumerate()
+            .map(|(index, b)| {
+                let entry = Entry {
+                    table: Table::Blocklist,
+                    index,
+                };
+                blocklist(src, &mut names, entry, b)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let rule_names: HashSet<&str> = rules
+            .iter()
+            .map(|r| r.name.as_str())
+            .chain(blocklists.iter().map(|b| b.name.as_str()))
+            .collect();
         let alerts = raw
             .alert
             .into_iter()
@@ -194,6 +232,9 @@ impl Policy {
             sockets,
             rules,
             alerts,
+            blocklists,
+            feeds: Vec::new(),
+            feeds_hash: String::new(),
             dns,
             hash: content_hash(text),
             warnings: sets.unused(src),
@@ -413,6 +454,144 @@ fn rule(
         line,
         selectors,
         audit: r.mode == Some(Mode::Audit),
+        feed: None,
+    })
+}
+
+/// One `[[blocklist]]`: exactly one of `file` and `url`; `refresh` for `url` only; `ports` and
+/// `protocols` as a `[[block]]`'s. A relative `file` is relative to the policy file naming it.
+fn blocklist(
+    src: Source<'_>,
+    names: &mut Names,
+    entry: Entry,
+    table: Spanned<RawBlocklist>,
+) -> Result<Blocklist, PolicyError> {
+    let table_start = table.span().start;
+    let line = src.line(table_start);
+    let file_of = src.file_of(table_start).to_string();
+    let b = table.into_inner();
+    let name = names.take(src, entry, b.name)?;
+    let source = match (b.file, b.url) {
+        (Some(_), Some(u)) => {
+            return Err(src.error(
+                u.span().start,
+                entry.field("url"),
+                "both `file` and `url`: expected exactly one of them".into(),
+            ));
+        }
+        (None, None) => {
+            return Err(src.error(
+                table_start,
+                entry.whole(),
+                "missing `file` or `url`: expected where the feed is read from".into(),
+            ));
+        }
+        (Some(f), None) => {
+            let at = f.span().start;
+            let f = f.into_inner();
+            if f.trim().is_empty() {
+                return Err(src.error(at, entry.field("file"), "expected a file path".into()));
+            }
+            let path = std::path::PathBuf::from(&f);
+            let path = if path.is_relative() {
+                std::path::Path::new(&file_of)
+                    .parent()
+                    .map_or(path.clone(), |dir| dir.join(&path))
+            } else {
+                path
+            };
+            FeedSource::File(path)
+        }
+        (None, Some(u)) => {
+            let at = u.span().start;
+            let u = u.into_inner();
+            let rest = u
+                .strip_prefix("https://")
+                .or_else(|| u.strip_prefix("http://"));
+            match rest {
+                Some(r)
+                    if !r.is_empty()
+                        && !r.starts_with('/')
+                        && !u.chars().any(char::is_whitespace) => {}
+                _ => {
+                    return Err(src.error(
+                        at,
+                        entry.field("url"),
+                        format!("`{u}` is not an http:// or https:// URL: expected such as \"https://feeds.example/drop.txt\""),
+                    ));
+                }
+            }
+            FeedSource::Url(u)
+        }
+    };
+    let refresh = match (b.refresh, &source) {
+        (Some(r), FeedSource::File(_)) => {
+            return Err(src.error(
+                r.span().start,
+                entry.field("refresh"),
+                "a `file` feed is re-read at every reload: expected `refresh` only with `url`"
+                    .into(),
+            ));
+        }
+        (Some(r), FeedSource::Url(_)) if r.get_ref().0 < feeds::MIN_REFRESH => {
+            return Err(src.error(
+                r.span().start,
+                entry.field("refresh"),
+                format!(
+                    "{} is too often: expected at least {}s",
+                    r.get_ref(),
+                    feeds::MIN_REFRESH.as_secs()
+                ),
+            ));
+        }
+        (Some(r), _) => r.into_inner().0,
+        (None, _) => feeds::DEFAULT_REFRESH,
+    };
+    let ports_at = b.ports.as_ref().map_or(0, |p| p.span().start);
+    let ports = b.ports.map(|p| p.into_inner()).unwrap_or_default();
+    let mut protocols = b
+        .protocols
+        .map(|p| {
+            non_empty(
+                src,
+                entry,
+                "protocols",
+                p,
+                "expected \"tcp\", \"udp\", \"icmp\" and/or \"icmpv6\" (omit `protocols` for every protocol)",
+            )
+        })
+        .transpose()?
+        .unwrap_or_default();
+    protocols.sort();
+    protocols.dedup();
+    if !ports.is_empty() && !protocols.is_empty() && !protocols.iter().any(|p| p.has_ports()) {
+        return Err(src.error(
+            ports_at,
+            entry.field("ports"),
+            "icmp has no ports: expected \"tcp\" or \"udp\" in `protocols`, or no `ports`".into(),
+        ));
+    }
+    if b.format == FeedFormat::Hosts && (!ports.is_empty() || !protocols.is_empty()) {
+        let at = if ports.is_empty() {
+            table_start
+        } else {
+            ports_at
+        };
+        return Err(src.error(
+            at,
+            entry.field("ports"),
+            "a `hosts` feed blocks names at the DNS proxy, for every port: expected no `ports` or `protocols`".into(),
+        ));
+    }
+    Ok(Blocklist {
+        name,
+        source,
+        format: b.format,
+        refresh,
+        ports,
+        protocols,
+        line,
+        file: file_of,
     })
 }
 

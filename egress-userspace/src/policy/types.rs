@@ -246,6 +246,21 @@ impl Destination {
     pub fn network(&self) -> IpNetwork {
         self.0
     }
+
+    /// The network `net` is in (host bits cleared), v4-mapped IPv6 as IPv4: for feeds, whose
+    /// entries are taken as their prefixes say rather than refused.
+    pub fn canonical(net: IpNetwork) -> Destination {
+        let masked = IpNetwork::new(net.network(), net.prefix()).expect("same prefix length");
+        match masked {
+            IpNetwork::V6(v6) if v6.prefix() >= 96 => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => Destination(
+                    IpNetwork::new(IpAddr::V4(v4), v6.prefix() - 96).expect("a v4 prefix"),
+                ),
+                None => Destination(masked),
+            },
+            _ => Destination(masked),
+        }
+    }
 }
 
 impl fmt::Display for Destination {

@@ -22,6 +22,7 @@ fn record(loaded: &Loaded, generation: u32) -> State {
         policy: loaded.policy.source.clone(),
         policy_path: loaded.origin.file().map(Path::to_path_buf),
         policy_hash: loaded.policy.hash.clone(),
+        feeds_hash: loaded.policy.feeds_hash.clone(),
         generation,
         mode: loaded.policy.mode.to_string(),
         default: loaded.policy.default.to_string(),
