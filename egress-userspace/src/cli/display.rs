@@ -451,6 +451,7 @@ mod tests {
                 ..Default::default()
             }),
             sink: Some(Default::default()),
+            tunnel: None,
         });
         let t = status_text(&s);
         assert!(

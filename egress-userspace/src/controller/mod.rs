@@ -5,6 +5,8 @@
 //!   the published reports;
 //! - `blocks.rs`: byte-budget blocks set, adopted, expired and lifted in the kernel, and the
 //!   processes they cover;
+//! - `dns_alerts.rs`: the DNS alerts (tunnel detection) the DNS proxy fires, delivered like the
+//!   byte alerts, and their blocks lifted;
 //! - `reload.rs`: atomic policy reloads (`egress reload`, SIGHUP, `--watch`) and the state kept
 //!   beside the pins; `scopes.rs`: following the executables and cgroups scoped entries name;
 //! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
@@ -16,6 +18,7 @@
 
 mod adopt;
 mod blocks;
+mod dns_alerts;
 mod exec;
 mod names;
 mod reload;
@@ -418,7 +421,11 @@ impl Controller {
     /// Acts on a control-socket request.
     async fn command(&mut self, request: Request) -> Response {
         match request {
-            Request::Unblock { key } => self.unblock_request(&key).await,
+            Request::Unblock { key } => match crate::dns::tunnel::DnsBlockKey::parse(&key) {
+                Some(Ok(k)) => self.unblock_dns(k).await,
+                Some(Err(e)) => Response::Refused(e),
+                None => self.unblock_request(&key).await,
+            },
             Request::Reload {
                 policy,
                 dry_run,

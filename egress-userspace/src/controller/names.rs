@@ -29,6 +29,7 @@ use crate::{
     dns::{
         DnsProxy, ProxyConfig, ProxyHandle, ProxyPolicy,
         grants::{KernelGrants, RefusedQuery},
+        tunnel::{ActiveDnsBlock, DnsBlockKey, DnsFiring, LiftedBlock},
     },
     policy::{Policy, compile::CompiledPolicy},
     report::{DnsStatus, GrantRow},
@@ -273,7 +274,26 @@ impl Names {
             steered,
             proxy: Some(self.stats()),
             sink: Some(self.sink.counters()),
+            tunnel: Some(self.proxy.tunnel().stats()),
         }
+    }
+
+    /// The DNS alerts fired and their blocks ended since the last call (blocks whose time is
+    /// up end here).
+    pub fn take_tunnel(&self) -> (Vec<DnsFiring>, Vec<LiftedBlock>) {
+        let mut t = self.proxy.tunnel();
+        t.sweep(std::time::Instant::now());
+        t.take()
+    }
+
+    /// Ends a DNS alert's block (`egress unblock`); false if there was none.
+    pub fn lift_dns_block(&self, key: &DnsBlockKey) -> bool {
+        self.proxy.tunnel().lift(key, "egress unblock")
+    }
+
+    /// The DNS alerts' blocks in force.
+    pub fn dns_blocks(&self) -> Vec<ActiveDnsBlock> {
+        self.proxy.tunnel().blocks(std::time::Instant::now())
     }
 }
 
@@ -311,6 +331,10 @@ pub struct DnsEvent {
     /// For a block that covers a CNAME target of the answer: that target.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target: Option<String>,
+    /// For a query refused by a DNS alert's block (`rule` is the alert): the block's key, as
+    /// `egress unblock` takes it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key: Option<String>,
     /// The asking process, when its socket is known (0 and empty otherwise).
     pub pid: u32,
     pub comm: String,
@@ -330,6 +354,7 @@ impl DnsEvent {
                 (rule_name(*rule_id), Some(target.clone()))
             }
             RefusalReason::Unlisted => ("unlisted".to_string(), None),
+            RefusalReason::Tunnel { alert_rule, .. } => (alert_rule.clone(), None),
         };
         let o = q.owner.unwrap_or_default();
         DnsEvent {
@@ -340,6 +365,10 @@ impl DnsEvent {
             qtype: q.refusal.qtype.clone(),
             rule,
             target,
+            key: match &q.refusal.reason {
+                RefusalReason::Tunnel { key, .. } => Some(key.clone()),
+                _ => None,
+            },
             pid: o.tgid,
             comm: egress_common::user::comm_str(&o.comm),
             exe: (o.tgid != 0)
@@ -451,10 +480,17 @@ impl super::Controller {
         if tick.is_multiple_of(PRUNE_EVERY_TICKS) {
             n.sink.prune(crate::sys::clock::boot_ns());
         }
+        let (fired, lifted) = n.take_tunnel();
         for q in refused {
             let compiled = Arc::clone(&self.policy.compiled);
             let event = DnsEvent::of(&q, |id| compiled.rule_name(id).to_string());
             self.emit(&event).await;
+        }
+        for f in fired {
+            self.fire_dns(f).await;
+        }
+        for l in lifted {
+            self.report_dns_unblock(l).await;
         }
     }
 }

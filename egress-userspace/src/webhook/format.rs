@@ -276,6 +276,23 @@ impl AlertEvent {
 }
 
 fn alert_summary(a: &AlertEvent) -> String {
+    if let Some(d) = &a.dns {
+        return format!(
+            "{}: {} asked {} distinct names ({} bytes, entropy {:.2}) under {} in {}{}",
+            a.alert_rule_name(),
+            a.key,
+            d.unique_subdomains,
+            d.dns_bytes,
+            d.entropy,
+            d.domain,
+            a.window,
+            if a.action == AlertAction::Block {
+                ", blocked"
+            } else {
+                ""
+            }
+        );
+    }
     format!(
         "{}: {} sent {} bytes in {} (threshold {}){}",
         a.alert_rule_name(),
@@ -436,6 +453,7 @@ mod tests {
             action: AlertAction::Block,
             blocked_until: Some("2026-11-26T12:10:01Z".into()),
             blocked_pids: vec![],
+            dns: None,
         }
     }
 
