@@ -185,13 +185,7 @@ impl Controller {
         if !n.lift_dns_block(&key) {
             return Response::Refused(format!("no DNS alert block on {}", key.text()));
         }
-        let (fired, lifted) = n.take_tunnel();
-        for f in fired {
-            self.fire_dns(f).await;
-        }
-        for l in lifted {
-            self.report_dns_unblock(l).await;
-        }
+        self.deliver_names().await;
         Response::Done(format!("unblocked {}", key.text()))
     }
 

@@ -458,6 +458,7 @@ impl Controller {
 
     /// Flushes what is in flight at exit: the last events and alerts.
     async fn finish(&mut self) -> anyhow::Result<()> {
+        self.deliver_names().await;
         self.events.drain_all().await?;
         if let Some(w) = &self.webhook {
             w.flush(Duration::from_secs(5)).await;

@@ -473,13 +473,21 @@ impl super::Controller {
         Ok(rows)
     }
 
-    /// Writes the `"dns"` events of refused queries and, now and then, removes expired grants.
+    /// Writes the `"dns"` events of refused queries and delivers the DNS alerts and their ended
+    /// blocks; now and then, removes expired grants.
     pub(super) async fn names_tick(&mut self, tick: u32) {
         let Some(n) = &self.names else { return };
-        let refused = n.take_refused();
         if tick.is_multiple_of(PRUNE_EVERY_TICKS) {
             n.sink.prune(crate::sys::clock::boot_ns());
         }
+        self.deliver_names().await;
+    }
+
+    /// What the DNS proxy has to report since the last call: refused queries, DNS alerts fired,
+    /// their blocks ended. Also on the way out, so that nothing counted is left unsaid.
+    pub(super) async fn deliver_names(&mut self) {
+        let Some(n) = &self.names else { return };
+        let refused = n.take_refused();
         let (fired, lifted) = n.take_tunnel();
         for q in refused {
             let compiled = Arc::clone(&self.policy.compiled);
