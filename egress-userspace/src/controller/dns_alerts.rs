@@ -272,6 +272,22 @@ mod tests {
             assert_eq!(json[k], v, "{k} in {json}");
         }
         assert!(json["blocked_until"].is_string());
+        // ECS: the domain as the destination, DNS as the protocol, the last name asked.
+        let ecs = serde_json::to_value(crate::events::EventLine::ecs(&ev)).unwrap();
+        assert_eq!(ecs["event"]["kind"], "alert");
+        assert_eq!(ecs["destination"]["domain"], "example.test");
+        assert_eq!(ecs["network"]["protocol"], "dns");
+        assert_eq!(ecs["network"]["bytes"], 20_000);
+        assert_eq!(ecs["dns"]["question"]["name"], "mfrgg.1.t.example.test");
+        assert!(ecs["dns"]["question"].get("type").is_none());
+        assert_eq!(ecs["rule"]["name"], "dns-tunnel");
+        assert!(
+            ecs["message"]
+                .as_str()
+                .unwrap()
+                .contains("301 distinct names"),
+            "{ecs}"
+        );
         // Read back as the CLI and the tests read events.
         let back: AlertEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back.dns.unwrap().domain, "example.test");
