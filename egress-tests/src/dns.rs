@@ -19,6 +19,9 @@ pub enum Record<'a> {
     Cname(&'a str, &'a str, u32),
     /// A TXT record.
     Txt(&'a str, &'a str),
+    /// Every name under a domain (and the domain itself) resolves to one address (dnsmasq's
+    /// `--address=/DOMAIN/ADDR`): a tunnel's server answers every name it is asked.
+    Domain(&'a str, IpAddr),
 }
 
 /// dnsmasq answering in `ns` on `listen`:53 (UDP and TCP), stopped on drop.
@@ -67,6 +70,7 @@ impl DnsServer {
                     cmd.arg(format!("--cname={name},{target},{ttl}"))
                 }
                 Record::Txt(name, text) => cmd.arg(format!("--txt-record={name},{text}")),
+                Record::Domain(domain, ip) => cmd.arg(format!("--address=/{domain}/{ip}")),
             };
         }
         let proc = ChildGuard::spawn(&mut cmd);

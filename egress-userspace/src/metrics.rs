@@ -70,6 +70,7 @@ fn register_dns(reg: &mut Registry, report: &StatsReport) {
     let d = report.dns.clone().unwrap_or_default();
     let p = d.proxy.unwrap_or_default();
     let k = d.sink.unwrap_or_default();
+    let t = d.tunnel.unwrap_or_default();
     let queries = Family::<TransportLabels, Counter>::default();
     for (transport, n) in [("udp", p.queries_udp), ("tcp", p.queries_tcp)] {
         queries
@@ -83,6 +84,7 @@ fn register_dns(reg: &mut Registry, report: &StatsReport) {
         ("blocked", p.blocked),
         ("blocked_target", p.blocked_target),
         ("unlisted", p.refused_unlisted),
+        ("dns_alert", p.refused_tunnel),
     ] {
         refused
             .get_or_create(&ReasonLabels {
@@ -96,6 +98,8 @@ fn register_dns(reg: &mut Registry, report: &StatsReport) {
         ("tcp_clients", p.limit_tcp_clients),
         ("addresses", p.limit_addresses),
         ("grant_map_full", k.full),
+        ("dns_alert_keys", t.keys_evicted),
+        ("dns_alert_names", t.names_evicted),
     ] {
         limits
             .get_or_create(&LimitLabels {
@@ -112,7 +116,7 @@ fn register_dns(reg: &mut Registry, report: &StatsReport) {
     );
     reg.register(
         "dns_refused",
-        "DNS queries the policy refused (answered NXDOMAIN), by reason: a block covers the name, a block covers a CNAME target, or nothing covers it under unlisted = \"refuse\"",
+        "DNS queries the policy refused (answered NXDOMAIN), by reason: a block covers the name, a block covers a CNAME target, nothing covers it under unlisted = \"refuse\", or a DNS alert's block covers the asker and the domain",
         refused,
     );
     reg.register(
@@ -812,6 +816,8 @@ mod tests {
             "egress_dns_queries_total{transport=\"tcp\"} 2",
             "egress_dns_refused_total{reason=\"unlisted\"} 4",
             "egress_dns_refused_total{reason=\"blocked\"} 0",
+            "egress_dns_refused_total{reason=\"dns_alert\"} 0",
+            "egress_dns_limits_total{limit=\"dns_alert_names\"} 0",
             "egress_dns_grants_total 5",
             "egress_dns_granted_addresses_total 9",
             "egress_dns_grant_failures_total 1",

@@ -134,6 +134,10 @@ pub struct DnsStatus {
     /// What the grant sink did since it started (absent without a controller).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sink: Option<GrantCounters>,
+    /// The DNS alerts (tunnel detection): what they counted, refused and had to forget (absent
+    /// without a controller).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tunnel: Option<crate::dns::tunnel::TunnelStats>,
 }
 
 /// One row of `egress grants`: an address one cgroup may reach because it resolved a name a
@@ -306,6 +310,7 @@ impl DnsStatus {
             steered,
             proxy: None,
             sink: None,
+            tunnel: None,
         })
     }
 }
@@ -429,6 +434,7 @@ mod tests {
                     written: 4,
                     ..GrantCounters::default()
                 }),
+                tunnel: None,
             }),
             ..StatusReport::default()
         };

@@ -8,7 +8,8 @@
 //! target) gets NXDOMAIN with an Extended DNS Error, no grant, and never reaches the upstream;
 //! `unlisted = "refuse"` and `"resolve"`; truncation: the proxy retries over TCP, a UDP client
 //! too small for the answer gets TC and then the answer over TCP; a failing sink gives SERVFAIL;
-//! a dead upstream is skipped for the next; pipelined TCP queries.
+//! a dead upstream is skipped for the next; pipelined TCP queries; a DNS alert's block refuses the
+//! asker's queries under the registered domain for every type and over TCP, never forwarded.
 //! (Over 500 lines: the upstream, the sink, the clients and the cases they serve, in one file
 //! because nothing else uses them.)
 
@@ -26,6 +27,7 @@ use egress::{
     dns::{
         BLOCKED_RCODE, ClientInfo, DnsProxy, Grant, GrantError, GrantSink, ProxyConfig,
         ProxyHandle, ProxyPolicy, Refusal, RefusalReason, Transport, UPSTREAM_MARK,
+        tunnel::{Asker, DnsBlockKey},
     },
     policy::Policy,
 };
@@ -242,6 +244,8 @@ struct Recorder {
     grants: Mutex<Vec<(ClientInfo, Grant)>>,
     refusals: Mutex<Vec<Refusal>>,
     fail: AtomicBool,
+    /// Who asks (the kernel's owner record, in production); None: an unknown socket.
+    asker: Mutex<Option<Asker>>,
 }
 
 impl GrantSink for Recorder {
@@ -255,6 +259,10 @@ impl GrantSink for Recorder {
 
     fn refused(&self, _client: &ClientInfo, refusal: &Refusal) {
         self.refusals.lock().unwrap().push(refusal.clone());
+    }
+
+    fn asker(&self, _client: &ClientInfo) -> Option<Asker> {
+        *self.asker.lock().unwrap()
     }
 }
 
@@ -311,11 +319,16 @@ impl Setup {
 
 /// The proxy on 127.0.0.1 in front of a test upstream; `upstreams` go first (e.g. a dead one).
 async fn setup(unlisted: &str, upstreams: &[&str]) -> Setup {
+    setup_with("", unlisted, upstreams).await
+}
+
+/// [`setup`] with `extra` policy text (alerts) after the rules.
+async fn setup_with(extra: &str, unlisted: &str, upstreams: &[&str]) -> Setup {
     let up = upstream().await;
     let mut list: Vec<String> = upstreams.iter().map(|u| format!("\"{u}\"")).collect();
     list.push(format!("\"{}\"", up.addr));
     let text = format!(
-        "{POLICY}\n[dns]\nupstream = [{}]\nmin_ttl = \"5s\"\nmax_ttl = \"1h\"\nunlisted = \"{unlisted}\"\n",
+        "{POLICY}\n{extra}\n[dns]\nupstream = [{}]\nmin_ttl = \"5s\"\nmax_ttl = \"1h\"\nunlisted = \"{unlisted}\"\n",
         list.join(", ")
     );
     let policy = Policy::parse("test.toml", &text).unwrap_or_else(|e| panic!("{e}"));
@@ -727,4 +740,93 @@ async fn garbage_gets_formerr_or_nothing() {
     .await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(t.proxy.counters().snapshot().malformed, 2);
+}
+
+#[tokio::test]
+async fn a_dns_alert_block_refuses_every_type_and_tcp_and_never_forwards() {
+    let t = setup_with(
+        "[[alert]]\nname = \"tun\"\ndns_unique_subdomains = 5\nwindow = \"1m\"\naction = \"block\"\n",
+        "resolve",
+        &[],
+    )
+    .await;
+    let proxy = t.handle.local_addr;
+    // An unknown socket (not steered by the kernel): not counted.
+    for i in 0..10 {
+        ask_udp(
+            proxy,
+            &query(&format!("u{i}.tunnel.example"), RecordType::A, None),
+        )
+        .await;
+    }
+    assert_eq!(t.proxy.counters().snapshot().tunnel_unknown_asker, 10);
+    assert_eq!(t.proxy.tunnel().held(), (0, 0));
+
+    *t.sink().asker.lock().unwrap() = Some(Asker {
+        tgid: 7,
+        cgroup_id: 9,
+    });
+    // Five distinct names (in mixed case, as 0x20 resolvers ask): forwarded, the fifth fires.
+    for i in 0..5 {
+        let n = format!("C{i}.Tunnel.Example");
+        ask_udp(proxy, &query(&n, RecordType::TXT, Some(1232))).await;
+        assert!(t.upstream.seen.asked(&n.to_lowercase()), "{n} forwarded");
+    }
+    let (fired, _) = t.proxy.tunnel().take();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].key.text(), "dns:process:7:tunnel.example");
+    // Blocked: every type, UDP and TCP, the apex too; never forwarded.
+    for (i, qtype) in [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::TXT,
+        RecordType::NULL,
+        RecordType::CNAME,
+        RecordType::MX,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let n = format!("b{i}.tunnel.example");
+        let (r, _) = ask_udp(proxy, &query(&n, qtype, Some(1232))).await;
+        assert_eq!(r.metadata.response_code, BLOCKED_RCODE, "{qtype}");
+        assert_eq!(ede(&r), Some((15, "egress: tun".into())), "{qtype}");
+        let r = ask_tcp(proxy, &query(&n, qtype, Some(1232))).await;
+        assert_eq!(r.metadata.response_code, BLOCKED_RCODE, "{qtype} over TCP");
+        assert!(!t.upstream.seen.asked(&n), "{n} never forwarded");
+    }
+    let (r, _) = ask_udp(proxy, &query("tunnel.example", RecordType::A, None)).await;
+    assert_eq!(r.metadata.response_code, BLOCKED_RCODE);
+    // Another registered domain is answered (and granted).
+    let (r, _) = ask_udp(proxy, &query("api.github.example", RecordType::A, None)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(t.sink().grants_for("api.github.example").len(), 1);
+    let refusals = t.sink().refusals.lock().unwrap().clone();
+    assert_eq!(refusals.len(), 13);
+    assert!(refusals.iter().all(|r| r.reason
+        == RefusalReason::Tunnel {
+            alert_rule: "tun".into(),
+            key: "dns:process:7:tunnel.example".into()
+        }));
+    assert_eq!(t.proxy.counters().snapshot().refused_tunnel, 13);
+    // Another process of the same cgroup is not blocked (per = "process").
+    *t.sink().asker.lock().unwrap() = Some(Asker {
+        tgid: 8,
+        cgroup_id: 9,
+    });
+    // (The test upstream knows no tunnel.example: NXDOMAIN from it, forwarded, no EDE.)
+    let (r, _) = ask_udp(proxy, &query("x.tunnel.example", RecordType::A, Some(1232))).await;
+    assert_eq!(ede(&r), None);
+    assert!(t.upstream.seen.asked("x.tunnel.example"));
+    // Lifted: answered again.
+    *t.sink().asker.lock().unwrap() = Some(Asker {
+        tgid: 7,
+        cgroup_id: 9,
+    });
+    let key = DnsBlockKey::parse("dns:process:7:tunnel.example")
+        .unwrap()
+        .unwrap();
+    assert!(t.proxy.tunnel().lift(&key, "egress unblock"));
+    ask_udp(proxy, &query("y.tunnel.example", RecordType::A, None)).await;
+    assert!(t.upstream.seen.asked("y.tunnel.example"));
 }

@@ -71,6 +71,11 @@ Calls (OP ADDR:PORT [ARGS]), run in order:
   dns-query NAME SERVER:PORT      one DNS query (A, or AAAA for a name starting with \"v6.\") over
                                   connected UDP to SERVER; \"from\" is the first address of the answer;
                                   NXDOMAIN, SERVFAIL, REFUSED: the rcode; NODATA: no address
+  dns-tunnel DOMAIN SERVER:PORT N QTYPE udp|tcp
+                                  N queries shaped like a DNS tunnel's: base32 chunks of a
+                                  payload as subdomains, `<b32>.<i>.DOMAIN`, of type QTYPE (A,
+                                  AAAA, TXT, NULL, CNAME, MX), one after another, each on a new
+                                  socket; prints one summary line of the rcodes (\"ok\": NOERROR)
   resolve-only NAME               getaddrinfo(NAME) only; \"from\" is the first address
   send-fd FD                      write one datagram/segment to inherited descriptor FD
   sleep MS | wait-file PATH       pause (for tests that act between two calls)
@@ -136,6 +141,13 @@ enum Call {
     Resolve(String, Option<u16>),
     TcpFastOpen(SocketAddr),
     DnsQuery(String, SocketAddr),
+    DnsTunnel {
+        domain: String,
+        server: SocketAddr,
+        n: u64,
+        qtype: u16,
+        tcp: bool,
+    },
     TcpSendClose(SocketAddr, u64),
     Hold(HoldKind, SocketAddr, u64),
     Release,
@@ -176,6 +188,7 @@ impl Call {
             Call::Resolve(_, Some(_)) => "resolve",
             Call::Resolve(_, None) => "resolve-only",
             Call::DnsQuery(..) => "dns-query",
+            Call::DnsTunnel { .. } => "dns-tunnel",
             Call::TcpFastOpen(_) => "tcp-fastopen",
             Call::TcpSendClose(..) => "tcp-send-close",
             Call::Hold(..) => "hold",
@@ -218,6 +231,7 @@ impl Call {
             | Call::Hold(_, a, _)
             | Call::Flood(a, _) => *a,
             Call::Storm { allowed, .. } => *allowed,
+            Call::DnsTunnel { server, .. } => *server,
             Call::Sleep(_)
             | Call::WaitFile(_)
             | Call::Socket(_)
@@ -331,6 +345,32 @@ fn parse_seq<'w>(
             "tcp-fastopen" => Call::TcpFastOpen(addr(words, op)?),
             "dns-query" => Call::DnsQuery(next(words, op, "NAME")?.clone(), addr(words, op)?),
             "resolve-only" => Call::Resolve(next(words, op, "NAME")?.clone(), None),
+            "dns-tunnel" => {
+                let domain = next(words, op, "DOMAIN")?.clone();
+                let server = addr(words, op)?;
+                let n = num(words, op, "N")?;
+                let qtype = match next(words, op, "QTYPE")?.as_str() {
+                    "A" => 1,
+                    "NULL" => 10,
+                    "CNAME" => 5,
+                    "MX" => 15,
+                    "TXT" => 16,
+                    "AAAA" => 28,
+                    other => return Err(format!("dns-tunnel: {other:?} is not a query type")),
+                };
+                let tcp = match next(words, op, "udp|tcp")?.as_str() {
+                    "udp" => false,
+                    "tcp" => true,
+                    other => return Err(format!("dns-tunnel: {other:?} is not udp or tcp")),
+                };
+                Call::DnsTunnel {
+                    domain,
+                    server,
+                    n,
+                    qtype,
+                    tcp,
+                }
+            }
             "held-send" => Call::HeldSend(num(words, op, "BYTES")?),
             "flood" => Call::Flood(addr(words, op)?, num(words, op, "N")?),
             "udp-send" => Call::UdpSend(
@@ -723,6 +763,14 @@ impl Probe {
             }
             Call::Flood(addr, _) => short_lived_udp(addr),
             Call::TcpFastOpen(addr) => tcp_fastopen(*addr),
+            // `run` makes its N queries; one alone is the first.
+            Call::DnsTunnel {
+                domain,
+                server,
+                qtype,
+                tcp,
+                ..
+            } => dns_rcode(&tunnel_name(domain, 0), *qtype, *server, *tcp, self.timeout),
             Call::DnsQuery(name, server) => {
                 let a = dns_query(name, *server, self.timeout)?;
                 ANSWER.set((Some(a.to_string()), None));
@@ -1095,6 +1143,85 @@ fn dns_query(name: &str, server: SocketAddr, timeout: Duration) -> io::Result<st
     Err(io::Error::other("NODATA"))
 }
 
+/// The `i`th name of a tunnel-shaped client: 30 bytes of a random-looking payload (fixed per
+/// process) in base32 (48 characters, lowercase), then the sequence number, under `domain`.
+fn tunnel_name(domain: &str, i: u64) -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let seed = (u64::from(std::process::id()) << 32) ^ i;
+    let mut x = (seed | 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+    let mut bits: u64 = 0;
+    let mut n = 0;
+    let mut out = String::with_capacity(64 + domain.len());
+    while out.len() < 48 {
+        if n < 5 {
+            // xorshift64: the payload's next byte.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bits = (bits << 8) | (x & 0xff);
+            n += 8;
+        }
+        n -= 5;
+        out.push(ALPHABET[((bits >> n) & 31) as usize] as char);
+    }
+    format!("{out}.{i}.{domain}")
+}
+
+/// One query for `name` of type `qtype` to `server`, over TCP or connected UDP; Ok for NOERROR,
+/// else an error named by the rcode.
+fn dns_rcode(
+    name: &str,
+    qtype: u16,
+    server: SocketAddr,
+    tcp: bool,
+    timeout: Duration,
+) -> io::Result<()> {
+    let id: u16 = (std::process::id() as u16) ^ 0x7e57;
+    let mut q = Vec::with_capacity(96);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&1u16.to_be_bytes());
+    let mut buf = vec![0u8; 65_535];
+    let n = if tcp {
+        let mut s = std::net::TcpStream::connect_timeout(&server, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut msg = (q.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&q);
+        s.write_all(&msg)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len)?;
+        let n = usize::from(u16::from_be_bytes(len));
+        s.read_exact(&mut buf[..n])?;
+        n
+    } else {
+        let s = UdpSocket::bind(unspecified_for(&server))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.connect(server)?;
+        s.send(&q)?;
+        s.recv(&mut buf)?
+    };
+    let m = &buf[..n];
+    if m.len() < 12 || m[0..2] != id.to_be_bytes() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "malformed answer",
+        ));
+    }
+    match m[3] & 0x0f {
+        0 => Ok(()),
+        2 => Err(io::Error::other("SERVFAIL")),
+        3 => Err(io::Error::other("NXDOMAIN")),
+        5 => Err(io::Error::other("REFUSED")),
+        r => Err(io::Error::other(format!("RCODE{r}"))),
+    }
+}
+
 /// The first address getaddrinfo(3) gives for `name` (the C library's resolver, as every
 /// program uses it). Failures carry the EAI_* name as their message.
 fn resolve(name: &str) -> io::Result<std::net::IpAddr> {
@@ -1323,6 +1450,33 @@ fn run(probe: &Probe, calls: &[Call], count: Option<u64>, out: &mut impl io::Wri
                 ms,
             } => {
                 print(out, &probe.storm(*allowed, *denied, *ms));
+                continue;
+            }
+            Call::DnsTunnel {
+                domain,
+                server,
+                n,
+                qtype,
+                tcp,
+            } => {
+                let mut results: BTreeMap<String, u64> = BTreeMap::new();
+                for i in 0..*n {
+                    let name = tunnel_name(domain, i);
+                    let r = dns_rcode(&name, *qtype, *server, *tcp, probe.timeout);
+                    *results
+                        .entry(Verdict::of(&r).name().to_string())
+                        .or_default() += 1;
+                }
+                print(
+                    out,
+                    &SummaryLine {
+                        op,
+                        dst,
+                        count: *n,
+                        results,
+                        pid,
+                    },
+                );
                 continue;
             }
             Call::Fork(sub) => {

@@ -249,6 +249,39 @@ pub struct AlertEvent {
     /// blocked (each as `process:PID`, with what it forks afterwards).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub blocked_pids: Vec<u32>,
+    /// A DNS alert's evidence (absent for byte alerts).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsEvidence>,
+}
+
+/// What a DNS alert saw under its key, within its window. For a DNS alert the event's
+/// `bytes_in_window` is `dns_bytes`, `threshold` the `dns_bytes` threshold (0 when none), and
+/// `top_destinations` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DnsEvidence {
+    /// Always `"dns"`.
+    pub kind: String,
+    /// The registered domain (eTLD+1) the names were asked under.
+    pub domain: String,
+    /// Distinct subdomains under it within the window.
+    pub unique_subdomains: u64,
+    /// Bytes of query names under it within the window.
+    pub dns_bytes: u64,
+    /// Queries with a subdomain within the window.
+    pub dns_queries: u64,
+    /// Mean Shannon entropy of those subdomains, bits per character.
+    pub entropy: f64,
+    /// The window in seconds.
+    pub window_s: f64,
+    /// The thresholds reached: `dns_unique_subdomains`, `dns_bytes`, `dns_entropy`.
+    pub reasons: Vec<String>,
+    /// The alert's thresholds (absent when not set).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub threshold_unique_subdomains: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub threshold_entropy: Option<f64>,
+    /// A few of the last names asked under the key.
+    pub sample_names: Vec<String>,
 }
 
 /// A flow's policy verdict, as the alert filters need it.
@@ -306,8 +339,9 @@ impl AlertEngine {
         }
     }
 
+    /// Whether no byte alert is there to count (DNS alerts are the DNS proxy's).
     pub fn is_empty(&self) -> bool {
-        self.alerts.is_empty()
+        self.alerts.iter().all(Alert::is_dns)
     }
 
     fn counts(
@@ -353,7 +387,7 @@ impl AlertEngine {
             }
             let dst = key.dst();
             for (i, alert) in self.alerts.iter().enumerate() {
-                if !Self::counts(alert, key, dst, verdict) {
+                if alert.is_dns() || !Self::counts(alert, key, dst, verdict) {
                     continue;
                 }
                 let akey = match alert.per {
@@ -484,6 +518,7 @@ impl AlertEngine {
                 blocked_until: block_for
                     .map(|d| humantime::format_rfc3339_nanos(wall + d).to_string()),
                 blocked_pids: Vec::new(),
+                dns: None,
             };
             out.push(Firing {
                 alert_index: i,

@@ -251,15 +251,16 @@ fn dns_text(out: &mut String, d: &DnsStatus) {
     if let Some(p) = &d.proxy {
         let _ = writeln!(
             out,
-            "  proxy: {} queries ({} udp, {} tcp), {} relayed, {} refused ({} blocked, {} blocked by a CNAME target, {} unlisted), {} granted, {} grant failures, {} upstream failures, {} malformed",
+            "  proxy: {} queries ({} udp, {} tcp), {} relayed, {} refused ({} blocked, {} blocked by a CNAME target, {} unlisted, {} by a DNS alert's block), {} granted, {} grant failures, {} upstream failures, {} malformed",
             p.queries_udp + p.queries_tcp,
             p.queries_udp,
             p.queries_tcp,
             p.relayed,
-            p.blocked + p.blocked_target + p.refused_unlisted,
+            p.blocked + p.blocked_target + p.refused_unlisted + p.refused_tunnel,
             p.blocked,
             p.blocked_target,
             p.refused_unlisted,
+            p.refused_tunnel,
             p.grants,
             p.grant_failures,
             p.upstream_failures,
@@ -276,6 +277,15 @@ fn dns_text(out: &mut String, d: &DnsStatus) {
             out,
             "  grants: {} addresses written, {} grant map full, {} answers to sockets of no enforced process",
             k.written, k.full, k.unknown_client
+        );
+    }
+    if let Some(t) = &d.tunnel
+        && (t.queries > 0 || t.refused > 0)
+    {
+        let _ = writeln!(
+            out,
+            "  dns alerts: {} queries counted, {} alerts, {} refused by their blocks; forgotten to stay bounded: {} keys, {} names",
+            t.queries, t.fired, t.refused, t.keys_evicted, t.names_evicted
         );
     }
 }
@@ -487,6 +497,7 @@ mod tests {
                 ..Default::default()
             }),
             sink: Some(Default::default()),
+            tunnel: None,
         });
         let t = status_text(&s);
         assert!(

@@ -5,6 +5,8 @@
 //!   the published reports;
 //! - `blocks.rs`: byte-budget blocks set, adopted, expired and lifted in the kernel, and the
 //!   processes they cover;
+//! - `dns_alerts.rs`: the DNS alerts (tunnel detection) the DNS proxy fires, delivered like the
+//!   byte alerts, and their blocks lifted;
 //! - `reload.rs`: atomic policy reloads (`egress reload`, SIGHUP, `--watch`) and the state kept
 //!   beside the pins; `scopes.rs`: following the executables and cgroups scoped entries name;
 //! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
@@ -16,6 +18,7 @@
 
 mod adopt;
 mod blocks;
+mod dns_alerts;
 mod exec;
 mod feeds;
 mod names;
@@ -456,7 +459,11 @@ impl Controller {
     /// Acts on a control-socket request.
     async fn command(&mut self, request: Request) -> Response {
         match request {
-            Request::Unblock { key } => self.unblock_request(&key).await,
+            Request::Unblock { key } => match crate::dns::tunnel::DnsBlockKey::parse(&key) {
+                Some(Ok(k)) => self.unblock_dns(k).await,
+                Some(Err(e)) => Response::Refused(e),
+                None => self.unblock_request(&key).await,
+            },
             Request::Reload {
                 policy,
                 dry_run,
@@ -489,6 +496,7 @@ impl Controller {
 
     /// Flushes what is in flight at exit: the last events and alerts.
     async fn finish(&mut self) -> anyhow::Result<()> {
+        self.deliver_names().await;
         self.events.drain_all().await?;
         if let Some(w) = &self.webhook {
             w.flush(Duration::from_secs(5)).await;

@@ -29,6 +29,7 @@ use crate::{
     dns::{
         DnsProxy, ProxyConfig, ProxyHandle, ProxyPolicy,
         grants::{KernelGrants, RefusedQuery},
+        tunnel::{ActiveDnsBlock, DnsBlockKey, DnsFiring, LiftedBlock},
     },
     policy::{Policy, compile::CompiledPolicy},
     report::{DnsStatus, GrantRow},
@@ -273,7 +274,26 @@ impl Names {
             steered,
             proxy: Some(self.stats()),
             sink: Some(self.sink.counters()),
+            tunnel: Some(self.proxy.tunnel().stats()),
         }
+    }
+
+    /// The DNS alerts fired and their blocks ended since the last call (blocks whose time is
+    /// up end here).
+    pub fn take_tunnel(&self) -> (Vec<DnsFiring>, Vec<LiftedBlock>) {
+        let mut t = self.proxy.tunnel();
+        t.sweep(std::time::Instant::now());
+        t.take()
+    }
+
+    /// Ends a DNS alert's block (`egress unblock`); false if there was none.
+    pub fn lift_dns_block(&self, key: &DnsBlockKey) -> bool {
+        self.proxy.tunnel().lift(key, "egress unblock")
+    }
+
+    /// The DNS alerts' blocks in force.
+    pub fn dns_blocks(&self) -> Vec<ActiveDnsBlock> {
+        self.proxy.tunnel().blocks(std::time::Instant::now())
     }
 }
 
@@ -315,6 +335,10 @@ pub struct DnsEvent {
     /// target).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub feed_entry: Option<String>,
+    /// For a query refused by a DNS alert's block (`rule` is the alert): the block's key, as
+    /// `egress unblock` takes it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key: Option<String>,
     /// The asking process, when its socket is known (0 and empty otherwise).
     pub pid: u32,
     pub comm: String,
@@ -342,6 +366,7 @@ impl DnsEvent {
                 feed_entry(*rule_id, target),
             ),
             RefusalReason::Unlisted => ("unlisted".to_string(), None, None),
+            RefusalReason::Tunnel { alert_rule, .. } => (alert_rule.clone(), None, None),
         };
         let o = q.owner.unwrap_or_default();
         DnsEvent {
@@ -353,6 +378,10 @@ impl DnsEvent {
             rule,
             target,
             feed_entry,
+            key: match &q.refusal.reason {
+                RefusalReason::Tunnel { key, .. } => Some(key.clone()),
+                _ => None,
+            },
             pid: o.tgid,
             comm: egress_common::user::comm_str(&o.comm),
             exe: (o.tgid != 0)
@@ -457,17 +486,32 @@ impl super::Controller {
         Ok(rows)
     }
 
-    /// Writes the `"dns"` events of refused queries and, now and then, removes expired grants.
+    /// Writes the `"dns"` events of refused queries and delivers the DNS alerts and their ended
+    /// blocks; now and then, removes expired grants.
     pub(super) async fn names_tick(&mut self, tick: u32) {
         let Some(n) = &self.names else { return };
-        let refused = n.take_refused();
         if tick.is_multiple_of(PRUNE_EVERY_TICKS) {
             n.sink.prune(crate::sys::clock::boot_ns());
         }
+        self.deliver_names().await;
+    }
+
+    /// What the DNS proxy has to report since the last call: refused queries, DNS alerts fired,
+    /// their blocks ended. Also on the way out, so that nothing counted is left unsaid.
+    pub(super) async fn deliver_names(&mut self) {
+        let Some(n) = &self.names else { return };
+        let refused = n.take_refused();
+        let (fired, lifted) = n.take_tunnel();
         for q in refused {
             let compiled = Arc::clone(&self.policy.compiled);
             let event = DnsEvent::of(&q, &compiled);
             self.emit(&event).await;
+        }
+        for f in fired {
+            self.fire_dns(f).await;
+        }
+        for l in lifted {
+            self.report_dns_unblock(l).await;
         }
     }
 }

@@ -221,7 +221,7 @@ impl Controller {
     }
 
     /// The cgroup2 path of a process (alert evidence), under the root found at start.
-    fn cgroup_path_of(&self, pid: Option<u32>) -> String {
+    pub(super) fn cgroup_path_of(&self, pid: Option<u32>) -> String {
         pid.and_then(proc::cgroup_of)
             .map(|rel| format!("{}{rel}", self.target.root.display()))
             .unwrap_or_default()
@@ -323,7 +323,11 @@ impl Controller {
             counters,
             denies_by_rule: self.events.by_rule().clone(),
             alerts_by_rule: self.alerts_by_rule.clone(),
-            blocks: self.blocks.report(),
+            blocks: {
+                let mut b = self.blocks.report();
+                b.extend(self.dns_block_report());
+                b
+            },
             dns: self
                 .names
                 .as_ref()

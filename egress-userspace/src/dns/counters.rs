@@ -44,6 +44,10 @@ counters! {
     blocked_target,
     /// Queries answered as blocked because nothing covers the name (`unlisted = "refuse"`).
     refused_unlisted,
+    /// Queries answered as blocked: a DNS alert's block covers the asker and the domain.
+    refused_tunnel,
+    /// Queries the DNS alerts could not count: the asking socket has no owner (not enforced).
+    tunnel_unknown_asker,
     /// Grants recorded by the sink.
     grants,
     /// Grants the sink failed (answered SERVFAIL).

@@ -429,6 +429,13 @@ impl GrantSink for KernelGrants {
         self.remember(&owner, name, addrs, None, until_ns);
     }
 
+    fn asker(&self, client: &ClientInfo) -> Option<super::tunnel::Asker> {
+        self.owner_of(client).map(|o| super::tunnel::Asker {
+            tgid: o.tgid,
+            cgroup_id: o.cgroup_id,
+        })
+    }
+
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
         let owner = self.owner_of(client);
         let mut q = self.refused.lock().unwrap_or_else(PoisonError::into_inner);

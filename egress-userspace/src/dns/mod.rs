@@ -11,9 +11,14 @@
 //! - `upstream`: forwarding (UDP, TCP on truncation, timeouts, the next upstream on failure);
 //! - `message`: the wire format (replies of the proxy's own, the CNAME chain, TTL caps);
 //! - `resolv`: the system's resolvers, the default upstreams;
-//! - `counters`: what happened, limits hit included.
+//! - `counters`: what happened, limits hit included;
+//! - `tunnel`: the DNS alerts (tunnel and covert-channel detection), counted per asker and
+//!   registered domain before anything else is decided, and their blocks.
 //!
 //! Decisions, for a query of name N (matched by `policy::names`, blocks first):
+//! - with DNS alerts in the policy, the query is counted for its asker (the socket's owner) and
+//!   N's registered domain, whatever its type and transport; if a DNS alert's block covers them,
+//!   it is answered with [`BLOCKED_RCODE`], never forwarded;
 //! - a block covers N: answered by the proxy with [`BLOCKED_RCODE`], never forwarded;
 //! - nothing covers N and `[dns] unlisted = "refuse"`: the same (no DNS tunnelling through the
 //!   upstream);
@@ -46,6 +51,7 @@ pub mod grants;
 mod message;
 pub mod resolv;
 mod server;
+pub mod tunnel;
 mod upstream;
 
 use std::{
@@ -121,6 +127,9 @@ pub enum RefusalReason {
     BlockedTarget { rule_id: u32, target: String },
     /// Nothing covers the name and `unlisted = "refuse"`.
     Unlisted,
+    /// A DNS alert's block covers the asker and the name's registered domain (`key`, as
+    /// `egress unblock` takes it).
+    Tunnel { alert_rule: String, key: String },
 }
 
 /// A query answered with [`BLOCKED_RCODE`], for the `"dns"` event.
@@ -142,6 +151,12 @@ pub trait GrantSink: Send + Sync + 'static {
         grant: Grant,
     ) -> impl Future<Output = Result<(), GrantError>> + Send;
 
+    /// The process that asked (for the DNS alerts), when the sink can tell. Default: unknown.
+    fn asker(&self, client: &ClientInfo) -> Option<tunnel::Asker> {
+        let _ = client;
+        None
+    }
+
     /// Told of every query the policy refused (before the reply is sent). Default: nothing.
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
         let _ = (client, refusal);
@@ -161,6 +176,10 @@ impl<T: GrantSink> GrantSink for std::sync::Arc<T> {
         grant: Grant,
     ) -> impl Future<Output = Result<(), GrantError>> + Send {
         (**self).grant(client, grant)
+    }
+
+    fn asker(&self, client: &ClientInfo) -> Option<tunnel::Asker> {
+        (**self).asker(client)
     }
 
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {

@@ -9,7 +9,8 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError, RwLock},
+    time::{Instant, SystemTime},
 };
 
 use hickory_proto::{
@@ -29,6 +30,7 @@ use super::{
     counters::DnsCounters,
     message::{self, EDE_BLOCKED},
     resolv,
+    tunnel::{Screen, TunnelWatch},
     upstream::{self, Answer, Request, TCP_READ_TIMEOUT, frame},
 };
 use crate::policy::{DnsSettings, Policy, Unlisted, names::NameIndex, names::NameVerdict};
@@ -41,6 +43,8 @@ pub struct ProxyPolicy {
     upstreams: Vec<SocketAddr>,
     /// By rule index (rule id - 1).
     rule_names: Vec<String>,
+    /// The policy's alerts (the DNS ones are counted here).
+    alerts: Vec<crate::policy::alert::Alert>,
 }
 
 impl ProxyPolicy {
@@ -60,6 +64,7 @@ impl ProxyPolicy {
             dns: policy.dns.clone(),
             upstreams,
             rule_names: policy.rules.iter().map(|r| r.name.clone()).collect(),
+            alerts: policy.alerts.clone(),
         })
     }
 
@@ -85,6 +90,8 @@ pub struct DnsProxy<S> {
     policy: RwLock<Arc<ProxyPolicy>>,
     sink: S,
     counters: DnsCounters,
+    /// The DNS alerts: counted before anything else, their blocks refused.
+    tunnel: Mutex<TunnelWatch>,
     in_flight: Arc<Semaphore>,
     tcp_clients: Arc<Semaphore>,
 }
@@ -116,6 +123,7 @@ impl<S: GrantSink> DnsProxy<S> {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
             tcp_clients: Arc::new(Semaphore::new(config.max_tcp_clients)),
             config,
+            tunnel: Mutex::new(TunnelWatch::new(&policy.alerts, Instant::now())),
             policy: RwLock::new(Arc::new(policy)),
             sink,
             counters: DnsCounters::default(),
@@ -123,8 +131,20 @@ impl<S: GrantSink> DnsProxy<S> {
     }
 
     /// Swaps the policy (a reload): queries already being answered finish with the old one.
+    /// The DNS alerts start counting again when they changed; their blocks stay.
     pub fn set_policy(&self, policy: ProxyPolicy) {
+        {
+            let old = self.policy.read().unwrap_or_else(PoisonError::into_inner);
+            if crate::policy::alert::alerts_differ(&old.alerts, &policy.alerts) {
+                self.tunnel().set_alerts(&policy.alerts, Instant::now());
+            }
+        }
         *self.policy.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(policy);
+    }
+
+    /// The DNS alerts' state (short critical sections: one query's counting at a time).
+    pub fn tunnel(&self) -> std::sync::MutexGuard<'_, TunnelWatch> {
+        self.tunnel.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn counters(&self) -> &DnsCounters {
@@ -294,6 +314,9 @@ impl<S: GrantSink> DnsProxy<S> {
         }
         let question = query.queries[0].clone();
         let policy = Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner));
+        if let Some(reason) = self.screen(&question.name, &client) {
+            return Some(self.refuse(&query, &client, &policy, reason));
+        }
         let labels: Vec<&[u8]> = question.name.iter().collect();
         let coverage = policy.index.lookup_labels(&labels);
         match coverage.verdict() {
@@ -384,6 +407,27 @@ impl<S: GrantSink> DnsProxy<S> {
         Some(reply)
     }
 
+    /// Counts the query for the DNS alerts; the refusal when one of their blocks covers it.
+    /// Every query type and both transports come through here, before the policy's names.
+    fn screen(&self, name: &Name, client: &ClientInfo) -> Option<RefusalReason> {
+        if !self.tunnel().is_active() {
+            return None;
+        }
+        let Some(asker) = self.sink.asker(client) else {
+            // Not an enforced socket (nothing steered it here): nothing to count or block.
+            DnsCounters::bump(&self.counters.tunnel_unknown_asker);
+            return None;
+        };
+        let text = name_text(name);
+        match self
+            .tunnel()
+            .observe(asker, &text, Instant::now(), SystemTime::now())
+        {
+            Screen::Pass => None,
+            Screen::Refused { alert_rule, key } => Some(RefusalReason::Tunnel { alert_rule, key }),
+        }
+    }
+
     /// The grant of a chain's addresses, bounded; `None` when no address is left to grant.
     fn grant_of(
         &self,
@@ -432,6 +476,9 @@ impl<S: GrantSink> DnsProxy<S> {
                 (&self.counters.blocked_target, policy.rule_name(*rule_id))
             }
             RefusalReason::Unlisted => (&self.counters.refused_unlisted, "unlisted"),
+            RefusalReason::Tunnel { alert_rule, .. } => {
+                (&self.counters.refused_tunnel, alert_rule.as_str())
+            }
         };
         DnsCounters::bump(counter);
         let text = format!("egress: {rule}");

@@ -157,7 +157,7 @@ pub struct Dns {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DnsQuestion {
     pub name: String,
-    #[serde(rename = "type")]
+    #[serde(rename = "type", skip_serializing_if = "String::is_empty")]
     pub type_: String,
 }
 
@@ -360,15 +360,28 @@ impl EventLine for AlertEvent {
             },
             None,
         );
-        d.message = format!(
-            "{} bytes in {} from {} (threshold {}): alert {}{}",
-            self.bytes_in_window,
-            self.window,
-            self.key,
-            self.threshold,
-            self.alert_rule,
-            if blocked { ", blocked" } else { "" }
-        );
+        d.message = match &self.dns {
+            Some(dns) => format!(
+                "{} distinct names, {} bytes of names, entropy {:.2} under {} in {} from {}: DNS alert {}{}",
+                dns.unique_subdomains,
+                dns.dns_bytes,
+                dns.entropy,
+                dns.domain,
+                self.window,
+                self.key,
+                self.alert_rule,
+                if blocked { ", blocked" } else { "" }
+            ),
+            None => format!(
+                "{} bytes in {} from {} (threshold {}): alert {}{}",
+                self.bytes_in_window,
+                self.window,
+                self.key,
+                self.threshold,
+                self.alert_rule,
+                if blocked { ", blocked" } else { "" }
+            ),
+        };
         d.event.start = Some(self.first_seen.clone());
         d.event.end = Some(self.last_seen.clone());
         d.process =
@@ -389,6 +402,27 @@ impl EventLine for AlertEvent {
             bytes: Some(self.bytes_in_window),
             ..Network::default()
         });
+        if let Some(dns) = &self.dns {
+            // The registered domain as the destination, the last name asked as the question.
+            d.destination = Some(Destination {
+                ip: None,
+                port: None,
+                domain: Some(dns.domain.clone()),
+            });
+            d.network = Some(Network {
+                protocol: Some("dns".into()),
+                bytes: Some(dns.dns_bytes),
+                ..Network::default()
+            });
+            if let Some(name) = dns.sample_names.last() {
+                d.dns = Some(Dns {
+                    question: DnsQuestion {
+                        name: name.clone(),
+                        type_: String::new(),
+                    },
+                });
+            }
+        }
         d.rule = Some(Rule {
             name: self.alert_rule.clone(),
             ruleset: None,

@@ -15,6 +15,25 @@
 //! exclude_destinations = ["10.9.0.0/16"] # never count traffic to these
 //! unapproved_only = true    # only count traffic no service approved (e.g. under default = "allow")
 //! ```
+//!
+//! The DNS kind (tunnel and covert-channel detection, counted by the DNS proxy per process or
+//! cgroup and per registered domain; see `dns::tunnel`):
+//!
+//! ```toml
+//! [[alert]]
+//! name = "dns-tunnel"
+//! dns_unique_subdomains = 300  # distinct names under one registered domain within the window
+//! dns_bytes = "64KiB"          # bytes of query names under one registered domain within it
+//! dns_entropy = 3.5            # mean Shannon entropy (bits/char) of the subdomain labels ...
+//! dns_min_queries = 20         # ... once at least this many queries were seen (default 20)
+//! window = "1m"
+//! per = "process"              # "process" | "cgroup"
+//! action = "alert"             # "alert" | "block" (refuse that key's queries to that domain)
+//! cooldown = "10m"
+//! ```
+//!
+//! An alert is of one kind: `bytes` and the byte-only keys (`services`, `destinations`, ...) do
+//! not mix with the `dns_*` keys.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -211,24 +230,59 @@ impl AlertAction {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAlert {
     pub name: Spanned<String>,
-    pub bytes: ByteSize,
+    #[serde(default)]
+    pub bytes: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub dns_unique_subdomains: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub dns_bytes: Option<Spanned<ByteSize>>,
+    #[serde(default)]
+    pub dns_entropy: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub dns_min_queries: Option<Spanned<i64>>,
     pub window: HumanDuration,
     #[serde(default)]
-    pub per: AlertPer,
+    pub per: Option<Spanned<AlertPer>>,
     #[serde(default)]
     pub action: Option<Spanned<AlertAction>>,
     #[serde(default)]
     pub cooldown: Option<HumanDuration>,
     #[serde(default)]
-    pub services: Vec<Spanned<String>>,
+    pub services: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
-    pub destinations: Vec<Destination>,
+    pub destinations: Option<Spanned<Vec<Destination>>>,
     #[serde(default)]
-    pub exclude_destinations: Vec<Destination>,
+    pub exclude_destinations: Option<Spanned<Vec<Destination>>>,
     #[serde(default)]
-    pub unapproved_only: bool,
+    pub unapproved_only: Option<Spanned<bool>>,
 }
 
+/// The most distinct subdomains a DNS alert may count to: its state per key holds that many
+/// names at most (see `dns::tunnel` for the memory bound).
+pub const DNS_MAX_UNIQUE_SUBDOMAINS: u64 = 10_000;
+
+/// The thresholds of a DNS alert (`dns_*` keys); at least one is set, and any one reached fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DnsThresholds {
+    /// Distinct subdomains (the labels left of the registered domain, lowercased).
+    pub unique_subdomains: Option<u64>,
+    /// Bytes of query names (the whole name as asked, in its text form).
+    pub bytes: Option<u64>,
+    /// Mean Shannon entropy of the subdomain labels, in thousandths of a bit per character (kept
+    /// as an integer so that alerts compare exactly).
+    pub entropy_millibits: Option<u32>,
+    /// Queries needed in the window before the entropy counts.
+    pub min_queries: u64,
+}
+
+/// `dns_min_queries` when not given: a mean over fewer names says little.
+pub const DNS_DEFAULT_MIN_QUERIES: u64 = 20;
+
+impl DnsThresholds {
+    pub fn entropy(&self) -> Option<f64> {
+        self.entropy_millibits.map(|m| f64::from(m) / 1000.0)
+    }
+}
 /// A validated `[[alert]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alert {
@@ -244,6 +298,8 @@ pub struct Alert {
     pub destinations: Vec<Destination>,
     pub exclude_destinations: Vec<Destination>,
     pub unapproved_only: bool,
+    /// The DNS kind: its thresholds (then `bytes` is 0 and the byte-only settings are empty).
+    pub dns: Option<DnsThresholds>,
     pub line: usize,
 }
 
@@ -267,6 +323,7 @@ impl Alert {
             destinations,
             exclude_destinations,
             unapproved_only,
+            dns,
             line: _,
         } = self;
         *name == other.name
@@ -279,6 +336,12 @@ impl Alert {
             && *destinations == other.destinations
             && *exclude_destinations == other.exclude_destinations
             && *unapproved_only == other.unapproved_only
+            && *dns == other.dns
+    }
+
+    /// Whether this is a DNS alert (counted by the DNS proxy, not from the flow counters).
+    pub fn is_dns(&self) -> bool {
+        self.dns.is_some()
     }
 }
 
@@ -320,6 +383,7 @@ mod tests {
             destinations: vec!["10.0.0.0/8".parse().unwrap()],
             exclude_destinations: Vec::new(),
             unapproved_only: false,
+            dns: None,
             line,
         }
     }
@@ -342,6 +406,12 @@ mod tests {
         ));
         let mut other = alert("a", 100, 4);
         other.unapproved_only = true;
+        assert!(alerts_differ(&old[..1], &[other]));
+        let mut other = alert("a", 100, 4);
+        other.dns = Some(DnsThresholds {
+            unique_subdomains: Some(300),
+            ..Default::default()
+        });
         assert!(alerts_differ(&old[..1], &[other]));
     }
 

@@ -221,6 +221,8 @@ impl Policy {
         self.host_patterns() > 0
             || !self.dns.upstream.is_empty()
             || self.dns.unlisted == Unlisted::Refuse
+            // DNS alerts count the queries the proxy answers.
+            || self.alerts.iter().any(alert::Alert::is_dns)
     }
 
     /// The rules the kernel enforces: the policy's own and, when it uses names, the

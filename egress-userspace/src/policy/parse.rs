@@ -17,7 +17,10 @@ use toml::Spanned;
 use super::{
     DefaultVerdict, Destination, HostPattern, Mode, Policy, PolicyError, PortRange, Protocol, Rule,
     RuleKind, SocketRule, Sockets,
-    alert::{Alert, AlertAction, HumanDuration, RawAlert},
+    alert::{
+        Alert, AlertAction, AlertPer, DNS_DEFAULT_MIN_QUERIES, DNS_MAX_UNIQUE_SUBDOMAINS,
+        DnsThresholds, HumanDuration, RawAlert,
+    },
     content_hash,
     dns::{RawDns, dns},
     error::{Entry, Source, Table},
@@ -595,7 +598,8 @@ fn blocklist(
     })
 }
 
-/// One `[[alert]]`; `rule_names` are the names of every service and block.
+/// One `[[alert]]`; `rule_names` are the names of every service and block. Either the byte kind
+/// (`bytes`) or the DNS kind (`dns_*` keys), never both.
 fn alert(
     src: Source<'_>,
     names: &mut Names,
@@ -606,8 +610,109 @@ fn alert(
     let table_start = table.span().start;
     let a = table.into_inner();
     let name = names.take(src, entry, a.name)?;
+    let (per, per_at) = match &a.per {
+        Some(p) => (*p.get_ref(), p.span().start),
+        None => (AlertPer::default(), table_start),
+    };
+    let (action, action_at) = match &a.action {
+        Some(s) => (*s.get_ref(), s.span().start),
+        None => (AlertAction::Alert, table_start),
+    };
+    let dns_keys: Vec<(&str, usize)> = [
+        (
+            "dns_unique_subdomains",
+            a.dns_unique_subdomains.as_ref().map(|s| s.span().start),
+        ),
+        ("dns_bytes", a.dns_bytes.as_ref().map(|s| s.span().start)),
+        (
+            "dns_entropy",
+            a.dns_entropy.as_ref().map(|s| s.span().start),
+        ),
+        (
+            "dns_min_queries",
+            a.dns_min_queries.as_ref().map(|s| s.span().start),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, at)| at.map(|at| (k, at)))
+    .collect();
+    if !dns_keys.is_empty() {
+        let thresholds = dns_thresholds(
+            src,
+            entry,
+            table_start,
+            &a.dns_unique_subdomains,
+            &a.dns_bytes,
+            &a.dns_entropy,
+            &a.dns_min_queries,
+        )?;
+        // The byte kind's own keys make no sense on a DNS alert: say so at the first one.
+        let byte_only = [
+            ("bytes", a.bytes.as_ref().map(|s| s.span().start)),
+            ("services", a.services.as_ref().map(|s| s.span().start)),
+            (
+                "destinations",
+                a.destinations.as_ref().map(|s| s.span().start),
+            ),
+            (
+                "exclude_destinations",
+                a.exclude_destinations.as_ref().map(|s| s.span().start),
+            ),
+            (
+                "unapproved_only",
+                a.unapproved_only.as_ref().map(|s| s.span().start),
+            ),
+        ];
+        if let Some((key, at)) = byte_only
+            .into_iter()
+            .find_map(|(k, at)| at.map(|at| (k, at)))
+        {
+            return Err(src.error(
+                at,
+                entry.field(key),
+                format!(
+                    "`{key}` belongs to a byte-budget alert, and this one is a DNS alert (`{}`): an alert is of one kind; write two alerts",
+                    dns_keys[0].0
+                ),
+            ));
+        }
+        if !matches!(per, AlertPer::Process | AlertPer::Cgroup) {
+            return Err(src.error(
+                per_at,
+                entry.field("per"),
+                format!(
+                    "a DNS alert counts per = \"process\" or per = \"cgroup\", not \"{}\"",
+                    per.as_str()
+                ),
+            ));
+        }
+        let _ = action_at;
+        return Ok(Alert {
+            name,
+            bytes: 0,
+            window: a.window.0,
+            per,
+            action,
+            cooldown: a.cooldown.map_or(a.window.0, |c| c.0),
+            services: Vec::new(),
+            destinations: Vec::new(),
+            exclude_destinations: Vec::new(),
+            unapproved_only: false,
+            dns: Some(thresholds),
+            line: src.line(table_start),
+        });
+    }
+    let Some(bytes) = a.bytes else {
+        return Err(src.error(
+            table_start,
+            entry.whole(),
+            "missing field `bytes`: an alert needs `bytes` (a byte budget) or a DNS threshold (`dns_unique_subdomains`, `dns_bytes` or `dns_entropy`)".into(),
+        ));
+    };
     let services = a
         .services
+        .map(Spanned::into_inner)
+        .unwrap_or_default()
         .into_iter()
         .map(|svc| {
             if rule_names.contains(svc.get_ref().as_str()) {
@@ -624,31 +729,101 @@ fn alert(
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let (action, action_at) = match a.action {
-        Some(s) => (*s.get_ref(), s.span().start),
-        None => (AlertAction::Alert, table_start),
-    };
-    if action == AlertAction::Block && !a.per.blockable() {
+    if action == AlertAction::Block && !per.blockable() {
         return Err(src.error(
             action_at,
             entry.field("action"),
             format!(
                 "action = \"block\" cannot apply per = \"{}\": expected per = \"process\", \"process_destination\", \"user\" or \"executable\"",
-                a.per.as_str()
+                per.as_str()
             ),
         ));
     }
     Ok(Alert {
         name,
-        bytes: a.bytes.0,
+        bytes: bytes.into_inner().0,
         window: a.window.0,
-        per: a.per,
+        per,
         action,
         cooldown: a.cooldown.map_or(a.window.0, |c| c.0),
         services,
-        destinations: a.destinations,
-        exclude_destinations: a.exclude_destinations,
-        unapproved_only: a.unapproved_only,
+        destinations: a.destinations.map(Spanned::into_inner).unwrap_or_default(),
+        exclude_destinations: a
+            .exclude_destinations
+            .map(Spanned::into_inner)
+            .unwrap_or_default(),
+        unapproved_only: a.unapproved_only.is_some_and(|u| *u.get_ref()),
+        dns: None,
         line: src.line(table_start),
     })
+}
+
+/// The `dns_*` keys of a DNS alert, each in range.
+fn dns_thresholds(
+    src: Source<'_>,
+    entry: Entry,
+    table_start: usize,
+    unique: &Option<Spanned<i64>>,
+    bytes: &Option<Spanned<super::alert::ByteSize>>,
+    entropy: &Option<Spanned<f64>>,
+    min_queries: &Option<Spanned<i64>>,
+) -> Result<DnsThresholds, PolicyError> {
+    let count = |v: &Option<Spanned<i64>>, key: &str, min: i64, max: u64| {
+        v.as_ref()
+            .map(|s| {
+                let n = *s.get_ref();
+                if n < min || n as u64 > max {
+                    Err(src.error(
+                        s.span().start,
+                        entry.field(key),
+                        format!("{n} is out of range: expected {min} to {max}"),
+                    ))
+                } else {
+                    Ok(n as u64)
+                }
+            })
+            .transpose()
+    };
+    let unique_subdomains = count(
+        unique,
+        "dns_unique_subdomains",
+        2,
+        DNS_MAX_UNIQUE_SUBDOMAINS,
+    )?;
+    let min_queries_at = min_queries.as_ref().map(|s| s.span().start);
+    let min_queries =
+        count(min_queries, "dns_min_queries", 1, 1_000_000)?.unwrap_or(DNS_DEFAULT_MIN_QUERIES);
+    let entropy_millibits = entropy
+        .as_ref()
+        .map(|s| {
+            let e = *s.get_ref();
+            // Base32 text has at most 5 bits a character, hex 4, any byte 8.
+            if (0.5..=8.0).contains(&e) {
+                Ok((e * 1000.0).round() as u32)
+            } else {
+                Err(src.error(
+                    s.span().start,
+                    entry.field("dns_entropy"),
+                    format!(
+                        "{e} is out of range: expected bits per character, 0.5 to 8.0 (e.g. 3.5)"
+                    ),
+                ))
+            }
+        })
+        .transpose()?;
+    let t = DnsThresholds {
+        unique_subdomains,
+        bytes: bytes.as_ref().map(|b| b.get_ref().0),
+        entropy_millibits,
+        min_queries,
+    };
+    if t.unique_subdomains.is_none() && t.bytes.is_none() && t.entropy_millibits.is_none() {
+        let at = min_queries_at.unwrap_or(table_start);
+        return Err(src.error(
+            at,
+            entry.field("dns_min_queries"),
+            "`dns_min_queries` alone sets no threshold: add `dns_unique_subdomains`, `dns_bytes` or `dns_entropy`".into(),
+        ));
+    }
+    Ok(t)
 }

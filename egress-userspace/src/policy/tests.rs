@@ -689,3 +689,110 @@ fn dns_errors_name_line_and_field() {
     assert_eq!(e.line, 2);
     assert!(e.message.contains("unknown field"), "{e}");
 }
+
+#[test]
+fn dns_alerts_parse_with_their_keys() {
+    let p = ok(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"dns-tunnel\"\ndns_unique_subdomains = 300\ndns_bytes = \"64KiB\"\nwindow = \"1m\"\naction = \"block\"\n[[alert]]\nname = \"dns-entropy\"\ndns_entropy = 3.5\ndns_min_queries = 30\nwindow = \"5m\"\nper = \"cgroup\"\naction = \"block\"\ncooldown = \"10m\"\n"
+    ));
+    let a = &p.alerts[0];
+    let d = a.dns.unwrap();
+    assert_eq!(
+        (
+            d.unique_subdomains,
+            d.bytes,
+            d.entropy_millibits,
+            d.min_queries
+        ),
+        (Some(300), Some(65536), None, alert::DNS_DEFAULT_MIN_QUERIES)
+    );
+    assert_eq!(
+        (
+            a.per,
+            a.action,
+            a.window.as_secs(),
+            a.cooldown.as_secs(),
+            a.bytes
+        ),
+        (
+            alert::AlertPer::Process,
+            alert::AlertAction::Block,
+            60,
+            60,
+            0
+        )
+    );
+    let b = &p.alerts[1];
+    let d = b.dns.unwrap();
+    assert_eq!((d.entropy(), d.min_queries), (Some(3.5), 30));
+    assert_eq!(
+        (b.per, b.cooldown.as_secs()),
+        (alert::AlertPer::Cgroup, 600)
+    );
+    // DNS alerts need the proxy: the policy uses names (and blocks DNS over TLS).
+    assert!(p.uses_names());
+    let bytes_only = ok(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"b\"\nbytes = 1\nwindow = \"1m\"\n"
+    ));
+    assert!(!bytes_only.uses_names());
+}
+
+#[test]
+fn dns_alert_errors_name_line_and_field() {
+    // Mixing the kinds: named at the byte key.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_unique_subdomains = 300\nwindow = \"1m\"\nbytes = \"1MB\"\n"
+    ));
+    assert_eq!((e.line, e.field.as_str()), (8, "alert[1].bytes"), "{e}");
+    assert!(e.message.contains("one kind"), "{e}");
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_bytes = \"64KiB\"\nwindow = \"1m\"\nservices = [\"corp-proxy\"]\n"
+    ));
+    assert_eq!((e.line, e.field.as_str()), (8, "alert[1].services"), "{e}");
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_bytes = \"64KiB\"\nwindow = \"1m\"\nunapproved_only = false\n"
+    ));
+    assert_eq!(e.field, "alert[1].unapproved_only", "{e}");
+    // Out of range.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_unique_subdomains = 1000000\nwindow = \"1m\"\n"
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (6, "alert[1].dns_unique_subdomains"),
+        "{e}"
+    );
+    assert!(e.message.contains("expected 2 to 10000"), "{e}");
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_entropy = 9.5\nwindow = \"1m\"\n"
+    ));
+    assert_eq!(e.field, "alert[1].dns_entropy", "{e}");
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_bytes = \"lots\"\nwindow = \"1m\"\n"
+    ));
+    assert_eq!(e.field, "alert[1].dns_bytes", "{e}");
+    // A key that counts nothing on its own.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_min_queries = 5\nwindow = \"1m\"\n"
+    ));
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (6, "alert[1].dns_min_queries"),
+        "{e}"
+    );
+    // Per what a DNS alert cannot count.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_unique_subdomains = 30\nwindow = \"1m\"\nper = \"destination\"\n"
+    ));
+    assert_eq!((e.line, e.field.as_str()), (8, "alert[1].per"), "{e}");
+    // Neither kind.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\nwindow = \"1m\"\n"
+    ));
+    assert!(e.message.contains("dns_unique_subdomains"), "{e}");
+    // An unknown dns_ key is still unknown.
+    let e = err(&format!(
+        "{ALERT_BASE}[[alert]]\nname = \"a\"\ndns_unique = 3\nwindow = \"1m\"\n"
+    ));
+    assert!(e.message.contains("unknown field `dns_unique`"), "{e}");
+}

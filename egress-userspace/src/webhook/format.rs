@@ -193,6 +193,13 @@ fn alertmanager(o: &Outgoing) -> Vec<AmAlert> {
             );
             put("namespace", a.pod.namespace.clone().unwrap_or_default());
             put("pod", a.pod.pod.clone().unwrap_or_default());
+            if let Some(d) = &a.dns {
+                put("domain", d.domain.clone());
+                put("unique_subdomains", d.unique_subdomains.to_string());
+                put("dns_bytes", d.dns_bytes.to_string());
+                put("entropy", format!("{:.3}", d.entropy));
+                put("sample_names", d.sample_names.join(", "));
+            }
             vec![AmAlert {
                 labels: am_labels(&a.alert_rule_name(), &a.key, &a.meta.hostname),
                 annotations: ann,
@@ -276,6 +283,23 @@ impl AlertEvent {
 }
 
 fn alert_summary(a: &AlertEvent) -> String {
+    if let Some(d) = &a.dns {
+        return format!(
+            "{}: {} asked {} distinct names ({} bytes, entropy {:.2}) under {} in {}{}",
+            a.alert_rule_name(),
+            a.key,
+            d.unique_subdomains,
+            d.dns_bytes,
+            d.entropy,
+            d.domain,
+            a.window,
+            if a.action == AlertAction::Block {
+                ", blocked"
+            } else {
+                ""
+            }
+        );
+    }
     format!(
         "{}: {} sent {} bytes in {} (threshold {}){}",
         a.alert_rule_name(),
@@ -436,6 +460,7 @@ mod tests {
             action: AlertAction::Block,
             blocked_until: Some("2026-11-26T12:10:01Z".into()),
             blocked_pids: vec![],
+            dns: None,
         }
     }
 
@@ -502,6 +527,40 @@ mod tests {
         }
         assert_eq!(end[0].ends_at.as_deref(), Some("2026-11-26T12:04:00Z"));
         assert_eq!(end[0].starts_at, fire[0].starts_at);
+    }
+
+    #[test]
+    fn a_dns_alert_says_its_domain_and_counts_in_every_format() {
+        let mut a = alert();
+        a.key = "dns:process:4242:tunnel.test".into();
+        a.dns = Some(crate::alerts::DnsEvidence {
+            kind: "dns".into(),
+            domain: "tunnel.test".into(),
+            unique_subdomains: 300,
+            dns_bytes: 19_000,
+            dns_queries: 310,
+            entropy: 4.4,
+            window_s: 60.0,
+            reasons: vec!["dns_unique_subdomains".into()],
+            threshold_unique_subdomains: Some(300),
+            threshold_entropy: None,
+            sample_names: vec!["mfrg.1.tunnel.test".into()],
+        });
+        let fired = Outgoing::Alert(FiredAlert {
+            alert: Box::new(a.clone()),
+            ends_at: None,
+        });
+        let back: AlertEvent =
+            serde_json::from_slice(&fired.render(Format::Generic).unwrap()).unwrap();
+        assert_eq!(back, a);
+        let am: Vec<AmAlert> =
+            serde_json::from_slice(&fired.render(Format::Alertmanager).unwrap()).unwrap();
+        assert_eq!(am[0].annotations["domain"], "tunnel.test");
+        assert_eq!(am[0].annotations["unique_subdomains"], "300");
+        assert!(am[0].annotations["summary"].contains("300 distinct names"));
+        let m: SlackMessage =
+            serde_json::from_slice(&fired.render(Format::Slack).unwrap()).unwrap();
+        assert!(m.text.contains("under tunnel.test"), "{}", m.text);
     }
 
     #[test]
