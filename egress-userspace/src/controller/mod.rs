@@ -9,7 +9,8 @@
 //!   beside the pins; `scopes.rs`: following the executables and cgroups scoped entries name;
 //! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
 //!   kernel holds unless told);
-//! - `run.rs` and `exec.rs`: the two commands' event loops; `signals.rs`: forwarding signals to
+//! - `run.rs` and `exec.rs`: the two commands' event loops; `learn.rs`: `egress learn` (a
+//!   command, a cgroup or the host observed in audit mode, and the policy draft written); `signals.rs`: forwarding signals to
 //!   `exec`'s command.
 //!
 //! The control *socket* (`crate::api`) only carries requests to the controller's loop.
@@ -17,6 +18,7 @@
 mod adopt;
 mod blocks;
 mod exec;
+mod learn;
 mod names;
 mod reload;
 mod run;
@@ -38,6 +40,7 @@ use tracing::{error, info, warn};
 use self::{adopt::Plan, blocks::Blocks, reload::PolicyInForce};
 pub use self::{
     exec::{ExecOptions, exec},
+    learn::{LearnOptions, learn},
     names::DnsListen,
     run::{RunOptions, run},
 };
