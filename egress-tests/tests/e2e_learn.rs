@@ -254,7 +254,7 @@ fn learning_a_cgroup_until_interrupted() {
     let out = cmd.output().expect("running the probe in the cgroup");
     let calls = parse_calls(&out.stdout);
     assert!(
-        calls.len() == 2 && calls.iter().all(|c| c.result == Succeeded),
+        calls.len() == 3 && calls.iter().all(|c| c.result == Succeeded),
         "{calls:#?}"
     );
     // A process outside the cgroup is not observed.
