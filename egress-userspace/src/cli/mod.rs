@@ -77,6 +77,16 @@ pub enum Output {
     Json,
 }
 
+/// `learn --ring-mib`: a power of two from 1 to 1024.
+fn ring_mib(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}: expected a number of MiB"))?;
+    if (1..=1024).contains(&n) && n.is_power_of_two() {
+        Ok(n)
+    } else {
+        Err(format!("{n} MiB: expected a power of two from 1 to 1024"))
+    }
+}
+
 /// `learn --by`: which selectors a draft's entries get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LearnBy {
@@ -329,6 +339,12 @@ enum Command {
         /// Where the DNS proxy listens (see `run --dns-listen`).
         #[arg(long = "dns-listen", value_name = "ADDR[:PORT]")]
         dns_listen: Vec<String>,
+        /// Size of the kernel's event ring while learning, in MiB (a power of two, 1-1024;
+        /// allocated for as long as learning runs). Each call observed is one 88-byte record
+        /// until the controller reads it; a burst larger than the ring loses events, which the
+        /// draft counts and warns about.
+        #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = ring_mib)]
+        ring_mib: u32,
         /// The command to run and observe, and its arguments.
         #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
@@ -722,6 +738,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
                 notify: true,
                 kernel_log: kernel_log_wanted(kernel_log),
+                events_ring: None,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -759,6 +776,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 dns_listen: DnsListen::default(),
                 notify: false,
                 kernel_log: kernel_log_wanted(kernel_log),
+                events_ring: None,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,
@@ -780,6 +798,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             ifaces,
             owners_capacity,
             dns_listen,
+            ring_mib,
             command,
         } => {
             let common = Options {
@@ -795,6 +814,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
                 notify: false,
                 kernel_log: false,
+                events_ring: Some(ring_mib * 1024 * 1024),
             };
             let none = by.contains(&LearnBy::None);
             let duration = duration.or_else(|| {

@@ -91,6 +91,10 @@ pub struct Options {
     /// The kernel's debug line per decision, forwarded to the log (target `egress_ebpf`, debug):
     /// `--kernel-log`, or a RUST_LOG that enables it. Fixed at load.
     pub kernel_log: bool,
+    /// Bytes of the deny/audit event ring (None: the object's 1 MiB). A power of two, a
+    /// multiple of the page size; fresh loads only (`learn` asks for more: it must see every
+    /// call).
+    pub events_ring: Option<u32>,
 }
 
 /// Where a controller enforces.
@@ -216,6 +220,7 @@ impl Controller {
             owners: opts.owners_capacity,
             prefixes: opts.prefix_capacity,
             kernel_log: opts.kernel_log,
+            events_ring: opts.events_ring,
         };
         let (mut dp, adopted) = match &target.pins {
             Some(p) => {

@@ -334,7 +334,7 @@ fn header(out: &mut String, obs: &Observations, ctx: &Context, unscoped_all: boo
         NamesSource::Proxy { queries } => {
             let _ = writeln!(
                 out,
-                "# Names: from egress's DNS proxy ({queries} queries steered to it); an address \
+                "# Names: from egress's DNS proxy (DNS calls steered to it: {queries}); an address \
                  reached without a lookup is listed as an address."
             );
         }
