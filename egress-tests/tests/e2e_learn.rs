@@ -142,7 +142,10 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
         "mode = \"enforce\"".into(),
         "default = \"deny\"".into(),
     ] {
-        assert!(text.contains(&needle), "the draft lacks {needle:?}:\n{text}");
+        assert!(
+            text.contains(&needle),
+            "the draft lacks {needle:?}:\n{text}"
+        );
     }
     assert!(
         !text.contains("\"198.18.0.2\""),
@@ -223,12 +226,7 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
         .into_iter()
         .map(|c| c.result)
         .collect();
-    assert_eq!(
-        got,
-        [Denied],
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(got, [Denied], "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -298,7 +296,10 @@ fn learning_a_cgroup_until_interrupted() {
     assert!(!text.contains("users ="), "--by exe:\n{text}");
     assert!(text.contains("executables = ["), "{text}");
     // The address reached after the lookup is written as the name.
-    assert!(text.contains("\"api.example.test\",  # 1 connection"), "{text}");
+    assert!(
+        text.contains("\"api.example.test\",  # 1 connection"),
+        "{text}"
+    );
     assert!(!text.contains("\"198.18.0.2\""), "{text}");
     assert!(text.contains("Names: from egress's DNS proxy"), "{text}");
     assert!(
@@ -324,11 +325,17 @@ fn duration_bounds_learning() {
         "learning ended by --duration exits 0: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(took >= Duration::from_secs(2), "ended before the duration: {took:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "ended before the duration: {took:?}"
+    );
     // 2 s, the command's SIGTERM, the datapath loaded on a loaded machine: far from 60 s.
     assert!(took < Duration::from_secs(30), "not bounded: {took:?}");
     let text = std::fs::read_to_string(&draft).unwrap();
-    assert!(text.contains("Nothing was observed that needs a service"), "{text}");
+    assert!(
+        text.contains("Nothing was observed that needs a service"),
+        "{text}"
+    );
     assert!(egress_check(&draft).status.success());
 
     // The command's own exit ends learning early, with its status.
@@ -368,7 +375,14 @@ fn burst(w: &World, mib: u32) -> u64 {
     let out = EgressCmd::learn(&w.pair.a)
         .args(["--no-names", "--ring-mib", &mib.to_string(), "--output"])
         .arg(&draft)
-        .probe(["udp-send", "198.18.0.4:9", &N.to_string(), "16", "sleep", "300"])
+        .probe([
+            "udp-send",
+            "198.18.0.4:9",
+            &N.to_string(),
+            "16",
+            "sleep",
+            "300",
+        ])
         .output();
     assert!(
         out.status.success(),

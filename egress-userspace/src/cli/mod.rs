@@ -79,7 +79,9 @@ pub enum Output {
 
 /// `learn --ring-mib`: a power of two from 1 to 1024.
 fn ring_mib(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}: expected a number of MiB"))?;
+    let n: u32 = s
+        .parse()
+        .map_err(|e| format!("{e}: expected a number of MiB"))?;
     if (1..=1024).contains(&n) && n.is_power_of_two() {
         Ok(n)
     } else {
@@ -1119,7 +1121,9 @@ mod tests {
 
     #[test]
     fn learn_takes_output_as_the_draft_file_and_keeps_output_formats() {
-        let cli = parse_learn("egress learn --duration 10m --output draft.toml -- curl -o out.html x").unwrap();
+        let cli =
+            parse_learn("egress learn --duration 10m --output draft.toml -- curl -o out.html x")
+                .unwrap();
         let Command::Learn {
             draft,
             duration,
@@ -1135,7 +1139,10 @@ mod tests {
         // After `--` the command's own `-o` is left alone.
         assert_eq!(command, ["curl", "-o", "out.html", "x"]);
         assert_eq!(by, [LearnBy::Exe, LearnBy::User]);
-        let cli = parse_learn("egress --socket /s learn --output=d.toml -o json --cgroup /sys/fs/cgroup/x").unwrap();
+        let cli = parse_learn(
+            "egress --socket /s learn --output=d.toml -o json --cgroup /sys/fs/cgroup/x",
+        )
+        .unwrap();
         assert_eq!(cli.output, Output::Json);
         let Command::Learn { draft, cgroup, .. } = cli.command else {
             panic!("learn")
@@ -1144,11 +1151,23 @@ mod tests {
         assert_eq!(cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
         // Other commands keep `--output` as the format.
         assert!(parse_learn("egress status --output draft.toml").is_err());
-        assert!(parse_learn("egress learn --cgroup /x -- true").is_err(), "both");
+        assert!(
+            parse_learn("egress learn --cgroup /x -- true").is_err(),
+            "both"
+        );
         let cli = parse_learn("egress learn --by none --min-count 3 --mode audit").unwrap();
-        let Command::Learn { by, min_count, mode, .. } = cli.command else {
+        let Command::Learn {
+            by,
+            min_count,
+            mode,
+            ..
+        } = cli.command
+        else {
             panic!("learn")
         };
-        assert_eq!((by, min_count, mode), (vec![LearnBy::None], 3, LearnMode::Audit));
+        assert_eq!(
+            (by, min_count, mode),
+            (vec![LearnBy::None], 3, LearnMode::Audit)
+        );
     }
 }

@@ -339,7 +339,11 @@ fn header(out: &mut String, obs: &Observations, ctx: &Context, unscoped_all: boo
             );
         }
         NamesSource::Off(why) => {
-            let _ = writeln!(out, "# Names: not learned ({}): addresses only.", comment(why));
+            let _ = writeln!(
+                out,
+                "# Names: not learned ({}): addresses only.",
+                comment(why)
+            );
         }
     }
     let _ = writeln!(out, "# Events lost: {}", ctx.events_lost);
@@ -553,7 +557,8 @@ fn unique_name(e: &Entry, taken: &mut BTreeSet<String>) -> String {
     let base = slug(&format!("{who}-{first}{more}"));
     let mut name = base.clone();
     let mut n = 2;
-    while taken.contains(&name) || egress_common::user::BUILTIN_RULE_NAMES.contains(&name.as_str()) {
+    while taken.contains(&name) || egress_common::user::BUILTIN_RULE_NAMES.contains(&name.as_str())
+    {
         name = format!("{base}-{n}");
         n += 1;
     }
@@ -573,7 +578,11 @@ fn slug(s: &str) -> String {
         }
     }
     let out = out.trim_matches('-').to_string();
-    if out.is_empty() { "learned".into() } else { out }
+    if out.is_empty() {
+        "learned".into()
+    } else {
+        out
+    }
 }
 
 fn dest_text(d: &Dest) -> String {
@@ -605,7 +614,12 @@ fn counts(t: &Tally) -> String {
         }
     }
     let mut s = parts.join(", ");
-    let _ = write!(s, ", first {}, last {}", short_ts(&t.first), short_ts(&t.last));
+    let _ = write!(
+        s,
+        ", first {}, last {}",
+        short_ts(&t.first),
+        short_ts(&t.last)
+    );
     s
 }
 
@@ -615,7 +629,12 @@ fn counts_sockets(t: &Tally) -> String {
         (0, p) => format!("{p} frames"),
         (c, p) => format!("{c} sockets, {p} frames"),
     };
-    let _ = write!(s, ", first {}, last {}", short_ts(&t.first), short_ts(&t.last));
+    let _ = write!(
+        s,
+        ", first {}, last {}",
+        short_ts(&t.first),
+        short_ts(&t.last)
+    );
     s
 }
 
@@ -703,9 +722,18 @@ mod tests {
         let mut other_user = event("connect4", "tcp", "198.18.0.9", 443);
         other_user.uid = 4242;
         let o = obs(&[
-            named(event("connect4", "tcp", "198.18.0.2", 443), "api.example.test"),
-            named(event("connect4", "tcp", "198.18.0.2", 443), "api.example.test"),
-            named(event("connect4", "tcp", "198.18.0.5", 443), "cdn.example.test"),
+            named(
+                event("connect4", "tcp", "198.18.0.2", 443),
+                "api.example.test",
+            ),
+            named(
+                event("connect4", "tcp", "198.18.0.2", 443),
+                "api.example.test",
+            ),
+            named(
+                event("connect4", "tcp", "198.18.0.5", 443),
+                "cdn.example.test",
+            ),
             event("connect4", "tcp", "198.18.0.3", 80),
             event("connect4", "tcp", "198.18.0.3", 81),
             event("sendmsg4", "udp", "198.18.0.4", 53),
@@ -721,14 +749,20 @@ mod tests {
         let names = services.iter().find(|s| !s.hosts.is_empty()).unwrap();
         assert_eq!(names.hosts.len(), 2, "{text}");
         assert!(names.destinations.is_empty());
-        assert!(text.contains("\"api.example.test\",  # 2 connections"), "{text}");
+        assert!(
+            text.contains("\"api.example.test\",  # 2 connections"),
+            "{text}"
+        );
         assert!(text.contains("(as 198.18.0.2)"), "{text}");
         assert!(text.contains("ports = [\"80-81\"]"), "{text}");
         assert!(text.contains("protocols = [\"tcp\", \"udp\"]"), "{text}");
         assert!(text.contains("users = [4242]"), "{text}");
         assert!(text.contains("users = [\"root\"]"), "{text}");
         assert!(text.contains("executables = [\"/usr/bin/curl\"]"), "{text}");
-        assert!(text.contains("name = \"curl-api-example-test-and-more\""), "{text}");
+        assert!(
+            text.contains("name = \"curl-api-example-test-and-more\""),
+            "{text}"
+        );
         assert!(text.contains("#   tcp/443: 3 connections"), "{text}");
         assert!(text.contains("first 2026-11-27T11:40:01Z"), "{text}");
         assert_eq!(p.mode, Mode::Enforce);
@@ -748,7 +782,10 @@ mod tests {
         let a = build(&obs(&evs), &ctx(), &Fake);
         assert_eq!(a, build(&obs(&rev), &ctx(), &Fake));
         // Names in order, then the addresses.
-        assert!(a.find("\"a.test\"").unwrap() < a.find("\"b.test\"").unwrap(), "{a}");
+        assert!(
+            a.find("\"a.test\"").unwrap() < a.find("\"b.test\"").unwrap(),
+            "{a}"
+        );
         parse(&a);
     }
 
@@ -762,17 +799,30 @@ mod tests {
         unknown.exe = None;
         let text = build(&obs(&[deleted, overlay, unknown]), &ctx(), &Fake);
         let p = parse(&text);
-        assert!(p.services().all(|s| s.selectors.executables.is_empty()), "{text}");
+        assert!(
+            p.services().all(|s| s.selectors.executables.is_empty()),
+            "{text}"
+        );
         assert!(text.contains("replaced or removed"), "{text}");
-        assert!(text.contains("/opt/app/bin is on overlayfs: not a selector"), "{text}");
+        assert!(
+            text.contains("/opt/app/bin is on overlayfs: not a selector"),
+            "{text}"
+        );
         assert!(text.contains("executable unknown"), "{text}");
         let mut no_sel = ctx();
         no_sel.selectors = SelectorsWanted {
             executables: false,
             users: false,
         };
-        let text = build(&obs(&[event("connect4", "tcp", "198.18.0.2", 1)]), &no_sel, &Fake);
-        assert!(!text.contains("executables") && !text.contains("users ="), "{text}");
+        let text = build(
+            &obs(&[event("connect4", "tcp", "198.18.0.2", 1)]),
+            &no_sel,
+            &Fake,
+        );
+        assert!(
+            !text.contains("executables") && !text.contains("users ="),
+            "{text}"
+        );
         assert!(text.contains("# anyone:"), "{text}");
     }
 
@@ -805,12 +855,19 @@ mod tests {
         );
         let p = parse(&text);
         let s = p.services().next().unwrap();
-        assert!(s.ports.is_empty() && s.selectors.executables.is_empty(), "{text}");
+        assert!(
+            s.ports.is_empty() && s.selectors.executables.is_empty(),
+            "{text}"
+        );
         assert_eq!(p.sockets.raw, crate::policy::SocketRule::Allow);
         // Queries were steered and no name is listed: the upstream keeps the proxy on.
         assert!(p.uses_names(), "{text}");
         c.names = NamesSource::Off("the whole host".into());
-        let text = build(&obs(&[event("connect4", "tcp", "198.18.0.2", 9)]), &c, &Fake);
+        let text = build(
+            &obs(&[event("connect4", "tcp", "198.18.0.2", 9)]),
+            &c,
+            &Fake,
+        );
         assert!(!parse(&text).uses_names(), "{text}");
         assert!(text.contains("not learned (the whole host)"), "{text}");
     }
@@ -828,8 +885,14 @@ mod tests {
         let text = build(&obs(&evs), &c, &Fake);
         let p = parse(&text);
         assert!(text.contains("# Events lost: 3"), "{text}");
-        assert!(text.contains("WARNING: the kernel's event ring was full 3 times"), "{text}");
-        assert!(text.contains("Seen fewer than 2 times, left out (1)"), "{text}");
+        assert!(
+            text.contains("WARNING: the kernel's event ring was full 3 times"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Seen fewer than 2 times, left out (1)"),
+            "{text}"
+        );
         assert!(text.contains("every port is allowed"), "{text}");
         assert_eq!(p.services().count(), 1);
         assert!(p.services().next().unwrap().ports.is_empty());

@@ -183,7 +183,10 @@ impl Observations {
             "sendmsg4" | "sendmsg6" => Kind::Datagram,
             "tc" => Kind::Packet,
             other => {
-                *self.skipped.entry(format!("{other} {}", ev.rule)).or_default() += 1;
+                *self
+                    .skipped
+                    .entry(format!("{other} {}", ev.rule))
+                    .or_default() += 1;
                 return;
             }
         };
@@ -223,7 +226,9 @@ impl Observations {
             }
         };
         let dest = match ev.host.as_deref().filter(|_| self.use_names) {
-            Some(name) if usable_name(name) => Dest::Host(name.trim_end_matches('.').to_lowercase()),
+            Some(name) if usable_name(name) => {
+                Dest::Host(name.trim_end_matches('.').to_lowercase())
+            }
             _ => Dest::Addr(addr),
         };
         let key = FlowKey {
@@ -313,8 +318,17 @@ mod tests {
         assert_eq!(t.first, "2026-11-27T11:40:01.000000000Z");
         assert_eq!(t.last, "2026-11-27T11:40:05.000000000Z");
         assert!(t.addrs.contains(&"198.18.0.2".parse().unwrap()));
-        assert!(o.flows.keys().any(|k| k.dest == Dest::Addr("198.18.0.4".parse().unwrap())));
-        let udp = o.flows.iter().find(|(k, _)| k.proto == Proto::Udp).unwrap().1;
+        assert!(
+            o.flows
+                .keys()
+                .any(|k| k.dest == Dest::Addr("198.18.0.4".parse().unwrap()))
+        );
+        let udp = o
+            .flows
+            .iter()
+            .find(|(k, _)| k.proto == Proto::Udp)
+            .unwrap()
+            .1;
         assert_eq!((udp.connects, udp.datagrams), (0, 1));
     }
 
@@ -330,7 +344,10 @@ mod tests {
         e.host = Some("1.2.3.4".into());
         o2.record(&e);
         for o in [o, o2] {
-            assert!(o.flows.keys().all(|k| matches!(k.dest, Dest::Addr(_))), "{o:?}");
+            assert!(
+                o.flows.keys().all(|k| matches!(k.dest, Dest::Addr(_))),
+                "{o:?}"
+            );
         }
     }
 
