@@ -69,7 +69,7 @@ fn world(tag: &str) -> World {
 }
 
 /// The workload: one process (so its executable is read while it runs).
-const WORKLOAD: [&str; 10] = [
+const WORKLOAD: [&str; 12] = [
     "resolve",
     "api.example.test:443",
     "tcp",
@@ -78,6 +78,8 @@ const WORKLOAD: [&str; 10] = [
     "198.18.0.3:81",
     "udp-sendto",
     "198.18.0.4:5353",
+    "socket",
+    "raw4",
     "sleep",
     "300",
 ];
@@ -108,7 +110,7 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
     assert!(out.status.success(), "egress learn failed: {stderr}");
     // Audit: nothing was refused while learning.
     let calls = parse_calls(&out.stdout);
-    assert_eq!(calls.len(), 5, "{calls:#?}\n{stderr}");
+    assert_eq!(calls.len(), 6, "{calls:#?}\n{stderr}");
     assert!(
         calls.iter().all(|c| c.result == Succeeded),
         "learning refused something: {calls:#?}\n{stderr}"
@@ -119,8 +121,8 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
     let audits = events::of_kind(&learn_events, "audit");
     assert_eq!(
         audits.len(),
-        4,
-        "one audit event per connect and datagram: {audits:#?}"
+        5,
+        "one audit event per connect, datagram and socket: {audits:#?}"
     );
     assert!(events::of_kind(&learn_events, "deny").is_empty());
 
@@ -140,6 +142,7 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
         "upstream = [\"127.0.0.2\"]".into(),
         "# Events lost: 0".into(),
         "mode = \"enforce\"".into(),
+        "raw = \"allow\"  # 1 socket,".into(),
         "default = \"deny\"".into(),
     ] {
         assert!(
@@ -172,7 +175,7 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "replay failed: {stderr}");
     let calls = parse_calls(&out.stdout);
-    assert_eq!(calls.len(), 5, "{calls:#?}\n{stderr}");
+    assert_eq!(calls.len(), 6, "{calls:#?}\n{stderr}");
     assert!(
         calls.iter().all(|c| c.result == Succeeded),
         "the replay was refused something: {calls:#?}\n{stderr}"
@@ -200,6 +203,9 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
             // Resolved, then the learned port: allowed (the control of the line above).
             "resolve",
             "api.example.test:443",
+            // A socket kind not seen.
+            "socket",
+            "udplite",
         ])
         .output();
     let got: Vec<_> = parse_calls(&out.stdout)
@@ -208,7 +214,7 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
         .collect();
     assert_eq!(
         got,
-        [Denied, Denied, Denied, Denied, Denied, Succeeded],
+        [Denied, Denied, Denied, Denied, Denied, Succeeded, Denied],
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -624,10 +624,15 @@ fn counts(t: &Tally) -> String {
 }
 
 fn counts_sockets(t: &Tally) -> String {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let mut s = match (t.connects, t.packets) {
-        (c, 0) => format!("{c} sockets"),
-        (0, p) => format!("{p} frames"),
-        (c, p) => format!("{c} sockets, {p} frames"),
+        (c, 0) => plural(c, "socket", "sockets"),
+        (0, p) => plural(p, "frame", "frames"),
+        (c, p) => format!(
+            "{}, {}",
+            plural(c, "socket", "sockets"),
+            plural(p, "frame", "frames")
+        ),
     };
     let _ = write!(
         s,
