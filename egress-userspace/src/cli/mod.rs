@@ -1169,5 +1169,15 @@ mod tests {
             (by, min_count, mode),
             (vec![LearnBy::None], 3, LearnMode::Audit)
         );
+        for bad in ["0", "3", "2048", "x"] {
+            assert!(
+                parse_learn(&format!("egress learn --ring-mib {bad}")).is_err(),
+                "{bad}"
+            );
+        }
+        let Command::Learn { ring_mib, .. } = parse_learn("egress learn").unwrap().command else {
+            panic!("learn")
+        };
+        assert_eq!(ring_mib, 16);
     }
 }

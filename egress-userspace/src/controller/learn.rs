@@ -101,6 +101,20 @@ pub async fn learn(opts: LearnOptions) -> anyhow::Result<i32> {
     if !opts.command.is_empty() && opts.cgroup.is_some() {
         anyhow::bail!("give either --cgroup or a command after `--`, not both");
     }
+    // Where the draft goes must be writable before anything is learned, not after.
+    if let Some(out) = &opts.output {
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() {
+            anyhow::bail!(
+                "--output {}: {} is not a directory",
+                out.display(),
+                parent.display()
+            );
+        }
+    }
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
