@@ -226,13 +226,20 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
         .netns_sysfs()
         .policy(&draft)
         .command([copy.as_os_str()])
-        .command(["tcp", "198.18.0.3:80"])
+        .command(["tcp", "198.18.0.3:80", "resolve", "api.example.test:443"])
         .output();
     let got: Vec<_> = parse_calls(&out.stdout)
         .into_iter()
-        .map(|c| c.result)
+        .map(|c| (c.result, c.from))
         .collect();
-    assert_eq!(got, [Denied], "{}", String::from_utf8_lossy(&out.stderr));
+    // The name still resolves (the proxy answers every name the policy does not block), but
+    // its grant carries the service's scope: the copy's connect is refused.
+    assert_eq!(
+        got,
+        [(Denied, None), (Denied, Some("198.18.0.2".to_string()))],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

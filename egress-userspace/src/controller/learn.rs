@@ -95,6 +95,33 @@ fn learning_policy(upstreams: Option<&[String]>) -> String {
     text
 }
 
+/// Where the learning proxy forwards (None: no proxy, no steering), or why names are not
+/// learned. The whole host is never steered: learning must not reroute the host's own resolver
+/// traffic (and another controller's proxy may be serving it).
+fn names_plan(
+    names: bool,
+    whole_host: bool,
+    given: &[String],
+    system: impl FnOnce() -> std::io::Result<Vec<std::net::SocketAddr>>,
+) -> (Option<Vec<String>>, Option<String>) {
+    if !names {
+        (None, Some("--no-names".to_string()))
+    } else if whole_host {
+        (
+            None,
+            Some("the whole host: DNS is not steered through the proxy".to_string()),
+        )
+    } else if !given.is_empty() {
+        (Some(given.to_vec()), None)
+    } else {
+        match system() {
+            Ok(up) if !up.is_empty() => (Some(up.iter().map(ToString::to_string).collect()), None),
+            Ok(_) => (None, Some("the system names no DNS resolver".into())),
+            Err(e) => (None, Some(format!("no DNS resolver: {e}"))),
+        }
+    }
+}
+
 /// Returns the exit code: the command's when it ended learning by exiting (128 + N for signal
 /// N), else 0; 1 when the draft failed its own check.
 pub async fn learn(opts: LearnOptions) -> anyhow::Result<i32> {
@@ -149,22 +176,12 @@ pub async fn learn(opts: LearnOptions) -> anyhow::Result<i32> {
     let whole_host = cgroup == root;
 
     // Names: steered to the proxy for a command or a cgroup; never for the whole host.
-    let (upstreams, names_off) = if !opts.names {
-        (None, Some("--no-names".to_string()))
-    } else if whole_host {
-        (
-            None,
-            Some("the whole host: DNS is not steered through the proxy".to_string()),
-        )
-    } else if !opts.dns_upstream.is_empty() {
-        (Some(opts.dns_upstream.clone()), None)
-    } else {
-        match crate::dns::resolv::system_upstreams() {
-            Ok(up) if !up.is_empty() => (Some(up.iter().map(ToString::to_string).collect()), None),
-            Ok(_) => (None, Some("the system names no DNS resolver".into())),
-            Err(e) => (None, Some(format!("no DNS resolver: {e}"))),
-        }
-    };
+    let (upstreams, names_off) = names_plan(
+        opts.names,
+        whole_host,
+        &opts.dns_upstream,
+        crate::dns::resolv::system_upstreams,
+    );
     if let Some(why) = &names_off {
         info!("learning addresses only: {why}");
     }
@@ -413,6 +430,28 @@ mod tests {
         let p = crate::policy::Policy::parse("learn", &learning_policy(Some(&up))).unwrap();
         assert!(p.uses_names());
         assert_eq!(p.mode, Mode::Audit);
+    }
+
+    #[test]
+    fn the_whole_host_is_never_steered_and_other_targets_are() {
+        let sys = || Ok(vec!["10.0.0.2:53".parse().unwrap()]);
+        let given = ["127.0.0.2".to_string()];
+        let (up, off) = names_plan(true, true, &given, sys);
+        assert_eq!(up, None);
+        assert!(off.unwrap().contains("whole host"));
+        assert_eq!(names_plan(true, false, &given, sys).0, Some(given.to_vec()));
+        assert_eq!(
+            names_plan(true, false, &[], sys).0,
+            Some(vec!["10.0.0.2:53".to_string()])
+        );
+        assert_eq!(
+            names_plan(false, false, &given, sys).1.as_deref(),
+            Some("--no-names")
+        );
+        let (up, off) = names_plan(true, false, &[], || Ok(Vec::new()));
+        assert!(up.is_none() && off.unwrap().contains("no DNS resolver"));
+        let (up, off) = names_plan(true, false, &[], || Err(std::io::Error::other("gone")));
+        assert!(up.is_none() && off.unwrap().contains("gone"));
     }
 
     #[test]
