@@ -242,6 +242,70 @@ fn a_learned_draft_allows_the_replayed_workload_and_nothing_else() {
     );
 }
 
+/// `--policy BASE`: learning runs under the base (in audit mode), so only what it does not
+/// allow is learned; the draft is the base as it is plus those services; what a block of the
+/// base refuses stays refused.
+#[test]
+fn learning_from_a_base_policy_extends_it() {
+    const BASE: &str = "# the team's base policy\nmode = \"enforce\"\n\n[[service]]\nname = \"web-80\"\ndestinations = [\"198.18.0.3\"]\nports = [80]\nprotocols = [\"tcp\"]\n\n[[block]]\nname = \"no-5353\"\ndestinations = [\"198.18.0.4\"]\nports = [5353]\n";
+    let w = world("e2e-learn-base");
+    let base = w.dir.file("base.toml", BASE);
+    let draft = w.dir.join("extended.toml");
+    let out = EgressCmd::learn(&w.pair.a)
+        .netns_sysfs()
+        .args(["--dns-upstream", "127.0.0.2", "--policy"])
+        .arg(&base)
+        .arg("--output")
+        .arg(&draft)
+        .probe(WORKLOAD)
+        .output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Audit: the base's block refused nothing while learning.
+    assert!(
+        parse_calls(&out.stdout)
+            .iter()
+            .all(|c| c.result == Succeeded),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(&draft).unwrap();
+    eprintln!("{text}");
+    assert!(text.contains(BASE), "the base is kept as it is:\n{text}");
+    // Port 80 was the base's: only 81 is learned for 198.18.0.3.
+    assert!(text.contains("ports = [81]"), "{text}");
+    assert!(!text.contains("\"80-81\""), "{text}");
+    assert!(
+        text.contains("refused or reported by `no-5353` of the base policy"),
+        "{text}"
+    );
+    assert!(egress_check(&draft).status.success());
+    let replay_events = w.dir.join("base-replay.jsonl");
+    let out = EgressCmd::exec(&w.pair.a)
+        .netns_sysfs()
+        .policy(&draft)
+        .events(&replay_events)
+        .probe(WORKLOAD)
+        .output();
+    let got: Vec<_> = parse_calls(&out.stdout)
+        .into_iter()
+        .map(|c| c.result)
+        .collect();
+    // Everything but what the base's block refuses.
+    assert_eq!(
+        got,
+        [
+            Succeeded, Succeeded, Succeeded, Denied, Succeeded, Succeeded
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let denies = events::of_kind(&replay_events, "deny");
+    assert!(
+        denies.len() == 1 && denies[0]["rule"] == "no-5353",
+        "{denies:#?}"
+    );
+}
+
 #[test]
 fn learning_a_cgroup_until_interrupted() {
     let w = world("e2e-learn-cgroup");

@@ -325,9 +325,15 @@ enum Command {
         /// Leave out entries seen fewer than N times (listed in a comment instead).
         #[arg(long, value_name = "N", default_value_t = 1)]
         min_count: u64,
-        /// The draft's `mode`: `enforce` (default) or `audit` (to roll it out gently).
+        /// The draft's `mode`: `enforce` (default) or `audit` (to roll it out gently). Not
+        /// applied with --policy (the base's mode stands).
         #[arg(long, value_enum, value_name = "MODE", default_value_t = LearnMode::Enforce)]
         mode: LearnMode,
+        /// Start from this policy file: learning runs under it in audit mode (so only what it
+        /// would refuse is learned), and the draft is its text, as it is, followed by services
+        /// for what it did not allow. What its blocks refuse is listed, never allowed.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
         /// Also append the audit events seen while learning to FILE (JSON lines).
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
@@ -801,6 +807,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             owners_capacity,
             dns_listen,
             ring_mib,
+            policy,
             command,
         } => {
             let common = Options {
@@ -841,6 +848,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     LearnMode::Enforce => crate::policy::Mode::Enforce,
                     LearnMode::Audit => crate::policy::Mode::Audit,
                 },
+                base: policy,
             }))?;
             Ok(u8::try_from(code).unwrap_or(1))
         }

@@ -58,6 +58,9 @@ pub struct LearnOptions {
     pub min_count: u64,
     /// The draft's `mode`.
     pub mode: Mode,
+    /// Start from this policy (a file): learned in audit mode, the draft is it plus what it
+    /// did not allow.
+    pub base: Option<PathBuf>,
 }
 
 /// How learning ended.
@@ -185,9 +188,27 @@ pub async fn learn(opts: LearnOptions) -> anyhow::Result<i32> {
     if let Some(why) = &names_off {
         info!("learning addresses only: {why}");
     }
+    let base = match &opts.base {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --policy {}", path.display()))?;
+            let policy = crate::policy::Policy::parse(&path.display().to_string(), &text)
+                .map_err(|e| crate::exit::ConfigError(e.to_string()))?;
+            crate::policy::compile::CompiledPolicy::compile(&policy)
+                .map_err(|e| crate::exit::ConfigError(format!("{e:#}")))?;
+            Some(draft::Base::new(&path.display().to_string(), text, &policy))
+        }
+    };
+    let learning_text = match &base {
+        None => learning_policy(upstreams.as_deref()),
+        Some(b) => b
+            .learning_text(upstreams.as_deref())
+            .map_err(crate::exit::ConfigError)?,
+    };
     let policy_dir = tempfile_dir()?;
     let policy_path = policy_dir.join("learn.toml");
-    std::fs::write(&policy_path, learning_policy(upstreams.as_deref()))
+    std::fs::write(&policy_path, learning_text)
         .with_context(|| format!("writing {}", policy_path.display()))?;
     let mut common = opts.common;
     common.policy = Some(policy_path.clone());
@@ -323,6 +344,7 @@ pub async fn learn(opts: LearnOptions) -> anyhow::Result<i32> {
         selectors: opts.selectors,
         min_count: opts.min_count,
         mode: opts.mode,
+        base,
     };
     let text = draft::build(&obs, &ctx, &draft::Host);
     if counters.events_lost > 0 {

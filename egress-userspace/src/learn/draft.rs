@@ -88,6 +88,66 @@ pub struct Context {
     pub min_count: u64,
     /// The draft's `mode`.
     pub mode: crate::policy::Mode,
+    /// Learning started from this policy (`--policy`): the draft is it, then the services
+    /// learned.
+    pub base: Option<Base>,
+}
+
+/// The base policy a draft extends (`learn --policy`).
+#[derive(Debug, Clone, Default)]
+pub struct Base {
+    /// Its path, for the comments.
+    pub path: String,
+    /// Its text, kept as it is (comments included).
+    pub text: String,
+    /// The names it takes (rules and alerts): learned services get others.
+    pub names: Vec<String>,
+    /// Whether it has a `[dns]` / `[sockets]` table (the draft cannot add one then).
+    pub has_dns: bool,
+    pub has_sockets: bool,
+}
+
+impl Base {
+    /// `text` of the policy at `path` (already loaded and validated as `policy`).
+    pub fn new(path: &str, text: String, policy: &crate::policy::Policy) -> Base {
+        let table: toml::Table = text.parse().unwrap_or_default();
+        Base {
+            path: path.to_string(),
+            names: policy
+                .rules
+                .iter()
+                .map(|r| r.name.clone())
+                .chain(policy.alerts.iter().map(|a| a.name.clone()))
+                .collect(),
+            has_dns: table.contains_key("dns"),
+            has_sockets: table.contains_key("sockets"),
+            text,
+        }
+    }
+
+    /// The learning policy: this one in audit mode, with `upstreams` for the proxy unless it
+    /// names its own (None: as it is).
+    pub fn learning_text(&self, upstreams: Option<&[String]>) -> Result<String, String> {
+        let mut table: toml::Table = self
+            .text
+            .parse()
+            .map_err(|e| format!("{}: {e}", self.path))?;
+        table.insert("mode".into(), toml::Value::String("audit".into()));
+        if let Some(up) = upstreams {
+            let dns = table
+                .entry("dns")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(dns) = dns.as_table_mut()
+                && !dns.contains_key("upstream")
+            {
+                dns.insert(
+                    "upstream".into(),
+                    toml::Value::Array(up.iter().cloned().map(toml::Value::String).collect()),
+                );
+            }
+        }
+        toml::to_string(&table).map_err(|e| e.to_string())
+    }
 }
 
 /// A caller as the draft writes it.
@@ -208,12 +268,54 @@ pub fn build(obs: &Observations, ctx: &Context, host: &dyn HostFacts) -> String 
         .any(|e| e.dests.keys().any(|d| matches!(d, Dest::Host(_))));
     let mut out = String::new();
     header(&mut out, obs, ctx, unscoped_all, port_zero);
-    let _ = writeln!(out, "mode = {}", toml_str(&ctx.mode.to_string()));
-    out.push_str("default = \"deny\"\n");
-    out.push_str("# Loopback is allowed without rules (and was not observed).\n");
-    out.push_str("allow_loopback = true\n");
-    sockets(&mut out, obs);
-    dns(&mut out, ctx, uses_hosts);
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    match &ctx.base {
+        None => {
+            let _ = writeln!(out, "mode = {}", toml_str(&ctx.mode.to_string()));
+            out.push_str("default = \"deny\"\n");
+            out.push_str("# Loopback is allowed without rules (and was not observed).\n");
+            out.push_str("allow_loopback = true\n");
+            sockets(&mut out, obs);
+            dns(&mut out, ctx, uses_hosts);
+        }
+        Some(base) => {
+            taken.extend(base.names.iter().cloned());
+            let _ = writeln!(
+                out,
+                "# ---- The base policy, {}, as it is (its mode stands; --mode is not applied) ----",
+                comment(&base.path)
+            );
+            out.push_str(&base.text);
+            if !base.text.ends_with('\n') {
+                out.push('\n');
+            }
+            let _ = writeln!(
+                out,
+                "\n# ---- Learned by `egress learn`: what the base policy did not allow ----"
+            );
+            if base.has_sockets {
+                for (rule, t) in &obs.sockets {
+                    let _ = writeln!(
+                        out,
+                        "# {rule} was used ({}): allow it in the base's [sockets] if meant.",
+                        counts_sockets(t)
+                    );
+                }
+            } else {
+                sockets(&mut out, obs);
+            }
+            if base.has_dns {
+                let wanted = ctx.dns_upstream_given;
+                if wanted {
+                    out.push_str(
+                        "# The base policy has its own [dns]: its upstreams are used as they are.\n",
+                    );
+                }
+            } else {
+                dns(&mut out, ctx, uses_hosts);
+            }
+        }
+    }
     if uses_hosts && obs.dns_over_tls > 0 {
         let _ = writeln!(
             out,
@@ -225,7 +327,6 @@ pub fn build(obs: &Observations, ctx: &Context, host: &dyn HostFacts) -> String 
     if entries.is_empty() {
         out.push_str("\n# Nothing was observed that needs a service.\n");
     }
-    let mut taken: BTreeSet<String> = BTreeSet::new();
     for e in entries.values() {
         service(&mut out, e, &mut taken);
     }
@@ -701,6 +802,7 @@ mod tests {
             },
             min_count: 1,
             mode: Mode::Enforce,
+            base: None,
         }
     }
 
@@ -901,6 +1003,41 @@ mod tests {
         assert!(text.contains("every port is allowed"), "{text}");
         assert_eq!(p.services().count(), 1);
         assert!(p.services().next().unwrap().ports.is_empty());
+    }
+
+    #[test]
+    fn a_base_policy_is_kept_as_it_is_and_extended() {
+        const BASE: &str = "# our base\nmode = \"enforce\"\n\n[[service]]\nname = \"curl-198-18-0-3\"\ndestinations = [\"198.18.0.3\"]\nports = [80]\n\n[[block]]\nname = \"no-smtp\"\ndestinations = [\"0.0.0.0/0\"]\nports = [25]\n";
+        let policy = parse(BASE);
+        let base = Base::new("base.toml", BASE.to_string(), &policy);
+        assert!(!base.has_dns && !base.has_sockets);
+        let learning = base
+            .learning_text(Some(&["127.0.0.2".to_string()]))
+            .unwrap();
+        let lp = parse(&learning);
+        assert_eq!(lp.mode, Mode::Audit);
+        assert_eq!(lp.rules.len(), 2);
+        assert!(lp.uses_names());
+        let mut c = ctx();
+        c.base = Some(base);
+        let mut smtp = event("connect4", "tcp", "198.18.0.9", 25);
+        smtp.rule = "no-smtp".into();
+        let text = build(
+            &obs(&[event("connect4", "tcp", "198.18.0.3", 81), smtp]),
+            &c,
+            &Fake,
+        );
+        let p = parse(&text);
+        assert!(text.contains(BASE), "{text}");
+        assert_eq!(p.mode, Mode::Enforce);
+        // The learned service's natural name is the base's: it gets another.
+        assert!(text.contains("name = \"curl-198-18-0-3-2\""), "{text}");
+        assert!(
+            text.contains("refused by `no-smtp` of the base policy"),
+            "{text}"
+        );
+        assert_eq!(p.services().count(), 2);
+        assert!(p.uses_names(), "[dns] added: the base had none\n{text}");
     }
 
     #[test]

@@ -194,6 +194,18 @@ impl Observations {
             *self.skipped.entry(ev.rule.clone()).or_default() += 1;
             return;
         }
+        // Learning from a base policy (`--policy`): a call one of its blocks (or audit entries)
+        // refuses is not for a service to allow (a block wins over every service).
+        if ev.rule != "default" && ev.rule != crate::policy::DOT_BLOCK {
+            *self
+                .skipped
+                .entry(format!(
+                    "refused or reported by `{}` of the base policy",
+                    ev.rule
+                ))
+                .or_default() += 1;
+            return;
+        }
         let Ok(addr) = ev.dst.parse::<IpAddr>() else {
             *self
                 .skipped
@@ -365,6 +377,22 @@ mod tests {
         assert_eq!(k.port, 0);
         assert_eq!((t.connects, t.packets), (1, 1));
         assert_eq!(o.sockets["sockets.raw"].connects, 1);
+    }
+
+    #[test]
+    fn calls_a_base_policy_rule_refuses_are_not_tallied() {
+        let mut o = Observations::new(false);
+        let mut e = event("connect4", "tcp", "203.0.113.9", 25);
+        e.rule = "no-smtp".into();
+        o.record(&e);
+        assert!(o.flows.is_empty());
+        assert_eq!(
+            o.skipped["refused or reported by `no-smtp` of the base policy"],
+            1
+        );
+        e.rule = crate::policy::DOT_BLOCK.into();
+        o.record(&e);
+        assert_eq!((o.flows.len(), o.dns_over_tls), (1, 1));
     }
 
     #[test]
