@@ -307,8 +307,9 @@ enum Command {
         /// still written.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
-        /// Write the draft to FILE instead of stdout (`--output FILE` is accepted too: for
-        /// `learn`, `--output` / `-o` with a value other than `json` or `text` is the draft file).
+        /// Write the draft to FILE instead of stdout (`-`: stdout). `--output FILE` is the same:
+        /// for `learn`, `--output` / `-o` with a value other than `json` or `text` is the draft
+        /// file.
         #[arg(long, value_name = "FILE")]
         draft: Option<PathBuf>,
         /// Where the DNS proxy forwards while learning (repeatable; ADDR or ADDR:PORT, `[v6]:PORT`),
@@ -836,7 +837,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 cgroup,
                 command,
                 duration,
-                output: draft,
+                // `-` is stdout, as for `--events`.
+                output: draft.filter(|p| p.as_path() != Path::new("-")),
                 dns_upstream,
                 names: !no_names,
                 selectors: crate::learn::draft::SelectorsWanted {
