@@ -1033,7 +1033,7 @@ mod tests {
         // The learned service's natural name is the base's: it gets another.
         assert!(text.contains("name = \"curl-198-18-0-3-2\""), "{text}");
         assert!(
-            text.contains("refused by `no-smtp` of the base policy"),
+            text.contains("refused or reported by `no-smtp` of the base policy"),
             "{text}"
         );
         assert_eq!(p.services().count(), 2);
