@@ -41,6 +41,7 @@ pub fn pin_dir() -> PathBuf {
 enum Sub {
     Run,
     Exec,
+    Learn,
 }
 
 /// How to start `egress run` or `egress exec` in a test namespace; see [`EgressCmd::run`] and
@@ -102,6 +103,12 @@ impl EgressCmd {
     /// [`EgressCmd::command`].
     pub fn exec(ns: &LoopNs) -> EgressCmd {
         EgressCmd::new(Sub::Exec, ns, PathBuf::from("/nonexistent"))
+    }
+
+    /// `egress learn` in `ns`; a command (after `--`) only if given with
+    /// [`EgressCmd::command`].
+    pub fn learn(ns: &LoopNs) -> EgressCmd {
+        EgressCmd::new(Sub::Learn, ns, PathBuf::from("/nonexistent"))
     }
 
     /// One more option (or option value) for the subcommand.
@@ -220,6 +227,12 @@ impl EgressCmd {
                     .args(&self.opts)
                     .arg("--")
                     .args(&self.command);
+            }
+            Sub::Learn => {
+                cmd.arg("learn").args(&self.opts);
+                if !self.command.is_empty() {
+                    cmd.arg("--").args(&self.command);
+                }
             }
         }
         // Text logs without colour codes, whatever the terminal.

@@ -890,6 +890,7 @@ fn the_range_table_and_the_trie_agree_with_explain_at_every_prefix_edge() {
         owners: None,
         prefixes: Some(1),
         kernel_log: false,
+        events_ring: None,
     };
     let mut dp = Datapath::load_capacities(&small, sizes).expect("loading the datapath");
     dp.attach(cg.path()).unwrap();

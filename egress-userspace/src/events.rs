@@ -330,6 +330,8 @@ pub struct EventStream<W> {
     /// Where `egress events` finds every event written, as native JSON lines whatever `format`
     /// (`run`; None: `exec`).
     feed: Option<Arc<crate::feed::Feed>>,
+    /// Every deny and audit event is also tallied here (`egress learn`).
+    observer: Option<Arc<std::sync::Mutex<crate::learn::Observations>>>,
 }
 
 /// Opens the events file for appending, created owner-only (mode 0600: events carry command
@@ -371,6 +373,7 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
             format: Format::Json,
             webhook: None,
             feed: None,
+            observer: None,
         };
         stream.set_names(generation, names, hash);
         stream
@@ -419,6 +422,11 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
                 json.host = hosts.host_of(ev.cgroup_id, judged);
             }
             *self.by_rule.entry(json.rule.clone()).or_default() += 1;
+            if let Some(o) = &self.observer {
+                o.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .record(&json);
+            }
             let written = line(&json, self.format)?;
             if let Some(feed) = &self.feed {
                 // The feed takes native JSON lines: the line written, unless it is ECS.
@@ -490,6 +498,14 @@ impl<W: AsyncWrite + Unpin> EventStream<W> {
     /// Where every line written is also published (`egress events`).
     pub fn set_feed(&mut self, feed: Option<Arc<crate::feed::Feed>>) {
         self.feed = feed;
+    }
+
+    /// Tallies every deny and audit event in `observer` too (`egress learn`).
+    pub fn set_observer(
+        &mut self,
+        observer: Option<Arc<std::sync::Mutex<crate::learn::Observations>>>,
+    ) {
+        self.observer = observer;
     }
 
     /// Names the rules of events of a new policy generation (after a reload).

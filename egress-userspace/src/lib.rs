@@ -22,6 +22,7 @@ pub mod events;
 pub mod exit;
 pub mod feed;
 pub mod kube;
+pub mod learn;
 pub mod metrics;
 pub mod policy;
 pub mod report;

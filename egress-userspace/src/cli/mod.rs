@@ -19,7 +19,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{
     api::{self, Request, client},
-    controller::{self, DnsListen, ExecOptions, Options, RunOptions},
+    controller::{self, DnsListen, ExecOptions, LearnOptions, Options, RunOptions},
     datapath::pins::{self, Pins},
     events::Format as EventsFormat,
     exit,
@@ -75,6 +75,85 @@ pub const DEFAULT_CONFIG_DIR: &str = "/etc/egress";
 pub enum Output {
     Text,
     Json,
+}
+
+/// `learn --ring-mib`: a power of two from 1 to 1024.
+fn ring_mib(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|e| format!("{e}: expected a number of MiB"))?;
+    if (1..=1024).contains(&n) && n.is_power_of_two() {
+        Ok(n)
+    } else {
+        Err(format!("{n} MiB: expected a power of two from 1 to 1024"))
+    }
+}
+
+/// `learn --by`: which selectors a draft's entries get.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LearnBy {
+    Exe,
+    User,
+    None,
+}
+
+/// `learn --mode`: the draft's `mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LearnMode {
+    Enforce,
+    Audit,
+}
+
+/// For `egress learn`, `--output FILE` (and `-o FILE`) names the draft file, as its contract
+/// says, while everywhere else `--output` / `-o` is the global output format: the value decides
+/// (`json` and `text` stay formats). Only arguments after the `learn` subcommand and before
+/// `--` are touched.
+fn learn_output_alias(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const GLOBAL_WITH_VALUE: [&str; 7] = [
+        "--log-format",
+        "--host-proc",
+        "--socket",
+        "--pin-dir",
+        "-o",
+        "--output",
+        "--config-dir",
+    ];
+    let is_format = |v: &std::ffi::OsStr| v == "json" || v == "text";
+    let mut i = 1;
+    // Find the subcommand: the first argument that is neither an option nor an option's value.
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if GLOBAL_WITH_VALUE.contains(&a.as_ref()) {
+            i += 2;
+        } else if a.starts_with('-') {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    if args.get(i).is_none_or(|a| a != "learn") {
+        return args;
+    }
+    let mut out: Vec<std::ffi::OsString> = args[..=i].to_vec();
+    let mut rest = args[i + 1..].iter().peekable();
+    while let Some(a) = rest.next() {
+        if a == "--" {
+            out.push(a.clone());
+            out.extend(rest.cloned());
+            break;
+        }
+        let s = a.to_string_lossy();
+        if (s == "--output" || s == "-o") && rest.peek().is_some_and(|v| !is_format(v)) {
+            out.push("--draft".into());
+        } else if let Some(v) = s.strip_prefix("--output=")
+            && !is_format(std::ffi::OsStr::new(v))
+        {
+            out.push(format!("--draft={v}").into());
+        } else {
+            out.push(a.clone());
+        }
+    }
+    out
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -218,6 +297,73 @@ enum Command {
         feed_cache: PathBuf,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Observe in audit mode (nothing is refused) and write a policy draft that allows exactly
+    /// what was seen: names learned through egress's DNS proxy rather than addresses where
+    /// known, executables and users as selectors, ports and protocols, with comments saying how
+    /// often each entry was used. Observes a command run in a fresh child cgroup (`-- CMD`, as
+    /// `exec` runs it: until it exits), an existing cgroup (--cgroup), or the whole host
+    /// (neither; DNS is then not steered, and the draft lists addresses).
+    Learn {
+        /// Observe this existing cgroup2 directory (absolute path under the cgroup2 root).
+        #[arg(long, value_name = "DIR", conflicts_with = "command")]
+        cgroup: Option<PathBuf>,
+        /// Learn for at most this long (`10m`, `90s`, `1h30m`). When it passes, a command gets
+        /// SIGTERM (killed 5 s later), and the draft is written. Default: until the command exits;
+        /// without a command, 10m. Ctrl-C (SIGINT) or SIGTERM ends learning early; the draft is
+        /// still written.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Write the draft to FILE instead of stdout (`-`: stdout). `--output FILE` is the same:
+        /// for `learn`, `--output` / `-o` with a value other than `json` or `text` is the draft
+        /// file.
+        #[arg(long, value_name = "FILE")]
+        draft: Option<PathBuf>,
+        /// Where the DNS proxy forwards while learning (repeatable; ADDR or ADDR:PORT, `[v6]:PORT`),
+        /// also written into the draft's `[dns]`. Default: the system's resolvers (not written).
+        #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]")]
+        dns_upstream: Vec<String>,
+        /// Do not learn names: no DNS steering, addresses only.
+        #[arg(long)]
+        no_names: bool,
+        /// Selectors the draft's entries get: `exe` (executables), `user` (users), both
+        /// (`exe,user`, the default) or `none`.
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "exe,user|none", default_values_t = [LearnBy::Exe, LearnBy::User])]
+        by: Vec<LearnBy>,
+        /// Leave out entries seen fewer than N times (listed in a comment instead).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        min_count: u64,
+        /// The draft's `mode`: `enforce` (default) or `audit` (to roll it out gently). Not
+        /// applied with --policy (the base's mode stands).
+        #[arg(long, value_enum, value_name = "MODE", default_value_t = LearnMode::Enforce)]
+        mode: LearnMode,
+        /// Start from this policy file: learning runs under it in audit mode (so only what it
+        /// would refuse is learned), and the draft is its text, as it is, followed by services
+        /// for what it did not allow. What its blocks refuse is listed, never allowed.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Also append the audit events seen while learning to FILE (JSON lines).
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
+        /// Interface for the TC program (repeatable). Default: every interface that is up,
+        /// except loopback.
+        #[arg(long = "iface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// Room for N socket owners (see `exec --owners-capacity`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        owners_capacity: Option<u32>,
+        /// Where the DNS proxy listens (see `run --dns-listen`).
+        #[arg(long = "dns-listen", value_name = "ADDR[:PORT]")]
+        dns_listen: Vec<String>,
+        /// Size of the kernel's event ring while learning, in MiB (a power of two, 1-1024;
+        /// allocated for as long as learning runs). Each call observed is one 88-byte record
+        /// until the controller reads it; a burst larger than the ring loses events, which the
+        /// draft counts and warns about.
+        #[arg(long, value_name = "MIB", default_value_t = 16, value_parser = ring_mib)]
+        ring_mib: u32,
+        /// The command to run and observe, and its arguments.
+        #[arg(last = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Re-read the policy of the running controller (or switch it to FILE) and apply it
@@ -524,7 +670,7 @@ fn init_logging(format: LogFormat, kernel_log: bool) {
 /// The `egress` binary's entry point.
 /// Exit codes: see [`crate::exit`] (78 for a configuration error).
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(learn_output_alias(std::env::args_os().collect())) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -611,6 +757,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 notify: true,
                 kernel_log: kernel_log_wanted(kernel_log),
                 feed_cache,
+                events_ring: None,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -650,11 +797,72 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 notify: false,
                 kernel_log: kernel_log_wanted(kernel_log),
                 feed_cache,
+                events_ring: None,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,
                 command,
                 report,
+            }))?;
+            Ok(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Learn {
+            cgroup,
+            duration,
+            draft,
+            dns_upstream,
+            no_names,
+            by,
+            min_count,
+            mode,
+            events,
+            ifaces,
+            owners_capacity,
+            dns_listen,
+            ring_mib,
+            policy,
+            command,
+        } => {
+            let common = Options {
+                policy: None,
+                events,
+                events_format: EventsFormat::Json,
+                ifaces,
+                webhook: None,
+                metrics: None,
+                owners_capacity,
+                prefix_capacity: None,
+                kube: None,
+                dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
+                notify: false,
+                kernel_log: false,
+                events_ring: Some(ring_mib * 1024 * 1024),
+            };
+            let none = by.contains(&LearnBy::None);
+            let duration = duration.or_else(|| {
+                command
+                    .is_empty()
+                    .then_some(std::time::Duration::from_secs(600))
+            });
+            let code = runtime()?.block_on(controller::learn(LearnOptions {
+                common,
+                cgroup,
+                command,
+                duration,
+                // `-` is stdout, as for `--events`.
+                output: draft.filter(|p| p.as_path() != Path::new("-")),
+                dns_upstream,
+                names: !no_names,
+                selectors: crate::learn::draft::SelectorsWanted {
+                    executables: !none && by.contains(&LearnBy::Exe),
+                    users: !none && by.contains(&LearnBy::User),
+                },
+                min_count,
+                mode: match mode {
+                    LearnMode::Enforce => crate::policy::Mode::Enforce,
+                    LearnMode::Audit => crate::policy::Mode::Audit,
+                },
+                base: policy,
             }))?;
             Ok(u8::try_from(code).unwrap_or(1))
         }
@@ -925,5 +1133,73 @@ mod tests {
             panic!("run")
         };
         assert!(alerting.config().is_none());
+    }
+
+    fn parse_learn(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(learn_output_alias(
+            args.split_whitespace().map(Into::into).collect(),
+        ))
+    }
+
+    #[test]
+    fn learn_takes_output_as_the_draft_file_and_keeps_output_formats() {
+        let cli =
+            parse_learn("egress learn --duration 10m --output draft.toml -- curl -o out.html x")
+                .unwrap();
+        let Command::Learn {
+            draft,
+            duration,
+            command,
+            by,
+            ..
+        } = cli.command
+        else {
+            panic!("learn")
+        };
+        assert_eq!(draft, Some(PathBuf::from("draft.toml")));
+        assert_eq!(duration, Some(std::time::Duration::from_secs(600)));
+        // After `--` the command's own `-o` is left alone.
+        assert_eq!(command, ["curl", "-o", "out.html", "x"]);
+        assert_eq!(by, [LearnBy::Exe, LearnBy::User]);
+        let cli = parse_learn(
+            "egress --socket /s learn --output=d.toml -o json --cgroup /sys/fs/cgroup/x",
+        )
+        .unwrap();
+        assert_eq!(cli.output, Output::Json);
+        let Command::Learn { draft, cgroup, .. } = cli.command else {
+            panic!("learn")
+        };
+        assert_eq!(draft, Some(PathBuf::from("d.toml")));
+        assert_eq!(cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
+        // Other commands keep `--output` as the format.
+        assert!(parse_learn("egress status --output draft.toml").is_err());
+        assert!(
+            parse_learn("egress learn --cgroup /x -- true").is_err(),
+            "both"
+        );
+        let cli = parse_learn("egress learn --by none --min-count 3 --mode audit").unwrap();
+        let Command::Learn {
+            by,
+            min_count,
+            mode,
+            ..
+        } = cli.command
+        else {
+            panic!("learn")
+        };
+        assert_eq!(
+            (by, min_count, mode),
+            (vec![LearnBy::None], 3, LearnMode::Audit)
+        );
+        for bad in ["0", "3", "2048", "x"] {
+            assert!(
+                parse_learn(&format!("egress learn --ring-mib {bad}")).is_err(),
+                "{bad}"
+            );
+        }
+        let Command::Learn { ring_mib, .. } = parse_learn("egress learn").unwrap().command else {
+            panic!("learn")
+        };
+        assert_eq!(ring_mib, 16);
     }
 }

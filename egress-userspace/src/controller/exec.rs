@@ -25,7 +25,7 @@ use crate::{
 };
 
 /// Where exec cgroups are made (under the cgroup2 root), and their link pins (under bpffs).
-const EXEC_PREFIX: &str = "egress-exec";
+pub(super) const EXEC_PREFIX: &str = "egress-exec";
 const EXEC_PINS: &str = "/sys/fs/bpf/egress-exec";
 
 /// The pin directory of the links of exec cgroup `cgroup`.
@@ -36,7 +36,7 @@ fn exec_pin_dir(cgroup: &Path) -> PathBuf {
 /// Fail-closed cleanup: an `egress exec` that died (even by SIGKILL) left its links pinned, so
 /// whatever its command left behind stays enforced. Once that cgroup is empty (and its exec is
 /// gone), the pins and the cgroup are removed here, by the next exec.
-fn remove_stale(root: &Path) {
+pub(super) fn remove_stale(root: &Path) {
     if let Ok(entries) = std::fs::read_dir(EXEC_PINS) {
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -120,42 +120,14 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
         Controller::start(&opts.common, target, Box::new(tokio::io::stderr())).await?;
 
     let procs = cg.procs_fd()?;
-    let parent = rustix::process::getpid();
     withhold_inherited_sockets();
     let drop_net_raw = withholds_net_raw(&ctl.policy.policy);
     if drop_net_raw {
         tracing::info!("raw and packet sockets are denied: the command runs without CAP_NET_RAW");
     }
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args);
-    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getppid, write, _exit)
-    // on an fd opened before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Fail closed: if egress dies (even by SIGKILL), the command dies with it rather than
-            // running on without its policy.
-            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-            // egress died before the prctl took effect.
-            if rustix::process::getppid() != Some(parent) {
-                libc::_exit(1);
-            }
-            if drop_net_raw {
-                drop_cap_net_raw()?;
-            }
-            cgroup::join_in_child(&procs)
-        });
-    }
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn_in(program, args, procs, drop_net_raw) {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            tracing::error!(command = %program, error = %e, "cannot run the command");
-            return Ok(code);
-        }
+        Err(code) => return Ok(code),
     };
     let pid = child.id();
     let mut feed_news = ctl.take_feed_news();
@@ -208,6 +180,45 @@ pub async fn exec(opts: ExecOptions) -> anyhow::Result<i32> {
     })
 }
 
+/// Starts `program` in the cgroup whose `cgroup.procs` is `procs` (joined before exec, so its
+/// first instruction already runs there), killed if egress dies, without `CAP_NET_RAW` when
+/// asked. Err: the exit code to exit with (127 not found, 126 cannot run), logged.
+pub(super) fn spawn_in(
+    program: &str,
+    args: &[String],
+    procs: std::os::fd::OwnedFd,
+    drop_net_raw: bool,
+) -> Result<tokio::process::Child, i32> {
+    let parent = rustix::process::getpid();
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getppid, write, _exit)
+    // on an fd opened before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Fail closed: if egress dies (even by SIGKILL), the command dies with it rather than
+            // running on without its policy.
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // egress died before the prctl took effect.
+            if rustix::process::getppid() != Some(parent) {
+                libc::_exit(1);
+            }
+            if drop_net_raw {
+                drop_cap_net_raw()?;
+            }
+            cgroup::join_in_child(&procs)
+        });
+    }
+    cmd.spawn().map_err(|e| {
+        tracing::error!(command = %program, error = %e, "cannot run the command");
+        if e.kind() == std::io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        }
+    })
+}
+
 /// Whether the command runs without `CAP_NET_RAW`: an enforced policy that denies both raw and
 /// `AF_PACKET` sockets. The sock_create hook refuses raw sockets and TC judges packet sockets'
 /// frames, but a packet socket with `PACKET_QDISC_BYPASS` skips TC and no cgroup hook sees it;
@@ -242,7 +253,7 @@ fn drop_cap_net_raw() -> std::io::Result<()> {
 /// command's cgroup would carry its traffic past the policy. Standard input, output and error
 /// stay as they are (an inetd-style connection is the command's own channel). Files, pipes and
 /// Unix sockets pass as before.
-fn withhold_inherited_sockets() {
+pub(super) fn withhold_inherited_sockets() {
     use rustix::{
         fd::BorrowedFd,
         io::{FdFlags, fcntl_getfd, fcntl_setfd},

@@ -11,7 +11,8 @@
 //!   beside the pins; `scopes.rs`: following the executables and cgroups scoped entries name;
 //! - `adopt.rs`: what a controller that finds enforcement pinned enforces (never less than the
 //!   kernel holds unless told);
-//! - `run.rs` and `exec.rs`: the two commands' event loops; `signals.rs`: forwarding signals to
+//! - `run.rs` and `exec.rs`: the two commands' event loops; `learn.rs`: `egress learn` (a
+//!   command, a cgroup or the host observed in audit mode, and the policy draft written); `signals.rs`: forwarding signals to
 //!   `exec`'s command.
 //!
 //! The control *socket* (`crate::api`) only carries requests to the controller's loop.
@@ -21,6 +22,7 @@ mod blocks;
 mod dns_alerts;
 mod exec;
 mod feeds;
+mod learn;
 mod names;
 mod reload;
 mod run;
@@ -42,6 +44,7 @@ use tracing::{error, info, warn};
 use self::{adopt::Plan, blocks::Blocks, reload::PolicyInForce};
 pub use self::{
     exec::{ExecOptions, exec},
+    learn::{LearnOptions, learn},
     names::DnsListen,
     run::{RunOptions, run},
 };
@@ -94,6 +97,10 @@ pub struct Options {
     pub kernel_log: bool,
     /// Where the last good copy of every blocklist's feed is kept (`--feed-cache`).
     pub feed_cache: PathBuf,
+    /// Bytes of the deny/audit event ring (None: the object's 1 MiB). A power of two, a
+    /// multiple of the page size; fresh loads only (`learn` asks for more: it must see every
+    /// call).
+    pub events_ring: Option<u32>,
 }
 
 /// Where a controller enforces.
@@ -231,6 +238,7 @@ impl Controller {
             owners: opts.owners_capacity,
             prefixes: opts.prefix_capacity,
             kernel_log: opts.kernel_log,
+            events_ring: opts.events_ring,
         };
         let (mut dp, adopted) = match &target.pins {
             Some(p) => {

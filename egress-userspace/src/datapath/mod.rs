@@ -113,6 +113,9 @@ pub struct Capacities {
     /// per decision (see [`kernel_log`]; taken with [`Datapath::take_kernel_log`]). Off, the
     /// verifier drops the logging code.
     pub kernel_log: bool,
+    /// Bytes of the `EVENTS` ring (None: as the object says, 1 MiB). A pinned ring keeps its
+    /// size.
+    pub events_ring: Option<u32>,
 }
 
 /// Distinct rule sets one policy buffer can hold.
@@ -403,6 +406,9 @@ impl Datapath {
         let range_entries = range_entries(sizes.prefixes, policy);
         for name in map_names::RANGES_V4 {
             loader.map_max_entries(name, range_entries);
+        }
+        if let (Some(bytes), None) = (sizes.events_ring, pins) {
+            loader.map_max_entries(map_names::EVENTS, bytes);
         }
         let mut adopt = false;
         if let Some(p) = pins {

@@ -547,6 +547,7 @@ fn lookup_spread(s: &Settings) -> anyhow::Result<Vec<SpreadRow>> {
             owners: None,
             prefixes: Some(n as u32),
             kernel_log: false,
+            events_ring: None,
         };
         let mut cases: Vec<(&str, Datapath, TestCgroup)> = vec![
             (
@@ -607,6 +608,7 @@ fn trie_datapath(compiled: &CompiledPolicy) -> anyhow::Result<Datapath> {
         owners: None,
         prefixes: Some(1),
         kernel_log: false,
+        events_ring: None,
     };
     let mut dp = Datapath::load_capacities(&egress_policy(&[], false)?, sizes)?;
     let applied = dp.reload(compiled)?;
@@ -928,6 +930,7 @@ fn apply_cost(s: &Settings) -> anyhow::Result<Vec<ApplyRow>> {
             owners: None,
             prefixes: Some(n as u32),
             kernel_log: false,
+            events_ring: None,
         };
         let mut dp = Datapath::load_capacities(&small, sizes)?;
         let mut times = Vec::new();
