@@ -184,8 +184,14 @@ pub struct Config {
     /// The cgroup levels (bit n: level n, the root is 0) at which the policy's `cgroups`
     /// selectors sit: the hooks look up the caller's ancestor at each.
     pub scope_cg_levels: u32,
+    /// Number of entries in `EXCEPTIONS` (break-glass exceptions, `egress allow`); 0 skips the
+    /// lookup, so that a host without exceptions pays nothing for them.
+    pub exceptions: u32,
+    /// The cgroup levels (bit n: level n, the root is 0) at which `--cgroup` exceptions sit:
+    /// the hooks look up the caller's ancestor at each.
+    pub exc_cg_levels: u32,
 }
-const _: () = assert!(size_of::<Config>() == 136);
+const _: () = assert!(size_of::<Config>() == 144);
 
 impl Config {
     /// The all-zero config: enforce, default deny, no loopback, buffer 0 (fail-closed).
@@ -237,6 +243,88 @@ pub struct GrantValue {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<GrantValue>() == 16);
+
+/// `rule_id` of a call a break-glass exception (`egress allow`) let through where the policy
+/// would have refused it. Events name it `exception`.
+pub const RULE_EXCEPTION: u32 = u32::MAX - 16;
+
+/// `ExceptionKey::kind`: whom a break-glass exception covers.
+pub const EXC_PROCESS: u8 = 1;
+pub const EXC_CGROUP: u8 = 2;
+pub const EXC_USER: u8 = 3;
+/// Bits of an [`ExceptionKey`] before the address (kind, family, padding, scope id): the
+/// prefix length of an entry is this plus the destination's prefix length.
+pub const EXC_SCOPE_BITS: u32 = 128;
+/// Exceptions one trie entry can carry: the exceptions of one scope whose destinations cover
+/// the entry's (a longer prefix carries those of the shorter ones it lies in, since the trie
+/// answers with the longest match only).
+pub const EXC_SLOTS: usize = 4;
+/// The deepest cgroup level a `--cgroup` exception may sit at (bits of `exc_cg_levels`).
+pub const EXC_MAX_CG_LEVEL: u32 = 31;
+
+/// Key data of `EXCEPTIONS` (an LPM trie): one scope (a process by tgid, a cgroup by id, a
+/// user by real uid) and a destination prefix. The trie's prefix length covers the first 16
+/// bytes whole ([`EXC_SCOPE_BITS`]) and then the destination's prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExceptionKey {
+    /// `EXC_*`.
+    pub kind: u8,
+    /// 4 (address in the first 4 bytes) or 6.
+    pub family: u8,
+    pub _pad: [u8; 6],
+    /// tgid, cgroup id or uid.
+    pub scope_id: u64,
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<ExceptionKey>() == 32);
+
+/// One exception of an `EXCEPTIONS` entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExceptionSlot {
+    /// CLOCK_BOOTTIME nanoseconds when the exception ends (0: an empty slot). The hooks ignore
+    /// it after that, controller or not.
+    pub until_ns: u64,
+    /// The exception's id (`egress revoke ID`).
+    pub id: u32,
+    /// Inclusive port range, host order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// `PROTO_*` bits.
+    pub proto_mask: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<ExceptionSlot>() == 24);
+
+/// Value of `EXCEPTIONS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExceptionValue {
+    pub slots: [ExceptionSlot; EXC_SLOTS],
+}
+const _: () = assert!(size_of::<ExceptionValue>() == 24 * EXC_SLOTS);
+
+impl ExceptionValue {
+    /// The id of the first exception of this entry still in force at `now` that covers `port`
+    /// and protocol `ipproto`. The hooks and `egress explain`-like checks share it.
+    #[inline(always)]
+    pub fn allows(&self, now: u64, port: u16, ipproto: u8) -> Option<u32> {
+        let bit = proto_bit(ipproto);
+        let mut i = 0;
+        while i < EXC_SLOTS {
+            let s = &self.slots[i];
+            if s.until_ns > now
+                && s.proto_mask & bit != 0
+                && (bit & PROTO_PORTLESS != 0 || (port >= s.port_lo && port <= s.port_hi))
+            {
+                return Some(s.id);
+            }
+            i += 1;
+        }
+        None
+    }
+}
 
 /// `RULESETS` keys at and above this are the rule sets of `hosts` services (grants point at
 /// them); below it, those of address prefixes.

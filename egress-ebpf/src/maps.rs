@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, DnsOrig, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
+    BlockKey, BlockValue, Config, DnsOrig, ExceptionKey, ExceptionValue, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
     PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
     ranges::{RangeLine, V4_DIR_LINES},
 };
@@ -134,6 +134,17 @@ pub static BLOCK_TREE: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);
 /// expired entries. Survives controller restarts (pinned).
 #[map]
 pub static GRANTS: HashMap<GrantKey, GrantValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Break-glass exceptions (`egress allow`): (scope kind, tgid/cgroup id/uid, destination
+/// prefix) -> up to `EXC_SLOTS` exceptions (id, until, ports, protocols). Written by the
+/// controller when an exception is granted, revoked or has expired; read by the
+/// connect/sendmsg hooks only where the policy refuses a call and `Config::exceptions` says
+/// entries exist. Each slot carries its own expiry (CLOCK_BOOTTIME), checked by the hooks: an
+/// exception ends on time with no controller. Pinned, so exceptions survive controller
+/// restarts. No preallocation (an LPM trie requires it).
+#[map]
+pub static EXCEPTIONS: LpmTrie<ExceptionKey, ExceptionValue> =
+    LpmTrie::with_max_entries(4096, BPF_F_NO_PREALLOC);
 
 /// Socket cookie -> the DNS server a steered socket addressed, so that answers from the proxy
 /// appear to come from it (recvmsg, getpeername). Written by the connect/sendmsg hooks when

@@ -106,6 +106,10 @@ pub struct StatusReport {
     /// when the pinned config still steers DNS.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub dns: Option<DnsStatus>,
+    /// Live break-glass exceptions (`egress allow`); without a controller, those recorded beside
+    /// the pins that the pinned map still holds.
+    #[serde(default)]
+    pub exceptions: Vec<crate::exceptions::Exception>,
 }
 
 /// The DNS proxy and the kernel's grants, in `egress status` and `egress stats`.
@@ -264,6 +268,7 @@ impl StatusReport {
             links: Some(links),
             counters,
             dns,
+            exceptions: Vec::new(),
         }
     }
 }

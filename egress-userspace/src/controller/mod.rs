@@ -16,6 +16,7 @@
 
 mod adopt;
 mod blocks;
+mod breakglass;
 mod exec;
 mod names;
 mod reload;
@@ -88,6 +89,8 @@ pub struct Options {
     /// The kernel's debug line per decision, forwarded to the log (target `egress_ebpf`, debug):
     /// `--kernel-log`, or a RUST_LOG that enables it. Fixed at load.
     pub kernel_log: bool,
+    /// The longest break-glass exception (`egress allow --for`) granted (`--max-exception`).
+    pub max_exception: Duration,
 }
 
 /// Where a controller enforces.
@@ -156,6 +159,8 @@ pub struct Controller {
     map_fill: Vec<crate::datapath::MapFill>,
     /// The recent events and their followers (`egress events`).
     feed: Arc<crate::feed::Feed>,
+    /// Break-glass exceptions in force (`egress allow`).
+    breakglass: breakglass::BreakGlass,
 }
 
 /// The outcome of the last reload (at start: the policy applied then), as Prometheus' own
@@ -314,6 +319,10 @@ impl Controller {
             },
             map_fill: Vec::new(),
             feed,
+            breakglass: breakglass::BreakGlass::new(
+                None,
+                opts.max_exception,
+            ),
         };
         if adopted {
             info!(
@@ -327,6 +336,14 @@ impl Controller {
         }
         if let Some(requested) = switch_to {
             ctl.apply_over_adopted(requested).await?;
+        }
+        ctl.breakglass.file = ctl
+            .target
+            .pins
+            .as_ref()
+            .map(|p| crate::exceptions::file_for(&p.state_path()));
+        if ctl.breakglass.file.is_some() {
+            ctl.adopt_exceptions().await;
         }
         ctl.follow_names().await?;
         ctl.write_state();
@@ -401,6 +418,7 @@ impl Controller {
                 .names
                 .as_ref()
                 .map(|n| n.status(counters.dns_steered, true)),
+            exceptions: self.exception_rows(),
         })
     }
 
@@ -416,8 +434,32 @@ impl Controller {
     }
 
     /// Acts on a control-socket request.
-    async fn command(&mut self, request: Request) -> Response {
+    async fn command(&mut self, request: Request, caller: crate::api::server::Caller) -> Response {
         match request {
+            Request::Allow {
+                dest,
+                port,
+                protocol,
+                pid,
+                cgroup,
+                user,
+                for_secs,
+                reason,
+            } => {
+                let r = breakglass::AllowRequest {
+                    dest,
+                    port,
+                    protocol,
+                    pid,
+                    cgroup,
+                    user,
+                    for_secs,
+                    reason,
+                };
+                self.allow_request(r, caller).await
+            }
+            Request::Revoke { id } => self.revoke_request(id, caller).await,
+            Request::Exceptions => Response::Exceptions(self.exception_rows()),
             Request::Unblock { key } => self.unblock_request(&key).await,
             Request::Reload {
                 policy,

@@ -6,6 +6,7 @@
 
 mod blocks;
 mod bpfsys;
+mod exceptions;
 mod error;
 mod exec;
 mod fork;
@@ -584,6 +585,8 @@ impl Datapath {
             tc_cgroup_id: self.config.tc_cgroup_id,
             tc_cgroup_level: self.config.tc_cgroup_level,
             budget_blocks: self.config.budget_blocks,
+            exceptions: self.config.exceptions,
+            exc_cg_levels: self.config.exc_cg_levels,
             dns_flags: self.config.dns_flags,
             dns_v4: self.config.dns_v4,
             dns_port: self.config.dns_port,
