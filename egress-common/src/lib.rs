@@ -248,42 +248,35 @@ const _: () = assert!(size_of::<GrantValue>() == 16);
 /// would have refused it. Events name it `exception`.
 pub const RULE_EXCEPTION: u32 = u32::MAX - 16;
 
-/// `ExceptionKey::kind`: whom a break-glass exception covers.
+/// Whom a break-glass exception covers, in the top byte of its [`exception_scope`] key.
 pub const EXC_PROCESS: u8 = 1;
 pub const EXC_CGROUP: u8 = 2;
 pub const EXC_USER: u8 = 3;
-/// Bits of an [`ExceptionKey`] before the address (kind, family, padding, scope id): the
-/// prefix length of an entry is this plus the destination's prefix length.
-pub const EXC_SCOPE_BITS: u32 = 128;
-/// Exceptions one trie entry can carry: the exceptions of one scope whose destinations cover
-/// the entry's (a longer prefix carries those of the shorter ones it lies in, since the trie
-/// answers with the longest match only).
-pub const EXC_SLOTS: usize = 4;
+/// Exceptions one scope (a process, a cgroup, a user) may hold at once.
+pub const EXC_ENTRIES: usize = 8;
 /// The deepest cgroup level a `--cgroup` exception may sit at (bits of `exc_cg_levels`).
 pub const EXC_MAX_CG_LEVEL: u32 = 31;
+/// Scope ids (cgroup ids) must fit below the kind byte.
+pub const EXC_ID_MASK: u64 = (1 << 56) - 1;
 
-/// Key data of `EXCEPTIONS` (an LPM trie): one scope (a process by tgid, a cgroup by id, a
-/// user by real uid) and a destination prefix. The trie's prefix length covers the first 16
-/// bytes whole ([`EXC_SCOPE_BITS`]) and then the destination's prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ExceptionKey {
-    /// `EXC_*`.
-    pub kind: u8,
-    /// 4 (address in the first 4 bytes) or 6.
-    pub family: u8,
-    pub _pad: [u8; 6],
-    /// tgid, cgroup id or uid.
-    pub scope_id: u64,
-    pub addr: [u8; 16],
+/// The `EXCEPTIONS` key of a scope: its kind (`EXC_*`) in the top byte, its id (tgid, cgroup
+/// id, uid) below. Eight bytes, so that the hooks' lookup needs almost no stack (they are near
+/// the 512-byte limit).
+#[inline(always)]
+pub const fn exception_scope(kind: u8, id: u64) -> u64 {
+    ((kind as u64) << 56) | (id & EXC_ID_MASK)
 }
-const _: () = assert!(size_of::<ExceptionKey>() == 32);
 
-/// One exception of an `EXCEPTIONS` entry.
+/// One break-glass exception of a scope: a destination prefix (as two big-endian halves and
+/// their masks: `addr & mask == net`), ports, protocols and its end.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ExceptionSlot {
-    /// CLOCK_BOOTTIME nanoseconds when the exception ends (0: an empty slot). The hooks ignore
+pub struct ExceptionEntry {
+    pub net_hi: u64,
+    pub net_lo: u64,
+    pub mask_hi: u64,
+    pub mask_lo: u64,
+    /// CLOCK_BOOTTIME nanoseconds when the exception ends (0: an empty entry). The hooks ignore
     /// it after that, controller or not.
     pub until_ns: u64,
     /// The exception's id (`egress revoke ID`).
@@ -291,34 +284,50 @@ pub struct ExceptionSlot {
     /// Inclusive port range, host order.
     pub port_lo: u16,
     pub port_hi: u16,
+    /// 4 or 6.
+    pub family: u8,
     /// `PROTO_*` bits.
     pub proto_mask: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(size_of::<ExceptionSlot>() == 24);
+const _: () = assert!(size_of::<ExceptionEntry>() == 56);
 
-/// Value of `EXCEPTIONS`.
+/// Value of `EXCEPTIONS`: the live exceptions of one scope.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExceptionValue {
-    pub slots: [ExceptionSlot; EXC_SLOTS],
+pub struct ExceptionList {
+    pub entries: [ExceptionEntry; EXC_ENTRIES],
 }
-const _: () = assert!(size_of::<ExceptionValue>() == 24 * EXC_SLOTS);
+const _: () = assert!(size_of::<ExceptionList>() == 56 * EXC_ENTRIES);
 
-impl ExceptionValue {
-    /// The id of the first exception of this entry still in force at `now` that covers `port`
-    /// and protocol `ipproto`. The hooks and `egress explain`-like checks share it.
+/// The two big-endian halves of a 16-byte address field (an IPv4 address in the first 4 bytes,
+/// the rest zero).
+#[inline(always)]
+pub fn addr_halves(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
+}
+
+impl ExceptionList {
+    /// The id of the first exception of this scope still in force at `now` that covers the
+    /// destination (`family`, address halves), `port` and protocol `ipproto`. The hooks and
+    /// the controller's tests share it.
     #[inline(always)]
-    pub fn allows(&self, now: u64, port: u16, ipproto: u8) -> Option<u32> {
+    pub fn allows(&self, now: u64, family: u8, hi: u64, lo: u64, port: u16, ipproto: u8) -> Option<u32> {
         let bit = proto_bit(ipproto);
         let mut i = 0;
-        while i < EXC_SLOTS {
-            let s = &self.slots[i];
-            if s.until_ns > now
-                && s.proto_mask & bit != 0
-                && (bit & PROTO_PORTLESS != 0 || (port >= s.port_lo && port <= s.port_hi))
+        while i < EXC_ENTRIES {
+            let e = &self.entries[i];
+            if e.until_ns > now
+                && e.family == family
+                && hi & e.mask_hi == e.net_hi
+                && lo & e.mask_lo == e.net_lo
+                && e.proto_mask & bit != 0
+                && (bit & PROTO_PORTLESS != 0 || (port >= e.port_lo && port <= e.port_hi))
             {
-                return Some(s.id);
+                return Some(e.id);
             }
             i += 1;
         }

@@ -2,60 +2,47 @@
 //! exception of the calling process (tgid), of its real user (uid) or of one of its cgroups
 //! (the cgroup named, or any below it) towards the destination lets it through. Consulted
 //! only on the deny path and only when `Config::exceptions` says entries exist, so allowed
-//! calls and hosts without exceptions pay nothing. The expiry is each slot's, checked here
+//! calls and hosts without exceptions pay nothing. The end is each exception's, checked here
 //! against CLOCK_BOOTTIME: an exception ends on time even when no controller runs.
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_ktime_get_boot_ns,
-    },
-    maps::lpm_trie::Key,
+use aya_ebpf::helpers::{
+    bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    bpf_ktime_get_boot_ns,
 };
-use egress_common::{
-    EXC_CGROUP, EXC_MAX_CG_LEVEL, EXC_PROCESS, EXC_SCOPE_BITS, EXC_USER, ExceptionKey,
-};
+use egress_common::{EXC_CGROUP, EXC_MAX_CG_LEVEL, EXC_PROCESS, EXC_USER, exception_scope};
 
 use crate::maps::EXCEPTIONS;
 
-/// The id of a live exception covering the caller for this destination, else 0. `family` 4
-/// (address in the first 4 bytes) or 6; `cg_levels`: `Config::exc_cg_levels`.
+/// The id of a live exception covering the caller for this destination, else 0. `hi`, `lo`:
+/// the address's big-endian halves (`addr_halves`); `what`: port | protocol << 16 | family
+/// << 24 | `Config::exc_cg_levels` << 32 (in registers: this frame sits below the decision's,
+/// which leaves it 32 bytes of stack).
 ///
-/// Not inlined: its key (36 bytes) lives in its own frame, and the verifier walks its body
-/// once per call site rather than once per path through the whole decision.
+/// Not inlined: its locals live in its own frame, and the verifier walks its body once per
+/// call site rather than once per path through the whole decision.
 #[inline(never)]
-pub fn excepted(cg_levels: u32, family: u8, addr: &[u8; 16], port: u16, proto: u8) -> u32 {
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let bits = EXC_SCOPE_BITS + if family == 4 { 32 } else { 128 };
-    let mut key = Key::new(
-        bits,
-        ExceptionKey {
-            kind: EXC_PROCESS,
-            family,
-            _pad: [0; 6],
-            scope_id: bpf_get_current_pid_tgid() >> 32,
-            addr: *addr,
-        },
-    );
-    if let Some(id) = lookup(&key, now, port, proto) {
+#[unsafe(no_mangle)]
+pub extern "C" fn egress_excepted(hi: u64, lo: u64, what: u64) -> u32 {
+    let id = check(exception_scope(EXC_PROCESS, bpf_get_current_pid_tgid() >> 32), hi, lo, what);
+    if id != 0 {
         return id;
     }
-    key.data.kind = EXC_USER;
-    key.data.scope_id = u64::from(bpf_get_current_uid_gid() as u32);
-    if let Some(id) = lookup(&key, now, port, proto) {
+    let uid = bpf_get_current_uid_gid() as u32;
+    let id = check(exception_scope(EXC_USER, u64::from(uid)), hi, lo, what);
+    if id != 0 {
         return id;
     }
-    key.data.kind = EXC_CGROUP;
+    let levels = (what >> 32) as u32;
     let mut level = 0;
     while level <= EXC_MAX_CG_LEVEL {
-        if cg_levels >> level == 0 {
+        if levels >> level == 0 {
             break;
         }
-        if cg_levels & (1 << level) != 0 {
-            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
-            if id != 0 {
-                key.data.scope_id = id;
-                if let Some(id) = lookup(&key, now, port, proto) {
+        if levels & (1 << level) != 0 {
+            let cg = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if cg != 0 {
+                let id = check(exception_scope(EXC_CGROUP, cg), hi, lo, what);
+                if id != 0 {
                     return id;
                 }
             }
@@ -66,6 +53,11 @@ pub fn excepted(cg_levels: u32, family: u8, addr: &[u8; 16], port: u16, proto: u
 }
 
 #[inline(always)]
-fn lookup(key: &Key<ExceptionKey>, now: u64, port: u16, proto: u8) -> Option<u32> {
-    EXCEPTIONS.get(key)?.allows(now, port, proto)
+fn check(scope: u64, hi: u64, lo: u64, what: u64) -> u32 {
+    let Some(list) = (unsafe { EXCEPTIONS.get(&scope) }) else {
+        return 0;
+    };
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    list.allows(now, (what >> 24) as u8, hi, lo, what as u16, (what >> 16) as u8)
+        .unwrap_or(0)
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, DnsOrig, ExceptionKey, ExceptionValue, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
+    BlockKey, BlockValue, Config, DnsOrig, ExceptionList, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
     PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
     ranges::{RangeLine, V4_DIR_LINES},
 };
@@ -135,16 +135,18 @@ pub static BLOCK_TREE: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);
 #[map]
 pub static GRANTS: HashMap<GrantKey, GrantValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
-/// Break-glass exceptions (`egress allow`): (scope kind, tgid/cgroup id/uid, destination
-/// prefix) -> up to `EXC_SLOTS` exceptions (id, until, ports, protocols). Written by the
-/// controller when an exception is granted, revoked or has expired; read by the
-/// connect/sendmsg hooks only where the policy refuses a call and `Config::exceptions` says
-/// entries exist. Each slot carries its own expiry (CLOCK_BOOTTIME), checked by the hooks: an
-/// exception ends on time with no controller. Pinned, so exceptions survive controller
-/// restarts. No preallocation (an LPM trie requires it).
+/// Break-glass exceptions (`egress allow`): scope (`exception_scope`: a process by tgid, a
+/// cgroup by id, a user by uid) -> its live exceptions (destination prefix, ports, protocols,
+/// id, end). Written by the controller when an exception is granted, revoked or has ended;
+/// read by the connect/sendmsg hooks only where the policy refuses a call and
+/// `Config::exceptions` says entries exist. Each exception carries its own end
+/// (CLOCK_BOOTTIME), checked by the hooks: it ends on time with no controller. An 8-byte key,
+/// not an LPM trie: the lookup runs in a frame of its own below the decision's (near 512 bytes
+/// already), which has room for little more than that. Pinned: exceptions survive controller
+/// restarts.
 #[map]
-pub static EXCEPTIONS: LpmTrie<ExceptionKey, ExceptionValue> =
-    LpmTrie::with_max_entries(4096, BPF_F_NO_PREALLOC);
+pub static EXCEPTIONS: HashMap<u64, ExceptionList> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
 
 /// Socket cookie -> the DNS server a steered socket addressed, so that answers from the proxy
 /// appear to come from it (recvmsg, getpeername). Written by the connect/sendmsg hooks when

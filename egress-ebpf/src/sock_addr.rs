@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     Config, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, MODE_AUDIT, RULE_DEFAULT,
-    RULE_EXCEPTION, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits, v4_mapped,
+    RULE_EXCEPTION, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits, addr_halves, v4_mapped,
 };
 
 use crate::{
@@ -231,7 +231,12 @@ fn with_exception(
     if d.allow || cfg.exceptions == 0 {
         return d;
     }
-    match exception::excepted(cfg.exc_cg_levels, family, addr, port, proto) {
+    let (hi, lo) = addr_halves(addr);
+    let what = u64::from(port)
+        | u64::from(proto) << 16
+        | u64::from(family) << 24
+        | u64::from(cfg.exc_cg_levels) << 32;
+    match exception::egress_excepted(hi, lo, what) {
         0 => d,
         _ => Decision::plain(true, RULE_EXCEPTION),
     }

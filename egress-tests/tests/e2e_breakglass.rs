@@ -38,12 +38,15 @@ fn json(out: &Output, what: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {text}"))
 }
 
-/// A cgroup below `parent`.
+/// A cgroup below `parent` (a test cgroup made at the root of the hierarchy, or one below
+/// such a cgroup).
 fn child_of(parent: &TestCgroup, name: &str) -> TestCgroup {
-    let rel = parent.path().strip_prefix("/sys/fs/cgroup").unwrap_or_else(|_| {
+    let root = egress::sys::cgroup::find_cgroup2_root().expect("a cgroup2 hierarchy");
+    let rel = parent.path().strip_prefix(&root).unwrap_or_else(|_| {
         panic!(
-            "test cgroups are below /sys/fs/cgroup: {}",
-            parent.path().display()
+            "{} is not below the cgroup2 root {}",
+            parent.path().display(),
+            root.display()
         )
     });
     TestCgroup::with_prefix(&format!("{}/{name}", rel.display()))
@@ -306,7 +309,7 @@ fn only_root_and_the_admin_group_may_grant() {
     std::fs::create_dir(&sock_dir).unwrap();
     let socket = sock_dir.join("control.sock");
     let ev = dir.join("events.jsonl");
-    let run = EgressCmd::run(&ns, cg.path(), &dir)
+    let _run = EgressCmd::run(&ns, cg.path(), &dir)
         .policy(&policy)
         .socket(&socket)
         .events(&ev)

@@ -3,7 +3,6 @@
 //! whether the hooks look and at which cgroup levels. When to grant, revoke and expire is the
 //! controller's (`controller/exceptions.rs`).
 
-use aya::maps::lpm_trie::Key;
 use egress_common::map_names;
 
 use super::{Datapath, DatapathError, maps};
@@ -17,16 +16,15 @@ impl Datapath {
     pub fn set_exceptions(&mut self, entries: &Entries, cg_levels: u32) -> Result<(), DatapathError> {
         let name = map_names::EXCEPTIONS;
         let map = &mut self.maps.exceptions;
-        for ((len, key), value) in entries {
-            let k = Key::new(*len, *key);
-            if map.get(&k, 0).ok().as_ref() != Some(value) {
-                map.insert(&k, value, 0).map_err(maps::err(name))?;
+        for (k, value) in entries {
+            if map.get(k, 0).ok().as_ref() != Some(value) {
+                map.insert(k, value, 0).map_err(maps::err(name))?;
             }
         }
-        let gone: Vec<Key<egress_common::ExceptionKey>> = map
+        let gone: Vec<u64> = map
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !entries.contains_key(&(k.prefix_len(), k.data())))
+            .filter(|k| !entries.contains_key(k))
             .collect();
         for k in &gone {
             let _ = map.remove(k);
@@ -53,16 +51,16 @@ impl super::pins::Pins {
     /// that the pinned `EXCEPTIONS` map still holds unexpired (the kernel's word on what is in
     /// force; the record adds reason, scope and who).
     pub fn exceptions(&self) -> Vec<crate::exceptions::Exception> {
-        use aya::maps::{LpmTrie, Map, MapData};
-        use egress_common::{ExceptionKey, ExceptionValue};
+        use aya::maps::{HashMap, Map, MapData};
+        use egress_common::ExceptionList;
         let recorded = crate::exceptions::read(&crate::exceptions::file_for(&self.state_path()));
         if recorded.is_empty() {
             return recorded;
         }
-        let Ok(map) = maps::open_pinned::<LpmTrie<MapData, ExceptionKey, ExceptionValue>>(
+        let Ok(map) = maps::open_pinned::<HashMap<MapData, u64, ExceptionList>>(
             &self.map(map_names::EXCEPTIONS),
             map_names::EXCEPTIONS,
-            Map::LpmTrie,
+            Map::HashMap,
         ) else {
             return Vec::new();
         };
@@ -70,7 +68,7 @@ impl super::pins::Pins {
         let live: std::collections::BTreeSet<u32> = map
             .iter()
             .filter_map(Result::ok)
-            .flat_map(|(_, v)| v.slots)
+            .flat_map(|(_, v)| v.entries)
             .filter(|s| s.until_ns > now)
             .map(|s| s.id)
             .collect();

@@ -10,7 +10,7 @@ use aya::{
     },
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, ExceptionKey, ExceptionValue, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue,
+    BlockKey, BlockValue, Config, ExceptionList, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue,
     LOOKUP_V4_RANGES, Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS, ScopeBits, map_names,
 };
 
@@ -97,8 +97,8 @@ pub(super) struct Maps {
     pub block_tree: HashMap<MapData, u32, u32>,
     /// DNS grants: (cgroup, address) -> (until, service rule set).
     pub grants: HashMap<MapData, GrantKey, GrantValue>,
-    /// Break-glass exceptions: (scope, destination prefix) -> exceptions.
-    pub exceptions: LpmTrie<MapData, ExceptionKey, ExceptionValue>,
+    /// Break-glass exceptions: scope -> its exceptions.
+    pub exceptions: HashMap<MapData, u64, ExceptionList>,
     /// Process -> executable identity (exec tracker, seeded at start).
     pub procs: HashMap<MapData, u32, ProcIdentity>,
     /// The scope tables' defaults, per buffer and key.

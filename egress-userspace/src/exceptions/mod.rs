@@ -17,9 +17,9 @@ use std::{
 };
 
 use egress_common::{
-    EXC_CGROUP, EXC_MAX_CG_LEVEL, EXC_PROCESS, EXC_SCOPE_BITS, EXC_SLOTS, EXC_USER, ExceptionKey,
-    ExceptionSlot, ExceptionValue, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-    proto_bit,
+    EXC_CGROUP, EXC_ENTRIES, EXC_ID_MASK, EXC_MAX_CG_LEVEL, EXC_PROCESS, EXC_USER, ExceptionEntry,
+    ExceptionList, PROTO_ICMP, PROTO_ICMPV6, PROTO_OTHER, PROTO_TCP, PROTO_UDP, addr_halves,
+    exception_scope, proto_bit,
 };
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -59,11 +59,12 @@ impl std::fmt::Display for Scope {
 }
 
 impl Scope {
-    fn key(&self) -> (u8, u64) {
+    /// Its `EXCEPTIONS` key.
+    pub fn key(&self) -> u64 {
         match self {
-            Scope::Process { pid } => (EXC_PROCESS, u64::from(*pid)),
-            Scope::Cgroup { id, .. } => (EXC_CGROUP, *id),
-            Scope::User { uid, .. } => (EXC_USER, u64::from(*uid)),
+            Scope::Process { pid } => exception_scope(EXC_PROCESS, u64::from(*pid)),
+            Scope::Cgroup { id, .. } => exception_scope(EXC_CGROUP, *id),
+            Scope::User { uid, .. } => exception_scope(EXC_USER, u64::from(*uid)),
         }
     }
 }
@@ -212,26 +213,45 @@ pub fn expired(e: &Exception, now_ns: u64) -> bool {
     e.until_ns <= now_ns
 }
 
-/// The `EXCEPTIONS` entries of the exceptions in force: (prefix length, key) -> value, and the
-/// cgroup levels `--cgroup` exceptions sit at (`Config::exc_cg_levels`). Each entry carries the
-/// exceptions of its scope whose destinations cover its own (the trie answers with the longest
-/// match only), at most `EXC_SLOTS`: more is refused, naming the destination.
-pub type Entries = BTreeMap<(u32, ExceptionKey), ExceptionValue>;
+/// The `EXCEPTIONS` entries of the exceptions in force: scope key -> its exceptions (at most
+/// `EXC_ENTRIES` a scope: more is refused, naming the scope), and the cgroup levels `--cgroup`
+/// exceptions sit at (`Config::exc_cg_levels`).
+pub type Entries = BTreeMap<u64, ExceptionList>;
+
+/// The prefix `net` as big-endian halves and masks, in the 16-byte layout of the hooks (IPv4
+/// in the first 4 bytes).
+fn net_entry(net: IpNetwork) -> (u8, [u64; 4]) {
+    let mut addr = [0u8; 16];
+    let (family, bits) = match net.network() {
+        std::net::IpAddr::V4(a) => {
+            addr[..4].copy_from_slice(&a.octets());
+            (4, u32::from(net.prefix()))
+        }
+        std::net::IpAddr::V6(a) => {
+            addr.copy_from_slice(&a.octets());
+            (6, u32::from(net.prefix()))
+        }
+    };
+    let mask = if bits == 0 {
+        0u128
+    } else {
+        u128::MAX << (128 - bits)
+    };
+    let (hi, lo) = addr_halves(&addr);
+    (
+        family,
+        [hi, lo, (mask >> 64) as u64, mask as u64],
+    )
+}
 
 pub fn compile(list: &[Exception]) -> Result<(Entries, u32), String> {
-    struct One {
-        net: IpNetwork,
-        slot: ExceptionSlot,
-        id: u32,
-    }
-    let mut by_scope: BTreeMap<(u8, u8, u64), Vec<One>> = BTreeMap::new();
+    let mut out = Entries::new();
     let mut levels = 0u32;
     for e in list {
         let dest: Destination = e
             .dest
             .parse()
             .map_err(|m| format!("exception {}: {m}", e.id))?;
-        let net = dest.network();
         let port = match &e.port {
             Some(p) => Some(
                 p.parse::<PortRange>()
@@ -248,70 +268,43 @@ pub fn compile(list: &[Exception]) -> Result<(Entries, u32), String> {
             None => PROTO_TCP | PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 | PROTO_OTHER,
         };
         let (port_lo, port_hi) = port.map_or((0, u16::MAX), |r| (r.lo(), r.hi()));
-        if let Scope::Cgroup { level, .. } = &e.scope {
-            if *level > EXC_MAX_CG_LEVEL {
-                return Err(format!(
-                    "exception {}: the cgroup is {level} levels deep; at most {EXC_MAX_CG_LEVEL} are supported",
-                    e.id
-                ));
+        match &e.scope {
+            Scope::Cgroup { level, id, .. } => {
+                if *level > EXC_MAX_CG_LEVEL {
+                    return Err(format!(
+                        "exception {}: the cgroup is {level} levels deep; at most {EXC_MAX_CG_LEVEL} are supported",
+                        e.id
+                    ));
+                }
+                if *id > EXC_ID_MASK {
+                    return Err(format!("exception {}: cgroup id {id} is out of range", e.id));
+                }
+                levels |= 1 << level;
             }
-            levels |= 1 << level;
+            Scope::Process { .. } | Scope::User { .. } => {}
         }
-        let family = if net.is_ipv4() { 4 } else { 6 };
-        let (kind, scope_id) = e.scope.key();
-        by_scope
-            .entry((kind, family, scope_id))
-            .or_default()
-            .push(One {
-                net,
-                id: e.id,
-                slot: ExceptionSlot {
-                    until_ns: e.until_ns,
-                    id: e.id,
-                    port_lo,
-                    port_hi,
-                    proto_mask,
-                    _pad: [0; 7],
-                },
-            });
-    }
-    let mut out = Entries::new();
-    for ((kind, family, scope_id), ones) in by_scope {
-        for o in &ones {
-            let covering: Vec<&One> = ones
-                .iter()
-                .filter(|c| c.net.prefix() <= o.net.prefix() && c.net.contains(o.net.network()))
-                .collect();
-            if covering.len() > EXC_SLOTS {
-                return Err(format!(
-                    "more than {EXC_SLOTS} exceptions of one scope cover {}/{} (exceptions {}): revoke one first",
-                    o.net.network(),
-                    o.net.prefix(),
-                    covering
-                        .iter()
-                        .map(|c| c.id.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
-            }
-            let mut value = ExceptionValue::default();
-            for (i, c) in covering.iter().enumerate() {
-                value.slots[i] = c.slot;
-            }
-            let mut addr = [0u8; 16];
-            match o.net.network() {
-                std::net::IpAddr::V4(a) => addr[..4].copy_from_slice(&a.octets()),
-                std::net::IpAddr::V6(a) => addr.copy_from_slice(&a.octets()),
-            }
-            let key = ExceptionKey {
-                kind,
-                family,
-                _pad: [0; 6],
-                scope_id,
-                addr,
-            };
-            out.insert((EXC_SCOPE_BITS + u32::from(o.net.prefix()), key), value);
-        }
+        let (family, [net_hi, net_lo, mask_hi, mask_lo]) = net_entry(dest.network());
+        let entry = ExceptionEntry {
+            net_hi,
+            net_lo,
+            mask_hi,
+            mask_lo,
+            until_ns: e.until_ns,
+            id: e.id,
+            port_lo,
+            port_hi,
+            family,
+            proto_mask,
+            _pad: [0; 6],
+        };
+        let scope = out.entry(e.scope.key()).or_default();
+        let Some(free) = scope.entries.iter_mut().find(|x| x.until_ns == 0) else {
+            return Err(format!(
+                "{} already has {EXC_ENTRIES} live exceptions: revoke one first (`egress grants` lists them)",
+                e.scope
+            ));
+        };
+        *free = entry;
     }
     Ok((out, levels))
 }

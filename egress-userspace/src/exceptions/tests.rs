@@ -1,8 +1,8 @@
 use std::time::Duration;
 
 use egress_common::{
-    EXC_CGROUP, EXC_PROCESS, EXC_SCOPE_BITS, EXC_SLOTS, EXC_USER, IPPROTO_ICMP, IPPROTO_TCP,
-    IPPROTO_UDP,
+    EXC_CGROUP, EXC_ENTRIES, EXC_PROCESS, EXC_USER, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+    addr_halves, exception_scope,
 };
 
 use super::*;
@@ -87,23 +87,46 @@ fn durations_parse_as_people_write_them() {
     assert!(parse_for("soon").is_err());
 }
 
+/// The 16-byte address field of `ip`, as the hooks pass it, and its family.
+fn dst(ip: &str) -> (u8, u64, u64) {
+    let mut a = [0u8; 16];
+    let family = match ip.parse::<std::net::IpAddr>().unwrap() {
+        std::net::IpAddr::V4(v) => {
+            a[..4].copy_from_slice(&v.octets());
+            4
+        }
+        std::net::IpAddr::V6(v) => {
+            a.copy_from_slice(&v.octets());
+            6
+        }
+    };
+    let (hi, lo) = addr_halves(&a);
+    (family, hi, lo)
+}
+
+/// What the kernel answers for scope `key`, destination `ip`, `port`, `proto` at `now`.
+fn kernel(entries: &Entries, key: u64, now: u64, ip: &str, port: u16, proto: u8) -> Option<u32> {
+    let (family, hi, lo) = dst(ip);
+    entries.get(&key)?.allows(now, family, hi, lo, port, proto)
+}
+
 #[test]
 fn expiry_is_the_kernel_comparison_and_saturates() {
     let until = until_ns(1_000, Duration::from_secs(2));
     assert_eq!(until, 2_000_001_000);
     let e = exc(1, "10.0.0.1", Scope::Process { pid: 7 }, until);
     assert!(!expired(&e, until - 1));
-    assert!(expired(&e, until), "the kernel honours a slot while until_ns > now");
+    assert!(expired(&e, until), "the kernel honours an entry while until_ns > now");
     assert_eq!(until_ns(u64::MAX - 5, Duration::from_secs(1)), u64::MAX);
     // The shared check the hooks run.
     let (entries, _) = compile(&[e]).unwrap();
-    let v = entries.values().next().unwrap();
-    assert_eq!(v.allows(until - 1, 80, IPPROTO_TCP), Some(1));
-    assert_eq!(v.allows(until, 80, IPPROTO_TCP), None);
+    let key = exception_scope(EXC_PROCESS, 7);
+    assert_eq!(kernel(&entries, key, until - 1, "10.0.0.1", 80, IPPROTO_TCP), Some(1));
+    assert_eq!(kernel(&entries, key, until, "10.0.0.1", 80, IPPROTO_TCP), None);
 }
 
 #[test]
-fn entries_are_keyed_by_scope_and_prefix() {
+fn entries_are_keyed_by_scope_and_match_their_prefix_only() {
     let list = [
         exc(1, "192.0.2.0/24", Scope::Process { pid: 42 }, 100),
         exc(
@@ -125,22 +148,39 @@ fn entries_are_keyed_by_scope_and_prefix() {
             },
             100,
         ),
+        exc(4, "::/0", Scope::User { uid: 1000, name: None }, 100),
     ];
     let (entries, levels) = compile(&list).unwrap();
     assert_eq!(levels, 1 << 2);
-    let keys: Vec<(u32, u8, u8, u64)> = entries
-        .keys()
-        .map(|(len, k)| (*len, k.kind, k.family, k.scope_id))
-        .collect();
-    assert!(keys.contains(&(EXC_SCOPE_BITS + 24, EXC_PROCESS, 4, 42)), "{keys:?}");
-    assert!(keys.contains(&(EXC_SCOPE_BITS + 32, EXC_CGROUP, 6, 9001)), "{keys:?}");
-    assert!(keys.contains(&(EXC_SCOPE_BITS, EXC_USER, 4, 1000)), "{keys:?}");
-    let (_, k) = entries
-        .keys()
-        .find(|(_, k)| k.kind == EXC_PROCESS)
-        .unwrap();
-    assert_eq!(&k.addr[..4], &[192, 0, 2, 0]);
-    assert_eq!(&k.addr[4..], &[0; 12]);
+    assert_eq!(entries.len(), 3);
+    let pid = exception_scope(EXC_PROCESS, 42);
+    let cg = exception_scope(EXC_CGROUP, 9001);
+    let user = exception_scope(EXC_USER, 1000);
+    let tcp = IPPROTO_TCP;
+    assert_eq!(kernel(&entries, pid, 0, "192.0.2.0", 1, tcp), Some(1));
+    assert_eq!(kernel(&entries, pid, 0, "192.0.2.255", 1, tcp), Some(1));
+    assert_eq!(kernel(&entries, pid, 0, "192.0.3.0", 1, tcp), None);
+    assert_eq!(kernel(&entries, pid, 0, "192.0.1.255", 1, tcp), None);
+    assert_eq!(kernel(&entries, pid, 0, "::ffff:192.0.2.1", 1, tcp), None, "the v6 family");
+    assert_eq!(kernel(&entries, cg, 0, "2001:db8:ffff::1", 1, tcp), Some(2));
+    assert_eq!(kernel(&entries, cg, 0, "2001:db9::1", 1, tcp), None);
+    assert_eq!(kernel(&entries, cg, 0, "32.1.13.184", 1, tcp), None, "the v4 family");
+    assert_eq!(kernel(&entries, user, 0, "203.0.113.9", 1, tcp), Some(3), "/0");
+    assert_eq!(kernel(&entries, user, 0, "2001:db8::1", 1, tcp), Some(4), "::/0");
+    // Another scope's key holds nothing of these.
+    assert_eq!(kernel(&entries, exception_scope(EXC_PROCESS, 1000), 0, "203.0.113.9", 1, tcp), None);
+    assert_eq!(kernel(&entries, exception_scope(EXC_USER, 42), 0, "192.0.2.1", 1, tcp), None);
+    // A /128 and a /32.
+    let (entries, _) = compile(&[
+        exc(5, "2001:db8::7", Scope::Process { pid: 1 }, 100),
+        exc(6, "198.51.100.7", Scope::Process { pid: 1 }, 100),
+    ])
+    .unwrap();
+    let k = exception_scope(EXC_PROCESS, 1);
+    assert_eq!(kernel(&entries, k, 0, "2001:db8::7", 1, tcp), Some(5));
+    assert_eq!(kernel(&entries, k, 0, "2001:db8::6", 1, tcp), None);
+    assert_eq!(kernel(&entries, k, 0, "198.51.100.7", 1, tcp), Some(6));
+    assert_eq!(kernel(&entries, k, 0, "198.51.100.6", 1, tcp), None);
 }
 
 #[test]
@@ -148,70 +188,45 @@ fn ports_and_protocols_narrow_an_exception() {
     let mut e = exc(5, "10.0.0.0/8", Scope::Process { pid: 1 }, 1_000);
     e.port = Some("8000-8080".into());
     e.protocol = Some("tcp".into());
-    let (entries, _) = compile(&[e]).unwrap();
-    let v = entries.values().next().unwrap();
-    assert_eq!(v.allows(0, 8000, IPPROTO_TCP), Some(5));
-    assert_eq!(v.allows(0, 8080, IPPROTO_TCP), Some(5));
-    assert_eq!(v.allows(0, 7999, IPPROTO_TCP), None);
-    assert_eq!(v.allows(0, 8081, IPPROTO_TCP), None);
-    assert_eq!(v.allows(0, 8000, IPPROTO_UDP), None, "another protocol");
-    let (entries, _) = compile(&[exc(6, "10.0.0.0/8", Scope::Process { pid: 1 }, 1_000)]).unwrap();
-    let v = entries.values().next().unwrap();
+    let mut wide = exc(6, "10.0.0.0/8", Scope::Process { pid: 1 }, 1_000);
+    wide.port = Some("53".into());
+    wide.protocol = Some("udp".into());
+    let (entries, _) = compile(&[e, wide]).unwrap();
+    let k = exception_scope(EXC_PROCESS, 1);
+    let ip = "10.1.2.3";
+    assert_eq!(kernel(&entries, k, 0, ip, 8000, IPPROTO_TCP), Some(5));
+    assert_eq!(kernel(&entries, k, 0, ip, 8080, IPPROTO_TCP), Some(5));
+    assert_eq!(kernel(&entries, k, 0, ip, 7999, IPPROTO_TCP), None);
+    assert_eq!(kernel(&entries, k, 0, ip, 8081, IPPROTO_TCP), None);
+    assert_eq!(kernel(&entries, k, 0, ip, 8000, IPPROTO_UDP), None, "another protocol");
+    assert_eq!(kernel(&entries, k, 0, ip, 53, IPPROTO_UDP), Some(6), "the second one");
+    assert_eq!(kernel(&entries, k, 0, ip, 53, IPPROTO_TCP), None);
+    let (entries, _) = compile(&[exc(7, "10.0.0.0/8", Scope::Process { pid: 1 }, 1_000)]).unwrap();
     for (port, proto) in [(1, IPPROTO_TCP), (65535, IPPROTO_UDP), (0, IPPROTO_ICMP), (0, 132)] {
-        assert_eq!(v.allows(0, port, proto), Some(6), "{port}/{proto}");
+        assert_eq!(kernel(&entries, k, 0, ip, port, proto), Some(7), "{port}/{proto}");
     }
 }
 
-/// The trie answers with the longest match only: a longer prefix of the same scope must carry
-/// the exceptions of the shorter ones it lies in, or it would hide them.
 #[test]
-fn a_longer_prefix_carries_the_exceptions_covering_it() {
-    let mut wide = exc(1, "10.0.0.0/8", Scope::Process { pid: 1 }, 1_000);
-    wide.port = Some("80".into());
-    let mut narrow = exc(2, "10.1.0.0/16", Scope::Process { pid: 1 }, 1_000);
-    narrow.port = Some("443".into());
-    let other_scope = exc(3, "10.0.0.0/8", Scope::Process { pid: 2 }, 1_000);
-    let (entries, _) = compile(&[wide, narrow, other_scope]).unwrap();
-    let narrow_entry = entries
-        .iter()
-        .find(|((len, k), _)| *len == EXC_SCOPE_BITS + 16 && k.scope_id == 1)
-        .map(|(_, v)| v)
-        .unwrap();
-    assert_eq!(narrow_entry.allows(0, 80, IPPROTO_TCP), Some(1));
-    assert_eq!(narrow_entry.allows(0, 443, IPPROTO_TCP), Some(2));
-    let wide_entry = entries
-        .iter()
-        .find(|((len, k), _)| *len == EXC_SCOPE_BITS + 8 && k.scope_id == 1)
-        .map(|(_, v)| v)
-        .unwrap();
-    assert_eq!(wide_entry.allows(0, 443, IPPROTO_TCP), None, "not the narrower one's");
-    assert_eq!(
-        wide_entry.slots.iter().filter(|s| s.id == 3).count(),
-        0,
-        "never another scope's"
-    );
-}
-
-#[test]
-fn too_many_overlapping_exceptions_are_refused_whole() {
-    let list: Vec<Exception> = (0..=EXC_SLOTS as u32)
-        .map(|i| {
-            exc(
-                i + 1,
-                &format!("10.0.0.0/{}", 8 + i),
-                Scope::Process { pid: 1 },
-                100,
-            )
-        })
+fn a_scope_holds_a_bounded_number_of_exceptions() {
+    let list: Vec<Exception> = (0..=EXC_ENTRIES as u32)
+        .map(|i| exc(i + 1, &format!("10.0.{i}.0/24"), Scope::Process { pid: 1 }, 100))
         .collect();
     let e = compile(&list).unwrap_err();
-    assert!(e.contains("revoke one first"), "{e}");
-    assert!(compile(&list[..EXC_SLOTS]).is_ok());
-    // The same destinations in other scopes do not count against each other.
-    let spread: Vec<Exception> = (0..8u32)
+    assert!(e.contains("pid:1") && e.contains("revoke one first"), "{e}");
+    let (entries, _) = compile(&list[..EXC_ENTRIES]).unwrap();
+    let k = exception_scope(EXC_PROCESS, 1);
+    for i in 0..EXC_ENTRIES as u32 {
+        assert_eq!(
+            kernel(&entries, k, 0, &format!("10.0.{i}.9"), 1, IPPROTO_TCP),
+            Some(i + 1)
+        );
+    }
+    // Other scopes do not count against each other.
+    let spread: Vec<Exception> = (0..16u32)
         .map(|i| exc(i + 1, "10.0.0.0/8", Scope::Process { pid: i + 1 }, 100))
         .collect();
-    assert_eq!(compile(&spread).unwrap().0.len(), 8);
+    assert_eq!(compile(&spread).unwrap().0.len(), 16);
 }
 
 #[test]
