@@ -29,6 +29,8 @@ pub struct BreakGlass {
     pub file: Option<PathBuf>,
     /// The longest `--for` this controller grants.
     pub max_for: Duration,
+    /// The last id given (never reused, across restarts too).
+    pub last_id: u32,
 }
 
 /// What an `egress allow` asks, as the control socket carries it.
@@ -49,17 +51,15 @@ impl BreakGlass {
             list: Vec::new(),
             file,
             max_for,
+            last_id: 0,
         }
     }
 
-    fn next_id(&self, recorded: &[Exception]) -> u32 {
-        self.list
-            .iter()
-            .chain(recorded)
-            .map(|e| e.id)
-            .max()
-            .unwrap_or(0)
-            + 1
+    /// A new id, never given before.
+    fn next_id(&mut self) -> u32 {
+        let max = self.list.iter().map(|e| e.id).max().unwrap_or(0);
+        self.last_id = self.last_id.max(max) + 1;
+        self.last_id
     }
 }
 
@@ -77,10 +77,13 @@ impl Controller {
             return;
         };
         let now = clock::boot_ns();
-        let (live, ended): (Vec<_>, Vec<_>) = exceptions::read(&file)
+        let record = exceptions::read(&file);
+        let (live, ended): (Vec<_>, Vec<_>) = record
+            .exceptions
             .into_iter()
             .partition(|e| !exceptions::expired(e, now));
         self.breakglass.list = live;
+        self.breakglass.last_id = record.last_id;
         if let Err(e) = self.sync_exceptions() {
             warn!(error = %format!("{e:#}"), "could not restore the break-glass exceptions");
         }
@@ -103,7 +106,11 @@ impl Controller {
             exceptions::compile(&self.breakglass.list).map_err(anyhow::Error::msg)?;
         self.dp.set_exceptions(&entries, levels)?;
         if let Some(f) = &self.breakglass.file {
-            exceptions::write(f, &self.breakglass.list)?;
+            let record = exceptions::Record {
+                last_id: self.breakglass.last_id,
+                exceptions: self.breakglass.list.clone(),
+            };
+            exceptions::write(f, &record)?;
         }
         Ok(())
     }
@@ -128,14 +135,8 @@ impl Controller {
         };
         let now = clock::boot_ns();
         let until_ns = exceptions::until_ns(now, checked.duration);
-        let recorded = self
-            .breakglass
-            .file
-            .as_deref()
-            .map(exceptions::read)
-            .unwrap_or_default();
         let e = Exception {
-            id: self.breakglass.next_id(&recorded),
+            id: self.breakglass.next_id(),
             dest: checked.dest.to_string(),
             port: checked.port.map(|p| p.to_string()),
             protocol: r.protocol.as_ref().map(|p| p.trim().to_ascii_lowercase()),

@@ -53,7 +53,8 @@ impl super::pins::Pins {
     pub fn exceptions(&self) -> Vec<crate::exceptions::Exception> {
         use aya::maps::{HashMap, Map, MapData};
         use egress_common::ExceptionList;
-        let recorded = crate::exceptions::read(&crate::exceptions::file_for(&self.state_path()));
+        let recorded =
+            crate::exceptions::read(&crate::exceptions::file_for(&self.state_path())).exceptions;
         if recorded.is_empty() {
             return recorded;
         }

@@ -315,16 +315,26 @@ pub fn file_for(state_path: &Path) -> PathBuf {
     state_path.with_extension("exceptions.json")
 }
 
-/// The exceptions recorded in `path` (none when it is missing or unreadable).
-pub fn read(path: &Path) -> Vec<Exception> {
+/// What the metadata file holds: the live exceptions and the last id given (ids are never
+/// reused, so that an event's id names one exception for good).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default)]
+    pub last_id: u32,
+    #[serde(default)]
+    pub exceptions: Vec<Exception>,
+}
+
+/// The record in `path` (empty when it is missing or unreadable).
+pub fn read(path: &Path) -> Record {
     std::fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
 }
 
-/// Records `list` in `path` (0600, replaced atomically).
-pub fn write(path: &Path, list: &[Exception]) -> anyhow::Result<()> {
+/// Writes `record` to `path` (0600, replaced atomically).
+pub fn write(path: &Path, record: &Record) -> anyhow::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
@@ -336,7 +346,7 @@ pub fn write(path: &Path, list: &[Exception]) -> anyhow::Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(list)?)?;
+    f.write_all(&serde_json::to_vec_pretty(record)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     Ok(())

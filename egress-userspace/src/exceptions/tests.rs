@@ -249,15 +249,18 @@ fn the_metadata_file_round_trips() {
     let dir = std::env::temp_dir().join(format!("egress-exc-{}", std::process::id()));
     let path = file_for(&dir.join("x.state.json"));
     assert!(path.to_string_lossy().ends_with("x.state.exceptions.json"));
-    let list = vec![exc(3, "10.0.0.0/8", Scope::Process { pid: 1 }, 5)];
-    write(&path, &list).unwrap();
-    assert_eq!(read(&path), list);
+    let record = Record {
+        last_id: 9,
+        exceptions: vec![exc(3, "10.0.0.0/8", Scope::Process { pid: 1 }, 5)],
+    };
+    write(&path, &record).unwrap();
+    assert_eq!(read(&path), record);
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
         std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    assert!(read(&dir.join("missing.json")).is_empty());
+    assert_eq!(read(&dir.join("missing.json")), Record::default());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
