@@ -315,7 +315,15 @@ impl ExceptionList {
     /// destination (`family`, address halves), `port` and protocol `ipproto`. The hooks and
     /// the controller's tests share it.
     #[inline(always)]
-    pub fn allows(&self, now: u64, family: u8, hi: u64, lo: u64, port: u16, ipproto: u8) -> Option<u32> {
+    pub fn allows(
+        &self,
+        now: u64,
+        family: u8,
+        hi: u64,
+        lo: u64,
+        port: u16,
+        ipproto: u8,
+    ) -> Option<u32> {
         let bit = proto_bit(ipproto);
         let mut i = 0;
         while i < EXC_ENTRIES {

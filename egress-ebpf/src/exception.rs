@@ -23,7 +23,12 @@ use crate::maps::EXCEPTIONS;
 #[inline(never)]
 #[unsafe(no_mangle)]
 pub extern "C" fn egress_excepted(hi: u64, lo: u64, what: u64) -> u32 {
-    let id = check(exception_scope(EXC_PROCESS, bpf_get_current_pid_tgid() >> 32), hi, lo, what);
+    let id = check(
+        exception_scope(EXC_PROCESS, bpf_get_current_pid_tgid() >> 32),
+        hi,
+        lo,
+        what,
+    );
     if id != 0 {
         return id;
     }
@@ -54,10 +59,17 @@ pub extern "C" fn egress_excepted(hi: u64, lo: u64, what: u64) -> u32 {
 
 #[inline(always)]
 fn check(scope: u64, hi: u64, lo: u64, what: u64) -> u32 {
-    let Some(list) = (unsafe { EXCEPTIONS.get(&scope) }) else {
+    let Some(list) = (unsafe { EXCEPTIONS.get(scope) }) else {
         return 0;
     };
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    list.allows(now, (what >> 24) as u8, hi, lo, what as u16, (what >> 16) as u8)
-        .unwrap_or(0)
+    list.allows(
+        now,
+        (what >> 24) as u8,
+        hi,
+        lo,
+        what as u16,
+        (what >> 16) as u8,
+    )
+    .unwrap_or(0)
 }

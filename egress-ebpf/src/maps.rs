@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, DnsOrig, ExceptionList, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
-    PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
+    BlockKey, BlockValue, Config, DnsOrig, ExceptionList, ExeKey, FlowKey, FlowValue, GrantKey,
+    GrantValue, Owner, PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
     ranges::{RangeLine, V4_DIR_LINES},
 };
 

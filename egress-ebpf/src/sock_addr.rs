@@ -18,7 +18,8 @@ use aya_ebpf::{
 };
 use egress_common::{
     Config, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, MODE_AUDIT, RULE_DEFAULT,
-    RULE_EXCEPTION, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits, addr_halves, v4_mapped,
+    RULE_EXCEPTION, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits,
+    addr_halves, v4_mapped,
 };
 
 use crate::{

@@ -99,14 +99,30 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     assert!(!out.status.success(), "a scope is required: {out:?}");
     let cgp = cg.path().to_str().unwrap();
     let out = run.ctl(&[
-        "allow", "127.0.0.3", "--cgroup", cgp, "--for", "25h", "--reason", "x",
+        "allow",
+        "127.0.0.3",
+        "--cgroup",
+        cgp,
+        "--for",
+        "25h",
+        "--reason",
+        "x",
     ]);
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("longer than"),
         "--for is capped: {out:?}"
     );
     let out = run.ctl(&[
-        "allow", "127.0.0.3", "--cgroup", cgp, "--for", "1m", "--reason", "x", "--pid", "1",
+        "allow",
+        "127.0.0.3",
+        "--cgroup",
+        cgp,
+        "--for",
+        "1m",
+        "--reason",
+        "x",
+        "--pid",
+        "1",
     ]);
     assert!(!out.status.success(), "one scope only: {out:?}");
 
@@ -131,10 +147,15 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
         ]),
         "egress allow",
     );
-    let id = e["id"].as_u64().unwrap().to_string();
+    let id_n = e["id"].as_u64().unwrap();
+    let id = id_n.to_string();
     assert_eq!(e["dest"], "127.0.0.3/32", "{e}");
     assert_eq!(e["by_uid"], 0, "{e}");
-    assert_eq!(one(&cg, "tcp", DEST), Refused, "the exception lets it through");
+    assert_eq!(
+        one(&cg, "tcp", DEST),
+        Refused,
+        "the exception lets it through"
+    );
     assert_eq!(one(&other, "tcp", DEST), Denied, "another cgroup");
     assert_eq!(one(&parent, "tcp", DEST), Denied, "the cgroup above");
     assert_eq!(one(&cg, "tcp", "127.0.0.3:8001"), Denied, "another port");
@@ -148,8 +169,9 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     // Listed by grants (text and JSON) and status.
     let text = ok(&run.ctl(&["grants"]), "egress grants");
     assert!(
-        text.contains(&format!("exception {id}: 127.0.0.3/32 port 8000 tcp for cgroup:"))
-            && text.contains("ticket 123"),
+        text.contains(&format!(
+            "exception {id}: 127.0.0.3/32 port 8000 tcp for cgroup:"
+        )) && text.contains("ticket 123"),
         "{text}"
     );
     let rows = json(
@@ -166,7 +188,7 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
         .iter()
         .find(|v| v["action"] == "granted")
         .unwrap_or_else(|| panic!("no granted event in {granted:?}"));
-    assert_eq!(g["id"].to_string(), id);
+    assert_eq!(g["id"], id_n);
     assert_eq!(g["dest"], "127.0.0.3/32");
     assert_eq!(g["port"], "8000");
     assert_eq!(g["protocol"], "tcp");
@@ -184,8 +206,7 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     let dead = run.status().expect("status from the pins");
     assert_eq!(dead["controller"]["running"], false, "{dead}");
     assert_eq!(
-        dead["exceptions"][0]["id"].to_string(),
-        id,
+        dead["exceptions"][0]["id"], id_n,
         "listed without a controller: {dead}"
     );
     assert_eq!(one(&cg, "tcp", DEST), Refused, "still in force");
@@ -215,23 +236,36 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     egress_tests::wait_for("the expired event", Duration::from_secs(10), || {
         events::of_kind(&ev, "exception")
             .iter()
-            .any(|v| v["action"] == "expired" && v["id"].to_string() == id)
+            .any(|v| v["action"] == "expired" && v["id"] == id_n)
     });
 
     // A user exception: that user's processes only, until revoked.
     let e = json(
         &run.ctl(&[
-            "allow", "127.0.0.3", "--user", "65534", "--for", "10m", "--reason", "inc-7", "-o",
+            "allow",
+            "127.0.0.3",
+            "--user",
+            "65534",
+            "--for",
+            "10m",
+            "--reason",
+            "inc-7",
+            "-o",
             "json",
         ]),
         "allow --user",
     );
-    let uid_id = e["id"].as_u64().unwrap().to_string();
+    let uid_n = e["id"].as_u64().unwrap();
+    let uid_id = uid_n.to_string();
     assert_ne!(uid_id, id, "ids are not reused");
     assert_eq!(as_uid(&cg, 65534, DEST), Refused, "the user's process");
     assert_eq!(one(&cg, "tcp", DEST), Denied, "root's process");
     assert_eq!(as_uid(&cg, 65533, DEST), Denied, "another user's process");
-    assert_eq!(as_uid(&other, 65534, DEST), Refused, "the user's process anywhere");
+    assert_eq!(
+        as_uid(&other, 65534, DEST),
+        Refused,
+        "the user's process anywhere"
+    );
 
     // It survives a restart (SIGTERM: the pins stay), and is listed by the new controller.
     let mut run = run;
@@ -260,11 +294,22 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     let pid = waiting.pid().to_string();
     ok(
         &run.ctl(&[
-            "allow", "127.0.0.3", "--pid", &pid, "--for", "10m", "--reason", "debug",
+            "allow",
+            "127.0.0.3",
+            "--pid",
+            &pid,
+            "--for",
+            "10m",
+            "--reason",
+            "debug",
         ]),
         "allow --pid",
     );
-    assert_eq!(one(&cg, "tcp", DEST), Denied, "another process of the cgroup");
+    assert_eq!(
+        one(&cg, "tcp", DEST),
+        Denied,
+        "another process of the cgroup"
+    );
     std::fs::write(&go, "").unwrap();
     let out = waiting.output();
     assert_eq!(
@@ -274,9 +319,9 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     );
     // Its process exited: the exception ends (the pid could be reused).
     egress_tests::wait_for("the pid exception to end", Duration::from_secs(10), || {
-        events::of_kind(&ev, "exception").iter().any(|v| {
-            v["action"] == "expired" && v["scope"] == format!("pid:{pid}")
-        })
+        events::of_kind(&ev, "exception")
+            .iter()
+            .any(|v| v["action"] == "expired" && v["scope"] == format!("pid:{pid}"))
     });
 
     // Revoke ends the user exception at once.
@@ -287,7 +332,7 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
         .iter()
         .find(|v| v["action"] == "revoked")
         .unwrap_or_else(|| panic!("no revoked event: {revoked:?}"));
-    assert_eq!(r["id"].to_string(), uid_id);
+    assert_eq!(r["id"], uid_n);
     assert_eq!(r["revoked_by_uid"], 0);
     let out = run.ctl(&["revoke", &uid_id]);
     assert!(!out.status.success(), "revoking twice fails: {out:?}");
@@ -334,8 +379,18 @@ fn only_root_and_the_admin_group_may_grant() {
     };
     let cgp = cg.path().to_str().unwrap();
     let grant = [
-        "allow", "127.0.0.3", "--port", "8000", "--cgroup", cgp, "--for", "5m", "--reason",
-        "on call", "-o", "json",
+        "allow",
+        "127.0.0.3",
+        "--port",
+        "8000",
+        "--cgroup",
+        cgp,
+        "--for",
+        "5m",
+        "--reason",
+        "on call",
+        "-o",
+        "json",
     ];
 
     // Outside the group: not even a connection.
@@ -357,7 +412,10 @@ fn only_root_and_the_admin_group_may_grant() {
     );
     // A member may revoke.
     let id = e["id"].as_u64().unwrap().to_string();
-    ok(&egress_as(65534, 100, &["revoke", &id]), "revoke by a member");
+    ok(
+        &egress_as(65534, 100, &["revoke", &id]),
+        "revoke by a member",
+    );
     assert_eq!(one(&cg, "tcp", DEST), Denied);
     let evs = events::of_kind(&ev, "exception");
     assert!(

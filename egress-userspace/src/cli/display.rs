@@ -197,12 +197,21 @@ pub fn exceptions_table(rows: &[crate::exceptions::Exception]) -> String {
             "exception {}: {}{}{} for {} until {} (granted by uid {}{}: {})",
             e.id,
             e.dest,
-            e.port.as_ref().map(|p| format!(" port {p}")).unwrap_or_default(),
-            e.protocol.as_ref().map(|p| format!(" {p}")).unwrap_or_default(),
+            e.port
+                .as_ref()
+                .map(|p| format!(" port {p}"))
+                .unwrap_or_default(),
+            e.protocol
+                .as_ref()
+                .map(|p| format!(" {p}"))
+                .unwrap_or_default(),
             e.scope,
             e.until,
             e.by_uid,
-            e.by_user.as_ref().map(|u| format!(" ({u})")).unwrap_or_default(),
+            e.by_user
+                .as_ref()
+                .map(|u| format!(" ({u})"))
+                .unwrap_or_default(),
             e.reason
         );
     }

@@ -856,8 +856,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     "exception {} granted: {}{}{} for {} until {} (`egress revoke {}` ends it)",
                     e.id,
                     e.dest,
-                    e.port.as_ref().map(|p| format!(" port {p}")).unwrap_or_default(),
-                    e.protocol.as_ref().map(|p| format!(" {p}")).unwrap_or_default(),
+                    e.port
+                        .as_ref()
+                        .map(|p| format!(" port {p}"))
+                        .unwrap_or_default(),
+                    e.protocol
+                        .as_ref()
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_default(),
                     e.scope,
                     e.until,
                     e.id

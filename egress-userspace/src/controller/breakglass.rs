@@ -221,7 +221,10 @@ impl Controller {
         let revoked = format!("revoked by uid {}", caller.uid);
         self.exception_event(&e, "revoked", Some(caller.uid), Some(revoked))
             .await;
-        Response::Done(format!("exception {id} revoked ({} for {})", e.dest, e.scope))
+        Response::Done(format!(
+            "exception {id} revoked ({} for {})",
+            e.dest, e.scope
+        ))
     }
 
     /// At each tick: exceptions past their end (already ignored by the kernel), and process

@@ -319,10 +319,7 @@ impl Controller {
             },
             map_fill: Vec::new(),
             feed,
-            breakglass: breakglass::BreakGlass::new(
-                None,
-                opts.max_exception,
-            ),
+            breakglass: breakglass::BreakGlass::new(None, opts.max_exception),
         };
         if adopted {
             info!(

@@ -13,7 +13,11 @@ impl Datapath {
     /// atomic for a reader), then the ones gone, then the count and levels the hooks read (so
     /// that no entry is ever in the map while the hooks are told there is none to look for,
     /// nor the reverse for longer than the writes between).
-    pub fn set_exceptions(&mut self, entries: &Entries, cg_levels: u32) -> Result<(), DatapathError> {
+    pub fn set_exceptions(
+        &mut self,
+        entries: &Entries,
+        cg_levels: u32,
+    ) -> Result<(), DatapathError> {
         let name = map_names::EXCEPTIONS;
         let map = &mut self.maps.exceptions;
         for (k, value) in entries {

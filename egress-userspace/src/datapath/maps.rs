@@ -10,8 +10,9 @@ use aya::{
     },
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, ExceptionList, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue,
-    LOOKUP_V4_RANGES, Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS, ScopeBits, map_names,
+    BlockKey, BlockValue, Config, ExceptionList, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE,
+    GrantKey, GrantValue, LOOKUP_V4_RANGES, Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS,
+    ScopeBits, map_names,
 };
 
 use serde::{Deserialize, Serialize};

@@ -6,8 +6,8 @@
 
 mod blocks;
 mod bpfsys;
-mod exceptions;
 mod error;
+mod exceptions;
 mod exec;
 mod fork;
 pub mod kernel_log;

@@ -400,7 +400,11 @@ impl EventLine for ExceptionEvent {
         let start = self.action == "granted";
         let mut d = Document::new(self, &self.ts, &self.meta, "event", "exception").categorize(
             &["network", "configuration"],
-            if start { &["allowed", "start"] } else { &["end"] },
+            if start {
+                &["allowed", "start"]
+            } else {
+                &["end"]
+            },
             None,
         );
         d.message = format!(

@@ -161,7 +161,9 @@ pub fn check(ask: &Ask<'_>, max: Duration) -> Result<Checked, String> {
     }
     let reason = ask.reason.trim();
     if reason.is_empty() {
-        return Err("--reason: say why (a ticket, an incident): it is recorded in the event".into());
+        return Err(
+            "--reason: say why (a ticket, an incident): it is recorded in the event".into(),
+        );
     }
     if reason.len() > 512 || reason.chars().any(char::is_control) {
         return Err("--reason: at most 512 bytes of text, without control characters".into());
@@ -238,10 +240,7 @@ fn net_entry(net: IpNetwork) -> (u8, [u64; 4]) {
         u128::MAX << (128 - bits)
     };
     let (hi, lo) = addr_halves(&addr);
-    (
-        family,
-        [hi, lo, (mask >> 64) as u64, mask as u64],
-    )
+    (family, [hi, lo, (mask >> 64) as u64, mask as u64])
 }
 
 pub fn compile(list: &[Exception]) -> Result<(Entries, u32), String> {
@@ -277,7 +276,10 @@ pub fn compile(list: &[Exception]) -> Result<(Entries, u32), String> {
                     ));
                 }
                 if *id > EXC_ID_MASK {
-                    return Err(format!("exception {}: cgroup id {id} is out of range", e.id));
+                    return Err(format!(
+                        "exception {}: cgroup id {id} is out of range",
+                        e.id
+                    ));
                 }
                 levels |= 1 << level;
             }

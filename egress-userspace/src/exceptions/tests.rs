@@ -65,11 +65,17 @@ fn requests_are_checked_field_by_field() {
     assert!(check(&a, max).unwrap_err().contains("--for"));
     a.for_secs = 24 * 3600 + 1;
     let e = check(&a, max).unwrap_err();
-    assert!(e.contains("longer than") && e.contains("--max-exception"), "{e}");
+    assert!(
+        e.contains("longer than") && e.contains("--max-exception"),
+        "{e}"
+    );
     a.for_secs = 24 * 3600;
     assert!(check(&a, max).is_ok(), "exactly the maximum is allowed");
     a.for_secs = 3600;
-    assert!(check(&a, Duration::from_secs(600)).is_err(), "a configured maximum");
+    assert!(
+        check(&a, Duration::from_secs(600)).is_err(),
+        "a configured maximum"
+    );
     let mut a = ask("10.0.0.0/8", None, None);
     a.reason = "   ";
     assert!(check(&a, max).unwrap_err().contains("--reason"));
@@ -83,7 +89,11 @@ fn durations_parse_as_people_write_them() {
     assert_eq!(parse_for("1h30m").unwrap(), Duration::from_secs(5400));
     assert_eq!(parse_for(" 90s ").unwrap(), Duration::from_secs(90));
     assert!(parse_for("15").unwrap_err().contains("not a duration"));
-    assert!(parse_for("500ms").unwrap_err().contains("at least one second"));
+    assert!(
+        parse_for("500ms")
+            .unwrap_err()
+            .contains("at least one second")
+    );
     assert!(parse_for("soon").is_err());
 }
 
@@ -116,13 +126,22 @@ fn expiry_is_the_kernel_comparison_and_saturates() {
     assert_eq!(until, 2_000_001_000);
     let e = exc(1, "10.0.0.1", Scope::Process { pid: 7 }, until);
     assert!(!expired(&e, until - 1));
-    assert!(expired(&e, until), "the kernel honours an entry while until_ns > now");
+    assert!(
+        expired(&e, until),
+        "the kernel honours an entry while until_ns > now"
+    );
     assert_eq!(until_ns(u64::MAX - 5, Duration::from_secs(1)), u64::MAX);
     // The shared check the hooks run.
     let (entries, _) = compile(&[e]).unwrap();
     let key = exception_scope(EXC_PROCESS, 7);
-    assert_eq!(kernel(&entries, key, until - 1, "10.0.0.1", 80, IPPROTO_TCP), Some(1));
-    assert_eq!(kernel(&entries, key, until, "10.0.0.1", 80, IPPROTO_TCP), None);
+    assert_eq!(
+        kernel(&entries, key, until - 1, "10.0.0.1", 80, IPPROTO_TCP),
+        Some(1)
+    );
+    assert_eq!(
+        kernel(&entries, key, until, "10.0.0.1", 80, IPPROTO_TCP),
+        None
+    );
 }
 
 #[test]
@@ -148,7 +167,15 @@ fn entries_are_keyed_by_scope_and_match_their_prefix_only() {
             },
             100,
         ),
-        exc(4, "::/0", Scope::User { uid: 1000, name: None }, 100),
+        exc(
+            4,
+            "::/0",
+            Scope::User {
+                uid: 1000,
+                name: None,
+            },
+            100,
+        ),
     ];
     let (entries, levels) = compile(&list).unwrap();
     assert_eq!(levels, 1 << 2);
@@ -161,15 +188,51 @@ fn entries_are_keyed_by_scope_and_match_their_prefix_only() {
     assert_eq!(kernel(&entries, pid, 0, "192.0.2.255", 1, tcp), Some(1));
     assert_eq!(kernel(&entries, pid, 0, "192.0.3.0", 1, tcp), None);
     assert_eq!(kernel(&entries, pid, 0, "192.0.1.255", 1, tcp), None);
-    assert_eq!(kernel(&entries, pid, 0, "::ffff:192.0.2.1", 1, tcp), None, "the v6 family");
+    assert_eq!(
+        kernel(&entries, pid, 0, "::ffff:192.0.2.1", 1, tcp),
+        None,
+        "the v6 family"
+    );
     assert_eq!(kernel(&entries, cg, 0, "2001:db8:ffff::1", 1, tcp), Some(2));
     assert_eq!(kernel(&entries, cg, 0, "2001:db9::1", 1, tcp), None);
-    assert_eq!(kernel(&entries, cg, 0, "32.1.13.184", 1, tcp), None, "the v4 family");
-    assert_eq!(kernel(&entries, user, 0, "203.0.113.9", 1, tcp), Some(3), "/0");
-    assert_eq!(kernel(&entries, user, 0, "2001:db8::1", 1, tcp), Some(4), "::/0");
+    assert_eq!(
+        kernel(&entries, cg, 0, "32.1.13.184", 1, tcp),
+        None,
+        "the v4 family"
+    );
+    assert_eq!(
+        kernel(&entries, user, 0, "203.0.113.9", 1, tcp),
+        Some(3),
+        "/0"
+    );
+    assert_eq!(
+        kernel(&entries, user, 0, "2001:db8::1", 1, tcp),
+        Some(4),
+        "::/0"
+    );
     // Another scope's key holds nothing of these.
-    assert_eq!(kernel(&entries, exception_scope(EXC_PROCESS, 1000), 0, "203.0.113.9", 1, tcp), None);
-    assert_eq!(kernel(&entries, exception_scope(EXC_USER, 42), 0, "192.0.2.1", 1, tcp), None);
+    assert_eq!(
+        kernel(
+            &entries,
+            exception_scope(EXC_PROCESS, 1000),
+            0,
+            "203.0.113.9",
+            1,
+            tcp
+        ),
+        None
+    );
+    assert_eq!(
+        kernel(
+            &entries,
+            exception_scope(EXC_USER, 42),
+            0,
+            "192.0.2.1",
+            1,
+            tcp
+        ),
+        None
+    );
     // A /128 and a /32.
     let (entries, _) = compile(&[
         exc(5, "2001:db8::7", Scope::Process { pid: 1 }, 100),
@@ -198,19 +261,43 @@ fn ports_and_protocols_narrow_an_exception() {
     assert_eq!(kernel(&entries, k, 0, ip, 8080, IPPROTO_TCP), Some(5));
     assert_eq!(kernel(&entries, k, 0, ip, 7999, IPPROTO_TCP), None);
     assert_eq!(kernel(&entries, k, 0, ip, 8081, IPPROTO_TCP), None);
-    assert_eq!(kernel(&entries, k, 0, ip, 8000, IPPROTO_UDP), None, "another protocol");
-    assert_eq!(kernel(&entries, k, 0, ip, 53, IPPROTO_UDP), Some(6), "the second one");
+    assert_eq!(
+        kernel(&entries, k, 0, ip, 8000, IPPROTO_UDP),
+        None,
+        "another protocol"
+    );
+    assert_eq!(
+        kernel(&entries, k, 0, ip, 53, IPPROTO_UDP),
+        Some(6),
+        "the second one"
+    );
     assert_eq!(kernel(&entries, k, 0, ip, 53, IPPROTO_TCP), None);
     let (entries, _) = compile(&[exc(7, "10.0.0.0/8", Scope::Process { pid: 1 }, 1_000)]).unwrap();
-    for (port, proto) in [(1, IPPROTO_TCP), (65535, IPPROTO_UDP), (0, IPPROTO_ICMP), (0, 132)] {
-        assert_eq!(kernel(&entries, k, 0, ip, port, proto), Some(7), "{port}/{proto}");
+    for (port, proto) in [
+        (1, IPPROTO_TCP),
+        (65535, IPPROTO_UDP),
+        (0, IPPROTO_ICMP),
+        (0, 132),
+    ] {
+        assert_eq!(
+            kernel(&entries, k, 0, ip, port, proto),
+            Some(7),
+            "{port}/{proto}"
+        );
     }
 }
 
 #[test]
 fn a_scope_holds_a_bounded_number_of_exceptions() {
     let list: Vec<Exception> = (0..=EXC_ENTRIES as u32)
-        .map(|i| exc(i + 1, &format!("10.0.{i}.0/24"), Scope::Process { pid: 1 }, 100))
+        .map(|i| {
+            exc(
+                i + 1,
+                &format!("10.0.{i}.0/24"),
+                Scope::Process { pid: 1 },
+                100,
+            )
+        })
         .collect();
     let e = compile(&list).unwrap_err();
     assert!(e.contains("pid:1") && e.contains("revoke one first"), "{e}");
