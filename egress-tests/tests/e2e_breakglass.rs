@@ -282,8 +282,9 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     // A process exception: that process only (a shell that waits for its turn, then execs
     // the probe in place, keeping its pid), not its sibling in the same cgroup.
     let go = dir.join("go");
+    // A child it forks (the first probe) has a pid of its own: not covered.
     let script = format!(
-        "while [ ! -e {go} ]; do sleep 0.05; done; exec {probe} tcp {DEST}",
+        "while [ ! -e {go} ]; do sleep 0.05; done; {probe} tcp {DEST}; exec {probe} tcp {DEST}",
         go = go.display(),
         probe = bins::probe().display()
     );
@@ -314,8 +315,8 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     let out = waiting.output();
     assert_eq!(
         egress_tests::probe::verdicts(&out.stdout),
-        [Refused],
-        "the process: {out:?}"
+        [Denied, Refused],
+        "its child, then the process itself: {out:?}"
     );
     // Its process exited: the exception ends (the pid could be reused).
     egress_tests::wait_for("the pid exception to end", Duration::from_secs(10), || {
@@ -338,6 +339,74 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     assert!(!out.status.success(), "revoking twice fails: {out:?}");
     drop(run);
     drop((cg, other));
+}
+
+/// Both families and every hook: an IPv6 destination (connect6), a v4-mapped one (connect6
+/// judging IPv4), unconnected UDP (sendmsg4) under a UDP-only exception; and an exception
+/// overrides an explicit `[[block]]` of the policy, as documented.
+#[test]
+fn exceptions_cover_ipv6_v4_mapped_and_udp_sends_and_override_blocks() {
+    let ns = LoopNs::new();
+    let dir = TempDir::new("breakglass-families");
+    let cg = TestCgroup::new();
+    let policy = dir.file(
+        "p.toml",
+        "allow_loopback = false\n[[block]]\nname = \"blocked\"\ndestinations = [\"127.0.0.6\"]\n",
+    );
+    let run = EgressCmd::run(&ns, cg.path(), &dir).policy(&policy).start();
+    let cgp = cg.path().to_str().unwrap();
+    let grant = |args: &[&str]| {
+        let mut all = vec!["allow"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--cgroup", cgp, "--for", "5m", "--reason", "t"]);
+        ok(&run.ctl(&all), "egress allow");
+    };
+    for (op, addr) in [
+        ("tcp", "[::1]:8000"),
+        ("tcp", "[::ffff:127.0.0.3]:8000"),
+        ("udp-sendto", "127.0.0.5:9000"),
+        ("tcp", "127.0.0.6:8000"),
+    ] {
+        assert_eq!(one(&cg, op, addr), Denied, "before: {op} {addr}");
+    }
+    grant(&["::1", "--port", "8000", "--protocol", "tcp"]);
+    grant(&["127.0.0.3/32", "--port", "8000"]);
+    grant(&["127.0.0.5", "--protocol", "udp"]);
+    grant(&["127.0.0.6"]);
+    assert_eq!(one(&cg, "tcp", "[::1]:8000"), Refused, "IPv6");
+    assert_eq!(one(&cg, "tcp", "[::1]:8001"), Denied, "IPv6, another port");
+    assert_eq!(one(&cg, "udp-sendto", "[::1]:8000"), Denied, "IPv6, udp");
+    assert_eq!(
+        one(&cg, "tcp", "[::ffff:127.0.0.3]:8000"),
+        Refused,
+        "v4-mapped"
+    );
+    assert_eq!(
+        one(&cg, "tcp", "[::ffff:127.0.0.3]:8001"),
+        Denied,
+        "v4-mapped, port"
+    );
+    assert_eq!(
+        one(&cg, "udp-sendto", "127.0.0.5:9000"),
+        Verdict::Succeeded,
+        "sendmsg4"
+    );
+    assert_eq!(
+        one(&cg, "tcp", "127.0.0.5:9000"),
+        Denied,
+        "tcp under a udp exception"
+    );
+    assert_eq!(
+        one(&cg, "tcp", "127.0.0.6:8000"),
+        Refused,
+        "over a [[block]]"
+    );
+    let status = run.status().unwrap();
+    assert_eq!(
+        status["exceptions"].as_array().unwrap().len(),
+        4,
+        "{status}"
+    );
 }
 
 /// `--admin-group`: the socket is the group's (0660), a member may grant and read but not
