@@ -337,7 +337,36 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
     assert_eq!(r["revoked_by_uid"], 0);
     let out = run.ctl(&["revoke", &uid_id]);
     assert!(!out.status.success(), "revoking twice fails: {out:?}");
-    drop(run);
+
+    // `egress stop` ends them all: a fresh start over the same pin directory restores none.
+    ok(
+        &run.ctl(&[
+            "allow",
+            "127.0.0.3",
+            "--user",
+            "65534",
+            "--for",
+            "10m",
+            "--reason",
+            "last",
+        ]),
+        "allow before stop",
+    );
+    assert_eq!(as_uid(&cg, 65534, DEST), Refused);
+    ok(
+        &run.ctl(&["stop", "--pin-dir", pins.to_str().unwrap()]),
+        "egress stop",
+    );
+    let mut run = run;
+    run.wait_exit("the controller after egress stop");
+    let fresh = pinned().start();
+    assert_eq!(as_uid(&cg, 65534, DEST), Denied, "not restored after stop");
+    let status = fresh.status().unwrap();
+    assert!(
+        status["exceptions"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
+    drop(fresh);
     drop((cg, other));
 }
 

@@ -767,6 +767,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Stop => {
             let removed = Pins::new(&pin_dir).remove_all()?;
+            // Exceptions end with the enforcement: their record goes with the pins.
+            let _ = std::fs::remove_file(crate::exceptions::file_for(
+                &Pins::new(&pin_dir).state_path(),
+            ));
             let told = client::request(&socket, Request::Stop).is_ok();
             if json {
                 let report = StopReport {

@@ -78,17 +78,22 @@ impl Controller {
         };
         let now = clock::boot_ns();
         let record = exceptions::read(&file);
+        // The kernel's map says what is still in force: a record of exceptions whose map went
+        // away (`egress stop`, then a fresh start) restores nothing.
+        let in_kernel = self.dp.exception_ids(now);
         let (live, ended): (Vec<_>, Vec<_>) = record
             .exceptions
             .into_iter()
-            .partition(|e| !exceptions::expired(e, now));
+            .partition(|e| !exceptions::expired(e, now) && in_kernel.contains(&e.id));
         self.breakglass.list = live;
         self.breakglass.last_id = record.last_id;
         if let Err(e) = self.sync_exceptions() {
             warn!(error = %format!("{e:#}"), "could not restore the break-glass exceptions");
         }
         for e in &ended {
-            self.exception_event(e, "expired", None, None).await;
+            let why = (!exceptions::expired(e, now))
+                .then(|| "no longer in the kernel (enforcement was stopped)".to_string());
+            self.exception_event(e, "expired", None, why).await;
         }
         if !self.breakglass.list.is_empty() {
             info!(

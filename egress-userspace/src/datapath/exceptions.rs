@@ -44,6 +44,18 @@ impl Datapath {
         self.write_configs()
     }
 
+    /// The ids of the exceptions `EXCEPTIONS` holds that have not ended at `now_ns`.
+    pub fn exception_ids(&self, now_ns: u64) -> std::collections::BTreeSet<u32> {
+        self.maps
+            .exceptions
+            .iter()
+            .filter_map(Result::ok)
+            .flat_map(|(_, v)| v.entries)
+            .filter(|e| e.until_ns > now_ns)
+            .map(|e| e.id)
+            .collect()
+    }
+
     /// How many entries `EXCEPTIONS` holds.
     pub fn exception_entries(&self) -> usize {
         self.maps.exceptions.keys().filter_map(Result::ok).count()
