@@ -322,6 +322,9 @@ impl Controller {
             by_uid = e.by_uid,
             "break-glass exception {action}"
         );
+        if let Some(w) = &self.webhook {
+            w.send(&crate::webhook::Outgoing::Exception(Box::new(ev.clone())));
+        }
         self.emit(&ev).await;
     }
 }
