@@ -184,8 +184,14 @@ pub struct Config {
     /// The cgroup levels (bit n: level n, the root is 0) at which the policy's `cgroups`
     /// selectors sit: the hooks look up the caller's ancestor at each.
     pub scope_cg_levels: u32,
+    /// Number of entries in `EXCEPTIONS` (break-glass exceptions, `egress allow`); 0 skips the
+    /// lookup, so that a host without exceptions pays nothing for them.
+    pub exceptions: u32,
+    /// The cgroup levels (bit n: level n, the root is 0) at which `--cgroup` exceptions sit:
+    /// the hooks look up the caller's ancestor at each.
+    pub exc_cg_levels: u32,
 }
-const _: () = assert!(size_of::<Config>() == 136);
+const _: () = assert!(size_of::<Config>() == 144);
 
 impl Config {
     /// The all-zero config: enforce, default deny, no loopback, buffer 0 (fail-closed).
@@ -237,6 +243,105 @@ pub struct GrantValue {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<GrantValue>() == 16);
+
+/// `rule_id` of a call a break-glass exception (`egress allow`) let through where the policy
+/// would have refused it. Events name it `exception`.
+pub const RULE_EXCEPTION: u32 = u32::MAX - 16;
+
+/// Whom a break-glass exception covers, in the top byte of its [`exception_scope`] key.
+pub const EXC_PROCESS: u8 = 1;
+pub const EXC_CGROUP: u8 = 2;
+pub const EXC_USER: u8 = 3;
+/// Exceptions one scope (a process, a cgroup, a user) may hold at once.
+pub const EXC_ENTRIES: usize = 8;
+/// The deepest cgroup level a `--cgroup` exception may sit at (bits of `exc_cg_levels`).
+pub const EXC_MAX_CG_LEVEL: u32 = 31;
+/// Scope ids (cgroup ids) must fit below the kind byte.
+pub const EXC_ID_MASK: u64 = (1 << 56) - 1;
+
+/// The `EXCEPTIONS` key of a scope: its kind (`EXC_*`) in the top byte, its id (tgid, cgroup
+/// id, uid) below. Eight bytes, so that the hooks' lookup needs almost no stack (they are near
+/// the 512-byte limit).
+#[inline(always)]
+pub const fn exception_scope(kind: u8, id: u64) -> u64 {
+    ((kind as u64) << 56) | (id & EXC_ID_MASK)
+}
+
+/// One break-glass exception of a scope: a destination prefix (as two big-endian halves and
+/// their masks: `addr & mask == net`), ports, protocols and its end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExceptionEntry {
+    pub net_hi: u64,
+    pub net_lo: u64,
+    pub mask_hi: u64,
+    pub mask_lo: u64,
+    /// CLOCK_BOOTTIME nanoseconds when the exception ends (0: an empty entry). The hooks ignore
+    /// it after that, controller or not.
+    pub until_ns: u64,
+    /// The exception's id (`egress revoke ID`).
+    pub id: u32,
+    /// Inclusive port range, host order.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// `PROTO_*` bits.
+    pub proto_mask: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<ExceptionEntry>() == 56);
+
+/// Value of `EXCEPTIONS`: the live exceptions of one scope.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExceptionList {
+    pub entries: [ExceptionEntry; EXC_ENTRIES],
+}
+const _: () = assert!(size_of::<ExceptionList>() == 56 * EXC_ENTRIES);
+
+/// The two big-endian halves of a 16-byte address field (an IPv4 address in the first 4 bytes,
+/// the rest zero).
+#[inline(always)]
+pub fn addr_halves(a: &[u8; 16]) -> (u64, u64) {
+    (
+        u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    )
+}
+
+impl ExceptionList {
+    /// The id of the first exception of this scope still in force at `now` that covers the
+    /// destination (`family`, address halves), `port` and protocol `ipproto`. The hooks and
+    /// the controller's tests share it.
+    #[inline(always)]
+    pub fn allows(
+        &self,
+        now: u64,
+        family: u8,
+        hi: u64,
+        lo: u64,
+        port: u16,
+        ipproto: u8,
+    ) -> Option<u32> {
+        let bit = proto_bit(ipproto);
+        let mut i = 0;
+        while i < EXC_ENTRIES {
+            let e = &self.entries[i];
+            if e.until_ns > now
+                && e.family == family
+                && hi & e.mask_hi == e.net_hi
+                && lo & e.mask_lo == e.net_lo
+                && e.proto_mask & bit != 0
+                && (bit & PROTO_PORTLESS != 0 || (port >= e.port_lo && port <= e.port_hi))
+            {
+                return Some(e.id);
+            }
+            i += 1;
+        }
+        None
+    }
+}
 
 /// `RULESETS` keys at and above this are the rule sets of `hosts` services (grants point at
 /// them); below it, those of address prefixes.

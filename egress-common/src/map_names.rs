@@ -29,6 +29,9 @@ pub const BLOCK_TREE: &str = "BLOCK_TREE";
 pub const GRANTS: &str = "GRANTS";
 pub const DNS_ORIG: &str = "DNS_ORIG";
 
+/// Break-glass exceptions (`egress allow`).
+pub const EXCEPTIONS: &str = "EXCEPTIONS";
+
 /// Process -> executable identity.
 pub const PROCS: &str = "PROCS";
 /// Scope tables of buffer 0 and 1, by selector key.
@@ -40,7 +43,7 @@ pub const SCOPE_CG: [&str; 2] = ["SCOPE_CG_0", "SCOPE_CG_1"];
 pub const SCOPE_DEF: &str = "SCOPE_DEF";
 
 /// Every map of the object.
-pub const ALL: [&str; 32] = [
+pub const ALL: [&str; 33] = [
     POLICY_V4[0],
     POLICY_V4[1],
     DIR_V4[0],
@@ -63,6 +66,7 @@ pub const ALL: [&str; 32] = [
     BLOCK_TREE,
     GRANTS,
     DNS_ORIG,
+    EXCEPTIONS,
     PROCS,
     SCOPE_EXE[0],
     SCOPE_EXE[1],

@@ -23,6 +23,7 @@ unsafe impl aya::Pod for BlockValue {}
 unsafe impl aya::Pod for GrantKey {}
 unsafe impl aya::Pod for GrantValue {}
 unsafe impl aya::Pod for DnsOrig {}
+unsafe impl aya::Pod for ExceptionList {}
 unsafe impl aya::Pod for ScopeBits {}
 unsafe impl aya::Pod for ExeKey {}
 unsafe impl aya::Pod for ProcIdentity {}

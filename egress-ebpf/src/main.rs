@@ -2,13 +2,14 @@
 //! hook context, emitting events) and `policy.rs` (map lookups); `fork.rs` follows what blocked
 //! processes create; socket owners (recorded, forgotten) in `owners.rs`; byte accounting in `skb_egress.rs`
 //! (sockets with an owner) and `tc_egress.rs` (the rest); DNS steering and grants
-//! in `dns.rs`; every map is in `maps.rs`.
+//! in `dns.rs`; break-glass exceptions in `exception.rs`; every map is in `maps.rs`.
 // Host builds (`cargo clippy --workspace`, `cargo test --workspace`) compile this crate as an
 // empty program; only the bpfel build carries the hooks' sections into the object.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod dns;
+mod exception;
 mod exec;
 mod fork;
 mod maps;

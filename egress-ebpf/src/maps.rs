@@ -9,8 +9,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, DnsOrig, ExeKey, FlowKey, FlowValue, GrantKey, GrantValue, Owner,
-    PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
+    BlockKey, BlockValue, Config, DnsOrig, ExceptionList, ExeKey, FlowKey, FlowValue, GrantKey,
+    GrantValue, Owner, PrefixValue, ProcIdentity, RuleSet, STAT_COUNT, ScopeBits,
     ranges::{RangeLine, V4_DIR_LINES},
 };
 
@@ -134,6 +134,19 @@ pub static BLOCK_TREE: HashMap<u32, u32> = HashMap::with_max_entries(16_384, 0);
 /// expired entries. Survives controller restarts (pinned).
 #[map]
 pub static GRANTS: HashMap<GrantKey, GrantValue> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Break-glass exceptions (`egress allow`): scope (`exception_scope`: a process by tgid, a
+/// cgroup by id, a user by uid) -> its live exceptions (destination prefix, ports, protocols,
+/// id, end). Written by the controller when an exception is granted, revoked or has ended;
+/// read by the connect/sendmsg hooks only where the policy refuses a call and
+/// `Config::exceptions` says entries exist. Each exception carries its own end
+/// (CLOCK_BOOTTIME), checked by the hooks: it ends on time with no controller. An 8-byte key,
+/// not an LPM trie: the lookup runs in a frame of its own below the decision's (near 512 bytes
+/// already), which has room for little more than that. Pinned: exceptions survive controller
+/// restarts.
+#[map]
+pub static EXCEPTIONS: HashMap<u64, ExceptionList> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
 
 /// Socket cookie -> the DNS server a steered socket addressed, so that answers from the proxy
 /// appear to come from it (recvmsg, getpeername). Written by the connect/sendmsg hooks when

@@ -18,11 +18,13 @@ use aya_ebpf::{
 };
 use egress_common::{
     Config, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6, MODE_AUDIT, RULE_DEFAULT,
-    RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits, v4_mapped,
+    RULE_EXCEPTION, RULE_OWNERS_FULL, STAT_ALLOWED, STAT_DNS_STEERED, STAT_OWNERS_FULL, ScopeBits,
+    addr_halves, v4_mapped,
 };
 
 use crate::{
     dns::{self, Steer},
+    exception,
     maps::STATS,
     owners,
     policy::{self, Decision},
@@ -130,6 +132,7 @@ pub fn decide_v4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let mut full = [0u8; 16];
     full[..4].copy_from_slice(&addr);
     let d = with_grant(cfg, d, 4, &full, port, proto, &scopes);
+    let d = with_exception(cfg, d, 4, &full, port, proto);
     // An AF_INET6 socket sending to ::ffff:a.b.c.d reaches sendmsg4 with the IPv4 address: report
     // it as the process gave it.
     if inet6 {
@@ -161,11 +164,13 @@ pub fn decide_v6(ctx: &SockAddrContext, hook: u8) -> i32 {
             let mut full = [0u8; 16];
             full[..4].copy_from_slice(&v4);
             let d = policy::decide_v4::<false>(cfg, v4, port, proto, &scopes);
-            (with_grant(cfg, d, 4, &full, port, proto, &scopes), 1)
+            let d = with_grant(cfg, d, 4, &full, port, proto, &scopes);
+            (with_exception(cfg, d, 4, &full, port, proto), 1)
         }
         None => {
             let d = policy::decide_v6::<false>(cfg, addr, port, proto, &scopes);
-            (with_grant(cfg, d, 6, &addr, port, proto, &scopes), 0)
+            let d = with_grant(cfg, d, 6, &addr, port, proto, &scopes);
+            (with_exception(cfg, d, 6, &addr, port, proto), 0)
         }
     };
     finish(ctx, cfg, d, hook, 6, mapped, addr, port, proto)
@@ -208,6 +213,33 @@ fn with_grant(
         },
         Some(g) => g,
         None => d,
+    }
+}
+
+/// Where the policy (grants included) refuses the call, a live break-glass exception of the
+/// caller for this destination lets it through (`exception.rs`). Only on the deny path, and only
+/// when exceptions exist. A byte-budget block still wins: `finish` checks it on every allowed
+/// call, this one included.
+#[inline(always)]
+fn with_exception(
+    cfg: &Config,
+    d: Decision,
+    family: u8,
+    addr: &[u8; 16],
+    port: u16,
+    proto: u8,
+) -> Decision {
+    if d.allow || cfg.exceptions == 0 {
+        return d;
+    }
+    let (hi, lo) = addr_halves(addr);
+    let what = u64::from(port)
+        | u64::from(proto) << 16
+        | u64::from(family) << 24
+        | u64::from(cfg.exc_cg_levels) << 32;
+    match exception::egress_excepted(hi, lo, what) {
+        0 => d,
+        _ => Decision::plain(true, RULE_EXCEPTION),
     }
 }
 

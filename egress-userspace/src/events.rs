@@ -270,6 +270,40 @@ pub struct BlockEvent {
     pub exe: Option<String>,
 }
 
+/// The `"event": "exception"` line: a break-glass exception granted, revoked, or expired.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ExceptionEvent {
+    pub ts: String,
+    /// Always `"exception"`.
+    pub event: String,
+    #[serde(flatten, default)]
+    pub meta: EventMeta,
+    /// `granted`, `revoked` or `expired`.
+    pub action: String,
+    pub id: u32,
+    /// The destination (canonical CIDR).
+    pub dest: String,
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Whom it covers: `pid:N`, `cgroup:PATH`, `user:NAME`.
+    pub scope: String,
+    pub reason: String,
+    /// When it ends (or ended early, for `revoked`), RFC 3339.
+    pub until: String,
+    /// Who granted it (the control socket peer's uid) and its name.
+    pub by_uid: u32,
+    #[serde(default)]
+    pub by_user: Option<String>,
+    /// Who revoked it, for `revoked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by_uid: Option<u32>,
+    /// Why it ended before `until`, for an early end (`revoked`, the process exited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+}
+
 /// The RFC 3339 form of `t`, nanoseconds, as every event's `ts`.
 pub fn timestamp(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()

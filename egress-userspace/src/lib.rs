@@ -19,6 +19,7 @@ pub mod controller;
 pub mod datapath;
 pub mod dns;
 pub mod events;
+pub mod exceptions;
 pub mod exit;
 pub mod feed;
 pub mod kube;

@@ -110,6 +110,10 @@ pub struct StatusReport {
     /// fetch went (absent: the policy has none, or no controller runs).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub feeds: Vec<crate::policy::feeds::FeedStatus>,
+    /// Live break-glass exceptions (`egress allow`); without a controller, those recorded beside
+    /// the pins that the pinned map still holds.
+    #[serde(default)]
+    pub exceptions: Vec<crate::exceptions::Exception>,
 }
 
 /// The DNS proxy and the kernel's grants, in `egress status` and `egress stats`.
@@ -273,6 +277,7 @@ impl StatusReport {
             counters,
             dns,
             feeds: Vec::new(),
+            exceptions: Vec::new(),
         }
     }
 }

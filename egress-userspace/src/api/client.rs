@@ -96,6 +96,22 @@ pub fn grants(path: &Path, all: bool) -> anyhow::Result<Vec<GrantRow>> {
     }
 }
 
+/// Grants a break-glass exception (a [`Request::Allow`]); the exception as recorded.
+pub fn allow(path: &Path, req: Request) -> anyhow::Result<crate::exceptions::Exception> {
+    match request(path, req)? {
+        Response::Exception(e) => Ok(*e),
+        other => bail!("unexpected response to allow: {other:?}"),
+    }
+}
+
+/// The live break-glass exceptions.
+pub fn exceptions(path: &Path) -> anyhow::Result<Vec<crate::exceptions::Exception>> {
+    match request(path, Request::Exceptions)? {
+        Response::Exceptions(e) => Ok(e),
+        other => bail!("unexpected response to exceptions: {other:?}"),
+    }
+}
+
 /// Reloads (or with `dry_run` describes a reload): what was done and whether enforcement
 /// changes. A controller older than the `detail` field answers `Done`: `changed` is then None.
 pub fn reload(

@@ -1,7 +1,9 @@
 //! The control socket of a running controller (`/run/egress/control.sock` by default): the
 //! protocol ([`Request`], [`Response`], versioned envelopes, one JSON object per line each way),
 //! the server the controller runs ([`server`]) and the client the CLI uses ([`client`]). Only
-//! root can use it (mode 0600 in a 0700 directory).
+//! root can use it (mode 0600 in a 0700 directory), unless `egress run --admin-group` lets a
+//! group in (mode 0660): every request is then checked against the peer's credentials
+//! (`crate::exceptions::authorize`).
 
 pub mod client;
 pub mod server;
@@ -64,6 +66,34 @@ pub enum Request {
     },
     /// The text of the policy in force (`egress explain` without `--policy`).
     Policy,
+    /// Grant a break-glass exception (`egress allow`), answered by [`Response::Exception`].
+    /// Exactly one of `pid`, `cgroup`, `user`. Who asks is the socket peer's uid (SO_PEERCRED),
+    /// never a field of the request.
+    Allow {
+        /// An address or CIDR.
+        dest: String,
+        /// A port or range (`443`, `8000-8080`); absent: every port.
+        #[serde(default)]
+        port: Option<String>,
+        /// `tcp`, `udp`, `icmp`, `icmpv6`; absent: every protocol.
+        #[serde(default)]
+        protocol: Option<String>,
+        #[serde(default)]
+        pid: Option<u32>,
+        /// A cgroup2 directory (absolute, or relative to the cgroup2 root).
+        #[serde(default)]
+        cgroup: Option<String>,
+        /// A user name or uid.
+        #[serde(default)]
+        user: Option<String>,
+        /// How long, in seconds.
+        for_secs: u64,
+        reason: String,
+    },
+    /// End break-glass exception `id` now (`egress revoke ID`).
+    Revoke { id: u32 },
+    /// The live break-glass exceptions (`egress grants`), answered by [`Response::Exceptions`].
+    Exceptions,
 }
 
 /// The controller's answer.
@@ -85,6 +115,10 @@ pub enum Response {
     Reload(crate::report::ReloadReport),
     /// Not done, and why.
     Refused(String),
+    /// The exception granted (answers [`Request::Allow`]).
+    Exception(Box<crate::exceptions::Exception>),
+    /// The live break-glass exceptions (answers [`Request::Exceptions`]).
+    Exceptions(Vec<crate::exceptions::Exception>),
 }
 
 /// The policy in force as text: its files as they read when it was applied (one, or the
@@ -142,6 +176,18 @@ mod tests {
                 filter: vec!["pid=7".into(), "rule=default".into()],
             },
             Request::Policy,
+            Request::Allow {
+                dest: "192.0.2.7".into(),
+                port: Some("443".into()),
+                protocol: Some("tcp".into()),
+                pid: None,
+                cgroup: Some("/sys/fs/cgroup/app".into()),
+                user: None,
+                for_secs: 900,
+                reason: "ticket 123".into(),
+            },
+            Request::Revoke { id: 7 },
+            Request::Exceptions,
         ] {
             let text = serde_json::to_string(&RequestEnvelope {
                 version: PROTOCOL_VERSION,

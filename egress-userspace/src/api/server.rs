@@ -27,14 +27,32 @@ use crate::{
 pub struct Command {
     pub request: Request,
     pub reply: oneshot::Sender<Response>,
+    /// Who asked: the socket peer's credentials, from the kernel.
+    pub caller: Caller,
+}
+
+/// The credentials of a control-socket peer (SO_PEERCRED), as the kernel gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<u32>,
 }
 
 /// Binds the socket: creates its directory (0700), refuses to steal the socket of a live
-/// controller, replaces a stale one, and makes it 0600.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// controller, replaces a stale one, and makes it 0600. With an admin group (`--admin-group`),
+/// the socket is 0660 and its directory 0710, both of that group, so that its members can
+/// connect (what each may ask is checked per request, [`crate::exceptions::authorize`]).
+pub fn bind(path: &Path, admin_gid: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        if dir == Path::new("/run/egress") {
+        if let Some(gid) = admin_gid {
+            // The directory must hold nothing else a group member should not reach: /run/egress,
+            // or a directory of its own.
+            std::os::unix::fs::chown(dir, Some(0), Some(gid))
+                .with_context(|| format!("giving {} to the admin group", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o710))?;
+        } else if dir == Path::new("/run/egress") {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
     }
@@ -50,7 +68,14 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    match admin_gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, Some(0), Some(gid))
+                .with_context(|| format!("giving {} to the admin group", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        }
+        None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+    }
     Ok(listener)
 }
 
@@ -70,6 +95,7 @@ fn read_request(line: &str) -> Result<Request, Response> {
 /// The answer to one request (but `events`).
 async fn answer(
     request: Request,
+    caller: Caller,
     stats: &watch::Receiver<Arc<StatsReport>>,
     commands: &mpsc::Sender<Command>,
 ) -> Response {
@@ -77,7 +103,12 @@ async fn answer(
         Request::Stats => Response::Stats(Box::new(StatsReport::clone(&stats.borrow()))),
         request => {
             let (reply, answer) = oneshot::channel();
-            if commands.send(Command { request, reply }).await.is_err() {
+            let command = Command {
+                request,
+                reply,
+                caller,
+            };
+            if commands.send(command).await.is_err() {
                 return Response::Refused("the controller is shutting down".into());
             }
             answer
@@ -165,17 +196,48 @@ async fn stream_events<R, W>(
     }
 }
 
-/// Serves requests until the task is dropped.
+/// Whether process `pid` (a socket peer) has group `gid`, as its primary or a supplementary
+/// group (`Groups:` of /proc/PID/status).
+fn has_group(caller: &Caller, gid: u32) -> bool {
+    if caller.gid == gid {
+        return true;
+    }
+    let Some(pid) = caller.pid else { return false };
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+    })
+}
+
+/// Serves requests until the task is dropped. Every request is checked against the peer's
+/// credentials (SO_PEERCRED, read once per connection): root may ask anything, members of
+/// `admin_gid` what [`crate::exceptions::authorize`] lets them, anyone else nothing.
 pub async fn serve(
     listener: UnixListener,
     stats: watch::Receiver<Arc<StatsReport>>,
     commands: mpsc::Sender<Command>,
     feed: Arc<Feed>,
+    admin_gid: Option<u32>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        // No credentials, no answers (fail closed): the peer is treated as nobody.
+        let caller = match stream.peer_cred() {
+            Ok(c) => Caller {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid().and_then(|p| u32::try_from(p).ok()),
+            },
+            Err(_) => Caller {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            },
+        };
+        let admin = caller.uid != 0 && admin_gid.is_some_and(|g| has_group(&caller, g));
         let stats = stats.clone();
         let commands = commands.clone();
         let feed = feed.clone();
@@ -189,7 +251,15 @@ pub async fn serve(
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
-                let response = match read_request(&line) {
+                let request = read_request(&line).and_then(|r| {
+                    crate::exceptions::authorize(&r, caller.uid, admin)
+                        .map(|()| r)
+                        .map_err(|why| {
+                            tracing::warn!(uid = caller.uid, pid = ?caller.pid, "control socket: {why}");
+                            Response::Refused(why)
+                        })
+                });
+                let response = match request {
                     Ok(Request::Events {
                         follow,
                         since_ms,
@@ -199,7 +269,7 @@ pub async fn serve(
                             .await;
                         break;
                     }
-                    Ok(request) => answer(request, &stats, &commands).await,
+                    Ok(request) => answer(request, caller, &stats, &commands).await,
                     Err(refusal) => refusal,
                 };
                 if !send(&mut write, response).await {

@@ -179,6 +179,45 @@ pub fn status_text(s: &StatusReport) -> String {
     for f in &s.feeds {
         feed_text(&mut out, f, std::time::SystemTime::now());
     }
+    if !s.exceptions.is_empty() {
+        let _ = writeln!(out, "break-glass exceptions: {} live", s.exceptions.len());
+        for line in exceptions_table(&s.exceptions).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+/// The break-glass exceptions (`egress grants`, `egress status`), one per line.
+pub fn exceptions_table(rows: &[crate::exceptions::Exception]) -> String {
+    if rows.is_empty() {
+        return "no break-glass exceptions\n".to_string();
+    }
+    let mut out = String::new();
+    for e in rows {
+        let _ = writeln!(
+            out,
+            "exception {}: {}{}{} for {} until {} (granted by uid {}{}: {})",
+            e.id,
+            e.dest,
+            e.port
+                .as_ref()
+                .map(|p| format!(" port {p}"))
+                .unwrap_or_default(),
+            e.protocol
+                .as_ref()
+                .map(|p| format!(" {p}"))
+                .unwrap_or_default(),
+            e.scope,
+            e.until,
+            e.by_uid,
+            e.by_user
+                .as_ref()
+                .map(|u| format!(" ({u})"))
+                .unwrap_or_default(),
+            e.reason
+        );
+    }
     out
 }
 

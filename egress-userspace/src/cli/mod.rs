@@ -248,6 +248,15 @@ enum Command {
         /// cannot be fetched or read, and at start before a `url` feed's first fetch.
         #[arg(long, value_name = "DIR", default_value = crate::policy::feeds::DEFAULT_CACHE_DIR)]
         feed_cache: PathBuf,
+        /// A group whose members may use the control socket without being root: read the state
+        /// (status, stats, grants, events, policy) and grant or revoke break-glass exceptions
+        /// (`egress allow`, `egress revoke`). Everything else (reload, stop, unblock) stays
+        /// root's. The socket becomes mode 0660 and its directory 0710, both of that group.
+        #[arg(long, value_name = "GROUP")]
+        admin_group: Option<String>,
+        /// The longest break-glass exception `egress allow --for` may ask for.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        max_exception: std::time::Duration,
     },
     /// Run CMD in a fresh child cgroup with the policy enforced; exit with CMD's status. Events go
     /// to stderr unless --events is given.
@@ -398,6 +407,44 @@ enum Command {
         /// PID means process:PID).
         key: String,
     },
+    /// Break-glass: let one process, cgroup or user reach a destination the policy refuses, for
+    /// a limited time. The exception lives in the kernel and ends by itself (controller or not);
+    /// `egress revoke ID` ends it early. Who granted it (the caller's uid, from the kernel),
+    /// what, why and until when go to the events. Root, or a member of the controller's
+    /// `--admin-group`.
+    Allow {
+        /// The destination: an IPv4/IPv6 address or CIDR.
+        #[arg(value_name = "DEST")]
+        dest: String,
+        /// Only this port or range (`443`, `8000-8080`). Default: every port.
+        #[arg(long, value_name = "N[-M]")]
+        port: Option<String>,
+        /// Only this protocol: tcp, udp, icmp, icmpv6. Default: every protocol.
+        #[arg(long, value_name = "P")]
+        protocol: Option<String>,
+        /// For this process (and its threads; not the processes it starts: grant its cgroup
+        /// for that). Ends early if the process exits.
+        #[arg(long, value_name = "N", group = "exception_scope")]
+        pid: Option<u32>,
+        /// For every process in this cgroup2 directory and below it.
+        #[arg(long, value_name = "DIR", group = "exception_scope")]
+        cgroup: Option<PathBuf>,
+        /// For every process of this user (name or uid; real uid).
+        #[arg(long, value_name = "U", group = "exception_scope")]
+        user: Option<String>,
+        /// How long: `15m`, `2h`, `90s` (at most the controller's --max-exception, 24h by
+        /// default).
+        #[arg(long = "for", value_name = "DURATION", value_parser = crate::exceptions::parse_for)]
+        for_: std::time::Duration,
+        /// Why (a ticket, an incident): recorded in the event.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// End a break-glass exception now.
+    Revoke {
+        /// Its id, as `egress allow` printed it and `egress grants` lists it.
+        id: u32,
+    },
     /// Per-process egress totals (bytes, packets, rate, destinations) from the running controller.
     Stats,
     /// Live DNS grants: which cgroup may reach which address because it resolved which name,
@@ -408,6 +455,10 @@ enum Command {
         /// judged by the address rules; deny events name them in `host`).
         #[arg(long)]
         all: bool,
+        /// With -o json: print the break-glass exceptions (`egress allow`) rather than the DNS
+        /// grants (the text lists both).
+        #[arg(long)]
+        exceptions: bool,
     },
     /// Live view of the processes sending the most, refreshed in place (q or Ctrl-C quits).
     /// With -o json: the stats report as a JSON line at each refresh.
@@ -736,7 +787,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             allow_non_host_cgroup,
             kernel_log,
             feed_cache,
+            admin_group,
+            max_exception,
         } => {
+            let admin_gid = match admin_group {
+                Some(g) => Some(match g.parse::<u32>() {
+                    Ok(gid) => gid,
+                    Err(_) => crate::policy::resolve::gid_of(&g)
+                        .map_err(|e| exit::ConfigError(format!("--admin-group {g}: {e}")))?,
+                }),
+                None => None,
+            };
             let policy = match policy {
                 Some(p) => Some(p),
                 None => configured_policy(&config_dir, (!ephemeral).then_some(pin_dir.as_path()))?,
@@ -758,6 +819,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 kernel_log: kernel_log_wanted(kernel_log),
                 feed_cache,
                 events_ring: None,
+                max_exception,
             };
             runtime()?.block_on(controller::run(RunOptions {
                 common,
@@ -767,6 +829,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 pin_dir: pin_dir.clone(),
                 ephemeral,
                 allow_non_host_cgroup,
+                admin_gid,
             }))?;
             Ok(0)
         }
@@ -798,6 +861,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 kernel_log: kernel_log_wanted(kernel_log),
                 feed_cache,
                 events_ring: None,
+                max_exception: crate::exceptions::DEFAULT_MAX_FOR,
             };
             let code = runtime()?.block_on(controller::exec(ExecOptions {
                 common,
@@ -906,10 +970,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Status => {
             let status = match client::status(&socket) {
                 Ok(s) => s,
-                Err(_) => StatusReport::from_pins(
-                    Pins::new(&pin_dir).status()?,
-                    pin_dir.display().to_string(),
-                ),
+                Err(_) => {
+                    let pins = Pins::new(&pin_dir);
+                    let mut s =
+                        StatusReport::from_pins(pins.status()?, pin_dir.display().to_string());
+                    s.exceptions = pins.exceptions();
+                    s
+                }
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -920,6 +987,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Stop => {
             let removed = Pins::new(&pin_dir).remove_all()?;
+            // Exceptions end with the enforcement: their record goes with the pins.
+            let _ = std::fs::remove_file(crate::exceptions::file_for(
+                &Pins::new(&pin_dir).state_path(),
+            ));
             let told = client::request(&socket, Request::Stop).is_ok();
             if json {
                 let report = StopReport {
@@ -970,7 +1041,85 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
-        Command::Grants { all } => {
+        Command::Allow {
+            dest,
+            port,
+            protocol,
+            pid,
+            cgroup,
+            user,
+            for_,
+            reason,
+        } => {
+            if pid.is_none() && cgroup.is_none() && user.is_none() {
+                return Err(exit::ConfigError(
+                    "egress allow: say whom the exception is for: --pid N, --cgroup DIR or --user U"
+                        .into(),
+                )
+                .into());
+            }
+            // The controller may run elsewhere in the filesystem: send an absolute path.
+            let cgroup = cgroup.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+            let e = client::allow(
+                &socket,
+                Request::Allow {
+                    dest,
+                    port,
+                    protocol,
+                    pid,
+                    cgroup,
+                    user,
+                    for_secs: for_.as_secs(),
+                    reason,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                println!(
+                    "exception {} granted: {}{}{} for {} until {} (`egress revoke {}` ends it)",
+                    e.id,
+                    e.dest,
+                    e.port
+                        .as_ref()
+                        .map(|p| format!(" port {p}"))
+                        .unwrap_or_default(),
+                    e.protocol
+                        .as_ref()
+                        .map(|p| format!(" {p}"))
+                        .unwrap_or_default(),
+                    e.scope,
+                    e.until,
+                    e.id
+                );
+            }
+            Ok(0)
+        }
+        Command::Revoke { id } => {
+            let message = client::done(&socket, Request::Revoke { id })?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&MessageReport { message })?
+                );
+            } else {
+                println!("{message}");
+            }
+            Ok(0)
+        }
+        Command::Grants {
+            all,
+            exceptions: true,
+        } if json => {
+            let rows = match client::exceptions(&socket) {
+                Ok(rows) => rows,
+                Err(_) => Pins::new(&pin_dir).exceptions(),
+            };
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+            let _ = all;
+            Ok(0)
+        }
+        Command::Grants { all, .. } => {
             let (rows, from_pins) = live_grants(&socket, &pin_dir, all)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -983,6 +1132,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                     );
                 }
                 print!("{}", display::grants_table(&rows));
+                let exceptions = if from_pins {
+                    Pins::new(&pin_dir).exceptions()
+                } else {
+                    // An older controller does not know the request: no exceptions there.
+                    client::exceptions(&socket).unwrap_or_default()
+                };
+                print!("{}", display::exceptions_table(&exceptions));
             }
             Ok(0)
         }

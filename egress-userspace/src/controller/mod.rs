@@ -20,6 +20,7 @@
 mod adopt;
 mod blocks;
 mod dns_alerts;
+mod breakglass;
 mod exec;
 mod feeds;
 mod learn;
@@ -101,6 +102,8 @@ pub struct Options {
     /// multiple of the page size; fresh loads only (`learn` asks for more: it must see every
     /// call).
     pub events_ring: Option<u32>,
+    /// The longest break-glass exception (`egress allow --for`) granted (`--max-exception`).
+    pub max_exception: Duration,
 }
 
 /// Where a controller enforces.
@@ -175,6 +178,8 @@ pub struct Controller {
     map_fill: Vec<crate::datapath::MapFill>,
     /// The recent events and their followers (`egress events`).
     feed: Arc<crate::feed::Feed>,
+    /// Break-glass exceptions in force (`egress allow`).
+    breakglass: breakglass::BreakGlass,
 }
 
 /// The outcome of the last reload (at start: the policy applied then), as Prometheus' own
@@ -344,6 +349,7 @@ impl Controller {
             fetchers,
             feed_news: Some(feed_news),
             feed_stamps: Vec::new(),
+            breakglass: breakglass::BreakGlass::new(None, opts.max_exception),
         };
         if adopted {
             info!(
@@ -357,6 +363,14 @@ impl Controller {
         }
         if let Some(requested) = switch_to {
             ctl.apply_over_adopted(requested).await?;
+        }
+        ctl.breakglass.file = ctl
+            .target
+            .pins
+            .as_ref()
+            .map(|p| crate::exceptions::file_for(&p.state_path()));
+        if ctl.breakglass.file.is_some() {
+            ctl.adopt_exceptions().await;
         }
         ctl.follow_names().await?;
         ctl.follow_feeds();
@@ -450,6 +464,7 @@ impl Controller {
                 .as_ref()
                 .map(|n| n.status(counters.dns_steered, true)),
             feeds: self.feed_statuses(),
+            exceptions: self.exception_rows(),
         })
     }
 
@@ -465,13 +480,38 @@ impl Controller {
     }
 
     /// Acts on a control-socket request.
-    async fn command(&mut self, request: Request) -> Response {
+    async fn command(&mut self, request: Request, caller: crate::api::server::Caller) -> Response {
         match request {
             Request::Unblock { key } => match crate::dns::tunnel::DnsBlockKey::parse(&key) {
                 Some(Ok(k)) => self.unblock_dns(k).await,
                 Some(Err(e)) => Response::Refused(e),
                 None => self.unblock_request(&key).await,
             },
+            Request::Allow {
+                dest,
+                port,
+                protocol,
+                pid,
+                cgroup,
+                user,
+                for_secs,
+                reason,
+            } => {
+                let r = breakglass::AllowRequest {
+                    dest,
+                    port,
+                    protocol,
+                    pid,
+                    cgroup,
+                    user,
+                    for_secs,
+                    reason,
+                };
+                self.allow_request(r, caller).await
+            }
+            Request::Revoke { id } => self.revoke_request(id, caller).await,
+            Request::Exceptions => Response::Exceptions(self.exception_rows()),
+            Request::Unblock { key } => self.unblock_request(&key).await,
             Request::Reload {
                 policy,
                 dry_run,

@@ -34,6 +34,9 @@ pub struct RunOptions {
     pub ephemeral: bool,
     /// Enforce on a cgroup namespace's root when the host's hierarchy is out of reach.
     pub allow_non_host_cgroup: bool,
+    /// The group whose members may use the control socket for reading and for break-glass
+    /// exceptions (`--admin-group`); None: root only.
+    pub admin_gid: Option<u32>,
 }
 
 /// Refuses to adopt enforcement pinned for another cgroup.
@@ -68,7 +71,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         check_pinned_cgroup(p, &cgroup)?;
     }
     // Bound before anything is attached: a second controller on this socket fails here.
-    let listener = server::bind(&opts.socket)?;
+    let listener = server::bind(&opts.socket, opts.admin_gid)?;
     // The metrics server is up before the datapath: /healthz answers at once, /readyz says 503
     // until the programs are attached and the policy applied (Controller::start returned).
     let (ready, ready_rx) = tokio::sync::watch::channel(false);
@@ -95,6 +98,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ctl.stats.subscribe(),
         cmd_tx,
         ctl.feed.clone(),
+        opts.admin_gid,
     ));
     let forward = metrics_text.map(|mut text| {
         tokio::spawn(async move {
@@ -155,7 +159,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             } => ctl.notifier.ping(),
             _ = ticker.tick() => ctl.tick().await,
             Some(cmd) = cmd_rx.recv() => {
-                let response = ctl.command(cmd.request).await;
+                let response = ctl.command(cmd.request, cmd.caller).await;
                 let _ = cmd.reply.send(response);
                 if ctl.stop_requested {
                     break;

@@ -41,6 +41,7 @@ impl Controller {
         if let Err(e) = self.try_tick().await {
             error!(error = %format!("{e:#}"), "accounting tick failed");
         }
+        self.expire_exceptions().await;
     }
 
     async fn try_tick(&mut self) -> anyhow::Result<()> {

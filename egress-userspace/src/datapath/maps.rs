@@ -10,8 +10,9 @@ use aya::{
     },
 };
 use egress_common::{
-    BlockKey, BlockValue, Config, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE, GrantKey, GrantValue,
-    LOOKUP_V4_RANGES, Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS, ScopeBits, map_names,
+    BlockKey, BlockValue, Config, ExceptionList, ExeKey, FlowKey, FlowValue, GRANT_SET_BASE,
+    GrantKey, GrantValue, LOOKUP_V4_RANGES, Owner, PrefixValue, ProcIdentity, RuleSet, SCOPE_KEYS,
+    ScopeBits, map_names,
 };
 
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,8 @@ pub(super) struct Maps {
     pub block_tree: HashMap<MapData, u32, u32>,
     /// DNS grants: (cgroup, address) -> (until, service rule set).
     pub grants: HashMap<MapData, GrantKey, GrantValue>,
+    /// Break-glass exceptions: scope -> its exceptions.
+    pub exceptions: HashMap<MapData, u64, ExceptionList>,
     /// Process -> executable identity (exec tracker, seeded at start).
     pub procs: HashMap<MapData, u32, ProcIdentity>,
     /// The scope tables' defaults, per buffer and key.
@@ -153,6 +156,7 @@ impl Maps {
             blocked: take(ebpf, map_names::BLOCKED)?,
             block_tree: take(ebpf, map_names::BLOCK_TREE)?,
             grants: take(ebpf, map_names::GRANTS)?,
+            exceptions: take(ebpf, map_names::EXCEPTIONS)?,
             procs: take(ebpf, map_names::PROCS)?,
             scope_def: take(ebpf, map_names::SCOPE_DEF)?,
             events: Some(take(ebpf, map_names::EVENTS)?),

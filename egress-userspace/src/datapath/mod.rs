@@ -7,6 +7,7 @@
 mod blocks;
 mod bpfsys;
 mod error;
+mod exceptions;
 mod exec;
 mod fork;
 pub mod kernel_log;
@@ -590,6 +591,8 @@ impl Datapath {
             tc_cgroup_id: self.config.tc_cgroup_id,
             tc_cgroup_level: self.config.tc_cgroup_level,
             budget_blocks: self.config.budget_blocks,
+            exceptions: self.config.exceptions,
+            exc_cg_levels: self.config.exc_cg_levels,
             dns_flags: self.config.dns_flags,
             dns_v4: self.config.dns_v4,
             dns_port: self.config.dns_port,

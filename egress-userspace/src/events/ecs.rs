@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::{BlockEvent, EventLine, EventMeta, JsonEvent, ReloadEvent};
+use super::{BlockEvent, EventLine, EventMeta, ExceptionEvent, JsonEvent, ReloadEvent};
 use crate::{alerts::AlertEvent, kube::PodMeta, policy::alert::AlertAction};
 
 /// The ECS version the documents follow.
@@ -429,6 +429,28 @@ impl EventLine for AlertEvent {
             version: None,
         });
         d.with_pod(&self.pod)
+    }
+}
+
+impl EventLine for ExceptionEvent {
+    fn ecs(&self) -> Document {
+        let start = self.action == "granted";
+        let mut d = Document::new(self, &self.ts, &self.meta, "event", "exception").categorize(
+            &["network", "configuration"],
+            if start {
+                &["allowed", "start"]
+            } else {
+                &["end"]
+            },
+            None,
+        );
+        d.message = format!(
+            "break-glass exception {} {}: {} for {} ({}), until {}",
+            self.id, self.action, self.dest, self.scope, self.reason, self.until
+        );
+        d.event.reason = Some(self.reason.clone());
+        d.event.end = Some(self.until.clone());
+        d
     }
 }
 

@@ -164,6 +164,16 @@ pub fn cgroup_ancestors(root: &Path, path: &Path) -> Result<Vec<u64>, String> {
     Ok(ids)
 }
 
+/// A user's uid by name, through NSS.
+pub fn uid_of(name: &str) -> Result<u32, String> {
+    lookup_name(name, NssKind::User)
+}
+
+/// A group's gid by name, through NSS.
+pub fn gid_of(name: &str) -> Result<u32, String> {
+    lookup_name(name, NssKind::Group)
+}
+
 #[derive(Clone, Copy)]
 enum NssKind {
     User,

@@ -39,6 +39,8 @@ pub enum Outgoing {
     Resolved(Resolution),
     /// Deny and audit events, batched.
     Denies(DenyBatch),
+    /// A break-glass exception granted, revoked or expired (`egress allow`).
+    Exception(Box<crate::events::ExceptionEvent>),
 }
 
 /// An alert and until when it stands.
@@ -105,6 +107,7 @@ impl Outgoing {
                 events: &b.events,
                 dropped: b.dropped,
             }),
+            (Format::Generic, Outgoing::Exception(e)) => serde_json::to_vec(e),
             (Format::Alertmanager, o) => serde_json::to_vec(&alertmanager(o)),
             (Format::Slack, o) => serde_json::to_vec(&SlackMessage { text: slack(o) }),
         };
@@ -158,8 +161,63 @@ fn plus(ts: &str, d: Duration) -> String {
         .unwrap_or_else(|_| ts.to_string())
 }
 
+/// The one-line summary of an exception event.
+fn exception_summary(e: &crate::events::ExceptionEvent) -> String {
+    format!(
+        "break-glass exception {} {}: {}{}{} for {} until {} (by uid {}{}): {}",
+        e.id,
+        e.action,
+        e.dest,
+        e.port
+            .as_ref()
+            .map(|p| format!(" port {p}"))
+            .unwrap_or_default(),
+        e.protocol
+            .as_ref()
+            .map(|p| format!(" {p}"))
+            .unwrap_or_default(),
+        e.scope,
+        e.until,
+        e.by_uid,
+        e.by_user
+            .as_ref()
+            .map(|u| format!(" {u}"))
+            .unwrap_or_default(),
+        e.reason
+    )
+}
+
 fn alertmanager(o: &Outgoing) -> Vec<AmAlert> {
     match o {
+        // Active while the exception lasts: granted, it ends at `until`; revoked or expired,
+        // it is resolved now.
+        Outgoing::Exception(e) => {
+            let mut ann = BTreeMap::from([
+                ("summary".into(), exception_summary(e)),
+                ("reason".into(), e.reason.clone()),
+                ("scope".into(), e.scope.clone()),
+                ("dest".into(), e.dest.clone()),
+                ("by_uid".into(), e.by_uid.to_string()),
+                ("action".into(), e.action.clone()),
+            ]);
+            if let Some(u) = &e.by_user {
+                ann.insert("by_user".into(), u.clone());
+            }
+            vec![AmAlert {
+                labels: am_labels(
+                    "EgressException",
+                    &format!("exception:{}", e.id),
+                    &e.meta.hostname,
+                ),
+                annotations: ann,
+                starts_at: e.ts.clone(),
+                ends_at: Some(if e.action == "granted" {
+                    e.until.clone()
+                } else {
+                    e.ts.clone()
+                }),
+            }]
+        }
         Outgoing::Alert(f) => {
             let a = &f.alert;
             let mut ann = BTreeMap::new();
@@ -355,6 +413,11 @@ const SLACK_DENY_LINES: usize = 20;
 
 fn slack(o: &Outgoing) -> String {
     match o {
+        Outgoing::Exception(e) => format!(
+            ":unlock: *egress* on `{}`: {}",
+            esc(&e.meta.hostname),
+            esc(&exception_summary(e))
+        ),
         Outgoing::Alert(f) => {
             let a = &f.alert;
             let mut t = format!(
@@ -598,5 +661,64 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(Outgoing::from_spool(b"garbage"), None);
+    }
+
+    fn exception_event(action: &str) -> crate::events::ExceptionEvent {
+        crate::events::ExceptionEvent {
+            ts: "2026-11-27T12:00:00Z".into(),
+            event: "exception".into(),
+            meta: EventMeta {
+                schema_version: 1,
+                hostname: "node-1".into(),
+            },
+            action: action.into(),
+            id: 3,
+            dest: "203.0.113.7/32".into(),
+            port: Some("443".into()),
+            protocol: Some("tcp".into()),
+            scope: "cgroup:/sys/fs/cgroup/app".into(),
+            reason: "INC-1 <vendor>".into(),
+            until: "2026-11-27T12:15:00Z".into(),
+            by_uid: 1000,
+            by_user: Some("alice".into()),
+            revoked_by_uid: None,
+            ended: None,
+        }
+    }
+
+    /// An exception reaches every format: the event itself (generic), an alert active until
+    /// the exception ends and resolved when it is revoked (Alertmanager), a line (Slack).
+    #[test]
+    fn exceptions_render_in_every_format() {
+        let granted = Outgoing::Exception(Box::new(exception_event("granted")));
+        let generic: serde_json::Value =
+            serde_json::from_slice(&granted.render(Format::Generic).unwrap()).unwrap();
+        assert_eq!(generic["event"], "exception");
+        assert_eq!(generic["by_uid"], 1000);
+        assert_eq!(generic["reason"], "INC-1 <vendor>");
+        let am: Vec<AmAlert> =
+            serde_json::from_slice(&granted.render(Format::Alertmanager).unwrap()).unwrap();
+        assert_eq!(am[0].labels["alertname"], "EgressException");
+        assert_eq!(am[0].labels["key"], "exception:3");
+        assert_eq!(am[0].ends_at.as_deref(), Some("2026-11-27T12:15:00Z"));
+        assert_eq!(am[0].annotations["by_user"], "alice");
+        let revoked = Outgoing::Exception(Box::new(exception_event("revoked")));
+        let am: Vec<AmAlert> =
+            serde_json::from_slice(&revoked.render(Format::Alertmanager).unwrap()).unwrap();
+        assert_eq!(
+            am[0].ends_at.as_deref(),
+            Some("2026-11-27T12:00:00Z"),
+            "resolved now"
+        );
+        let slack: serde_json::Value =
+            serde_json::from_slice(&granted.render(Format::Slack).unwrap()).unwrap();
+        let text = slack["text"].as_str().unwrap();
+        assert!(
+            text.contains("exception 3 granted") && text.contains("&lt;vendor&gt;"),
+            "{text}"
+        );
+        // Spooled and read back as it was.
+        let spooled = serde_json::to_vec(&granted).unwrap();
+        assert_eq!(Outgoing::from_spool(&spooled), Some(granted));
     }
 }
