@@ -900,7 +900,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 dns_listen: DnsListen::parse(&dns_listen).map_err(exit::ConfigError)?,
                 notify: false,
                 kernel_log: false,
+                feed_cache: crate::policy::feeds::DEFAULT_CACHE_DIR.into(),
                 events_ring: Some(ring_mib * 1024 * 1024),
+                max_exception: crate::exceptions::DEFAULT_MAX_FOR,
             };
             let none = by.contains(&LearnBy::None);
             let duration = duration.or_else(|| {
