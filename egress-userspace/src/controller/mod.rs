@@ -301,6 +301,15 @@ impl Controller {
             None => (None, None),
         };
         let (fetchers, feed_news) = feeds::Fetchers::new();
+        // Break-glass exceptions are recorded beside the pins' state (an ephemeral run keeps
+        // them in memory, as its maps).
+        let breakglass = breakglass::BreakGlass::new(
+            target
+                .pins
+                .as_ref()
+                .map(|p| crate::exceptions::file_for(&p.state_path())),
+            opts.max_exception,
+        );
         let mut acct = Accounting::new();
         if adopted {
             // The pinned counters' history is not new traffic (nor a reason to alert).
@@ -349,7 +358,7 @@ impl Controller {
             fetchers,
             feed_news: Some(feed_news),
             feed_stamps: Vec::new(),
-            breakglass: breakglass::BreakGlass::new(None, opts.max_exception),
+            breakglass,
         };
         if adopted {
             info!(
@@ -364,14 +373,7 @@ impl Controller {
         if let Some(requested) = switch_to {
             ctl.apply_over_adopted(requested).await?;
         }
-        ctl.breakglass.file = ctl
-            .target
-            .pins
-            .as_ref()
-            .map(|p| crate::exceptions::file_for(&p.state_path()));
-        if ctl.breakglass.file.is_some() {
-            ctl.adopt_exceptions().await;
-        }
+        ctl.adopt_exceptions().await;
         ctl.follow_names().await?;
         ctl.follow_feeds();
         ctl.write_state();
