@@ -222,6 +222,7 @@ fn http_server(ns: &LoopNs, root: &Path, port: u16) -> ChildGuard {
                     "import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
                 ),
             ])
+            .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     });
