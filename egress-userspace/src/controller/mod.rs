@@ -19,8 +19,8 @@
 
 mod adopt;
 mod blocks;
-mod dns_alerts;
 mod breakglass;
+mod dns_alerts;
 mod exec;
 mod feeds;
 mod learn;
@@ -513,7 +513,6 @@ impl Controller {
             }
             Request::Revoke { id } => self.revoke_request(id, caller).await,
             Request::Exceptions => Response::Exceptions(self.exception_rows()),
-            Request::Unblock { key } => self.unblock_request(&key).await,
             Request::Reload {
                 policy,
                 dry_run,

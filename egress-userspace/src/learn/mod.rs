@@ -305,6 +305,8 @@ mod tests {
             socket_type: None,
             rule: "default".into(),
             host: None,
+            feed_entry: None,
+            feed_label: None,
             pod: Default::default(),
             generation: 1,
             policy_hash: String::new(),
