@@ -158,6 +158,13 @@ fn feed_files_in_each_format_block_real_connections_and_name_the_entry() {
     std::fs::write(&netset, "<!DOCTYPE html>\n<html>maintenance</html>\n").unwrap();
     let out = run.ctl(&["reload"]);
     assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("warning: ")
+            && said.contains("HTML")
+            && said.contains("the last good copy is used"),
+        "the reload says the feed kept its last good copy: {said}"
+    );
     assert_eq!(
         probe(&cg, &[("tcp", "127.0.0.2:80"), ("tcp", "127.0.0.5:80")]),
         [Refused, Denied],

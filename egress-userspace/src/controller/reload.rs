@@ -202,6 +202,14 @@ impl Controller {
             "applied generation {} (hash {}) from {} in {elapsed_ms:.1} ms\n{change}",
             applied.generation, policy.hash, policy.source,
         );
+        // Rejected feed lines and feeds kept at their last good copy: said to whoever reloaded.
+        for w in policy
+            .warnings
+            .iter()
+            .filter(|w| w.contains(": blocklist "))
+        {
+            message.push_str(&format!("\nwarning: {w}"));
+        }
         if let crate::datapath::V4Lookup::Trie { why } = &applied.v4_lookup {
             warn!(policy = %policy.source, "IPv4 destinations are looked up in the LPM trie: {why}");
             message.push_str(&format!(
