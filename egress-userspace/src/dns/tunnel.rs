@@ -20,7 +20,7 @@
 //! (a hash and a time each; 256 when the alert sets no such threshold): reaching it is reaching
 //! the threshold, so the oldest goes and the count stays exact up to it. At most [`MAX_KEYS`]
 //! keys and [`MAX_NAMES`] names over all keys are kept; idle keys go first, then the least
-//! recently seen; what had to go is counted ([`TunnelStats`]). Names are hashed with a per-run
+//! recently seen (an eighth of them at once); what had to go is counted ([`TunnelStats`]). Names are hashed with a per-run
 //! random key, so that nobody can craft names that collide.
 //!
 //! **Limits** (documented in the README): a tunnel slower than the thresholds within one window
@@ -534,7 +534,9 @@ impl TunnelWatch {
         Screen::Pass
     }
 
-    /// Makes room for one more key: idle keys go first, then the least recently seen.
+    /// Makes room for one more key: idle keys go first, then the least recently seen eighth at
+    /// once, so that a flood of new keys pays the scan once per [`MAX_KEYS`]/8 of them, not on
+    /// every query (the lock is held meanwhile).
     fn make_room(&mut self, now: Instant) {
         if self.keys.len() < MAX_KEYS {
             return;
@@ -543,15 +545,18 @@ impl TunnelWatch {
         if self.keys.len() < MAX_KEYS {
             return;
         }
-        if let Some(oldest) = self
+        let mut by_age: Vec<(Instant, Key)> = self
             .keys
             .iter()
-            .min_by_key(|(_, st)| st.last_seen)
-            .map(|(k, _)| k.clone())
-            && let Some(st) = self.keys.remove(&oldest)
-        {
-            self.names -= st.names.len();
-            self.stats.keys_evicted += 1;
+            .map(|(k, st)| (st.last_seen, k.clone()))
+            .collect();
+        let n = MAX_KEYS / 8;
+        by_age.select_nth_unstable_by_key(n, |(t, _)| *t);
+        for (_, k) in by_age.into_iter().take(n) {
+            if let Some(st) = self.keys.remove(&k) {
+                self.names -= st.names.len();
+                self.stats.keys_evicted += 1;
+            }
         }
     }
 

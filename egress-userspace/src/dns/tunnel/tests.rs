@@ -359,7 +359,7 @@ fn state_is_bounded_under_a_flood_of_unique_names() {
         );
     }
     let (keys, names) = w.held();
-    assert_eq!(keys, MAX_KEYS);
+    assert!(keys <= MAX_KEYS && keys > MAX_KEYS - MAX_KEYS / 8, "{keys}");
     assert!(names <= MAX_NAMES);
     assert!(w.stats().keys_evicted >= 500);
     // Idle keys go once their window passed.
