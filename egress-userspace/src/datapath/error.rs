@@ -14,6 +14,9 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    /// The running kernel lacks a feature the datapath needs (see `features`).
+    #[error("{0}")]
+    KernelFeature(String),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("opening cgroup {path}: {source}")]

@@ -8,6 +8,7 @@ mod blocks;
 mod bpfsys;
 mod error;
 mod exec;
+pub mod features;
 mod fork;
 pub mod kernel_log;
 mod links;
@@ -383,6 +384,18 @@ impl Datapath {
         if let Some(policy) = policy {
             check_capacity(policy)?;
         }
+        // Before anything is loaded: a kernel without a required feature is refused by name,
+        // not by a verifier dump; what a missing feature only degrades is said once.
+        let features = features::probe();
+        if let Some(refusal) = features.refusal() {
+            return Err(DatapathError::KernelFeature(refusal));
+        }
+        static DEGRADED: std::sync::Once = std::sync::Once::new();
+        DEGRADED.call_once(|| {
+            for d in features.degraded() {
+                tracing::warn!("degraded on this kernel: {d}");
+            }
+        });
         // Before anything is loaded: a kernel whose tracepoint record we cannot read is refused
         // here, never guessed at.
         let newtask = fork::NewTaskLayout::read()?;
