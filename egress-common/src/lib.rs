@@ -620,6 +620,19 @@ impl RuleSet {
         }
     }
 
+    /// Whether rule `i` (of the set's rules, bounds-checked) matches at TC: its `tc_mask` has
+    /// protocol bit `bit` and its port range holds `port`.
+    #[inline(always)]
+    pub fn tc_rule_matches(&self, i: usize, port: u16, bit: u8) -> bool {
+        if i >= (self.len as usize).min(MAX_PORT_RULES) {
+            return false;
+        }
+        match self.rules.get(i) {
+            Some(r) => r.tc_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi,
+            None => false,
+        }
+    }
+
     /// The TC program's scan: the first rule whose `tc_mask` has the protocol's bit and whose
     /// port range holds `port` (scoped and audit rules have no `tc_mask`: TC cannot tell who
     /// sent a packet). `(rule_id, blocks)`. The unscoped scan as it always was: TC's
