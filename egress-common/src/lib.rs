@@ -620,13 +620,11 @@ impl RuleSet {
         }
     }
 
-    /// Whether rule `i` (of the set's rules, bounds-checked) matches at TC: its `tc_mask` has
-    /// protocol bit `bit` and its port range holds `port`.
+    /// Whether rule `i` matches at TC: its `tc_mask` has protocol bit `bit` and its port range
+    /// holds `port`. `i` is checked against the array only (as in `scan_step`: a bound the
+    /// verifier of Linux 6.1 can follow); the caller keeps it below `len`.
     #[inline(always)]
     pub fn tc_rule_matches(&self, i: usize, port: u16, bit: u8) -> bool {
-        if i >= (self.len as usize).min(MAX_PORT_RULES) {
-            return false;
-        }
         match self.rules.get(i) {
             Some(r) => r.tc_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi,
             None => false,

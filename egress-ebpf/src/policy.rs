@@ -9,10 +9,9 @@ use aya_ebpf::{
 };
 use egress_common::{
     ACTION_BLOCK, BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
-    LOOKUP_V4_RANGES,
-    MAX_PORT_RULES, Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, STEP_AUDIT_BLOCK,
-    STEP_AUDIT_PASS, STEP_DECIDES, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
-    proto_bit,
+    LOOKUP_V4_RANGES, MAX_PORT_RULES, Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet,
+    STEP_AUDIT_BLOCK, STEP_AUDIT_PASS, STEP_DECIDES, ScopeBits, embedded_v4, is_loopback_v4,
+    is_loopback_v6, proto_bit,
     ranges::{RangeHit, RangeLine, RangeLines, SEARCH_STEPS, Search, Start, start_v4},
 };
 
@@ -302,8 +301,9 @@ fn scan_tc(set: &RuleSet, port: u16, ipproto: u8) -> Option<(u32, bool)> {
             0,
         )
     };
-    // A failing helper (negative) finds nothing: the default verdict.
-    if done <= 0 {
+    // A failing helper (negative) finds nothing: the default verdict. The loop ran `done`
+    // rules (at most `len`): the last is where it stopped, if it stopped.
+    if done <= 0 || done > i64::from(len) {
         return None;
     }
     let at = done as usize - 1;

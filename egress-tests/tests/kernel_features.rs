@@ -9,8 +9,14 @@ use egress::datapath::features::{self, FEATURES, Need};
 fn release() -> (u32, u32) {
     let text = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading osrelease");
     let mut parts = text.trim().split(['.', '-']);
-    let major = parts.next().and_then(|p| p.parse().ok()).expect("a major version");
-    let minor = parts.next().and_then(|p| p.parse().ok()).expect("a minor version");
+    let major = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a major version");
+    let minor = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a minor version");
     (major, minor)
 }
 

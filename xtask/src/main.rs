@@ -168,11 +168,15 @@ fn real_main() -> anyhow::Result<()> {
             };
             if vm.wanted() {
                 if unit {
-                    bail!("the unit tier does not depend on the kernel: run it on the host (`cargo xtask test --unit`)");
+                    bail!(
+                        "the unit tier does not depend on the kernel: run it on the host (`cargo xtask test --unit`)"
+                    );
                 }
                 bootstrap()?;
                 if !is_root() {
-                    bail!("the VM runs the host's test binaries as root in the guest and reads the host's root: run as root");
+                    bail!(
+                        "the VM runs the host's test binaries as root in the guest and reads the host's root: run as root"
+                    );
                 }
                 return vm::test_in_vms(&root, &vm, &args);
             }

@@ -183,7 +183,10 @@ pub fn probe() -> FeatureReport {
     let version = KernelVersion::current().ok();
     FeatureReport {
         kernel: version.map(|v| v.to_string()),
-        results: FEATURES.iter().map(|f| (*f, has(f.check, version))).collect(),
+        results: FEATURES
+            .iter()
+            .map(|f| (*f, has(f.check, version)))
+            .collect(),
     }
 }
 
@@ -203,9 +206,7 @@ impl FeatureReport {
             .iter()
             .filter(|(_, ok)| !ok)
             .filter_map(|(f, _)| match f.need {
-                Need::Degraded(what) => {
-                    Some(format!("no {} (Linux {}+): {what}", f.name, f.since))
-                }
+                Need::Degraded(what) => Some(format!("no {} (Linux {}+): {what}", f.name, f.since)),
                 Need::Required => None,
             })
             .collect()
@@ -256,16 +257,27 @@ mod tests {
         let r = report(&["bpf_loop", "TCX"]);
         let msg = r.refusal().expect("refused");
         assert!(msg.contains("this kernel (5.15.0)"), "{msg}");
-        assert!(msg.contains("the bpf_loop helper (Linux 5.17+, for the rule scan"), "{msg}");
-        assert!(!msg.contains("TCX"), "a degraded feature is no refusal: {msg}");
+        assert!(
+            msg.contains("the bpf_loop helper (Linux 5.17+, for the rule scan"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("TCX"),
+            "a degraded feature is no refusal: {msg}"
+        );
         assert_eq!(r.degraded().len(), 1);
-        assert!(r.degraded()[0].starts_with("no TCX links (BPF_LINK_TYPE_TCX) (Linux 6.6+): TC is attached as a clsact filter"));
+        assert!(r.degraded()[0].starts_with(
+            "no TCX links (BPF_LINK_TYPE_TCX) (Linux 6.6+): TC is attached as a clsact filter"
+        ));
     }
 
     #[test]
     fn every_missing_required_feature_is_listed() {
         let msg = report(&["RINGBUF", "SOCKOPT"]).refusal().expect("refused");
-        assert!(msg.contains("BPF_PROG_TYPE_CGROUP_SOCKOPT) (Linux 5.3+"), "{msg}");
+        assert!(
+            msg.contains("BPF_PROG_TYPE_CGROUP_SOCKOPT) (Linux 5.3+"),
+            "{msg}"
+        );
         assert!(msg.contains("BPF_MAP_TYPE_RINGBUF) (Linux 5.8+"), "{msg}");
     }
 
@@ -275,6 +287,9 @@ mod tests {
         assert!(!has(Check::Version(6, 6), v61));
         assert!(has(Check::Version(5, 19), v61));
         assert!(has(Check::Version(6, 1), v61));
-        assert!(has(Check::Version(6, 6), Some(KernelVersion::new(6, 12, 0))));
+        assert!(has(
+            Check::Version(6, 6),
+            Some(KernelVersion::new(6, 12, 0))
+        ));
     }
 }

@@ -136,7 +136,9 @@ impl ModuleTree {
                 let p = e?.path();
                 if p.is_dir() {
                     stack.push(p);
-                } else if let Some(name) = p.file_name().and_then(|n| n.to_str()).and_then(module_name) {
+                } else if let Some(name) =
+                    p.file_name().and_then(|n| n.to_str()).and_then(module_name)
+                {
                     files.insert(name, p);
                 }
             }
@@ -153,9 +155,14 @@ impl ModuleTree {
                 .arg("-dc")
                 .arg(path)
                 .output()
-                .with_context(|| format!("running {tool} -dc {name} (apt-get install xz-utils zstd)"))?;
+                .with_context(|| {
+                    format!("running {tool} -dc {name} (apt-get install xz-utils zstd)")
+                })?;
             if !out.status.success() {
-                bail!("{tool} -dc {name} failed: {}", String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "{tool} -dc {name} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             Ok(out.stdout)
         } else {

@@ -95,7 +95,8 @@ fn download(root: &Path, pattern: &str) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("apt-get download {name} failed: {status}");
     }
-    cached(&name).with_context(|| format!("apt-get download {name} left no .deb in {}", debs.display()))
+    cached(&name)
+        .with_context(|| format!("apt-get download {name} left no .deb in {}", debs.display()))
 }
 
 /// Unpacks a `.deb` (once) under target/vm/unpacked/<file stem>.
@@ -197,15 +198,16 @@ fn from_image(label: &str, vmlinuz: &Path, package: Option<String>) -> anyhow::R
 
 /// A kernel of the matrix, by series ("6.1", "6.12").
 pub fn debian(root: &Path, series: &str) -> anyhow::Result<Kernel> {
-    let (_, pattern) = MATRIX
-        .iter()
-        .find(|(s, _)| *s == series)
-        .with_context(|| {
-            format!(
-                "no kernel series {series} in the matrix (known: {})",
-                MATRIX.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(", ")
-            )
-        })?;
+    let (_, pattern) = MATRIX.iter().find(|(s, _)| *s == series).with_context(|| {
+        format!(
+            "no kernel series {series} in the matrix (known: {})",
+            MATRIX
+                .iter()
+                .map(|(s, _)| *s)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
     let deb = download(root, pattern)?;
     let tree = unpack(root, &deb)?;
     from_tree(series, &tree, package_of(&deb))

@@ -70,7 +70,11 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
     }
     let args: Vec<String> = args
         .iter()
-        .map(|a| a.to_str().map(str::to_string).context("a UTF-8 test argument"))
+        .map(|a| {
+            a.to_str()
+                .map(str::to_string)
+                .context("a UTF-8 test argument")
+        })
         .collect::<anyhow::Result<_>>()?;
     let mut kernels = Vec::new();
     for s in &opts.series {
@@ -92,7 +96,13 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
     ]))?;
     let both = !(opts.kernel || opts.e2e);
     let mut cmd = Command::new(cargo());
-    cmd.args(["test", "-p", "egress-tests", "--no-run", "--message-format=json"]);
+    cmd.args([
+        "test",
+        "-p",
+        "egress-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
     if both || opts.kernel {
         cmd.args(["--test", "kernel_*"]);
     }

@@ -23,7 +23,12 @@ pub const EXCLUDED: &[(&str, &str)] = &[
 /// changes. The feature probes' answers; every program loaded and verified, the sock_addr hooks
 /// judging real sockets in a test cgroup, TC attached to a veth pair (over the clsact fallback
 /// before 6.6); and the `egress` binary's pinned state across restarts, end to end.
-pub const QUICK: &[&str] = &["kernel_features", "kernel_sockaddr", "kernel_tc", "e2e_persistence"];
+pub const QUICK: &[&str] = &[
+    "kernel_features",
+    "kernel_sockaddr",
+    "kernel_tc",
+    "e2e_persistence",
+];
 
 /// A test binary built on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +76,8 @@ fn sh_quote(s: &str) -> String {
 
 /// The script the guest runs (in a chroot of the host's root): each binary in turn, from the
 /// test package's directory as cargo would, its exit code reported on the marker port; a binary
-/// that passes `per_binary_secs` is killed (and reported as failed).
+/// that passes `per_binary_secs` is killed (and reported as failed). The harness's waits are
+/// stretched 15 times (`EGRESS_TEST_TIMEOUT_SCALE`): TCG is that much slower than the host.
 pub fn guest_script(
     tests_dir: &Path,
     binaries: &[TestBinary],
@@ -81,6 +87,7 @@ pub fn guest_script(
     let mut s = String::from(
         "#!/bin/sh\n# Written by `cargo xtask test --kernel…`: run in the VM, not on the host.\n\
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1\n\
+export EGRESS_TEST_TIMEOUT_SCALE=15\n\
 mark() { echo \"@@EGRESS-VM $*\" > /dev/ttyS1; }\n\
 ip link set lo up\n",
     );
@@ -129,18 +136,34 @@ mod tests {
 
     #[test]
     fn exclusions_and_the_quick_subset() {
-        let all = vec![bin("e2e_image"), bin("kernel_tc"), bin("kernel_dns"), bin("e2e_cli")];
+        let all = vec![
+            bin("e2e_image"),
+            bin("kernel_tc"),
+            bin("kernel_dns"),
+            bin("e2e_persistence"),
+        ];
         let names = |v: Vec<TestBinary>| v.into_iter().map(|b| b.name).collect::<Vec<_>>();
-        assert_eq!(names(select(all.clone(), false)), ["kernel_tc", "kernel_dns", "e2e_cli"]);
-        assert_eq!(names(select(all, true)), ["kernel_tc", "e2e_cli"]);
+        assert_eq!(
+            names(select(all.clone(), false)),
+            ["kernel_tc", "kernel_dns", "e2e_persistence"]
+        );
+        assert_eq!(names(select(all, true)), ["kernel_tc", "e2e_persistence"]);
         for q in QUICK {
-            assert!(!EXCLUDED.iter().any(|(n, _)| n == q), "{q} is both quick and excluded");
+            assert!(
+                !EXCLUDED.iter().any(|(n, _)| n == q),
+                "{q} is both quick and excluded"
+            );
         }
     }
 
     #[test]
     fn the_script_reports_every_binary() {
-        let s = guest_script(Path::new("/w/egress-tests"), &[bin("kernel_tc")], &["it's".into()], 600);
+        let s = guest_script(
+            Path::new("/w/egress-tests"),
+            &[bin("kernel_tc")],
+            &["it's".into()],
+            600,
+        );
         assert!(s.contains("mark start kernel_tc\n"));
         assert!(s.contains("timeout -k 10 600 '/t/kernel_tc-1' 'it'\\''s' 2>&1\n"));
         assert!(s.contains("mark result kernel_tc $rc\n"));

@@ -180,7 +180,10 @@ fn boot_once(b: &Boot, accel: Accel) -> anyhow::Result<Option<Outcome>> {
         let exited = child.try_wait()?.is_some();
         if exited && out.release.is_none() && accel == Accel::Kvm {
             let _ = echo.join();
-            eprintln!("xtask: [{}] QEMU ended before the guest booted under KVM: using TCG", b.label);
+            eprintln!(
+                "xtask: [{}] QEMU ended before the guest booted under KVM: using TCG",
+                b.label
+            );
             return Ok(None);
         }
         if exited {
@@ -217,7 +220,9 @@ fn boot_once(b: &Boot, accel: Accel) -> anyhow::Result<Option<Outcome>> {
     let _ = echo.join();
     let text = std::fs::read_to_string(&markers).unwrap_or_default();
     parse_markers(&text, &mut out);
-    out.totals = *totals.lock().map_err(|_| anyhow::anyhow!("a poisoned lock"))?;
+    out.totals = *totals
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a poisoned lock"))?;
     out.elapsed = start.elapsed();
     Ok(Some(out))
 }
@@ -248,7 +253,13 @@ pub fn boot(b: &Boot, accel: &mut Accel) -> anyhow::Result<Outcome> {
 pub fn run_dir(root: &Path, label: &str) -> PathBuf {
     let safe: String = label
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     root.join("target/vm/runs").join(safe)
 }
@@ -267,7 +278,10 @@ mod tests {
         assert_eq!(out.release.as_deref(), Some("6.1.0-56-amd64"));
         assert_eq!(
             out.results,
-            [("kernel_tc".to_string(), 0), ("kernel_dns".to_string(), 101)]
+            [
+                ("kernel_tc".to_string(), 0),
+                ("kernel_dns".to_string(), 101)
+            ]
         );
         assert_eq!(out.unfinished, ["e2e_cli"]);
         assert_eq!(out.module_failures, ["dummy"]);
