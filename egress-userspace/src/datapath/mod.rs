@@ -290,9 +290,9 @@ fn verifier_summary(log: &str) -> String {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .filter(|l| {
-            !l.split(':')
+            l.split(':')
                 .next()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
+                .is_none_or(|n| n.parse::<u32>().is_err())
         })
         .filter(|l| !l.starts_with(';'))
         .filter(|l| !l.starts_with("verification time") && !l.starts_with("stack depth"))
