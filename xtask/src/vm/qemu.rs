@@ -67,6 +67,29 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
+/// The line without its ANSI escape sequences (libtest colours `ok` and `FAILED` on a
+/// terminal, and the guest's console is one).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters, then one final byte in @..~.
+            if chars.clone().next() == Some('[') {
+                chars.next();
+                for f in chars.by_ref() {
+                    if ('@'..='~').contains(&f) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Parses the marker file into `out` (idempotent: it is re-read whole).
 pub fn parse_markers(text: &str, out: &mut Outcome) {
     out.results.clear();
@@ -160,7 +183,7 @@ fn boot_once(b: &Boot, accel: Accel) -> anyhow::Result<Option<Outcome>> {
             let _ = writeln!(log, "{line}");
             println!("[{label}] {line}");
             if let Ok(mut t) = echo_totals.lock() {
-                t.add_line(line.trim_start());
+                t.add_line(strip_ansi(line).trim_start());
             }
             buf.clear();
         }
@@ -267,6 +290,18 @@ pub fn run_dir(root: &Path, label: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coloured_result_lines_are_counted() {
+        let mut t = Totals::default();
+        t.add_line(&strip_ansi(
+            "test result: \u{1b}[32mok\u{1b}[m. 20 passed; 0 failed; 0 ignored; 0 measured",
+        ));
+        t.add_line(&strip_ansi(
+            "test result: \u{1b}[31mFAILED\u{1b}[m. 2 passed; 2 failed; 0 ignored",
+        ));
+        assert_eq!((t.passed, t.failed), (22, 2));
+    }
 
     #[test]
     fn markers_give_results_and_unfinished_binaries() {
