@@ -67,8 +67,8 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
-/// The line without its ANSI escape sequences (libtest colours `ok` and `FAILED` on a
-/// terminal, and the guest's console is one).
+/// The line without its ANSI escape sequences and control characters (libtest colours `ok`
+/// and `FAILED` on a terminal, and the guest's console is one).
 pub fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
     let mut chars = line.chars();
@@ -83,6 +83,10 @@ pub fn strip_ansi(line: &str) -> String {
                     }
                 }
             }
+            continue;
+        }
+        // The terminal's other controls (libtest's `tput sgr0` ends with SI, \x0f).
+        if c.is_control() {
             continue;
         }
         out.push(c);
@@ -295,7 +299,7 @@ mod tests {
     fn coloured_result_lines_are_counted() {
         let mut t = Totals::default();
         t.add_line(&strip_ansi(
-            "test result: \u{1b}[32mok\u{1b}[m. 20 passed; 0 failed; 0 ignored; 0 measured",
+            "test result: \u{1b}[32mok\u{1b}[m\u{f}. 20 passed; 0 failed; 0 ignored; 0 measured",
         ));
         t.add_line(&strip_ansi(
             "test result: \u{1b}[31mFAILED\u{1b}[m. 2 passed; 2 failed; 0 ignored",
