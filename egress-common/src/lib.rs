@@ -725,6 +725,17 @@ impl RuleSet {
         }
     }
 
+    /// Whether rule `i` matches at TC: its `tc_mask` has protocol bit `bit` and its port range
+    /// holds `port`. `i` is checked against the array only (as in `scan_step`: a bound the
+    /// verifier of Linux 6.1 can follow); the caller keeps it below `len`.
+    #[inline(always)]
+    pub fn tc_rule_matches(&self, i: usize, port: u16, bit: u8) -> bool {
+        match self.rules.get(i) {
+            Some(r) => r.tc_mask & bit != 0 && r.port_lo <= port && port <= r.port_hi,
+            None => false,
+        }
+    }
+
     /// The TC program's scan: the first rule whose `tc_mask` has the protocol's bit and whose
     /// port range holds `port` (scoped and audit rules have no `tc_mask`: TC cannot tell who
     /// sent a packet). `(rule_id, blocks)`. The unscoped scan as it always was: TC's

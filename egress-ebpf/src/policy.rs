@@ -8,10 +8,10 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use egress_common::{
-    BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config, LOOKUP_V4_RANGES,
-    MAX_PORT_RULES, Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet, STEP_AUDIT_BLOCK,
-    STEP_AUDIT_PASS, STEP_DECIDES, ScopeBits, embedded_v4, is_loopback_v4, is_loopback_v6,
-    proto_bit,
+    ACTION_BLOCK, BLOCK_SCOPE_DESCENDANTS, BLOCK_SCOPE_PROCESS, BLOCK_USER, BlockKey, Config,
+    LOOKUP_V4_RANGES, MAX_PORT_RULES, Match, PrefixValue, RULE_DEFAULT, RULE_LOOPBACK, RuleSet,
+    STEP_AUDIT_BLOCK, STEP_AUDIT_PASS, STEP_DECIDES, ScopeBits, embedded_v4, is_loopback_v4,
+    is_loopback_v6, proto_bit,
     ranges::{RangeHit, RangeLine, RangeLines, SEARCH_STEPS, Search, Start, start_v4},
 };
 
@@ -248,12 +248,70 @@ fn decide_set<const TC: bool>(
     };
     let Some(set) = found else { return default };
     if TC {
-        return match set.first_match_tc(port, ipproto) {
+        return match scan_tc(set, port, ipproto) {
             Some((rule_id, block)) => Decision::plain(!block, rule_id),
             None => default,
         };
     }
     verdict(scan(set, port, ipproto, scopes), cfg)
+}
+
+/// What the TC scan's `bpf_loop` callback reads (on the caller's stack; it writes nothing).
+#[repr(C)]
+struct TcScanCtx {
+    set: *const RuleSet,
+    port: u16,
+    bit: u8,
+    _pad: u8,
+}
+
+/// One rule of the TC scan, as a `bpf_loop` callback: 1 (stop) at the first rule that matches
+/// (`RuleSet::tc_rule_matches`).
+#[inline(never)]
+extern "C" fn tc_scan_callback(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `TcScanCtx` `scan_tc` passed, alive for the whole loop; `set` is a
+    // map value.
+    let c = unsafe { &*(ctx as *const TcScanCtx) };
+    let set = unsafe { &*c.set };
+    i64::from(set.tc_rule_matches(i as usize, c.port, c.bit))
+}
+
+/// `RuleSet::first_match_tc` with the rules walked by `bpf_loop`: the verifier walks one rule
+/// per call site instead of every rule of the unrolled loop, which Linux 6.1's verifier could not
+/// prune (the TC program passed its limit of a million instructions there). The loop stops at the
+/// first matching rule; this frame checks that rule again (the callback writes nothing).
+#[inline(always)]
+fn scan_tc(set: &RuleSet, port: u16, ipproto: u8) -> Option<(u32, bool)> {
+    let len = (set.len as usize).min(MAX_PORT_RULES) as u32;
+    if len == 0 {
+        return None;
+    }
+    let mut ctx = TcScanCtx {
+        set,
+        port,
+        bit: proto_bit(ipproto),
+        _pad: 0,
+    };
+    // SAFETY: a static callback and a context on this stack, as bpf_loop requires.
+    let done = unsafe {
+        bpf_loop(
+            len,
+            tc_scan_callback as *mut c_void,
+            &mut ctx as *mut TcScanCtx as *mut c_void,
+            0,
+        )
+    };
+    // A failing helper (negative) finds nothing: the default verdict. The loop ran `done`
+    // rules (at most `len`): the last is where it stopped, if it stopped.
+    if done <= 0 || done > i64::from(len) {
+        return None;
+    }
+    let at = done as usize - 1;
+    if !set.tc_rule_matches(at, port, ctx.bit) {
+        return None;
+    }
+    let r = set.rules.get(at)?;
+    Some((r.rule_id, r.action == ACTION_BLOCK))
 }
 
 /// What the scan's `bpf_loop` callback reads (on the caller's stack; it writes nothing).

@@ -34,8 +34,21 @@ pub use process::ChildGuard;
 pub use sinks::{HttpServer, TcpSink, UdpSink};
 pub use tmp::TempDir;
 
-/// Polls `f` every 20 ms until it returns true; panics naming `what` after `timeout`.
+/// The factor `EGRESS_TEST_TIMEOUT_SCALE` (a whole number, 1 to 100; 1 when unset) stretches
+/// every [`wait_for`] by: `cargo xtask test --kernels` sets it in its VMs, whose TCG emulation is
+/// 10 to 30 times slower than the host (a datapath load takes minutes there, not seconds). Waits
+/// for something to happen only: a wait that proves something does not happen is unchanged.
+pub fn timeout_scale() -> u32 {
+    std::env::var("EGRESS_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map_or(1, |n| n.clamp(1, 100))
+}
+
+/// Polls `f` every 20 ms until it returns true; panics naming `what` after `timeout` (times
+/// [`timeout_scale`]).
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let timeout = timeout * timeout_scale();
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(

@@ -132,8 +132,10 @@ impl ChildGuard {
         st
     }
 
-    /// Waits up to `timeout` for it to exit; panics naming `what` when it does not.
+    /// Waits up to `timeout` (times [`crate::timeout_scale`]) for it to exit; panics naming
+    /// `what` when it does not.
     pub fn wait_within(&mut self, what: &str, timeout: Duration) -> ExitStatus {
+        let timeout = timeout * crate::timeout_scale();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.exited() {

@@ -12,6 +12,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "egress build tasks")]
 struct Cli {
@@ -56,6 +58,24 @@ enum Task {
         /// binary.
         #[arg(long)]
         e2e: bool,
+        /// Run the real-kernel and end-to-end tiers in a QEMU guest booted from this kernel
+        /// instead of on the host (repeatable): a Debian kernel package (`.deb`, unpacked under
+        /// target/vm, never installed) or an image `vmlinuz-<release>` with its modules in
+        /// `../lib/modules/<release>` or `/lib/modules/<release>`. Needs qemu-system-x86.
+        #[arg(long, value_name = "PATH")]
+        kernel_image: Vec<PathBuf>,
+        /// Run them in a VM on each kernel of the supported matrix: Debian's 6.1 and 6.12 (the
+        /// newest package of each series that apt knows, downloaded into target/vm/debs), or on
+        /// the series named (`--kernels 6.1`, `--kernels 6.1,6.12`).
+        #[arg(long, value_name = "SERIES", num_args = 0.., value_delimiter = ',')]
+        kernels: Option<Vec<String>>,
+        /// In the VM, the representative subset only (CI's run on 6.1 under TCG).
+        #[arg(long)]
+        quick: bool,
+        /// The limit, in minutes, of each VM's whole run (TCG is 10 to 30 times slower than
+        /// the host).
+        #[arg(long, default_value_t = 120, value_name = "MINUTES")]
+        vm_timeout: u64,
         /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -128,8 +148,41 @@ fn real_main() -> anyhow::Result<()> {
             unit,
             kernel,
             e2e,
+            kernel_image,
+            kernels,
+            quick,
+            vm_timeout,
             args,
         } => {
+            let vm = vm::VmOptions {
+                images: kernel_image,
+                series: match kernels {
+                    Some(s) if s.is_empty() => vm::matrix(),
+                    Some(s) => s,
+                    None => Vec::new(),
+                },
+                quick,
+                timeout: std::time::Duration::from_secs(vm_timeout * 60),
+                kernel,
+                e2e,
+            };
+            if vm.wanted() {
+                if unit {
+                    bail!(
+                        "the unit tier does not depend on the kernel: run it on the host (`cargo xtask test --unit`)"
+                    );
+                }
+                bootstrap()?;
+                if !is_root() {
+                    bail!(
+                        "the VM runs the host's test binaries as root in the guest and reads the host's root: run as root"
+                    );
+                }
+                return vm::test_in_vms(&root, &vm, &args);
+            }
+            if quick {
+                bail!("--quick selects the VM's subset: give --kernels or --kernel-image too");
+            }
             let all = !(unit || kernel || e2e);
             let tiers: Vec<Tier> = [(Tier::Unit, unit), (Tier::Kernel, kernel), (Tier::E2e, e2e)]
                 .into_iter()
@@ -308,7 +361,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn cargo() -> OsString {
+pub(crate) fn cargo() -> OsString {
     env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 
@@ -320,7 +373,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
@@ -369,7 +422,7 @@ impl Tier {
 
 /// Test totals, summed over `cargo test`'s "test result:" lines.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Totals {
+pub(crate) struct Totals {
     passed: u64,
     failed: u64,
     ignored: u64,
@@ -462,7 +515,7 @@ fn run_tests(cmd: &mut Command, totals: &mut Totals) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
         bail!(

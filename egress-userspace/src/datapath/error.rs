@@ -14,6 +14,20 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    /// The kernel's verifier refused a program: the end of its log, not the whole dump (which
+    /// is logged at debug level).
+    #[error(
+        "the kernel's verifier (Linux {kernel}) refused eBPF program `{name}`: {errno}: {summary} (the whole verifier log is logged with RUST_LOG=egress=debug; README's kernel table lists the kernels this build loads on)"
+    )]
+    Verifier {
+        name: &'static str,
+        kernel: String,
+        errno: std::io::Error,
+        summary: String,
+    },
+    /// The running kernel lacks a feature the datapath needs (see `features`).
+    #[error("{0}")]
+    KernelFeature(String),
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("opening cgroup {path}: {source}")]

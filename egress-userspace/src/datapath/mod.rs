@@ -9,6 +9,7 @@ mod bpfsys;
 mod error;
 mod exceptions;
 mod exec;
+pub mod features;
 mod fork;
 pub mod kernel_log;
 mod links;
@@ -284,6 +285,32 @@ fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Datap
     move |source| DatapathError::Program { name, source }
 }
 
+/// The end of a verifier log, where the verifier says why it stopped ("BPF program is too
+/// large", "invalid access to map value", the instruction count): its last three lines that
+/// are not instruction traces (nor the time and stack statistics), on one line.
+fn verifier_summary(log: &str) -> String {
+    let mut lines: Vec<&str> = log
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| {
+            l.split(':')
+                .next()
+                .is_none_or(|n| n.parse::<u32>().is_err())
+        })
+        .filter(|l| !l.starts_with(';'))
+        .filter(|l| !l.starts_with("verification time") && !l.starts_with("stack depth"))
+        .rev()
+        .take(3)
+        .collect();
+    lines.reverse();
+    if lines.is_empty() {
+        "the verifier gave no log".to_string()
+    } else {
+        lines.join("; ")
+    }
+}
+
 /// Loads program `name`, again when the kernel says EAGAIN: the verifier stops a long
 /// verification when a signal is pending for the loading thread, and asks to be called again.
 fn load_retrying(
@@ -303,6 +330,20 @@ fn load_retrying(
                     "verification interrupted; loading again"
                 );
                 attempt += 1;
+            }
+            Err(aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
+                let log = verifier_log.to_string();
+                tracing::debug!(program = name, "the verifier's log:\n{log}");
+                return Err(DatapathError::Verifier {
+                    name,
+                    kernel: KernelVersion::current()
+                        .map_or_else(|_| "version unknown".into(), |v| v.to_string()),
+                    errno: io_error,
+                    summary: verifier_summary(&log),
+                });
             }
             r => return r.map_err(prog_err(name)),
         }
@@ -387,6 +428,18 @@ impl Datapath {
         if let Some(policy) = policy {
             check_capacity(policy)?;
         }
+        // Before anything is loaded: a kernel without a required feature is refused by name,
+        // not by a verifier dump; what a missing feature only degrades is said once.
+        let features = features::probe();
+        if let Some(refusal) = features.refusal() {
+            return Err(DatapathError::KernelFeature(refusal));
+        }
+        static DEGRADED: std::sync::Once = std::sync::Once::new();
+        DEGRADED.call_once(|| {
+            for d in features.degraded() {
+                tracing::warn!("degraded on this kernel: {d}");
+            }
+        });
         // Before anything is loaded: a kernel whose tracepoint record we cannot read is refused
         // here, never guessed at.
         let newtask = fork::NewTaskLayout::read()?;
@@ -945,6 +998,17 @@ impl Datapath {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn verifier_summaries_keep_why_it_stopped() {
+        // The end of Linux 6.1's log for the TC program's unrolled rule scan.
+        let log = "0: R1=ctx(off=0,imm=0) R10=fp0\n; while i < MAX_PORT_RULES {\n2002: (25) if r3 > 0x3e goto pc-408   ; R3=4\nBPF program is too large. Processed 1000001 insn\nverification time 85773297 usec\nstack depth 320+0+8\nprocessed 1000001 insns (limit 1000000) max_states_per_insn 62\n";
+        assert_eq!(
+            super::verifier_summary(log),
+            "BPF program is too large. Processed 1000001 insn; processed 1000001 insns (limit 1000000) max_states_per_insn 62"
+        );
+        assert_eq!(super::verifier_summary(""), "the verifier gave no log");
+    }
+
     #[test]
     fn the_range_table_is_sized_for_the_capacity_asked_or_twice_the_starting_policy() {
         use super::{PREFIX_CAPACITY, range_entries, range_entries_for};
