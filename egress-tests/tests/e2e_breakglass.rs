@@ -125,6 +125,22 @@ fn an_exception_opens_one_destination_to_its_scope_only_and_ends_in_the_kernel()
         "1",
     ]);
     assert!(!out.status.success(), "one scope only: {out:?}");
+    // A host name needs the DNS proxy, which this policy (no names) does not run.
+    let out = run.ctl(&[
+        "allow",
+        "vendor.example.test",
+        "--cgroup",
+        cgp,
+        "--for",
+        "1m",
+        "--reason",
+        "x",
+    ]);
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("needs the DNS proxy"),
+        "a host exception without names in the policy: {out:?}"
+    );
 
     // The grant: one destination, port and protocol, for the cgroup, for 8 seconds.
     let granted_at = Instant::now();
@@ -521,4 +537,197 @@ fn only_root_and_the_admin_group_may_grant() {
             .any(|v| v["action"] == "revoked" && v["revoked_by_uid"] == 65534),
         "{evs:?}"
     );
+}
+
+/// A host exception (`egress allow NAME`): under a policy of names whose services do not
+/// approve the name and whose proxy refuses unlisted names, the exception's cgroup resolves it
+/// through the proxy and connects to its address; a sibling cgroup still gets NXDOMAIN and a
+/// denied connect; `revoke` takes the learned address away again.
+#[test]
+fn a_host_exception_opens_the_names_answers_to_its_scope_only() {
+    use egress_tests::{
+        NetPair, Probe, TcpSink,
+        Verdict::Succeeded,
+        dns::{DnsServer, NetnsResolvConf, Record},
+        netns::VETH_B,
+    };
+    let pair = NetPair::new();
+    pair.b.ip(&["addr", "add", "198.18.0.4/24", "dev", VETH_B]);
+    let _sink = TcpSink::start(&pair.b, (std::net::Ipv4Addr::new(198, 18, 0, 4), 443));
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let _dns = DnsServer::start(
+        &pair.a,
+        ip("127.0.0.2"),
+        &[
+            Record::Addr("api.example.test", ip("198.18.0.2"), 300),
+            Record::Addr("vendor.example.test", ip("198.18.0.4"), 300),
+            Record::Addr("bad.paste.test", ip("198.18.0.4"), 300),
+        ],
+    );
+    // A nameserver that does not exist: only the steering to the proxy answers.
+    let _resolv = NetnsResolvConf::new(&pair.a, &[ip("10.53.0.1")], "timeout:2 attempts:1");
+    let dir = TempDir::new("breakglass-host");
+    let policy = dir.file(
+        "p.toml",
+        r#"
+mode = "enforce"
+allow_loopback = false
+
+[dns]
+upstream = ["127.0.0.2"]
+unlisted = "refuse"
+
+[[service]]
+name = "api"
+hosts = ["api.example.test"]
+ports = [443]
+protocols = ["tcp"]
+
+[[block]]
+name = "paste"
+hosts = ["**.paste.test"]
+"#,
+    );
+    let parent = TestCgroup::new();
+    let cg = child_of(&parent, "granted");
+    let other = child_of(&parent, "other");
+    let pins = pin_dir();
+    let ev = dir.join("events.jsonl");
+    let run = EgressCmd::run(&pair.a, parent.path(), &dir)
+        .pinned(&pins)
+        .policy(&policy)
+        .events(&ev)
+        .start();
+    let probe = |c: &TestCgroup, args: &[&str]| -> Vec<(Verdict, Option<String>)> {
+        Probe::new()
+            .netns(&pair.a)
+            .cgroup(c.path())
+            .opt("--timeout", "2")
+            .args(args)
+            .run()
+            .into_iter()
+            .map(|l| (l.result, l.from))
+            .collect()
+    };
+    let nxdomain = || Verdict::Other("EAI_NONAME".into());
+    let name = "vendor.example.test:443";
+    let addr = "198.18.0.4:443";
+    assert_eq!(
+        probe(&cg, &["resolve", name, "tcp", addr]),
+        [(nxdomain(), None), (Denied, None)],
+        "before the exception: the name is refused, its address denied"
+    );
+
+    let e = json(
+        &run.ctl(&[
+            "allow",
+            "Vendor.Example.Test.",
+            "--port",
+            "443",
+            "--protocol",
+            "tcp",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--for",
+            "30s",
+            "--reason",
+            "t",
+            "-o",
+            "json",
+        ]),
+        "egress allow NAME",
+    );
+    let id = e["id"].as_u64().unwrap().to_string();
+    assert_eq!(e["host"], "vendor.example.test", "{e}");
+    assert!(e.get("dest").is_none(), "{e}");
+
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        probe(&cg, &["resolve", name, "tcp", "198.18.0.4:80"]),
+        [(Succeeded, s("198.18.0.4")), (Denied, None)],
+        "the scope resolves the name and connects, on the exception's port only"
+    );
+    assert_eq!(
+        probe(&other, &["resolve", name, "tcp", addr]),
+        [(nxdomain(), None), (Denied, None)],
+        "another cgroup is still refused"
+    );
+    assert_eq!(
+        probe(&parent, &["tcp", addr]),
+        [(Denied, None)],
+        "the cgroup above is not covered"
+    );
+
+    // Listed with what was learned, and in the event.
+    let rows = json(
+        &run.ctl(&["grants", "--exceptions", "-o", "json"]),
+        "grants --exceptions",
+    );
+    assert_eq!(rows[0]["host"], "vendor.example.test", "{rows}");
+    assert_eq!(
+        rows[0]["addresses"],
+        serde_json::json!(["198.18.0.4"]),
+        "{rows}"
+    );
+    let text = ok(&run.ctl(&["grants"]), "egress grants");
+    assert!(
+        text.contains(&format!(
+            "exception {id}: host vendor.example.test (198.18.0.4) port 443 tcp"
+        )),
+        "{text}"
+    );
+    let granted = events::of_kind(&ev, "exception");
+    assert!(
+        granted
+            .iter()
+            .any(|v| v["action"] == "granted" && v["host"] == "vendor.example.test"),
+        "{granted:?}"
+    );
+
+    // A name a `[[block]]` refuses: resolved for the exception's scope (`other` here) only.
+    let out = run.ctl(&[
+        "allow",
+        "bad.paste.test",
+        "--cgroup",
+        other.path().to_str().unwrap(),
+        "--for",
+        "30s",
+        "--reason",
+        "t2",
+    ]);
+    ok(&out, "egress allow a blocked name");
+    assert_eq!(
+        probe(&other, &["resolve", "bad.paste.test:443"]),
+        [(Succeeded, s("198.18.0.4"))],
+        "the block is overridden for the exception's scope"
+    );
+    assert_eq!(
+        probe(&parent, &["resolve", "bad.paste.test:443"]),
+        [(nxdomain(), None)],
+        "and for no one else"
+    );
+    assert_eq!(
+        probe(&other, &["resolve", name]),
+        [(nxdomain(), None)],
+        "one exception's name is not another's"
+    );
+
+    // Revoked: the learned address goes with it.
+    ok(&run.ctl(&["revoke", &id]), "egress revoke");
+    assert_eq!(
+        probe(&cg, &["tcp", addr, "resolve", name]),
+        [(Denied, None), (nxdomain(), None)],
+        "after revoke: denied again"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let evs = events::of_kind(&ev, "exception");
+        if let Some(r) = evs.iter().find(|v| v["action"] == "revoked") {
+            assert_eq!(r["addresses"], serde_json::json!(["198.18.0.4"]), "{r}");
+            assert_eq!(r["host"], "vendor.example.test", "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no revoked event: {evs:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -32,6 +32,8 @@ fn exception(id: u32, scope: Scope, until_ns: u64) -> Exception {
     Exception {
         id,
         dest: "127.0.0.3/32".into(),
+        host: None,
+        addresses: Vec::new(),
         port: Some("8000".into()),
         protocol: Some("tcp".into()),
         scope,

@@ -281,8 +281,15 @@ pub struct ExceptionEvent {
     /// `granted`, `revoked` or `expired`.
     pub action: String,
     pub id: u32,
-    /// The destination (canonical CIDR).
+    /// The destination (canonical CIDR); absent for a host exception.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dest: String,
+    /// A host exception: its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// A host exception: the addresses its scope resolved for it so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     #[serde(default)]
     pub port: Option<String>,
     #[serde(default)]

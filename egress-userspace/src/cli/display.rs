@@ -199,7 +199,7 @@ pub fn exceptions_table(rows: &[crate::exceptions::Exception]) -> String {
             out,
             "exception {}: {}{}{} for {} until {} (granted by uid {}{}: {})",
             e.id,
-            e.dest,
+            e.what(),
             e.port
                 .as_ref()
                 .map(|p| format!(" port {p}"))

@@ -413,7 +413,8 @@ enum Command {
     /// what, why and until when go to the events. Root, or a member of the controller's
     /// `--admin-group`.
     Allow {
-        /// The destination: an IPv4/IPv6 address or CIDR.
+        /// The destination: an IPv4/IPv6 address or CIDR, or a host name (the addresses the scope
+        /// resolves for it through the DNS proxy while the exception lasts).
         #[arg(value_name = "DEST")]
         dest: String,
         /// Only this port or range (`443`, `8000-8080`). Default: every port.
@@ -1081,7 +1082,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
                 println!(
                     "exception {} granted: {}{}{} for {} until {} (`egress revoke {}` ends it)",
                     e.id,
-                    e.dest,
+                    e.what(),
                     e.port
                         .as_ref()
                         .map(|p| format!(" port {p}"))

@@ -10,18 +10,20 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::Controller;
 use crate::{
     api::{Response, server::Caller},
+    dns::grants::{HostExceptions, HostRule, Learn},
     events::{EventMeta, ExceptionEvent, timestamp},
-    exceptions::{self, Ask, Exception, Scope},
+    exceptions::{self, Ask, Exception, Scope, Target},
     sys::{clock, nss},
 };
 
 /// The controller's exceptions in force.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BreakGlass {
     pub list: Vec<Exception>,
     /// Where their metadata is kept (None: an ephemeral run keeps it in memory only, as its
@@ -31,6 +33,10 @@ pub struct BreakGlass {
     pub max_for: Duration,
     /// The last id given (never reused, across restarts too).
     pub last_id: u32,
+    /// Addresses the DNS proxy learned for host exceptions: the sink's end, and ours (taken
+    /// by the run loop).
+    learn_tx: mpsc::Sender<Learn>,
+    learn_rx: Option<mpsc::Receiver<Learn>>,
 }
 
 /// What an `egress allow` asks, as the control socket carries it.
@@ -47,12 +53,20 @@ pub struct AllowRequest {
 
 impl BreakGlass {
     pub fn new(file: Option<PathBuf>, max_for: Duration) -> BreakGlass {
+        let (learn_tx, learn_rx) = mpsc::channel(256);
         BreakGlass {
             list: Vec::new(),
             file,
             max_for,
             last_id: 0,
+            learn_tx,
+            learn_rx: Some(learn_rx),
         }
+    }
+
+    /// The receiving end of what the DNS proxy learns (for the run loop; once).
+    pub fn take_learn_rx(&mut self) -> Option<mpsc::Receiver<Learn>> {
+        self.learn_rx.take()
     }
 
     /// A new id, never given before.
@@ -81,10 +95,11 @@ impl Controller {
         // The kernel's map says what is still in force: a record of exceptions whose map went
         // away (`egress stop`, then a fresh start) restores nothing.
         let in_kernel = self.dp.exception_ids(now);
-        let (live, ended): (Vec<_>, Vec<_>) = record
-            .exceptions
-            .into_iter()
-            .partition(|e| !exceptions::expired(e, now) && in_kernel.contains(&e.id));
+        let (live, ended): (Vec<_>, Vec<_>) = record.exceptions.into_iter().partition(|e| {
+            // A host exception has no entry until its name is resolved.
+            !exceptions::expired(e, now)
+                && (in_kernel.contains(&e.id) || (e.host.is_some() && e.addresses.is_empty()))
+        });
         self.breakglass.list = live;
         self.breakglass.last_id = record.last_id;
         if let Err(e) = self.sync_exceptions() {
@@ -117,6 +132,82 @@ impl Controller {
             };
             exceptions::write(f, &record)?;
         }
+        self.share_host_exceptions();
+        Ok(())
+    }
+
+    /// The receiving end of what the DNS proxy learns for host exceptions (once).
+    pub(super) fn take_learn_rx(&mut self) -> Option<mpsc::Receiver<Learn>> {
+        self.breakglass.take_learn_rx()
+    }
+
+    /// Tells the DNS proxy's sink the host exceptions in force (after each change, and when
+    /// the proxy starts).
+    pub(super) fn share_host_exceptions(&self) {
+        let Some(n) = &self.names else { return };
+        let rules = self
+            .breakglass
+            .list
+            .iter()
+            .filter_map(|e| {
+                Some(HostRule {
+                    id: e.id,
+                    host: e.host.clone()?,
+                    scope: e.scope.clone(),
+                    until_ns: e.until_ns,
+                })
+            })
+            .collect();
+        n.sink.set_exceptions(HostExceptions {
+            rules,
+            tx: Some(self.breakglass.learn_tx.clone()),
+            root: self.target.root.clone(),
+        });
+    }
+
+    /// Addresses the proxy learned for host exception `l.id` from a covered asker: added to
+    /// it (entries ending with it), in the kernel before the reply goes out.
+    pub(super) fn learn_request(&mut self, l: Learn) {
+        let r = self.learn(l.id, &l.addrs);
+        let _ = l.reply.send(r);
+    }
+
+    fn learn(&mut self, id: u32, addrs: &[std::net::IpAddr]) -> Result<(), String> {
+        let now = clock::boot_ns();
+        let Some(i) = self
+            .breakglass
+            .list
+            .iter()
+            .position(|e| e.id == id && e.host.is_some() && !exceptions::expired(e, now))
+        else {
+            return Err("it has ended".into());
+        };
+        let e = &mut self.breakglass.list[i];
+        let before = e.addresses.clone();
+        for a in addrs {
+            let a = a.to_string();
+            if !e.addresses.contains(&a) {
+                e.addresses.push(a);
+            }
+        }
+        if e.addresses == before {
+            return Ok(());
+        }
+        let added: Vec<String> = e.addresses[before.len()..].to_vec();
+        if let Err(err) = self.sync_exceptions() {
+            self.breakglass.list[i].addresses = before;
+            let _ = self.sync_exceptions();
+            warn!(id, error = %format!("{err:#}"), "break-glass exception: learned addresses not added");
+            return Err(format!("{err:#}"));
+        }
+        let e = &self.breakglass.list[i];
+        info!(
+            id,
+            host = e.host.as_deref().unwrap_or_default(),
+            added = %added.join(","),
+            scope = %e.scope,
+            "break-glass exception: addresses learned"
+        );
         Ok(())
     }
 
@@ -134,6 +225,12 @@ impl Controller {
             Ok(c) => c,
             Err(e) => return Response::Refused(e),
         };
+        if matches!(checked.target, Target::Host(_)) && self.names.is_none() {
+            return Response::Refused(format!(
+                "`{}` is a host name: a host exception needs the DNS proxy, which runs only while the policy uses names (a `[dns]` table or a service or block with `hosts`); grant an address or CIDR instead",
+                r.dest.trim()
+            ));
+        }
         let scope = match self.exception_scope(&r) {
             Ok(s) => s,
             Err(e) => return Response::Refused(e),
@@ -142,7 +239,15 @@ impl Controller {
         let until_ns = exceptions::until_ns(now, checked.duration);
         let e = Exception {
             id: self.breakglass.next_id(),
-            dest: checked.dest.to_string(),
+            dest: match &checked.target {
+                Target::Dest(d) => d.to_string(),
+                Target::Host(_) => String::new(),
+            },
+            host: match checked.target {
+                Target::Host(h) => Some(h),
+                Target::Dest(_) => None,
+            },
+            addresses: Vec::new(),
             port: checked.port.map(|p| p.to_string()),
             protocol: r.protocol.as_ref().map(|p| p.trim().to_ascii_lowercase()),
             scope,
@@ -228,7 +333,8 @@ impl Controller {
             .await;
         Response::Done(format!(
             "exception {id} revoked ({} for {})",
-            e.dest, e.scope
+            e.what(),
+            e.scope
         ))
     }
 
@@ -300,6 +406,8 @@ impl Controller {
             action: action.into(),
             id: e.id,
             dest: e.dest.clone(),
+            host: e.host.clone(),
+            addresses: e.addresses.clone(),
             port: e.port.clone(),
             protocol: e.protocol.clone(),
             scope: e.scope.to_string(),
@@ -313,7 +421,7 @@ impl Controller {
         info!(
             id = e.id,
             action,
-            dest = %e.dest,
+            dest = %e.what(),
             port = ?e.port,
             protocol = ?e.protocol,
             scope = %e.scope,

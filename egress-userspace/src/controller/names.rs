@@ -448,6 +448,7 @@ impl super::Controller {
                 .await?;
                 self.events.set_hosts(Some(Arc::clone(&n.sink)));
                 self.names = Some(n);
+                self.share_host_exceptions();
             }
             (Some(mut n), true) => {
                 n.set_policy(&self.policy.policy, &self.policy.compiled)?;
@@ -455,6 +456,7 @@ impl super::Controller {
                 n.steer(&mut self.dp)?;
                 self.events.set_hosts(Some(Arc::clone(&n.sink)));
                 self.names = Some(n);
+                self.share_host_exceptions();
             }
             (Some(n), false) => {
                 self.events.set_hosts(None);

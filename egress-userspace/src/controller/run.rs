@@ -135,6 +135,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     let mut feed_news = ctl.take_feed_news();
     let mut ticker = tokio::time::interval(TICK);
+    let mut learn_rx = ctl.take_learn_rx();
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut pod_tick = tokio::time::interval(super::scopes::POD_TICK);
     pod_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,6 +159,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 }
             } => ctl.notifier.ping(),
             _ = ticker.tick() => ctl.tick().await,
+            Some(l) = async {
+                match learn_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => ctl.learn_request(l),
             Some(cmd) = cmd_rx.recv() => {
                 let response = ctl.command(cmd.request, cmd.caller).await;
                 let _ = cmd.reply.send(response);

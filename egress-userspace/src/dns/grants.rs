@@ -82,7 +82,40 @@ pub struct KernelGrants {
     learned: Mutex<BTreeMap<(u64, IpAddr), Learned>>,
     counters: Mutex<GrantCounters>,
     refused: Mutex<Vec<RefusedQuery>>,
+    /// The break-glass host exceptions in force, and where their learned addresses go.
+    exceptions: RwLock<HostExceptions>,
 }
+
+/// The break-glass host exceptions, as the controller last set them.
+#[derive(Debug, Default)]
+pub struct HostExceptions {
+    pub rules: Vec<HostRule>,
+    /// The controller's end of [`Learn`] requests.
+    pub tx: Option<tokio::sync::mpsc::Sender<Learn>>,
+    /// The cgroup2 root the scopes' paths are under (an asker's path is found from it).
+    pub root: std::path::PathBuf,
+}
+
+/// One host exception: its id, name, scope and end.
+#[derive(Debug, Clone)]
+pub struct HostRule {
+    pub id: u32,
+    pub host: String,
+    pub scope: crate::exceptions::Scope,
+    pub until_ns: u64,
+}
+
+/// Addresses a covered asker resolved for host exception `id`: the controller adds them to it
+/// (in the kernel) and replies before the proxy answers.
+#[derive(Debug)]
+pub struct Learn {
+    pub id: u32,
+    pub addrs: Vec<IpAddr>,
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// How long the proxy waits for the controller to record learned addresses.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl KernelGrants {
     pub fn new(maps: DnsMaps, policy: &CompiledPolicy) -> std::io::Result<KernelGrants> {
@@ -97,6 +130,7 @@ impl KernelGrants {
             learned: Mutex::new(BTreeMap::new()),
             counters: Mutex::new(GrantCounters::default()),
             refused: Mutex::new(Vec::new()),
+            exceptions: RwLock::new(HostExceptions::default()),
         };
         sink.set_policy(policy);
         Ok(sink)
@@ -118,6 +152,56 @@ impl KernelGrants {
             .services
             .write()
             .unwrap_or_else(PoisonError::into_inner) = map;
+    }
+
+    /// The host exceptions in force (the controller calls it after each change).
+    pub fn set_exceptions(&self, e: HostExceptions) {
+        *self
+            .exceptions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = e;
+    }
+
+    /// The ids of the live host exceptions naming one of `names` whose scope covers `owner`.
+    fn covering(&self, owner: &Owner, names: &[&str]) -> Vec<u32> {
+        let exc = self
+            .exceptions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = clock::boot_ns();
+        let mut path = None;
+        let mut out = Vec::new();
+        for r in &exc.rules {
+            if r.until_ns <= now
+                || !names
+                    .iter()
+                    .any(|n| crate::exceptions::host_matches(&r.host, n))
+            {
+                continue;
+            }
+            if matches!(r.scope, crate::exceptions::Scope::Cgroup { .. }) && path.is_none() {
+                path = Some(cgroup_path_of(&exc.root, owner.tgid));
+            }
+            let asker = crate::exceptions::Asker {
+                tgid: owner.tgid,
+                uid: owner.uid,
+                cgroup_id: owner.cgroup_id,
+                cgroup_path: path.as_ref().and_then(|p| p.as_deref()),
+            };
+            if crate::exceptions::scope_covers(&r.scope, &asker) {
+                out.push(r.id);
+            }
+        }
+        out
+    }
+
+    fn has_exceptions(&self) -> bool {
+        !self
+            .exceptions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .rules
+            .is_empty()
     }
 
     pub fn counters(&self) -> GrantCounters {
@@ -436,6 +520,59 @@ impl GrantSink for KernelGrants {
         })
     }
 
+    fn excepted(&self, client: &ClientInfo, name: &str) -> bool {
+        if !self.has_exceptions() {
+            return false;
+        }
+        self.owner_of(client)
+            .is_some_and(|owner| !self.covering(&owner, &[name]).is_empty())
+    }
+
+    async fn except(
+        &self,
+        client: ClientInfo,
+        names: Vec<String>,
+        addrs: Vec<IpAddr>,
+    ) -> Result<(), GrantError> {
+        if !self.has_exceptions() {
+            return Ok(());
+        }
+        let Some(owner) = self.owner_of(&client) else {
+            return Ok(());
+        };
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let ids = self.covering(&owner, &names);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .exceptions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tx
+            .clone()
+            .ok_or_else(|| GrantError::Failed("no controller records exceptions".into()))?;
+        for id in ids {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            let learn = Learn {
+                id,
+                addrs: addrs.clone(),
+                reply,
+            };
+            let fail = |e: String| GrantError::Failed(format!("break-glass exception {id}: {e}"));
+            tx.send(learn)
+                .await
+                .map_err(|_| fail("the controller is gone".into()))?;
+            match tokio::time::timeout(LEARN_TIMEOUT, rx).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(fail(e)),
+                Ok(Err(_)) => return Err(fail("the controller dropped the request".into())),
+                Err(_) => return Err(fail("the controller did not answer in time".into())),
+            }
+        }
+        Ok(())
+    }
+
     fn refused(&self, client: &ClientInfo, refusal: &Refusal) {
         let owner = self.owner_of(client);
         let mut q = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
@@ -447,6 +584,13 @@ impl GrantSink for KernelGrants {
             });
         }
     }
+}
+
+/// The cgroup2 path of process `tgid` under `root` (from /proc), if it can be read.
+fn cgroup_path_of(root: &std::path::Path, tgid: u32) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(root.join(rel.trim().trim_start_matches('/')))
 }
 
 fn duration_ns(d: Duration) -> u64 {

@@ -42,6 +42,12 @@
 //! report. No SOA is attached, so resolvers do not cache the denial (RFC 2308 §5): a policy that
 //! approves the name later takes effect at once.
 //!
+//! Break-glass host exceptions (`egress allow NAME`): a query for the name from a process the
+//! exception covers is forwarded even where a block or `unlisted = "refuse"` would refuse it
+//! ([`GrantSink::excepted`]), and every answer's addresses are offered to
+//! [`GrantSink::except`], which adds them to the exceptions that cover the asker and name the
+//! question or a CNAME target of it.
+//!
 //! Bounded: at most [`ProxyConfig::max_in_flight`] queries are being answered at once (beyond,
 //! SERVFAIL at once), [`ProxyConfig::max_tcp_clients`] TCP connections, and
 //! [`ProxyConfig::max_addresses`] addresses granted per answer; each limit hit is counted.
@@ -167,6 +173,27 @@ pub trait GrantSink: Send + Sync + 'static {
     fn resolved(&self, client: &ClientInfo, name: &str, addrs: &[IpAddr], ttl: Duration) {
         let _ = (client, name, addrs, ttl);
     }
+
+    /// True when a break-glass host exception covering `client` names `name`: the proxy then
+    /// resolves it although the policy refuses it. Default: none.
+    fn excepted(&self, client: &ClientInfo, name: &str) -> bool {
+        let _ = (client, name);
+        false
+    }
+
+    /// Told of every answer with addresses (`names`: the asked name, then its CNAME targets):
+    /// the addresses become exception entries of the host exceptions that cover `client` and
+    /// name one of `names`, before the reply is sent. An error makes the reply SERVFAIL.
+    /// Default: nothing.
+    fn except(
+        &self,
+        client: ClientInfo,
+        names: Vec<String>,
+        addrs: Vec<IpAddr>,
+    ) -> impl Future<Output = Result<(), GrantError>> + Send {
+        let _ = (client, names, addrs);
+        async { Ok(()) }
+    }
 }
 
 impl<T: GrantSink> GrantSink for std::sync::Arc<T> {
@@ -188,6 +215,19 @@ impl<T: GrantSink> GrantSink for std::sync::Arc<T> {
 
     fn resolved(&self, client: &ClientInfo, name: &str, addrs: &[IpAddr], ttl: Duration) {
         (**self).resolved(client, name, addrs, ttl);
+    }
+
+    fn excepted(&self, client: &ClientInfo, name: &str) -> bool {
+        (**self).excepted(client, name)
+    }
+
+    fn except(
+        &self,
+        client: ClientInfo,
+        names: Vec<String>,
+        addrs: Vec<IpAddr>,
+    ) -> impl Future<Output = Result<(), GrantError>> + Send {
+        (**self).except(client, names, addrs)
     }
 }
 

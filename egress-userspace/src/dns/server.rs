@@ -319,17 +319,25 @@ impl<S: GrantSink> DnsProxy<S> {
         }
         let labels: Vec<&[u8]> = question.name.iter().collect();
         let coverage = policy.index.lookup_labels(&labels);
-        match coverage.verdict() {
-            NameVerdict::Blocked(hit) => {
-                let reason = RefusalReason::Blocked {
-                    rule_id: hit.rule_id(),
-                };
-                return Some(self.refuse(&query, &client, &policy, reason));
-            }
+        // A break-glass host exception for the asker: resolved whatever the names say (asked
+        // only of a query the policy refuses).
+        let mut excepted = None;
+        let mut is_excepted = || {
+            *excepted.get_or_insert_with(|| self.sink.excepted(&client, &name_text(&question.name)))
+        };
+        let refusal = match coverage.verdict() {
+            NameVerdict::Blocked(hit) => Some(RefusalReason::Blocked {
+                rule_id: hit.rule_id(),
+            }),
             NameVerdict::Unlisted if policy.dns.unlisted == Unlisted::Refuse => {
-                return Some(self.refuse(&query, &client, &policy, RefusalReason::Unlisted));
+                Some(RefusalReason::Unlisted)
             }
-            NameVerdict::Approved(_) | NameVerdict::Unlisted => {}
+            NameVerdict::Approved(_) | NameVerdict::Unlisted => None,
+        };
+        if let Some(reason) = refusal
+            && !is_excepted()
+        {
+            return Some(self.refuse(&query, &client, &policy, reason));
         }
 
         DnsCounters::bump(&self.counters.forwarded);
@@ -358,7 +366,9 @@ impl<S: GrantSink> DnsProxy<S> {
         for target in chain.names.iter().skip(1) {
             let labels: Vec<&[u8]> = target.iter().collect();
             let c = policy.index.lookup_labels(&labels);
-            if let Some(b) = c.blocks.first() {
+            if let Some(b) = c.blocks.first()
+                && !is_excepted()
+            {
                 let reason = RefusalReason::BlockedTarget {
                     rule_id: b.rule_id(),
                     target: name_text(target),
@@ -378,6 +388,23 @@ impl<S: GrantSink> DnsProxy<S> {
             let ttl = policy.dns.clamp_ttl(chain.min_ttl.unwrap_or(0));
             self.sink
                 .resolved(&client, &name_text(&question.name), &chain.addrs, ttl);
+        }
+        if rcode == ResponseCode::NoError && !chain.addrs.is_empty() {
+            let names = chain.names.iter().map(name_text).collect();
+            let mut addrs: Vec<IpAddr> = chain
+                .addrs
+                .iter()
+                .copied()
+                .filter(|a| !message::never_granted(*a))
+                .collect();
+            addrs.truncate(self.config.max_addresses);
+            if !addrs.is_empty()
+                && let Err(e) = self.sink.except(client, names, addrs).await
+            {
+                DnsCounters::bump(&self.counters.grant_failures);
+                tracing::warn!(name = %name_text(&question.name), error = %e, "DNS proxy: break-glass exception failed, SERVFAIL");
+                return Some(message::local_reply(&query, ResponseCode::ServFail, None));
+            }
         }
         if !services.is_empty() && rcode == ResponseCode::NoError {
             if let Some(grant) = self.grant_of(&question.name, &chain, services, &policy.dns) {

@@ -446,7 +446,12 @@ impl EventLine for ExceptionEvent {
         );
         d.message = format!(
             "break-glass exception {} {}: {} for {} ({}), until {}",
-            self.id, self.action, self.dest, self.scope, self.reason, self.until
+            self.id,
+            self.action,
+            crate::exceptions::what(&self.dest, self.host.as_deref(), &self.addresses),
+            self.scope,
+            self.reason,
+            self.until
         );
         d.event.reason = Some(self.reason.clone());
         d.event.end = Some(self.until.clone());

@@ -1,6 +1,7 @@
 //! Break-glass exceptions (`egress allow`): a time-limited grant of one destination (address or
-//! CIDR), optionally one port range and protocol, to one process, cgroup or user, with a reason
-//! and the uid of who granted it. This module owns what an exception is, how a request is
+//! CIDR, or a host name whose addresses the scope resolves through the DNS proxy, see
+//! `dns::grants`), optionally one port range and protocol, to one process, cgroup or user, with
+//! a reason and the uid of who granted it. This module owns what an exception is, how a request is
 //! validated, how the live exceptions become `EXCEPTIONS` entries (pure, [`compile`]), and the
 //! metadata file a restarted controller (and `egress grants` without one) reads back. The
 //! kernel side is `egress-ebpf/src/exception.rs`; the controller's (grant, revoke, expiry,
@@ -74,8 +75,17 @@ impl Scope {
 pub struct Exception {
     /// What `egress revoke ID` takes.
     pub id: u32,
-    /// The destination, canonical (`10.0.0.0/8`, `192.0.2.7/32`).
+    /// The destination, canonical (`10.0.0.0/8`, `192.0.2.7/32`); empty for a host exception.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dest: String,
+    /// A host exception: the name (lowercase, no trailing dot). The scope's answers for it
+    /// through the DNS proxy add `addresses`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The addresses learned for `host` while the exception lasts (each an entry in the
+    /// kernel, ending with the exception).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// The port range (`443`, `8000-8080`); `null`: every port.
     #[serde(default)]
     pub port: Option<String>,
@@ -96,6 +106,22 @@ pub struct Exception {
     pub until_ns: u64,
 }
 
+impl Exception {
+    /// What it opens, for people: the destination, or the host and the addresses learned.
+    pub fn what(&self) -> String {
+        what(&self.dest, self.host.as_deref(), &self.addresses)
+    }
+}
+
+/// `dest`, or `host NAME (learned: A, B)` / `host NAME (nothing learned yet)`.
+pub fn what(dest: &str, host: Option<&str>, addresses: &[String]) -> String {
+    match host {
+        None => dest.to_string(),
+        Some(h) if addresses.is_empty() => format!("host {h} (nothing resolved yet)"),
+        Some(h) => format!("host {h} ({})", addresses.join(", ")),
+    }
+}
+
 /// A request to grant, as it comes from the control socket, before it is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ask<'a> {
@@ -106,10 +132,17 @@ pub struct Ask<'a> {
     pub reason: &'a str,
 }
 
+/// What an exception opens: an address or CIDR, or a host name resolved through the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Dest(Destination),
+    Host(String),
+}
+
 /// What an [`Ask`] means, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checked {
-    pub dest: Destination,
+    pub target: Target,
     pub port: Option<PortRange>,
     pub protocol: Option<Protocol>,
     pub duration: Duration,
@@ -117,16 +150,11 @@ pub struct Checked {
 }
 
 /// Checks a request's destination, port, protocol, duration (positive, at most `max`) and
-/// reason. A name (not an address or CIDR) is refused with what to do instead.
+/// reason. A name (not an address or CIDR) is a host exception: its name is checked here.
 pub fn check(ask: &Ask<'_>, max: Duration) -> Result<Checked, String> {
-    let dest = match ask.dest.parse::<Destination>() {
-        Ok(d) => d,
-        Err(e) if looks_like_name(ask.dest) => {
-            return Err(format!(
-                "`{}` is a host name: break-glass exceptions take an address or CIDR (resolve the name and grant its addresses, or add the name to a `hosts` service); {e}",
-                ask.dest
-            ));
-        }
+    let target = match ask.dest.parse::<Destination>() {
+        Ok(d) => Target::Dest(d),
+        Err(_) if looks_like_name(ask.dest) => Target::Host(normalize_host(ask.dest)?),
         Err(e) => return Err(format!("dest: {e}")),
     };
     let protocol = match ask.protocol {
@@ -169,7 +197,7 @@ pub fn check(ask: &Ask<'_>, max: Duration) -> Result<Checked, String> {
         return Err("--reason: at most 512 bytes of text, without control characters".into());
     }
     Ok(Checked {
-        dest,
+        target,
         port,
         protocol,
         duration,
@@ -187,6 +215,62 @@ pub fn parse_protocol(p: &str) -> Result<Protocol, String> {
         other => Err(format!(
             "--protocol: `{other}` is not a protocol: expected tcp, udp, icmp or icmpv6"
         )),
+    }
+}
+
+/// A host name as a host exception keeps it: lowercase, without the trailing dot; refused with
+/// a message when it is not a DNS name (a pattern such as `*.example.com` included).
+pub fn normalize_host(s: &str) -> Result<String, String> {
+    let name = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    let bad = |why: &str| Err(format!("`{s}` is not a host name: {why}"));
+    if name.is_empty() || name.len() > 253 {
+        return bad("a DNS name has 1 to 253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return bad("each label has 1 to 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return bad("letters, digits, `-` and `_` only (no patterns: one exact name)");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label does not start or end with `-`");
+        }
+    }
+    Ok(name)
+}
+
+/// True when a query for `asked` (as the proxy has it: any case, maybe a trailing dot) is for
+/// the host exception of `host` (normalized): one exact name, case-insensitive.
+pub fn host_matches(host: &str, asked: &str) -> bool {
+    asked.trim_end_matches('.').eq_ignore_ascii_case(host)
+}
+
+/// Who asked the proxy: the owner the hooks recorded for the asking socket, and its cgroup's
+/// path when known.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    pub tgid: u32,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub cgroup_path: Option<&'a Path>,
+}
+
+/// True when `scope` covers the asker: its process (tgid), its real uid, or its cgroup or an
+/// ancestor of it (as the kernel looks the cgroup scopes up).
+pub fn scope_covers(scope: &Scope, asker: &Asker<'_>) -> bool {
+    match scope {
+        Scope::Process { pid } => asker.tgid == *pid,
+        Scope::User { uid, .. } => asker.uid == *uid,
+        Scope::Cgroup { path, id, .. } => {
+            asker.cgroup_id == *id
+                || asker
+                    .cgroup_path
+                    .is_some_and(|p| p.starts_with(Path::new(path)))
+        }
     }
 }
 
@@ -247,10 +331,19 @@ pub fn compile(list: &[Exception]) -> Result<(Entries, u32), String> {
     let mut out = Entries::new();
     let mut levels = 0u32;
     for e in list {
-        let dest: Destination = e
-            .dest
-            .parse()
-            .map_err(|m| format!("exception {}: {m}", e.id))?;
+        let dests: Vec<Destination> = if e.host.is_some() {
+            e.addresses
+                .iter()
+                .map(|a| a.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|m| format!("exception {}: {m}", e.id))?
+        } else {
+            vec![
+                e.dest
+                    .parse()
+                    .map_err(|m| format!("exception {}: {m}", e.id))?,
+            ]
+        };
         let port = match &e.port {
             Some(p) => Some(
                 p.parse::<PortRange>()
@@ -285,28 +378,30 @@ pub fn compile(list: &[Exception]) -> Result<(Entries, u32), String> {
             }
             Scope::Process { .. } | Scope::User { .. } => {}
         }
-        let (family, [net_hi, net_lo, mask_hi, mask_lo]) = net_entry(dest.network());
-        let entry = ExceptionEntry {
-            net_hi,
-            net_lo,
-            mask_hi,
-            mask_lo,
-            until_ns: e.until_ns,
-            id: e.id,
-            port_lo,
-            port_hi,
-            family,
-            proto_mask,
-            _pad: [0; 6],
-        };
-        let scope = out.entry(e.scope.key()).or_default();
-        let Some(free) = scope.entries.iter_mut().find(|x| x.until_ns == 0) else {
-            return Err(format!(
-                "{} already has {EXC_ENTRIES} live exceptions: revoke one first (`egress grants` lists them)",
-                e.scope
-            ));
-        };
-        *free = entry;
+        for dest in dests {
+            let (family, [net_hi, net_lo, mask_hi, mask_lo]) = net_entry(dest.network());
+            let entry = ExceptionEntry {
+                net_hi,
+                net_lo,
+                mask_hi,
+                mask_lo,
+                until_ns: e.until_ns,
+                id: e.id,
+                port_lo,
+                port_hi,
+                family,
+                proto_mask,
+                _pad: [0; 6],
+            };
+            let scope = out.entry(e.scope.key()).or_default();
+            let Some(free) = scope.entries.iter_mut().find(|x| x.until_ns == 0) else {
+                return Err(format!(
+                    "{} already has {EXC_ENTRIES} live exceptions: revoke one first (`egress grants` lists them)",
+                    e.scope
+                ));
+            };
+            *free = entry;
+        }
     }
     Ok((out, levels))
 }

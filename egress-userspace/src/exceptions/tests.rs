@@ -22,6 +22,8 @@ fn exc(id: u32, dest: &str, scope: Scope, until_ns: u64) -> Exception {
     Exception {
         id,
         dest: dest.parse::<Destination>().unwrap().to_string(),
+        host: None,
+        addresses: Vec::new(),
         port: None,
         protocol: None,
         scope,
@@ -38,7 +40,7 @@ fn exc(id: u32, dest: &str, scope: Scope, until_ns: u64) -> Exception {
 fn requests_are_checked_field_by_field() {
     let max = DEFAULT_MAX_FOR;
     let c = check(&ask("192.0.2.7", Some("443"), Some("TCP")), max).unwrap();
-    assert_eq!(c.dest.to_string(), "192.0.2.7/32");
+    assert_eq!(c.target, Target::Dest("192.0.2.7".parse().unwrap()));
     assert_eq!(c.port.unwrap().to_string(), "443");
     assert_eq!(c.protocol, Some(Protocol::Tcp));
     assert_eq!(c.duration, Duration::from_secs(900));
@@ -46,10 +48,15 @@ fn requests_are_checked_field_by_field() {
     assert_eq!(c.port.unwrap().to_string(), "8000-8080");
     // v4-mapped is the IPv4 address it reaches.
     let c = check(&ask("::ffff:192.0.2.7", None, None), max).unwrap();
-    assert_eq!(c.dest.to_string(), "192.0.2.7/32");
+    assert_eq!(c.target, Target::Dest("192.0.2.7/32".parse().unwrap()));
 
-    let e = check(&ask("example.com", None, None), max).unwrap_err();
-    assert!(e.contains("host name"), "{e}");
+    // A name is a host exception, kept lowercase without its trailing dot.
+    let c = check(&ask("Vendor.Example.COM.", Some("443"), None), max).unwrap();
+    assert_eq!(c.target, Target::Host("vendor.example.com".into()));
+    let e = check(&ask("*.example.com", None, None), max).unwrap_err();
+    assert!(e.contains("not a host name"), "{e}");
+    let e = check(&ask("bad..example.com", None, None), max).unwrap_err();
+    assert!(e.contains("not a host name"), "{e}");
     let e = check(&ask("10.1.2.3/8", None, None), max).unwrap_err();
     assert!(e.starts_with("dest:"), "{e}");
     let e = check(&ask("10.0.0.0/8", Some("0"), None), max).unwrap_err();
@@ -400,4 +407,92 @@ fn the_admin_group_may_read_and_grant_but_nothing_else() {
         let e = authorize(r, 1000, true).unwrap_err();
         assert!(e.contains("root only"), "{e}");
     }
+}
+
+/// One exact name, case and trailing dot aside; nothing else (no suffix, no parent, no label
+/// glued on).
+#[test]
+fn host_exceptions_match_one_exact_name() {
+    let host = normalize_host("Vendor.Example.com").unwrap();
+    assert!(host_matches(&host, "vendor.example.com"));
+    assert!(host_matches(&host, "VENDOR.example.COM."));
+    assert!(!host_matches(&host, "x.vendor.example.com"));
+    assert!(!host_matches(&host, "example.com"));
+    assert!(!host_matches(&host, "vendor.example.com.evil.test"));
+    assert!(!host_matches(&host, "avendor.example.com"));
+    assert!(normalize_host("-x.test").unwrap_err().contains("`-`"));
+    assert!(normalize_host(&format!("{}.test", "a".repeat(64))).is_err());
+}
+
+/// A scope covers its process (tgid), its uid, or its cgroup and the cgroups below it, and no
+/// one else (a sibling cgroup whose path merely starts with the same characters included).
+#[test]
+fn host_exception_scopes_cover_only_their_askers() {
+    let cg = Scope::Cgroup {
+        path: "/sys/fs/cgroup/app".into(),
+        id: 42,
+        level: 1,
+    };
+    let asker = |tgid, uid, id, path: Option<&'static str>| Asker {
+        tgid,
+        uid,
+        cgroup_id: id,
+        cgroup_path: path.map(Path::new),
+    };
+    assert!(scope_covers(&cg, &asker(1, 1000, 42, None)));
+    assert!(scope_covers(
+        &cg,
+        &asker(1, 1000, 43, Some("/sys/fs/cgroup/app/worker"))
+    ));
+    assert!(!scope_covers(
+        &cg,
+        &asker(1, 1000, 44, Some("/sys/fs/cgroup/app2"))
+    ));
+    assert!(!scope_covers(&cg, &asker(1, 1000, 44, None)));
+    let pid = Scope::Process { pid: 77 };
+    assert!(scope_covers(&pid, &asker(77, 0, 1, None)));
+    assert!(!scope_covers(&pid, &asker(78, 0, 1, None)));
+    let user = Scope::User {
+        uid: 1000,
+        name: None,
+    };
+    assert!(scope_covers(&user, &asker(5, 1000, 1, None)));
+    assert!(!scope_covers(&user, &asker(5, 1001, 1, None)));
+}
+
+/// A host exception compiles to one entry per learned address (none before any), with its id,
+/// ports and end; more addresses than a scope holds are refused.
+#[test]
+fn host_exceptions_compile_their_learned_addresses() {
+    let scope = Scope::Process { pid: 9 };
+    let mut e = exc(5, "192.0.2.1", scope.clone(), 1000);
+    e.dest = String::new();
+    e.host = Some("vendor.example.com".into());
+    e.port = Some("443".into());
+    let (entries, _) = compile(std::slice::from_ref(&e)).unwrap();
+    assert!(
+        entries
+            .get(&scope.key())
+            .is_none_or(|l| l.entries.iter().all(|x| x.until_ns == 0))
+    );
+    e.addresses = vec!["198.51.100.7".into(), "2001:db8::7".into()];
+    let (entries, _) = compile(std::slice::from_ref(&e)).unwrap();
+    let live: Vec<_> = entries[&scope.key()]
+        .entries
+        .iter()
+        .filter(|x| x.until_ns != 0)
+        .copied()
+        .collect();
+    assert_eq!(live.len(), 2);
+    assert!(
+        live.iter()
+            .all(|x| x.id == 5 && x.until_ns == 1000 && x.port_lo == 443 && x.port_hi == 443)
+    );
+    assert_eq!((live[0].family, live[1].family), (4, 6));
+    assert_eq!(
+        (live[0].mask_hi, live[1].mask_lo),
+        (0xffff_ffff_0000_0000, u64::MAX)
+    );
+    e.addresses = (1..=9).map(|i| format!("198.51.100.{i}")).collect();
+    assert!(compile(&[e]).unwrap_err().contains("live exceptions"));
 }

@@ -167,7 +167,7 @@ fn exception_summary(e: &crate::events::ExceptionEvent) -> String {
         "break-glass exception {} {}: {}{}{} for {} until {} (by uid {}{}): {}",
         e.id,
         e.action,
-        e.dest,
+        crate::exceptions::what(&e.dest, e.host.as_deref(), &e.addresses),
         e.port
             .as_ref()
             .map(|p| format!(" port {p}"))
@@ -196,7 +196,10 @@ fn alertmanager(o: &Outgoing) -> Vec<AmAlert> {
                 ("summary".into(), exception_summary(e)),
                 ("reason".into(), e.reason.clone()),
                 ("scope".into(), e.scope.clone()),
-                ("dest".into(), e.dest.clone()),
+                (
+                    "dest".into(),
+                    crate::exceptions::what(&e.dest, e.host.as_deref(), &e.addresses),
+                ),
                 ("by_uid".into(), e.by_uid.to_string()),
                 ("action".into(), e.action.clone()),
             ]);
@@ -674,6 +677,8 @@ mod tests {
             action: action.into(),
             id: 3,
             dest: "203.0.113.7/32".into(),
+            host: None,
+            addresses: Vec::new(),
             port: Some("443".into()),
             protocol: Some("tcp".into()),
             scope: "cgroup:/sys/fs/cgroup/app".into(),
