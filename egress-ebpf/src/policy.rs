@@ -1,7 +1,7 @@
 //! Policy lookups shared by every hook: loopback short-cut, LPM trie, then the first matching
 //! port rule (`RuleSet::first_match`, the same code `egress explain` runs).
 
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::addr_of_mut};
 
 use aya_ebpf::{
     helpers::{bpf_ktime_get_boot_ns, bpf_loop},
@@ -446,17 +446,8 @@ pub fn caller_budget_block(
         return None;
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let user = BlockKey {
-        tgid: uid,
-        family: BLOCK_USER,
-        scope: BLOCK_SCOPE_PROCESS,
-        _pad: [0; 2],
-        addr: [0; 16],
-    };
-    if let Some(b) = unsafe { BLOCKED.get(user) }
-        && b.until_ns > now
-    {
-        return Some(b.rule_id);
+    if let Some(rule_id) = block_in_force(uid, BLOCK_USER, BLOCK_SCOPE_PROCESS, None, now) {
+        return Some(rule_id);
     }
     if let Some(rule_id) = blocked_as(tgid, BLOCK_SCOPE_PROCESS, family, addr, now) {
         return Some(rule_id);
@@ -469,27 +460,55 @@ pub fn caller_budget_block(
 /// `now`.
 #[inline(always)]
 fn blocked_as(tgid: u32, scope: u8, family: u8, addr: &[u8; 16], now: u64) -> Option<u32> {
-    let any = BlockKey {
-        tgid,
-        family: 0,
-        scope,
-        _pad: [0; 2],
-        addr: [0; 16],
-    };
-    if let Some(b) = unsafe { BLOCKED.get(any) }
-        && b.until_ns > now
-    {
-        return Some(b.rule_id);
+    if let Some(rule_id) = block_in_force(tgid, 0, scope, None, now) {
+        return Some(rule_id);
     }
-    let one = BlockKey {
-        tgid,
-        family,
-        scope,
-        _pad: [0; 2],
-        addr: *addr,
+    block_in_force(tgid, family, scope, Some(addr), now)
+}
+
+/// The rule of the `BLOCKED` entry (`tgid`, `family`, `scope`, `addr` or all zeros), if still in
+/// force at `now`. The key is written field by field, its zero address as volatile words: a
+/// zeroed 16-byte array becomes a call to compiler-builtins' byte-by-byte `memset`, a loop that
+/// older verifiers (6.1) walk byte by byte at every call site, which put TC past their
+/// 1M-instruction limit.
+#[inline(always)]
+fn block_in_force(
+    tgid: u32,
+    family: u8,
+    scope: u8,
+    addr: Option<&[u8; 16]>,
+    now: u64,
+) -> Option<u32> {
+    let mut key = core::mem::MaybeUninit::<BlockKey>::uninit();
+    let k = key.as_mut_ptr();
+    // SAFETY: every field of the local key is written before it is read.
+    let key = unsafe {
+        addr_of_mut!((*k).tgid).write(tgid);
+        addr_of_mut!((*k).family).write(family);
+        addr_of_mut!((*k).scope).write(scope);
+        addr_of_mut!((*k)._pad).write([0; 2]);
+        match addr {
+            Some(a) => addr_of_mut!((*k).addr).write(*a),
+            None => zero_u32s::<4>(addr_of_mut!((*k).addr).cast()),
+        }
+        key.assume_init_ref()
     };
-    match unsafe { BLOCKED.get(one) } {
+    match unsafe { BLOCKED.get(key) } {
         Some(b) if b.until_ns > now => Some(b.rule_id),
         _ => None,
+    }
+}
+
+/// Zeroes `N` 32-bit words at `p` with plain stores (volatile: never merged into a `memset`
+/// call, see [`block_in_force`]).
+///
+/// # Safety
+/// `p` must be valid for writes of `N` aligned `u32`s.
+#[inline(always)]
+pub(crate) unsafe fn zero_u32s<const N: usize>(p: *mut u32) {
+    let mut i = 0;
+    while i < N {
+        unsafe { core::ptr::write_volatile(p.add(i), 0) };
+        i += 1;
     }
 }

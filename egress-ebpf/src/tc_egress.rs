@@ -12,19 +12,23 @@
 //! Return values: `TC_ACT_UNSPEC` (-1, "next": lets other TCX programs and filters run) to pass,
 //! `TC_ACT_SHOT` to drop.
 
-use core::ptr::{addr_of, read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{addr_of, addr_of_mut, read_volatile},
+};
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_loop, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
     programs::{TcContext, sk_buff::SkBuff},
 };
 use egress_common::{
     EVENT_AUDIT, EVENT_DENY, Event, FlowKey, FlowValue, HOOK_TC, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT, Owner, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOCKETS,
+    IPPROTO_TCP, IPPROTO_UDP, MODE_AUDIT, RULE_DEFAULT, RULE_LOOPBACK, RULE_SOCKETS,
     RULE_SOURCE_ROUTE, SOCK_ALLOW, SOCK_AUDIT, SOCK_POLICY, SOCKETS_ICMP, SOCKETS_PACKET,
     STAT_BUDGET_DROPPED, STAT_EVENTS_LOST, STAT_FLOWS_FULL_BYTES, STAT_FLOWS_FULL_PACKETS,
     STAT_TC_AUDITED, STAT_TC_DROPPED, ScopeBits, TGID_UNATTRIBUTED,
@@ -131,15 +135,21 @@ pub fn classify(ctx: &TcContext) -> i32 {
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let owner: Option<Owner> = if cookie != 0 {
-        unsafe { SOCK_OWNERS.get(cookie) }.copied()
+    // The recorded owner's fields, read out at once: every value defined on both paths (an
+    // `Option<Owner>`'s undefined payload may reach a spill the verifier refuses to read).
+    let owner = if cookie != 0 {
+        unsafe { SOCK_OWNERS.get(cookie) }
     } else {
         None
     };
+    let (owned, owner_tgid, owner_cgroup) = match owner {
+        Some(o) => (true, o.tgid, o.cgroup_id),
+        None => (false, TGID_UNATTRIBUTED, 0),
+    };
 
     // A process over its byte budget: its packets stop here, established connections included.
-    if let Some(o) = owner
-        && policy::budget_block(cfg, o.tgid, p.family, &p.addr).is_some()
+    if owned
+        && policy::budget_block(cfg, owner_tgid, p.family, &p.addr).is_some()
         && cfg.mode != MODE_AUDIT
     {
         count(STAT_BUDGET_DROPPED);
@@ -152,7 +162,7 @@ pub fn classify(ctx: &TcContext) -> i32 {
     // also covers replies of accepted connections and forwarded traffic, which the connect hooks
     // never judged. One decision for both (the verifier's budget).
     let judge_echo = p.echo_request && cfg.sockets[SOCKETS_ICMP] == SOCK_POLICY;
-    if judge_echo || owner.is_none() {
+    if judge_echo || !owned {
         let d = decide(cfg, &p);
         let explicit = d.rule_id != RULE_DEFAULT && d.rule_id != RULE_LOOPBACK;
         if !d.allow && (judge_echo || explicit) && refuse(cfg, &p, d.rule_id, false, skb) {
@@ -164,17 +174,18 @@ pub fn classify(ctx: &TcContext) -> i32 {
     // (`skb_egress.rs`), which sees them in the sender's own network namespace, before NAT and
     // veths: TC counts the rest (no owner: forwarded, raw, AF_PACKET, sockets older than the
     // controller), and the echo requests it judges (the cgroup program leaves those to it).
-    if owner.is_some() && !judge_echo {
+    if owned && !judge_echo {
         return TC_ACT_UNSPEC;
     }
     let wire = unsafe { (*skb).wire_len };
     let bytes = if wire != 0 { wire } else { ctx.len() } as u64;
     let key = FlowKey {
-        cgroup_id: match owner {
-            Some(o) => o.cgroup_id,
-            None => unsafe { bpf_skb_cgroup_id(skb) },
+        cgroup_id: if owned {
+            owner_cgroup
+        } else {
+            unsafe { bpf_skb_cgroup_id(skb) }
         },
-        tgid: owner.map_or(TGID_UNATTRIBUTED, |o| o.tgid),
+        tgid: owner_tgid,
         port: p.port,
         protocol: p.protocol,
         family: p.family,
@@ -344,26 +355,28 @@ fn decide(cfg: &egress_common::Config, p: &Parsed) -> policy::Decision {
 #[inline(always)]
 fn ipv4_source_routed(ctx: &SkBuff, off: usize, len: usize) -> bool {
     const MAX_OPTIONS: usize = 40;
-    let mut buf = [0u8; MAX_OPTIONS];
+    // Words, zeroed by volatile stores: a `[0u8; 40]` becomes a byte-by-byte `memset` call that
+    // 6.1's verifier walks at length (see `policy::block_in_force`).
+    let mut words = core::mem::MaybeUninit::<[u32; MAX_OPTIONS / 4]>::uninit();
+    let buf: *mut u8 = words.as_mut_ptr().cast();
+    // SAFETY: the local buffer holds MAX_OPTIONS / 4 words.
+    unsafe { policy::zero_u32s::<{ MAX_OPTIONS / 4 }>(buf.cast()) };
     if len == 0 || len > MAX_OPTIONS {
         return len != 0;
     }
     // The raw helper: aya's `load_bytes` clamps the length to the packet, which loses the
     // non-zero lower bound the verifier needs.
     let rc = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.cast(),
-            off as u32,
-            buf.as_mut_ptr().cast(),
-            len as u32,
-        )
+        aya_ebpf::helpers::bpf_skb_load_bytes(ctx.skb.cast(), off as u32, buf.cast(), len as u32)
     };
     if rc != 0 {
         return true;
     }
     let mut i = 0;
     while i < MAX_OPTIONS {
-        if i < len && (buf[i] == IPOPT_LSRR || buf[i] == IPOPT_SSRR) {
+        // SAFETY: i < MAX_OPTIONS, within the zeroed buffer.
+        let b = unsafe { *buf.add(i) };
+        if i < len && (b == IPOPT_LSRR || b == IPOPT_SSRR) {
             return true;
         }
         i += 1;
@@ -392,82 +405,149 @@ struct Ipv6Walk {
     routed: bool,
 }
 
-/// Walks IPv6 extension headers from `off` to the transport header.
+/// The state of the IPv6 extension walk, on the caller's stack (`bpf_loop`'s context).
+#[repr(C)]
+struct Ipv6WalkCtx {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    off: u64,
+    next: u8,
+    /// `WALK_*`.
+    state: u8,
+    routed: u8,
+}
+
+const WALK_ON: u8 = 0;
+const WALK_L4: u8 = 1;
+const WALK_NO_L4: u8 = 2;
+const WALK_ERROR: u8 = 3;
+
+/// Walks IPv6 extension headers from `off` to the transport header, one header per iteration of
+/// a `bpf_loop` callback: unrolled, every way out of every iteration reached the rest of the
+/// program as a state of its own, which took 6.1's verifier past its 1M-instruction limit.
 #[inline(always)]
-fn skip_ipv6_extensions(ctx: &SkBuff, mut next: u8, mut off: usize) -> Option<Ipv6Walk> {
-    let mut routed = false;
-    let mut i = 0;
-    while i < MAX_IPV6_EXT {
-        if next == IPV6_ROUTING {
-            routed = true;
-        }
-        match next {
-            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let hdr: [u8; 2] = ctx.load(off).ok()?;
-                next = hdr[0];
-                off += (hdr[1] as usize + 1) * 8;
-            }
-            IPV6_AH => {
-                let hdr: [u8; 2] = ctx.load(off).ok()?;
-                next = hdr[0];
-                off += (hdr[1] as usize + 2) * 4;
-            }
-            IPV6_FRAGMENT => {
-                let hdr: [u8; 4] = ctx.load(off).ok()?;
-                next = hdr[0];
-                off += 8;
-                let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
-                if frag_off != 0 {
-                    return Some(Ipv6Walk {
-                        next,
-                        end: off,
-                        has_l4: false,
-                        routed,
-                    });
-                }
-            }
-            _ => {
-                return Some(Ipv6Walk {
-                    next,
-                    end: off,
-                    has_l4: true,
-                    routed,
-                });
-            }
-        }
-        i += 1;
+fn skip_ipv6_extensions(ctx: &SkBuff, next: u8, off: usize) -> Option<Ipv6Walk> {
+    let mut w = Ipv6WalkCtx {
+        skb: ctx.skb,
+        off: off as u64,
+        next,
+        state: WALK_ON,
+        routed: 0,
+    };
+    // SAFETY: a static callback and a context on this stack, as bpf_loop requires.
+    unsafe {
+        bpf_loop(
+            MAX_IPV6_EXT as u32,
+            ipv6_walk_callback as *mut c_void,
+            &mut w as *mut Ipv6WalkCtx as *mut c_void,
+            0,
+        )
+    };
+    // SAFETY: bpf_loop has returned; the context is this function's again.
+    let (state, next, off, routed) = unsafe {
+        (
+            read_volatile(&w.state),
+            read_volatile(&w.next),
+            read_volatile(&w.off),
+            read_volatile(&w.routed),
+        )
+    };
+    if state == WALK_ERROR {
+        return None;
     }
     Some(Ipv6Walk {
         next,
-        end: off,
-        has_l4: false,
-        routed,
+        end: off as usize,
+        // Headers left after MAX_IPV6_EXT: treated as no L4.
+        has_l4: state == WALK_L4,
+        routed: routed != 0,
     })
+}
+
+/// One IPv6 extension header, as a `bpf_loop` callback: 1 (stop) once the walk is over.
+#[inline(never)]
+extern "C" fn ipv6_walk_callback(_i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Ipv6WalkCtx` `skip_ipv6_extensions` passed, alive for the whole loop.
+    let w = unsafe { &mut *(ctx as *mut Ipv6WalkCtx) };
+    let skb = SkBuff { skb: w.skb };
+    let off = w.off as usize;
+    let next = w.next;
+    if next == IPV6_ROUTING {
+        w.routed = 1;
+    }
+    match next {
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => match skb.load::<[u8; 2]>(off) {
+            Ok(hdr) => {
+                w.next = hdr[0];
+                w.off = (off + (hdr[1] as usize + 1) * 8) as u64;
+                0
+            }
+            Err(_) => {
+                w.state = WALK_ERROR;
+                1
+            }
+        },
+        IPV6_AH => match skb.load::<[u8; 2]>(off) {
+            Ok(hdr) => {
+                w.next = hdr[0];
+                w.off = (off + (hdr[1] as usize + 2) * 4) as u64;
+                0
+            }
+            Err(_) => {
+                w.state = WALK_ERROR;
+                1
+            }
+        },
+        IPV6_FRAGMENT => match skb.load::<[u8; 4]>(off) {
+            Ok(hdr) => {
+                w.next = hdr[0];
+                w.off = (off + 8) as u64;
+                let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
+                if frag_off != 0 {
+                    w.state = WALK_NO_L4;
+                    1
+                } else {
+                    0
+                }
+            }
+            Err(_) => {
+                w.state = WALK_ERROR;
+                1
+            }
+        },
+        _ => {
+            w.state = WALK_L4;
+            1
+        }
+    }
 }
 
 #[inline(always)]
 fn report(p: &Parsed, rule_id: u32, audit: bool, generation: u32, cgroup_id: u64) {
     match EVENTS.reserve::<Event>(0) {
         Some(mut slot) => {
-            slot.write(Event {
-                ts_ns: unsafe { bpf_ktime_get_boot_ns() },
-                cgroup_id,
-                pid: 0,
-                tgid: TGID_UNATTRIBUTED,
-                uid: 0,
-                gid: 0,
-                rule_id,
-                port: p.port,
-                hook: HOOK_TC,
-                family: p.family,
-                protocol: p.protocol,
-                action: if audit { EVENT_AUDIT } else { EVENT_DENY },
-                v4_mapped: 0,
-                sock_type: 0,
-                generation,
-                addr: p.addr,
-                comm: [0u8; 16],
-            });
+            // Field by field, the zero ones as volatile words: a struct literal's zero runs
+            // become byte-by-byte `memset` calls that 6.1's verifier walks at length (see
+            // `policy::block_in_force`).
+            let e: *mut Event = slot.as_mut_ptr();
+            // SAFETY: `e` is the reserved 80-byte record; every byte of it is written.
+            unsafe {
+                addr_of_mut!((*e).ts_ns).write(bpf_ktime_get_boot_ns());
+                addr_of_mut!((*e).cgroup_id).write(cgroup_id);
+                // pid, tgid, uid, gid.
+                const _: () = assert!(TGID_UNATTRIBUTED == 0);
+                policy::zero_u32s::<4>(addr_of_mut!((*e).pid));
+                addr_of_mut!((*e).rule_id).write(rule_id);
+                addr_of_mut!((*e).port).write(p.port);
+                addr_of_mut!((*e).hook).write(HOOK_TC);
+                addr_of_mut!((*e).family).write(p.family);
+                addr_of_mut!((*e).protocol).write(p.protocol);
+                addr_of_mut!((*e).action).write(if audit { EVENT_AUDIT } else { EVENT_DENY });
+                addr_of_mut!((*e).v4_mapped).write(0);
+                addr_of_mut!((*e).sock_type).write(0);
+                addr_of_mut!((*e).generation).write(generation);
+                addr_of_mut!((*e).addr).write(p.addr);
+                policy::zero_u32s::<4>(addr_of_mut!((*e).comm).cast());
+            }
             slot.submit(0);
         }
         None => count(STAT_EVENTS_LOST),
