@@ -243,6 +243,15 @@ for d in /tmp /run /var/tmp /var/lib /var/log /var/cache /root /etc/egress; do
 done
 mount -t tmpfs tmpfs /host/mnt
 chmod 1777 /host/tmp /host/var/tmp
+# The workspace again, at its own path: a tmpfs above may have hidden it (a clone under /tmp).
+ws=$(sed -n 's/.*egress\.workspace=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$ws" ]; then
+    mkdir -p "/host$ws" 2>/dev/null
+    if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 workspace "/host$ws"; then
+        report fatal "mounting the workspace $ws over 9p failed"
+        poweroff -f
+    fi
+fi
 hostname egress-vm
 chroot /host /bin/sh "$script"
 report exit $?

@@ -61,6 +61,12 @@ struct KernelRun {
 /// Prints a per-kernel, per-binary summary and the total line; fails when any binary failed, did
 /// not finish, or a guest did not boot.
 pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::Result<()> {
+    // The guest reads the workspace's path from its kernel command line, split at spaces.
+    anyhow::ensure!(
+        !root.to_string_lossy().contains(char::is_whitespace),
+        "the workspace's path {} has whitespace: the VM runs need a path without",
+        root.display()
+    );
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -148,6 +154,7 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
                     vmlinuz: &k.vmlinuz,
                     initrd: &initrd,
                     script: &script,
+                    workspace: root,
                     dir: &dir,
                     timeout: opts.timeout,
                     cpus: 2,

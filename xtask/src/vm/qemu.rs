@@ -38,6 +38,10 @@ pub struct Boot<'a> {
     pub initrd: &'a Path,
     /// The script the guest runs (a host path, seen through the 9p share).
     pub script: &'a Path,
+    /// The workspace (test binaries, `egress`, the run's script): shared again on its own and
+    /// mounted at its own path in the guest, so that it is seen even where the guest puts a
+    /// fresh tmpfs over the host's root (a clone under /tmp, as CI makes).
+    pub workspace: &'a Path,
     /// Where the serial logs go.
     pub dir: &'a Path,
     /// The whole run's limit, boot included.
@@ -139,14 +143,20 @@ fn qemu_command(b: &Boot, accel: Accel, markers: &Path) -> Command {
         .arg(b.initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init egress.script={}",
-            b.script.display()
+            "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init egress.script={} egress.workspace={}",
+            b.script.display(),
+            b.workspace.display()
         ))
         // The host's root, read-only: the guest runs the host's binaries and tools on it.
         .args([
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         ])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={},mount_tag=workspace,security_model=none,readonly=on,multidevs=remap",
+            b.workspace.display()
+        ))
         // No network device: the guest reaches nothing of the host's but the read-only share.
         .args(["-nic", "none", "-serial", "stdio", "-serial"])
         .arg(format!("file:{}", markers.display()))
