@@ -95,7 +95,9 @@ pub static PROC_COMMS: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(
 /// Per-CPU packet and byte counters per (owner, destination). Written by the `cgroup_skb/egress`
 /// program (packets of sockets with a recorded owner) and by TC (the rest: each packet is counted
 /// by exactly one of them), read (and pruned of exited owners) by the controller. Not LRU: when it is full, new flows are counted in
-/// `STAT_FLOWS_FULL_*` instead of evicting someone else's counts.
+/// `STAT_FLOWS_FULL_*` instead of evicting someone else's counts. The controller sizes it at load
+/// from the number of possible CPUs (`flows_capacity`): every entry's counters are preallocated
+/// for each of them.
 #[map]
 pub static FLOWS: PerCpuHashMap<FlowKey, FlowValue> = PerCpuHashMap::with_max_entries(65_536, 0);
 

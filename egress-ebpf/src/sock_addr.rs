@@ -332,10 +332,9 @@ fn finish(
             | u64::from(proto) << 24
             | u64::from(port) << 32;
         let (hi, lo) = addr.split_at(8);
-        log_decision(
-            ctx,
+        egress_log_decision(
             what,
-            d.rule_id,
+            u64::from(d.rule_id),
             u64::from_ne_bytes(hi.try_into().unwrap_or_default()),
             u64::from_ne_bytes(lo.try_into().unwrap_or_default()),
         );
@@ -347,13 +346,16 @@ const LOG_DENY: u8 = 0;
 const LOG_ALLOW: u8 = 1;
 const LOG_AUDIT: u8 = 2;
 
-/// Writes the debug line of one decision. Not inlined: the verifier
-/// walks this body once per way into it, not once per path through the whole decision (inlined,
-/// the line took connect4 past the 1M-instruction limit).
+/// Writes the debug line of one decision. A global BPF function (exported, not inlined, with
+/// scalar arguments only): the verifier checks its body once, on its own, not once per way
+/// into it; as a static subprogram 6.1's verifier walked it with every caller state and took
+/// connect4 past its 1M-instruction limit. Returns 0 (6.1 refuses global functions that
+/// return void).
 /// `what`: hook | verdict << 8 | family << 16 | protocol << 24 | port << 32; `hi`, `lo`: the
 /// address's bytes (in registers: a pointer to the caller's array cost it stack).
 #[inline(never)]
-fn log_decision(ctx: &SockAddrContext, what: u64, rule_id: u32, hi: u64, lo: u64) {
+#[unsafe(no_mangle)]
+pub extern "C" fn egress_log_decision(what: u64, rule_id: u64, hi: u64, lo: u64) -> u32 {
     let mut addr = [0u8; 16];
     addr[..8].copy_from_slice(&hi.to_ne_bytes());
     addr[8..].copy_from_slice(&lo.to_ne_bytes());
@@ -362,17 +364,19 @@ fn log_decision(ctx: &SockAddrContext, what: u64, rule_id: u32, hi: u64, lo: u64
     } else {
         IpAddr::V6(Ipv6Addr::from(addr))
     };
+    // aya-log's macros take a context they do not use (the ring buffer needs none).
     aya_log_ebpf::debug!(
-        ctx,
+        &(),
         target: "egress_ebpf",
         "{} rule={} dst={} port={} proto={} tgid={}",
         hook_and_verdict(what as u8, (what >> 8) as u8),
-        rule_id,
+        rule_id as u32,
         dst,
         (what >> 32) as u16,
         (what >> 24) as u8,
         (bpf_get_current_pid_tgid() >> 32) as u32
     );
+    0
 }
 
 /// The hook's name and the verdict, for the log line (one argument: each costs the logging

@@ -41,6 +41,7 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
     // 8 sock_addr hooks, sock_create, setsockopt, sock_release, sock_ops, skb_egress, the fork
     // and exec trackers.
     assert_eq!(before["links"].as_array().unwrap().len(), 15, "{before}");
+    kernel_is_reported(&before);
     let storm = Probe::new().storm(&cg, "127.0.0.2:8000", "127.0.0.3:8000", 60_000);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -50,6 +51,7 @@ fn enforcement_survives_kill_9_a_restart_adopts_it_and_stop_removes_it() {
     let dead = first.status().expect("status works without a controller");
     assert_eq!(dead["controller"]["running"], false, "{dead}");
     assert_eq!(dead["policy"]["generation"], 1);
+    kernel_is_reported(&dead);
     assert!(
         dead["links"]
             .as_array()
@@ -247,4 +249,33 @@ fn a_controller_that_shares_the_pins_but_not_run_is_refused() {
     );
     let s = first.status().expect("the first controller answers");
     assert_eq!(s["controller"]["pid"], first.pid(), "{s}");
+}
+
+/// `status` names the running kernel, how TC is attached on it and what it degrades: TCX from
+/// 6.6, a clsact filter (and that said as degraded) before.
+fn kernel_is_reported(status: &serde_json::Value) {
+    let k = &status["kernel"];
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(k["release"], release.trim(), "{status}");
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (v.next().unwrap(), v.next().unwrap());
+    let tcx = (major, minor) >= (6, 6);
+    assert_eq!(
+        k["tc_attach"],
+        if tcx { "tcx" } else { "clsact" },
+        "{status}"
+    );
+    let degraded = k["degraded"].as_array().expect("degraded is a list");
+    assert_eq!(
+        degraded.iter().any(|d| d.as_str().unwrap().contains("TCX")),
+        !tcx,
+        "{status}"
+    );
+    assert!(
+        k.get("missing").is_none(),
+        "nothing required is missing: {status}"
+    );
 }

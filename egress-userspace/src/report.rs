@@ -114,6 +114,25 @@ pub struct StatusReport {
     /// the pins that the pinned map still holds.
     #[serde(default)]
     pub exceptions: Vec<crate::exceptions::Exception>,
+    /// The running kernel: its release, how TC is attached, and what is degraded on it (absent
+    /// from a controller older than this CLI).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kernel: Option<KernelStatus>,
+}
+
+/// The running kernel as the datapath sees it (`egress status`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct KernelStatus {
+    /// `uname -r`.
+    pub release: String,
+    /// `tcx` (a pinned link, 6.6+) or `clsact` (a filter owned by the controller: detached
+    /// while no controller runs).
+    pub tc_attach: String,
+    /// One line per feature whose absence degrades enforcement, and what is lost.
+    pub degraded: Vec<String>,
+    /// Required features the kernel lacks (a controller would refuse to start).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub missing: Vec<String>,
 }
 
 /// The DNS proxy and the kernel's grants, in `egress status` and `egress stats`.
@@ -278,6 +297,7 @@ impl StatusReport {
             dns,
             feeds: Vec::new(),
             exceptions: Vec::new(),
+            kernel: Some(crate::datapath::features::kernel_status()),
         }
     }
 }

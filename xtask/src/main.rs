@@ -76,6 +76,11 @@ enum Task {
         /// the host).
         #[arg(long, default_value_t = 120, value_name = "MINUTES")]
         vm_timeout: u64,
+        /// Boot the VM with N possible CPUs (2 online, the rest hot-pluggable, as
+        /// `maxcpus`): the kernel sizes every per-CPU map for all of them, as on a many-core
+        /// host.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=255))]
+        possible_cpus: Option<u32>,
         /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -152,6 +157,7 @@ fn real_main() -> anyhow::Result<()> {
             kernels,
             quick,
             vm_timeout,
+            possible_cpus,
             args,
         } => {
             let vm = vm::VmOptions {
@@ -163,6 +169,7 @@ fn real_main() -> anyhow::Result<()> {
                 },
                 quick,
                 timeout: std::time::Duration::from_secs(vm_timeout * 60),
+                possible_cpus,
                 kernel,
                 e2e,
             };

@@ -151,16 +151,26 @@ pub fn status_text(s: &StatusReport) -> String {
         a.hooks.join(", "),
         a.cgroup
     );
-    let _ = writeln!(
-        out,
-        "tc: {} on {}",
-        a.tc.program,
-        if a.tc.ifaces.is_empty() {
-            "no interface".to_string()
-        } else {
+    let clsact = s.kernel.as_ref().is_some_and(|k| k.tc_attach == "clsact");
+    if a.tc.ifaces.is_empty() {
+        let _ = writeln!(out, "tc: {} on no interface", a.tc.program);
+    } else if clsact && !c.running {
+        // A clsact filter belongs to its controller: with none running, TC is not attached.
+        let _ = writeln!(
+            out,
+            "tc: {} NOT attached on {} (clsact filters end with their controller on this kernel)",
+            a.tc.program,
             a.tc.ifaces.join(", ")
-        }
-    );
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "tc: {} on {}{}",
+            a.tc.program,
+            a.tc.ifaces.join(", "),
+            if clsact { " (clsact)" } else { "" }
+        );
+    }
     let k = &s.counters;
     let _ = writeln!(
         out,
@@ -183,6 +193,15 @@ pub fn status_text(s: &StatusReport) -> String {
         let _ = writeln!(out, "break-glass exceptions: {} live", s.exceptions.len());
         for line in exceptions_table(&s.exceptions).lines() {
             let _ = writeln!(out, "  {line}");
+        }
+    }
+    if let Some(k) = &s.kernel {
+        let _ = writeln!(out, "kernel: {} (tc via {})", k.release, k.tc_attach);
+        for d in &k.degraded {
+            let _ = writeln!(out, "  degraded: {d}");
+        }
+        for m in &k.missing {
+            let _ = writeln!(out, "  MISSING: {m}");
         }
     }
     out
@@ -553,6 +572,31 @@ mod tests {
             "{}",
             status_text(&s)
         );
+    }
+
+    #[test]
+    fn status_text_names_the_kernel_and_a_tc_filter_gone_with_its_controller() {
+        let mut s = StatusReport::default();
+        s.attached.tc.program = "tc_egress".into();
+        s.attached.tc.ifaces = vec!["eth0".into()];
+        s.kernel = Some(crate::report::KernelStatus {
+            release: "6.1.0-56-amd64".into(),
+            tc_attach: "clsact".into(),
+            degraded: vec![
+                "no TCX links (BPF_LINK_TYPE_TCX) (Linux 6.6+): TC is attached as a clsact filter"
+                    .into(),
+            ],
+            missing: vec![],
+        });
+        let t = status_text(&s);
+        assert!(t.contains("kernel: 6.1.0-56-amd64 (tc via clsact)"), "{t}");
+        assert!(t.contains("  degraded: no TCX links"), "{t}");
+        assert!(t.contains("tc: tc_egress NOT attached on eth0"), "{t}");
+        s.controller.running = true;
+        let t = status_text(&s);
+        assert!(t.contains("tc: tc_egress on eth0 (clsact)"), "{t}");
+        s.kernel.as_mut().unwrap().tc_attach = "tcx".into();
+        assert!(status_text(&s).contains("tc: tc_egress on eth0\n"));
     }
 
     #[test]

@@ -467,6 +467,7 @@ impl Controller {
                 .map(|n| n.status(counters.dns_steered, true)),
             feeds: self.feed_statuses(),
             exceptions: self.exception_rows(),
+            kernel: Some(crate::datapath::features::kernel_status()),
         })
     }
 

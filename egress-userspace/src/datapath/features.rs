@@ -157,6 +157,36 @@ pub const FEATURES: &[Feature] = &[
     },
 ];
 
+/// Whether this kernel attaches TC programs as TCX links (6.6+), else as clsact filters.
+pub fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// What `egress status` says of the running kernel: its release and what is degraded on it.
+/// Probed once per process (the kernel does not change under it).
+pub fn kernel_status() -> crate::report::KernelStatus {
+    static STATUS: std::sync::OnceLock<crate::report::KernelStatus> = std::sync::OnceLock::new();
+    STATUS
+        .get_or_init(|| {
+            let release = rustix::system::uname()
+                .release()
+                .to_string_lossy()
+                .into_owned();
+            let report = probe();
+            crate::report::KernelStatus {
+                release,
+                tc_attach: if has_tcx() { "tcx" } else { "clsact" }.into(),
+                degraded: report.degraded(),
+                missing: report
+                    .missing()
+                    .iter()
+                    .map(|f| format!("{} (Linux {}+)", f.name, f.since))
+                    .collect(),
+            }
+        })
+        .clone()
+}
+
 /// The outcome of probing every feature.
 #[derive(Debug, Clone)]
 pub struct FeatureReport {

@@ -215,6 +215,27 @@ pub struct DnsSteering {
 /// that need a new entry are refused in enforce mode (`owners-full`).
 pub const OWNERS_CAPACITY: u32 = 131_072;
 
+/// Flows (`FLOWS`) the per-CPU flow table holds on a host with few CPUs.
+pub const FLOWS_CAPACITY: u32 = 65_536;
+/// The least it holds however many CPUs the host may have.
+pub const FLOWS_CAPACITY_MIN: u32 = 4_096;
+/// What the flow table's per-CPU counters may take: the kernel preallocates every entry's
+/// counters (24 bytes) for every *possible* CPU, so 65,536 flows cost 400 MB on a host with
+/// 256 possible CPUs (charged to the controller's memory cgroup: a DaemonSet's limit).
+pub const FLOWS_PER_CPU_BUDGET: u64 = 32 << 20;
+
+/// The flow table's size for a host with `possible_cpus` possible CPUs: [`FLOWS_CAPACITY`],
+/// halved until the per-CPU counters fit [`FLOWS_PER_CPU_BUDGET`], and never below
+/// [`FLOWS_CAPACITY_MIN`] (flows beyond it are counted in `flows_full_*`, never lost).
+pub fn flows_capacity(possible_cpus: usize) -> u32 {
+    let per_flow = size_of::<egress_common::FlowValue>() as u64 * possible_cpus.max(1) as u64;
+    let mut n = FLOWS_CAPACITY;
+    while n > FLOWS_CAPACITY_MIN && u64::from(n) * per_flow > FLOWS_PER_CPU_BUDGET {
+        n /= 2;
+    }
+    n
+}
+
 /// How full one bounded map is ([`Datapath::map_fill`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapFill {
@@ -455,6 +476,20 @@ impl Datapath {
             loader.map_max_entries(name, RULESET_CAPACITY);
         }
         loader.map_max_entries(map_names::GRANTS, GRANT_CAPACITY);
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        let flows = flows_capacity(cpus);
+        if flows < FLOWS_CAPACITY {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::info!(
+                    possible_cpus = cpus,
+                    flows,
+                    "the flow table holds {flows} flows, not {FLOWS_CAPACITY}: its per-CPU counters are kept within {} MiB",
+                    FLOWS_PER_CPU_BUDGET >> 20
+                )
+            });
+        }
+        loader.map_max_entries(map_names::FLOWS, flows);
         let owners_capacity = owners.unwrap_or(OWNERS_CAPACITY);
         loader.map_max_entries(map_names::SOCK_OWNERS, owners_capacity);
         let range_entries = range_entries(sizes.prefixes, policy);
@@ -482,10 +517,16 @@ impl Datapath {
                 // LRU `SOCK_OWNERS` of earlier versions is one: the kernel would let our programs
                 // use it, and it would go on evicting live owners instead of failing closed.)
                 // The owner map's capacity is adopted as pinned unless one is asked.
-                // So is the range table's: a policy it has no room for uses the trie.
+                // So is the range table's: a policy it has no room for uses the trie; and the
+                // flow table's (sized by the possible CPUs, or by an earlier version).
                 let any_size: &[&str] = match owners {
-                    Some(_) => &map_names::RANGES_V4,
+                    Some(_) => &[
+                        map_names::FLOWS,
+                        map_names::RANGES_V4[0],
+                        map_names::RANGES_V4[1],
+                    ],
                     None => &[
+                        map_names::FLOWS,
                         map_names::SOCK_OWNERS,
                         map_names::RANGES_V4[0],
                         map_names::RANGES_V4[1],
@@ -809,7 +850,7 @@ impl Datapath {
     /// Attaches the TC egress program to each interface: TCX on kernels with it (6.6+), else a
     /// clsact qdisc filter. Other programs on the interface keep running.
     pub fn attach_tc(&mut self, ifaces: &[String]) -> Result<(), DatapathError> {
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = features::has_tcx();
         for iface in ifaces {
             let iface_err = |message: String| DatapathError::Iface {
                 iface: iface.clone(),
@@ -998,6 +1039,24 @@ impl Datapath {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_flow_table_shrinks_with_many_possible_cpus_within_its_budget() {
+        assert_eq!(super::flows_capacity(1), super::FLOWS_CAPACITY);
+        assert_eq!(super::flows_capacity(2), super::FLOWS_CAPACITY);
+        assert_eq!(super::flows_capacity(16), super::FLOWS_CAPACITY);
+        assert_eq!(super::flows_capacity(64), 16_384);
+        assert_eq!(super::flows_capacity(256), 4_096);
+        assert_eq!(super::flows_capacity(8192), super::FLOWS_CAPACITY_MIN);
+        for cpus in [1, 3, 21, 22, 64, 100, 128] {
+            let n = u64::from(super::flows_capacity(cpus));
+            assert!(
+                n * 24 * cpus as u64 <= super::FLOWS_PER_CPU_BUDGET,
+                "{cpus}"
+            );
+            assert!(n.is_power_of_two());
+        }
+    }
+
     #[test]
     fn verifier_summaries_keep_why_it_stopped() {
         // The end of Linux 6.1's log for the TC program's unrolled rule scan.

@@ -35,6 +35,8 @@ pub struct VmOptions {
     pub quick: bool,
     /// The limit of each VM's whole run.
     pub timeout: Duration,
+    /// Possible CPUs of the guest (`maxcpus`), when more than those online.
+    pub possible_cpus: Option<u32>,
     /// The tiers: kernel_* and/or e2e_* (both when neither).
     pub kernel: bool,
     pub e2e: bool,
@@ -158,6 +160,7 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
                     dir: &dir,
                     timeout: opts.timeout,
                     cpus: 2,
+                    max_cpus: opts.possible_cpus,
                     memory_mib: 4096,
                 },
                 &mut accel,

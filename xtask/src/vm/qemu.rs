@@ -47,6 +47,8 @@ pub struct Boot<'a> {
     /// The whole run's limit, boot included.
     pub timeout: Duration,
     pub cpus: u32,
+    /// Possible CPUs (`maxcpus`: the rest hot-pluggable), when more than `cpus`.
+    pub max_cpus: Option<u32>,
     pub memory_mib: u32,
 }
 
@@ -133,8 +135,12 @@ fn qemu_command(b: &Boot, accel: Accel, markers: &Path) -> Command {
         Accel::Kvm => c.args(["-enable-kvm", "-cpu", "host"]),
         Accel::Tcg => c.args(["-accel", "tcg", "-cpu", "max"]),
     };
+    let smp = match b.max_cpus {
+        Some(max) if max > b.cpus => format!("{},maxcpus={max}", b.cpus),
+        _ => b.cpus.to_string(),
+    };
     c.arg("-smp")
-        .arg(b.cpus.to_string())
+        .arg(smp)
         .arg("-m")
         .arg(b.memory_mib.to_string())
         .arg("-kernel")
