@@ -81,6 +81,21 @@ impl LoopNs {
 
     /// TCP segments this namespace has retransmitted so far (`Tcp: RetransSegs` of its
     /// /proc/net/snmp). Byte counters include retransmissions, so an exact check allows for them.
+    /// The netlink (clsact) egress filters on `iface` that run our TC program, as `tc filter
+    /// show` lists them (TCX links are not listed there).
+    pub fn tc_egress_filters(&self, iface: &str) -> usize {
+        let out = self
+            .cmd("tc")
+            .args(["filter", "show", "dev", iface, "egress"])
+            .output()
+            .expect("running tc");
+        assert!(out.status.success(), "tc filter show: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(egress::datapath::TC_PROGRAM))
+            .count()
+    }
+
     pub fn tcp_retransmitted_segments(&self) -> u64 {
         let out = self
             .cmd("cat")

@@ -125,8 +125,9 @@ pub struct StatusReport {
 pub struct KernelStatus {
     /// `uname -r`.
     pub release: String,
-    /// `tcx` (a pinned link, 6.6+) or `clsact` (a filter owned by the controller: detached
-    /// while no controller runs).
+    /// `tcx` (a pinned link, 6.6+) or `clsact` (a netlink filter, not pinned: detached by a
+    /// clean stop, left behind by a controller that was killed until the next start replaces
+    /// it).
     pub tc_attach: String,
     /// One line per feature whose absence degrades enforcement, and what is lost.
     pub degraded: Vec<String>,
@@ -228,6 +229,11 @@ pub struct Attachment {
 pub struct TcAttachment {
     pub program: String,
     pub ifaces: Vec<String>,
+    /// Read without a controller on a kernel without TCX (its clsact filters are not pinned):
+    /// whether a TC program of ours is still loaded, i.e. the filter of a controller that was
+    /// killed rather than stopped is still attached (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attached: Option<bool>,
 }
 
 impl Attachment {
@@ -244,6 +250,7 @@ impl Attachment {
             tc: TcAttachment {
                 program: TC_PROGRAM.into(),
                 ifaces,
+                attached: None,
             },
             pinned,
         }
@@ -291,7 +298,13 @@ impl StatusReport {
                 }
                 .into(),
             },
-            attached: Attachment::new(state.cgroup, state.ifaces, Some(pin_dir)),
+            attached: {
+                let mut a = Attachment::new(state.cgroup, state.ifaces, Some(pin_dir));
+                if !crate::datapath::features::has_tcx() && !a.tc.ifaces.is_empty() {
+                    a.tc.attached = Some(crate::datapath::tc_program_loaded());
+                }
+                a
+            },
             links: Some(links),
             counters,
             dns,

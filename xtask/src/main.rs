@@ -81,6 +81,10 @@ enum Task {
         /// host.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=255))]
         possible_cpus: Option<u32>,
+        /// In the VM, only this test binary (repeatable; `e2e_names`, `kernel_tc`, …), e.g. to
+        /// run again what failed.
+        #[arg(long, value_name = "NAME")]
+        test_binary: Vec<String>,
         /// Extra arguments for the test binaries (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -158,6 +162,7 @@ fn real_main() -> anyhow::Result<()> {
             quick,
             vm_timeout,
             possible_cpus,
+            test_binary,
             args,
         } => {
             let vm = vm::VmOptions {
@@ -170,6 +175,7 @@ fn real_main() -> anyhow::Result<()> {
                 quick,
                 timeout: std::time::Duration::from_secs(vm_timeout * 60),
                 possible_cpus,
+                only: test_binary,
                 kernel,
                 e2e,
             };
@@ -189,6 +195,9 @@ fn real_main() -> anyhow::Result<()> {
             }
             if quick {
                 bail!("--quick selects the VM's subset: give --kernels or --kernel-image too");
+            }
+            if !vm.only.is_empty() {
+                bail!("--test-binary picks what the VM runs: give --kernels or --kernel-image too");
             }
             let all = !(unit || kernel || e2e);
             let tiers: Vec<Tier> = [(Tier::Unit, unit), (Tier::Kernel, kernel), (Tier::E2e, e2e)]

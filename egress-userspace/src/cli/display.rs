@@ -154,11 +154,18 @@ pub fn status_text(s: &StatusReport) -> String {
     let clsact = s.kernel.as_ref().is_some_and(|k| k.tc_attach == "clsact");
     if a.tc.ifaces.is_empty() {
         let _ = writeln!(out, "tc: {} on no interface", a.tc.program);
-    } else if clsact && !c.running {
-        // A clsact filter belongs to its controller: with none running, TC is not attached.
+    } else if clsact && !c.running && a.tc.attached != Some(true) {
+        // A clsact filter is not pinned: a clean stop detached it.
         let _ = writeln!(
             out,
-            "tc: {} NOT attached on {} (clsact filters end with their controller on this kernel)",
+            "tc: {} NOT attached on {} (clsact filters are not pinned on this kernel)",
+            a.tc.program,
+            a.tc.ifaces.join(", ")
+        );
+    } else if clsact && !c.running {
+        let _ = writeln!(
+            out,
+            "tc: {} on {} (the clsact filter of a controller that was killed, until the next start replaces it)",
             a.tc.program,
             a.tc.ifaces.join(", ")
         );
@@ -592,6 +599,12 @@ mod tests {
         assert!(t.contains("kernel: 6.1.0-56-amd64 (tc via clsact)"), "{t}");
         assert!(t.contains("  degraded: no TCX links"), "{t}");
         assert!(t.contains("tc: tc_egress NOT attached on eth0"), "{t}");
+        s.attached.tc.attached = Some(true);
+        let t = status_text(&s);
+        assert!(
+            t.contains("tc: tc_egress on eth0 (the clsact filter of a controller that was killed"),
+            "{t}"
+        );
         s.controller.running = true;
         let t = status_text(&s);
         assert!(t.contains("tc: tc_egress on eth0 (clsact)"), "{t}");

@@ -152,7 +152,7 @@ pub const FEATURES: &[Feature] = &[
         used_for: "attaching the TC program as a pinnable link",
         check: Check::Version(6, 6),
         need: Need::Degraded(
-            "TC is attached as a clsact filter owned by the controller process: it is not pinned, so it is gone while no controller runs and is attached again at start (the cgroup hooks stay pinned)",
+            "TC is attached as a clsact filter, not a pinned link: a clean stop detaches it, so TC neither counts nor enforces while no controller runs (the cgroup hooks stay pinned); a killed controller's filter stays until the next start replaces it",
         ),
     },
 ];

@@ -215,6 +215,23 @@ pub struct DnsSteering {
 /// that need a new entry are refused in enforce mode (`owners-full`).
 pub const OWNERS_CAPACITY: u32 = 131_072;
 
+/// Whether a TC program of ours is loaded in the kernel (on a kernel without TCX, with no
+/// controller running: a killed controller's clsact filter still holds it).
+pub fn tc_program_loaded() -> bool {
+    aya::programs::loaded_programs().flatten().any(|p| {
+        p.name_as_str() == Some(TC_PROGRAM)
+            && p.program_type() == aya_obj::generated::bpf_prog_type::BPF_PROG_TYPE_SCHED_CLS
+    })
+}
+
+/// Whether adding a clsact qdisc failed because the interface already has one.
+fn clsact_exists(e: &aya::programs::tc::TcError) -> bool {
+    match e {
+        aya::programs::tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),
+        _ => false,
+    }
+}
+
 /// Flows (`FLOWS`) the per-CPU flow table holds on a host with few CPUs.
 pub const FLOWS_CAPACITY: u32 = 65_536;
 /// The least it holds however many CPUs the host may have.
@@ -863,15 +880,42 @@ impl Datapath {
                 .insert(ifindex, l2, 0)
                 .map_err(maps::err(map_names::IFACE_L2))?;
             if !tcx {
-                // EEXIST: a clsact qdisc is already there, which is what we need.
+                // EEXIST: a clsact qdisc is already there (ours from an earlier start, or
+                // another tool's), which is what we need. Judged by the errno: the message
+                // differs by kernel (6.1's extack says "Exclusivity flag on, cannot modify").
                 if let Err(e) = aya::programs::tc::qdisc_add_clsact(iface)
-                    && !e.to_string().contains("exists")
+                    && !clsact_exists(&e)
                 {
                     return Err(iface_err(format!("adding clsact qdisc: {e}")));
                 }
             }
-            // Only TCX links can be pinned. A netlink (pre-6.6) filter stays owned by this process
-            // and is removed when it exits; enforcement at the cgroup hooks is pinned regardless.
+            if !tcx {
+                // A netlink filter is not tied to a file descriptor: one attached by an earlier
+                // controller that was killed (or crashed) is still there, running the programs
+                // that controller loaded. Replace it rather than run both (each packet counted
+                // twice, the old code judging with maps no one updates any more). TC is
+                // detached for one netlink round trip; the cgroup hooks never are.
+                match aya::programs::tc::qdisc_detach_program(
+                    iface,
+                    TcAttachType::Egress,
+                    TC_PROGRAM,
+                ) {
+                    Ok(()) => tracing::info!(
+                        iface = %iface,
+                        "replaced the TC filter an earlier controller left on the interface"
+                    ),
+                    Err(aya::programs::tc::TcError::IoError(e))
+                        if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(iface_err(format!(
+                            "removing an earlier controller's TC filter: {e}"
+                        )));
+                    }
+                }
+            }
+            // Only TCX links can be pinned. A netlink (pre-6.6) filter is detached when this
+            // controller drops it (a clean exit); enforcement at the cgroup hooks is pinned
+            // regardless.
             let pinned = self
                 .pins
                 .as_ref()

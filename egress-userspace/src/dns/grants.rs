@@ -124,7 +124,11 @@ impl KernelGrants {
             grants_read: maps.grants_read,
             live: AtomicU64::new(0),
             owners: maps.owners,
-            diag: Mutex::new(SockDiag::open()?),
+            diag: Mutex::new({
+                let mut diag = SockDiag::open()?;
+                diag.self_check()?;
+                diag
+            }),
             listen: RwLock::new(Vec::new()),
             services: RwLock::new(HashMap::new()),
             learned: Mutex::new(BTreeMap::new()),

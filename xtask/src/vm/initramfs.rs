@@ -14,8 +14,10 @@ use anyhow::{Context as _, bail};
 
 /// The modules the guest needs, by module name: 9p over virtio (the host's root), veth (the
 /// tests' network namespaces), sch_ingress and cls_bpf (the clsact fallback of TC before 6.6),
-/// bridge (e2e_accounting), dummy. Those built into a kernel are skipped; dependencies come from
-/// each module's own `depends=`.
+/// bridge (e2e_accounting), dummy, and the socket diagnostics the DNS proxy finds its askers
+/// with (inet_diag, tcp_diag, udp_diag: on a host the kernel loads them on first use through
+/// modprobe, which cannot find the guest kernel's modules). Those built into a kernel are
+/// skipped; dependencies come from each module's own `depends=`.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_pci",
     "9pnet_virtio",
@@ -25,6 +27,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "cls_bpf",
     "bridge",
     "dummy",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
 ];
 
 /// A `newc` cpio archive being written in memory.
@@ -238,7 +243,7 @@ mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
 mount -t bpf bpf /host/sys/fs/bpf
 mount -t tracefs tracefs /host/sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
-for d in /tmp /run /var/tmp /var/lib /var/log /var/cache /root /etc/egress; do
+for d in /tmp /run /var/tmp /var/lib /var/log /var/cache /root /etc/egress /etc/netns; do
     [ -d "/host$d" ] && mount -t tmpfs tmpfs "/host$d"
 done
 mount -t tmpfs tmpfs /host/mnt

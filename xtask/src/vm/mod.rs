@@ -35,6 +35,8 @@ pub struct VmOptions {
     pub quick: bool,
     /// The limit of each VM's whole run.
     pub timeout: Duration,
+    /// Only these test binaries (`--test-binary`), when any are named.
+    pub only: Vec<String>,
     /// Possible CPUs of the guest (`maxcpus`), when more than those online.
     pub possible_cpus: Option<u32>,
     /// The tiers: kernel_* and/or e2e_* (both when neither).
@@ -102,6 +104,10 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
         "egress-tests",
         "--bins",
     ]))?;
+    // The guest's root is the host's, read-only, with tmpfs over the directories tests write:
+    // one of them, `ip netns`'s per-namespace /etc (`/etc/netns`, where the DNS tests put a
+    // namespace's resolv.conf), can only be mounted over if it exists here.
+    std::fs::create_dir_all("/etc/netns").context("creating /etc/netns (ip netns's directory)")?;
     let both = !(opts.kernel || opts.e2e);
     let mut cmd = Command::new(cargo());
     cmd.args([
@@ -118,7 +124,7 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
         cmd.args(["--test", "e2e_*"]);
     }
     let json = crate::output(&mut cmd)?;
-    let binaries = plan::select(plan::binaries_from_json(&json), opts.quick);
+    let binaries = plan::select(plan::binaries_from_json(&json), opts.quick, &opts.only);
     if binaries.is_empty() {
         bail!("no test binary to run in the VM");
     }

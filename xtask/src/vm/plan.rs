@@ -61,11 +61,13 @@ pub fn binaries_from_json(output: &str) -> Vec<TestBinary> {
     out
 }
 
-/// The binaries to run: the excluded ones dropped, and only [`QUICK`]'s when `quick`.
-pub fn select(all: Vec<TestBinary>, quick: bool) -> Vec<TestBinary> {
+/// The binaries to run: the excluded ones dropped, only [`QUICK`]'s when `quick`, and only
+/// those named in `only` when it names any.
+pub fn select(all: Vec<TestBinary>, quick: bool, only: &[String]) -> Vec<TestBinary> {
     all.into_iter()
         .filter(|b| !EXCLUDED.iter().any(|(n, _)| *n == b.name))
         .filter(|b| !quick || QUICK.contains(&b.name.as_str()))
+        .filter(|b| only.is_empty() || only.contains(&b.name))
         .collect()
 }
 
@@ -144,10 +146,22 @@ mod tests {
         ];
         let names = |v: Vec<TestBinary>| v.into_iter().map(|b| b.name).collect::<Vec<_>>();
         assert_eq!(
-            names(select(all.clone(), false)),
+            names(select(all.clone(), false, &[])),
             ["kernel_tc", "kernel_dns", "e2e_persistence"]
         );
-        assert_eq!(names(select(all, true)), ["kernel_tc", "e2e_persistence"]);
+        assert_eq!(
+            names(select(all.clone(), true, &[])),
+            ["kernel_tc", "e2e_persistence"]
+        );
+        assert_eq!(
+            names(select(
+                all,
+                false,
+                &["kernel_dns".into(), "e2e_image".into()]
+            )),
+            ["kernel_dns"],
+            "--test-binary picks among the binaries that may run"
+        );
         for q in QUICK {
             assert!(
                 !EXCLUDED.iter().any(|(n, _)| n == q),
