@@ -15,24 +15,30 @@ use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
 /// The cookie of this thread's network namespace (`SO_NETNS_COOKIE` of a socket made in it),
 /// as the hooks' `bpf_get_netns_cookie` sees it.
 pub fn netns_cookie() -> io::Result<u64> {
-    use std::os::fd::AsRawFd as _;
-    let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie = 0u64;
+    getsockopt_u64(
+        &std::net::UdpSocket::bind("127.0.0.1:0")?,
+        libc::SO_NETNS_COOKIE,
+    )
+}
+
+/// A u64 `SOL_SOCKET` option of a socket (`SO_COOKIE`, `SO_NETNS_COOKIE`).
+fn getsockopt_u64(socket: &impl std::os::fd::AsRawFd, option: libc::c_int) -> io::Result<u64> {
+    let mut value = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the size passed, on a socket we own.
+    // SAFETY: getsockopt into a u64 of the size passed, on an open socket.
     let rc = unsafe {
         libc::getsockopt(
-            s.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Transport of the socket looked up.
@@ -160,22 +166,7 @@ impl SockDiag {
 
 /// A socket's cookie (`SO_COOKIE`), the id sock_diag reports.
 fn so_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
-    let mut cookie = 0u64;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the size passed, on an open socket.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    getsockopt_u64(socket, libc::SO_COOKIE)
 }
 
 #[cfg(test)]

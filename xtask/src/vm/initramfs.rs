@@ -243,7 +243,9 @@ mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
 mount -t bpf bpf /host/sys/fs/bpf
 mount -t tracefs tracefs /host/sys/kernel/tracing 2>/dev/null
 mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
-for d in /tmp /run /var/tmp /var/lib /var/log /var/cache /root /etc/egress /etc/netns; do
+# Not /root: the host's tools may live there (pyenv's python behind the metrics test's venv);
+# the guest's HOME is /tmp.
+for d in /tmp /run /var/tmp /var/lib /var/log /var/cache /etc/egress /etc/netns; do
     [ -d "/host$d" ] && mount -t tmpfs tmpfs "/host$d"
 done
 mount -t tmpfs tmpfs /host/mnt

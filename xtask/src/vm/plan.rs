@@ -88,7 +88,7 @@ pub fn guest_script(
 ) -> String {
     let mut s = String::from(
         "#!/bin/sh\n# Written by `cargo xtask test --kernel…`: run in the VM, not on the host.\n\
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1\n\
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp TMPDIR=/tmp RUST_BACKTRACE=1\n\
 export EGRESS_TEST_TIMEOUT_SCALE=15\n\
 mark() { echo \"@@EGRESS-VM $*\" > /dev/ttyS1; }\n\
 ip link set lo up\n",
