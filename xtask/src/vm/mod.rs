@@ -71,6 +71,16 @@ pub fn test_in_vms(root: &Path, opts: &VmOptions, args: &[OsString]) -> anyhow::
         "the workspace's path {} has whitespace: the VM runs need a path without",
         root.display()
     );
+    // The guests run the test binaries and `egress` from this tree's target/ (over 9p): a
+    // second run building them again meanwhile would swap them under the first one's VM
+    // (seen: `egress` dying of SIGSEGV in the guest). One run per tree at a time.
+    std::fs::create_dir_all(root.join("target/vm"))?;
+    let lock = std::fs::File::create(root.join("target/vm/lock")).context("target/vm/lock")?;
+    if let Err(std::fs::TryLockError::WouldBlock) = lock.try_lock() {
+        bail!(
+            "another `cargo xtask test --kernels`/`--kernel-image` runs on this tree: its VMs run the binaries in target/, which this run would rebuild under them; wait for it to end"
+        );
+    }
     if Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
