@@ -49,15 +49,22 @@ fn reload_storm_has_zero_wrong_verdicts() {
     let a = dir.file("a.toml", POLICY_A);
     let b = dir.file("b.toml", POLICY_B);
     let run = start(&ns, &dir, &cg, &a).start();
-    // Storming (in the cgroup, up to 60 s) before the first reload.
-    let mut storm = Probe::new().storm(&cg, "127.0.0.2:8000", "127.0.0.3:8000", 60_000);
+    // Storming (in the cgroup, up to 60 s; up to 4 minutes in a VM, where 50 reloads under TCG
+    // take about a minute) before the first reload.
+    let stretch = egress_tests::timeout_scale().min(4);
+    let mut storm = Probe::new().storm(
+        &cg,
+        "127.0.0.2:8000",
+        "127.0.0.3:8000",
+        60_000 * u64::from(stretch),
+    );
     let storm_start = Instant::now();
     for i in 0..50 {
         let p = if i % 2 == 0 { &b } else { &a };
         reload(&run, p);
     }
     assert!(
-        storm.running() && storm_start.elapsed() < Duration::from_secs(55),
+        storm.running() && storm_start.elapsed() < Duration::from_secs(55) * stretch,
         "all reloads happened while the prober ran"
     );
     assert_eq!(run.generation(), 51);
